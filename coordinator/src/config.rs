@@ -1,0 +1,79 @@
+//! Coordinator configuration: every setting is a flag with an environment variable and a default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Settings of one coordinator process.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(
+    name = "drover-coordinator",
+    version,
+    about = "Drover coordinator: REST API, node registry, job routing"
+)]
+pub struct Config {
+    /// Address of the REST API.
+    #[arg(long, env = "DROVER_HTTP_ADDR", default_value = "0.0.0.0:4200")]
+    pub http_addr: SocketAddr,
+    /// Address of the gRPC endpoint nodes connect to.
+    #[arg(long, env = "DROVER_GRPC_ADDR", default_value = "0.0.0.0:4201")]
+    pub grpc_addr: SocketAddr,
+    /// Folder of the embedded sled database (registry, queue, images).
+    #[arg(long, env = "DROVER_DATA_DIR", default_value = "./drover-data")]
+    pub data_dir: PathBuf,
+    /// Bearer token required on admin calls; admin calls are open when unset.
+    #[arg(long, env = "DROVER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+    /// Token nodes must present when they connect; any node may join when unset.
+    #[arg(long, env = "DROVER_NODE_TOKEN", hide_env_values = true)]
+    pub node_token: Option<String>,
+    /// Interval at which nodes send heartbeats, in milliseconds.
+    #[arg(long, env = "DROVER_HEARTBEAT_MS", default_value_t = 1000)]
+    pub heartbeat_ms: u64,
+    /// Missed heartbeats after which a node is suspect (gets no new work).
+    #[arg(long, env = "DROVER_SUSPECT_MISSES", default_value_t = 3)]
+    pub suspect_misses: u32,
+    /// Silence after which a node is offline and its leases are re-queued, in milliseconds.
+    #[arg(long, env = "DROVER_OFFLINE_GRACE_MS", default_value_t = 10_000)]
+    pub offline_grace_ms: u64,
+    /// Shortest lease a job gets, in milliseconds (longer for big jobs on slow nodes).
+    #[arg(long, env = "DROVER_LEASE_FLOOR_MS", default_value_t = 30_000)]
+    pub lease_floor_ms: u64,
+    /// Attempts a job gets before it fails.
+    #[arg(long, env = "DROVER_MAX_ATTEMPTS", default_value_t = 3)]
+    pub max_attempts: u32,
+    /// How long `POST /v1/generate` waits for the image, in seconds.
+    #[arg(long, env = "DROVER_GENERATE_TIMEOUT_S", default_value_t = 600)]
+    pub generate_timeout_s: u64,
+    /// Most queued jobs; further submissions get 429 with Retry-After.
+    #[arg(long, env = "DROVER_QUEUE_LIMIT", default_value_t = 10_000)]
+    pub queue_limit: usize,
+    /// A queued job that no node takes within this many seconds fails as expired.
+    #[arg(long, env = "DROVER_QUEUE_EXPIRY_S", default_value_t = 1200)]
+    pub queue_expiry_s: u64,
+}
+
+impl Config {
+    /// Heartbeat interval.
+    pub fn heartbeat(&self) -> Duration {
+        Duration::from_millis(self.heartbeat_ms.max(1))
+    }
+
+    /// Silence after which a node gets no new work.
+    pub fn suspect_after(&self) -> Duration {
+        self.heartbeat() * self.suspect_misses.max(1)
+    }
+
+    /// Silence after which a node is offline.
+    pub fn offline_grace(&self) -> Duration {
+        Duration::from_millis(self.offline_grace_ms).max(self.suspect_after())
+    }
+
+    /// A configuration for tests: local addresses on port 0 are replaced by the caller.
+    pub fn for_tests(data_dir: PathBuf) -> Self {
+        use clap::Parser;
+        let mut config = Self::parse_from(["drover-coordinator"]);
+        config.data_dir = data_dir;
+        config
+    }
+}

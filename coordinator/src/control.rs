@@ -1,0 +1,769 @@
+//! `ControlPlane`: the actor that owns the registry and the job queue.
+//!
+//! It holds state and moves messages; every decision about where a job goes is made by the pure
+//! functions of [`crate::router`] over a snapshot it builds. Every change to a node or a job is
+//! written to the [`Store`] before it is acted on, so a restarted coordinator picks up where it
+//! stopped: queued jobs stay queued, leases stay with their nodes until they expire or the node is
+//! declared offline, and results are accepted only from the current lease holder (fencing).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use drover_shared::family::ModelFamily;
+use drover_shared::ids::{JobId, LeaseId, NodeId};
+use drover_shared::job::JobSpec;
+use drover_shared::proto::{self, coordinator_message, node_message};
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::Config;
+use crate::error::{CoordinatorError, Result};
+use crate::records::{Attempt, JobRecord, JobState, Lease, LoraAdvert, NodeRecord, now_ms};
+use crate::router::{self, NodeView};
+use crate::store::Store;
+
+/// Messages the coordinator pushes down a node's session.
+pub type SessionSender =
+    mpsc::UnboundedSender<std::result::Result<proto::CoordinatorMessage, tonic::Status>>;
+/// The receiving half handed to the gRPC layer.
+pub type SessionReceiver =
+    mpsc::UnboundedReceiver<std::result::Result<proto::CoordinatorMessage, tonic::Status>>;
+
+/// Tick interval of the liveness and lease loop.
+const LOOP_INTERVAL: Duration = Duration::from_millis(100);
+
+struct Session {
+    id: u64,
+    tx: SessionSender,
+}
+
+struct NodeEntry {
+    record: NodeRecord,
+    session: Option<Session>,
+    /// Last time anything was heard from the node (or its session opened or closed).
+    last_seen: Instant,
+    /// Jobs leased to the node.
+    running: HashSet<JobId>,
+}
+
+/// The actor owning the registry and the queue.
+pub struct ControlPlane {
+    config: Arc<Config>,
+    store: Store,
+    nodes: HashMap<NodeId, NodeEntry>,
+    /// Jobs not yet in a terminal state.
+    active: HashMap<JobId, JobRecord>,
+    waiters: HashMap<JobId, Vec<oneshot::Sender<JobRecord>>>,
+    turn: u64,
+    next_session: u64,
+}
+
+impl ControlPlane {
+    /// Restores the registry and unfinished jobs from `store`.
+    pub fn restore(store: Store, config: Arc<Config>) -> Result<Self> {
+        let now = Instant::now();
+        let mut nodes: HashMap<NodeId, NodeEntry> = store
+            .nodes()?
+            .into_iter()
+            .map(|record| {
+                (
+                    record.id,
+                    NodeEntry {
+                        record,
+                        session: None,
+                        last_seen: now,
+                        running: HashSet::new(),
+                    },
+                )
+            })
+            .collect();
+        let mut active = HashMap::new();
+        for job in store.unfinished_jobs()? {
+            if let Some(lease) = &job.lease
+                && let Some(node) = nodes.get_mut(&lease.node_id)
+            {
+                node.running.insert(job.id);
+            }
+            active.insert(job.id, job);
+        }
+        tracing::info!(
+            nodes = nodes.len(),
+            jobs = active.len(),
+            "control plane restored"
+        );
+        let mut plane = Self {
+            config,
+            store,
+            nodes,
+            active,
+            waiters: HashMap::new(),
+            turn: 0,
+            next_session: 1,
+        };
+        // Leases whose node is unknown (removed from the registry) cannot complete.
+        let orphans: Vec<JobId> = plane
+            .active
+            .values()
+            .filter(|j| {
+                j.lease
+                    .as_ref()
+                    .is_some_and(|l| !plane.nodes.contains_key(&l.node_id))
+            })
+            .map(|j| j.id)
+            .collect();
+        for id in orphans {
+            plane.requeue(id, "lease holder is no longer registered")?;
+        }
+        Ok(plane)
+    }
+
+    fn node_view<'a>(&self, entry: &'a NodeEntry, now: Instant) -> NodeView<'a> {
+        let silent = now.saturating_duration_since(entry.last_seen);
+        let online = entry.session.is_some() && silent <= self.config.offline_grace();
+        NodeView {
+            id: entry.record.id,
+            name: &entry.record.name,
+            family: entry.record.family,
+            model_id: &entry.record.model_id,
+            max_pixels: entry.record.max_pixels,
+            loras: &entry.record.loras,
+            online,
+            suspect: online && silent > self.config.suspect_after(),
+            draining: entry.record.draining,
+            free_slots: entry
+                .record
+                .workers
+                .saturating_sub(entry.running.len() as u32),
+            pixel_steps_per_second: entry.record.pixel_steps_per_second,
+        }
+    }
+
+    fn views(&self, now: Instant) -> Vec<NodeView<'_>> {
+        let mut views: Vec<_> = self
+            .nodes
+            .values()
+            .map(|e| self.node_view(e, now))
+            .collect();
+        views.sort_by_key(|v| v.id);
+        views
+    }
+
+    fn queued_count(&self) -> usize {
+        self.active
+            .values()
+            .filter(|j| j.state == JobState::Queued)
+            .count()
+    }
+
+    /// Places as many queued jobs as there are free eligible slots.
+    fn dispatch(&mut self) {
+        let mut queued: Vec<(i32, u64, JobId)> = self
+            .active
+            .values()
+            .filter(|j| j.state == JobState::Queued)
+            .map(|j| (j.spec.priority, j.created_ms, j.id))
+            .collect();
+        if queued.is_empty() {
+            return;
+        }
+        queued.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        let now = Instant::now();
+        for (_, _, job_id) in queued {
+            let choice = {
+                let views = self.views(now);
+                if !views.iter().any(|v| v.online && v.free_slots > 0) {
+                    return;
+                }
+                let Some(job) = self.active.get(&job_id) else {
+                    continue;
+                };
+                router::pick(&job.spec, &views, self.turn)
+            };
+            if let Ok(node_id) = choice {
+                self.turn = self.turn.wrapping_add(1);
+                if let Err(e) = self.lease(job_id, node_id) {
+                    tracing::error!(job_id = %job_id, node_id = %node_id, error = %e, "lease failed");
+                }
+            }
+        }
+    }
+
+    fn lease_duration(&self, spec: &JobSpec, record: &NodeRecord) -> Duration {
+        let floor = Duration::from_millis(self.config.lease_floor_ms);
+        if record.pixel_steps_per_second <= 0.0 {
+            return floor;
+        }
+        let work = spec.size_for(record.family).pixels() as f64 * f64::from(spec.steps);
+        floor + Duration::from_secs_f64(4.0 * work / record.pixel_steps_per_second)
+    }
+
+    fn lease(&mut self, job_id: JobId, node_id: NodeId) -> Result<()> {
+        let Some(entry) = self.nodes.get(&node_id) else {
+            return Ok(());
+        };
+        let Some(job) = self.active.get(&job_id) else {
+            return Ok(());
+        };
+        let Some(session) = &entry.session else {
+            return Ok(());
+        };
+        let now = now_ms();
+        let lease = Lease {
+            id: LeaseId::random(),
+            node_id,
+            attempt: job.attempts.len() as u32 + 1,
+            granted_ms: now,
+            deadline_ms: now + self.lease_duration(&job.spec, &entry.record).as_millis() as u64,
+        };
+        let assignment = proto::Assignment {
+            job_id: job_id.to_string(),
+            lease_id: lease.id.to_string(),
+            attempt: lease.attempt,
+            spec: Some(job.spec.to_proto(entry.record.family)),
+            deadline_unix_ms: lease.deadline_ms,
+        };
+        let message = proto::CoordinatorMessage {
+            kind: Some(coordinator_message::Kind::Assignment(assignment)),
+        };
+        if session.tx.send(Ok(message)).is_err() {
+            tracing::warn!(node_id = %node_id, "session closed while leasing");
+            return Ok(());
+        }
+        let family = entry.record.family;
+        let job = self
+            .active
+            .get_mut(&job_id)
+            .ok_or_else(|| CoordinatorError::NotFound(format!("job {job_id}")))?;
+        job.state = JobState::Leased;
+        job.size = Some(job.spec.size_for(family));
+        job.updated_ms = now;
+        job.progress = None;
+        tracing::info!(job_id = %job_id, node_id = %node_id, lease_id = %lease.id, attempt = lease.attempt, "job leased");
+        job.lease = Some(lease);
+        self.store.put_job(job)?;
+        if let Some(entry) = self.nodes.get_mut(&node_id) {
+            entry.running.insert(job_id);
+        }
+        Ok(())
+    }
+
+    /// Ends the current attempt of `job_id` with `reason`; queues it again or fails it when it has
+    /// used every attempt.
+    fn requeue(&mut self, job_id: JobId, reason: &str) -> Result<()> {
+        let max_attempts = self.config.max_attempts;
+        let Some(job) = self.active.get_mut(&job_id) else {
+            return Ok(());
+        };
+        let now = now_ms();
+        if let Some(lease) = job.lease.take() {
+            if let Some(node) = self.nodes.get_mut(&lease.node_id) {
+                node.running.remove(&job_id);
+            }
+            job.attempts.push(Attempt {
+                node_id: lease.node_id,
+                lease_id: lease.id,
+                started_ms: lease.granted_ms,
+                ended_ms: now,
+                outcome: reason.to_string(),
+            });
+        }
+        job.updated_ms = now;
+        job.progress = None;
+        if job.attempts.len() as u32 >= max_attempts {
+            let reasons: Vec<_> = job.attempts.iter().map(|a| a.outcome.as_str()).collect();
+            let error = format!(
+                "failed after {} attempts: {}",
+                job.attempts.len(),
+                reasons.join("; ")
+            );
+            tracing::warn!(job_id = %job_id, %error, "job failed");
+            self.finish(job_id, JobState::Failed, Some(error))
+        } else {
+            job.state = JobState::Queued;
+            tracing::info!(job_id = %job_id, reason, "job re-queued");
+            self.store.put_job(job)
+        }
+    }
+
+    /// Moves a job to a terminal state, persists it and wakes its waiters.
+    fn finish(&mut self, job_id: JobId, state: JobState, error: Option<String>) -> Result<()> {
+        let Some(mut job) = self.active.remove(&job_id) else {
+            return Ok(());
+        };
+        if let Some(lease) = job.lease.take() {
+            if let Some(node) = self.nodes.get_mut(&lease.node_id) {
+                node.running.remove(&job_id);
+            }
+            let outcome = match state {
+                JobState::Succeeded => "succeeded".to_string(),
+                _ => error
+                    .clone()
+                    .unwrap_or_else(|| format!("{state:?}").to_lowercase()),
+            };
+            if state == JobState::Succeeded {
+                job.node_id = Some(lease.node_id);
+            }
+            job.attempts.push(Attempt {
+                node_id: lease.node_id,
+                lease_id: lease.id,
+                started_ms: lease.granted_ms,
+                ended_ms: now_ms(),
+                outcome,
+            });
+        }
+        job.state = state;
+        job.error = error;
+        job.updated_ms = now_ms();
+        self.store.put_job(&job)?;
+        for waiter in self.waiters.remove(&job_id).unwrap_or_default() {
+            let _ = waiter.send(job.clone());
+        }
+        Ok(())
+    }
+
+    /// The job, if `lease_id` is its current lease held by `node_id`.
+    fn fenced(&mut self, job_id: &str, lease_id: &str, node_id: NodeId) -> Option<&mut JobRecord> {
+        let job_id: JobId = job_id.parse().ok()?;
+        let lease_id: LeaseId = lease_id.parse().ok()?;
+        let job = self.active.get_mut(&job_id)?;
+        match &job.lease {
+            Some(l) if l.id == lease_id && l.node_id == node_id => Some(job),
+            _ => {
+                tracing::info!(job_id = %job_id, lease_id = %lease_id, node_id = %node_id, "stale report dropped");
+                None
+            }
+        }
+    }
+
+    fn on_node_message(&mut self, node_id: NodeId, msg: node_message::Kind) -> Result<()> {
+        match msg {
+            node_message::Kind::Hello(_) | node_message::Kind::Heartbeat(_) => {}
+            node_message::Kind::Progress(p) => {
+                if let Some(job) = self.fenced(&p.job_id, &p.lease_id, node_id) {
+                    job.state = JobState::Running;
+                    job.progress = Some((p.step, p.total_steps));
+                    job.updated_ms = now_ms();
+                    // Progress is not persisted: it is cheap to lose and frequent.
+                }
+            }
+            node_message::Kind::Result(r) => {
+                if let Some(job) = self.fenced(&r.job_id, &r.lease_id, node_id) {
+                    let job_id = job.id;
+                    if let Some((_, total)) = job.progress {
+                        job.progress = Some((total, total));
+                    }
+                    self.store.put_image(job_id, &r.png)?;
+                    tracing::info!(job_id = %job_id, node_id = %node_id, elapsed_ms = r.elapsed_ms, bytes = r.png.len(), "job succeeded");
+                    self.finish(job_id, JobState::Succeeded, None)?;
+                }
+            }
+            node_message::Kind::Failed(f) => {
+                if let Some(job) = self.fenced(&f.job_id, &f.lease_id, node_id) {
+                    let job_id = job.id;
+                    let reason = format!("node reported: {}", f.reason);
+                    if f.permanent {
+                        self.finish(job_id, JobState::Failed, Some(reason))?;
+                    } else {
+                        self.requeue(job_id, &reason)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Liveness, lease deadlines and queue expiry.
+    fn tick(&mut self) {
+        let now = Instant::now();
+        let grace = self.config.offline_grace();
+        let mut lost = Vec::new();
+        for entry in self.nodes.values_mut() {
+            let silent = now.saturating_duration_since(entry.last_seen);
+            if silent <= grace {
+                continue;
+            }
+            if entry.session.take().is_some() {
+                tracing::warn!(node_id = %entry.record.id, name = %entry.record.name, silent_ms = silent.as_millis() as u64, "node offline: heartbeats stopped");
+            }
+            lost.extend(entry.running.iter().copied());
+        }
+        for job_id in lost {
+            report(self.requeue(job_id, "node went offline"));
+        }
+        let wall = now_ms();
+        let expired: Vec<JobId> = self
+            .active
+            .values()
+            .filter(|j| j.lease.as_ref().is_some_and(|l| l.deadline_ms < wall))
+            .map(|j| j.id)
+            .collect();
+        for job_id in expired {
+            self.cancel_on_node(job_id);
+            report(self.requeue(job_id, "lease expired"));
+        }
+        let expiry_ms = self.config.queue_expiry_s * 1000;
+        let stale: Vec<JobId> = self
+            .active
+            .values()
+            .filter(|j| {
+                j.state == JobState::Queued && wall.saturating_sub(j.created_ms) > expiry_ms
+            })
+            .map(|j| j.id)
+            .collect();
+        for job_id in stale {
+            let error = format!(
+                "expired after waiting {} s for a free node",
+                self.config.queue_expiry_s
+            );
+            report(self.finish(job_id, JobState::Failed, Some(error)));
+        }
+        self.dispatch();
+    }
+
+    fn cancel_on_node(&self, job_id: JobId) {
+        let Some(lease) = self.active.get(&job_id).and_then(|j| j.lease.as_ref()) else {
+            return;
+        };
+        if let Some(Session { tx, .. }) = self
+            .nodes
+            .get(&lease.node_id)
+            .and_then(|n| n.session.as_ref())
+        {
+            let cancel = proto::Cancel {
+                job_id: job_id.to_string(),
+                lease_id: lease.id.to_string(),
+            };
+            let _ = tx.send(Ok(proto::CoordinatorMessage {
+                kind: Some(coordinator_message::Kind::Cancel(cancel)),
+            }));
+        }
+    }
+}
+
+fn report(result: Result<()>) {
+    if let Err(e) = result {
+        tracing::error!(error = %e, "control plane store write failed");
+    }
+}
+
+impl Actor for ControlPlane {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Self::Context) {
+        ctx.run_interval(LOOP_INTERVAL, |plane, _| plane.tick());
+    }
+}
+
+/// Registers (or re-registers) a node; answers its record.
+#[derive(Message)]
+#[rtype(result = "Result<NodeRecord>")]
+pub struct RegisterNode(pub proto::RegisterRequest);
+
+impl Handler<RegisterNode> for ControlPlane {
+    type Result = Result<NodeRecord>;
+
+    fn handle(&mut self, RegisterNode(req): RegisterNode, _: &mut Context<Self>) -> Self::Result {
+        let name = req.name.trim().to_string();
+        if name.is_empty() || name.len() > 128 {
+            return Err(CoordinatorError::InvalidRequest(
+                "node name must be 1 to 128 characters".into(),
+            ));
+        }
+        let family: ModelFamily =
+            req.family
+                .parse()
+                .map_err(|e: drover_shared::family::UnknownFamily| {
+                    CoordinatorError::InvalidRequest(e.to_string())
+                })?;
+        if req.workers == 0 {
+            return Err(CoordinatorError::InvalidRequest(
+                "a node needs at least one worker".into(),
+            ));
+        }
+        let mut loras = Vec::with_capacity(req.loras.len());
+        for l in req.loras {
+            let family = l
+                .family
+                .parse()
+                .map_err(|e: drover_shared::family::UnknownFamily| {
+                    CoordinatorError::InvalidRequest(format!("lora `{}`: {e}", l.name))
+                })?;
+            loras.push(LoraAdvert {
+                name: l.name,
+                family,
+            });
+        }
+        let existing = self
+            .nodes
+            .values()
+            .find(|e| e.record.name == name)
+            .map(|e| e.record.clone());
+        let record = NodeRecord {
+            id: existing.as_ref().map_or_else(NodeId::random, |r| r.id),
+            name,
+            backend: req.backend,
+            family,
+            cross_attention_dim: req.cross_attention_dim,
+            model_id: req.model_id,
+            workers: req.workers,
+            max_pixels: req.max_pixels,
+            loras,
+            version: req.version,
+            pixel_steps_per_second: req.pixel_steps_per_second,
+            registered_at_ms: now_ms(),
+            draining: existing.as_ref().is_some_and(|r| r.draining),
+        };
+        self.store.put_node(&record)?;
+        tracing::info!(node_id = %record.id, name = %record.name, family = %record.family, backend = %record.backend, workers = record.workers, "node registered");
+        let entry = self.nodes.entry(record.id).or_insert_with(|| NodeEntry {
+            record: record.clone(),
+            session: None,
+            last_seen: Instant::now(),
+            running: HashSet::new(),
+        });
+        entry.record = record.clone();
+        Ok(record)
+    }
+}
+
+/// Opens a node's session; answers the session id and the stream of messages for the node.
+#[derive(Message)]
+#[rtype(result = "Result<(u64, SessionReceiver)>")]
+pub struct OpenSession {
+    /// The node (must be registered).
+    pub node_id: NodeId,
+    /// Jobs the node says it is still running.
+    pub running: Vec<proto::RunningJob>,
+}
+
+impl Handler<OpenSession> for ControlPlane {
+    type Result = Result<(u64, SessionReceiver)>;
+
+    fn handle(&mut self, msg: OpenSession, _: &mut Context<Self>) -> Self::Result {
+        let session_id = self.next_session;
+        self.next_session += 1;
+        let entry = self.nodes.get_mut(&msg.node_id).ok_or_else(|| {
+            CoordinatorError::NotFound(format!("node {} (register first)", msg.node_id))
+        })?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        entry.session = Some(Session { id: session_id, tx });
+        entry.last_seen = Instant::now();
+        tracing::info!(node_id = %msg.node_id, session_id, "node session opened");
+        // Leases this node holds but no longer runs (it restarted) are re-queued now.
+        let still_running: HashSet<(String, String)> = msg
+            .running
+            .into_iter()
+            .map(|r| (r.job_id, r.lease_id))
+            .collect();
+        let dropped: Vec<JobId> = entry
+            .running
+            .iter()
+            .filter(|job_id| {
+                self.active
+                    .get(job_id)
+                    .and_then(|j| j.lease.as_ref())
+                    .is_none_or(|l| {
+                        !still_running.contains(&(job_id.to_string(), l.id.to_string()))
+                    })
+            })
+            .copied()
+            .collect();
+        for job_id in dropped {
+            self.requeue(job_id, "node restarted without the job")?;
+        }
+        self.dispatch();
+        Ok((session_id, rx))
+    }
+}
+
+/// Something a node sent on its session.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NodeEvent {
+    /// The node.
+    pub node_id: NodeId,
+    /// The session it came on.
+    pub session_id: u64,
+    /// The message.
+    pub message: node_message::Kind,
+}
+
+impl Handler<NodeEvent> for ControlPlane {
+    type Result = ();
+
+    fn handle(&mut self, msg: NodeEvent, _: &mut Context<Self>) {
+        let Some(entry) = self.nodes.get_mut(&msg.node_id) else {
+            return;
+        };
+        if entry
+            .session
+            .as_ref()
+            .is_none_or(|s| s.id != msg.session_id)
+        {
+            return;
+        }
+        entry.last_seen = Instant::now();
+        let frees_slot = matches!(
+            msg.message,
+            node_message::Kind::Result(_) | node_message::Kind::Failed(_)
+        );
+        let result = self.on_node_message(msg.node_id, msg.message);
+        report(result);
+        if frees_slot {
+            self.dispatch();
+        }
+    }
+}
+
+/// A node's session ended (stream closed or broken).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SessionClosed {
+    /// The node.
+    pub node_id: NodeId,
+    /// The session that ended.
+    pub session_id: u64,
+}
+
+impl Handler<SessionClosed> for ControlPlane {
+    type Result = ();
+
+    fn handle(&mut self, msg: SessionClosed, _: &mut Context<Self>) {
+        if let Some(entry) = self.nodes.get_mut(&msg.node_id)
+            && entry
+                .session
+                .as_ref()
+                .is_some_and(|s| s.id == msg.session_id)
+        {
+            entry.session = None;
+            // The grace starts now: its leases are re-queued if it does not come back in time.
+            entry.last_seen = Instant::now();
+            tracing::warn!(node_id = %msg.node_id, session_id = msg.session_id, "node session closed");
+        }
+    }
+}
+
+/// Accepts a validated job: checks feasibility and the queue limit, persists it, dispatches.
+#[derive(Message)]
+#[rtype(result = "Result<JobRecord>")]
+pub struct SubmitJob(pub JobSpec);
+
+impl Handler<SubmitJob> for ControlPlane {
+    type Result = Result<JobRecord>;
+
+    fn handle(&mut self, SubmitJob(spec): SubmitJob, _: &mut Context<Self>) -> Self::Result {
+        if let Some(style) = &spec.style {
+            return Err(CoordinatorError::Unprocessable(format!(
+                "unknown style `{}`: no style catalog is configured on this coordinator",
+                style.style
+            )));
+        }
+        if let Err(reasons) = router::feasibility(&spec, &self.views(Instant::now())) {
+            return Err(CoordinatorError::Infeasible { reasons });
+        }
+        if self.queued_count() >= self.config.queue_limit {
+            return Err(CoordinatorError::QueueFull {
+                limit: self.config.queue_limit,
+                retry_after_s: 5,
+            });
+        }
+        let job = JobRecord::new(JobId::random(), spec);
+        self.store.put_job(&job)?;
+        tracing::info!(job_id = %job.id, "job accepted");
+        self.active.insert(job.id, job.clone());
+        self.dispatch();
+        Ok(self.active.get(&job.id).cloned().unwrap_or(job))
+    }
+}
+
+/// Answers a job by id (from memory while active, else from the store).
+#[derive(Message)]
+#[rtype(result = "Result<Option<JobRecord>>")]
+pub struct GetJob(pub JobId);
+
+impl Handler<GetJob> for ControlPlane {
+    type Result = Result<Option<JobRecord>>;
+
+    fn handle(&mut self, GetJob(id): GetJob, _: &mut Context<Self>) -> Self::Result {
+        match self.active.get(&id) {
+            Some(job) => Ok(Some(job.clone())),
+            None => self.store.job(id),
+        }
+    }
+}
+
+/// Answers a receiver that yields the job once it reaches a terminal state.
+#[derive(Message)]
+#[rtype(result = "Result<oneshot::Receiver<JobRecord>>")]
+pub struct WaitJob(pub JobId);
+
+impl Handler<WaitJob> for ControlPlane {
+    type Result = Result<oneshot::Receiver<JobRecord>>;
+
+    fn handle(&mut self, WaitJob(id): WaitJob, _: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        if self.active.contains_key(&id) {
+            self.waiters.entry(id).or_default().push(tx);
+        } else {
+            let job = self
+                .store
+                .job(id)?
+                .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
+            let _ = tx.send(job);
+        }
+        Ok(rx)
+    }
+}
+
+/// A node as shown by `GET /v1/nodes`.
+#[derive(Clone, Debug, Serialize)]
+pub struct NodeStatus {
+    /// The registry record.
+    #[serde(flatten)]
+    pub record: NodeRecord,
+    /// `online`, `draining` or `offline`.
+    pub state: &'static str,
+    /// Heartbeats are late (the node gets no new work until they resume).
+    pub suspect: bool,
+    /// Jobs leased to the node now.
+    pub running: usize,
+    /// Milliseconds since the node was last heard from.
+    pub last_seen_ms_ago: u64,
+}
+
+/// Lists every registered node with its live state.
+#[derive(Message)]
+#[rtype(result = "Vec<NodeStatus>")]
+pub struct ListNodes;
+
+impl Handler<ListNodes> for ControlPlane {
+    type Result = MessageResult<ListNodes>;
+
+    fn handle(&mut self, _: ListNodes, _: &mut Context<Self>) -> Self::Result {
+        let now = Instant::now();
+        let mut out: Vec<NodeStatus> = self
+            .nodes
+            .values()
+            .map(|entry| {
+                let view = self.node_view(entry, now);
+                let state = match (view.online, entry.record.draining) {
+                    (false, _) => "offline",
+                    (true, true) => "draining",
+                    (true, false) => "online",
+                };
+                NodeStatus {
+                    record: entry.record.clone(),
+                    state,
+                    suspect: view.suspect,
+                    running: entry.running.len(),
+                    last_seen_ms_ago: now.saturating_duration_since(entry.last_seen).as_millis()
+                        as u64,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        MessageResult(out)
+    }
+}

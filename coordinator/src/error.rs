@@ -1,0 +1,160 @@
+//! The coordinator's error enum and its single mapping to HTTP responses and gRPC status.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use drover_shared::error::{ErrorBody, ErrorCode, FieldError};
+use serde_json::{Value, json};
+
+use crate::router::NodeSkip;
+
+/// Result alias for the coordinator.
+pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the coordinator.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    /// A request field is malformed or out of range.
+    #[error("invalid request: {0}")]
+    InvalidField(#[from] FieldError),
+    /// A request is invalid as a whole.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// The named thing does not exist.
+    #[error("{0} not found")]
+    NotFound(String),
+    /// No registered node could ever serve the job.
+    #[error("no registered node can serve this job")]
+    Infeasible {
+        /// Why each node was ruled out.
+        reasons: Vec<NodeSkip>,
+    },
+    /// The request names something the farm does not offer (an unknown style, LoRA, ...).
+    #[error("{0}")]
+    Unprocessable(String),
+    /// The state of a resource does not allow the request.
+    #[error("{0}")]
+    Conflict(String),
+    /// The queue is full.
+    #[error("queue is full ({limit} jobs waiting); retry later")]
+    QueueFull {
+        /// The configured queue limit.
+        limit: usize,
+        /// Suggested wait in seconds.
+        retry_after_s: u64,
+    },
+    /// The job failed on every attempt.
+    #[error("job {id} failed: {reason}")]
+    JobFailed {
+        /// The job.
+        id: String,
+        /// Why (every attempt's reason).
+        reason: String,
+    },
+    /// Waiting for a job took too long; it may still finish.
+    #[error("job {id} did not finish within {secs} s; poll GET /v1/jobs/{id}")]
+    Timeout {
+        /// The job.
+        id: String,
+        /// How long we waited.
+        secs: u64,
+    },
+    /// Missing or wrong credentials.
+    #[error("unauthorized: {0}")]
+    Unauthorized(String),
+    /// The embedded store failed.
+    #[error("store error: {0}")]
+    Store(#[from] sled::Error),
+    /// A record in the store could not be decoded or encoded.
+    #[error("store record error: {0}")]
+    Codec(#[from] serde_json::Error),
+    /// The control plane actor is gone (shutting down).
+    #[error("control plane unavailable: {0}")]
+    Unavailable(String),
+}
+
+impl CoordinatorError {
+    /// The transport-independent code of this error.
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidField(_) | Self::InvalidRequest(_) => ErrorCode::InvalidRequest,
+            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::Infeasible { .. } | Self::Unprocessable(_) => ErrorCode::Unprocessable,
+            Self::Conflict(_) => ErrorCode::Conflict,
+            Self::QueueFull { .. } => ErrorCode::TooManyRequests,
+            Self::JobFailed { .. } => ErrorCode::JobFailed,
+            Self::Timeout { .. } => ErrorCode::Timeout,
+            Self::Unauthorized(_) => ErrorCode::Unauthorized,
+            Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::Store(_) | Self::Codec(_) => ErrorCode::Internal,
+        }
+    }
+
+    /// Structured details for the JSON error body.
+    pub fn details(&self) -> Value {
+        match self {
+            Self::InvalidField(e) => json!({ "field": e.field }),
+            Self::Infeasible { reasons } => json!({ "nodes": reasons }),
+            Self::QueueFull {
+                limit,
+                retry_after_s,
+            } => {
+                json!({ "limit": limit, "retry_after_s": retry_after_s })
+            }
+            Self::JobFailed { id, .. } | Self::Timeout { id, .. } => json!({ "job_id": id }),
+            _ => Value::Null,
+        }
+    }
+
+    /// The JSON error body.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody::new(self.code(), self.to_string(), self.details())
+    }
+}
+
+impl From<actix::MailboxError> for CoordinatorError {
+    fn from(e: actix::MailboxError) -> Self {
+        Self::Unavailable(e.to_string())
+    }
+}
+
+impl ResponseError for CoordinatorError {
+    fn status_code(&self) -> StatusCode {
+        StatusCode::from_u16(self.code().http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        if self.code() == ErrorCode::Internal {
+            tracing::error!(error = %self, "internal error");
+        }
+        let mut response = HttpResponse::build(self.status_code());
+        if let Self::QueueFull { retry_after_s, .. } = self {
+            response.insert_header(("Retry-After", retry_after_s.to_string()));
+        }
+        response.json(self.body())
+    }
+}
+
+impl From<CoordinatorError> for tonic::Status {
+    fn from(e: CoordinatorError) -> Self {
+        tonic::Status::new(e.code().grpc_code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_mapping_for_http_and_grpc() {
+        let e = CoordinatorError::InvalidField(FieldError::new("steps", "0 is outside 1..=50"));
+        assert_eq!(e.status_code(), StatusCode::BAD_REQUEST);
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::InvalidArgument);
+        let e = CoordinatorError::QueueFull {
+            limit: 3,
+            retry_after_s: 5,
+        };
+        assert_eq!(e.status_code(), StatusCode::TOO_MANY_REQUESTS);
+        let e = CoordinatorError::Unauthorized("bad node token".into());
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unauthenticated);
+    }
+}

@@ -1,0 +1,174 @@
+//! The REST API (actix-web). Handlers parse and validate, then ask the [`ControlPlane`].
+//!
+//! Route setup lives in [`configure`], so tests mount the same app with
+//! `actix_web::test::init_service`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::Addr;
+use actix_web::{HttpRequest, HttpResponse, web};
+use drover_shared::ids::JobId;
+use drover_shared::job::{JobRequest, random_seed};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::config::Config;
+use crate::control::{ControlPlane, GetJob, ListNodes, SubmitJob, WaitJob};
+use crate::error::{CoordinatorError, Result};
+use crate::records::{JobRecord, JobState};
+use crate::store::Store;
+
+/// Largest accepted request body.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The control plane actor.
+    pub control: Addr<ControlPlane>,
+    /// The store (read directly for images).
+    pub store: Store,
+    /// Settings.
+    pub config: Arc<Config>,
+}
+
+/// Mounts every route of the REST API.
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.route("/healthz", web::get().to(healthz))
+        .route("/v1/generate", web::post().to(generate))
+        .route("/v1/jobs", web::post().to(submit))
+        .route("/v1/jobs/{id}", web::get().to(get_job))
+        .route("/v1/jobs/{id}/image", web::get().to(get_image))
+        .route("/v1/nodes", web::get().to(list_nodes));
+}
+
+/// Answers unknown routes with a JSON 404.
+pub async fn not_found(req: HttpRequest) -> Result<HttpResponse> {
+    Err(CoordinatorError::NotFound(format!(
+        "route {} {}",
+        req.method(),
+        req.path()
+    )))
+}
+
+async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse> {
+    let nodes = state.control.send(ListNodes).await?;
+    let online = nodes.iter().filter(|n| n.state == "online").count();
+    Ok(HttpResponse::Ok()
+        .json(json!({ "status": "ok", "nodes": nodes.len(), "nodes_online": online })))
+}
+
+async fn read_job_request(payload: web::Payload) -> Result<JobRequest> {
+    let body = payload
+        .to_bytes_limited(MAX_BODY)
+        .await
+        .map_err(|_| {
+            CoordinatorError::InvalidRequest(format!("body larger than {MAX_BODY} bytes"))
+        })?
+        .map_err(|e| CoordinatorError::InvalidRequest(format!("could not read body: {e}")))?;
+    Ok(JobRequest::from_json(&body)?)
+}
+
+async fn accept(state: &AppState, payload: web::Payload) -> Result<JobRecord> {
+    let spec = read_job_request(payload).await?.validate(random_seed)?;
+    let job = state.control.send(SubmitJob(spec)).await??;
+    // Durable before we answer 2xx.
+    state.store.flush().await?;
+    Ok(job)
+}
+
+async fn submit(state: web::Data<AppState>, payload: web::Payload) -> Result<HttpResponse> {
+    let job = accept(&state, payload).await?;
+    Ok(HttpResponse::Accepted()
+        .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
+        .json(json!({ "id": job.id, "state": job.state })))
+}
+
+async fn generate(state: web::Data<AppState>, payload: web::Payload) -> Result<HttpResponse> {
+    let job = accept(&state, payload).await?;
+    let waiter = state.control.send(WaitJob(job.id)).await??;
+    let secs = state.config.generate_timeout_s;
+    let done = match tokio::time::timeout(Duration::from_secs(secs), waiter).await {
+        Ok(Ok(done)) => done,
+        Ok(Err(_)) => {
+            return Err(CoordinatorError::Unavailable(
+                "control plane stopped".into(),
+            ));
+        }
+        Err(_) => {
+            return Err(CoordinatorError::Timeout {
+                id: job.id.to_string(),
+                secs,
+            });
+        }
+    };
+    match done.state {
+        JobState::Succeeded => {
+            let png = state
+                .store
+                .image(done.id)?
+                .ok_or_else(|| CoordinatorError::NotFound(format!("image of job {}", done.id)))?;
+            let mut response = HttpResponse::Ok();
+            response
+                .content_type("image/png")
+                .insert_header(("X-Seed", done.spec.seed.to_string()))
+                .insert_header(("X-Job-Id", done.id.to_string()));
+            if let Some(node) = done.node_id {
+                response.insert_header(("X-Node-Id", node.to_string()));
+            }
+            Ok(response.body(png))
+        }
+        _ => Err(CoordinatorError::JobFailed {
+            id: done.id.to_string(),
+            reason: done
+                .error
+                .unwrap_or_else(|| format!("{:?}", done.state).to_lowercase()),
+        }),
+    }
+}
+
+fn parse_job_id(raw: &str) -> Result<JobId> {
+    raw.parse()
+        .map_err(|_| CoordinatorError::NotFound(format!("job {raw}")))
+}
+
+/// A job as `GET /v1/jobs/{id}` shows it.
+#[derive(Serialize)]
+struct JobView {
+    #[serde(flatten)]
+    job: JobRecord,
+    image_url: Option<String>,
+}
+
+async fn get_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+    let id = parse_job_id(&id)?;
+    let job = state
+        .control
+        .send(GetJob(id))
+        .await??
+        .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
+    let image_url = (job.state == JobState::Succeeded).then(|| format!("/v1/jobs/{id}/image"));
+    Ok(HttpResponse::Ok().json(JobView { job, image_url }))
+}
+
+async fn get_image(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+    let id = parse_job_id(&id)?;
+    if let Some(png) = state.store.image(id)? {
+        return Ok(HttpResponse::Ok().content_type("image/png").body(png));
+    }
+    match state.control.send(GetJob(id)).await?? {
+        None => Err(CoordinatorError::NotFound(format!("job {id}"))),
+        Some(job) => Err(CoordinatorError::Conflict(format!(
+            "job {id} is {}; it has no image",
+            serde_json::to_value(job.state)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default()
+        ))),
+    }
+}
+
+async fn list_nodes(state: web::Data<AppState>) -> Result<HttpResponse> {
+    Ok(HttpResponse::Ok().json(state.control.send(ListNodes).await?))
+}

@@ -1,0 +1,95 @@
+//! Drover coordinator: keeps the node registry and the job queue in sled, accepts image requests
+//! over REST (actix-web), and leases jobs to nodes over their gRPC sessions (tonic).
+//!
+//! Layout: [`config`] (flags and env), [`http`] (REST), [`grpc`] (node endpoint), [`control`]
+//! (the `ControlPlane` actor owning all state), [`router`] (pure routing functions), [`store`]
+//! (the only module that touches sled), [`records`] (what is persisted), [`error`].
+
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod records;
+pub mod router;
+pub mod store;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use actix::Actor;
+use actix_web::{App, HttpServer, web};
+use anyhow::Context as _;
+use drover_shared::proto::coordinator_server::CoordinatorServer;
+
+pub use config::Config;
+
+/// Entry point of the `drover-coordinator` binary: parses flags/env, runs until SIGINT/SIGTERM.
+pub fn cli_main() -> ExitCode {
+    use clap::Parser;
+    init_tracing();
+    let config = Config::parse();
+    match actix_web::rt::System::new().block_on(run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "coordinator stopped");
+            eprintln!("drover-coordinator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Installs the `tracing` subscriber (`RUST_LOG` filters; `info` by default).
+pub fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+/// Runs the coordinator (REST + gRPC + control plane) until the HTTP server stops.
+///
+/// Must be called inside an actix system.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let config = Arc::new(config);
+    let store = store::Store::open(&config.data_dir)
+        .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
+    let control = control::ControlPlane::restore(store.clone(), config.clone())?.start();
+
+    let grpc_listener = tokio::net::TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("cannot bind gRPC address {}", config.grpc_addr))?;
+    let service = grpc::NodeService::new(
+        control.clone(),
+        config.node_token.clone(),
+        config.heartbeat_ms,
+    );
+    let grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+        .add_service(CoordinatorServer::new(service))
+        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
+            grpc_listener,
+        ));
+    actix_web::rt::spawn(async move {
+        if let Err(e) = grpc.await {
+            tracing::error!(error = %e, "grpc server stopped");
+        }
+    });
+
+    let state = http::AppState {
+        control,
+        store,
+        config: config.clone(),
+    };
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(state.clone()))
+            .configure(http::configure)
+            .default_service(web::to(http::not_found))
+    })
+    .workers(2)
+    .shutdown_timeout(5)
+    .bind(config.http_addr)
+    .with_context(|| format!("cannot bind HTTP address {}", config.http_addr))?;
+    tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, data_dir = %config.data_dir.display(), "coordinator listening");
+    server.run().await.context("http server failed")
+}

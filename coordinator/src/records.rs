@@ -1,0 +1,157 @@
+//! The records the coordinator persists: registered nodes and jobs.
+
+use drover_shared::family::ModelFamily;
+use drover_shared::ids::{JobId, LeaseId, NodeId};
+use drover_shared::job::{JobSpec, Size};
+use serde::{Deserialize, Serialize};
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A LoRA a node advertises, with its base family.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoraAdvert {
+    /// LoRA name (file name without `.safetensors`).
+    pub name: String,
+    /// Base family the LoRA was trained for.
+    pub family: ModelFamily,
+}
+
+/// A registered node, as persisted in the registry.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// Stable id (kept when a node with the same name registers again).
+    pub id: NodeId,
+    /// Unique human name.
+    pub name: String,
+    /// Backend kind (`cuda`, `rknn`, `cpu`, `sim`).
+    pub backend: String,
+    /// Model family served.
+    pub family: ModelFamily,
+    /// Cross-attention width of the node's UNet.
+    pub cross_attention_dim: u32,
+    /// Id of the loaded model.
+    pub model_id: String,
+    /// Worker actors, i.e. jobs run at once.
+    pub workers: u32,
+    /// Largest width*height accepted.
+    pub max_pixels: u64,
+    /// LoRAs available on the node.
+    pub loras: Vec<LoraAdvert>,
+    /// drover-node version.
+    pub version: String,
+    /// Measured speed in pixel-steps per second (0 when unknown).
+    pub pixel_steps_per_second: f64,
+    /// When the node last registered (ms since epoch).
+    pub registered_at_ms: u64,
+    /// Whether the node is draining (finishes its work, takes nothing new).
+    #[serde(default)]
+    pub draining: bool,
+}
+
+/// Where a job is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    /// Waiting for a node.
+    Queued,
+    /// Leased to a node, not yet started.
+    Leased,
+    /// Running on a node (progress reported).
+    Running,
+    /// Finished; the image is stored.
+    Succeeded,
+    /// Failed on every attempt, or refused as impossible.
+    Failed,
+    /// Cancelled by a client.
+    Cancelled,
+}
+
+impl JobState {
+    /// Whether the job will never change again.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Succeeded | Self::Failed | Self::Cancelled)
+    }
+}
+
+/// The current lease of a job: which node may run it, until when.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Lease {
+    /// The lease id; only results carrying it are accepted.
+    pub id: LeaseId,
+    /// The node holding the lease.
+    pub node_id: NodeId,
+    /// 1-based attempt number.
+    pub attempt: u32,
+    /// When the lease was granted (ms since epoch).
+    pub granted_ms: u64,
+    /// When the lease expires (ms since epoch).
+    pub deadline_ms: u64,
+}
+
+/// One finished attempt of a job.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// The node it ran on.
+    pub node_id: NodeId,
+    /// Its lease.
+    pub lease_id: LeaseId,
+    /// When it started (ms since epoch).
+    pub started_ms: u64,
+    /// When it ended (ms since epoch).
+    pub ended_ms: u64,
+    /// How it ended: `succeeded` or the reason it failed.
+    pub outcome: String,
+}
+
+/// A job, as persisted in the queue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Job id.
+    pub id: JobId,
+    /// Current state.
+    pub state: JobState,
+    /// What to render.
+    pub spec: JobSpec,
+    /// When the job was accepted (ms since epoch).
+    pub created_ms: u64,
+    /// When the job last changed (ms since epoch).
+    pub updated_ms: u64,
+    /// The current lease, while leased or running.
+    pub lease: Option<Lease>,
+    /// Finished attempts, oldest first.
+    pub attempts: Vec<Attempt>,
+    /// The node that produced the image.
+    pub node_id: Option<NodeId>,
+    /// The size rendered (known once a node of a family takes the job).
+    pub size: Option<Size>,
+    /// Last progress report as (step, total steps).
+    pub progress: Option<(u32, u32)>,
+    /// Why the job failed, when it did.
+    pub error: Option<String>,
+}
+
+impl JobRecord {
+    /// A freshly accepted job.
+    pub fn new(id: JobId, spec: JobSpec) -> Self {
+        let now = now_ms();
+        Self {
+            id,
+            state: JobState::Queued,
+            spec,
+            created_ms: now,
+            updated_ms: now,
+            lease: None,
+            attempts: Vec::new(),
+            node_id: None,
+            size: None,
+            progress: None,
+            error: None,
+        }
+    }
+}

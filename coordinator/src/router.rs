@@ -1,0 +1,447 @@
+//! Routing decisions as pure functions over a snapshot of the registry.
+//!
+//! The control plane builds one [`NodeView`] per registered node and asks:
+//! - [`feasibility`]: could any registered node ever serve this job (ignoring load and liveness)?
+//!   If not, the job is refused at submission with every node's reason.
+//! - [`pick`]: which eligible node should run it now? Eligible means capable, online, not suspect,
+//!   not draining and with a free worker slot. Preference: most free slots, then fastest node, then
+//!   round robin over the rest so equal nodes share the work.
+//!
+//! Nothing here has side effects; the property tests below hold the rules in place.
+
+use drover_shared::family::ModelFamily;
+use drover_shared::ids::NodeId;
+use drover_shared::job::{JobSpec, ModelSelector};
+use serde::Serialize;
+
+use crate::records::LoraAdvert;
+
+/// What the router knows about one node at decision time.
+#[derive(Clone, Debug)]
+pub struct NodeView<'a> {
+    /// Node id.
+    pub id: NodeId,
+    /// Node name (for reasons shown to users).
+    pub name: &'a str,
+    /// Model family served.
+    pub family: ModelFamily,
+    /// Id of the loaded model.
+    pub model_id: &'a str,
+    /// Largest width*height accepted.
+    pub max_pixels: u64,
+    /// LoRAs available on the node.
+    pub loras: &'a [LoraAdvert],
+    /// Session open and heartbeats on time.
+    pub online: bool,
+    /// Heartbeats late (not yet offline): gets no new work.
+    pub suspect: bool,
+    /// Draining: takes no new work.
+    pub draining: bool,
+    /// Worker slots not running a job.
+    pub free_slots: u32,
+    /// Measured speed (pixel-steps per second), 0 when unknown.
+    pub pixel_steps_per_second: f64,
+}
+
+/// Why a node cannot take a job; shown to users in 422 bodies and logs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum SkipReason {
+    /// The node serves another family.
+    WrongFamily {
+        /// Family asked for.
+        wanted: ModelFamily,
+        /// Family the node serves.
+        has: ModelFamily,
+    },
+    /// The node has another model loaded.
+    WrongModel {
+        /// Model id asked for.
+        wanted: String,
+        /// Model id the node has.
+        has: String,
+    },
+    /// The node's model is not a text-to-image base (an SDXL refiner).
+    NotTextToImage {
+        /// Family the node serves.
+        has: ModelFamily,
+    },
+    /// The image is larger than the node accepts.
+    TooLarge {
+        /// Pixels asked for.
+        pixels: u64,
+        /// Most pixels the node accepts.
+        max_pixels: u64,
+    },
+    /// The node does not have a requested LoRA.
+    MissingLora {
+        /// The LoRA.
+        lora: String,
+    },
+    /// The node has the LoRA but it was made for another family.
+    LoraBaseMismatch {
+        /// The LoRA.
+        lora: String,
+        /// Family the LoRA was made for.
+        lora_family: ModelFamily,
+        /// Family the node serves.
+        node_family: ModelFamily,
+    },
+    /// The node is offline.
+    Offline,
+    /// The node's heartbeats are late.
+    Suspect,
+    /// The node is draining.
+    Draining,
+    /// Every worker of the node is busy.
+    Busy,
+}
+
+impl SkipReason {
+    /// Whether this reason can go away without the node's model or LoRAs changing.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            Self::Offline | Self::Suspect | Self::Draining | Self::Busy
+        )
+    }
+}
+
+/// A node and why it was skipped.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodeSkip {
+    /// Node id.
+    pub node_id: NodeId,
+    /// Node name.
+    pub node: String,
+    /// The reason.
+    #[serde(flatten)]
+    pub reason: SkipReason,
+}
+
+/// Whether `node`'s model and LoRAs can serve `job` at all, whatever its load or liveness.
+pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> {
+    if !node.family.is_text_to_image() {
+        return Err(SkipReason::NotTextToImage { has: node.family });
+    }
+    match &job.model {
+        Some(ModelSelector::Family(f)) if *f != node.family => {
+            return Err(SkipReason::WrongFamily {
+                wanted: *f,
+                has: node.family,
+            });
+        }
+        Some(ModelSelector::ModelId(id)) if !node.model_id.eq_ignore_ascii_case(id) => {
+            return Err(SkipReason::WrongModel {
+                wanted: id.clone(),
+                has: node.model_id.into(),
+            });
+        }
+        _ => {}
+    }
+    let pixels = job.size_for(node.family).pixels();
+    if pixels > node.max_pixels {
+        return Err(SkipReason::TooLarge {
+            pixels,
+            max_pixels: node.max_pixels,
+        });
+    }
+    for lora in &job.loras {
+        match node.loras.iter().find(|l| l.name == lora.name) {
+            None => {
+                return Err(SkipReason::MissingLora {
+                    lora: lora.name.clone(),
+                });
+            }
+            Some(l) if l.family != node.family => {
+                return Err(SkipReason::LoraBaseMismatch {
+                    lora: lora.name.clone(),
+                    lora_family: l.family,
+                    node_family: node.family,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether `node` can take `job` right now.
+pub fn eligibility(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> {
+    capability(job, node)?;
+    if !node.online {
+        Err(SkipReason::Offline)
+    } else if node.draining {
+        Err(SkipReason::Draining)
+    } else if node.suspect {
+        Err(SkipReason::Suspect)
+    } else if node.free_slots == 0 {
+        Err(SkipReason::Busy)
+    } else {
+        Ok(())
+    }
+}
+
+fn skip(node: &NodeView<'_>, reason: SkipReason) -> NodeSkip {
+    NodeSkip {
+        node_id: node.id,
+        node: node.name.to_string(),
+        reason,
+    }
+}
+
+/// `Ok` when some registered node could ever serve `job`; otherwise every node's reason.
+pub fn feasibility(job: &JobSpec, nodes: &[NodeView<'_>]) -> Result<(), Vec<NodeSkip>> {
+    let mut reasons = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        match capability(job, node) {
+            Ok(()) => return Ok(()),
+            Err(reason) => reasons.push(skip(node, reason)),
+        }
+    }
+    Err(reasons)
+}
+
+/// The node that should run `job` now, or every node's reason for not taking it.
+///
+/// `turn` is a counter the caller advances after each placement; it rotates the order among
+/// equally good nodes so they share the work.
+pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, Vec<NodeSkip>> {
+    let mut best: Option<(&NodeView<'_>, (u32, u64, usize))> = None;
+    let mut reasons = Vec::new();
+    let n = nodes.len().max(1);
+    for (i, node) in nodes.iter().enumerate() {
+        if let Err(reason) = eligibility(job, node) {
+            reasons.push(skip(node, reason));
+            continue;
+        }
+        // One sort key, larger is better: free slots, then speed, then the round-robin position.
+        let rotation = n - 1 - (i + n - (turn as usize % n)) % n;
+        let key = (
+            node.free_slots,
+            node.pixel_steps_per_second.max(0.0) as u64,
+            rotation,
+        );
+        if best.as_ref().is_none_or(|(_, k)| key > *k) {
+            best = Some((node, key));
+        }
+    }
+    best.map(|(node, _)| node.id).ok_or(reasons)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_shared::job::{JobRequest, LoraRef};
+    use proptest::prelude::*;
+
+    fn job(json: &str) -> JobSpec {
+        JobRequest::from_json(json.as_bytes())
+            .unwrap()
+            .validate(|| 1)
+            .unwrap()
+    }
+
+    fn node(i: u8, family: ModelFamily) -> NodeView<'static> {
+        NodeView {
+            id: NodeId::from_bytes([i; 16]),
+            name: "n",
+            family,
+            model_id: "abcd",
+            max_pixels: 1024 * 1024,
+            loras: &[],
+            online: true,
+            suspect: false,
+            draining: false,
+            free_slots: 1,
+            pixel_steps_per_second: 0.0,
+        }
+    }
+
+    #[test]
+    fn family_and_size_and_liveness_are_named() {
+        let sd15 = node(1, ModelFamily::Sd15);
+        let check = |json: &str, n: &NodeView<'_>| eligibility(&job(json), n).err();
+        assert_eq!(check(r#"{"prompt":"x"}"#, &sd15), None);
+        assert_eq!(
+            check(r#"{"prompt":"x","model":"sdxl"}"#, &sd15),
+            Some(SkipReason::WrongFamily {
+                wanted: ModelFamily::Sdxl,
+                has: ModelFamily::Sd15
+            })
+        );
+        assert_eq!(
+            check(r#"{"prompt":"x","size":"2048x1024"}"#, &sd15),
+            Some(SkipReason::TooLarge {
+                pixels: 2048 * 1024,
+                max_pixels: 1024 * 1024
+            })
+        );
+        assert_eq!(
+            check(r#"{"prompt":"x","model":"ffff"}"#, &sd15),
+            Some(SkipReason::WrongModel {
+                wanted: "ffff".into(),
+                has: "abcd".into()
+            })
+        );
+        let offline = NodeView {
+            online: false,
+            ..sd15.clone()
+        };
+        assert_eq!(
+            check(r#"{"prompt":"x"}"#, &offline),
+            Some(SkipReason::Offline)
+        );
+        let busy = NodeView {
+            free_slots: 0,
+            ..sd15.clone()
+        };
+        assert_eq!(check(r#"{"prompt":"x"}"#, &busy), Some(SkipReason::Busy));
+        let refiner = node(2, ModelFamily::SdxlRefiner);
+        assert_eq!(
+            check(r#"{"prompt":"x"}"#, &refiner),
+            Some(SkipReason::NotTextToImage {
+                has: ModelFamily::SdxlRefiner
+            })
+        );
+    }
+
+    #[test]
+    fn loras_must_exist_and_match_the_node_family() {
+        let loras = [
+            LoraAdvert {
+                name: "ink".into(),
+                family: ModelFamily::Sd15,
+            },
+            LoraAdvert {
+                name: "xl-ink".into(),
+                family: ModelFamily::Sdxl,
+            },
+        ];
+        let sd15 = NodeView {
+            loras: &loras,
+            ..node(1, ModelFamily::Sd15)
+        };
+        let mut spec = job(r#"{"prompt":"x"}"#);
+        spec.loras = vec![LoraRef {
+            name: "ink".into(),
+            strength: 1.0,
+        }];
+        assert_eq!(eligibility(&spec, &sd15), Ok(()));
+        spec.loras = vec![LoraRef {
+            name: "xl-ink".into(),
+            strength: 1.0,
+        }];
+        assert_eq!(
+            eligibility(&spec, &sd15),
+            Err(SkipReason::LoraBaseMismatch {
+                lora: "xl-ink".into(),
+                lora_family: ModelFamily::Sdxl,
+                node_family: ModelFamily::Sd15
+            })
+        );
+        spec.loras = vec![LoraRef {
+            name: "nope".into(),
+            strength: 1.0,
+        }];
+        assert_eq!(
+            eligibility(&spec, &sd15),
+            Err(SkipReason::MissingLora {
+                lora: "nope".into()
+            })
+        );
+    }
+
+    #[test]
+    fn feasibility_ignores_load_but_not_capability() {
+        let busy_offline = NodeView {
+            online: false,
+            free_slots: 0,
+            ..node(1, ModelFamily::Sdxl)
+        };
+        assert_eq!(
+            feasibility(
+                &job(r#"{"prompt":"x","model":"sdxl"}"#),
+                std::slice::from_ref(&busy_offline)
+            ),
+            Ok(())
+        );
+        let reasons =
+            feasibility(&job(r#"{"prompt":"x","model":"sd15"}"#), &[busy_offline]).unwrap_err();
+        assert_eq!(reasons.len(), 1);
+        assert!(matches!(reasons[0].reason, SkipReason::WrongFamily { .. }));
+        assert!(
+            feasibility(&job(r#"{"prompt":"x"}"#), &[])
+                .unwrap_err()
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn equal_nodes_take_turns() {
+        let nodes = [
+            node(1, ModelFamily::Sd15),
+            node(2, ModelFamily::Sd15),
+            node(3, ModelFamily::Sd15),
+        ];
+        let spec = job(r#"{"prompt":"x"}"#);
+        let picked: std::collections::HashSet<_> = (0..3)
+            .map(|turn| pick(&spec, &nodes, turn).unwrap())
+            .collect();
+        assert_eq!(picked.len(), 3);
+    }
+
+    fn arb_family() -> impl Strategy<Value = ModelFamily> {
+        prop::sample::select(ModelFamily::ALL.to_vec())
+    }
+
+    fn arb_node() -> impl Strategy<Value = (ModelFamily, bool, bool, bool, u32, u64)> {
+        (
+            arb_family(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            0u32..3,
+            0u64..4,
+        )
+    }
+
+    proptest! {
+        /// The picked node is always eligible; if none is picked, every node has a reason; a job is
+        /// never left waiting while an eligible node exists.
+        #[test]
+        fn pick_is_sound_and_complete(
+            specs in prop::collection::vec(arb_node(), 0..8),
+            wanted in prop::option::of(arb_family()),
+            size in prop::sample::select(vec![None, Some("512x512"), Some("1024x1024"), Some("2048x2048")]),
+            turn in any::<u64>(),
+        ) {
+            let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, s)| NodeView {
+                online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
+                max_pixels: [512 * 512, 768 * 768, 1024 * 1024, 2048 * 2048][s.5 as usize],
+                ..node(i as u8, s.0)
+            }).collect();
+            let mut spec = job(r#"{"prompt":"x"}"#);
+            spec.model = wanted.map(ModelSelector::Family);
+            spec.size = size.map(|s| s.parse().unwrap());
+            let any_eligible = nodes.iter().any(|n| eligibility(&spec, n).is_ok());
+            match pick(&spec, &nodes, turn) {
+                Ok(id) => {
+                    let chosen = nodes.iter().find(|n| n.id == id).unwrap();
+                    prop_assert!(eligibility(&spec, chosen).is_ok());
+                    if let Some(f) = wanted { prop_assert_eq!(chosen.family, f); }
+                    prop_assert!(spec.size_for(chosen.family).pixels() <= chosen.max_pixels);
+                }
+                Err(reasons) => {
+                    prop_assert!(!any_eligible);
+                    prop_assert_eq!(reasons.len(), nodes.len());
+                }
+            }
+            // A feasible job has at least one capable node; an infeasible one has a reason per node.
+            match feasibility(&spec, &nodes) {
+                Ok(()) => prop_assert!(nodes.iter().any(|n| capability(&spec, n).is_ok())),
+                Err(r) => prop_assert_eq!(r.len(), nodes.len()),
+            }
+        }
+    }
+}

@@ -1,0 +1,92 @@
+//! Node configuration: the environment contract of DESIGN.md, each also a flag.
+
+use std::path::PathBuf;
+
+use drover_shared::family::ModelFamily;
+
+/// Which kind of workers the factory creates.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BackendKind {
+    /// Pick cuda if a CUDA device is usable, else rknn for `.rknn` models, else cpu.
+    Auto,
+    /// Burn on an NVIDIA GPU.
+    Cuda,
+    /// Rockchip RK3588 NPU.
+    Rknn,
+    /// Burn on the CPU.
+    Cpu,
+    /// A simulation for scheduler tests and load benchmarks: no model, deterministic images.
+    Sim,
+}
+
+impl BackendKind {
+    /// The backend's wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Cuda => "cuda",
+            Self::Rknn => "rknn",
+            Self::Cpu => "cpu",
+            Self::Sim => "sim",
+        }
+    }
+}
+
+/// Settings of one node process.
+#[derive(clap::Parser, Clone, Debug)]
+#[command(
+    name = "drover-node",
+    version,
+    about = "Drover node: runs image workers for a coordinator"
+)]
+pub struct NodeConfig {
+    /// gRPC address of the coordinator.
+    #[arg(long, env = "COORDINATOR_URL", default_value = "http://127.0.0.1:4201")]
+    pub coordinator_url: String,
+    /// Folder holding models.
+    #[arg(long, env = "MODEL_ROOT")]
+    pub model_root: Option<PathBuf>,
+    /// Model file or folder under MODEL_ROOT.
+    #[arg(long, env = "MODEL")]
+    pub model: Option<String>,
+    /// Worker backend.
+    #[arg(long, env = "BACKEND", value_enum, default_value = "auto")]
+    pub backend: BackendKind,
+    /// Number of worker actors (default: 1 per GPU, 3 for rknn, 1 for cpu, 2 for sim).
+    #[arg(long, env = "NUM_WORKERS")]
+    pub num_workers: Option<u32>,
+    /// Folder of LoRA files (`NAME.safetensors`).
+    #[arg(long, env = "LORA_ROOT")]
+    pub lora_root: Option<PathBuf>,
+    /// Name of this node in the farm (default: the host name).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Token the coordinator requires, if any.
+    #[arg(long, env = "DROVER_NODE_TOKEN", hide_env_values = true)]
+    pub node_token: Option<String>,
+    /// Family the sim backend pretends to serve.
+    #[arg(long, env = "SIM_FAMILY", default_value = "sd15")]
+    pub sim_family: ModelFamily,
+    /// Milliseconds the sim backend spends per step.
+    #[arg(long, env = "SIM_STEP_MS", default_value_t = 50)]
+    pub sim_step_ms: u64,
+    /// Largest width*height this node accepts (default: the backend's own limit).
+    #[arg(long, env = "MAX_PIXELS")]
+    pub max_pixels: Option<u64>,
+}
+
+impl NodeConfig {
+    /// The node's name: `NODE_NAME`, else the host name, else `node`.
+    pub fn name(&self) -> String {
+        self.node_name
+            .clone()
+            .filter(|n| !n.trim().is_empty())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_string())
+            })
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| "node".to_string())
+    }
+}

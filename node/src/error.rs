@@ -1,0 +1,69 @@
+//! The node's error enum.
+
+/// Result alias for the node.
+pub type Result<T, E = NodeError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in a node.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    /// The configuration cannot work (named setting and why).
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The chosen backend cannot start (missing driver, library or model support).
+    #[error("backend {backend}: {message}")]
+    Backend {
+        /// Backend name.
+        backend: &'static str,
+        /// What is missing.
+        message: String,
+    },
+    /// The coordinator refused this node for good (wrong token, invalid registration).
+    #[error("coordinator refused this node: {0}")]
+    Refused(String),
+    /// The coordinator could not be reached or the session broke.
+    #[error("coordinator link: {0}")]
+    Link(String),
+    /// The job was cancelled.
+    #[error("cancelled")]
+    Cancelled,
+    /// The job cannot be rendered by this node (bad parameters).
+    #[error("invalid job: {0}")]
+    InvalidJob(String),
+    /// Rendering or encoding failed.
+    #[error("render failed: {0}")]
+    Render(String),
+}
+
+impl NodeError {
+    /// Whether retrying the job elsewhere would fail the same way.
+    pub fn is_permanent(&self) -> bool {
+        matches!(self, Self::InvalidJob(_))
+    }
+}
+
+impl From<tonic::transport::Error> for NodeError {
+    fn from(e: tonic::transport::Error) -> Self {
+        Self::Link(format!("{e}: {}", source_chain(&e)))
+    }
+}
+
+impl From<tonic::Status> for NodeError {
+    fn from(s: tonic::Status) -> Self {
+        match s.code() {
+            tonic::Code::Unauthenticated
+            | tonic::Code::PermissionDenied
+            | tonic::Code::InvalidArgument => Self::Refused(s.message().to_string()),
+            _ => Self::Link(format!("{}: {}", s.code(), s.message())),
+        }
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut parts = Vec::new();
+    let mut source = e.source();
+    while let Some(s) = source {
+        parts.push(s.to_string());
+        source = s.source();
+    }
+    parts.join(": ")
+}

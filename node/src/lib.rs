@@ -1,0 +1,44 @@
+//! Drover node: detects what it can serve, starts worker actors through the [`factory`], and
+//! keeps a gRPC session with the coordinator ([`session`]).
+//!
+//! Layout: [`config`] (env contract), [`factory`] (backend choice, worker creation, capabilities),
+//! [`worker`] (the message every worker handles), [`sim`] (the simulated backend), [`session`]
+//! (registration, heartbeats, assignments, reconnects), [`error`].
+
+pub mod config;
+pub mod error;
+pub mod factory;
+pub mod session;
+pub mod sim;
+pub mod worker;
+
+use std::process::ExitCode;
+
+pub use config::NodeConfig;
+
+/// Entry point of the `drover-node` binary.
+pub fn cli_main() -> ExitCode {
+    use clap::Parser;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    let config = NodeConfig::parse();
+    let result = actix_rt::System::new().block_on(async move {
+        let pool = factory::build(&config)?;
+        tokio::select! {
+            r = session::NodeLink::new(config, pool).run() => r,
+            _ = tokio::signal::ctrl_c() => {
+                tracing::info!("interrupted, stopping");
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "node stopped");
+            eprintln!("drover-node: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! The node's link to the coordinator: register, then keep one session stream open (heartbeats,
+//! progress and results up; assignments and cancels down), reconnecting with backoff when it breaks.
+//!
+//! Results produced while the link is down wait in an outbox and go up on the next session; jobs
+//! keep running across reconnects, and the `hello` of each new session lists them so the
+//! coordinator can reconcile its leases.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use drover_shared::proto::coordinator_client::CoordinatorClient;
+use drover_shared::proto::{self, coordinator_message, node_message};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::NodeConfig;
+use crate::error::{NodeError, Result};
+use crate::factory::WorkerPool;
+use crate::worker::{CancelFlag, RunJob};
+
+/// First reconnect delay; doubles up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_millis(200);
+/// Longest reconnect delay.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Timeout of every unary call and of connecting.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Jobs running on this node, by job id: (lease id, cancel flag).
+type Running = Arc<Mutex<HashMap<String, (String, CancelFlag)>>>;
+
+/// The node's side of the link, alive across sessions.
+pub struct NodeLink {
+    config: NodeConfig,
+    pool: WorkerPool,
+    running: Running,
+    outbox_tx: mpsc::UnboundedSender<proto::NodeMessage>,
+    outbox_rx: mpsc::UnboundedReceiver<proto::NodeMessage>,
+    /// Messages that could not be sent on a broken session, sent first on the next one.
+    carry: Vec<proto::NodeMessage>,
+}
+
+impl NodeLink {
+    /// A link for `pool`, configured by `config`.
+    pub fn new(config: NodeConfig, pool: WorkerPool) -> Self {
+        let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+        Self {
+            config,
+            pool,
+            running: Running::default(),
+            outbox_tx,
+            outbox_rx,
+            carry: Vec::new(),
+        }
+    }
+
+    /// Runs sessions until the coordinator refuses this node; link failures are retried forever.
+    pub async fn run(mut self) -> Result<()> {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let started = Instant::now();
+            match self.session().await {
+                Ok(()) => tracing::warn!("session ended by the coordinator"),
+                Err(NodeError::Refused(message)) => return Err(NodeError::Refused(message)),
+                Err(e) => tracing::warn!(error = %e, "session failed"),
+            }
+            if started.elapsed() > Duration::from_secs(10) {
+                backoff = MIN_BACKOFF;
+            }
+            let delay = backoff + jitter(backoff / 4);
+            tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
+            tokio::time::sleep(delay).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
+        }
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        if let Some(token) = &self.config.node_token
+            && let Ok(value) = token.parse()
+        {
+            request
+                .metadata_mut()
+                .insert(drover_shared::NODE_TOKEN_METADATA, value);
+        }
+        request
+    }
+
+    fn registration(&self) -> proto::RegisterRequest {
+        let caps = &self.pool.capabilities;
+        proto::RegisterRequest {
+            name: self.config.name(),
+            backend: caps.backend.as_str().to_string(),
+            family: caps.family.to_string(),
+            cross_attention_dim: caps.family.cross_attention_dim(),
+            model_id: caps.model_id.clone(),
+            workers: caps.workers,
+            max_pixels: caps.max_pixels,
+            loras: caps
+                .loras
+                .iter()
+                .map(|(name, family)| proto::LoraInfo {
+                    name: name.clone(),
+                    family: family.to_string(),
+                })
+                .collect(),
+            version: drover_shared::VERSION.to_string(),
+            pixel_steps_per_second: caps.pixel_steps_per_second,
+        }
+    }
+
+    async fn connect(&self) -> Result<CoordinatorClient<Channel>> {
+        let endpoint = Endpoint::from_shared(self.config.coordinator_url.clone())
+            .map_err(|e| {
+                NodeError::Config(format!(
+                    "COORDINATOR_URL `{}`: {e}",
+                    self.config.coordinator_url
+                ))
+            })?
+            .connect_timeout(CALL_TIMEOUT)
+            .tcp_nodelay(true)
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .keep_alive_while_idle(true);
+        Ok(CoordinatorClient::new(endpoint.connect().await?))
+    }
+
+    fn running_jobs(&self) -> Vec<proto::RunningJob> {
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        running
+            .iter()
+            .map(|(job_id, (lease_id, _))| proto::RunningJob {
+                job_id: job_id.clone(),
+                lease_id: lease_id.clone(),
+            })
+            .collect()
+    }
+
+    /// One session, from connect to its end.
+    async fn session(&mut self) -> Result<()> {
+        let mut client = self.connect().await?;
+        let registered = tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.register(self.request(self.registration())),
+        )
+        .await
+        .map_err(|_| NodeError::Link("register timed out".into()))??
+        .into_inner();
+        let heartbeat = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(50)));
+        let (tx, rx) = mpsc::channel::<proto::NodeMessage>(256);
+        let hello = proto::Hello {
+            node_id: registered.node_id.clone(),
+            running: self.running_jobs(),
+        };
+        let _ = tx.send(message(node_message::Kind::Hello(hello))).await;
+        for pending in self.carry.drain(..) {
+            let _ = tx.send(pending).await;
+        }
+        let mut inbound = tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.session(self.request(ReceiverStream::new(rx))),
+        )
+        .await
+        .map_err(|_| NodeError::Link("opening the session timed out".into()))??
+        .into_inner();
+        tracing::info!(node_id = %registered.node_id, coordinator = %self.config.coordinator_url, "session open");
+
+        let mut ticker = tokio::time::interval(heartbeat);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let beat = proto::Heartbeat { running: self.running_jobs() };
+                    if tx.send(message(node_message::Kind::Heartbeat(beat))).await.is_err() {
+                        return Err(NodeError::Link("session closed".into()));
+                    }
+                }
+                Some(out) = self.outbox_rx.recv() => {
+                    if let Err(mpsc::error::SendError(out)) = tx.send(out).await {
+                        self.carry.push(out);
+                        return Err(NodeError::Link("session closed".into()));
+                    }
+                }
+                incoming = inbound.message() => match incoming? {
+                    None => return Ok(()),
+                    Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Assignment(a)) }) => {
+                        self.start_job(a);
+                    }
+                    Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Cancel(c)) }) => {
+                        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+                        if let Some((lease, flag)) = running.get(&c.job_id)
+                            && *lease == c.lease_id
+                        {
+                            tracing::info!(job_id = %c.job_id, "cancel requested");
+                            flag.cancel();
+                        }
+                    }
+                    Some(proto::CoordinatorMessage { kind: None }) => {}
+                },
+            }
+        }
+    }
+
+    fn start_job(&self, assignment: proto::Assignment) {
+        let proto::Assignment {
+            job_id,
+            lease_id,
+            spec,
+            attempt,
+            ..
+        } = assignment;
+        let Some(spec) = spec else {
+            let failed = proto::JobFailed {
+                job_id,
+                lease_id,
+                reason: "assignment without a spec".into(),
+                permanent: true,
+            };
+            let _ = self
+                .outbox_tx
+                .send(message(node_message::Kind::Failed(failed)));
+            return;
+        };
+        tracing::info!(job_id = %job_id, attempt, size = %format!("{}x{}", spec.width, spec.height), steps = spec.steps, "job started");
+        let cancel = CancelFlag::default();
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(job_id.clone(), (lease_id.clone(), cancel.clone()));
+        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<crate::worker::Progress>();
+        let outbox = self.outbox_tx.clone();
+        let (pjob, please_id) = (job_id.clone(), lease_id.clone());
+        actix_rt::spawn(async move {
+            while let Some(p) = progress_rx.recv().await {
+                let progress = proto::JobProgress {
+                    job_id: pjob.clone(),
+                    lease_id: please_id.clone(),
+                    step: p.step,
+                    total_steps: p.total,
+                };
+                let _ = outbox.send(message(node_message::Kind::Progress(progress)));
+            }
+        });
+        let runner = self.pool.runner.clone();
+        let outbox = self.outbox_tx.clone();
+        let running = self.running.clone();
+        actix_rt::spawn(async move {
+            let outcome = runner
+                .send(RunJob {
+                    spec,
+                    progress: progress_tx,
+                    cancel,
+                })
+                .await
+                .unwrap_or_else(|e| Err(NodeError::Render(format!("worker unavailable: {e}"))));
+            running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&job_id);
+            let reply = match outcome {
+                Ok(rendered) => {
+                    tracing::info!(job_id = %job_id, elapsed_ms = rendered.elapsed.as_millis() as u64, "job finished");
+                    node_message::Kind::Result(proto::JobResult {
+                        job_id,
+                        lease_id,
+                        png: rendered.png,
+                        elapsed_ms: rendered.elapsed.as_millis() as u64,
+                    })
+                }
+                Err(e) => {
+                    tracing::warn!(job_id = %job_id, error = %e, "job failed");
+                    node_message::Kind::Failed(proto::JobFailed {
+                        job_id,
+                        lease_id,
+                        reason: e.to_string(),
+                        permanent: e.is_permanent(),
+                    })
+                }
+            };
+            let _ = outbox.send(message(reply));
+        });
+    }
+}
+
+fn message(kind: node_message::Kind) -> proto::NodeMessage {
+    proto::NodeMessage { kind: Some(kind) }
+}
+
+/// A pseudo-random delay in `0..=max`, so a farm of nodes does not reconnect in lockstep.
+fn jitter(max: Duration) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    max.mul_f64(f64::from(nanos % 1000) / 1000.0)
+}

@@ -1,0 +1,90 @@
+//! Identifier newtypes. All ids are random UUIDs rendered as lowercase hyphenated strings, so they
+//! travel unchanged through JSON, gRPC and sled keys.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+        #[serde(transparent)]
+        pub struct $name(Uuid);
+
+        impl $name {
+            /// A fresh random id.
+            pub fn random() -> Self {
+                Self(Uuid::new_v4())
+            }
+
+            /// The id's 16 bytes, used as a sled key.
+            pub fn as_bytes(&self) -> &[u8; 16] {
+                self.0.as_bytes()
+            }
+
+            /// Rebuilds an id from the 16 bytes of [`Self::as_bytes`].
+            pub fn from_bytes(bytes: [u8; 16]) -> Self {
+                Self(Uuid::from_bytes(bytes))
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                self.0.hyphenated().fmt(f)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = crate::error::InvalidId;
+
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                Uuid::parse_str(s).map(Self).map_err(|_| crate::error::InvalidId {
+                    kind: $what,
+                    value: s.chars().take(64).collect(),
+                })
+            }
+        }
+    };
+}
+
+id_type!(
+    /// Identifies a registered node; stable across reconnects of a node with the same name.
+    NodeId,
+    "node id"
+);
+id_type!(
+    /// Identifies a job from submission to its terminal state.
+    JobId,
+    "job id"
+);
+id_type!(
+    /// Identifies one lease (one attempt of a job on one node). Only the current lease holder may
+    /// report a job's result.
+    LeaseId,
+    "lease id"
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_through_strings_and_bytes() {
+        let id = JobId::random();
+        assert_eq!(id.to_string().parse::<JobId>().ok(), Some(id));
+        assert_eq!(JobId::from_bytes(*id.as_bytes()), id);
+        assert_ne!(JobId::random(), id);
+    }
+
+    #[test]
+    fn bad_ids_are_rejected_with_their_kind() {
+        let err = "nope".parse::<NodeId>().err().map(|e| e.to_string());
+        assert_eq!(
+            err.as_deref(),
+            Some("invalid node id `nope`: expected a UUID")
+        );
+    }
+}

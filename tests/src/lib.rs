@@ -1,0 +1,510 @@
+//! `ClusterSandbox`: a whole Drover cluster on this machine for end-to-end and fault tests.
+//!
+//! The coordinator and every node are real child processes (the `sandbox-coordinator` and
+//! `sandbox-node` binaries of this crate, which are the production entry points) on free loopback
+//! ports with their own temporary data folder, so tests can `kill -9` them, pause them with
+//! SIGSTOP, and restart them on the same data. Waits are `wait_until` polls with a deadline,
+//! never bare sleeps. When a test panics, the tail of every process log is printed.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+/// Paths of the binaries the sandbox runs. Build it with [`binaries!`].
+#[derive(Clone, Debug)]
+pub struct Binaries {
+    /// The coordinator binary.
+    pub coordinator: PathBuf,
+    /// The node binary.
+    pub node: PathBuf,
+}
+
+/// The sandbox binaries of this crate, as cargo built them for the calling integration test.
+#[macro_export]
+macro_rules! binaries {
+    () => {
+        $crate::Binaries {
+            coordinator: env!("CARGO_BIN_EXE_sandbox-coordinator").into(),
+            node: env!("CARGO_BIN_EXE_sandbox-node").into(),
+        }
+    };
+}
+
+/// A node to start in the sandbox.
+#[derive(Clone, Debug)]
+pub struct NodeSpec {
+    /// `NODE_NAME`.
+    pub name: String,
+    /// Environment of the node process (BACKEND, SIM_FAMILY, ...).
+    pub env: Vec<(String, String)>,
+}
+
+impl NodeSpec {
+    /// A simulated node of `family` with 2 workers and 20 ms steps.
+    pub fn sim(name: &str, family: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            env: vec![
+                ("BACKEND".into(), "sim".into()),
+                ("SIM_FAMILY".into(), family.into()),
+                ("SIM_STEP_MS".into(), "20".into()),
+                ("NUM_WORKERS".into(), "2".into()),
+            ],
+        }
+    }
+
+    /// Sets (or replaces) one environment variable.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.into(), value.into()));
+        self
+    }
+}
+
+/// An HTTP answer: status, headers and body.
+#[derive(Clone, Debug)]
+pub struct Reply {
+    /// HTTP status.
+    pub status: u16,
+    /// Headers, names lowercase.
+    pub headers: Vec<(String, String)>,
+    /// Body bytes.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The body as JSON.
+    pub fn json(&self) -> Result<Value> {
+        serde_json::from_slice(&self.body)
+            .with_context(|| format!("body is not JSON: {}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// A header's value.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+struct Proc {
+    name: String,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl Proc {
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn pid(&self) -> Result<u32> {
+        self.child
+            .as_ref()
+            .map(Child::id)
+            .ok_or_else(|| anyhow!("{} is not running", self.name))
+    }
+}
+
+/// A running cluster: one coordinator and any number of nodes.
+pub struct ClusterSandbox {
+    bins: Binaries,
+    dir: tempfile::TempDir,
+    http_port: u16,
+    grpc_port: u16,
+    coordinator_env: Vec<(String, String)>,
+    coordinator: Proc,
+    nodes: Vec<(NodeSpec, Proc)>,
+    agent: ureq::Agent,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn spawn(program: &Path, env: &[(String, String)], log: &Path) -> Result<Child> {
+    let out = File::options().create(true).append(true).open(log)?;
+    Command::new(program)
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .env("NO_COLOR", "1")
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("cannot start {}", program.display()))
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+impl ClusterSandbox {
+    /// Starts a coordinator with test timings (100 ms heartbeats, 1.5 s offline grace) and extra
+    /// environment `env`, and waits until it answers `/healthz`.
+    pub fn start(bins: Binaries, env: &[(&str, &str)]) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("drover-sandbox-")
+            .tempdir()?;
+        let (http_port, grpc_port) = (free_port()?, free_port()?);
+        let mut coordinator_env: Vec<(String, String)> = vec![
+            ("DROVER_HTTP_ADDR".into(), format!("127.0.0.1:{http_port}")),
+            ("DROVER_GRPC_ADDR".into(), format!("127.0.0.1:{grpc_port}")),
+            (
+                "DROVER_DATA_DIR".into(),
+                dir.path().join("coordinator-data").display().to_string(),
+            ),
+            ("DROVER_HEARTBEAT_MS".into(), "100".into()),
+            ("DROVER_OFFLINE_GRACE_MS".into(), "1500".into()),
+            ("DROVER_LEASE_FLOOR_MS".into(), "10000".into()),
+        ];
+        for (k, v) in env {
+            coordinator_env.retain(|(key, _)| key != k);
+            coordinator_env.push((k.to_string(), v.to_string()));
+        }
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build()
+            .into();
+        let coordinator = Proc {
+            name: "coordinator".into(),
+            log: dir.path().join("coordinator.log"),
+            child: None,
+        };
+        let mut sandbox = Self {
+            bins,
+            dir,
+            http_port,
+            grpc_port,
+            coordinator_env,
+            coordinator,
+            nodes: Vec::new(),
+            agent,
+        };
+        sandbox.start_coordinator()?;
+        Ok(sandbox)
+    }
+
+    /// Starts the coordinator process (again) on the same ports and data, and waits for it.
+    pub fn start_coordinator(&mut self) -> Result<()> {
+        self.coordinator.kill();
+        let child = spawn(
+            &self.bins.coordinator,
+            &self.coordinator_env,
+            &self.coordinator.log,
+        )?;
+        self.coordinator.child = Some(child);
+        self.wait_until(
+            Duration::from_secs(30),
+            "coordinator answers /healthz",
+            |s| Ok(s.get("/healthz").map(|r| r.status == 200).unwrap_or(false)),
+        )
+    }
+
+    /// Kills the coordinator with SIGKILL.
+    pub fn kill_coordinator(&mut self) {
+        self.coordinator.kill();
+    }
+
+    /// Base URL of the REST API.
+    pub fn base_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// URL nodes use to reach the coordinator.
+    pub fn grpc_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// The sandbox's temporary folder.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Starts a node process; answers its index. Does not wait for it to come online.
+    pub fn add_node(&mut self, spec: NodeSpec) -> Result<usize> {
+        let index = self.nodes.len();
+        let log = self
+            .dir
+            .path()
+            .join(format!("node-{index}-{}.log", spec.name));
+        let proc = Proc {
+            name: format!("node {}", spec.name),
+            log,
+            child: None,
+        };
+        self.nodes.push((spec, proc));
+        self.start_node(index)?;
+        Ok(index)
+    }
+
+    /// Starts node `index` (again).
+    pub fn start_node(&mut self, index: usize) -> Result<()> {
+        let grpc_url = self.grpc_url();
+        let (spec, proc) = self
+            .nodes
+            .get_mut(index)
+            .ok_or_else(|| anyhow!("no node {index}"))?;
+        proc.kill();
+        let mut env = vec![
+            ("COORDINATOR_URL".to_string(), grpc_url),
+            ("NODE_NAME".to_string(), spec.name.clone()),
+        ];
+        env.extend(spec.env.iter().cloned());
+        proc.child = Some(spawn(&self.bins.node, &env, &proc.log)?);
+        Ok(())
+    }
+
+    /// Kills node `index` with SIGKILL.
+    pub fn kill_node(&mut self, index: usize) {
+        if let Some((_, proc)) = self.nodes.get_mut(index) {
+            proc.kill();
+        }
+    }
+
+    /// Sends a signal (`STOP`, `CONT`, `KILL`, ...) to node `index` with `kill -s`.
+    pub fn signal_node(&self, index: usize, signal: &str) -> Result<()> {
+        let (_, proc) = self
+            .nodes
+            .get(index)
+            .ok_or_else(|| anyhow!("no node {index}"))?;
+        let status = Command::new("kill")
+            .args(["-s", signal, &proc.pid()?.to_string()])
+            .status()?;
+        if !status.success() {
+            bail!("kill -s {signal} {} failed", proc.name);
+        }
+        Ok(())
+    }
+
+    /// Waits for node `index` to exit by itself; answers its exit code.
+    pub fn wait_node_exit(&mut self, index: usize, timeout: Duration) -> Result<Option<i32>> {
+        let (_, proc) = self
+            .nodes
+            .get_mut(index)
+            .ok_or_else(|| anyhow!("no node {index}"))?;
+        let deadline = Instant::now() + timeout;
+        let child = proc
+            .child
+            .as_mut()
+            .ok_or_else(|| anyhow!("{} is not running", proc.name))?;
+        loop {
+            if let Some(status) = child.try_wait()? {
+                proc.child = None;
+                return Ok(status.code());
+            }
+            if Instant::now() > deadline {
+                bail!("{} still running after {timeout:?}", proc.name);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The log of node `index` so far.
+    pub fn node_log(&self, index: usize) -> String {
+        self.nodes
+            .get(index)
+            .map(|(_, p)| std::fs::read_to_string(&p.log).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    /// Polls `check` every 25 ms until it answers true, or fails after `timeout` naming `what`.
+    pub fn wait_until(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut check: impl FnMut(&Self) -> Result<bool>,
+    ) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let mut last_error = None;
+        loop {
+            match check(self) {
+                Ok(true) => return Ok(()),
+                Ok(false) => {}
+                Err(e) => last_error = Some(e),
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "timed out after {timeout:?} waiting until {what} (last error: {last_error:?})"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Reply> {
+        let url = format!("{}{path}", self.base_url());
+        let response = match (method, body) {
+            ("GET", _) => self.agent.get(&url).call(),
+            ("DELETE", _) => self.agent.delete(&url).call(),
+            ("POST", Some(body)) => self
+                .agent
+                .post(&url)
+                .header("content-type", "application/json")
+                .send(body),
+            ("POST", None) => self.agent.post(&url).send_empty(),
+            _ => bail!("unsupported method {method}"),
+        };
+        let mut response = response.with_context(|| format!("{method} {path}"))?;
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(k, v)| {
+                (
+                    k.as_str().to_ascii_lowercase(),
+                    v.to_str().unwrap_or_default().to_string(),
+                )
+            })
+            .collect();
+        let status = response.status().as_u16();
+        let body = response
+            .body_mut()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_vec()?;
+        Ok(Reply {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// `GET path`.
+    pub fn get(&self, path: &str) -> Result<Reply> {
+        self.call("GET", path, None)
+    }
+
+    /// `POST path` with a raw body.
+    pub fn post_raw(&self, path: &str, body: &[u8]) -> Result<Reply> {
+        self.call("POST", path, Some(body))
+    }
+
+    /// `POST path` with a JSON body.
+    pub fn post(&self, path: &str, body: &Value) -> Result<Reply> {
+        self.post_raw(path, &serde_json::to_vec(body)?)
+    }
+
+    /// Submits a job with `POST /v1/jobs`; answers its id.
+    pub fn submit(&self, body: &Value) -> Result<String> {
+        let reply = self.post("/v1/jobs", body)?;
+        if reply.status != 202 {
+            bail!(
+                "submit answered {}: {}",
+                reply.status,
+                String::from_utf8_lossy(&reply.body)
+            );
+        }
+        reply.json()?["id"]
+            .as_str()
+            .map(String::from)
+            .ok_or_else(|| anyhow!("no id in reply"))
+    }
+
+    /// `GET /v1/jobs/{id}` as JSON.
+    pub fn job(&self, id: &str) -> Result<Value> {
+        let reply = self.get(&format!("/v1/jobs/{id}"))?;
+        if reply.status != 200 {
+            bail!("job {id}: status {}", reply.status);
+        }
+        reply.json()
+    }
+
+    /// Polls a job until it reaches a terminal state; answers it.
+    pub fn wait_for_job(&self, id: &str, timeout: Duration) -> Result<Value> {
+        let mut last = Value::Null;
+        self.wait_until(timeout, &format!("job {id} finishes"), |s| {
+            last = s.job(id)?;
+            Ok(matches!(
+                last["state"].as_str(),
+                Some("succeeded" | "failed" | "cancelled")
+            ))
+        })?;
+        Ok(last)
+    }
+
+    /// `GET /v1/nodes`.
+    pub fn nodes(&self) -> Result<Vec<Value>> {
+        let reply = self.get("/v1/nodes")?;
+        match reply.json()? {
+            Value::Array(nodes) => Ok(nodes),
+            other => bail!("/v1/nodes is not an array: {other}"),
+        }
+    }
+
+    /// The state (`online`, `offline`, ...) of the node named `name`, if registered.
+    pub fn node_state(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .nodes()?
+            .iter()
+            .find(|n| n["name"] == name)
+            .and_then(|n| n["state"].as_str().map(String::from)))
+    }
+
+    /// The id of the node named `name`, if registered.
+    pub fn node_id(&self, name: &str) -> Result<Option<String>> {
+        Ok(self
+            .nodes()?
+            .iter()
+            .find(|n| n["name"] == name)
+            .and_then(|n| n["id"].as_str().map(String::from)))
+    }
+
+    /// Waits until every named node is online.
+    pub fn wait_for_online(&self, names: &[&str], timeout: Duration) -> Result<()> {
+        self.wait_until(timeout, &format!("nodes {names:?} are online"), |s| {
+            let nodes = s.nodes()?;
+            Ok(names.iter().all(|name| {
+                nodes
+                    .iter()
+                    .any(|n| n["name"] == *name && n["state"] == "online")
+            }))
+        })
+    }
+
+    /// Waits until the named node is in `state`.
+    pub fn wait_for_state(&self, name: &str, state: &str, timeout: Duration) -> Result<()> {
+        self.wait_until(timeout, &format!("node {name} is {state}"), |s| {
+            Ok(s.node_state(name)?.as_deref() == Some(state))
+        })
+    }
+}
+
+impl Drop for ClusterSandbox {
+    fn drop(&mut self) {
+        let panicking = std::thread::panicking();
+        for (_, proc) in &mut self.nodes {
+            if panicking {
+                eprintln!(
+                    "----- {} ({}) -----\n{}",
+                    proc.name,
+                    proc.log.display(),
+                    tail(&proc.log, 40)
+                );
+            }
+            proc.kill();
+        }
+        if panicking {
+            eprintln!(
+                "----- coordinator -----\n{}",
+                tail(&self.coordinator.log, 80)
+            );
+        }
+        self.coordinator.kill();
+    }
+}

@@ -1,0 +1,367 @@
+//! End-to-end tests: a real coordinator and real node processes, talking gRPC, driven over REST.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use drover_tests::{ClusterSandbox, NodeSpec, binaries};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(30);
+
+fn png_size(bytes: &[u8]) -> (u32, u32) {
+    let reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .expect("a valid png");
+    (reader.info().width, reader.info().height)
+}
+
+#[test]
+fn generate_round_trip() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("painter", "sd15"))?;
+    cluster.wait_for_online(&["painter"], T)?;
+    let node_id = cluster.node_id("painter")?.expect("registered");
+
+    let body =
+        json!({"prompt": "a lighthouse at dusk", "size": "256x192", "seed": 1234, "steps": 3});
+    let reply = cluster.post("/v1/generate", &body)?;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.header("content-type"), Some("image/png"));
+    assert_eq!(reply.header("x-seed"), Some("1234"));
+    assert_eq!(reply.header("x-node-id"), Some(node_id.as_str()));
+    assert_eq!(png_size(&reply.body), (256, 192));
+    let job_id = reply.header("x-job-id").expect("job id header").to_string();
+
+    // The job is recorded, and its image is served again byte for byte.
+    let job = cluster.job(&job_id)?;
+    assert_eq!(job["state"], "succeeded");
+    assert_eq!(job["node_id"], node_id.as_str());
+    assert_eq!(job["progress"], json!([3, 3]));
+    let image = cluster.get(job["image_url"].as_str().expect("image url"))?;
+    assert_eq!(image.body, reply.body);
+
+    // Same prompt and seed, same image; a random seed is reported back.
+    let again = cluster.post("/v1/generate", &body)?;
+    assert_eq!(again.body, reply.body);
+    let random = cluster.post(
+        "/v1/generate",
+        &json!({"prompt": "a lighthouse at dusk", "size": "64x64"}),
+    )?;
+    assert_eq!(random.status, 200);
+    let seed: u64 = random.header("x-seed").expect("seed").parse()?;
+    assert!(seed < 1 << 31);
+
+    // The asynchronous path: 202, then poll, then fetch; family default size when none is given.
+    let id = cluster.submit(&json!({"prompt": "a red kite"}))?;
+    let job = cluster.wait_for_job(&id, T)?;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["size"], json!({"width": 512, "height": 512}));
+    let image = cluster.get(&format!("/v1/jobs/{id}/image"))?;
+    assert_eq!(png_size(&image.body), (512, 512));
+    Ok(())
+}
+
+#[test]
+fn each_family_gets_only_its_own_jobs() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("classic", "sd15"))?;
+    cluster.add_node(NodeSpec::sim("xl", "sdxl"))?;
+    cluster.wait_for_online(&["classic", "xl"], T)?;
+    let ids: HashMap<&str, String> = [("sd15", "classic"), ("sdxl", "xl")]
+        .into_iter()
+        .map(|(family, name)| (family, cluster.node_id(name).unwrap().expect("registered")))
+        .collect();
+
+    let mut jobs = Vec::new();
+    for i in 0..8 {
+        let family = if i % 2 == 0 { "sd15" } else { "sdxl" };
+        let id = cluster
+            .submit(&json!({"prompt": format!("job {i}"), "model": family, "size": "128x128"}))?;
+        jobs.push((family, id));
+    }
+    for (family, id) in &jobs {
+        let job = cluster.wait_for_job(id, T)?;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(
+            job["node_id"],
+            ids[family].as_str(),
+            "a {family} job ran on the wrong node: {job}"
+        );
+    }
+
+    // Without a model, either family may serve; the default size follows the serving family.
+    let id = cluster.submit(&json!({"prompt": "anything"}))?;
+    let job = cluster.wait_for_job(&id, T)?;
+    let expected = if job["node_id"] == ids["sdxl"].as_str() {
+        1024
+    } else {
+        512
+    };
+    assert_eq!(job["size"]["width"], expected);
+
+    // A family nobody serves is refused at once, with a reason per node.
+    let reply = cluster.post("/v1/jobs", &json!({"prompt": "x", "model": "sd2"}))?;
+    assert_eq!(reply.status, 422);
+    let error = reply.json()?;
+    let reasons = error["error"]["details"]["nodes"]
+        .as_array()
+        .expect("per-node reasons")
+        .clone();
+    assert_eq!(reasons.len(), 2, "{error}");
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r["reason"] == "wrong_family" && r["wanted"] == "sd2"),
+        "{error}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_silent_node_goes_offline_and_its_jobs_move() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    let quiet = cluster.add_node(NodeSpec::sim("quiet", "sd15").env("SIM_STEP_MS", "300"))?;
+    cluster.add_node(NodeSpec::sim("steady", "sd15"))?;
+    cluster.wait_for_online(&["quiet", "steady"], T)?;
+    let quiet_id = cluster.node_id("quiet")?.expect("registered");
+    let steady_id = cluster.node_id("steady")?.expect("registered");
+
+    // Give "quiet" a job, then freeze it mid-job: no heartbeats, no result, session still open.
+    let mut jobs = Vec::new();
+    let mut frozen_job = None;
+    cluster.wait_until(T, "a job runs on quiet", |c| {
+        let id = c.submit(&json!({"prompt": "x", "size": "64x64", "steps": 10}))?;
+        let job = c.job(&id)?;
+        jobs.push(id.clone());
+        if job["lease"]["node_id"] == quiet_id.as_str() {
+            frozen_job = Some(id);
+            return Ok(true);
+        }
+        Ok(false)
+    })?;
+    cluster.signal_node(quiet, "STOP")?;
+    cluster.wait_for_state("quiet", "offline", Duration::from_secs(10))?;
+    assert_eq!(cluster.node_state("steady")?.as_deref(), Some("online"));
+
+    // Its job was re-queued and finished on the other node; the lost attempt is on record.
+    let frozen_job = frozen_job.expect("a job was placed on quiet");
+    let job = cluster.wait_for_job(&frozen_job, T)?;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["node_id"], steady_id.as_str());
+    let attempts = job["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{job}");
+    assert_eq!(attempts[0]["node_id"], quiet_id.as_str());
+    assert_eq!(attempts[0]["outcome"], "node went offline");
+    for id in &jobs {
+        assert_eq!(cluster.wait_for_job(id, T)?["state"], "succeeded");
+    }
+
+    // Thawed, it reconnects and is online again.
+    cluster.signal_node(quiet, "CONT")?;
+    cluster.wait_for_state("quiet", "online", T)?;
+    Ok(())
+}
+
+#[test]
+fn jobs_of_a_killed_node_finish_on_its_peer() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    let victim = cluster.add_node(NodeSpec::sim("victim", "sd15").env("SIM_STEP_MS", "200"))?;
+    cluster.wait_for_online(&["victim"], T)?;
+    let victim_id = cluster.node_id("victim")?.expect("registered");
+    let ids: Vec<String> = (0..4)
+        .map(|i| cluster.submit(&json!({"prompt": format!("p{i}"), "size": "64x64", "steps": 10})))
+        .collect::<anyhow::Result<_>>()?;
+    cluster.wait_until(T, "the victim runs a job", |c| {
+        Ok(c.job(&ids[0])?["state"] == "running")
+    })?;
+    cluster.kill_node(victim);
+    cluster.add_node(NodeSpec::sim("survivor", "sd15"))?;
+    for id in &ids {
+        let job = cluster.wait_for_job(id, T)?;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_ne!(job["node_id"], victim_id.as_str());
+    }
+    let first = cluster.job(&ids[0])?;
+    assert_eq!(
+        first["attempts"][0]["node_id"],
+        victim_id.as_str(),
+        "{first}"
+    );
+    assert_eq!(cluster.node_state("victim")?.as_deref(), Some("offline"));
+    Ok(())
+}
+
+#[test]
+fn coordinator_restart_keeps_registry_queue_and_results() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    let node = cluster.add_node(NodeSpec::sim("keeper", "sd15"))?;
+    cluster.wait_for_online(&["keeper"], T)?;
+    let done = cluster.submit(&json!({"prompt": "before the crash", "size": "64x64"}))?;
+    assert_eq!(cluster.wait_for_job(&done, T)?["state"], "succeeded");
+    let image = cluster.get(&format!("/v1/jobs/{done}/image"))?.body;
+
+    // With the node gone, jobs are accepted (a capable node is registered) and wait in the queue.
+    cluster.kill_node(node);
+    cluster.wait_for_state("keeper", "offline", T)?;
+    let queued: Vec<String> = (0..3)
+        .map(|i| cluster.submit(&json!({"prompt": format!("queued {i}"), "size": "64x64"})))
+        .collect::<anyhow::Result<_>>()?;
+    for id in &queued {
+        assert_eq!(cluster.job(id)?["state"], "queued");
+    }
+
+    cluster.kill_coordinator();
+    cluster.start_coordinator()?;
+    let nodes = cluster.nodes()?;
+    assert_eq!(nodes.len(), 1, "the registry survived: {nodes:?}");
+    assert_eq!(nodes[0]["name"], "keeper");
+    assert_eq!(cluster.job(&done)?["state"], "succeeded");
+    assert_eq!(cluster.get(&format!("/v1/jobs/{done}/image"))?.body, image);
+
+    cluster.start_node(node)?;
+    for id in &queued {
+        assert_eq!(cluster.wait_for_job(id, T)?["state"], "succeeded");
+    }
+    Ok(())
+}
+
+#[test]
+fn nodes_reconnect_when_the_coordinator_comes_back() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("loyal", "sdxl"))?;
+    cluster.wait_for_online(&["loyal"], T)?;
+    cluster.kill_coordinator();
+    std::thread::sleep(Duration::from_millis(700));
+    cluster.start_coordinator()?;
+    cluster.wait_for_online(&["loyal"], T)?;
+    let reply = cluster.post(
+        "/v1/generate",
+        &json!({"prompt": "back again", "size": "64x64"}),
+    )?;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    Ok(())
+}
+
+#[test]
+fn a_wrong_node_token_is_refused() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[("DROVER_NODE_TOKEN", "s3cret")])?;
+    let wrong =
+        cluster.add_node(NodeSpec::sim("intruder", "sd15").env("DROVER_NODE_TOKEN", "guess"))?;
+    let missing = cluster.add_node(NodeSpec::sim("forgetful", "sd15"))?;
+    cluster.add_node(NodeSpec::sim("member", "sd15").env("DROVER_NODE_TOKEN", "s3cret"))?;
+    assert_eq!(cluster.wait_node_exit(wrong, T)?, Some(2));
+    assert!(
+        cluster.node_log(wrong).contains("wrong node token"),
+        "{}",
+        cluster.node_log(wrong)
+    );
+    assert_eq!(cluster.wait_node_exit(missing, T)?, Some(2));
+    assert!(cluster.node_log(missing).contains("requires a node token"));
+    cluster.wait_for_online(&["member"], T)?;
+    let names: Vec<Value> = cluster.nodes()?.iter().map(|n| n["name"].clone()).collect();
+    assert_eq!(names, vec![json!("member")]);
+    Ok(())
+}
+
+#[test]
+fn bad_input_gets_a_clear_json_error() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("judge", "sd15").env("SIM_STEP_MS", "500"))?;
+    cluster.wait_for_online(&["judge"], T)?;
+    let cases: [(&str, &[u8], u16, &str); 8] = [
+        ("/v1/jobs", b"{not json", 400, "body"),
+        (
+            "/v1/jobs",
+            br#"{"prompt":"x","colour":"red"}"#,
+            400,
+            "colour",
+        ),
+        ("/v1/jobs", br#"{"prompt":"x","steps":99}"#, 400, "steps"),
+        (
+            "/v1/jobs",
+            br#"{"prompt":"x","size":"100x100"}"#,
+            400,
+            "size",
+        ),
+        ("/v1/jobs", br#"{"prompt":"x","seed":-5}"#, 400, "seed"),
+        (
+            "/v1/generate",
+            br#"{"prompt":"x","guidance_scale":30}"#,
+            400,
+            "guidance_scale",
+        ),
+        (
+            "/v1/generate",
+            br#"{"prompt":"x","loras":[{"name":"nope"}]}"#,
+            422,
+            "",
+        ),
+        (
+            "/v1/jobs",
+            br#"{"prompt":"x","style_lora":{"style":"ink","level":1}}"#,
+            422,
+            "",
+        ),
+    ];
+    for (path, body, status, field) in cases {
+        let reply = cluster.post_raw(path, body)?;
+        let text = String::from_utf8_lossy(body);
+        assert_eq!(
+            reply.status,
+            status,
+            "{text}: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let error = reply.json()?;
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{error}"
+        );
+        if !field.is_empty() {
+            assert_eq!(error["error"]["details"]["field"], field, "{text}: {error}");
+            assert_eq!(error["error"]["code"], "invalid_request");
+        }
+    }
+    let missing_lora = cluster
+        .post_raw("/v1/jobs", br#"{"prompt":"x","loras":[{"name":"nope"}]}"#)?
+        .json()?;
+    assert_eq!(
+        missing_lora["error"]["details"]["nodes"][0]["reason"],
+        "missing_lora"
+    );
+
+    for path in [
+        "/v1/jobs/00000000-0000-0000-0000-000000000000",
+        "/v1/jobs/not-an-id",
+        "/v1/jobs/x/image",
+        "/nope",
+    ] {
+        let reply = cluster.get(path)?;
+        assert_eq!(reply.status, 404, "{path}");
+        assert_eq!(reply.json()?["error"]["code"], "not_found");
+    }
+    // A job without an image yet: 409, not 404 or 5xx.
+    let id = cluster.submit(&json!({"prompt": "slow", "size": "64x64"}))?;
+    let reply = cluster.get(&format!("/v1/jobs/{id}/image"))?;
+    assert_eq!(
+        reply.status,
+        409,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    // Nothing was lost: the valid job still completes.
+    assert_eq!(cluster.wait_for_job(&id, T)?["state"], "succeeded");
+    Ok(())
+}
