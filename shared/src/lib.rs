@@ -8,10 +8,13 @@
 //!
 //! This crate never depends on actix, sled or GPU crates.
 
+pub mod arch;
+pub mod detect;
 pub mod error;
 pub mod family;
 pub mod ids;
 pub mod job;
+pub mod safetensors;
 
 /// gRPC protocol, generated from `proto/drover.proto`.
 #[allow(missing_docs, clippy::all)]
