@@ -27,6 +27,12 @@ pub struct Config {
     /// Token nodes must present when they connect; any node may join when unset.
     #[arg(long, env = "DROVER_NODE_TOKEN", hide_env_values = true)]
     pub node_token: Option<String>,
+    /// Style catalog (`styles.toml`); no styles when unset.
+    #[arg(long, env = "DROVER_STYLES")]
+    pub styles: Option<PathBuf>,
+    /// Folder of LoRA files used to check the style catalog's declared bases, when available here.
+    #[arg(long, env = "DROVER_LORA_ROOT")]
+    pub lora_root: Option<PathBuf>,
     /// Interval at which nodes send heartbeats, in milliseconds.
     #[arg(long, env = "DROVER_HEARTBEAT_MS", default_value_t = 1000)]
     pub heartbeat_ms: u64,

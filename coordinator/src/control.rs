@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use drover_shared::family::ModelFamily;
 use drover_shared::ids::{JobId, LeaseId, NodeId};
-use drover_shared::job::JobSpec;
+use drover_shared::job::{JobSpec, ModelSelector};
 use drover_shared::proto::{self, coordinator_message, node_message};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -148,6 +148,32 @@ impl ControlPlane {
             .collect();
         views.sort_by_key(|v| v.id);
         views
+    }
+
+    /// Refuses a job whose LoRAs are known (from node adverts) only for other families than the
+    /// one it asks for, naming both: a LoRA is never skipped silently.
+    fn check_lora_bases(&self, spec: &JobSpec) -> Result<()> {
+        let Some(ModelSelector::Family(wanted)) = &spec.model else {
+            return Ok(());
+        };
+        for lora in &spec.loras {
+            let bases: std::collections::BTreeSet<ModelFamily> = self
+                .nodes
+                .values()
+                .flat_map(|n| n.record.loras.iter())
+                .filter(|l| l.name == lora.name)
+                .map(|l| l.family)
+                .collect();
+            if !bases.is_empty() && !bases.contains(wanted) {
+                let made_for: Vec<String> = bases.iter().map(ToString::to_string).collect();
+                return Err(CoordinatorError::Unprocessable(format!(
+                    "lora `{}` is made for {}, but the request asks for {wanted}",
+                    lora.name,
+                    made_for.join(" and ")
+                )));
+            }
+        }
+        Ok(())
     }
 
     fn queued_count(&self) -> usize {
@@ -654,12 +680,7 @@ impl Handler<SubmitJob> for ControlPlane {
     type Result = Result<JobRecord>;
 
     fn handle(&mut self, SubmitJob(spec): SubmitJob, _: &mut Context<Self>) -> Self::Result {
-        if let Some(style) = &spec.style {
-            return Err(CoordinatorError::Unprocessable(format!(
-                "unknown style `{}`: no style catalog is configured on this coordinator",
-                style.style
-            )));
-        }
+        self.check_lora_bases(&spec)?;
         if let Err(reasons) = router::feasibility(&spec, &self.views(Instant::now())) {
             return Err(CoordinatorError::Infeasible { reasons });
         }

@@ -10,6 +10,7 @@ use actix::Addr;
 use actix_web::{HttpRequest, HttpResponse, web};
 use drover_shared::ids::JobId;
 use drover_shared::job::{JobRequest, random_seed};
+use drover_shared::styles::{ApplyError, StyleCatalog};
 use serde::Serialize;
 use serde_json::json;
 
@@ -31,6 +32,8 @@ pub struct AppState {
     pub store: Store,
     /// Settings.
     pub config: Arc<Config>,
+    /// The style catalog.
+    pub styles: Arc<StyleCatalog>,
 }
 
 /// Mounts every route of the REST API.
@@ -40,7 +43,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/jobs", web::post().to(submit))
         .route("/v1/jobs/{id}", web::get().to(get_job))
         .route("/v1/jobs/{id}/image", web::get().to(get_image))
-        .route("/v1/nodes", web::get().to(list_nodes));
+        .route("/v1/nodes", web::get().to(list_nodes))
+        .route("/v1/styles", web::get().to(list_styles));
 }
 
 /// Answers unknown routes with a JSON 404.
@@ -72,6 +76,10 @@ async fn read_job_request(payload: web::Payload) -> Result<JobRequest> {
 
 async fn accept(state: &AppState, payload: web::Payload) -> Result<JobRecord> {
     let spec = read_job_request(payload).await?.validate(random_seed)?;
+    let spec = state.styles.apply(spec).map_err(|e| match e {
+        ApplyError::Field(f) => CoordinatorError::InvalidField(f),
+        ApplyError::Unprocessable(m) => CoordinatorError::Unprocessable(m),
+    })?;
     let job = state.control.send(SubmitJob(spec)).await??;
     // Durable before we answer 2xx.
     state.store.flush().await?;
@@ -171,4 +179,9 @@ async fn get_image(state: web::Data<AppState>, id: web::Path<String>) -> Result<
 
 async fn list_nodes(state: web::Data<AppState>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(state.control.send(ListNodes).await?))
+}
+
+async fn list_styles(state: web::Data<AppState>) -> HttpResponse {
+    let styles: Vec<_> = state.styles.styles().collect();
+    HttpResponse::Ok().json(styles)
 }

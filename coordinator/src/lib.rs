@@ -51,6 +51,11 @@ pub fn init_tracing() {
 /// Must be called inside an actix system.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let config = Arc::new(config);
+    let styles = match &config.styles {
+        Some(path) => drover_shared::styles::StyleCatalog::load(path, config.lora_root.as_deref())?,
+        None => drover_shared::styles::StyleCatalog::default(),
+    };
+    tracing::info!(styles = styles.styles().count(), "style catalog loaded");
     let store = store::Store::open(&config.data_dir)
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let control = control::ControlPlane::restore(store.clone(), config.clone())?.start();
@@ -79,6 +84,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         control,
         store,
         config: config.clone(),
+        styles: Arc::new(styles),
     };
     let server = HttpServer::new(move || {
         App::new()

@@ -32,13 +32,38 @@ impl BackendKind {
     }
 }
 
-/// Settings of one node process.
-#[derive(clap::Parser, Clone, Debug)]
+/// The `drover-node` command line: run a node (no subcommand) or a tool.
+#[derive(clap::Parser, Debug)]
 #[command(
     name = "drover-node",
     version,
-    about = "Drover node: runs image workers for a coordinator"
+    about = "Drover node: runs image workers for a coordinator",
+    args_conflicts_with_subcommands = true
 )]
+pub struct Cli {
+    /// A tool to run instead of the node.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// Node settings.
+    #[command(flatten)]
+    pub node: NodeConfig,
+}
+
+/// Tools of `drover-node`.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Tell what a model file or folder is, from its safetensors headers alone.
+    Inspect {
+        /// A .safetensors file, a diffusers folder, or a folder holding one model.
+        path: PathBuf,
+        /// Print one JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Settings of one node process.
+#[derive(clap::Args, Clone, Debug)]
 pub struct NodeConfig {
     /// gRPC address of the coordinator.
     #[arg(long, env = "COORDINATOR_URL", default_value = "http://127.0.0.1:4201")]
@@ -76,6 +101,17 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// The model path: `MODEL` joined to `MODEL_ROOT` (or `MODEL` alone when absolute or when
+    /// `MODEL_ROOT` is unset).
+    pub fn model_path(&self) -> Option<PathBuf> {
+        match (&self.model_root, &self.model) {
+            (Some(root), Some(model)) => Some(root.join(model)),
+            (None, Some(model)) => Some(PathBuf::from(model)),
+            (Some(root), None) => Some(root.clone()),
+            (None, None) => None,
+        }
+    }
+
     /// The node's name: `NODE_NAME`, else the host name, else `node`.
     pub fn name(&self) -> String {
         self.node_name

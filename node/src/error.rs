@@ -9,6 +9,9 @@ pub enum NodeError {
     /// The configuration cannot work (named setting and why).
     #[error("configuration: {0}")]
     Config(String),
+    /// The model (or a LoRA) cannot be identified.
+    #[error("model: {0}")]
+    Model(#[from] drover_shared::detect::DetectError),
     /// The chosen backend cannot start (missing driver, library or model support).
     #[error("backend {backend}: {message}")]
     Backend {

@@ -1,12 +1,17 @@
 //! The worker factory: decides, at start-up, which workers this node runs and what it advertises.
 //!
-//! Each backend gets a branch that checks its requirements (model file, driver, library) and
-//! fails with a message naming what is missing. Only `sim` is built so far; the cpu, cuda and rknn
-//! pipelines land in their own issues and slot in here behind the same [`RunJob`] interface.
+//! It identifies the model from its headers (never loading weights to find out), picks the backend
+//! (`BACKEND=auto`: cuda if a CUDA driver is present, else rknn for `.rknn` models, else cpu;
+//! never the simulation), scans `LORA_ROOT` and keeps only the LoRAs made for the model's family
+//! (logging every one it skips, with the reason), then starts `NUM_WORKERS` worker actors in a
+//! `SyncArbiter`. Only the `sim` workers exist so far; cpu, cuda and rknn fail at start-up with a
+//! message saying so, after the model has been identified.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use actix::{Recipient, SyncArbiter};
+use drover_shared::detect::{Inspection, ModelKind, inspect};
 use drover_shared::family::ModelFamily;
 
 use crate::config::{BackendKind, NodeConfig};
@@ -41,30 +46,121 @@ pub struct WorkerPool {
     pub capabilities: Capabilities,
 }
 
-/// Largest image the sim backend accepts for `family` (four times the family's native area).
-fn sim_max_pixels(family: ModelFamily) -> u64 {
+/// Largest image accepted for `family`: four times the family's native area.
+pub fn default_max_pixels(family: ModelFamily) -> u64 {
     let (w, h) = family.default_size();
     4 * u64::from(w) * u64::from(h)
 }
 
 /// Creates the node's workers. Must run inside an actix system.
 pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
-    match config.backend {
-        BackendKind::Sim => build_sim(config),
-        BackendKind::Auto => Err(NodeError::Backend {
-            backend: "auto",
-            message:
-                "no real backend is available in this build (the cpu, cuda and rknn pipelines \
-                      are not built yet); set BACKEND=sim to run a simulated node"
-                    .into(),
-        }),
-        other => Err(NodeError::Backend {
-            backend: other.as_str(),
-            message: "this backend is not built into this drover-node yet; set BACKEND=sim to \
-                      run a simulated node"
-                .into(),
-        }),
+    if config.backend == BackendKind::Sim {
+        return build_sim(config);
     }
+    let path = config.model_path().ok_or_else(|| {
+        NodeError::Config(
+            "no model configured: set MODEL_ROOT and MODEL (or BACKEND=sim for a simulated node)"
+                .into(),
+        )
+    })?;
+    let model = detect_model(&path)?;
+    let backend = match config.backend {
+        BackendKind::Auto => auto_backend(&path),
+        explicit => explicit,
+    };
+    tracing::info!(path = %path.display(), family = %model.family, kind = ?model.kind, backend = backend.as_str(), "model detected");
+    Err(NodeError::Backend {
+        backend: backend.as_str(),
+        message: format!(
+            "the {} pipeline is not built into this drover-node yet (model {} is {} {:?}); \
+             set BACKEND=sim to run a simulated node",
+            backend.as_str(),
+            path.display(),
+            model.family,
+            model.kind
+        ),
+    })
+}
+
+/// Identifies the model and refuses what a text-to-image node cannot serve.
+pub fn detect_model(path: &Path) -> Result<Inspection> {
+    let model = inspect(path)?;
+    if model.kind == ModelKind::Lora {
+        return Err(NodeError::Config(format!(
+            "{} is a LoRA for {}, not a base model; put it under LORA_ROOT",
+            path.display(),
+            model.family
+        )));
+    }
+    if !model.family.is_text_to_image() {
+        return Err(NodeError::Config(format!(
+            "{} is an SDXL refiner (cross-attention 1280): it refines images, it is not a text-to-image base model",
+            path.display()
+        )));
+    }
+    Ok(model)
+}
+
+/// `BACKEND=auto`: cuda if a CUDA driver library is installed, else rknn for `.rknn` models, else cpu.
+fn auto_backend(model: &Path) -> BackendKind {
+    let is_rknn = model.extension().is_some_and(|e| e == "rknn")
+        || std::fs::read_dir(model)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == "rknn"));
+    if cuda_driver_present() {
+        BackendKind::Cuda
+    } else if is_rknn {
+        BackendKind::Rknn
+    } else {
+        BackendKind::Cpu
+    }
+}
+
+fn cuda_driver_present() -> bool {
+    [
+        "/usr/lib/x86_64-linux-gnu",
+        "/usr/lib64",
+        "/usr/lib/aarch64-linux-gnu",
+        "/usr/local/cuda/lib64",
+        "/usr/lib/wsl/lib",
+    ]
+    .iter()
+    .any(|dir| Path::new(dir).join("libcuda.so.1").exists())
+}
+
+/// The LoRAs under `root` made for `family`, by name; every other file is logged with the reason
+/// it was skipped.
+pub fn scan_loras(root: &Path, family: ModelFamily) -> Result<Vec<(String, ModelFamily)>> {
+    let entries = std::fs::read_dir(root)
+        .map_err(|e| NodeError::Config(format!("LORA_ROOT {}: {e}", root.display())))?;
+    let mut files: Vec<PathBuf> = entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+        .collect();
+    files.sort();
+    let mut loras = Vec::new();
+    for path in files {
+        let Some(name) = path.file_stem().map(|s| s.to_string_lossy().into_owned()) else {
+            continue;
+        };
+        match inspect(&path) {
+            Ok(found) if found.kind != ModelKind::Lora => {
+                tracing::warn!(lora = %name, kind = ?found.kind, "lora skipped: the file is not a lora");
+            }
+            Ok(found) if found.family != family => {
+                tracing::info!(lora = %name, lora_family = %found.family, node_family = %family, "lora skipped: made for another family");
+            }
+            Ok(found) => {
+                tracing::info!(lora = %name, family = %found.family, rank = found.lora_rank, "lora available");
+                loras.push((name, found.family));
+            }
+            Err(e) => tracing::warn!(lora = %name, error = %e, "lora skipped: unreadable"),
+        }
+    }
+    Ok(loras)
 }
 
 fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
@@ -85,6 +181,10 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
             "NUM_WORKERS={workers} is outside 1..=64"
         )));
     }
+    let loras = match &config.lora_root {
+        Some(root) => scan_loras(root, family)?,
+        None => Vec::new(),
+    };
     let step = Duration::from_millis(config.sim_step_ms);
     let addr = SyncArbiter::start(workers as usize, move || SimWorker::new(step));
     let (w, h) = family.default_size();
@@ -93,7 +193,7 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
     } else {
         f64::from(w * h) * 1000.0 / config.sim_step_ms as f64
     };
-    tracing::info!(family = %family, workers, step_ms = config.sim_step_ms, "sim workers started (simulated backend, no model)");
+    tracing::info!(family = %family, workers, step_ms = config.sim_step_ms, loras = loras.len(), "sim workers started (simulated backend, no model)");
     Ok(WorkerPool {
         runner: addr.recipient(),
         capabilities: Capabilities {
@@ -101,9 +201,98 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
             family,
             model_id: format!("sim-{family}"),
             workers,
-            max_pixels: config.max_pixels.unwrap_or_else(|| sim_max_pixels(family)),
-            loras: Vec::new(),
+            max_pixels: config
+                .max_pixels
+                .unwrap_or_else(|| default_max_pixels(family)),
+            loras,
             pixel_steps_per_second,
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use drover_shared::arch::{self, LoraStyle, with_dtype};
+    use drover_shared::safetensors::{Dtype, build::write_sparse};
+
+    #[test]
+    fn only_loras_of_the_node_family_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let put = |name: &str, tensors| {
+            write_sparse(
+                &dir.path().join(format!("{name}.safetensors")),
+                &with_dtype(tensors, Dtype::F16),
+                &[],
+            )
+            .unwrap()
+        };
+        put(
+            "ink",
+            arch::lora(ModelFamily::Sd15, LoraStyle::Kohya, 8, true),
+        );
+        put(
+            "pixels",
+            arch::lora(ModelFamily::Sd15, LoraStyle::Peft, 4, false),
+        );
+        put(
+            "xl-ink",
+            arch::lora(ModelFamily::Sdxl, LoraStyle::Kohya, 8, true),
+        );
+        put("vae", arch::ldm_vae());
+        std::fs::write(dir.path().join("broken.safetensors"), b"nope").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"not a lora").unwrap();
+        let sd15 = scan_loras(dir.path(), ModelFamily::Sd15).unwrap();
+        assert_eq!(
+            sd15,
+            vec![
+                ("ink".to_string(), ModelFamily::Sd15),
+                ("pixels".to_string(), ModelFamily::Sd15)
+            ]
+        );
+        let sdxl = scan_loras(dir.path(), ModelFamily::Sdxl).unwrap();
+        assert_eq!(sdxl, vec![("xl-ink".to_string(), ModelFamily::Sdxl)]);
+        assert!(scan_loras(&dir.path().join("missing"), ModelFamily::Sd15).is_err());
+    }
+
+    #[test]
+    fn refiners_and_loras_are_not_base_models() {
+        let dir = tempfile::tempdir().unwrap();
+        let refiner = dir.path().join("refiner.safetensors");
+        write_sparse(
+            &refiner,
+            &with_dtype(arch::ldm_checkpoint(ModelFamily::SdxlRefiner), Dtype::F16),
+            &[],
+        )
+        .unwrap();
+        let err = detect_model(&refiner).unwrap_err().to_string();
+        assert!(
+            err.contains("refiner") && err.contains("not a text-to-image base"),
+            "{err}"
+        );
+        let lora = dir.path().join("lora.safetensors");
+        write_sparse(
+            &lora,
+            &with_dtype(
+                arch::lora(ModelFamily::Sd15, LoraStyle::Kohya, 4, false),
+                Dtype::F16,
+            ),
+            &[],
+        )
+        .unwrap();
+        assert!(
+            detect_model(&lora)
+                .unwrap_err()
+                .to_string()
+                .contains("LORA_ROOT")
+        );
+        let base = dir.path().join("base.safetensors");
+        write_sparse(
+            &base,
+            &with_dtype(arch::ldm_checkpoint(ModelFamily::Sd15), Dtype::F16),
+            &[],
+        )
+        .unwrap();
+        assert_eq!(detect_model(&base).unwrap().family, ModelFamily::Sd15);
+    }
 }

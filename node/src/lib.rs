@@ -1,13 +1,15 @@
 //! Drover node: detects what it can serve, starts worker actors through the [`factory`], and
 //! keeps a gRPC session with the coordinator ([`session`]).
 //!
-//! Layout: [`config`] (env contract), [`factory`] (backend choice, worker creation, capabilities),
+//! Layout: [`config`] (env contract and CLI), [`factory`] (model detection, backend choice, LoRA
+//! scan, worker creation, capabilities), [`inspect`] (the `inspect` tool),
 //! [`worker`] (the message every worker handles), [`sim`] (the simulated backend), [`session`]
 //! (registration, heartbeats, assignments, reconnects), [`error`].
 
 pub mod config;
 pub mod error;
 pub mod factory;
+pub mod inspect;
 pub mod session;
 pub mod sim;
 pub mod worker;
@@ -22,7 +24,23 @@ pub fn cli_main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
-    let config = NodeConfig::parse();
+    let cli = config::Cli::parse();
+    if let Some(config::Command::Inspect { path, json }) = cli.command {
+        return match inspect::run(&path, json) {
+            Ok(text) => {
+                print!("{text}");
+                if json {
+                    println!();
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("drover-node inspect: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let config = cli.node;
     let result = actix_rt::System::new().block_on(async move {
         let pool = factory::build(&config)?;
         tokio::select! {

@@ -52,7 +52,11 @@ impl UnetConfig {
         };
         match family {
             ModelFamily::Sd15 => sd1,
-            ModelFamily::Sd2 => Self { cross_attention_dim: 1024, linear_projection: true, ..sd1 },
+            ModelFamily::Sd2 => Self {
+                cross_attention_dim: 1024,
+                linear_projection: true,
+                ..sd1
+            },
             ModelFamily::Sdxl => Self {
                 block_out_channels: vec![320, 640, 1280],
                 cross_attention: vec![false, true, true],
@@ -97,21 +101,43 @@ impl UnetConfig {
             linear(&mut out, "add_embedding.linear_2", ted, ted, true);
         }
         let mut ch = c[0];
-        for i in 0..n {
+        for (i, &width) in c.iter().enumerate() {
             for j in 0..self.layers_per_block {
-                resnet(&mut out, &format!("down_blocks.{i}.resnets.{j}"), ch, c[i], ted);
-                ch = c[i];
+                resnet(
+                    &mut out,
+                    &format!("down_blocks.{i}.resnets.{j}"),
+                    ch,
+                    width,
+                    ted,
+                );
+                ch = width;
                 if self.cross_attention[i] {
-                    self.transformer(&mut out, &format!("down_blocks.{i}.attentions.{j}"), c[i], self.transformer_layers[i]);
+                    self.transformer(
+                        &mut out,
+                        &format!("down_blocks.{i}.attentions.{j}"),
+                        width,
+                        self.transformer_layers[i],
+                    );
                 }
             }
             if i + 1 < n {
-                conv(&mut out, &format!("down_blocks.{i}.downsamplers.0.conv"), c[i], c[i], 3);
+                conv(
+                    &mut out,
+                    &format!("down_blocks.{i}.downsamplers.0.conv"),
+                    width,
+                    width,
+                    3,
+                );
             }
         }
         let last = c[n - 1];
         resnet(&mut out, "mid_block.resnets.0", last, last, ted);
-        self.transformer(&mut out, "mid_block.attentions.0", last, self.mid_transformer_layers);
+        self.transformer(
+            &mut out,
+            "mid_block.attentions.0",
+            last,
+            self.mid_transformer_layers,
+        );
         resnet(&mut out, "mid_block.resnets.1", last, last, ted);
         let mut output = last;
         for i in 0..n {
@@ -123,13 +149,30 @@ impl UnetConfig {
             for j in 0..layers {
                 let skip = if j == layers - 1 { input } else { output };
                 let res_in = if j == 0 { prev_output } else { output };
-                resnet(&mut out, &format!("up_blocks.{i}.resnets.{j}"), res_in + skip, output, ted);
+                resnet(
+                    &mut out,
+                    &format!("up_blocks.{i}.resnets.{j}"),
+                    res_in + skip,
+                    output,
+                    ted,
+                );
                 if self.cross_attention[level] {
-                    self.transformer(&mut out, &format!("up_blocks.{i}.attentions.{j}"), output, self.transformer_layers[level]);
+                    self.transformer(
+                        &mut out,
+                        &format!("up_blocks.{i}.attentions.{j}"),
+                        output,
+                        self.transformer_layers[level],
+                    );
                 }
             }
             if i + 1 < n {
-                conv(&mut out, &format!("up_blocks.{i}.upsamplers.0.conv"), output, output, 3);
+                conv(
+                    &mut out,
+                    &format!("up_blocks.{i}.upsamplers.0.conv"),
+                    output,
+                    output,
+                    3,
+                );
             }
         }
         norm(&mut out, "conv_norm_out", c[0]);
@@ -167,14 +210,22 @@ impl UnetConfig {
 
     /// Every UNet tensor in LDM (single-file) names, without the `model.diffusion_model.` prefix.
     pub fn ldm_tensors(&self) -> Vec<Tensor> {
-        self.diffusers_tensors().into_iter().map(|(name, shape)| (self.diffusers_to_ldm(&name), shape)).collect()
+        self.diffusers_tensors()
+            .into_iter()
+            .map(|(name, shape)| (self.diffusers_to_ldm(&name), shape))
+            .collect()
     }
 
     /// Maps one diffusers UNet tensor name to its LDM name.
     pub fn diffusers_to_ldm(&self, name: &str) -> String {
         let per = self.layers_per_block;
         let parts: Vec<&str> = name.split('.').collect();
-        let num = |i: usize| parts.get(i).and_then(|p| p.parse::<u64>().ok()).unwrap_or(0);
+        let num = |i: usize| {
+            parts
+                .get(i)
+                .and_then(|p| p.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
         let rest = |from: usize| parts.get(from..).map(|p| p.join(".")).unwrap_or_default();
         let resnet_rest = |from: usize| {
             let r = rest(from);
@@ -206,8 +257,14 @@ impl UnetConfig {
             "down_blocks" => {
                 let i = num(1);
                 match parts[2] {
-                    "resnets" => format!("input_blocks.{}.0.{}", 1 + i * (per + 1) + num(3), resnet_rest(4)),
-                    "attentions" => format!("input_blocks.{}.1.{}", 1 + i * (per + 1) + num(3), rest(4)),
+                    "resnets" => format!(
+                        "input_blocks.{}.0.{}",
+                        1 + i * (per + 1) + num(3),
+                        resnet_rest(4)
+                    ),
+                    "attentions" => {
+                        format!("input_blocks.{}.1.{}", 1 + i * (per + 1) + num(3), rest(4))
+                    }
                     _ => format!("input_blocks.{}.0.op.{}", (i + 1) * (per + 1), rest(5)),
                 }
             }
@@ -220,8 +277,14 @@ impl UnetConfig {
                 let level = self.block_out_channels.len() as u64 - 1 - i;
                 let has_attention = self.cross_attention[level as usize];
                 match parts[2] {
-                    "resnets" => format!("output_blocks.{}.0.{}", i * (per + 1) + num(3), resnet_rest(4)),
-                    "attentions" => format!("output_blocks.{}.1.{}", i * (per + 1) + num(3), rest(4)),
+                    "resnets" => format!(
+                        "output_blocks.{}.0.{}",
+                        i * (per + 1) + num(3),
+                        resnet_rest(4)
+                    ),
+                    "attentions" => {
+                        format!("output_blocks.{}.1.{}", i * (per + 1) + num(3), rest(4))
+                    }
                     _ => format!(
                         "output_blocks.{}.{}.conv.{}",
                         i * (per + 1) + per,
@@ -268,13 +331,25 @@ fn resnet(out: &mut Vec<Tensor>, prefix: &str, cin: u64, cout: u64, ted: u64) {
 /// A CLIP text transformer in Hugging Face `transformers` names (`text_model.*`).
 pub fn hf_clip_text(width: u64, layers: u64, projection: bool) -> Vec<Tensor> {
     let mut out = vec![
-        ("text_model.embeddings.token_embedding.weight".to_string(), vec![49408, width]),
-        ("text_model.embeddings.position_embedding.weight".to_string(), vec![77, width]),
+        (
+            "text_model.embeddings.token_embedding.weight".to_string(),
+            vec![49408, width],
+        ),
+        (
+            "text_model.embeddings.position_embedding.weight".to_string(),
+            vec![77, width],
+        ),
     ];
     for i in 0..layers {
         let p = format!("text_model.encoder.layers.{i}");
         for proj in ["q_proj", "k_proj", "v_proj", "out_proj"] {
-            linear(&mut out, &format!("{p}.self_attn.{proj}"), width, width, true);
+            linear(
+                &mut out,
+                &format!("{p}.self_attn.{proj}"),
+                width,
+                width,
+                true,
+            );
         }
         norm(&mut out, &format!("{p}.layer_norm1"), width);
         linear(&mut out, &format!("{p}.mlp.fc1"), 4 * width, width, true);
@@ -339,7 +414,13 @@ pub fn ldm_vae() -> Vec<Tensor> {
             cin = *c;
         }
         if i < 3 {
-            conv(&mut out, &format!("encoder.down.{i}.downsample.conv"), *c, *c, 3);
+            conv(
+                &mut out,
+                &format!("encoder.down.{i}.downsample.conv"),
+                *c,
+                *c,
+                3,
+            );
         }
     }
     mid(&mut out, "encoder");
@@ -356,7 +437,13 @@ pub fn ldm_vae() -> Vec<Tensor> {
             cin = ch[i];
         }
         if i > 0 {
-            conv(&mut out, &format!("decoder.up.{i}.upsample.conv"), ch[i], ch[i], 3);
+            conv(
+                &mut out,
+                &format!("decoder.up.{i}.upsample.conv"),
+                ch[i],
+                ch[i],
+                3,
+            );
         }
     }
     norm(&mut out, "decoder.norm_out", 128);
@@ -365,21 +452,42 @@ pub fn ldm_vae() -> Vec<Tensor> {
 }
 
 fn prefixed(prefix: &str, tensors: Vec<Tensor>) -> Vec<Tensor> {
-    tensors.into_iter().map(|(n, s)| (format!("{prefix}{n}"), s)).collect()
+    tensors
+        .into_iter()
+        .map(|(n, s)| (format!("{prefix}{n}"), s))
+        .collect()
 }
 
 /// Every tensor of a single-file (LDM) checkpoint of `family`.
 pub fn ldm_checkpoint(family: ModelFamily) -> Vec<Tensor> {
-    let mut out = prefixed("model.diffusion_model.", UnetConfig::for_family(family).ldm_tensors());
+    let mut out = prefixed(
+        "model.diffusion_model.",
+        UnetConfig::for_family(family).ldm_tensors(),
+    );
     out.extend(prefixed("first_stage_model.", ldm_vae()));
     match family {
-        ModelFamily::Sd15 => out.extend(prefixed("cond_stage_model.transformer.", hf_clip_text(768, 12, false))),
-        ModelFamily::Sd2 => out.extend(prefixed("cond_stage_model.model.", open_clip_text(1024, 24))),
+        ModelFamily::Sd15 => out.extend(prefixed(
+            "cond_stage_model.transformer.",
+            hf_clip_text(768, 12, false),
+        )),
+        ModelFamily::Sd2 => out.extend(prefixed(
+            "cond_stage_model.model.",
+            open_clip_text(1024, 24),
+        )),
         ModelFamily::Sdxl => {
-            out.extend(prefixed("conditioner.embedders.0.transformer.", hf_clip_text(768, 12, false)));
-            out.extend(prefixed("conditioner.embedders.1.model.", open_clip_text(1280, 32)));
+            out.extend(prefixed(
+                "conditioner.embedders.0.transformer.",
+                hf_clip_text(768, 12, false),
+            ));
+            out.extend(prefixed(
+                "conditioner.embedders.1.model.",
+                open_clip_text(1280, 32),
+            ));
         }
-        ModelFamily::SdxlRefiner => out.extend(prefixed("conditioner.embedders.0.model.", open_clip_text(1280, 32))),
+        ModelFamily::SdxlRefiner => out.extend(prefixed(
+            "conditioner.embedders.0.model.",
+            open_clip_text(1280, 32),
+        )),
     }
     out
 }
@@ -413,21 +521,39 @@ pub fn lora(family: ModelFamily, style: LoraStyle, rank: u64, text: bool) -> Vec
     let mut targets: Vec<(String, String, u64, u64)> = Vec::new(); // (kohya name, peft name, out, in)
     let sdxl_like = matches!(family, ModelFamily::Sdxl | ModelFamily::SdxlRefiner);
     for (name, shape) in unet.diffusers_tensors() {
-        let Some(path) = name.strip_suffix(".weight") else { continue };
+        let Some(path) = name.strip_suffix(".weight") else {
+            continue;
+        };
         let adapted = path.contains(".transformer_blocks.")
-            && ["to_q", "to_k", "to_v", "to_out.0"].iter().any(|t| path.ends_with(t));
+            && ["to_q", "to_k", "to_v", "to_out.0"]
+                .iter()
+                .any(|t| path.ends_with(t));
         if !adapted || shape.len() != 2 {
             continue;
         }
         // kohya files for SDXL use the LDM block names; for SD1/2 the diffusers ones.
-        let kohya_path = if sdxl_like { unet.diffusers_to_ldm(&name).trim_end_matches(".weight").to_string() } else { path.to_string() };
-        targets.push((format!("lora_unet_{}", kohya_path.replace('.', "_")), format!("unet.{path}"), shape[0], shape[1]));
+        let kohya_path = if sdxl_like {
+            unet.diffusers_to_ldm(&name)
+                .trim_end_matches(".weight")
+                .to_string()
+        } else {
+            path.to_string()
+        };
+        targets.push((
+            format!("lora_unet_{}", kohya_path.replace('.', "_")),
+            format!("unet.{path}"),
+            shape[0],
+            shape[1],
+        ));
     }
     if text {
         let encoders: Vec<(&str, &str, u64, u64)> = match family {
             ModelFamily::Sd15 => vec![("lora_te", "text_encoder", 768, 12)],
             ModelFamily::Sd2 => vec![("lora_te", "text_encoder", 1024, 23)],
-            ModelFamily::Sdxl => vec![("lora_te1", "text_encoder", 768, 12), ("lora_te2", "text_encoder_2", 1280, 32)],
+            ModelFamily::Sdxl => vec![
+                ("lora_te1", "text_encoder", 768, 12),
+                ("lora_te2", "text_encoder_2", 1280, 32),
+            ],
             ModelFamily::SdxlRefiner => vec![("lora_te2", "text_encoder_2", 1280, 32)],
         };
         for (kohya, peft, width, layers) in encoders {
@@ -442,7 +568,12 @@ pub fn lora(family: ModelFamily, style: LoraStyle, rank: u64, text: bool) -> Vec
                     ("mlp.fc2", width, 4 * width),
                 ] {
                     let path = format!("{p}.{proj}");
-                    targets.push((format!("{kohya}_{}", path.replace('.', "_")), format!("{peft}.{path}"), out_f, in_f));
+                    targets.push((
+                        format!("{kohya}_{}", path.replace('.', "_")),
+                        format!("{peft}.{path}"),
+                        out_f,
+                        in_f,
+                    ));
                 }
             }
         }
@@ -480,9 +611,18 @@ mod tests {
     /// Parameter counts of the published models pin the layouts down.
     #[test]
     fn parameter_counts_match_the_published_models() {
-        assert_eq!(params(&UnetConfig::for_family(ModelFamily::Sd15).diffusers_tensors()), 859_520_964);
-        assert_eq!(params(&UnetConfig::for_family(ModelFamily::Sd2).diffusers_tensors()), 865_910_724);
-        assert_eq!(params(&UnetConfig::for_family(ModelFamily::Sdxl).diffusers_tensors()), 2_567_463_684);
+        assert_eq!(
+            params(&UnetConfig::for_family(ModelFamily::Sd15).diffusers_tensors()),
+            859_520_964
+        );
+        assert_eq!(
+            params(&UnetConfig::for_family(ModelFamily::Sd2).diffusers_tensors()),
+            865_910_724
+        );
+        assert_eq!(
+            params(&UnetConfig::for_family(ModelFamily::Sdxl).diffusers_tensors()),
+            2_567_463_684
+        );
         assert_eq!(params(&hf_clip_text(768, 12, false)), 123_060_480);
         assert_eq!(params(&ldm_vae()), 83_653_863);
     }
@@ -490,7 +630,8 @@ mod tests {
     #[test]
     fn ldm_names_follow_the_original_layout() {
         let sd15 = UnetConfig::for_family(ModelFamily::Sd15);
-        let names: std::collections::HashSet<String> = sd15.ldm_tensors().into_iter().map(|(n, _)| n).collect();
+        let names: std::collections::HashSet<String> =
+            sd15.ldm_tensors().into_iter().map(|(n, _)| n).collect();
         for expected in [
             "input_blocks.0.0.weight",
             "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight",
@@ -508,7 +649,8 @@ mod tests {
             assert!(names.contains(expected), "missing {expected}");
         }
         let sdxl = UnetConfig::for_family(ModelFamily::Sdxl);
-        let names: std::collections::HashSet<String> = sdxl.ldm_tensors().into_iter().map(|(n, _)| n).collect();
+        let names: std::collections::HashSet<String> =
+            sdxl.ldm_tensors().into_iter().map(|(n, _)| n).collect();
         for expected in [
             "label_emb.0.0.weight",
             "input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight",

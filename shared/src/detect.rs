@@ -76,7 +76,9 @@ pub enum DetectError {
     #[error("{0}: no such file or directory")]
     Missing(PathBuf),
     /// A folder with no model in it.
-    #[error("{path}: no model here (looked for model_index.json + unet/, a diffusers UNet folder with config.json, or a single .safetensors file; found {found})")]
+    #[error(
+        "{path}: no model here (looked for model_index.json + unet/, a diffusers UNet folder with config.json, or a single .safetensors file; found {found})"
+    )]
     NoModelInDir {
         /// The folder.
         path: PathBuf,
@@ -112,11 +114,18 @@ pub enum DetectError {
 /// Inspects a file or folder.
 pub fn inspect(path: &Path) -> Result<Inspection, DetectError> {
     let meta = std::fs::metadata(path).map_err(|_| DetectError::Missing(path.to_path_buf()))?;
-    if meta.is_dir() { inspect_dir(path) } else { inspect_file(path) }
+    if meta.is_dir() {
+        inspect_dir(path)
+    } else {
+        inspect_file(path)
+    }
 }
 
 fn header(path: &Path) -> Result<Header, DetectError> {
-    read_header(path).map_err(|source| DetectError::Header { path: path.to_path_buf(), source })
+    read_header(path).map_err(|source| DetectError::Header {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn inspect_file(path: &Path) -> Result<Inspection, DetectError> {
@@ -135,7 +144,12 @@ struct Classified {
     lora_rank: Option<u64>,
 }
 
-fn finish(path: &Path, headers: &[(&Header, &Path)], c: Classified, components: Vec<String>) -> Inspection {
+fn finish(
+    path: &Path,
+    headers: &[(&Header, &Path)],
+    c: Classified,
+    components: Vec<String>,
+) -> Inspection {
     let parameters = headers.iter().map(|(h, _)| h.parameters()).sum();
     let weights_bytes: u64 = headers.iter().map(|(h, _)| h.data_bytes()).sum();
     Inspection {
@@ -148,7 +162,10 @@ fn finish(path: &Path, headers: &[(&Header, &Path)], c: Classified, components: 
         parameters,
         weights_bytes,
         estimated_memory_bytes: weights_bytes + weights_bytes / 5,
-        model_id: headers.first().map(|(h, _)| h.sha256.clone()).unwrap_or_default(),
+        model_id: headers
+            .first()
+            .map(|(h, _)| h.sha256.clone())
+            .unwrap_or_default(),
         components,
         lora_rank: c.lora_rank,
         files: headers.iter().map(|(_, p)| p.to_path_buf()).collect(),
@@ -156,7 +173,10 @@ fn finish(path: &Path, headers: &[(&Header, &Path)], c: Classified, components: 
 }
 
 fn inconsistent(path: &Path, reason: String) -> DetectError {
-    DetectError::Inconsistent { path: path.to_path_buf(), reason }
+    DetectError::Inconsistent {
+        path: path.to_path_buf(),
+        reason,
+    }
 }
 
 /// The cross-attention dims found on `attn2.to_k` projections (axis 1 of `[hidden, cross_dim]`).
@@ -175,9 +195,17 @@ fn family_from_dims(path: &Path, dims: &BTreeSet<u64>) -> Result<Option<ModelFam
             let dim = *dims.iter().next().unwrap_or(&0);
             ModelFamily::from_cross_attention_dim(dim as u32)
                 .map(Some)
-                .ok_or_else(|| inconsistent(path, format!("cross-attention dim {dim} is not 768, 1024, 1280 or 2048")))
+                .ok_or_else(|| {
+                    inconsistent(
+                        path,
+                        format!("cross-attention dim {dim} is not 768, 1024, 1280 or 2048"),
+                    )
+                })
         }
-        _ => Err(inconsistent(path, format!("cross-attention projections disagree: dims {dims:?}"))),
+        _ => Err(inconsistent(
+            path,
+            format!("cross-attention projections disagree: dims {dims:?}"),
+        )),
     }
 }
 
@@ -185,17 +213,35 @@ fn classify(path: &Path, h: &Header) -> Result<Classified, DetectError> {
     let keys = &h.tensors;
     let any = |pred: &dyn Fn(&str) -> bool| keys.keys().any(|k| pred(k));
     let is_lora_key = |k: &str| {
-        k.contains(".lora_down.") || k.contains(".lora_up.") || k.contains(".lora_A.") || k.contains(".lora_B.")
-            || k.contains(".lora.down.") || k.contains(".lora.up.")
+        k.contains(".lora_down.")
+            || k.contains(".lora_up.")
+            || k.contains(".lora_A.")
+            || k.contains(".lora_B.")
+            || k.contains(".lora.down.")
+            || k.contains(".lora.up.")
     };
     if any(&is_lora_key) {
         return classify_lora(path, h);
     }
     if any(&|k| k.starts_with("model.diffusion_model.")) {
-        let dims = cross_dims(h, |k| k.starts_with("model.diffusion_model.") && k.ends_with("attn2.to_k.weight"));
-        let family = family_from_dims(path, &dims)?
-            .ok_or_else(|| unrecognised(path, "model.diffusion_model.* has no attn2.to_k cross-attention"))?;
-        confirm_unet(path, h, family, "model.diffusion_model.", "label_emb.0.0.weight", "input_blocks.1.1.proj_in.weight", "input_blocks.4.1.proj_in.weight")?;
+        let dims = cross_dims(h, |k| {
+            k.starts_with("model.diffusion_model.") && k.ends_with("attn2.to_k.weight")
+        });
+        let family = family_from_dims(path, &dims)?.ok_or_else(|| {
+            unrecognised(
+                path,
+                "model.diffusion_model.* has no attn2.to_k cross-attention",
+            )
+        })?;
+        confirm_unet(
+            path,
+            h,
+            family,
+            "model.diffusion_model.",
+            "label_emb.0.0.weight",
+            "input_blocks.1.1.proj_in.weight",
+            "input_blocks.4.1.proj_in.weight",
+        )?;
         let mut components = vec!["unet".to_string()];
         if any(&|k| k.starts_with("first_stage_model.")) {
             components.push("vae".into());
@@ -203,14 +249,33 @@ fn classify(path: &Path, h: &Header) -> Result<Classified, DetectError> {
         let te = text_encoders_ldm(h);
         confirm_text_encoders(path, family, &te)?;
         components.extend(te.iter().map(|s| s.to_string()));
-        let kind = if components.len() > 1 { ModelKind::Checkpoint } else { ModelKind::Unet };
-        return Ok(Classified { family, kind, layout: Layout::LdmSingleFile, components, lora_rank: None });
+        let kind = if components.len() > 1 {
+            ModelKind::Checkpoint
+        } else {
+            ModelKind::Unet
+        };
+        return Ok(Classified {
+            family,
+            kind,
+            layout: Layout::LdmSingleFile,
+            components,
+            lora_rank: None,
+        });
     }
     if keys.contains_key("conv_in.weight") && any(&|k| k.starts_with("down_blocks.")) {
         let dims = cross_dims(h, |k| k.ends_with("attn2.to_k.weight"));
-        let family = family_from_dims(path, &dims)?
-            .ok_or_else(|| unrecognised(path, "a diffusers model without cross-attention (a VAE?)"))?;
-        confirm_unet(path, h, family, "", "add_embedding.linear_1.weight", "down_blocks.0.attentions.0.proj_in.weight", "down_blocks.1.attentions.0.proj_in.weight")?;
+        let family = family_from_dims(path, &dims)?.ok_or_else(|| {
+            unrecognised(path, "a diffusers model without cross-attention (a VAE?)")
+        })?;
+        confirm_unet(
+            path,
+            h,
+            family,
+            "",
+            "add_embedding.linear_1.weight",
+            "down_blocks.0.attentions.0.proj_in.weight",
+            "down_blocks.1.attentions.0.proj_in.weight",
+        )?;
         return Ok(Classified {
             family,
             kind: ModelKind::Unet,
@@ -230,7 +295,10 @@ fn classify(path: &Path, h: &Header) -> Result<Classified, DetectError> {
 }
 
 fn unrecognised(path: &Path, reason: &str) -> DetectError {
-    DetectError::Unrecognised { path: path.to_path_buf(), reason: reason.to_string() }
+    DetectError::Unrecognised {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    }
 }
 
 /// Checks the SDXL added conditioning and the projection layout against `family`.
@@ -249,17 +317,25 @@ fn confirm_unet(
         let what = if has_add { "has" } else { "lacks" };
         return Err(inconsistent(
             path,
-            format!("cross-attention dim {} says {family}, but the UNet {what} SDXL added conditioning ({add_key})", family.cross_attention_dim()),
+            format!(
+                "cross-attention dim {} says {family}, but the UNet {what} SDXL added conditioning ({add_key})",
+                family.cross_attention_dim()
+            ),
         ));
     }
-    let proj = h.shape(&format!("{prefix}{first_proj}")).or_else(|| h.shape(&format!("{prefix}{second_proj}")));
+    let proj = h
+        .shape(&format!("{prefix}{first_proj}"))
+        .or_else(|| h.shape(&format!("{prefix}{second_proj}")));
     if let Some(shape) = proj {
         let conv = shape.len() == 4;
         if conv != (family == ModelFamily::Sd15) {
             let kind = if conv { "1x1 conv" } else { "linear" };
             return Err(inconsistent(
                 path,
-                format!("cross-attention dim {} says {family}, but proj_in is a {kind} projection", family.cross_attention_dim()),
+                format!(
+                    "cross-attention dim {} says {family}, but proj_in is a {kind} projection",
+                    family.cross_attention_dim()
+                ),
             ));
         }
     }
@@ -284,7 +360,11 @@ fn text_encoders_ldm(h: &Header) -> Vec<&'static str> {
     out
 }
 
-fn confirm_text_encoders(path: &Path, family: ModelFamily, found: &[&str]) -> Result<(), DetectError> {
+fn confirm_text_encoders(
+    path: &Path,
+    family: ModelFamily,
+    found: &[&str],
+) -> Result<(), DetectError> {
     if found.is_empty() {
         return Ok(());
     }
@@ -297,31 +377,48 @@ fn confirm_text_encoders(path: &Path, family: ModelFamily, found: &[&str]) -> Re
     if found != expected {
         return Err(inconsistent(
             path,
-            format!("the UNet is {family} but the text encoders are {found:?} (expected {expected:?})"),
+            format!(
+                "the UNet is {family} but the text encoders are {found:?} (expected {expected:?})"
+            ),
         ));
     }
     Ok(())
 }
 
 fn classify_lora(path: &Path, h: &Header) -> Result<Classified, DetectError> {
-    let kohya = h.tensors.keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te"));
+    let kohya = h
+        .tensors
+        .keys()
+        .any(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te"));
     let layout = if kohya { Layout::Kohya } else { Layout::Peft };
     // The down / A matrix is [rank, in_features]: for attn2.to_k, in_features is the cross dim.
     let dims = cross_dims(h, |k| {
-        (k.contains("attn2_to_k.") || k.contains("attn2.to_k.") || k.contains("attn2.processor.to_k_lora."))
-            && (k.ends_with("lora_down.weight") || k.ends_with("lora_A.weight") || k.ends_with("down.weight"))
+        (k.contains("attn2_to_k.")
+            || k.contains("attn2.to_k.")
+            || k.contains("attn2.processor.to_k_lora."))
+            && (k.ends_with("lora_down.weight")
+                || k.ends_with("lora_A.weight")
+                || k.ends_with("down.weight"))
     });
     let rank = h
         .tensors
         .iter()
-        .filter(|(k, t)| (k.ends_with("lora_down.weight") || k.ends_with("lora_A.weight")) && !t.shape.is_empty())
+        .filter(|(k, t)| {
+            (k.ends_with("lora_down.weight") || k.ends_with("lora_A.weight")) && !t.shape.is_empty()
+        })
         .map(|(_, t)| t.shape[0])
         .max();
-    let has = |p: &str| h.tensors.keys().any(|k| k.starts_with(p) || k.contains(&format!(".{p}")));
+    let has = |p: &str| {
+        h.tensors
+            .keys()
+            .any(|k| k.starts_with(p) || k.contains(&format!(".{p}")))
+    };
     let dual_te = has("lora_te1_") || has("lora_te2_") || has("text_encoder_2.");
     let single_te_width = cross_dims(h, |k| {
         (k.starts_with("lora_te_") && k.contains("q_proj") && k.ends_with("lora_down.weight"))
-            || (k.starts_with("text_encoder.") && k.contains("q_proj") && k.ends_with("lora_A.weight"))
+            || (k.starts_with("text_encoder.")
+                && k.contains("q_proj")
+                && k.ends_with("lora_A.weight"))
     });
     let te_family = if dual_te {
         Some(ModelFamily::Sdxl)
@@ -334,11 +431,14 @@ fn classify_lora(path: &Path, h: &Header) -> Result<Classified, DetectError> {
     };
     let family = match (family_from_dims(path, &dims)?, te_family) {
         (Some(unet), Some(te)) => {
-            let compatible = unet == te || (unet == ModelFamily::SdxlRefiner && te == ModelFamily::Sdxl);
+            let compatible =
+                unet == te || (unet == ModelFamily::SdxlRefiner && te == ModelFamily::Sdxl);
             if !compatible {
                 return Err(inconsistent(
                     path,
-                    format!("LoRA cross-attention says {unet} but its text-encoder layers say {te}"),
+                    format!(
+                        "LoRA cross-attention says {unet} but its text-encoder layers say {te}"
+                    ),
                 ));
             }
             unet
@@ -346,11 +446,17 @@ fn classify_lora(path: &Path, h: &Header) -> Result<Classified, DetectError> {
         (Some(unet), None) => unet,
         (None, Some(te)) => te,
         (None, None) => {
-            return Err(unrecognised(path, "a LoRA without cross-attention or text-encoder layers: its base cannot be told"));
+            return Err(unrecognised(
+                path,
+                "a LoRA without cross-attention or text-encoder layers: its base cannot be told",
+            ));
         }
     };
     let mut components = Vec::new();
-    if h.tensors.keys().any(|k| k.starts_with("lora_unet_") || k.starts_with("unet.") || k.contains("attn")) {
+    if h.tensors
+        .keys()
+        .any(|k| k.starts_with("lora_unet_") || k.starts_with("unet.") || k.contains("attn"))
+    {
         components.push("unet".to_string());
     }
     if has("lora_te_") || has("lora_te1_") || has("text_encoder.") {
@@ -360,7 +466,13 @@ fn classify_lora(path: &Path, h: &Header) -> Result<Classified, DetectError> {
         components.push("text_encoder_2".into());
     }
     components.dedup();
-    Ok(Classified { family, kind: ModelKind::Lora, layout, components, lora_rank: rank })
+    Ok(Classified {
+        family,
+        kind: ModelKind::Lora,
+        layout,
+        components,
+        lora_rank: rank,
+    })
 }
 
 fn safetensors_in(dir: &Path) -> Vec<PathBuf> {
@@ -379,19 +491,25 @@ fn safetensors_in(dir: &Path) -> Vec<PathBuf> {
 /// `model.safetensors`, or an fp16 variant).
 fn component_file(dir: &Path) -> Option<PathBuf> {
     let files = safetensors_in(dir);
-    ["diffusion_pytorch_model.safetensors", "model.safetensors", "diffusion_pytorch_model.fp16.safetensors", "model.fp16.safetensors"]
-        .iter()
-        .map(|n| dir.join(n))
-        .find(|p| files.contains(p))
-        .or_else(|| files.into_iter().next())
+    [
+        "diffusion_pytorch_model.safetensors",
+        "model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+        "model.fp16.safetensors",
+    ]
+    .iter()
+    .map(|n| dir.join(n))
+    .find(|p| files.contains(p))
+    .or_else(|| files.into_iter().next())
 }
 
 fn inspect_dir(dir: &Path) -> Result<Inspection, DetectError> {
     if dir.join("model_index.json").is_file() {
-        let unet_file = component_file(&dir.join("unet")).ok_or_else(|| DetectError::NoModelInDir {
-            path: dir.to_path_buf(),
-            found: "model_index.json but no unet/*.safetensors".into(),
-        })?;
+        let unet_file =
+            component_file(&dir.join("unet")).ok_or_else(|| DetectError::NoModelInDir {
+                path: dir.to_path_buf(),
+                found: "model_index.json but no unet/*.safetensors".into(),
+            })?;
         let unet = header(&unet_file)?;
         let mut c = classify(&unet_file, &unet)?;
         if c.kind == ModelKind::Lora {
@@ -404,24 +522,39 @@ fn inspect_dir(dir: &Path) -> Result<Inspection, DetectError> {
                 parts.push((component.to_string(), file, h));
             }
         }
-        let te: Vec<&str> = parts.iter().filter(|(n, _, _)| n.starts_with("text_encoder")).map(|(n, _, _)| n.as_str()).collect();
+        let te: Vec<&str> = parts
+            .iter()
+            .filter(|(n, _, _)| n.starts_with("text_encoder"))
+            .map(|(n, _, _)| n.as_str())
+            .collect();
         let expected: &[&str] = match c.family {
             ModelFamily::Sd15 | ModelFamily::Sd2 => &["text_encoder"],
             ModelFamily::Sdxl => &["text_encoder", "text_encoder_2"],
             ModelFamily::SdxlRefiner => &["text_encoder_2"],
         };
         if !te.is_empty() && te != expected {
-            return Err(inconsistent(dir, format!("the UNet is {} but the text encoders are {te:?} (expected {expected:?})", c.family)));
+            return Err(inconsistent(
+                dir,
+                format!(
+                    "the UNet is {} but the text encoders are {te:?} (expected {expected:?})",
+                    c.family
+                ),
+            ));
         }
         // SD2 and SD1 share the text-encoder folder name; their widths tell them apart.
         if let Some((_, _, h)) = parts.iter().find(|(n, _, _)| n == "text_encoder") {
-            let width = h.shape("text_model.final_layer_norm.weight").and_then(|s| s.first().copied());
+            let width = h
+                .shape("text_model.final_layer_norm.weight")
+                .and_then(|s| s.first().copied());
             let expected_width = match c.family {
                 ModelFamily::Sd2 => 1024,
                 _ => 768,
             };
             if let Some(width) = width.filter(|w| *w != expected_width) {
-                return Err(inconsistent(dir, format!("the UNet is {} but text_encoder is {width} wide", c.family)));
+                return Err(inconsistent(
+                    dir,
+                    format!("the UNet is {} but text_encoder is {width} wide", c.family),
+                ));
             }
         }
         c.kind = ModelKind::Checkpoint;
@@ -462,7 +595,10 @@ fn inspect_dir(dir: &Path) -> Result<Inspection, DetectError> {
             } else {
                 entries.join(", ")
             };
-            Err(DetectError::NoModelInDir { path: dir.to_path_buf(), found })
+            Err(DetectError::NoModelInDir {
+                path: dir.to_path_buf(),
+                found,
+            })
         }
     }
 }
@@ -480,7 +616,12 @@ mod tests {
 
     fn check(path: &Path, family: ModelFamily, kind: ModelKind, layout: Layout) -> Inspection {
         let found = inspect(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-        assert_eq!((found.family, found.kind, found.layout), (family, kind, layout), "{}", path.display());
+        assert_eq!(
+            (found.family, found.kind, found.layout),
+            (family, kind, layout),
+            "{}",
+            path.display()
+        );
         assert_eq!(found.cross_attention_dim, family.cross_attention_dim());
         assert_eq!(found.model_id.len(), 64);
         found
@@ -504,7 +645,11 @@ mod tests {
             if params > 0 {
                 // Within 0.5% of the published totals (position_ids and similar buffers differ).
                 let ratio = found.parameters as f64 / params as f64;
-                assert!((0.995..1.005).contains(&ratio), "{family}: {} vs {params}", found.parameters);
+                assert!(
+                    (0.995..1.005).contains(&ratio),
+                    "{family}: {} vs {params}",
+                    found.parameters
+                );
             }
         }
     }
@@ -514,16 +659,26 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for family in ModelFamily::ALL {
             let unet = UnetConfig::for_family(family);
-            let ldm: Vec<arch::Tensor> =
-                unet.ldm_tensors().into_iter().map(|(n, s)| (format!("model.diffusion_model.{n}"), s)).collect();
+            let ldm: Vec<arch::Tensor> = unet
+                .ldm_tensors()
+                .into_iter()
+                .map(|(n, s)| (format!("model.diffusion_model.{n}"), s))
+                .collect();
             let path = dir.path().join(format!("{family}-ldm-unet.safetensors"));
             write(&path, ldm, Dtype::BF16);
             check(&path, family, ModelKind::Unet, Layout::LdmSingleFile);
-            let path = dir.path().join(format!("{family}-unet/diffusion_pytorch_model.safetensors"));
+            let path = dir
+                .path()
+                .join(format!("{family}-unet/diffusion_pytorch_model.safetensors"));
             write(&path, unet.diffusers_tensors(), Dtype::F32);
             std::fs::write(dir.path().join(format!("{family}-unet/config.json")), "{}").unwrap();
             check(&path, family, ModelKind::Unet, Layout::Diffusers);
-            check(path.parent().unwrap(), family, ModelKind::Unet, Layout::Diffusers);
+            check(
+                path.parent().unwrap(),
+                family,
+                ModelKind::Unet,
+                Layout::Diffusers,
+            );
         }
     }
 
@@ -532,11 +687,23 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for family in ModelFamily::ALL {
             let root = dir.path().join(format!("{family}-pipeline"));
-            write(&root.join("unet/diffusion_pytorch_model.fp16.safetensors"), UnetConfig::for_family(family).diffusers_tensors(), Dtype::F16);
+            write(
+                &root.join("unet/diffusion_pytorch_model.fp16.safetensors"),
+                UnetConfig::for_family(family).diffusers_tensors(),
+                Dtype::F16,
+            );
             for (folder, tensors) in arch::diffusers_text_encoders(family) {
-                write(&root.join(folder).join("model.fp16.safetensors"), tensors, Dtype::F16);
+                write(
+                    &root.join(folder).join("model.fp16.safetensors"),
+                    tensors,
+                    Dtype::F16,
+                );
             }
-            std::fs::write(root.join("model_index.json"), r#"{"_class_name":"StableDiffusionPipeline"}"#).unwrap();
+            std::fs::write(
+                root.join("model_index.json"),
+                r#"{"_class_name":"StableDiffusionPipeline"}"#,
+            )
+            .unwrap();
             let found = check(&root, family, ModelKind::Checkpoint, Layout::Diffusers);
             assert!(found.components.len() >= 2, "{:?}", found.components);
         }
@@ -546,9 +713,14 @@ mod tests {
     fn loras_know_their_base() {
         let dir = tempfile::tempdir().unwrap();
         for family in ModelFamily::ALL {
-            for (style, layout) in [(LoraStyle::Kohya, Layout::Kohya), (LoraStyle::Peft, Layout::Peft)] {
+            for (style, layout) in [
+                (LoraStyle::Kohya, Layout::Kohya),
+                (LoraStyle::Peft, Layout::Peft),
+            ] {
                 for text in [false, true] {
-                    let path = dir.path().join(format!("{family}-{layout:?}-{text}.safetensors"));
+                    let path = dir
+                        .path()
+                        .join(format!("{family}-{layout:?}-{text}.safetensors"));
                     write(&path, arch::lora(family, style, 16, text), Dtype::F16);
                     let found = check(&path, family, ModelKind::Lora, layout);
                     assert_eq!(found.lora_rank, Some(16));
@@ -556,8 +728,10 @@ mod tests {
             }
         }
         // A text-encoder-only SDXL LoRA: the base comes from the te1/te2 prefixes.
-        let te_only: Vec<arch::Tensor> =
-            arch::lora(ModelFamily::Sdxl, LoraStyle::Kohya, 4, true).into_iter().filter(|(n, _)| n.starts_with("lora_te")).collect();
+        let te_only: Vec<arch::Tensor> = arch::lora(ModelFamily::Sdxl, LoraStyle::Kohya, 4, true)
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("lora_te"))
+            .collect();
         let path = dir.path().join("te-only.safetensors");
         write(&path, te_only, Dtype::F32);
         check(&path, ModelFamily::Sdxl, ModelKind::Lora, Layout::Kohya);
@@ -572,11 +746,18 @@ mod tests {
         let path = dir.path().join("franken.safetensors");
         write(&path, tensors, Dtype::F16);
         let err = inspect(&path).unwrap_err().to_string();
-        assert!(err.contains("says sd15") && err.contains("added conditioning"), "{err}");
+        assert!(
+            err.contains("says sd15") && err.contains("added conditioning"),
+            "{err}"
+        );
         // An SDXL UNet with SD1.5's text encoder.
         let mut tensors = arch::ldm_checkpoint(ModelFamily::Sdxl);
         tensors.retain(|(n, _)| !n.starts_with("conditioner."));
-        tensors.extend(arch::hf_clip_text(768, 12, false).into_iter().map(|(n, s)| (format!("cond_stage_model.transformer.{n}"), s)));
+        tensors.extend(
+            arch::hf_clip_text(768, 12, false)
+                .into_iter()
+                .map(|(n, s)| (format!("cond_stage_model.transformer.{n}"), s)),
+        );
         let path = dir.path().join("mixed.safetensors");
         write(&path, tensors, Dtype::F16);
         let err = inspect(&path).unwrap_err().to_string();
@@ -587,12 +768,23 @@ mod tests {
         assert!(inspect(&path).unwrap_err().to_string().contains("VAE"));
         let path = dir.path().join("te.safetensors");
         write(&path, arch::hf_clip_text(768, 2, false), Dtype::F32);
-        assert!(inspect(&path).unwrap_err().to_string().contains("text encoder"));
+        assert!(
+            inspect(&path)
+                .unwrap_err()
+                .to_string()
+                .contains("text encoder")
+        );
         // Missing paths and empty folders.
-        assert!(matches!(inspect(&dir.path().join("nope")), Err(DetectError::Missing(_))));
+        assert!(matches!(
+            inspect(&dir.path().join("nope")),
+            Err(DetectError::Missing(_))
+        ));
         let empty = dir.path().join("empty");
         std::fs::create_dir(&empty).unwrap();
-        assert!(matches!(inspect(&empty), Err(DetectError::NoModelInDir { .. })));
+        assert!(matches!(
+            inspect(&empty),
+            Err(DetectError::NoModelInDir { .. })
+        ));
         let not_st = dir.path().join("junk.safetensors");
         std::fs::write(&not_st, b"PK\x03\x04 this is a zip").unwrap();
         assert!(matches!(inspect(&not_st), Err(DetectError::Header { .. })));
@@ -609,7 +801,15 @@ mod tests {
         write(&path, arch::ldm_checkpoint(ModelFamily::Sdxl), Dtype::F16);
         assert!(std::fs::metadata(&path).unwrap().len() > 6_000_000_000);
         // The data section is sparse: inspecting it reads only the header.
-        let found = check(&path, ModelFamily::Sdxl, ModelKind::Checkpoint, Layout::LdmSingleFile);
-        assert_eq!(found.weights_bytes + 8 + found_header_len(&path), std::fs::metadata(&path).unwrap().len());
+        let found = check(
+            &path,
+            ModelFamily::Sdxl,
+            ModelKind::Checkpoint,
+            Layout::LdmSingleFile,
+        );
+        assert_eq!(
+            found.weights_bytes + 8 + found_header_len(&path),
+            std::fs::metadata(&path).unwrap().len()
+        );
     }
 }

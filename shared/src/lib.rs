@@ -15,6 +15,7 @@ pub mod family;
 pub mod ids;
 pub mod job;
 pub mod safetensors;
+pub mod styles;
 
 /// gRPC protocol, generated from `proto/drover.proto`.
 #[allow(missing_docs, clippy::all)]

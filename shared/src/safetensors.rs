@@ -108,7 +108,10 @@ impl Dtype {
 
     /// Whether this is a floating-point type (weights).
     pub fn is_float(self) -> bool {
-        matches!(self, Self::F64 | Self::F32 | Self::F16 | Self::BF16 | Self::F8E4M3 | Self::F8E5M2)
+        matches!(
+            self,
+            Self::F64 | Self::F32 | Self::F16 | Self::BF16 | Self::F8E4M3 | Self::F8E5M2
+        )
     }
 }
 
@@ -157,7 +160,10 @@ impl Header {
 
     /// Total bytes of tensor data.
     pub fn data_bytes(&self) -> u64 {
-        self.tensors.values().map(|t| t.data_offsets.1 - t.data_offsets.0).sum()
+        self.tensors
+            .values()
+            .map(|t| t.data_offsets.1 - t.data_offsets.0)
+            .sum()
     }
 
     /// The shape of a tensor, if present.
@@ -255,7 +261,9 @@ pub enum HeaderError {
         at: u64,
     },
     /// Bytes between tensors (or before the first) belong to none.
-    #[error("gap in the data section before tensor `{name}` (bytes {from}..{to} belong to no tensor)")]
+    #[error(
+        "gap in the data section before tensor `{name}` (bytes {from}..{to} belong to no tensor)"
+    )]
     Gap {
         /// The tensor after the gap.
         name: String,
@@ -265,7 +273,9 @@ pub enum HeaderError {
         to: u64,
     },
     /// A tensor's byte length does not match its shape and dtype.
-    #[error("tensor `{name}`: shape {shape:?} of {dtype} needs {expected} bytes, offsets give {actual}")]
+    #[error(
+        "tensor `{name}`: shape {shape:?} of {dtype} needs {expected} bytes, offsets give {actual}"
+    )]
     SizeMismatch {
         /// Tensor name.
         name: String,
@@ -279,7 +289,9 @@ pub enum HeaderError {
         actual: u64,
     },
     /// Tensor data runs past the end of the file (a truncated download).
-    #[error("tensor data ends at byte {end} but the file holds only {available} data bytes (truncated file?)")]
+    #[error(
+        "tensor data ends at byte {end} but the file holds only {available} data bytes (truncated file?)"
+    )]
     Truncated {
         /// Where the last tensor ends.
         end: u64,
@@ -290,7 +302,10 @@ pub enum HeaderError {
 
 /// Reads and validates the header of the safetensors file at `path`.
 pub fn read_header(path: &Path) -> Result<Header, HeaderError> {
-    let io = |source| HeaderError::Io { path: path.to_path_buf(), source };
+    let io = |source| HeaderError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     let mut file = std::fs::File::open(path).map_err(io)?;
     let file_len = file.metadata().map_err(io)?.len();
     let mut prefix = [0u8; 8];
@@ -318,10 +333,14 @@ pub fn parse_bytes(bytes: &[u8]) -> Result<Header, HeaderError> {
 
 fn check_prefix(prefix: &[u8; 8], file_len: u64) -> Result<u64, HeaderError> {
     if prefix.starts_with(b"PK\x03\x04") {
-        return Err(HeaderError::OtherFormat("a zip archive (a PyTorch .ckpt/.pt checkpoint?)"));
+        return Err(HeaderError::OtherFormat(
+            "a zip archive (a PyTorch .ckpt/.pt checkpoint?)",
+        ));
     }
     if prefix[0] == 0x80 && prefix[1] <= 5 {
-        return Err(HeaderError::OtherFormat("a Python pickle (a legacy .ckpt checkpoint?)"));
+        return Err(HeaderError::OtherFormat(
+            "a Python pickle (a legacy .ckpt checkpoint?)",
+        ));
     }
     if prefix.starts_with(b"\x89PNG") {
         return Err(HeaderError::OtherFormat("a PNG image"));
@@ -344,8 +363,11 @@ fn parse_json(json: &[u8], data_len: u64) -> Result<Header, HeaderError> {
         return Err(HeaderError::NotAnObject);
     }
     let text = std::str::from_utf8(json).map_err(|e| HeaderError::NotUtf8(e.valid_up_to()))?;
-    let value: Value = serde_json::from_str(text).map_err(|e| HeaderError::NotJson(e.to_string()))?;
-    let Value::Object(map) = value else { return Err(HeaderError::NotAnObject) };
+    let value: Value =
+        serde_json::from_str(text).map_err(|e| HeaderError::NotJson(e.to_string()))?;
+    let Value::Object(map) = value else {
+        return Err(HeaderError::NotAnObject);
+    };
     let mut tensors = BTreeMap::new();
     let mut metadata = BTreeMap::new();
     for (name, entry) in map {
@@ -355,7 +377,10 @@ fn parse_json(json: &[u8], data_len: u64) -> Result<Header, HeaderError> {
             };
             for (k, v) in meta {
                 let Value::String(v) = v else {
-                    return Err(bad(&name, &format!("__metadata__ value `{k}` is not a string")));
+                    return Err(bad(
+                        &name,
+                        &format!("__metadata__ value `{k}` is not a string"),
+                    ));
                 };
                 metadata.insert(k, v);
             }
@@ -374,23 +399,43 @@ fn parse_json(json: &[u8], data_len: u64) -> Result<Header, HeaderError> {
 }
 
 fn bad(name: &str, message: &str) -> HeaderError {
-    HeaderError::BadEntry { name: name.to_string(), message: message.to_string() }
+    HeaderError::BadEntry {
+        name: name.to_string(),
+        message: message.to_string(),
+    }
 }
 
 fn parse_entry(name: &str, entry: &Value) -> Result<TensorInfo, HeaderError> {
-    let Value::Object(fields) = entry else { return Err(bad(name, "entry is not an object")) };
-    let dtype_name = fields.get("dtype").and_then(Value::as_str).ok_or_else(|| bad(name, "missing string `dtype`"))?;
-    let dtype = Dtype::parse(dtype_name)
-        .ok_or_else(|| HeaderError::UnknownDtype { name: name.to_string(), dtype: dtype_name.chars().take(32).collect() })?;
+    let Value::Object(fields) = entry else {
+        return Err(bad(name, "entry is not an object"));
+    };
+    let dtype_name = fields
+        .get("dtype")
+        .and_then(Value::as_str)
+        .ok_or_else(|| bad(name, "missing string `dtype`"))?;
+    let dtype = Dtype::parse(dtype_name).ok_or_else(|| HeaderError::UnknownDtype {
+        name: name.to_string(),
+        dtype: dtype_name.chars().take(32).collect(),
+    })?;
     let shape = fields
         .get("shape")
         .and_then(Value::as_array)
         .ok_or_else(|| bad(name, "missing array `shape`"))?
         .iter()
-        .map(|d| d.as_u64().ok_or_else(|| bad(name, "shape holds a value that is not a non-negative integer")))
+        .map(|d| {
+            d.as_u64().ok_or_else(|| {
+                bad(
+                    name,
+                    "shape holds a value that is not a non-negative integer",
+                )
+            })
+        })
         .collect::<Result<Vec<u64>, _>>()?;
     if shape.len() > 8 {
-        return Err(bad(name, &format!("{} dimensions, at most 8 are supported", shape.len())));
+        return Err(bad(
+            name,
+            &format!("{} dimensions, at most 8 are supported", shape.len()),
+        ));
     }
     let offsets = fields
         .get("data_offsets")
@@ -401,7 +446,11 @@ fn parse_entry(name: &str, entry: &Value) -> Result<TensorInfo, HeaderError> {
         return Err(bad(name, "data_offsets must be non-negative integers"));
     };
     if begin > end {
-        return Err(HeaderError::OffsetsOutOfOrder { name: name.to_string(), begin, end });
+        return Err(HeaderError::OffsetsOutOfOrder {
+            name: name.to_string(),
+            begin,
+            end,
+        });
     }
     let expected = shape
         .iter()
@@ -416,27 +465,44 @@ fn parse_entry(name: &str, entry: &Value) -> Result<TensorInfo, HeaderError> {
             actual: end - begin,
         });
     }
-    Ok(TensorInfo { dtype, shape, data_offsets: (begin, end) })
+    Ok(TensorInfo {
+        dtype,
+        shape,
+        data_offsets: (begin, end),
+    })
 }
 
 fn check_offsets(tensors: &BTreeMap<String, TensorInfo>, data_len: u64) -> Result<(), HeaderError> {
-    let mut spans: Vec<(u64, u64, &str)> =
-        tensors.iter().map(|(n, t)| (t.data_offsets.0, t.data_offsets.1, n.as_str())).collect();
+    let mut spans: Vec<(u64, u64, &str)> = tensors
+        .iter()
+        .map(|(n, t)| (t.data_offsets.0, t.data_offsets.1, n.as_str()))
+        .collect();
     spans.sort_unstable();
     let mut cursor = 0u64;
     let mut previous = "";
     for (begin, end, name) in spans {
         if begin < cursor {
-            return Err(HeaderError::Overlap { first: previous.to_string(), second: name.to_string(), at: begin });
+            return Err(HeaderError::Overlap {
+                first: previous.to_string(),
+                second: name.to_string(),
+                at: begin,
+            });
         }
         if begin > cursor {
-            return Err(HeaderError::Gap { name: name.to_string(), from: cursor, to: begin });
+            return Err(HeaderError::Gap {
+                name: name.to_string(),
+                from: cursor,
+                to: begin,
+            });
         }
         cursor = end;
         previous = name;
     }
     if cursor > data_len {
-        return Err(HeaderError::Truncated { end: cursor, available: data_len });
+        return Err(HeaderError::Truncated {
+            end: cursor,
+            available: data_len,
+        });
     }
     Ok(())
 }
@@ -456,7 +522,10 @@ pub mod build {
     pub fn header_json(tensors: &[Spec], metadata: &[(&str, &str)]) -> (Vec<u8>, u64) {
         let mut map = serde_json::Map::new();
         if !metadata.is_empty() {
-            let meta = metadata.iter().map(|(k, v)| (k.to_string(), serde_json::Value::from(*v))).collect();
+            let meta = metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+                .collect();
             map.insert("__metadata__".into(), serde_json::Value::Object(meta));
         }
         let mut offset = 0u64;
@@ -468,12 +537,19 @@ pub mod build {
             );
             offset += len;
         }
-        (serde_json::to_vec(&serde_json::Value::Object(map)).unwrap_or_default(), offset)
+        (
+            serde_json::to_vec(&serde_json::Value::Object(map)).unwrap_or_default(),
+            offset,
+        )
     }
 
     /// Writes a file whose header is real and whose data section is sparse (all zeros, no disk
     /// blocks), so multi-gigabyte checkpoints cost nothing in tests.
-    pub fn write_sparse(path: &std::path::Path, tensors: &[Spec], metadata: &[(&str, &str)]) -> std::io::Result<()> {
+    pub fn write_sparse(
+        path: &std::path::Path,
+        tensors: &[Spec],
+        metadata: &[(&str, &str)],
+    ) -> std::io::Result<()> {
         use std::io::Write;
         let (json, data_len) = header_json(tensors, metadata);
         let mut file = std::fs::File::create(path)?;
@@ -513,8 +589,11 @@ mod tests {
     fn reads_a_valid_file_without_its_data() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.safetensors");
-        let tensors =
-            [spec("a.weight", Dtype::F16, &[320, 768]), spec("b", Dtype::F32, &[4]), spec("c", Dtype::BF16, &[1 << 30])];
+        let tensors = [
+            spec("a.weight", Dtype::F16, &[320, 768]),
+            spec("b", Dtype::F32, &[4]),
+            spec("c", Dtype::BF16, &[1 << 30]),
+        ];
         build::write_sparse(&path, &tensors, &[("format", "pt")]).unwrap();
         let header = read_header(&path).unwrap();
         assert_eq!(header.tensors.len(), 3);
@@ -522,14 +601,22 @@ mod tests {
         assert_eq!(header.parameters(), 320 * 768 + 4 + (1 << 30));
         assert_eq!(header.data_bytes(), 320 * 768 * 2 + 16 + (2 << 30));
         assert_eq!(header.dominant_dtype(), Some(Dtype::BF16));
-        assert_eq!(header.metadata.get("format").map(String::as_str), Some("pt"));
+        assert_eq!(
+            header.metadata.get("format").map(String::as_str),
+            Some("pt")
+        );
         assert_eq!(header.sha256.len(), 64);
-        assert_eq!(header, parse_bytes(&build::to_bytes(&tensors[..2], &[("format", "pt")])).map(|mut h| {
-            h.tensors.insert("c".into(), header.tensors["c"].clone());
-            h.header_len = header.header_len;
-            h.sha256 = header.sha256.clone();
-            h
-        }).unwrap());
+        assert_eq!(
+            header,
+            parse_bytes(&build::to_bytes(&tensors[..2], &[("format", "pt")]))
+                .map(|mut h| {
+                    h.tensors.insert("c".into(), header.tensors["c"].clone());
+                    h.header_len = header.header_len;
+                    h.sha256 = header.sha256.clone();
+                    h
+                })
+                .unwrap()
+        );
     }
 
     #[test]
@@ -539,25 +626,88 @@ mod tests {
             (vec![1, 2, 3], "TooShort"),
             (b"PK\x03\x04rest-of-zip".to_vec(), "OtherFormat"),
             (b"\x80\x02pickle-data".to_vec(), "OtherFormat"),
-            ((MAX_HEADER_BYTES + 1).to_le_bytes().to_vec(), "HeaderTooLarge"),
-            ({ let mut v = 500u64.to_le_bytes().to_vec(); v.extend_from_slice(b"{}"); v }, "HeaderBeyondFile"),
+            (
+                (MAX_HEADER_BYTES + 1).to_le_bytes().to_vec(),
+                "HeaderTooLarge",
+            ),
+            (
+                {
+                    let mut v = 500u64.to_le_bytes().to_vec();
+                    v.extend_from_slice(b"{}");
+                    v
+                },
+                "HeaderBeyondFile",
+            ),
             (with_header("[1]", 0), "NotAnObject"),
-            ({ let mut v = with_header("{\"a\":1}", 0); v[10] = 0xff; v }, "NotUtf8"),
+            (
+                {
+                    let mut v = with_header("{\"a\":1}", 0);
+                    v[10] = 0xff;
+                    v
+                },
+                "NotUtf8",
+            ),
             (with_header("{\"t\":", 0), "NotJson"),
-            (with_header(r#"{"t":{"dtype":"F33","shape":[2],"data_offsets":[0,8]}}"#, 8), "UnknownDtype"),
-            (with_header(r#"{"t":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#, 8), "OffsetsOutOfOrder"),
-            (with_header(r#"{"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#, 8), "SizeMismatch"),
-            (with_header(r#"{"t":{"dtype":"F32","shape":"2","data_offsets":[0,8]}}"#, 8), "BadEntry"),
-            (with_header(r#"{"t":{"dtype":"F32","shape":[2]}}"#, 8), "BadEntry"),
-            (with_header(&format!(r#"{{{ok_entry},"u":{{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}}}"#), 12), "Overlap"),
-            (with_header(&format!(r#"{{{ok_entry},"u":{{"dtype":"F32","shape":[2],"data_offsets":[12,20]}}}}"#), 20), "Gap"),
+            (
+                with_header(
+                    r#"{"t":{"dtype":"F33","shape":[2],"data_offsets":[0,8]}}"#,
+                    8,
+                ),
+                "UnknownDtype",
+            ),
+            (
+                with_header(
+                    r#"{"t":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}}"#,
+                    8,
+                ),
+                "OffsetsOutOfOrder",
+            ),
+            (
+                with_header(
+                    r#"{"t":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#,
+                    8,
+                ),
+                "SizeMismatch",
+            ),
+            (
+                with_header(
+                    r#"{"t":{"dtype":"F32","shape":"2","data_offsets":[0,8]}}"#,
+                    8,
+                ),
+                "BadEntry",
+            ),
+            (
+                with_header(r#"{"t":{"dtype":"F32","shape":[2]}}"#, 8),
+                "BadEntry",
+            ),
+            (
+                with_header(
+                    &format!(
+                        r#"{{{ok_entry},"u":{{"dtype":"F32","shape":[2],"data_offsets":[4,12]}}}}"#
+                    ),
+                    12,
+                ),
+                "Overlap",
+            ),
+            (
+                with_header(
+                    &format!(
+                        r#"{{{ok_entry},"u":{{"dtype":"F32","shape":[2],"data_offsets":[12,20]}}}}"#
+                    ),
+                    20,
+                ),
+                "Gap",
+            ),
             (with_header(&format!("{{{ok_entry}}}"), 4), "Truncated"),
             (with_header(r#"{"__metadata__":{"a":1}}"#, 0), "BadEntry"),
         ];
         for (bytes, expected) in cases {
             let err = parse_bytes(&bytes).expect_err(expected);
             let variant = format!("{err:?}");
-            assert!(variant.starts_with(expected), "expected {expected}, got {variant}");
+            assert!(
+                variant.starts_with(expected),
+                "expected {expected}, got {variant}"
+            );
             assert!(!err.to_string().is_empty());
         }
         let missing = read_header(Path::new("/definitely/not/here.safetensors")).unwrap_err();
