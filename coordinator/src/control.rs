@@ -185,18 +185,22 @@ impl ControlPlane {
 
     /// Places as many queued jobs as there are free eligible slots.
     fn dispatch(&mut self) {
-        let mut queued: Vec<(i32, u64, JobId)> = self
+        let mut queued: Vec<router::QueuedJob<JobId>> = self
             .active
             .values()
             .filter(|j| j.state == JobState::Queued)
-            .map(|j| (j.spec.priority, j.created_ms, j.id))
+            .map(|j| router::QueuedJob {
+                priority: j.spec.priority,
+                created_ms: j.created_ms,
+                id: j.id,
+            })
             .collect();
         if queued.is_empty() {
             return;
         }
-        queued.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        router::queue_order(&mut queued, now_ms());
         let now = Instant::now();
-        for (_, _, job_id) in queued {
+        for router::QueuedJob { id: job_id, .. } in queued {
             let choice = {
                 let views = self.views(now);
                 if !views.iter().any(|v| v.online && v.free_slots > 0) {
@@ -786,5 +790,68 @@ impl Handler<ListNodes> for ControlPlane {
             .collect();
         out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
         MessageResult(out)
+    }
+}
+
+/// Cancels a job: a queued job is removed from the queue; a running one is stopped on its node at
+/// the next step (its late result, if any, is dropped by fencing).
+#[derive(Message)]
+#[rtype(result = "Result<JobRecord>")]
+pub struct CancelJob(pub JobId);
+
+impl Handler<CancelJob> for ControlPlane {
+    type Result = Result<JobRecord>;
+
+    fn handle(&mut self, CancelJob(id): CancelJob, _: &mut Context<Self>) -> Self::Result {
+        if !self.active.contains_key(&id) {
+            return match self.store.job(id)? {
+                Some(job) => Err(CoordinatorError::Conflict(format!(
+                    "job {id} already ended ({})",
+                    serde_json::to_value(job.state)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default()
+                ))),
+                None => Err(CoordinatorError::NotFound(format!("job {id}"))),
+            };
+        }
+        self.cancel_on_node(id);
+        self.finish(
+            id,
+            JobState::Cancelled,
+            Some("cancelled by a client".into()),
+        )?;
+        tracing::info!(job_id = %id, "job cancelled");
+        self.dispatch();
+        self.store
+            .job(id)?
+            .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))
+    }
+}
+
+/// Sets a node's draining flag: a draining node finishes its work and takes nothing new.
+#[derive(Message)]
+#[rtype(result = "Result<NodeRecord>")]
+pub struct SetDraining {
+    /// The node.
+    pub node_id: NodeId,
+    /// Drain (true) or resume (false).
+    pub draining: bool,
+}
+
+impl Handler<SetDraining> for ControlPlane {
+    type Result = Result<NodeRecord>;
+
+    fn handle(&mut self, msg: SetDraining, _: &mut Context<Self>) -> Self::Result {
+        let entry = self
+            .nodes
+            .get_mut(&msg.node_id)
+            .ok_or_else(|| CoordinatorError::NotFound(format!("node {}", msg.node_id)))?;
+        entry.record.draining = msg.draining;
+        self.store.put_node(&entry.record)?;
+        tracing::info!(node_id = %msg.node_id, draining = msg.draining, "node drain changed");
+        let record = entry.record.clone();
+        self.dispatch();
+        Ok(record)
     }
 }

@@ -46,7 +46,7 @@ impl NodeService {
             .get(drover_shared::NODE_TOKEN_METADATA)
             .and_then(|v| v.to_str().ok());
         match presented {
-            Some(token) if constant_time_eq(token.as_bytes(), expected.as_bytes()) => Ok(()),
+            Some(token) if drover_shared::secret_eq(token, expected) => Ok(()),
             Some(_) => Err(CoordinatorError::Unauthorized("wrong node token".into()).into()),
             None => Err(CoordinatorError::Unauthorized(
                 "this coordinator requires a node token (set DROVER_NODE_TOKEN on the node)".into(),
@@ -54,10 +54,6 @@ impl NodeService {
             .into()),
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<proto::CoordinatorMessage, Status>> + Send>>;

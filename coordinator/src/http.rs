@@ -15,7 +15,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::config::Config;
-use crate::control::{ControlPlane, GetJob, ListNodes, SubmitJob, WaitJob};
+use crate::control::{CancelJob, ControlPlane, GetJob, ListNodes, SetDraining, SubmitJob, WaitJob};
 use crate::error::{CoordinatorError, Result};
 use crate::records::{JobRecord, JobState};
 use crate::store::Store;
@@ -42,6 +42,9 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/generate", web::post().to(generate))
         .route("/v1/jobs", web::post().to(submit))
         .route("/v1/jobs/{id}", web::get().to(get_job))
+        .route("/v1/jobs/{id}", web::delete().to(cancel_job))
+        .route("/v1/nodes/{id}/drain", web::post().to(drain_node))
+        .route("/v1/nodes/{id}/resume", web::post().to(resume_node))
         .route("/v1/jobs/{id}/image", web::get().to(get_image))
         .route("/v1/nodes", web::get().to(list_nodes))
         .route("/v1/styles", web::get().to(list_styles));
@@ -184,4 +187,63 @@ async fn list_nodes(state: web::Data<AppState>) -> Result<HttpResponse> {
 async fn list_styles(state: web::Data<AppState>) -> HttpResponse {
     let styles: Vec<_> = state.styles.styles().collect();
     HttpResponse::Ok().json(styles)
+}
+
+/// Checks `Authorization: Bearer <DROVER_ADMIN_TOKEN>` when an admin token is configured.
+fn require_admin(state: &AppState, req: &HttpRequest) -> Result<()> {
+    let Some(expected) = &state.config.admin_token else {
+        return Ok(());
+    };
+    let presented = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match presented {
+        Some(token) if drover_shared::secret_eq(token, expected) => Ok(()),
+        Some(_) => Err(CoordinatorError::Unauthorized("wrong admin token".into())),
+        None => Err(CoordinatorError::Unauthorized(
+            "this call needs `Authorization: Bearer <DROVER_ADMIN_TOKEN>`".into(),
+        )),
+    }
+}
+
+async fn cancel_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+    let id = parse_job_id(&id)?;
+    let job = state.control.send(CancelJob(id)).await??;
+    Ok(HttpResponse::Ok().json(json!({ "id": job.id, "state": job.state })))
+}
+
+async fn set_draining(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: &str,
+    draining: bool,
+) -> Result<HttpResponse> {
+    require_admin(&state, &req)?;
+    let node_id = id
+        .parse()
+        .map_err(|_| CoordinatorError::NotFound(format!("node {id}")))?;
+    let record = state
+        .control
+        .send(SetDraining { node_id, draining })
+        .await??;
+    Ok(HttpResponse::Ok()
+        .json(json!({ "id": record.id, "name": record.name, "draining": record.draining })))
+}
+
+async fn drain_node(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
+    set_draining(state, req, &id, true).await
+}
+
+async fn resume_node(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
+    set_draining(state, req, &id, false).await
 }

@@ -229,6 +229,34 @@ pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, 
     best.map(|(node, _)| node.id).ok_or(reasons)
 }
 
+/// Seconds of waiting that raise a queued job's priority by one (aging, so low priorities never
+/// starve behind a stream of high ones).
+pub const AGING_SECONDS: u64 = 30;
+
+/// A queued job as the queue order sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueuedJob<T> {
+    /// Requested priority.
+    pub priority: i32,
+    /// When it was accepted (ms since epoch).
+    pub created_ms: u64,
+    /// Caller's handle.
+    pub id: T,
+}
+
+/// The order in which queued jobs are offered to nodes at `now_ms`: effective priority
+/// (priority + one per [`AGING_SECONDS`] waited) first, then oldest first.
+pub fn queue_order<T: Copy>(jobs: &mut [QueuedJob<T>], now_ms: u64) {
+    let effective = |j: &QueuedJob<T>| {
+        i64::from(j.priority) + (now_ms.saturating_sub(j.created_ms) / 1000 / AGING_SECONDS) as i64
+    };
+    jobs.sort_by(|a, b| {
+        effective(b)
+            .cmp(&effective(a))
+            .then(a.created_ms.cmp(&b.created_ms))
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -389,6 +417,27 @@ mod tests {
             .map(|turn| pick(&spec, &nodes, turn).unwrap())
             .collect();
         assert_eq!(picked.len(), 3);
+    }
+
+    #[test]
+    fn priorities_order_the_queue_and_age() {
+        let job = |priority, created_ms, id| QueuedJob {
+            priority,
+            created_ms,
+            id,
+        };
+        let mut jobs = vec![
+            job(0, 1_000, 'a'),
+            job(5, 2_000, 'b'),
+            job(0, 500, 'c'),
+            job(5, 1_500, 'd'),
+        ];
+        queue_order(&mut jobs, 3_000);
+        assert_eq!(jobs.iter().map(|j| j.id).collect::<String>(), "dbca");
+        // A low-priority job that waited 3 aging periods overtakes a fresh +2 job.
+        let mut jobs = vec![job(2, 100_000, 'n'), job(-1, 0, 'o')];
+        queue_order(&mut jobs, 100_000);
+        assert_eq!(jobs[0].id, 'o');
     }
 
     fn arb_family() -> impl Strategy<Value = ModelFamily> {

@@ -28,3 +28,9 @@ pub const NODE_TOKEN_METADATA: &str = "x-drover-node-token";
 
 /// Version of the Drover binaries, reported by nodes when they register.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Compares a presented secret with the expected one in time independent of where they differ.
+pub fn secret_eq(presented: &str, expected: &str) -> bool {
+    let (a, b) = (presented.as_bytes(), expected.as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

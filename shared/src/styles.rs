@@ -412,6 +412,16 @@ cross_attention_dim = 2048
     }
 
     #[test]
+    fn the_example_catalog_loads() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/styles.toml");
+        let catalog = StyleCatalog::load(&path, None).unwrap();
+        assert_eq!(
+            catalog.styles().map(|s| s.id.as_str()).collect::<Vec<_>>(),
+            ["film", "ink"]
+        );
+    }
+
+    #[test]
     fn bad_catalogs_are_refused_at_load() {
         for (text, expected) in [
             (

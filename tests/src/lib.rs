@@ -349,7 +349,18 @@ impl ClusterSandbox {
     }
 
     fn call(&self, method: &str, path: &str, body: Option<&[u8]>) -> Result<Reply> {
+        self.call_as(method, path, body, None)
+    }
+
+    fn call_as(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        token: Option<&str>,
+    ) -> Result<Reply> {
         let url = format!("{}{path}", self.base_url());
+        let auth = token.map(|t| format!("Bearer {t}")).unwrap_or_default();
         let response = match (method, body) {
             ("GET", _) => self.agent.get(&url).call(),
             ("DELETE", _) => self.agent.delete(&url).call(),
@@ -357,8 +368,13 @@ impl ClusterSandbox {
                 .agent
                 .post(&url)
                 .header("content-type", "application/json")
+                .header("authorization", &auth)
                 .send(body),
-            ("POST", None) => self.agent.post(&url).send_empty(),
+            ("POST", None) => self
+                .agent
+                .post(&url)
+                .header("authorization", &auth)
+                .send_empty(),
             _ => bail!("unsupported method {method}"),
         };
         let mut response = response.with_context(|| format!("{method} {path}"))?;
@@ -388,6 +404,16 @@ impl ClusterSandbox {
     /// `GET path`.
     pub fn get(&self, path: &str) -> Result<Reply> {
         self.call("GET", path, None)
+    }
+
+    /// `DELETE path`.
+    pub fn delete(&self, path: &str) -> Result<Reply> {
+        self.call("DELETE", path, None)
+    }
+
+    /// `POST path` without a body, as an admin presenting `token`.
+    pub fn post_with_token(&self, path: &str, token: &str) -> Result<Reply> {
+        self.call_as("POST", path, None, Some(token))
     }
 
     /// `POST path` with a raw body.

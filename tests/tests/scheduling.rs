@@ -1,0 +1,187 @@
+//! Scheduling behaviour and fault tolerance with real processes: cancel, drain, node kills
+//! (`kill -9`) and coordinator kills while jobs flow.
+//!
+//! The fault tests are sized for CI; `DROVER_FAULT_JOBS` raises the job count (e.g. 1000).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use drover_tests::{ClusterSandbox, NodeSpec, binaries};
+use serde_json::{Value, json};
+
+const T: Duration = Duration::from_secs(60);
+
+fn fault_jobs(default: usize) -> usize {
+    std::env::var("DROVER_FAULT_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn delete(cluster: &ClusterSandbox, path: &str) -> anyhow::Result<drover_tests::Reply> {
+    cluster.delete(path)
+}
+
+/// Exactly one accepted result per job: one attempt ended `succeeded`, and it is the job's node.
+fn assert_completed_once(job: &Value) {
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let attempts = job["attempts"].as_array().expect("attempts");
+    let wins: Vec<&Value> = attempts
+        .iter()
+        .filter(|a| a["outcome"] == "succeeded")
+        .collect();
+    assert_eq!(wins.len(), 1, "{job}");
+    assert_eq!(wins[0]["node_id"], job["node_id"], "{job}");
+    assert_eq!(
+        attempts.last().map(|a| &a["outcome"]),
+        Some(&json!("succeeded")),
+        "{job}"
+    );
+}
+
+#[test]
+fn cancel_removes_queued_jobs_and_stops_running_ones() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(
+        NodeSpec::sim("solo", "sd15")
+            .env("SIM_STEP_MS", "200")
+            .env("NUM_WORKERS", "1"),
+    )?;
+    cluster.wait_for_online(&["solo"], T)?;
+    let running = cluster.submit(&json!({"prompt": "long", "size": "64x64", "steps": 50}))?;
+    let queued = cluster.submit(&json!({"prompt": "waiting", "size": "64x64", "steps": 50}))?;
+    cluster.wait_until(T, "the first job runs", |c| {
+        Ok(c.job(&running)?["state"] == "running")
+    })?;
+    assert_eq!(cluster.job(&queued)?["state"], "queued");
+
+    let reply = delete(&cluster, &format!("/v1/jobs/{queued}"))?;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.json()?["state"], "cancelled");
+    let reply = delete(&cluster, &format!("/v1/jobs/{running}"))?;
+    assert_eq!(reply.status, 200);
+    // The worker stops at its next step instead of running the remaining ~9 s.
+    cluster.wait_until(Duration::from_secs(5), "the worker stops", |c| {
+        Ok(c.node_log(0).contains("cancelled"))
+    })?;
+    assert_eq!(cluster.job(&running)?["state"], "cancelled");
+    assert_eq!(
+        cluster.get(&format!("/v1/jobs/{running}/image"))?.status,
+        409
+    );
+
+    assert_eq!(
+        delete(&cluster, &format!("/v1/jobs/{running}"))?.status,
+        409
+    );
+    assert_eq!(
+        delete(&cluster, "/v1/jobs/00000000-0000-0000-0000-000000000000")?.status,
+        404
+    );
+    // The slot is free again.
+    let next = cluster.submit(&json!({"prompt": "next", "size": "64x64", "steps": 1}))?;
+    assert_eq!(cluster.wait_for_job(&next, T)?["state"], "succeeded");
+    Ok(())
+}
+
+#[test]
+fn a_drained_node_finishes_but_takes_nothing_new() -> anyhow::Result<()> {
+    let mut cluster =
+        ClusterSandbox::start(binaries!(), &[("DROVER_ADMIN_TOKEN", "admin-secret")])?;
+    cluster.add_node(NodeSpec::sim("resting", "sd15"))?;
+    cluster.add_node(NodeSpec::sim("working", "sd15"))?;
+    cluster.wait_for_online(&["resting", "working"], T)?;
+    let resting = cluster.node_id("resting")?.expect("resting");
+    let working = cluster.node_id("working")?.expect("working");
+    let drain = format!("/v1/nodes/{resting}/drain");
+
+    let reply = cluster.post_raw(&drain, b"")?;
+    assert_eq!(reply.status, 401);
+    assert_eq!(reply.json()?["error"]["code"], "unauthorized");
+    let reply = cluster.post_with_token(&drain, "wrong")?;
+    assert_eq!(reply.status, 401);
+    assert_eq!(cluster.post_with_token(&drain, "admin-secret")?.status, 200);
+    assert_eq!(cluster.node_state("resting")?.as_deref(), Some("draining"));
+
+    let ids: Vec<String> = (0..6)
+        .map(|i| cluster.submit(&json!({"prompt": format!("p{i}"), "size": "64x64"})))
+        .collect::<anyhow::Result<_>>()?;
+    for id in &ids {
+        assert_eq!(cluster.wait_for_job(id, T)?["node_id"], working.as_str());
+    }
+    let resume = format!("/v1/nodes/{resting}/resume");
+    assert_eq!(
+        cluster.post_with_token(&resume, "admin-secret")?.status,
+        200
+    );
+    cluster.wait_until(T, "the resumed node gets work again", |c| {
+        let id = c.submit(&json!({"prompt": "again", "size": "64x64"}))?;
+        Ok(c.wait_for_job(&id, T)?["node_id"] == resting.as_str())
+    })?;
+    Ok(())
+}
+
+#[test]
+fn jobs_survive_repeated_node_kills_and_complete_once() -> anyhow::Result<()> {
+    let total = fault_jobs(200);
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    let names = ["k0", "k1", "k2", "k3"];
+    for name in names {
+        cluster.add_node(NodeSpec::sim(name, "sd15").env("SIM_STEP_MS", "25"))?;
+    }
+    cluster.wait_for_online(&names, T)?;
+    let ids: Vec<String> = (0..total)
+        .map(|i| {
+            cluster.submit(
+                &json!({"prompt": format!("job {i}"), "size": "64x64", "seed": i, "steps": 8}),
+            )
+        })
+        .collect::<anyhow::Result<_>>()?;
+    for kill in 0..10 {
+        std::thread::sleep(Duration::from_millis(250));
+        let victim = kill % names.len();
+        cluster.kill_node(victim);
+        cluster.start_node(victim)?;
+    }
+    let mut per_node: HashMap<String, usize> = HashMap::new();
+    let mut retried = 0;
+    for id in &ids {
+        let job = cluster.wait_for_job(id, T)?;
+        assert_completed_once(&job);
+        retried += usize::from(job["attempts"].as_array().map_or(0, Vec::len) > 1);
+        *per_node
+            .entry(job["node_id"].as_str().unwrap_or_default().to_string())
+            .or_default() += 1;
+    }
+    eprintln!(
+        "{total} jobs, 10 node kills: {retried} jobs re-run after losing their node, per node {per_node:?}"
+    );
+    assert!(
+        retried > 0,
+        "the kills hit no running job, so this test proved nothing"
+    );
+    assert!(per_node.len() >= 2, "work was spread: {per_node:?}");
+    Ok(())
+}
+
+#[test]
+fn nothing_accepted_is_lost_when_the_coordinator_is_killed() -> anyhow::Result<()> {
+    let total = fault_jobs(150);
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("n0", "sd15").env("SIM_STEP_MS", "5"))?;
+    cluster.add_node(NodeSpec::sim("n1", "sd15").env("SIM_STEP_MS", "5"))?;
+    cluster.wait_for_online(&["n0", "n1"], T)?;
+    let mut accepted = Vec::with_capacity(total);
+    for i in 0..total {
+        if i > 0 && i % (total / 4).max(1) == 0 && i < total {
+            cluster.kill_coordinator();
+            cluster.start_coordinator()?;
+        }
+        accepted.push(cluster.submit(&json!({"prompt": format!("job {i}"), "size": "64x64"}))?);
+    }
+    for id in &accepted {
+        let job = cluster.wait_for_job(id, T)?;
+        assert_completed_once(&job);
+    }
+    Ok(())
+}
