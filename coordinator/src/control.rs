@@ -472,6 +472,15 @@ impl ControlPlane {
     }
 }
 
+/// The job a result or failure report is about.
+fn reported_job(message: &node_message::Kind) -> Option<&str> {
+    match message {
+        node_message::Kind::Result(r) => Some(&r.job_id),
+        node_message::Kind::Failed(f) => Some(&f.job_id),
+        _ => None,
+    }
+}
+
 fn report(result: Result<()>) {
     if let Err(e) = result {
         tracing::error!(error = %e, "control plane store write failed");
@@ -632,6 +641,9 @@ impl Handler<NodeEvent> for ControlPlane {
             .as_ref()
             .is_none_or(|s| s.id != msg.session_id)
         {
+            if let Some(job_id) = reported_job(&msg.message) {
+                tracing::info!(node_id = %msg.node_id, session_id = msg.session_id, job_id, "late report from a closed session dropped");
+            }
             return;
         }
         entry.last_seen = Instant::now();

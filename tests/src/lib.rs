@@ -13,6 +13,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+
+pub mod proxy;
 use serde_json::Value;
 
 /// Paths of the binaries the sandbox runs. Build it with [`binaries!`].
@@ -269,6 +271,22 @@ impl ClusterSandbox {
         env.extend(spec.env.iter().cloned());
         proc.child = Some(spawn(&self.bins.node, &env, &proc.log)?);
         Ok(())
+    }
+
+    /// Starts a node whose link to the coordinator runs through a [`proxy::LinkProxy`], so the
+    /// test can partition it; answers the node's index and the proxy.
+    pub fn add_node_behind_proxy(&mut self, spec: NodeSpec) -> Result<(usize, proxy::LinkProxy)> {
+        let proxy = proxy::LinkProxy::start(format!("127.0.0.1:{}", self.grpc_port))?;
+        let spec = spec.env(
+            "COORDINATOR_URL",
+            &format!("http://127.0.0.1:{}", proxy.port()),
+        );
+        Ok((self.add_node(spec)?, proxy))
+    }
+
+    /// The coordinator's log so far.
+    pub fn coordinator_log(&self) -> String {
+        std::fs::read_to_string(&self.coordinator.log).unwrap_or_default()
     }
 
     /// Kills node `index` with SIGKILL.

@@ -185,3 +185,48 @@ fn nothing_accepted_is_lost_when_the_coordinator_is_killed() -> anyhow::Result<(
     }
     Ok(())
 }
+
+#[test]
+fn a_partitioned_node_loses_its_job_and_its_late_result_is_rejected() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    let (cut_off, link) = cluster.add_node_behind_proxy(
+        NodeSpec::sim("cut-off", "sd15")
+            .env("SIM_STEP_MS", "100")
+            .env("NUM_WORKERS", "1"),
+    )?;
+    cluster.wait_for_online(&["cut-off"], T)?;
+    let cut_off_id = cluster.node_id("cut-off")?.expect("registered");
+    let id = cluster.submit(&json!({"prompt": "across the gap", "size": "64x64", "steps": 25}))?;
+    cluster.wait_until(T, "the job runs behind the proxy", |c| {
+        Ok(c.job(&id)?["state"] == "running")
+    })?;
+    cluster.add_node(NodeSpec::sim("reachable", "sd15"))?;
+    cluster.wait_for_online(&["reachable"], T)?;
+    let reachable_id = cluster.node_id("reachable")?.expect("registered");
+
+    // Partition: no bytes either way, no connection closed.
+    link.cut();
+    let job = cluster.wait_for_job(&id, T)?;
+    assert_completed_once(&job);
+    assert_eq!(job["node_id"], reachable_id.as_str());
+    assert_eq!(job["attempts"][0]["node_id"], cut_off_id.as_str());
+    assert_eq!(job["attempts"][0]["outcome"], "node went offline");
+    // The cut-off node finished its copy anyway; its result is stuck in the partition.
+    cluster.wait_until(T, "the cut-off node finishes its copy", |c| {
+        Ok(c.node_log(cut_off).contains("job finished"))
+    })?;
+
+    // Heal: the late result arrives and is refused; the job keeps its one result.
+    link.heal();
+    cluster.wait_until(T, "the late result is dropped", |c| {
+        Ok(c.coordinator_log()
+            .contains("late report from a closed session dropped")
+            || c.coordinator_log().contains("stale report dropped"))
+    })?;
+    let after = cluster.job(&id)?;
+    assert_completed_once(&after);
+    assert_eq!(after["node_id"], reachable_id.as_str());
+    assert_eq!(after["attempts"], job["attempts"]);
+    cluster.wait_for_state("cut-off", "online", T)?;
+    Ok(())
+}
