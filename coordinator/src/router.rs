@@ -207,12 +207,10 @@ pub fn feasibility(job: &JobSpec, nodes: &[NodeView<'_>]) -> Result<(), Vec<Node
 /// `turn` is a counter the caller advances after each placement; it rotates the order among
 /// equally good nodes so they share the work.
 pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, Vec<NodeSkip>> {
-    let mut best: Option<(&NodeView<'_>, (u32, u64, usize))> = None;
-    let mut reasons = Vec::new();
+    let mut best: Option<(NodeId, (u32, u64, usize))> = None;
     let n = nodes.len().max(1);
     for (i, node) in nodes.iter().enumerate() {
-        if let Err(reason) = eligibility(job, node) {
-            reasons.push(skip(node, reason));
+        if eligibility(job, node).is_err() {
             continue;
         }
         // One sort key, larger is better: free slots, then speed, then the round-robin position.
@@ -223,10 +221,16 @@ pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, 
             rotation,
         );
         if best.as_ref().is_none_or(|(_, k)| key > *k) {
-            best = Some((node, key));
+            best = Some((node.id, key));
         }
     }
-    best.map(|(node, _)| node.id).ok_or(reasons)
+    // Reasons are only built (and allocated) when no node can take the job.
+    best.map(|(id, _)| id).ok_or_else(|| {
+        nodes
+            .iter()
+            .filter_map(|node| eligibility(job, node).err().map(|r| skip(node, r)))
+            .collect()
+    })
 }
 
 /// Seconds of waiting that raise a queued job's priority by one (aging, so low priorities never
