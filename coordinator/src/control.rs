@@ -199,23 +199,38 @@ impl ControlPlane {
             return;
         }
         router::queue_order(&mut queued, now_ms());
-        let now = Instant::now();
-        for router::QueuedJob { id: job_id, .. } in queued {
-            let choice = {
-                let views = self.views(now);
-                if !views.iter().any(|v| v.online && v.free_slots > 0) {
-                    return;
+        // Decide every placement on one snapshot, then act on the decisions.
+        let mut turn = self.turn;
+        let placements = {
+            let mut views = self.views(Instant::now());
+            let mut free: u32 = views
+                .iter()
+                .filter(|v| v.online && !v.draining && !v.suspect)
+                .map(|v| v.free_slots)
+                .sum();
+            let mut placements = Vec::new();
+            for router::QueuedJob { id: job_id, .. } in queued {
+                if free == 0 {
+                    break;
                 }
                 let Some(job) = self.active.get(&job_id) else {
                     continue;
                 };
-                router::pick(&job.spec, &views, self.turn)
-            };
-            if let Ok(node_id) = choice {
-                self.turn = self.turn.wrapping_add(1);
-                if let Err(e) = self.lease(job_id, node_id) {
-                    tracing::error!(job_id = %job_id, node_id = %node_id, error = %e, "lease failed");
+                if let Ok(node_id) = router::pick(&job.spec, &views, turn) {
+                    turn = turn.wrapping_add(1);
+                    if let Some(view) = views.iter_mut().find(|v| v.id == node_id) {
+                        view.free_slots -= 1;
+                    }
+                    free -= 1;
+                    placements.push((job_id, node_id));
                 }
+            }
+            placements
+        };
+        self.turn = turn;
+        for (job_id, node_id) in placements {
+            if let Err(e) = self.lease(job_id, node_id) {
+                tracing::error!(job_id = %job_id, node_id = %node_id, error = %e, "lease failed");
             }
         }
     }
@@ -287,18 +302,7 @@ impl ControlPlane {
             return Ok(());
         };
         let now = now_ms();
-        if let Some(lease) = job.lease.take() {
-            if let Some(node) = self.nodes.get_mut(&lease.node_id) {
-                node.running.remove(&job_id);
-            }
-            job.attempts.push(Attempt {
-                node_id: lease.node_id,
-                lease_id: lease.id,
-                started_ms: lease.granted_ms,
-                ended_ms: now,
-                outcome: reason.to_string(),
-            });
-        }
+        end_attempt(&mut self.nodes, job, reason.to_string());
         job.updated_ms = now;
         job.progress = None;
         if job.attempts.len() as u32 >= max_attempts {
@@ -322,26 +326,13 @@ impl ControlPlane {
         let Some(mut job) = self.active.remove(&job_id) else {
             return Ok(());
         };
-        if let Some(lease) = job.lease.take() {
-            if let Some(node) = self.nodes.get_mut(&lease.node_id) {
-                node.running.remove(&job_id);
-            }
-            let outcome = match state {
-                JobState::Succeeded => "succeeded".to_string(),
-                _ => error
-                    .clone()
-                    .unwrap_or_else(|| format!("{state:?}").to_lowercase()),
-            };
-            if state == JobState::Succeeded {
-                job.node_id = Some(lease.node_id);
-            }
-            job.attempts.push(Attempt {
-                node_id: lease.node_id,
-                lease_id: lease.id,
-                started_ms: lease.granted_ms,
-                ended_ms: now_ms(),
-                outcome,
-            });
+        let outcome = match state {
+            JobState::Succeeded => "succeeded".to_string(),
+            _ => error.clone().unwrap_or_else(|| state.as_str().to_string()),
+        };
+        let node_id = end_attempt(&mut self.nodes, &mut job, outcome);
+        if state == JobState::Succeeded {
+            job.node_id = node_id;
         }
         job.state = state;
         job.error = error;
@@ -470,6 +461,27 @@ impl ControlPlane {
             }));
         }
     }
+}
+
+/// Ends the job's current lease (if any) with `outcome`: frees the node's slot and records the
+/// attempt. Answers the node that held the lease.
+fn end_attempt(
+    nodes: &mut HashMap<NodeId, NodeEntry>,
+    job: &mut JobRecord,
+    outcome: String,
+) -> Option<NodeId> {
+    let lease = job.lease.take()?;
+    if let Some(node) = nodes.get_mut(&lease.node_id) {
+        node.running.remove(&job.id);
+    }
+    job.attempts.push(Attempt {
+        node_id: lease.node_id,
+        lease_id: lease.id,
+        started_ms: lease.granted_ms,
+        ended_ms: now_ms(),
+        outcome,
+    });
+    Some(lease.node_id)
 }
 
 /// The job a result or failure report is about.
@@ -819,10 +831,7 @@ impl Handler<CancelJob> for ControlPlane {
             return match self.store.job(id)? {
                 Some(job) => Err(CoordinatorError::Conflict(format!(
                     "job {id} already ended ({})",
-                    serde_json::to_value(job.state)
-                        .ok()
-                        .and_then(|v| v.as_str().map(String::from))
-                        .unwrap_or_default()
+                    job.state
                 ))),
                 None => Err(CoordinatorError::NotFound(format!("job {id}"))),
             };

@@ -132,9 +132,7 @@ async fn generate(state: web::Data<AppState>, payload: web::Payload) -> Result<H
         }
         _ => Err(CoordinatorError::JobFailed {
             id: done.id.to_string(),
-            reason: done
-                .error
-                .unwrap_or_else(|| format!("{:?}", done.state).to_lowercase()),
+            reason: done.error.unwrap_or_else(|| done.state.to_string()),
         }),
     }
 }
@@ -172,10 +170,7 @@ async fn get_image(state: web::Data<AppState>, id: web::Path<String>) -> Result<
         None => Err(CoordinatorError::NotFound(format!("job {id}"))),
         Some(job) => Err(CoordinatorError::Conflict(format!(
             "job {id} is {}; it has no image",
-            serde_json::to_value(job.state)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default()
+            job.state
         ))),
     }
 }

@@ -97,16 +97,6 @@ pub enum SkipReason {
     Busy,
 }
 
-impl SkipReason {
-    /// Whether this reason can go away without the node's model or LoRAs changing.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            Self::Offline | Self::Suspect | Self::Draining | Self::Busy
-        )
-    }
-}
-
 /// A node and why it was skipped.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct NodeSkip {

@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use drover_shared::ids::{JobId, NodeId};
+use drover_shared::ids::JobId;
 
 use crate::error::Result;
 use crate::records::{JobRecord, NodeRecord};
@@ -58,12 +58,6 @@ impl Store {
             .values()
             .map(|v| Ok(serde_json::from_slice(&v?)?))
             .collect()
-    }
-
-    /// Removes a node record.
-    pub fn remove_node(&self, id: NodeId) -> Result<()> {
-        self.nodes.remove(id.as_bytes())?;
-        Ok(())
     }
 
     /// Inserts or replaces a job record.

@@ -213,17 +213,17 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use drover_shared::arch::{self, LoraStyle, with_dtype};
-    use drover_shared::safetensors::{Dtype, build::write_sparse};
+    use drover_shared::arch::{self, LoraStyle};
+    use drover_shared::safetensors::{Dtype, build::write_model};
 
     #[test]
     fn only_loras_of_the_node_family_are_kept() {
         let dir = tempfile::tempdir().unwrap();
-        let put = |name: &str, tensors| {
-            write_sparse(
+        let put = |name: &str, tensors: Vec<arch::Tensor>| {
+            write_model(
                 &dir.path().join(format!("{name}.safetensors")),
-                &with_dtype(tensors, Dtype::F16),
-                &[],
+                &tensors,
+                Dtype::F16,
             )
             .unwrap()
         };
@@ -259,10 +259,10 @@ mod tests {
     fn refiners_and_loras_are_not_base_models() {
         let dir = tempfile::tempdir().unwrap();
         let refiner = dir.path().join("refiner.safetensors");
-        write_sparse(
+        write_model(
             &refiner,
-            &with_dtype(arch::ldm_checkpoint(ModelFamily::SdxlRefiner), Dtype::F16),
-            &[],
+            &arch::ldm_checkpoint(ModelFamily::SdxlRefiner),
+            Dtype::F16,
         )
         .unwrap();
         let err = detect_model(&refiner).unwrap_err().to_string();
@@ -271,13 +271,10 @@ mod tests {
             "{err}"
         );
         let lora = dir.path().join("lora.safetensors");
-        write_sparse(
+        write_model(
             &lora,
-            &with_dtype(
-                arch::lora(ModelFamily::Sd15, LoraStyle::Kohya, 4, false),
-                Dtype::F16,
-            ),
-            &[],
+            &arch::lora(ModelFamily::Sd15, LoraStyle::Kohya, 4, false),
+            Dtype::F16,
         )
         .unwrap();
         assert!(
@@ -287,12 +284,7 @@ mod tests {
                 .contains("LORA_ROOT")
         );
         let base = dir.path().join("base.safetensors");
-        write_sparse(
-            &base,
-            &with_dtype(arch::ldm_checkpoint(ModelFamily::Sd15), Dtype::F16),
-            &[],
-        )
-        .unwrap();
+        write_model(&base, &arch::ldm_checkpoint(ModelFamily::Sd15), Dtype::F16).unwrap();
         assert_eq!(detect_model(&base).unwrap().family, ModelFamily::Sd15);
     }
 }

@@ -230,12 +230,12 @@ impl NodeLink {
             .insert(job_id.clone(), (lease_id.clone(), cancel.clone()));
         let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<crate::worker::Progress>();
         let outbox = self.outbox_tx.clone();
-        let (pjob, please_id) = (job_id.clone(), lease_id.clone());
+        let (progress_job, progress_lease) = (job_id.clone(), lease_id.clone());
         actix_rt::spawn(async move {
             while let Some(p) = progress_rx.recv().await {
                 let progress = proto::JobProgress {
-                    job_id: pjob.clone(),
-                    lease_id: please_id.clone(),
+                    job_id: progress_job.clone(),
+                    lease_id: progress_lease.clone(),
                     step: p.step,
                     total_steps: p.total,
                 };

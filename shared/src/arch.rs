@@ -5,7 +5,6 @@
 //! Detection tests build real-format headers from these; the weight loader maps names with them.
 
 use crate::family::ModelFamily;
-use crate::safetensors::Dtype;
 
 /// A tensor name and shape.
 pub type Tensor = (String, Vec<u64>);
@@ -593,11 +592,6 @@ pub fn lora(family: ModelFamily, style: LoraStyle, rank: u64, text: bool) -> Vec
         }
     }
     out
-}
-
-/// Attaches a dtype to every tensor (for [`crate::safetensors::build`]).
-pub fn with_dtype(tensors: Vec<Tensor>, dtype: Dtype) -> Vec<(String, Dtype, Vec<u64>)> {
-    tensors.into_iter().map(|(n, s)| (n, dtype, s)).collect()
 }
 
 #[cfg(test)]

@@ -606,12 +606,11 @@ fn inspect_dir(dir: &Path) -> Result<Inspection, DetectError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::{self, LoraStyle, UnetConfig, with_dtype};
-    use crate::safetensors::build::write_sparse;
+    use crate::arch::{self, LoraStyle, UnetConfig};
+    use crate::safetensors::build::write_model;
 
     fn write(path: &Path, tensors: Vec<arch::Tensor>, dtype: Dtype) {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        write_sparse(path, &with_dtype(tensors, dtype), &[]).unwrap();
+        write_model(path, &tensors, dtype).unwrap();
     }
 
     fn check(path: &Path, family: ModelFamily, kind: ModelKind, layout: Layout) -> Inspection {

@@ -559,6 +559,23 @@ pub mod build {
         Ok(())
     }
 
+    /// Writes named shapes (e.g. from [`crate::arch`]) as a sparse file of one `dtype`, creating
+    /// parent folders.
+    pub fn write_model(
+        path: &std::path::Path,
+        tensors: &[crate::arch::Tensor],
+        dtype: Dtype,
+    ) -> std::io::Result<()> {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let specs: Vec<Spec> = tensors
+            .iter()
+            .map(|(n, s)| (n.clone(), dtype, s.clone()))
+            .collect();
+        write_sparse(path, &specs, &[])
+    }
+
     /// A complete in-memory file with zeroed data.
     pub fn to_bytes(tensors: &[Spec], metadata: &[(&str, &str)]) -> Vec<u8> {
         let (json, data_len) = header_json(tensors, metadata);

@@ -322,9 +322,9 @@ fn validate(def: StyleDef, lora_root: Option<&Path>) -> Result<Style, StyleError
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::arch::{self, LoraStyle, with_dtype};
+    use crate::arch::{self, LoraStyle};
     use crate::job::JobRequest;
-    use crate::safetensors::{Dtype, build::write_sparse};
+    use crate::safetensors::{Dtype, build::write_model};
 
     const CATALOG: &str = r#"
 [[style]]
@@ -462,13 +462,10 @@ cross_attention_dim = 2048
     fn a_lora_file_of_another_family_is_named_with_both_bases() {
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("ink-sd15.safetensors");
-        write_sparse(
+        write_model(
             &file,
-            &with_dtype(
-                arch::lora(ModelFamily::Sdxl, LoraStyle::Kohya, 4, false),
-                Dtype::F16,
-            ),
-            &[],
+            &arch::lora(ModelFamily::Sdxl, LoraStyle::Kohya, 4, false),
+            Dtype::F16,
         )
         .unwrap();
         let err = StyleCatalog::parse(CATALOG, Some(dir.path()))
@@ -478,13 +475,10 @@ cross_attention_dim = 2048
             err.contains("declares base sd15") && err.contains("detected as sdxl"),
             "{err}"
         );
-        write_sparse(
+        write_model(
             &file,
-            &with_dtype(
-                arch::lora(ModelFamily::Sd15, LoraStyle::Peft, 4, false),
-                Dtype::F16,
-            ),
-            &[],
+            &arch::lora(ModelFamily::Sd15, LoraStyle::Peft, 4, false),
+            Dtype::F16,
         )
         .unwrap();
         assert!(StyleCatalog::parse(CATALOG, Some(dir.path())).is_ok());

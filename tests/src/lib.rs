@@ -234,11 +234,6 @@ impl ClusterSandbox {
         format!("http://127.0.0.1:{}", self.grpc_port)
     }
 
-    /// The sandbox's temporary folder.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
     /// Starts a node process; answers its index. Does not wait for it to come online.
     pub fn add_node(&mut self, spec: NodeSpec) -> Result<usize> {
         let index = self.nodes.len();

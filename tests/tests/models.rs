@@ -5,17 +5,16 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use drover_shared::arch::{self, LoraStyle, UnetConfig, with_dtype};
+use drover_shared::arch::{self, LoraStyle, UnetConfig};
 use drover_shared::family::ModelFamily;
-use drover_shared::safetensors::{Dtype, build::write_sparse};
+use drover_shared::safetensors::{Dtype, build::write_model};
 use drover_tests::{ClusterSandbox, NodeSpec, binaries};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(30);
 
 fn write(path: &Path, tensors: Vec<arch::Tensor>) -> PathBuf {
-    std::fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
-    write_sparse(path, &with_dtype(tensors, Dtype::F16), &[]).expect("write model");
+    write_model(path, &tensors, Dtype::F16).expect("write model");
     path.to_path_buf()
 }
 
@@ -200,21 +199,10 @@ fn a_node_refuses_what_it_cannot_serve_and_says_why() {
     }
 }
 
-const STYLES: &str = r#"
-[[style]]
-id = "ink"
-title = "Ink wash"
-lora = "ink-sd15"
-levels = [0.4, 0.7, 1.0]
-base = "sd15"
-trigger_words = ["ink wash painting"]
-
-[[style]]
-id = "film"
-lora = "film-xl"
-levels = [0.5, 0.9]
-base = "sdxl"
-"#;
+/// The example catalog shipped in the repository (styles `ink` for sd15 and `film` for sdxl).
+fn example_styles() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/styles.toml")
+}
 
 #[test]
 fn loras_and_styles_only_reach_nodes_of_their_family() -> anyhow::Result<()> {
@@ -228,10 +216,8 @@ fn loras_and_styles_only_reach_nodes_of_their_family() -> anyhow::Result<()> {
         &loras.join("film-xl.safetensors"),
         arch::lora(ModelFamily::Sdxl, LoraStyle::Peft, 8, false),
     );
-    let styles = dir.path().join("styles.toml");
-    std::fs::write(&styles, STYLES)?;
     let (styles, loras) = (
-        styles.to_string_lossy().into_owned(),
+        example_styles().to_string_lossy().into_owned(),
         loras.to_string_lossy().into_owned(),
     );
 
@@ -341,8 +327,7 @@ fn a_style_whose_lora_file_disagrees_stops_the_coordinator() {
         &loras.join("ink-sd15.safetensors"),
         arch::lora(ModelFamily::Sdxl, LoraStyle::Kohya, 4, false),
     );
-    let styles = dir.path().join("styles.toml");
-    std::fs::write(&styles, STYLES).expect("styles");
+    let styles = example_styles();
     let out = Command::new(binaries!().coordinator)
         .env("DROVER_STYLES", &styles)
         .env("DROVER_LORA_ROOT", &loras)

@@ -18,10 +18,6 @@ fn fault_jobs(default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn delete(cluster: &ClusterSandbox, path: &str) -> anyhow::Result<drover_tests::Reply> {
-    cluster.delete(path)
-}
-
 /// Exactly one accepted result per job: one attempt ended `succeeded`, and it is the job's node.
 fn assert_completed_once(job: &Value) {
     assert_eq!(job["state"], "succeeded", "{job}");
@@ -55,10 +51,10 @@ fn cancel_removes_queued_jobs_and_stops_running_ones() -> anyhow::Result<()> {
     })?;
     assert_eq!(cluster.job(&queued)?["state"], "queued");
 
-    let reply = delete(&cluster, &format!("/v1/jobs/{queued}"))?;
+    let reply = cluster.delete(&format!("/v1/jobs/{queued}"))?;
     assert_eq!(reply.status, 200);
     assert_eq!(reply.json()?["state"], "cancelled");
-    let reply = delete(&cluster, &format!("/v1/jobs/{running}"))?;
+    let reply = cluster.delete(&format!("/v1/jobs/{running}"))?;
     assert_eq!(reply.status, 200);
     // The worker stops at its next step instead of running the remaining ~9 s.
     cluster.wait_until(Duration::from_secs(5), "the worker stops", |c| {
@@ -70,12 +66,11 @@ fn cancel_removes_queued_jobs_and_stops_running_ones() -> anyhow::Result<()> {
         409
     );
 
+    assert_eq!(cluster.delete(&format!("/v1/jobs/{running}"))?.status, 409);
     assert_eq!(
-        delete(&cluster, &format!("/v1/jobs/{running}"))?.status,
-        409
-    );
-    assert_eq!(
-        delete(&cluster, "/v1/jobs/00000000-0000-0000-0000-000000000000")?.status,
+        cluster
+            .delete("/v1/jobs/00000000-0000-0000-0000-000000000000")?
+            .status,
         404
     );
     // The slot is free again.
