@@ -26,6 +26,44 @@ pub enum NodeError {
     /// The coordinator could not be reached or the session broke.
     #[error("coordinator link: {0}")]
     Link(String),
+    /// A weights file cannot be read.
+    #[error("weights: {0}")]
+    Weights(String),
+    /// A tensor the model needs is not in its file.
+    #[error("weights: {file} has no tensor {name}")]
+    MissingTensor {
+        /// The file (or folder) searched.
+        file: String,
+        /// The tensor (file name, and the module name when they differ).
+        name: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("weights: tensor {name} has shape {found:?}, the model expects {expected:?}")]
+    TensorShape {
+        /// Tensor name in the file.
+        name: String,
+        /// Expected shape.
+        expected: Vec<usize>,
+        /// Shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor's element type cannot hold weights.
+    #[error("weights: tensor {name} is {dtype}; weights must be f32, f16, bf16 or f64")]
+    TensorDtype {
+        /// Tensor name.
+        name: String,
+        /// Its dtype.
+        dtype: &'static str,
+    },
+    /// A model config is missing, unreadable or describes an unsupported shape.
+    #[error("model config: {0}")]
+    ModelConfig(String),
+    /// The tokenizer cannot be loaded or used.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    /// A LoRA cannot be merged into this model.
+    #[error("lora {0}")]
+    Lora(String),
     /// The job was cancelled.
     #[error("cancelled")]
     Cancelled,

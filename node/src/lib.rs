@@ -10,6 +10,7 @@ pub mod config;
 pub mod error;
 pub mod factory;
 pub mod inspect;
+pub mod sd;
 pub mod session;
 pub mod sim;
 pub mod worker;

@@ -584,6 +584,24 @@ pub mod build {
         out.resize(out.len() + data_len as usize, 0);
         out
     }
+
+    /// A complete f32 safetensors file holding `tensors` (name, shape, row-major values).
+    pub fn f32_file(tensors: &[(String, Vec<u64>, Vec<f32>)]) -> Vec<u8> {
+        let specs: Vec<Spec> = tensors
+            .iter()
+            .map(|(n, s, _)| (n.clone(), Dtype::F32, s.clone()))
+            .collect();
+        let (json, data_len) = header_json(&specs, &[]);
+        let mut out = (json.len() as u64).to_le_bytes().to_vec();
+        out.extend_from_slice(&json);
+        out.reserve(data_len as usize);
+        for (_, _, values) in tensors {
+            for v in values {
+                out.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        out
+    }
 }
 
 #[cfg(test)]

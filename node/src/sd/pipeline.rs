@@ -1,0 +1,522 @@
+//! The SD1.x/SD2.x LCM pipeline: load a model (diffusers folder or single-file LDM checkpoint),
+//! merge LoRAs, tokenize → encode → 1..=8 LCM steps → decode.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use drover_shared::family::ModelFamily;
+use serde::de::DeserializeOwned;
+
+use super::clip::{ClipConfig, ClipText, clip_prefix};
+use super::lcm::{Lcm, LcmConfig};
+use super::lora::LoraSet;
+use super::tokenizer::{ClipTokenizer, Tokens};
+use super::unet::{Unet, UnetConfig, guidance_embedding};
+use super::vae::{VaeConfig, VaeDecoder};
+use super::weights::{Loader, NameMap, TensorFile};
+use crate::error::{NodeError, Result};
+
+/// Where a model's parts live.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelSource {
+    /// A diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `vae/`, `tokenizer/`).
+    Diffusers(PathBuf),
+    /// A single-file LDM checkpoint of `family`, with a tokenizer folder found beside it.
+    SingleFile {
+        /// The `.safetensors` checkpoint.
+        path: PathBuf,
+        /// Its family (from detection).
+        family: ModelFamily,
+    },
+}
+
+/// One LoRA to merge: its name, file and strength.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    /// Catalog name (for messages).
+    pub name: String,
+    /// The `.safetensors` file.
+    pub path: PathBuf,
+    /// Strength.
+    pub strength: f32,
+}
+
+/// A loaded pipeline on one device.
+pub struct Pipeline<B: Backend> {
+    source: ModelSource,
+    device: B::Device,
+    tokenizer: ClipTokenizer,
+    text: ClipText<B>,
+    unet: Unet<B>,
+    vae: VaeDecoder<B>,
+    lcm: Lcm,
+    loras: Vec<LoraSpec>,
+}
+
+/// The encoded prompt, and the encoded empty prompt when classifier-free guidance runs.
+pub struct TextConditioning<B: Backend> {
+    /// `[1, 77, hidden]` for the prompt.
+    pub context: Tensor<B, 3>,
+    /// `[1, 77, hidden]` for the empty prompt (UNets without a guidance embedding, guidance > 1).
+    pub uncond: Option<Tensor<B, 3>>,
+}
+
+/// What one image needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params {
+    /// Prompt.
+    pub prompt: String,
+    /// Image width in pixels.
+    pub width: usize,
+    /// Image height in pixels.
+    pub height: usize,
+    /// LCM steps (1..=8).
+    pub steps: usize,
+    /// Guidance scale (LCM: `w = guidance − 1` feeds the guidance embedding).
+    pub guidance: f32,
+    /// Seed of the initial and per-step noise.
+    pub seed: u64,
+}
+
+/// A rendered image.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Image {
+    /// Width.
+    pub width: usize,
+    /// Height.
+    pub height: usize,
+    /// Interleaved RGB bytes.
+    pub rgb: Vec<u8>,
+    /// Prompt tokens dropped because the prompt was longer than 75 tokens.
+    pub truncated_tokens: usize,
+}
+
+fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| NodeError::ModelConfig(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| NodeError::ModelConfig(format!("{}: {e}", path.display())))
+}
+
+/// The weights file of a diffusers component folder (`*.safetensors`, preferring the full-precision name).
+fn component_file(dir: &Path, names: &[&str]) -> Result<PathBuf> {
+    for name in names {
+        let p = dir.join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    Err(NodeError::MissingTensor {
+        file: dir.display().to_string(),
+        name: format!("weights file (one of {})", names.join(", ")),
+    })
+}
+
+/// Maps a diffusers VAE decoder name to the LDM single-file name (without `first_stage_model.`).
+pub fn vae_diffusers_to_ldm(name: &str, levels: usize) -> String {
+    let resnet_tail = |t: &str| t.replacen("conv_shortcut", "nin_shortcut", 1);
+    if let Some(rest) = name.strip_prefix("decoder.mid_block.") {
+        if let Some(t) = rest.strip_prefix("resnets.0.") {
+            return format!("decoder.mid.block_1.{}", resnet_tail(t));
+        }
+        if let Some(t) = rest.strip_prefix("resnets.1.") {
+            return format!("decoder.mid.block_2.{}", resnet_tail(t));
+        }
+        if let Some(t) = rest.strip_prefix("attentions.0.") {
+            let t = t
+                .replacen("group_norm", "norm", 1)
+                .replacen("to_q", "q", 1)
+                .replacen("to_k", "k", 1)
+                .replacen("to_v", "v", 1)
+                .replacen("to_out.0", "proj_out", 1);
+            return format!("decoder.mid.attn_1.{t}");
+        }
+    }
+    if let Some(rest) = name.strip_prefix("decoder.up_blocks.") {
+        let mut parts = rest.splitn(2, '.');
+        let i: usize = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let tail = parts.next().unwrap_or("");
+        let level = levels.saturating_sub(1 + i);
+        if let Some(t) = tail.strip_prefix("resnets.") {
+            return format!("decoder.up.{level}.block.{}", resnet_tail(t));
+        }
+        if let Some(t) = tail.strip_prefix("upsamplers.0.") {
+            return format!("decoder.up.{level}.upsample.{t}");
+        }
+    }
+    if let Some(t) = name.strip_prefix("decoder.conv_norm_out.") {
+        return format!("decoder.norm_out.{t}");
+    }
+    name.to_string()
+}
+
+struct Parts<B: Backend> {
+    tokenizer: ClipTokenizer,
+    text: ClipText<B>,
+    unet: Unet<B>,
+    vae: VaeDecoder<B>,
+    lcm: Lcm,
+}
+
+fn load_parts<B: Backend>(
+    source: &ModelSource,
+    device: &B::Device,
+    loras: &[LoraSpec],
+) -> Result<Parts<B>> {
+    let mut set = LoraSet::new();
+    for l in loras {
+        set.add(&l.name, &l.path, l.strength)?;
+    }
+    let parts = match source {
+        ModelSource::Diffusers(dir) => {
+            let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+            let te_dir = dir.join("text_encoder");
+            let te_cfg: ClipConfig = read_config(&te_dir.join("config.json"))?;
+            let te_file = TensorFile::open(&component_file(
+                &te_dir,
+                &["model.safetensors", "model.fp16.safetensors"],
+            )?)?;
+            let text = {
+                let mut l = Loader::<B>::prefixed(&te_file, clip_prefix(&te_file), device)
+                    .with_lora(&mut set, "text_encoder", "text_model.");
+                ClipText::load(&mut l, &te_cfg)?
+            };
+            let unet_dir = dir.join("unet");
+            let unet_cfg: UnetConfig = read_config(&unet_dir.join("config.json"))?;
+            let unet_file = TensorFile::open(&component_file(
+                &unet_dir,
+                &[
+                    "diffusion_pytorch_model.safetensors",
+                    "diffusion_pytorch_model.fp16.safetensors",
+                ],
+            )?)?;
+            let unet = {
+                let mut l =
+                    Loader::<B>::prefixed(&unet_file, "", device).with_lora(&mut set, "unet", "");
+                Unet::load(&mut l, &unet_cfg)?
+            };
+            let vae_dir = dir.join("vae");
+            let vae_cfg: VaeConfig = read_config(&vae_dir.join("config.json"))?;
+            let vae_file = TensorFile::open(&component_file(
+                &vae_dir,
+                &[
+                    "diffusion_pytorch_model.safetensors",
+                    "diffusion_pytorch_model.fp16.safetensors",
+                ],
+            )?)?;
+            let vae =
+                VaeDecoder::load(&mut Loader::<B>::prefixed(&vae_file, "", device), &vae_cfg)?;
+            let sched = dir.join("scheduler").join("scheduler_config.json");
+            let lcm_cfg = if sched.is_file() {
+                read_config(&sched)?
+            } else {
+                LcmConfig::default()
+            };
+            Parts {
+                tokenizer,
+                text,
+                unet,
+                vae,
+                lcm: Lcm::new(lcm_cfg),
+            }
+        }
+        ModelSource::SingleFile { path, family } => {
+            let file = TensorFile::open(path)?;
+            let (unet_cfg, te_cfg) = match family {
+                ModelFamily::Sd15 => (UnetConfig::sd15(None), ClipConfig::clip_l()),
+                ModelFamily::Sd2 => {
+                    return Err(NodeError::ModelConfig(format!(
+                        "{}: SD2 single-file checkpoints keep OpenCLIP's fused attention weights, which this pipeline does not split yet; use the diffusers folder of the model",
+                        path.display()
+                    )));
+                }
+                other => {
+                    return Err(NodeError::ModelConfig(format!(
+                        "{}: {other} checkpoints need the SDXL pipeline",
+                        path.display()
+                    )));
+                }
+            };
+            let unet_cfg = UnetConfig {
+                time_cond_proj_dim: file
+                    .shape("model.diffusion_model.time_embed.cond_proj.weight")
+                    .map(|s| s[1]),
+                ..unet_cfg
+            };
+            let tokenizer_dir = path
+                .parent()
+                .map(|p| p.join("tokenizer"))
+                .unwrap_or_else(|| PathBuf::from("tokenizer"));
+            let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
+            let text = {
+                let mut l = Loader::<B>::prefixed(
+                    &file,
+                    "cond_stage_model.transformer.text_model.",
+                    device,
+                )
+                .with_lora(&mut set, "text_encoder", "text_model.");
+                ClipText::load(&mut l, &te_cfg)?
+            };
+            let unet = {
+                let ldm = drover_shared::arch::UnetConfig::for_family(*family);
+                let map: NameMap =
+                    Box::new(move |n| format!("model.diffusion_model.{}", ldm.diffusers_to_ldm(n)));
+                let mut l = Loader::<B>::new(&file, map, device).with_lora(&mut set, "unet", "");
+                Unet::load(&mut l, &unet_cfg)?
+            };
+            let vae_cfg = VaeConfig::sd();
+            let levels = vae_cfg.block_out_channels.len();
+            let map: NameMap =
+                Box::new(move |n| format!("first_stage_model.{}", vae_diffusers_to_ldm(n, levels)));
+            let vae = VaeDecoder::load(&mut Loader::<B>::new(&file, map, device), &vae_cfg)?;
+            Parts {
+                tokenizer,
+                text,
+                unet,
+                vae,
+                lcm: Lcm::new(LcmConfig::default()),
+            }
+        }
+    };
+    set.check_claimed()?;
+    if parts.unet.config().cross_attention_dim != parts.text.config().hidden_size {
+        return Err(NodeError::ModelConfig(format!(
+            "the UNet attends to {}-wide text but the text encoder is {} wide",
+            parts.unet.config().cross_attention_dim,
+            parts.text.config().hidden_size
+        )));
+    }
+    if parts.tokenizer.vocab_size() > parts.text.config().vocab_size {
+        return Err(NodeError::ModelConfig(format!(
+            "the tokenizer has {} tokens but the text encoder only {}",
+            parts.tokenizer.vocab_size(),
+            parts.text.config().vocab_size
+        )));
+    }
+    Ok(parts)
+}
+
+/// Deterministic standard-normal noise from a seed (SplitMix64 + Box–Muller, computed on the
+/// host so every backend starts from the same numbers).
+pub fn gaussian(seed: u64, len: usize) -> Vec<f32> {
+    let mut state = seed;
+    let mut next = move || {
+        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        // 53 random bits in (0, 1].
+        ((z >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    };
+    let mut out = Vec::with_capacity(len + 1);
+    while out.len() < len {
+        let (u1, u2) = (next(), next());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = std::f64::consts::TAU * u2;
+        out.push((r * theta.cos()) as f32);
+        out.push((r * theta.sin()) as f32);
+    }
+    out.truncate(len);
+    out
+}
+
+impl<B: Backend> Pipeline<B> {
+    /// Loads every part of the model at `source` onto `device`, merging `loras`.
+    pub fn load(source: ModelSource, device: &B::Device, loras: &[LoraSpec]) -> Result<Self> {
+        let parts = load_parts::<B>(&source, device, loras)?;
+        Ok(Self {
+            source,
+            device: device.clone(),
+            tokenizer: parts.tokenizer,
+            text: parts.text,
+            unet: parts.unet,
+            vae: parts.vae,
+            lcm: parts.lcm,
+            loras: loras.to_vec(),
+        })
+    }
+
+    /// Switches the merged LoRAs: a no-op when unchanged, else the weights are reloaded from the
+    /// model files with the new set (exact; no drift from repeated merge/unmerge).
+    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+        if self.loras == loras {
+            return Ok(());
+        }
+        let parts = load_parts::<B>(&self.source, &self.device, loras)?;
+        self.text = parts.text;
+        self.unet = parts.unet;
+        self.loras = loras.to_vec();
+        Ok(())
+    }
+
+    /// The LoRAs merged now.
+    pub fn loras(&self) -> &[LoraSpec] {
+        &self.loras
+    }
+
+    /// The UNet config (shape of the model).
+    pub fn unet_config(&self) -> &UnetConfig {
+        self.unet.config()
+    }
+
+    /// Pixels per latent cell.
+    pub fn vae_scale(&self) -> usize {
+        self.vae.config().upscale()
+    }
+
+    /// The scheduler.
+    pub fn scheduler(&self) -> &Lcm {
+        &self.lcm
+    }
+
+    /// The device the pipeline runs on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// Tokenizes and encodes a prompt: `[1, 77, hidden]`.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor<B, 3>, Tokens)> {
+        let tokens = self.tokenizer.encode(prompt)?;
+        let hidden = self.text.forward(std::slice::from_ref(&tokens.ids))?;
+        Ok((hidden, tokens))
+    }
+
+    /// The text encoder on given token ids.
+    pub fn encode_ids(&self, ids: &[Vec<u32>]) -> Result<Tensor<B, 3>> {
+        self.text.forward(ids)
+    }
+
+    /// One UNet evaluation.
+    pub fn unet(
+        &self,
+        sample: Tensor<B, 4>,
+        timestep: f32,
+        context: &Tensor<B, 3>,
+        timestep_cond: Option<&Tensor<B, 2>>,
+    ) -> Result<Tensor<B, 4>> {
+        self.unet.forward(sample, timestep, context, timestep_cond)
+    }
+
+    /// Runs the LCM loop from `init` and returns the last denoised latent. `noise(k)` gives the
+    /// noise that re-noises after step `k`; `progress(k, total)` is called after each step and
+    /// stops the loop with `Break`.
+    pub fn denoise(
+        &self,
+        text: &TextConditioning<B>,
+        init: Tensor<B, 4>,
+        steps: usize,
+        guidance: f32,
+        mut noise: impl FnMut(usize) -> Tensor<B, 4>,
+        mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Tensor<B, 4>> {
+        let timesteps = self.lcm.timesteps(steps)?;
+        let cond = self
+            .unet
+            .config()
+            .time_cond_proj_dim
+            .map(|d| guidance_embedding::<B>(guidance - 1.0, d, &self.device));
+        let (context, uncond) = (&text.context, text.uncond.as_ref());
+        let mut x = init;
+        let mut denoised = x.clone();
+        for (k, &t) in timesteps.iter().enumerate() {
+            let eps = match (uncond, &cond) {
+                (Some(u), None) if guidance > 1.0 => {
+                    let c = self.unet.forward(x.clone(), t as f32, context, None)?;
+                    let un = self.unet.forward(x.clone(), t as f32, u, None)?;
+                    un.clone() + (c - un).mul_scalar(guidance)
+                }
+                _ => self
+                    .unet
+                    .forward(x.clone(), t as f32, context, cond.as_ref())?,
+            };
+            let next = timesteps.get(k + 1).map(|&tp| (tp, noise(k)));
+            let (nx, d) = self.lcm.step(eps, t, x, next);
+            x = nx;
+            denoised = d;
+            if progress(k + 1, timesteps.len()).is_break() {
+                return Err(NodeError::Cancelled);
+            }
+        }
+        Ok(denoised)
+    }
+
+    /// Decodes a latent to an image tensor in `[-1, 1]`.
+    pub fn decode(&self, latent: Tensor<B, 4>) -> Tensor<B, 4> {
+        let scale = self.vae.config().scaling_factor;
+        self.vae.forward(latent.div_scalar(scale))
+    }
+
+    /// Renders one image. `progress(step, total)` may stop it with `Break` (→ `Cancelled`).
+    pub fn generate(
+        &self,
+        params: &Params,
+        progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Image> {
+        let scale = self.vae_scale() * self.unet.config().downscale();
+        if !params.width.is_multiple_of(scale) || !params.height.is_multiple_of(scale) {
+            return Err(NodeError::InvalidJob(format!(
+                "{}×{} is not a multiple of {scale} on both sides, which this model needs",
+                params.width, params.height
+            )));
+        }
+        let (context, tokens) = self.encode_prompt(&params.prompt)?;
+        let uncond = if self.unet.config().time_cond_proj_dim.is_none() && params.guidance > 1.0 {
+            Some(self.encode_prompt("")?.0)
+        } else {
+            None
+        };
+        let (h, w) = (
+            params.height / self.vae_scale(),
+            params.width / self.vae_scale(),
+        );
+        let c = self.unet.config().in_channels;
+        let latent = |seed: u64| {
+            Tensor::<B, 4>::from_data(
+                TensorData::new(gaussian(seed, c * h * w), [1, c, h, w]),
+                &self.device,
+            )
+        };
+        let init = latent(params.seed);
+        let text = TextConditioning { context, uncond };
+        let denoised = self.denoise(
+            &text,
+            init,
+            params.steps,
+            params.guidance,
+            |k| {
+                latent(
+                    params
+                        .seed
+                        .wrapping_add(1 + k as u64)
+                        .wrapping_mul(0x2545_F491_4F6C_DD1D),
+                )
+            },
+            progress,
+        )?;
+        let image = self.decode(denoised);
+        let [_, ch, ih, iw] = image.dims();
+        let values = image
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| NodeError::Render(format!("reading the image back: {e:?}")))?;
+        let mut rgb = vec![0u8; ih * iw * 3];
+        for y in 0..ih {
+            for x in 0..iw {
+                for k in 0..3 {
+                    let v = values[(k.min(ch - 1) * ih + y) * iw + x];
+                    rgb[(y * iw + x) * 3 + k] =
+                        ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8;
+                }
+            }
+        }
+        Ok(Image {
+            width: iw,
+            height: ih,
+            rgb,
+            truncated_tokens: tokens.truncated,
+        })
+    }
+}

@@ -1,0 +1,319 @@
+//! Weight loading: safetensors files read tensor by tensor (positional reads, only the tensors a
+//! module asks for), converted to f32 on the host, LoRA deltas merged, then uploaded to the device.
+//!
+//! Modules ask for tensors by their diffusers names; a [`NameMap`] translates those to the names
+//! in the file (single-file LDM checkpoints use other names). Every tensor must exist with the
+//! expected shape, or loading fails naming it.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use drover_shared::safetensors::{Dtype, Header, read_header};
+
+use super::lora::LoraSet;
+use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
+use crate::error::{NodeError, Result};
+
+/// One safetensors file, header parsed, data read on demand.
+#[derive(Debug)]
+pub struct TensorFile {
+    path: PathBuf,
+    file: File,
+    header: Header,
+    data_start: u64,
+}
+
+/// A tensor read from a file, as f32 on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Row-major values.
+    pub data: Vec<f32>,
+    /// Shape.
+    pub shape: Vec<usize>,
+}
+
+impl TensorFile {
+    /// Opens `path` and validates its header.
+    pub fn open(path: &Path) -> Result<Self> {
+        let header = read_header(path).map_err(|e| NodeError::Weights(format!("{e}")))?;
+        let file = File::open(path).map_err(|e| io_error(path, &e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            data_start: 8 + header.header_len,
+            header,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The tensor names in the file.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.header.tensors.keys().map(String::as_str)
+    }
+
+    /// Whether the file holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.header.tensors.contains_key(name)
+    }
+
+    /// The shape of `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.header
+            .shape(name)
+            .map(|s| s.iter().map(|&d| d as usize).collect())
+    }
+
+    /// Reads `name` and converts it to f32 (from f32, f16, bf16 or f64).
+    pub fn read(&self, name: &str) -> Result<HostTensor> {
+        let info = self
+            .header
+            .tensors
+            .get(name)
+            .ok_or_else(|| NodeError::MissingTensor {
+                file: self.path.display().to_string(),
+                name: name.to_string(),
+            })?;
+        let (begin, end) = info.data_offsets;
+        let mut bytes = vec![0u8; (end - begin) as usize];
+        self.file
+            .read_exact_at(&mut bytes, self.data_start + begin)
+            .map_err(|e| io_error(&self.path, &e))?;
+        let data = match info.dtype {
+            Dtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F64 => bytes
+                .chunks_exact(8)
+                .map(|c| {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(c);
+                    f64::from_le_bytes(b) as f32
+                })
+                .collect(),
+            other => {
+                return Err(NodeError::TensorDtype {
+                    name: name.to_string(),
+                    dtype: other.name(),
+                });
+            }
+        };
+        Ok(HostTensor {
+            data,
+            shape: info.shape.iter().map(|&d| d as usize).collect(),
+        })
+    }
+}
+
+fn io_error(path: &Path, e: &std::io::Error) -> NodeError {
+    NodeError::Weights(format!("{}: {e}", path.display()))
+}
+
+/// Translates the diffusers name a module asks for into the name stored in the file.
+pub type NameMap = Box<dyn Fn(&str) -> String + Send + Sync>;
+
+/// Loads one component's tensors onto a device.
+pub struct Loader<'a, B: Backend> {
+    file: &'a TensorFile,
+    map: NameMap,
+    device: B::Device,
+    lora: Option<(&'a mut LoraSet, &'static str, String)>,
+    used: BTreeSet<String>,
+}
+
+impl<'a, B: Backend> Loader<'a, B> {
+    /// A loader reading `file` with names translated by `map`.
+    pub fn new(file: &'a TensorFile, map: NameMap, device: &B::Device) -> Self {
+        Self {
+            file,
+            map,
+            device: device.clone(),
+            lora: None,
+            used: BTreeSet::new(),
+        }
+    }
+
+    /// A loader whose names are the file's own, with an optional prefix (`"text_model."`).
+    pub fn prefixed(file: &'a TensorFile, prefix: &str, device: &B::Device) -> Self {
+        let prefix = prefix.to_string();
+        Self::new(file, Box::new(move |n| format!("{prefix}{n}")), device)
+    }
+
+    /// Merges the LoRAs of `set` that target component `component` (`"unet"` or `"text_encoder"`)
+    /// into the weights as they load; `path_prefix` turns a module path into the LoRA's
+    /// (`"text_model."` for CLIP text encoders).
+    pub fn with_lora(
+        mut self,
+        set: &'a mut LoraSet,
+        component: &'static str,
+        path_prefix: &str,
+    ) -> Self {
+        self.lora = Some((set, component, path_prefix.to_string()));
+        self
+    }
+
+    /// The device tensors are created on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// Reads `name`, checking its shape is `shape` (a trailing `1, 1` may be absent or present
+    /// on either side: 1×1 convolutions and linear layers are interchangeable).
+    pub fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
+        let stored = (self.map)(name);
+        let t = self.file.read(&stored).map_err(|e| match e {
+            NodeError::MissingTensor { file, .. } => NodeError::MissingTensor {
+                file,
+                name: if stored == name {
+                    stored.clone()
+                } else {
+                    format!("{stored} (module {name})")
+                },
+            },
+            other => other,
+        })?;
+        if squeeze(&t.shape) != squeeze(shape) {
+            return Err(NodeError::TensorShape {
+                name: stored,
+                expected: shape.to_vec(),
+                found: t.shape,
+            });
+        }
+        self.used.insert(stored);
+        Ok(HostTensor {
+            data: t.data,
+            shape: shape.to_vec(),
+        })
+    }
+
+    /// Reads `name` as a device tensor of rank `D`.
+    pub fn tensor<const D: usize>(
+        &mut self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Tensor<B, D>> {
+        let t = self.host(name, &shape)?;
+        Ok(upload(t, &self.device))
+    }
+
+    /// Whether the file holds the tensor a module would call `name`.
+    pub fn has(&self, name: &str) -> bool {
+        self.file.contains(&(self.map)(name))
+    }
+
+    fn merged_weight(&mut self, path: &str, shape: &[usize]) -> Result<HostTensor> {
+        let mut w = self.host(&format!("{path}.weight"), shape)?;
+        if let Some((set, component, prefix)) = self.lora.as_mut() {
+            set.merge_into(component, &format!("{prefix}{path}"), &mut w)?;
+        }
+        Ok(w)
+    }
+
+    /// A linear layer `path` (`{path}.weight` `[out, in]`, optional `{path}.bias`).
+    pub fn linear(&mut self, path: &str, inp: usize, out: usize, bias: bool) -> Result<Linear<B>> {
+        let w = self.merged_weight(path, &[out, inp])?;
+        let weight = upload::<B, 2>(w, &self.device).transpose();
+        let bias = if bias {
+            Some(self.tensor(&format!("{path}.bias"), [out])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// A square convolution `path` with `k`×`k` kernels, stride and padding.
+    pub fn conv2d(
+        &mut self,
+        path: &str,
+        inp: usize,
+        out: usize,
+        k: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Conv2d<B>> {
+        let w = self.merged_weight(path, &[out, inp, k, k])?;
+        let weight = upload(w, &self.device);
+        let bias = Some(self.tensor(&format!("{path}.bias"), [out])?);
+        Ok(Conv2d {
+            weight,
+            bias,
+            stride,
+            padding,
+        })
+    }
+
+    /// A group norm `path` over `channels` in `groups`.
+    pub fn group_norm(
+        &mut self,
+        path: &str,
+        channels: usize,
+        groups: usize,
+        eps: f64,
+    ) -> Result<GroupNorm<B>> {
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            return Err(NodeError::ModelConfig(format!(
+                "{path}: {channels} channels do not split into {groups} groups"
+            )));
+        }
+        Ok(GroupNorm {
+            gamma: self.tensor(&format!("{path}.weight"), [channels])?,
+            beta: self.tensor(&format!("{path}.bias"), [channels])?,
+            groups,
+            eps,
+        })
+    }
+
+    /// A layer norm `path` over the last `dim` features.
+    pub fn layer_norm(&mut self, path: &str, dim: usize, eps: f64) -> Result<LayerNorm<B>> {
+        Ok(LayerNorm {
+            gamma: self.tensor(&format!("{path}.weight"), [dim])?,
+            beta: self.tensor(&format!("{path}.bias"), [dim])?,
+            eps,
+        })
+    }
+
+    /// File tensors no module asked for, among those whose stored name starts with `prefix`.
+    pub fn unused(&self, prefix: &str) -> Vec<String> {
+        self.file
+            .names()
+            .filter(|n| n.starts_with(prefix) && !self.used.contains(*n))
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+fn squeeze(shape: &[usize]) -> &[usize] {
+    let mut s = shape;
+    while s.len() > 2 && s.last() == Some(&1) {
+        s = &s[..s.len() - 1];
+    }
+    s
+}
+
+/// Uploads a host tensor to `device` as rank `D`.
+pub fn upload<B: Backend, const D: usize>(t: HostTensor, device: &B::Device) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(t.data, t.shape), device)
+}
+
+/// Every tensor of `file` as host tensors (small files: fixtures, LoRAs).
+pub fn read_all(file: &TensorFile) -> Result<BTreeMap<String, HostTensor>> {
+    file.names()
+        .map(|n| Ok((n.to_string(), file.read(n)?)))
+        .collect()
+}

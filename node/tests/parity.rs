@@ -1,0 +1,512 @@
+//! Numerical parity of the Burn SD pipeline against diffusers/transformers.
+//!
+//! The fixtures in `tests/fixtures/` come from `scripts/make_fixtures.py`: tiny random models
+//! (weights stored as f16/bf16, so both sides compute with identical values), inputs, and the
+//! outputs PyTorch produced. Every comparison must agree within 1e-4 (max absolute error, f32).
+
+// Helpers outside #[test] fns panic on broken fixtures, which is what a test should do.
+#![allow(clippy::unwrap_used)]
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{Tensor, TensorData};
+use drover_node::error::NodeError;
+use drover_node::sd::Cpu;
+use drover_node::sd::clip::{ClipConfig, ClipText, clip_prefix};
+use drover_node::sd::lora::LoraSet;
+use drover_node::sd::pipeline::{
+    ModelSource, Params, Pipeline, TextConditioning, vae_diffusers_to_ldm,
+};
+use drover_node::sd::tokenizer::ClipTokenizer;
+use drover_node::sd::unet::{Unet, UnetConfig, guidance_embedding};
+use drover_node::sd::vae::{VaeConfig, VaeDecoder};
+use drover_node::sd::weights::{HostTensor, Loader, NameMap, TensorFile};
+use drover_shared::safetensors::build::f32_file;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn model_dir() -> PathBuf {
+    fixtures().join("tiny-sd15-lcm")
+}
+
+struct Expected(TensorFile);
+
+impl Expected {
+    fn load() -> Self {
+        Self(TensorFile::open(&fixtures().join("parity.safetensors")).unwrap())
+    }
+
+    fn host(&self, name: &str) -> HostTensor {
+        self.0.read(name).unwrap()
+    }
+
+    fn tensor<const D: usize>(&self, name: &str) -> Tensor<Cpu, D> {
+        let t = self.host(name);
+        Tensor::from_data(TensorData::new(t.data, t.shape), &Default::default())
+    }
+}
+
+fn values<const D: usize>(t: Tensor<Cpu, D>) -> Vec<f32> {
+    t.into_data().to_vec::<f32>().unwrap()
+}
+
+/// Asserts the max absolute error is within tolerance and returns it.
+fn check<const D: usize>(what: &str, got: Tensor<Cpu, D>, want: &HostTensor) -> f32 {
+    assert_eq!(got.dims().to_vec(), want.shape, "{what}: shape");
+    let got = values(got);
+    let err = got
+        .iter()
+        .zip(&want.data)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    println!(
+        "parity {what}: max abs error {err:.3e} over {} values",
+        got.len()
+    );
+    assert!(
+        err <= TOLERANCE,
+        "{what}: max abs error {err} > {TOLERANCE}"
+    );
+    err
+}
+
+fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> T {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn load_unet(dir: &Path, lora: Option<&Path>) -> drover_node::error::Result<Unet<Cpu>> {
+    let cfg: UnetConfig = read_config(&dir.join("config.json"));
+    let file = TensorFile::open(&dir.join("diffusion_pytorch_model.safetensors"))?;
+    let mut set = LoraSet::new();
+    if let Some(path) = lora {
+        set.add("test", path, 0.8)?;
+    }
+    let unet = {
+        let mut l =
+            Loader::<Cpu>::prefixed(&file, "", &Default::default()).with_lora(&mut set, "unet", "");
+        Unet::load(&mut l, &cfg)?
+    };
+    set.check_claimed()?;
+    Ok(unet)
+}
+
+fn load_vae(map: Option<NameMap>, file: &TensorFile) -> VaeDecoder<Cpu> {
+    let cfg: VaeConfig = read_config(&model_dir().join("vae/config.json"));
+    let mut l = match map {
+        Some(m) => Loader::<Cpu>::new(file, m, &Default::default()),
+        None => Loader::<Cpu>::prefixed(file, "", &Default::default()),
+    };
+    VaeDecoder::load(&mut l, &cfg).unwrap()
+}
+
+#[derive(serde::Deserialize)]
+struct PromptCase {
+    prompt: String,
+    ids: Vec<u32>,
+}
+
+#[derive(serde::Deserialize)]
+struct Meta {
+    prompts: Vec<PromptCase>,
+}
+
+#[test]
+fn tokenizer_matches_transformers_from_every_layout() {
+    let meta: Meta = read_config(&fixtures().join("parity.json"));
+    // vocab.json + merges.txt only (no tokenizer.json): assembled into the CLIP pipeline here.
+    let bare = tempfile::tempdir().unwrap();
+    for f in ["vocab.json", "merges.txt"] {
+        std::fs::copy(model_dir().join("tokenizer").join(f), bare.path().join(f)).unwrap();
+    }
+    let layouts = [
+        ClipTokenizer::from_dir(&model_dir().join("tokenizer")).unwrap(),
+        ClipTokenizer::from_dir(&fixtures().join("tokenizer-json")).unwrap(),
+        ClipTokenizer::from_dir(bare.path()).unwrap(),
+    ];
+    for tok in &layouts {
+        for case in &meta.prompts {
+            let got = tok.encode(&case.prompt).unwrap();
+            assert_eq!(got.ids, case.ids, "prompt {:?}", case.prompt);
+        }
+    }
+    let long = meta.prompts.iter().find(|c| c.prompt.len() > 300).unwrap();
+    let got = layouts[2].encode(&long.prompt).unwrap();
+    assert_eq!(got.truncated, 25, "100 words, 75 kept");
+
+    let empty = tempfile::tempdir().unwrap();
+    let err = ClipTokenizer::from_dir(empty.path())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("expected tokenizer.json or vocab.json + merges.txt"),
+        "{err}"
+    );
+}
+
+#[test]
+fn text_encoder_matches_transformers() {
+    let want = Expected::load();
+    let dir = model_dir().join("text_encoder");
+    let cfg: ClipConfig = read_config(&dir.join("config.json"));
+    let file = TensorFile::open(&dir.join("model.safetensors")).unwrap();
+    let mut l = Loader::<Cpu>::prefixed(&file, clip_prefix(&file), &Default::default());
+    let clip = ClipText::load(&mut l, &cfg).unwrap();
+    assert!(l.unused("").is_empty(), "{:?}", l.unused(""));
+    let ids: Vec<u32> = want
+        .host("text.input_ids")
+        .data
+        .iter()
+        .map(|&v| v as u32)
+        .collect();
+    check(
+        "text encoder",
+        clip.forward(&[ids]).unwrap(),
+        &want.host("text.hidden"),
+    );
+}
+
+#[test]
+fn unet_matches_diffusers_plain_and_with_lora_in_both_formats() {
+    let want = Expected::load();
+    let dir = fixtures().join("tiny-unet");
+    let sample: Tensor<Cpu, 4> = want.tensor("unet.sample");
+    let ctx: Tensor<Cpu, 3> = want.tensor("unet.encoder_hidden_states");
+    let unet = load_unet(&dir, None).unwrap();
+    check(
+        "unet",
+        unet.forward(sample.clone(), 759.0, &ctx, None).unwrap(),
+        &want.host("unet.out"),
+    );
+    for file in ["lora-kohya.safetensors", "lora-peft.safetensors"] {
+        let unet = load_unet(&dir, Some(&fixtures().join(file))).unwrap();
+        check(
+            &format!("unet + {file}"),
+            unet.forward(sample.clone(), 759.0, &ctx, None).unwrap(),
+            &want.host("unet.lora_out"),
+        );
+    }
+}
+
+#[test]
+fn lcm_unet_with_guidance_embedding_matches_diffusers() {
+    let want = Expected::load();
+    // The embedding of 1000·w reaches 7000 rad: one ulp of difference between PyTorch's
+    // vectorised f32 exp and a correctly rounded one moves a phase by ~5e-4. Allow that on at
+    // most two of the 256 values; every other value must agree to 1e-6.
+    let cond = guidance_embedding::<Cpu>(7.0, 256, &Default::default());
+    let want_cond = want.host("lcm.timestep_cond");
+    let errors: Vec<f32> = values(cond.clone())
+        .iter()
+        .zip(&want_cond.data)
+        .map(|(a, b)| (a - b).abs())
+        .collect();
+    let off = errors.iter().filter(|&&e| e > 1e-6).count();
+    let max = errors.iter().copied().fold(0f32, f32::max);
+    println!("parity guidance embedding: {off} of 256 values off by more than 1e-6, max {max:.3e}");
+    assert!(off <= 2 && max < 1e-3, "{off} values off, max {max}");
+    let unet = load_unet(&model_dir().join("unet"), None).unwrap();
+    let out = unet
+        .forward(
+            want.tensor("unet.sample"),
+            759.0,
+            &want.tensor("unet.encoder_hidden_states"),
+            Some(&cond),
+        )
+        .unwrap();
+    check("unet (lcm, linear proj)", out, &want.host("unet_lcm.out"));
+    let err = unet
+        .forward(
+            want.tensor("unet.sample"),
+            759.0,
+            &want.tensor("unet.encoder_hidden_states"),
+            None,
+        )
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("guidance embedding"), "{err}");
+}
+
+#[test]
+fn vae_decoder_matches_diffusers_bf16_weights() {
+    let want = Expected::load();
+    let file =
+        TensorFile::open(&model_dir().join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let vae = load_vae(None, &file);
+    check(
+        "vae decoder",
+        vae.forward(want.tensor("vae.latents")),
+        &want.host("vae.out"),
+    );
+}
+
+#[test]
+fn full_lcm_loop_matches_diffusers() {
+    let want = Expected::load();
+    let pipe = Pipeline::<Cpu>::load(
+        ModelSource::Diffusers(model_dir()),
+        &Default::default(),
+        &[],
+    )
+    .unwrap();
+    let timesteps: Vec<usize> = want
+        .host("lcm.timesteps")
+        .data
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    assert_eq!(pipe.scheduler().timesteps(4).unwrap(), timesteps);
+    let ids: Vec<u32> = want
+        .host("text.input_ids")
+        .data
+        .iter()
+        .map(|&v| v as u32)
+        .collect();
+    let ctx = pipe.encode_ids(&[ids]).unwrap();
+    let mut seen = Vec::new();
+    let denoised = pipe
+        .denoise(
+            &TextConditioning {
+                context: ctx,
+                uncond: None,
+            },
+            want.tensor("lcm.init"),
+            4,
+            8.0,
+            |k| want.tensor(&format!("lcm.noise.{k}")),
+            |k, total| {
+                seen.push((k, total));
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+    assert_eq!(seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    check(
+        "lcm final latent",
+        denoised.clone(),
+        &want.host("lcm.denoised.3"),
+    );
+    check("lcm image", pipe.decode(denoised), &want.host("lcm.image"));
+}
+
+#[test]
+fn single_file_ldm_names_load_the_same_weights() {
+    let want = Expected::load();
+    // The tiny UNet rewritten with LDM names must compute exactly what the diffusers one does.
+    let dir = fixtures().join("tiny-unet");
+    let file = TensorFile::open(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let ldm = drover_shared::arch::UnetConfig {
+        block_out_channels: vec![32, 64],
+        cross_attention: vec![true, false],
+        transformer_layers: vec![1, 1],
+        mid_transformer_layers: 1,
+        layers_per_block: 1,
+        cross_attention_dim: 32,
+        linear_projection: false,
+        addition_embed_in: None,
+        time_cond_proj_dim: None,
+        in_channels: 4,
+    };
+    let renamed: Vec<_> = file
+        .names()
+        .map(|n| {
+            let t = file.read(n).unwrap();
+            (
+                format!("model.diffusion_model.{}", ldm.diffusers_to_ldm(n)),
+                t.shape.iter().map(|&d| d as u64).collect(),
+                t.data,
+            )
+        })
+        .collect();
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("unet-ldm.safetensors");
+    std::fs::write(&path, f32_file(&renamed)).unwrap();
+    let ldm_file = TensorFile::open(&path).unwrap();
+    let cfg: UnetConfig = read_config(&dir.join("config.json"));
+    let map: NameMap =
+        Box::new(move |n| format!("model.diffusion_model.{}", ldm.diffusers_to_ldm(n)));
+    let mut l = Loader::<Cpu>::new(&ldm_file, map, &Default::default());
+    let unet = Unet::load(&mut l, &cfg).unwrap();
+    assert!(l.unused("model.diffusion_model.").is_empty());
+    check(
+        "unet from LDM names",
+        unet.forward(
+            want.tensor("unet.sample"),
+            759.0,
+            &want.tensor("unet.encoder_hidden_states"),
+            None,
+        )
+        .unwrap(),
+        &want.host("unet.out"),
+    );
+
+    // The VAE decoder with LDM names, attention weights as 1×1 convolutions.
+    let vae_file =
+        TensorFile::open(&model_dir().join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let renamed: Vec<_> = vae_file
+        .names()
+        .filter(|n| n.starts_with("decoder.") || n.starts_with("post_quant_conv"))
+        .map(|n| {
+            let t = vae_file.read(n).unwrap();
+            let mut shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+            if n.contains("attentions.0.to_") && shape.len() == 2 {
+                shape.extend([1, 1]);
+            }
+            (
+                format!("first_stage_model.{}", vae_diffusers_to_ldm(n, 2)),
+                shape,
+                t.data,
+            )
+        })
+        .collect();
+    let path = tmp.path().join("vae-ldm.safetensors");
+    std::fs::write(&path, f32_file(&renamed)).unwrap();
+    let ldm_vae = TensorFile::open(&path).unwrap();
+    let vae = load_vae(
+        Some(Box::new(|n| {
+            format!("first_stage_model.{}", vae_diffusers_to_ldm(n, 2))
+        })),
+        &ldm_vae,
+    );
+    check(
+        "vae from LDM names",
+        vae.forward(want.tensor("vae.latents")),
+        &want.host("vae.out"),
+    );
+}
+
+#[test]
+fn bad_weights_and_loras_fail_with_their_names() {
+    let dir = fixtures().join("tiny-unet");
+    let tmp = tempfile::tempdir().unwrap();
+    let file = TensorFile::open(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+    let cfg: UnetConfig = read_config(&dir.join("config.json"));
+    let rewrite = |skip: &str, reshape: &str| {
+        let tensors: Vec<_> = file
+            .names()
+            .filter(|n| *n != skip)
+            .map(|n| {
+                let t = file.read(n).unwrap();
+                let mut shape: Vec<u64> = t.shape.iter().map(|&d| d as u64).collect();
+                let mut data = t.data;
+                if n == reshape {
+                    shape[0] += 1;
+                    data.extend(std::iter::repeat_n(
+                        0.0,
+                        data.len() / (shape[0] as usize - 1),
+                    ));
+                }
+                (n.to_string(), shape, data)
+            })
+            .collect();
+        let path = tmp.path().join("unet.safetensors");
+        std::fs::write(&path, f32_file(&tensors)).unwrap();
+        let f = TensorFile::open(&path).unwrap();
+        let mut l = Loader::<Cpu>::prefixed(&f, "", &Default::default());
+        Unet::load(&mut l, &cfg).err().unwrap()
+    };
+    let missing = rewrite("mid_block.attentions.0.proj_out.weight", "");
+    assert!(
+        matches!(&missing, NodeError::MissingTensor { name, .. } if name == "mid_block.attentions.0.proj_out.weight"),
+        "{missing}"
+    );
+    let shape = rewrite("", "conv_in.weight");
+    assert!(
+        matches!(&shape, NodeError::TensorShape { name, .. } if name == "conv_in.weight"),
+        "{shape}"
+    );
+    assert!(shape.to_string().contains("[33, 4, 3, 3]"), "{shape}");
+
+    // A LoRA made for SDXL names modules this SD1-style UNet does not have.
+    let sdxl_lora = tmp.path().join("sdxl-lora.safetensors");
+    drover_shared::safetensors::build::write_model(
+        &sdxl_lora,
+        &drover_shared::arch::lora(
+            drover_shared::family::ModelFamily::Sdxl,
+            drover_shared::arch::LoraStyle::Kohya,
+            4,
+            false,
+        ),
+        drover_shared::safetensors::Dtype::F16,
+    )
+    .unwrap();
+    let err = load_unet(&dir, Some(&sdxl_lora)).err().unwrap().to_string();
+    assert!(err.contains("match nothing in this model"), "{err}");
+
+    // An integer tensor where weights belong.
+    let ints = drover_shared::safetensors::build::to_bytes(
+        &[(
+            "conv_in.weight".to_string(),
+            drover_shared::safetensors::Dtype::I32,
+            vec![32, 4, 3, 3],
+        )],
+        &[],
+    );
+    let path = tmp.path().join("ints.safetensors");
+    std::fs::write(&path, ints).unwrap();
+    let f = TensorFile::open(&path).unwrap();
+    let err = f.read("conv_in.weight").err().unwrap().to_string();
+    assert!(err.contains("is I32"), "{err}");
+}
+
+#[test]
+fn generate_renders_deterministic_images_and_stops_on_cancel() {
+    let pipe = Pipeline::<Cpu>::load(
+        ModelSource::Diffusers(model_dir()),
+        &Default::default(),
+        &[],
+    )
+    .unwrap();
+    let params = Params {
+        prompt: "a lighthouse at dusk".into(),
+        width: 32,
+        height: 16,
+        steps: 3,
+        guidance: 8.0,
+        seed: 42,
+    };
+    let a = pipe
+        .generate(&params, |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    let b = pipe
+        .generate(&params, |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!((a.width, a.height, a.rgb.len()), (32, 16, 32 * 16 * 3));
+    assert_eq!(a, b, "same seed, same image");
+    let c = pipe
+        .generate(
+            &Params {
+                seed: 43,
+                ..params.clone()
+            },
+            |_, _| ControlFlow::Continue(()),
+        )
+        .unwrap();
+    assert_ne!(a.rgb, c.rgb, "another seed, another image");
+    let mut calls = 0;
+    let err = pipe
+        .generate(&params, |_, _| {
+            calls += 1;
+            ControlFlow::Break(())
+        })
+        .err()
+        .unwrap();
+    assert!(matches!(err, NodeError::Cancelled));
+    assert_eq!(calls, 1, "stops after the first step");
+    let err = pipe
+        .generate(
+            &Params {
+                width: 18,
+                ..params
+            },
+            |_, _| ControlFlow::Continue(()),
+        )
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("not a multiple of 4"), "{err}");
+}
