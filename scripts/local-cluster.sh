@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Starts a local Drover cluster on this machine: one coordinator (REST on :4200, gRPC on :4201,
-# embedded sled under .local-cluster/) and three nodes: two SD1.5 nodes and one SDXL node.
-#
-# The nodes run BACKEND=sim, the simulated backend (no model: deterministic pattern images), until
-# the Burn CPU pipeline lands. Ctrl-C stops everything. Ports: DROVER_HTTP_PORT, DROVER_GRPC_PORT.
+# embedded sled under .local-cluster/) and three nodes:
+#   sd15-cpu-a, sd15-cpu-b  BACKEND=cpu: the real Burn SD1.5 LCM pipeline on this CPU, running a
+#                           small SD1.5-shaped model with RANDOM weights generated at first start
+#                           (`drover-node make-model`): real computation, noise images.
+#   sdxl-sim                BACKEND=sim: a simulated SDXL node (no model; pattern images labelled
+#                           simulated) until the SDXL pipeline lands.
+# For real pictures point MODEL_ROOT/MODEL at an SD1.5 LCM model (see README). Ctrl-C stops
+# everything. Ports: DROVER_HTTP_PORT, DROVER_GRPC_PORT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +17,11 @@ DIR=.local-cluster
 mkdir -p "$DIR"
 
 cargo build --bin drover-coordinator --bin drover-node
+
+MODELS="$DIR/models"
+if [ ! -f "$MODELS/demo-sd15/RANDOM_WEIGHTS.txt" ]; then
+    target/debug/drover-node make-model --out "$MODELS/demo-sd15"
+fi
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
@@ -28,18 +37,24 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
-start_node() { # name family
+start_cpu_node() { # name
+    COORDINATOR_URL="http://127.0.0.1:$GRPC_PORT" NODE_NAME="$1" BACKEND=cpu NUM_WORKERS=1 \
+    MODEL_ROOT="$MODELS" MODEL=demo-sd15 target/debug/drover-node >"$DIR/$1.log" 2>&1 &
+    pids+=($!)
+}
+start_sim_node() { # name family
     COORDINATOR_URL="http://127.0.0.1:$GRPC_PORT" NODE_NAME="$1" BACKEND=sim SIM_FAMILY="$2" \
     SIM_STEP_MS=100 NUM_WORKERS=2 target/debug/drover-node >"$DIR/$1.log" 2>&1 &
     pids+=($!)
 }
-start_node sd15-a sd15
-start_node sd15-b sd15
-start_node sdxl-a sdxl
+start_cpu_node sd15-cpu-a
+start_cpu_node sd15-cpu-b
+start_sim_node sdxl-sim sdxl
 
 cat <<MSG
 
-Drover local cluster is up (logs in $DIR/). Nodes run the simulated backend (BACKEND=sim).
+Drover local cluster is up (logs in $DIR/). The SD1.5 nodes run the Burn CPU pipeline on a
+random-weight demo model (their images are noise, by design); the SDXL node is simulated.
 
   nodes:         curl -s localhost:$HTTP_PORT/v1/nodes
   make an image: curl -s -X POST localhost:$HTTP_PORT/v1/generate \\

@@ -60,6 +60,54 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a demo model: SD1.5-shaped (768-wide text, LCM), small, random weights (draws noise).
+    MakeModel {
+        /// Folder to write (a diffusers layout).
+        #[arg(long)]
+        out: PathBuf,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Run one UNet forward (f32, CPU) on tensors from a file and write tensor `out`.
+    UnetEval {
+        /// UNet weights (.safetensors, diffusers or LDM names).
+        #[arg(long)]
+        unet: PathBuf,
+        /// Tensors `sample`, `timestep`, `encoder_hidden_states` (+ `timestep_cond` or `guidance`).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output .safetensors.
+        #[arg(long)]
+        output: PathBuf,
+        /// diffusers UNet config.json, for shapes outside the standard families.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// A LoRA to merge first.
+        #[arg(long)]
+        lora: Option<PathBuf>,
+        /// The LoRA's strength.
+        #[arg(long, default_value_t = 1.0)]
+        lora_scale: f32,
+    },
+    /// Time UNet steps of a random-weight UNet (prints one JSON line).
+    BenchUnet {
+        /// `sd15`, `sd15-lcm`, `sd2`, `demo` or a diffusers config.json path.
+        #[arg(long, default_value = "demo")]
+        shape: String,
+        /// Image side in pixels (latent = side / 8).
+        #[arg(long, default_value_t = 512)]
+        size: usize,
+        /// Timed runs.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Untimed warm-up runs (kernel compilation and autotuning on GPUs).
+        #[arg(long, default_value_t = 1)]
+        warmup: usize,
+        /// `cpu`, or `cuda` / `cuda-f16` in builds with the `cuda` feature.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
 }
 
 /// Settings of one node process.

@@ -3,9 +3,10 @@
 //! It identifies the model from its headers (never loading weights to find out), picks the backend
 //! (`BACKEND=auto`: cuda if a CUDA driver is present, else rknn for `.rknn` models, else cpu;
 //! never the simulation), scans `LORA_ROOT` and keeps only the LoRAs made for the model's family
-//! (logging every one it skips, with the reason), then starts `NUM_WORKERS` worker actors in a
-//! `SyncArbiter`. Only the `sim` workers exist so far; cpu, cuda and rknn fail at start-up with a
-//! message saying so, after the model has been identified.
+//! (logging every one it skips, with the reason), then loads the pipeline once per worker and
+//! starts `NUM_WORKERS` worker actors in a `SyncArbiter`: Burn on the CPU (`cpu`), Burn CUDA
+//! (`cuda`, with the `cuda` feature) or the simulation (`sim`). The rknn workers are not built yet
+//! and fail at start-up with a message saying so, after the model has been identified.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -69,16 +70,131 @@ pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
         explicit => explicit,
     };
     tracing::info!(path = %path.display(), family = %model.family, kind = ?model.kind, backend = backend.as_str(), "model detected");
+    if !matches!(model.family, ModelFamily::Sd15 | ModelFamily::Sd2) {
+        return Err(NodeError::Backend {
+            backend: backend.as_str(),
+            message: format!(
+                "model {} is {}: this drover-node runs the SD1.x/SD2.x pipeline only (SDXL comes with its own pipeline)",
+                path.display(),
+                model.family
+            ),
+        });
+    }
+    let loras = match &config.lora_root {
+        Some(root) => scan_loras(root, model.family)?,
+        None => Vec::new(),
+    };
+    match backend {
+        BackendKind::Cpu => {
+            let workers = config.num_workers.unwrap_or(1);
+            if !(1..=8).contains(&workers) {
+                return Err(NodeError::Config(format!(
+                    "NUM_WORKERS={workers}: a cpu node runs 1..=8 workers (each holds a full copy of the model)"
+                )));
+            }
+            let started = std::time::Instant::now();
+            let pipelines = crate::burn_worker::load_pipelines::<crate::sd::Cpu>(
+                &model,
+                &Default::default(),
+                workers as usize,
+            )?;
+            tracing::info!(
+                workers,
+                ms = started.elapsed().as_millis() as u64,
+                "cpu pipelines loaded"
+            );
+            let addr = crate::burn_worker::BurnWorker::start_pool(
+                pipelines,
+                "cpu",
+                &model.model_id,
+                config.lora_root.clone(),
+            );
+            Ok(pool(
+                config,
+                &model,
+                BackendKind::Cpu,
+                workers,
+                loras,
+                addr.recipient(),
+            ))
+        }
+        BackendKind::Cuda => build_cuda(config, &model, loras),
+        other => Err(NodeError::Backend {
+            backend: other.as_str(),
+            message: format!(
+                "the {} workers are not built into this drover-node yet (model {} is {} {:?}); \
+                 use BACKEND=cpu, or BACKEND=sim for a simulated node",
+                other.as_str(),
+                path.display(),
+                model.family,
+                model.kind
+            ),
+        }),
+    }
+}
+
+fn pool(
+    config: &NodeConfig,
+    model: &Inspection,
+    backend: BackendKind,
+    workers: u32,
+    loras: Vec<(String, ModelFamily)>,
+    runner: Recipient<RunJob>,
+) -> WorkerPool {
+    WorkerPool {
+        runner,
+        capabilities: Capabilities {
+            backend,
+            family: model.family,
+            model_id: model.model_id.clone(),
+            workers,
+            max_pixels: config
+                .max_pixels
+                .unwrap_or_else(|| default_max_pixels(model.family)),
+            loras,
+            pixel_steps_per_second: 0.0,
+        },
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn build_cuda(
+    config: &NodeConfig,
+    model: &Inspection,
+    loras: Vec<(String, ModelFamily)>,
+) -> Result<WorkerPool> {
+    crate::cuda::preflight()?;
+    let workers = config.num_workers.unwrap_or(1);
+    let device = burn::backend::cuda::CudaDevice::default();
+    let pipelines =
+        crate::burn_worker::load_pipelines::<crate::sd::Gpu>(model, &device, workers as usize)?;
+    let addr = crate::burn_worker::BurnWorker::start_pool(
+        pipelines,
+        "cuda",
+        &model.model_id,
+        config.lora_root.clone(),
+    );
+    Ok(pool(
+        config,
+        model,
+        BackendKind::Cuda,
+        workers,
+        loras,
+        addr.recipient(),
+    ))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn build_cuda(
+    _config: &NodeConfig,
+    _model: &Inspection,
+    _loras: Vec<(String, ModelFamily)>,
+) -> Result<WorkerPool> {
     Err(NodeError::Backend {
-        backend: backend.as_str(),
-        message: format!(
-            "the {} pipeline is not built into this drover-node yet (model {} is {} {:?}); \
-             set BACKEND=sim to run a simulated node",
-            backend.as_str(),
-            path.display(),
-            model.family,
-            model.kind
-        ),
+        backend: "cuda",
+        message: "this drover-node was built without the `cuda` feature; rebuild with \
+                  `cargo build --release -p drover-node --features cuda`, or set BACKEND=cpu"
+            .into(),
     })
 }
 
@@ -109,7 +225,7 @@ fn auto_backend(model: &Path) -> BackendKind {
             .flatten()
             .flatten()
             .any(|e| e.path().extension().is_some_and(|x| x == "rknn"));
-    if cuda_driver_present() {
+    if cfg!(feature = "cuda") && cuda_driver_present() {
         BackendKind::Cuda
     } else if is_rknn {
         BackendKind::Rknn

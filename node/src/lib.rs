@@ -6,13 +6,17 @@
 //! [`worker`] (the message every worker handles), [`sim`] (the simulated backend), [`session`]
 //! (registration, heartbeats, assignments, reconnects), [`error`].
 
+pub mod burn_worker;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
 pub mod factory;
 pub mod inspect;
 pub mod sd;
 pub mod session;
 pub mod sim;
+pub mod tools;
 pub mod worker;
 
 use std::process::ExitCode;
@@ -41,6 +45,47 @@ pub fn cli_main() -> ExitCode {
             }
         };
     }
+    match cli.command {
+        Some(config::Command::MakeModel { out, seed }) => {
+            return report(
+                "make-model",
+                tools::make_model(&out, seed).map(|()| {
+                    format!("demo model (random weights) written to {}\n", out.display())
+                }),
+            );
+        }
+        Some(config::Command::UnetEval {
+            unet,
+            inputs,
+            output,
+            config,
+            lora,
+            lora_scale,
+        }) => {
+            let o = tools::UnetEval {
+                unet: &unet,
+                inputs: &inputs,
+                output: &output,
+                config: config.as_deref(),
+                lora: lora.as_deref(),
+                lora_scale,
+            };
+            return report("unet-eval", tools::unet_eval(&o).map(|()| String::new()));
+        }
+        Some(config::Command::BenchUnet {
+            shape,
+            size,
+            runs,
+            warmup,
+            device,
+        }) => {
+            return report(
+                "bench-unet",
+                tools::bench_cli(&shape, size, runs, warmup, &device),
+            );
+        }
+        _ => {}
+    }
     let config = cli.node;
     let result = actix_rt::System::new().block_on(async move {
         let pool = factory::build(&config)?;
@@ -58,6 +103,19 @@ pub fn cli_main() -> ExitCode {
             tracing::error!(error = %e, "node stopped");
             eprintln!("drover-node: {e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+fn report(tool: &str, result: error::Result<String>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("drover-node {tool}: {e}");
+            ExitCode::FAILURE
         }
     }
 }

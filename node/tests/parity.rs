@@ -464,6 +464,7 @@ fn generate_renders_deterministic_images_and_stops_on_cancel() {
     .unwrap();
     let params = Params {
         prompt: "a lighthouse at dusk".into(),
+        negative_prompt: String::new(),
         width: 32,
         height: 16,
         steps: 3,

@@ -181,7 +181,15 @@ fn a_node_refuses_what_it_cannot_serve_and_says_why() {
                 ("MODEL_ROOT", root.as_str()),
                 ("MODEL", "sd15.safetensors"),
             ],
-            "cpu pipeline is not built",
+            "no tokenizer found: expected tokenizer.json or vocab.json + merges.txt",
+        ),
+        (
+            vec![
+                ("BACKEND", "rknn"),
+                ("MODEL_ROOT", root.as_str()),
+                ("MODEL", "sd15.safetensors"),
+            ],
+            "rknn workers are not built",
         ),
         (
             vec![("BACKEND", "sim"), ("LORA_ROOT", "/no/such/folder")],

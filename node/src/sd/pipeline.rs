@@ -68,6 +68,8 @@ pub struct TextConditioning<B: Backend> {
 pub struct Params {
     /// Prompt.
     pub prompt: String,
+    /// Negative prompt (used by classifier-free guidance on UNets without a guidance embedding).
+    pub negative_prompt: String,
     /// Image width in pixels.
     pub width: usize,
     /// Image height in pixels.
@@ -464,7 +466,7 @@ impl<B: Backend> Pipeline<B> {
         }
         let (context, tokens) = self.encode_prompt(&params.prompt)?;
         let uncond = if self.unet.config().time_cond_proj_dim.is_none() && params.guidance > 1.0 {
-            Some(self.encode_prompt("")?.0)
+            Some(self.encode_prompt(&params.negative_prompt)?.0)
         } else {
             None
         };

@@ -125,12 +125,106 @@ fn io_error(path: &Path, e: &std::io::Error) -> NodeError {
     NodeError::Weights(format!("{}: {e}", path.display()))
 }
 
+/// Where a loader gets tensors: a file, or generated weights.
+pub trait TensorSource {
+    /// The tensor `name`; `expected` is the shape the module wants (generators use it, files
+    /// return what they hold and the loader compares).
+    fn fetch(&self, name: &str, expected: &[usize]) -> Result<HostTensor>;
+    /// Whether the source holds `name`.
+    fn holds(&self, name: &str) -> bool;
+    /// Every tensor name the source holds (generators: those produced so far).
+    fn tensor_names(&self) -> Vec<String>;
+}
+
+impl TensorSource for TensorFile {
+    fn fetch(&self, name: &str, _expected: &[usize]) -> Result<HostTensor> {
+        self.read(name)
+    }
+
+    fn holds(&self, name: &str) -> bool {
+        self.contains(name)
+    }
+
+    fn tensor_names(&self) -> Vec<String> {
+        self.names().map(str::to_string).collect()
+    }
+}
+
+/// Random weights of whatever shape each module asks for (seeded, scaled by fan-in so
+/// activations stay in range), recorded so they can be written out as a model file.
+/// Used for benchmarks and the demo model; such models draw noise, not pictures.
+#[derive(Debug, Default)]
+pub struct RandomWeights {
+    seed: u64,
+    made: std::sync::Mutex<Vec<(String, HostTensor)>>,
+}
+
+impl RandomWeights {
+    /// A generator seeded with `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            seed,
+            made: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The tensors produced so far, in order, emptying the record.
+    pub fn take(&self) -> Vec<(String, HostTensor)> {
+        std::mem::take(&mut *self.made.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+impl TensorSource for RandomWeights {
+    fn fetch(&self, name: &str, expected: &[usize]) -> Result<HostTensor> {
+        let numel: usize = expected.iter().product();
+        let name_seed = name
+            .bytes()
+            .fold(self.seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+            });
+        let data = if expected.len() == 1 && name.ends_with(".weight") {
+            vec![1.0; numel]
+        } else if expected.len() == 1 {
+            vec![0.0; numel]
+        } else {
+            let fan_in = (numel / expected[0].max(1)).max(1) as f32;
+            let scale = 1.0 / fan_in.sqrt();
+            super::pipeline::gaussian(name_seed, numel)
+                .into_iter()
+                .map(|v| v * scale)
+                .collect()
+        };
+        let t = HostTensor {
+            data,
+            shape: expected.to_vec(),
+        };
+        self.made
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((name.to_string(), t.clone()));
+        Ok(t)
+    }
+
+    fn holds(&self, _name: &str) -> bool {
+        true
+    }
+
+    fn tensor_names(&self) -> Vec<String> {
+        self.made
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+}
+
 /// Translates the diffusers name a module asks for into the name stored in the file.
 pub type NameMap = Box<dyn Fn(&str) -> String + Send + Sync>;
 
 /// Loads one component's tensors onto a device.
 pub struct Loader<'a, B: Backend> {
-    file: &'a TensorFile,
+    file: &'a dyn TensorSource,
     map: NameMap,
     device: B::Device,
     lora: Option<(&'a mut LoraSet, &'static str, String)>,
@@ -139,7 +233,7 @@ pub struct Loader<'a, B: Backend> {
 
 impl<'a, B: Backend> Loader<'a, B> {
     /// A loader reading `file` with names translated by `map`.
-    pub fn new(file: &'a TensorFile, map: NameMap, device: &B::Device) -> Self {
+    pub fn new(file: &'a dyn TensorSource, map: NameMap, device: &B::Device) -> Self {
         Self {
             file,
             map,
@@ -150,7 +244,7 @@ impl<'a, B: Backend> Loader<'a, B> {
     }
 
     /// A loader whose names are the file's own, with an optional prefix (`"text_model."`).
-    pub fn prefixed(file: &'a TensorFile, prefix: &str, device: &B::Device) -> Self {
+    pub fn prefixed(file: &'a dyn TensorSource, prefix: &str, device: &B::Device) -> Self {
         let prefix = prefix.to_string();
         Self::new(file, Box::new(move |n| format!("{prefix}{n}")), device)
     }
@@ -177,7 +271,7 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// on either side: 1×1 convolutions and linear layers are interchangeable).
     pub fn host(&mut self, name: &str, shape: &[usize]) -> Result<HostTensor> {
         let stored = (self.map)(name);
-        let t = self.file.read(&stored).map_err(|e| match e {
+        let t = self.file.fetch(&stored, shape).map_err(|e| match e {
             NodeError::MissingTensor { file, .. } => NodeError::MissingTensor {
                 file,
                 name: if stored == name {
@@ -214,7 +308,7 @@ impl<'a, B: Backend> Loader<'a, B> {
 
     /// Whether the file holds the tensor a module would call `name`.
     pub fn has(&self, name: &str) -> bool {
-        self.file.contains(&(self.map)(name))
+        self.file.holds(&(self.map)(name))
     }
 
     fn merged_weight(&mut self, path: &str, shape: &[usize]) -> Result<HostTensor> {
@@ -291,9 +385,9 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// File tensors no module asked for, among those whose stored name starts with `prefix`.
     pub fn unused(&self, prefix: &str) -> Vec<String> {
         self.file
-            .names()
-            .filter(|n| n.starts_with(prefix) && !self.used.contains(*n))
-            .map(str::to_string)
+            .tensor_names()
+            .into_iter()
+            .filter(|n| n.starts_with(prefix) && !self.used.contains(n))
             .collect()
     }
 }

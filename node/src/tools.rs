@@ -1,0 +1,434 @@
+//! `drover-node` tools: `make-model` (a random-weight demo model), `unet-eval` (one UNet forward
+//! on given tensors, for checking against a reference) and `bench-unet` (UNet step timing).
+
+use std::path::Path;
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{Tensor, TensorData};
+use drover_shared::detect::inspect;
+use drover_shared::family::ModelFamily;
+use drover_shared::safetensors::Dtype;
+use drover_shared::safetensors::build::header_json;
+use serde_json::json;
+
+use crate::error::{NodeError, Result};
+use crate::sd::clip::{ClipConfig, ClipText};
+use crate::sd::lora::LoraSet;
+use crate::sd::unet::{Unet, UnetConfig, guidance_embedding};
+use crate::sd::vae::{VaeConfig, VaeDecoder};
+use crate::sd::weights::{HostTensor, Loader, NameMap, RandomWeights, TensorFile, upload};
+
+fn io(path: &Path, e: std::io::Error) -> NodeError {
+    NodeError::Weights(format!("{}: {e}", path.display()))
+}
+
+/// Writes `tensors` as an f16 safetensors file.
+pub fn write_f16(path: &Path, tensors: &[(String, HostTensor)]) -> Result<()> {
+    let specs: Vec<_> = tensors
+        .iter()
+        .map(|(n, t)| {
+            (
+                n.clone(),
+                Dtype::F16,
+                t.shape.iter().map(|&d| d as u64).collect(),
+            )
+        })
+        .collect();
+    let (json, data_len) = header_json(&specs, &[("format", "pt")]);
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.reserve(data_len as usize);
+    for (_, t) in tensors {
+        for v in &t.data {
+            out.extend_from_slice(&half::f16::from_f32(*v).to_le_bytes());
+        }
+    }
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    }
+    std::fs::write(path, out).map_err(|e| io(path, e))
+}
+
+/// Writes `tensors` as an f32 safetensors file.
+pub fn write_f32(path: &Path, tensors: Vec<(String, HostTensor)>) -> Result<()> {
+    let list: Vec<_> = tensors
+        .into_iter()
+        .map(|(n, t)| (n, t.shape.iter().map(|&d| d as u64).collect(), t.data))
+        .collect();
+    std::fs::write(path, drover_shared::safetensors::build::f32_file(&list))
+        .map_err(|e| io(path, e))
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    }
+    let text = serde_json::to_string_pretty(value).unwrap_or_default();
+    std::fs::write(path, text).map_err(|e| io(path, e))
+}
+
+/// The demo model's UNet: SD1.5's interface (4 latent channels, 768-wide text, LCM guidance
+/// embedding) at a fraction of its width, so a CPU renders 512² in seconds.
+pub fn demo_unet_config() -> serde_json::Value {
+    json!({
+        "_class_name": "UNet2DConditionModel",
+        "in_channels": 4, "out_channels": 4, "sample_size": 64,
+        "block_out_channels": [32, 64, 128, 128],
+        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+        "layers_per_block": 1, "cross_attention_dim": 768, "attention_head_dim": 8,
+        "norm_num_groups": 32, "use_linear_projection": false, "time_cond_proj_dim": 256
+    })
+}
+
+/// Writes a diffusers folder holding an SD1.5-shaped LCM model with random weights (seeded).
+/// It exercises the whole pipeline; its images are noise, by design. `RANDOM_WEIGHTS.txt` and
+/// the PNG metadata say so.
+pub fn make_model(out: &Path, seed: u64) -> Result<()> {
+    let device = Default::default();
+    let te_cfg = json!({
+        "_class_name": "CLIPTextModel", "vocab_size": 1000, "hidden_size": 768,
+        "intermediate_size": 3072, "num_hidden_layers": 2, "num_attention_heads": 12,
+        "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5
+    });
+    let vae_cfg = json!({
+        "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
+        "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1, "norm_num_groups": 32,
+        "scaling_factor": 0.18215
+    });
+    let parse = |v: &serde_json::Value, what: &str| {
+        NodeError::ModelConfig(format!("demo {what} config: {v}"))
+    };
+    let te: ClipConfig =
+        serde_json::from_value(te_cfg.clone()).map_err(|_| parse(&te_cfg, "text encoder"))?;
+    let unet_json = demo_unet_config();
+    let unet: UnetConfig =
+        serde_json::from_value(unet_json.clone()).map_err(|_| parse(&unet_json, "unet"))?;
+    let vae: VaeConfig =
+        serde_json::from_value(vae_cfg.clone()).map_err(|_| parse(&vae_cfg, "vae"))?;
+
+    let source = RandomWeights::new(seed);
+    ClipText::<crate::sd::Cpu>::load(&mut Loader::prefixed(&source, "text_model.", &device), &te)?;
+    write_f16(&out.join("text_encoder/model.safetensors"), &source.take())?;
+    Unet::<crate::sd::Cpu>::load(&mut Loader::prefixed(&source, "", &device), &unet)?;
+    write_f16(
+        &out.join("unet/diffusion_pytorch_model.safetensors"),
+        &source.take(),
+    )?;
+    VaeDecoder::<crate::sd::Cpu>::load(&mut Loader::prefixed(&source, "", &device), &vae)?;
+    write_f16(
+        &out.join("vae/diffusion_pytorch_model.safetensors"),
+        &source.take(),
+    )?;
+    write_json(&out.join("text_encoder/config.json"), &te_cfg)?;
+    write_json(&out.join("unet/config.json"), &unet_json)?;
+    write_json(&out.join("vae/config.json"), &vae_cfg)?;
+    write_json(
+        &out.join("scheduler/scheduler_config.json"),
+        &json!({"_class_name": "LCMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+                "beta_end": 0.012, "beta_schedule": "scaled_linear", "original_inference_steps": 50,
+                "timestep_scaling": 10.0, "prediction_type": "epsilon"}),
+    )?;
+    write_json(
+        &out.join("model_index.json"),
+        &json!({"_class_name": "LatentConsistencyModelPipeline",
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+                "scheduler": ["diffusers", "LCMScheduler"]}),
+    )?;
+    let tok = out.join("tokenizer");
+    std::fs::create_dir_all(&tok).map_err(|e| io(&tok, e))?;
+    for (name, text) in [
+        (
+            "vocab.json",
+            include_str!("../assets/demo-tokenizer/vocab.json"),
+        ),
+        (
+            "merges.txt",
+            include_str!("../assets/demo-tokenizer/merges.txt"),
+        ),
+    ] {
+        std::fs::write(tok.join(name), text).map_err(|e| io(&tok, e))?;
+    }
+    let note = out.join("RANDOM_WEIGHTS.txt");
+    std::fs::write(
+        &note,
+        format!(
+            "This model was generated by `drover-node make-model --seed {seed}`.\n\
+             Its weights are random: it runs the real SD1.5 LCM pipeline end to end, but draws noise.\n\
+             Point MODEL_ROOT/MODEL at a real SD1.5 LCM model (diffusers folder or single file) for pictures.\n"
+        ),
+    )
+    .map_err(|e| io(&note, e))?;
+    Ok(())
+}
+
+fn tensor_from<B: Backend, const D: usize>(
+    file: &TensorFile,
+    name: &str,
+    device: &B::Device,
+) -> Result<Tensor<B, D>> {
+    let t = file.read(name)?;
+    if t.shape.len() != D {
+        return Err(NodeError::TensorShape {
+            name: name.to_string(),
+            expected: vec![0; D],
+            found: t.shape,
+        });
+    }
+    Ok(upload(t, device))
+}
+
+/// Options of `unet-eval`.
+#[derive(Debug)]
+pub struct UnetEval<'a> {
+    /// UNet weights (diffusers or LDM names).
+    pub unet: &'a Path,
+    /// Tensors `sample`, `timestep`, `encoder_hidden_states` (+ optional `timestep_cond`, or
+    /// `guidance` to build it).
+    pub inputs: &'a Path,
+    /// Where tensor `out` is written.
+    pub output: &'a Path,
+    /// A diffusers UNet config.json for non-standard shapes.
+    pub config: Option<&'a Path>,
+    /// A LoRA to merge.
+    pub lora: Option<&'a Path>,
+    /// Its strength.
+    pub lora_scale: f32,
+}
+
+/// Runs one UNet forward (f32, CPU) on the inputs and writes `out`.
+pub fn unet_eval(o: &UnetEval) -> Result<()> {
+    let device = Default::default();
+    let file = TensorFile::open(o.unet)?;
+    let ldm = file
+        .names()
+        .any(|n| n.starts_with("model.diffusion_model."));
+    let config: UnetConfig = match o.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| io(path, e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| NodeError::ModelConfig(format!("{}: {e}", path.display())))?
+        }
+        None => {
+            let found = inspect(o.unet)?;
+            let cond = file
+                .shape(if ldm {
+                    "model.diffusion_model.time_embed.cond_proj.weight"
+                } else {
+                    "time_embedding.cond_proj.weight"
+                })
+                .map(|s| s[1]);
+            match found.family {
+                ModelFamily::Sd15 => UnetConfig::sd15(cond),
+                ModelFamily::Sd2 => UnetConfig::sd2(cond),
+                other => {
+                    return Err(NodeError::ModelConfig(format!(
+                        "{} is {other}; pass --config for UNets outside SD1.x/SD2.x",
+                        o.unet.display()
+                    )));
+                }
+            }
+        }
+    };
+    let mut set = LoraSet::new();
+    if let Some(lora) = o.lora {
+        set.add("lora", lora, o.lora_scale)?;
+    }
+    let map: NameMap = if ldm {
+        let arch = drover_shared::arch::UnetConfig {
+            block_out_channels: config
+                .block_out_channels
+                .iter()
+                .map(|&c| c as u64)
+                .collect(),
+            cross_attention: config
+                .down_block_types
+                .iter()
+                .map(|t| t.starts_with("CrossAttn"))
+                .collect(),
+            transformer_layers: vec![1; config.block_out_channels.len()],
+            mid_transformer_layers: 1,
+            layers_per_block: config.layers_per_block as u64,
+            cross_attention_dim: config.cross_attention_dim as u64,
+            linear_projection: config.use_linear_projection,
+            addition_embed_in: None,
+            time_cond_proj_dim: config.time_cond_proj_dim.map(|d| d as u64),
+            in_channels: config.in_channels as u64,
+        };
+        Box::new(move |n| format!("model.diffusion_model.{}", arch.diffusers_to_ldm(n)))
+    } else {
+        Box::new(|n| n.to_string())
+    };
+    let unet = {
+        let mut l =
+            Loader::<crate::sd::Cpu>::new(&file, map, &device).with_lora(&mut set, "unet", "");
+        Unet::load(&mut l, &config)?
+    };
+    set.check_claimed()?;
+    let inputs = TensorFile::open(o.inputs)?;
+    let sample: Tensor<crate::sd::Cpu, 4> = tensor_from(&inputs, "sample", &device)?;
+    let timestep = inputs
+        .read("timestep")?
+        .data
+        .first()
+        .copied()
+        .ok_or_else(|| NodeError::InvalidJob("timestep is empty".into()))?;
+    let ctx: Tensor<crate::sd::Cpu, 3> = tensor_from(&inputs, "encoder_hidden_states", &device)?;
+    let cond = if inputs.contains("timestep_cond") {
+        Some(tensor_from::<crate::sd::Cpu, 2>(
+            &inputs,
+            "timestep_cond",
+            &device,
+        )?)
+    } else if let (true, Some(dim)) = (inputs.contains("guidance"), config.time_cond_proj_dim) {
+        let g = inputs
+            .read("guidance")?
+            .data
+            .first()
+            .copied()
+            .unwrap_or(1.0);
+        Some(guidance_embedding(g - 1.0, dim, &device))
+    } else {
+        None
+    };
+    let out = unet.forward(sample, timestep, &ctx, cond.as_ref())?;
+    let shape = out.dims().to_vec();
+    let data = out
+        .into_data()
+        .to_vec::<f32>()
+        .map_err(|e| NodeError::Render(format!("{e:?}")))?;
+    write_f32(
+        o.output,
+        vec![("out".to_string(), HostTensor { data, shape })],
+    )
+}
+
+/// Timings of one UNet configuration.
+#[derive(Clone, Debug)]
+pub struct UnetTiming {
+    /// Milliseconds per forward, each run.
+    pub runs_ms: Vec<f64>,
+}
+
+/// Times `runs` UNet forwards of a random-weight UNet with `config` on `device` at a
+/// `latent`×`latent` latent, after `warmup` untimed runs.
+pub fn bench_unet<B: Backend>(
+    config: &UnetConfig,
+    device: &B::Device,
+    latent: usize,
+    warmup: usize,
+    runs: usize,
+) -> Result<UnetTiming> {
+    let source = RandomWeights::new(7);
+    let unet = Unet::<B>::load(&mut Loader::prefixed(&source, "", device), config)?;
+    drop(source.take());
+    let c = config.in_channels;
+    let sample = Tensor::<B, 4>::from_data(
+        TensorData::new(
+            crate::sd::pipeline::gaussian(1, c * latent * latent),
+            [1, c, latent, latent],
+        ),
+        device,
+    );
+    let ctx = Tensor::<B, 3>::from_data(
+        TensorData::new(
+            crate::sd::pipeline::gaussian(2, 77 * config.cross_attention_dim),
+            [1, 77, config.cross_attention_dim],
+        ),
+        device,
+    );
+    let cond = config
+        .time_cond_proj_dim
+        .map(|d| guidance_embedding::<B>(7.0, d, device));
+    let mut runs_ms = Vec::new();
+    for i in 0..warmup + runs {
+        let started = Instant::now();
+        let out = unet.forward(sample.clone(), 759.0, &ctx, cond.as_ref())?;
+        // Reading one value back waits for the device to finish.
+        let _ = out.slice([0..1, 0..1, 0..1, 0..1]).into_data();
+        if i >= warmup {
+            runs_ms.push(started.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    Ok(UnetTiming { runs_ms })
+}
+
+fn shape_config(shape: &str) -> Result<UnetConfig> {
+    Ok(match shape {
+        "sd15" => UnetConfig::sd15(None),
+        "sd15-lcm" => UnetConfig::sd15(Some(256)),
+        "sd2" => UnetConfig::sd2(None),
+        "demo" => serde_json::from_value(demo_unet_config())
+            .map_err(|e| NodeError::ModelConfig(format!("demo unet: {e}")))?,
+        path => {
+            let p = Path::new(path);
+            let text = std::fs::read_to_string(p).map_err(|e| io(p, e))?;
+            serde_json::from_str(&text)
+                .map_err(|e| NodeError::ModelConfig(format!("{path}: {e}")))?
+        }
+    })
+}
+
+fn summary(shape: &str, size: usize, device: &str, t: &UnetTiming) -> String {
+    let mut sorted = t.runs_ms.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let mean = sorted.iter().sum::<f64>() / sorted.len().max(1) as f64;
+    format!(
+        "{}\n",
+        json!({"shape": shape, "size": size, "device": device, "runs": sorted.len(),
+               "median_ms": median, "mean_ms": mean, "min_ms": sorted.first(), "runs_ms": t.runs_ms})
+    )
+}
+
+/// `drover-node bench-unet`: times a random-weight UNet and prints one JSON line.
+pub fn bench_cli(
+    shape: &str,
+    size: usize,
+    runs: usize,
+    warmup: usize,
+    device: &str,
+) -> Result<String> {
+    let config = shape_config(shape)?;
+    let latent = size / 8;
+    if latent == 0 || !latent.is_multiple_of(config.downscale()) {
+        return Err(NodeError::InvalidJob(format!(
+            "size {size} does not give a latent divisible by {}",
+            config.downscale()
+        )));
+    }
+    let timing = match device {
+        "cpu" => bench_unet::<crate::sd::Cpu>(&config, &Default::default(), latent, warmup, runs)?,
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            crate::cuda::preflight()?;
+            bench_unet::<crate::sd::Gpu>(&config, &Default::default(), latent, warmup, runs)?
+        }
+        #[cfg(feature = "cuda")]
+        "cuda-f16" => {
+            crate::cuda::preflight()?;
+            bench_unet::<burn::backend::Cuda<half::f16>>(
+                &config,
+                &Default::default(),
+                latent,
+                warmup,
+                runs,
+            )?
+        }
+        other => {
+            return Err(NodeError::Config(format!(
+                "device {other} is not available in this build (cpu{})",
+                if cfg!(feature = "cuda") {
+                    ", cuda, cuda-f16"
+                } else {
+                    ""
+                }
+            )));
+        }
+    };
+    Ok(summary(shape, size, device, &timing))
+}
