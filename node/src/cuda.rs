@@ -24,6 +24,9 @@ fn library_dirs() -> Vec<PathBuf> {
             "/usr/lib64",
             "/usr/lib",
             "/usr/lib/wsl/lib",
+            "/usr/local/nvidia/lib64",
+            "/lib64",
+            "/lib",
         ]
         .map(PathBuf::from),
     );
@@ -31,17 +34,27 @@ fn library_dirs() -> Vec<PathBuf> {
 }
 
 fn find(prefix: &str) -> bool {
-    library_dirs().iter().any(|dir| {
-        std::fs::read_dir(dir)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                e.file_name()
-                    .to_str()
-                    .is_some_and(|n| n.starts_with(prefix))
-            })
-    })
+    let in_ld_cache = std::process::Command::new("ldconfig")
+        .arg("-p")
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim_start().starts_with(prefix))
+        })
+        .unwrap_or(false);
+    in_ld_cache
+        || library_dirs().iter().any(|dir| {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .any(|e| {
+                    e.file_name()
+                        .to_str()
+                        .is_some_and(|n| n.starts_with(prefix))
+                })
+        })
 }
 
 /// Checks the CUDA driver, NVRTC and the CUDA headers burn-cuda compiles kernels against.
