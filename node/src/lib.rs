@@ -28,7 +28,11 @@ pub fn cli_main() -> ExitCode {
     use clap::Parser;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    // Logs go to stderr: the tools print their results (JSON) on stdout.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
     let cli = config::Cli::parse();
     if let Some(config::Command::Inspect { path, json }) = cli.command {
         return match inspect::run(&path, json) {

@@ -2,9 +2,9 @@
 //! Weights are created by [`super::weights::Loader`]; nothing here trains.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::module::{conv2d, linear};
-use burn::tensor::ops::ConvOptions;
-use burn::tensor::{Tensor, activation};
+use burn::tensor::module::{self, conv2d, linear};
+use burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
+use burn::tensor::{Tensor, TensorPrimitive, activation};
 
 /// `y = x·W + b`, with `W` stored `[in, out]`.
 #[derive(Clone, Debug)]
@@ -62,14 +62,14 @@ pub struct GroupNorm<B: Backend> {
 }
 
 impl<B: Backend> GroupNorm<B> {
-    /// Normalises `[n, c, h, w]`.
+    /// Normalises `[n, c, h, w]`: each group is a row of the backend's (fused) layer norm,
+    /// then the per-channel affine.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
-        let grouped = x.reshape([n, self.groups, (c / self.groups) * h * w]);
-        let mean = grouped.clone().mean_dim(2);
-        let centred = grouped - mean;
-        let var = centred.clone().square().mean_dim(2);
-        let normed = centred / var.add_scalar(self.eps).sqrt();
+        let row = (c / self.groups) * h * w;
+        let grouped = x.reshape([n, self.groups, row]);
+        let ones = Tensor::<B, 1>::ones([row], &grouped.device());
+        let normed = fused_layer_norm(grouped, ones, None, self.eps);
         normed.reshape([n, c, h, w]) * self.gamma.clone().reshape([1, c, 1, 1])
             + self.beta.clone().reshape([1, c, 1, 1])
     }
@@ -89,13 +89,23 @@ pub struct LayerNorm<B: Backend> {
 impl<B: Backend> LayerNorm<B> {
     /// Normalises `[n, l, d]` over `d`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let d = self.gamma.dims()[0];
-        let mean = x.clone().mean_dim(2);
-        let centred = x - mean;
-        let var = centred.clone().square().mean_dim(2);
-        let normed = centred / var.add_scalar(self.eps).sqrt();
-        normed * self.gamma.clone().reshape([1, 1, d]) + self.beta.clone().reshape([1, 1, d])
+        fused_layer_norm(x, self.gamma.clone(), Some(self.beta.clone()), self.eps)
     }
+}
+
+/// The backend's layer norm over the last dimension (one fused kernel where the backend has one).
+fn fused_layer_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    gamma: Tensor<B, 1>,
+    beta: Option<Tensor<B, 1>>,
+    eps: f64,
+) -> Tensor<B, 3> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::layer_norm(
+        x.into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        beta.map(|b| b.into_primitive().tensor()),
+        eps,
+    )))
 }
 
 /// SiLU, `x·σ(x)`.
@@ -127,17 +137,14 @@ pub fn attention<B: Backend>(
     let d = inner / heads;
     let split = |t: Tensor<B, 3>, len: usize| t.reshape([n, len, heads, d]).swap_dims(1, 2);
     let (q, k, v) = (split(q, l), split(k, s), split(v, s));
-    let mut scores = q
-        .matmul(k.swap_dims(2, 3))
-        .mul_scalar(1.0 / (d as f64).sqrt());
-    if causal {
-        let mask = Tensor::<B, 2, burn::tensor::Bool>::tril_mask([l, s], 0, &scores.device())
-            .reshape([1, 1, l, s])
-            .expand([n, heads, l, s]);
-        scores = scores.mask_fill(mask, f32::NEG_INFINITY);
-    }
-    let probs = activation::softmax(scores, 3);
-    probs.matmul(v).swap_dims(1, 2).reshape([n, l, inner])
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: causal,
+    };
+    module::attention(q, k, v, None, None, options)
+        .swap_dims(1, 2)
+        .reshape([n, l, inner])
 }
 
 /// `[n, c, h, w]` → `[n, h·w, c]`.
