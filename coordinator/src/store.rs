@@ -7,8 +7,14 @@ use std::path::Path;
 
 use drover_shared::ids::JobId;
 
-use crate::error::Result;
+use crate::error::{CoordinatorError, Result};
 use crate::records::{JobRecord, NodeRecord};
+
+/// A request to be told when every write made before it is on disk.
+type CommitWaiter = (
+    sled::Db,
+    tokio::sync::oneshot::Sender<std::result::Result<(), String>>,
+);
 
 /// Handle to the embedded database; cheap to clone and safe to share between threads.
 #[derive(Clone)]
@@ -17,6 +23,32 @@ pub struct Store {
     nodes: sled::Tree,
     jobs: sled::Tree,
     images: sled::Tree,
+    commits: std::sync::mpsc::Sender<CommitWaiter>,
+}
+
+/// Group commit: one thread takes every waiting commit request, runs one `fsync`ing flush that
+/// covers all writes made before those requests, and answers them together. Concurrent
+/// submissions therefore share flushes instead of queueing one flush each. The database handle
+/// travels with each request, so the thread holds none between batches (a dropped store closes).
+fn start_committer() -> std::sync::mpsc::Sender<CommitWaiter> {
+    let (tx, rx) = std::sync::mpsc::channel::<CommitWaiter>();
+    let spawned = std::thread::Builder::new()
+        .name("drover-commit".into())
+        .spawn(move || {
+            while let Ok((db, first)) = rx.recv() {
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter().map(|(_, waiter)| waiter));
+                let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
+                drop(db);
+                for waiter in batch {
+                    let _ = waiter.send(result.clone());
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "commit thread could not start; flushes will fail");
+    }
+    tx
 }
 
 impl Store {
@@ -40,6 +72,7 @@ impl Store {
             nodes: db.open_tree("nodes")?,
             jobs: db.open_tree("jobs")?,
             images: db.open_tree("images")?,
+            commits: start_committer(),
             db,
         })
     }
@@ -98,10 +131,16 @@ impl Store {
         Ok(self.images.get(id.as_bytes())?.map(|v| v.to_vec()))
     }
 
-    /// Makes every write so far durable on disk.
+    /// Makes every write so far durable on disk (sharing the flush with concurrent callers).
     pub async fn flush(&self) -> Result<()> {
-        self.db.flush_async().await?;
-        Ok(())
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let stopped = || CoordinatorError::Unavailable("the store's commit thread stopped".into());
+        self.commits
+            .send((self.db.clone(), tx))
+            .map_err(|_| stopped())?;
+        rx.await
+            .map_err(|_| stopped())?
+            .map_err(|e| CoordinatorError::Unavailable(format!("flushing the store: {e}")))
     }
 }
 
