@@ -7,7 +7,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use drover_coordinator::router::{NodeView, feasibility, pick};
+use drover_coordinator::router::{NodeView, RoutingIndex, feasibility, pick};
 use drover_shared::family::ModelFamily;
 use drover_shared::ids::NodeId;
 use drover_shared::job::JobRequest;
@@ -47,8 +47,8 @@ fn main() {
         .and_then(|r| r.validate(|| 1))
         .expect("valid job");
     println!(
-        "{:>8} {:>14} {:>14} {:>14} {:>10}",
-        "nodes", "scan ns", "pick ns", "feasible ns", "pick/scan"
+        "{:>8} {:>12} {:>12} {:>14} {:>12} {:>12} {:>10}",
+        "nodes", "scan ns", "pick ns", "index pick ns", "index build", "feasible ns", "pick/scan"
     );
     for n in [10usize, 1_000, 10_000] {
         let views = nodes(n);
@@ -59,11 +59,18 @@ fn main() {
         let picked = time(iterations, |turn| {
             black_box(pick(black_box(&job), &views, turn).ok());
         });
+        let index = RoutingIndex::new(&views);
+        let indexed = time(iterations.max(100_000), |turn| {
+            black_box(index.pick(black_box(&job), &views, turn));
+        });
+        let built = time(iterations.min(2_000), |_| {
+            black_box(RoutingIndex::new(black_box(&views)).free_slots());
+        });
         let feasible = time(iterations, |_| {
             black_box(feasibility(black_box(&job), &views).is_ok());
         });
         println!(
-            "{n:>8} {scan:>14.0} {picked:>14.0} {feasible:>14.0} {:>10.1}",
+            "{n:>8} {scan:>12.0} {picked:>12.0} {indexed:>14.0} {built:>12.0} {feasible:>12.0} {:>10.1}",
             picked / scan
         );
     }

@@ -202,27 +202,20 @@ impl ControlPlane {
         // Decide every placement on one snapshot, then act on the decisions.
         let mut turn = self.turn;
         let placements = {
-            let mut views = self.views(Instant::now());
-            let mut free: u32 = views
-                .iter()
-                .filter(|v| v.online && !v.draining && !v.suspect)
-                .map(|v| v.free_slots)
-                .sum();
+            let views = self.views(Instant::now());
+            let mut index = router::RoutingIndex::new(&views);
             let mut placements = Vec::new();
             for router::QueuedJob { id: job_id, .. } in queued {
-                if free == 0 {
+                if index.free_slots() == 0 {
                     break;
                 }
                 let Some(job) = self.active.get(&job_id) else {
                     continue;
                 };
-                if let Ok(node_id) = router::pick(&job.spec, &views, turn) {
+                if let Some(i) = index.pick(&job.spec, &views, turn) {
                     turn = turn.wrapping_add(1);
-                    if let Some(view) = views.iter_mut().find(|v| v.id == node_id) {
-                        view.free_slots -= 1;
-                    }
-                    free -= 1;
-                    placements.push((job_id, node_id));
+                    index.take(i, &views);
+                    placements.push((job_id, views[i].id));
                 }
             }
             placements

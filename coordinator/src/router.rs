@@ -223,6 +223,117 @@ pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, 
     })
 }
 
+/// A capability index over one snapshot: the nodes that can take work now, bucketed by family
+/// and ordered best first (most free slots, then fastest), so a decision looks at candidates of
+/// the job's family only, usually the first one. Built once per dispatch round in O(n log n);
+/// [`RoutingIndex::take`] keeps it current as the round places jobs.
+#[derive(Clone, Debug, Default)]
+pub struct RoutingIndex {
+    /// `(family, Reverse(free slots), Reverse(speed), position)` of every available node.
+    ranked: std::collections::BTreeSet<(ModelFamily, Reverse<u32>, Reverse<u64>, usize)>,
+    /// Free slots by position (0 for unavailable nodes).
+    free: Vec<u32>,
+    /// Sum of `free`.
+    total_free: u64,
+}
+
+use std::cmp::Reverse;
+
+/// A node's rank in the index: more free slots first, then faster (smaller is better).
+type Rank = (Reverse<u32>, Reverse<u64>);
+
+fn speed_key(node: &NodeView<'_>) -> u64 {
+    node.pixel_steps_per_second.max(0.0) as u64
+}
+
+impl RoutingIndex {
+    /// Indexes the nodes of `nodes` that are online, not suspect, not draining, with a free slot.
+    pub fn new(nodes: &[NodeView<'_>]) -> Self {
+        let mut index = Self {
+            ranked: std::collections::BTreeSet::new(),
+            free: vec![0; nodes.len()],
+            total_free: 0,
+        };
+        for (i, node) in nodes.iter().enumerate() {
+            if node.online && !node.suspect && !node.draining && node.free_slots > 0 {
+                index.free[i] = node.free_slots;
+                index.total_free += u64::from(node.free_slots);
+                index.ranked.insert((
+                    node.family,
+                    Reverse(node.free_slots),
+                    Reverse(speed_key(node)),
+                    i,
+                ));
+            }
+        }
+        index
+    }
+
+    /// Free slots left in the whole index.
+    pub fn free_slots(&self) -> u64 {
+        self.total_free
+    }
+
+    /// The position (in the snapshot the index was built from) of the node that should run `job`:
+    /// an eligible node with the most free slots, then the fastest; among equals the one at or
+    /// after `turn` (wrapping), so equal nodes take turns. `None` when no node is eligible.
+    pub fn pick(&self, job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Option<usize> {
+        let families: Vec<ModelFamily> = match &job.model {
+            Some(ModelSelector::Family(f)) => vec![*f],
+            _ => ModelFamily::ALL.to_vec(),
+        };
+        let n = nodes.len().max(1);
+        let offset = turn as usize % n;
+        let mut best: Option<(Rank, usize)> = None;
+        for family in families {
+            let mut from = (family, Reverse(u32::MAX), Reverse(u64::MAX), 0usize);
+            // Walk the family's groups of equal rank, best first, until one has a capable node.
+            while let Some(&(f, free, speed, _)) = self.ranked.range(from..).next() {
+                let key = (free, speed);
+                if f != family || best.is_some_and(|(b, _)| b <= key) {
+                    break;
+                }
+                // Within the group, start at `turn`'s position and wrap: equal nodes take turns.
+                let after = self
+                    .ranked
+                    .range((family, free, speed, offset)..=(family, free, speed, usize::MAX));
+                let before = self
+                    .ranked
+                    .range((family, free, speed, 0)..(family, free, speed, offset));
+                if let Some(&(_, _, _, i)) = after
+                    .chain(before)
+                    .find(|(_, _, _, i)| capability(job, &nodes[*i]).is_ok())
+                {
+                    best = Some((key, i));
+                    break;
+                }
+                from = (family, free, speed, usize::MAX);
+            }
+        }
+        best.map(|(_, i)| i)
+    }
+
+    /// Records that the node at `position` took one job.
+    pub fn take(&mut self, position: usize, nodes: &[NodeView<'_>]) {
+        let Some(free) = self.free.get_mut(position) else {
+            return;
+        };
+        if *free == 0 {
+            return;
+        }
+        let node = &nodes[position];
+        let speed = Reverse(speed_key(node));
+        self.ranked
+            .remove(&(node.family, Reverse(*free), speed, position));
+        *free -= 1;
+        self.total_free -= 1;
+        if *free > 0 {
+            self.ranked
+                .insert((node.family, Reverse(*free), speed, position));
+        }
+    }
+}
+
 /// Seconds of waiting that raise a queued job's priority by one (aging, so low priorities never
 /// starve behind a stream of high ones).
 pub const AGING_SECONDS: u64 = 30;
@@ -411,6 +522,11 @@ mod tests {
             .map(|turn| pick(&spec, &nodes, turn).unwrap())
             .collect();
         assert_eq!(picked.len(), 3);
+        let index = RoutingIndex::new(&nodes);
+        let picked: std::collections::HashSet<_> = (0..3)
+            .map(|turn| index.pick(&spec, &nodes, turn).unwrap())
+            .collect();
+        assert_eq!(picked.len(), 3, "the index rotates among equal nodes too");
     }
 
     #[test]
@@ -450,6 +566,38 @@ mod tests {
     }
 
     proptest! {
+        /// Placing jobs one after another through the index never gives a node more jobs than it
+        /// has free slots, and stops only when no eligible slot is left.
+        #[test]
+        fn index_placements_respect_slots(
+            specs in prop::collection::vec(arb_node(), 0..8),
+            jobs in 0usize..30,
+        ) {
+            let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, s)| NodeView {
+                online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
+                max_pixels: 2048 * 2048,
+                ..node(i as u8, s.0)
+            }).collect();
+            let spec = job(r#"{"prompt":"x"}"#);
+            let mut index = RoutingIndex::new(&nodes);
+            let mut given = vec![0u32; nodes.len()];
+            let mut placed = 0;
+            for turn in 0..jobs as u64 {
+                let Some(i) = index.pick(&spec, &nodes, turn) else { break };
+                index.take(i, &nodes);
+                given[i] += 1;
+                placed += 1;
+            }
+            for (i, n) in nodes.iter().enumerate() {
+                prop_assert!(given[i] <= n.free_slots);
+                if given[i] > 0 { prop_assert!(eligibility(&spec, n).is_ok()); }
+            }
+            let capacity: u32 = nodes.iter().filter(|n| eligibility(&spec, n).is_ok()).map(|n| n.free_slots).sum();
+            prop_assert_eq!(placed, jobs.min(capacity as usize));
+        }
+    }
+
+    proptest! {
         /// The picked node is always eligible; if none is picked, every node has a reason; a job is
         /// never left waiting while an eligible node exists.
         #[test]
@@ -479,6 +627,18 @@ mod tests {
                     prop_assert!(!any_eligible);
                     prop_assert_eq!(reasons.len(), nodes.len());
                 }
+            }
+            // The capability index agrees: it finds an eligible node exactly when one exists, and
+            // one with the most free slots, then the highest speed, among the eligible.
+            let index = RoutingIndex::new(&nodes);
+            match index.pick(&spec, &nodes, turn) {
+                Some(i) => {
+                    prop_assert!(eligibility(&spec, &nodes[i]).is_ok());
+                    let best = nodes.iter().filter(|n| eligibility(&spec, n).is_ok())
+                        .map(|n| (n.free_slots, speed_key(n))).max();
+                    prop_assert_eq!(Some((nodes[i].free_slots, speed_key(&nodes[i]))), best);
+                }
+                None => prop_assert!(!any_eligible),
             }
             // A feasible job has at least one capable node; an infeasible one has a reason per node.
             match feasibility(&spec, &nodes) {
