@@ -57,6 +57,10 @@ pub struct Config {
     /// A queued job that no node takes within this many seconds fails as expired.
     #[arg(long, env = "DROVER_QUEUE_EXPIRY_S", default_value_t = 1200)]
     pub queue_expiry_s: u64,
+    /// Finished jobs (and their images) are deleted this many seconds after they ended; 0 keeps
+    /// them forever.
+    #[arg(long, env = "DROVER_RESULT_RETENTION_S", default_value_t = 7 * 24 * 3600)]
+    pub result_retention_s: u64,
 }
 
 impl Config {

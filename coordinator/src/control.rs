@@ -58,7 +58,12 @@ pub struct ControlPlane {
     waiters: HashMap<JobId, Vec<oneshot::Sender<JobRecord>>>,
     turn: u64,
     next_session: u64,
+    /// When finished jobs were last pruned (retention).
+    last_prune: Instant,
 }
+
+/// How often the retention sweep runs.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 impl ControlPlane {
     /// Restores the registry and unfinished jobs from `store`.
@@ -101,6 +106,7 @@ impl ControlPlane {
             waiters: HashMap::new(),
             turn: 0,
             next_session: 1,
+            last_prune: now,
         };
         // Leases whose node is unknown (removed from the registry) cannot complete.
         let orphans: Vec<JobId> = plane
@@ -432,6 +438,15 @@ impl ControlPlane {
                 self.config.queue_expiry_s
             );
             report(self.finish(job_id, JobState::Failed, Some(error)));
+        }
+        let retention_ms = self.config.result_retention_s.saturating_mul(1000);
+        if retention_ms > 0 && now.saturating_duration_since(self.last_prune) >= PRUNE_INTERVAL {
+            self.last_prune = now;
+            match self.store.prune_finished(wall.saturating_sub(retention_ms)) {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(jobs = n, "finished jobs past retention deleted"),
+                Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+            }
         }
         self.dispatch();
     }

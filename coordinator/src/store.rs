@@ -120,6 +120,23 @@ impl Store {
         Ok(out)
     }
 
+    /// Deletes finished jobs (and their images) that ended before `before_ms`; returns how many.
+    pub fn prune_finished(&self, before_ms: u64) -> Result<usize> {
+        let mut doomed = Vec::new();
+        for entry in self.jobs.iter() {
+            let (key, value) = entry?;
+            let job: JobRecord = serde_json::from_slice(&value)?;
+            if job.state.is_terminal() && job.updated_ms < before_ms {
+                doomed.push(key);
+            }
+        }
+        for key in &doomed {
+            self.jobs.remove(key)?;
+            self.images.remove(key)?;
+        }
+        Ok(doomed.len())
+    }
+
     /// Stores a job's image.
     pub fn put_image(&self, id: JobId, png: &[u8]) -> Result<()> {
         self.images.insert(id.as_bytes(), png)?;
@@ -178,5 +195,31 @@ mod tests {
         assert_eq!(store.unfinished_jobs().unwrap(), vec![queued]);
         assert_eq!(store.image(done.id).unwrap().as_deref(), Some(&b"png"[..]));
         assert_eq!(store.job(JobId::random()).unwrap(), None);
+    }
+
+    #[test]
+    fn retention_prunes_only_old_finished_jobs() {
+        let store = Store::temporary().unwrap();
+        let mut old = job();
+        old.state = JobState::Failed;
+        old.updated_ms = 1_000;
+        let mut recent = job();
+        recent.state = JobState::Succeeded;
+        recent.updated_ms = 5_000;
+        let mut waiting = job();
+        waiting.updated_ms = 10;
+        for j in [&old, &recent, &waiting] {
+            store.put_job(j).unwrap();
+            store.put_image(j.id, b"png").unwrap();
+        }
+        assert_eq!(store.prune_finished(2_000).unwrap(), 1);
+        assert_eq!(store.job(old.id).unwrap(), None);
+        assert_eq!(store.image(old.id).unwrap(), None);
+        assert!(store.job(recent.id).unwrap().is_some());
+        assert!(store.image(recent.id).unwrap().is_some());
+        assert!(
+            store.job(waiting.id).unwrap().is_some(),
+            "unfinished jobs are never pruned"
+        );
     }
 }
