@@ -9,7 +9,11 @@ PyTorch computed with), and run on fixed inputs. Everything lands in `node/tests
                         time_cond_proj_dim, linear projections), vae/, scheduler/
   tiny-unet/            a plain SD1-style UNet (conv projections, no time_cond_proj_dim)
   tokenizer-json/       the same tokenizer as one tokenizer.json
+  tiny-sdxl-lcm/        an SDXL-shaped diffusers folder: tokenizer/ + tokenizer_2/, text_encoder/
+                        (CLIP-L style) + text_encoder_2/ (with projection), unet/ (text_time added
+                        conditioning, 2 transformer blocks at level 1, LCM), vae/ (scaling 0.13025)
   lora-kohya.safetensors, lora-peft.safetensors   one LoRA for tiny-unet in both formats
+  lora-sdxl-kohya.safetensors   an SDXL LoRA (unet + both text encoders, kohya names)
   parity.safetensors    inputs and expected outputs for every check
   parity.json           the prompts and their expected token ids
 
@@ -25,7 +29,7 @@ import re
 import torch
 from diffusers import AutoencoderKL, LCMScheduler, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "node", "tests", "fixtures")
 MODEL = os.path.join(ROOT, "tiny-sd15-lcm")
@@ -125,6 +129,9 @@ def save_component(module, folder, filename, dtype, config):
     state = {k: v.detach().to(dtype).contiguous() for k, v in module.state_dict().items()
              if not k.endswith("position_ids")}
     save_file(state, os.path.join(folder, filename))
+    config = dict(config)
+    if "_use_default_values" in config:
+        config["_use_default_values"] = sorted(config["_use_default_values"])
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config, f, indent=1, sort_keys=True)
 
@@ -292,6 +299,7 @@ def main():
                    "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                    "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                    "scheduler": ["diffusers", "LCMScheduler"]}, f, indent=1)
+    sdxl(fixtures, meta, tok, vocab_size)
     save_file({k: v.contiguous() for k, v in fixtures.items()}, os.path.join(ROOT, "parity.safetensors"))
     with open(os.path.join(ROOT, "parity.json"), "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1, ensure_ascii=False)
@@ -300,6 +308,111 @@ def main():
         for name in files:
             total += os.path.getsize(os.path.join(dirpath, name))
     print(f"fixtures written to {os.path.normpath(ROOT)}: {total / 1e6:.2f} MB")
+
+
+def sdxl(fixtures, meta, tok, vocab_size):
+    """Tiny SDXL-shaped models: two text encoders, text_time conditioning, a full LCM loop, a LoRA."""
+    root = os.path.join(ROOT, "tiny-sdxl-lcm")
+    for sub in ("tokenizer", "tokenizer_2"):
+        os.makedirs(os.path.join(root, sub), exist_ok=True)
+        for f in ("vocab.json", "merges.txt"):
+            with open(os.path.join(MODEL, "tokenizer", f), "rb") as src, open(os.path.join(root, sub, f), "wb") as dst:
+                dst.write(src.read())
+    torch.manual_seed(10)
+    common = dict(vocab_size=VOCAB, intermediate_size=37, num_hidden_layers=3, num_attention_heads=4,
+                  max_position_embeddings=77, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1,
+                  pad_token_id=vocab_size - 1)
+    cfg_l = CLIPTextConfig(hidden_size=32, hidden_act="quick_gelu", **common)
+    cfg_g = CLIPTextConfig(hidden_size=48, hidden_act="gelu", projection_dim=40, **common)
+    te1 = round_to(CLIPTextModel(cfg_l).eval(), torch.float16)
+    te2 = round_to(CLIPTextModelWithProjection(cfg_g).eval(), torch.float16)
+    save_component(te1, os.path.join(root, "text_encoder"), "model.safetensors", torch.float16, cfg_l.to_dict())
+    save_component(te2, os.path.join(root, "text_encoder_2"), "model.safetensors", torch.float16, cfg_g.to_dict())
+    ids = torch.tensor([meta["prompts"][0]["ids"]], dtype=torch.long)
+    o1 = te1(ids, output_hidden_states=True)
+    o2 = te2(ids, output_hidden_states=True)
+    context = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1)
+    pooled = o2.text_embeds
+    fixtures["sdxl.context"] = context
+    fixtures["sdxl.pooled"] = pooled
+
+    torch.manual_seed(11)
+    ucfg = dict(sample_size=8, in_channels=4, out_channels=4, block_out_channels=[32, 64], layers_per_block=1,
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "UpBlock2D"], cross_attention_dim=80,
+                attention_head_dim=[2, 4], transformer_layers_per_block=[1, 2], norm_num_groups=32,
+                use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+                projection_class_embeddings_input_dim=40 + 6 * 8, time_cond_proj_dim=256)
+    unet = round_to(UNet2DConditionModel(**ucfg).eval(), torch.float16)
+    save_component(unet, os.path.join(root, "unet"), "diffusion_pytorch_model.safetensors", torch.float16, dict(unet.config))
+    gen = torch.Generator().manual_seed(12)
+    sample = randn(gen, 1, 4, 8, 8)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]])
+    cond = guidance_embedding(torch.tensor([7.0]), 256)
+    added = {"text_embeds": pooled, "time_ids": time_ids}
+    fixtures["sdxl.sample"] = sample
+    fixtures["sdxl.time_ids"] = time_ids
+    fixtures["sdxl.unet_out"] = unet(sample, 759, encoder_hidden_states=context, timestep_cond=cond,
+                                     added_cond_kwargs=added).sample
+
+    torch.manual_seed(13)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 2,
+                        up_block_types=["UpDecoderBlock2D"] * 2, block_out_channels=[32, 64], latent_channels=4,
+                        norm_num_groups=32, layers_per_block=1, sample_size=16, scaling_factor=0.13025)
+    vae = round_to(vae.eval(), torch.bfloat16)
+    save_component(vae, os.path.join(root, "vae"), "diffusion_pytorch_model.safetensors", torch.bfloat16, dict(vae.config))
+    sched = LCMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         original_inference_steps=50, timestep_scaling=10.0, prediction_type="epsilon",
+                         clip_sample=False, set_alpha_to_one=True)
+    os.makedirs(os.path.join(root, "scheduler"), exist_ok=True)
+    sched.save_config(os.path.join(root, "scheduler"))
+    sched.set_timesteps(4)
+    x = randn(gen, 1, 4, 8, 8)
+    fixtures["sdxl.lcm.init"] = x
+    denoised = None
+    for k, t in enumerate(sched.timesteps):
+        eps = unet(x, t, encoder_hidden_states=context, timestep_cond=cond, added_cond_kwargs=added).sample
+        fixtures[f"sdxl.lcm.noise.{k}"] = randn(torch.Generator().manual_seed(200 + k), 1, 4, 8, 8)
+        x, denoised = sched.step(eps, t, x, generator=torch.Generator().manual_seed(200 + k), return_dict=False)
+    fixtures["sdxl.lcm.denoised"] = denoised
+    fixtures["sdxl.lcm.image"] = vae.decode(denoised / vae.config.scaling_factor).sample
+    with open(os.path.join(root, "model_index.json"), "w") as f:
+        json.dump({"_class_name": "StableDiffusionXLPipeline", "_diffusers_version": "0.42.1",
+                   "text_encoder": ["transformers", "CLIPTextModel"],
+                   "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+                   "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+                   "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+                   "scheduler": ["diffusers", "LCMScheduler"]}, f, indent=1)
+
+    # An SDXL LoRA on the UNet and both text encoders (kohya names), merged by hand for the reference.
+    gen = torch.Generator().manual_seed(14)
+    kohya, rank, alpha, strength = {}, 4, 4.0, 0.7
+    targets = [("lora_unet_", n, m) for n, m in unet.named_modules()
+               if re.search(r"attn[12]\.(to_q|to_k|to_v|to_out\.0)$", n)]
+    # transformers 5 names the tower's modules without `text_model.`; kohya keys always have it.
+    tower = lambda model: [(n[len("text_model."):] if n.startswith("text_model.") else n, m)
+                           for n, m in model.named_modules()]
+    targets += [("lora_te1_", "text_model." + n, m) for n, m in tower(te1)
+                if re.search(r"self_attn\.(q_proj|v_proj)$", n)]
+    targets += [("lora_te2_", "text_model." + n, m) for n, m in tower(te2)
+                if re.search(r"(self_attn\.k_proj|mlp\.fc1)$", n)]
+    for prefix, name, m in targets:
+        w = m.weight
+        down = (randn(gen, rank, w.shape[1]) * 0.1).half().float()
+        up = (randn(gen, w.shape[0], rank) * 0.1).half().float()
+        w.data += strength * alpha / rank * (up @ down)
+        k = prefix + name.replace(".", "_")
+        kohya[k + ".lora_down.weight"] = down.half()
+        kohya[k + ".lora_up.weight"] = up.half()
+        kohya[k + ".alpha"] = torch.tensor(alpha, dtype=torch.float16)
+    save_file(kohya, os.path.join(ROOT, "lora-sdxl-kohya.safetensors"))
+    o1 = te1(ids, output_hidden_states=True)
+    o2 = te2(ids, output_hidden_states=True)
+    context = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1)
+    fixtures["sdxl.lora.context"] = context
+    fixtures["sdxl.lora.pooled"] = o2.text_embeds
+    fixtures["sdxl.lora.unet_out"] = unet(sample, 759, encoder_hidden_states=context, timestep_cond=cond,
+                                          added_cond_kwargs={"text_embeds": o2.text_embeds, "time_ids": time_ids}).sample
 
 
 if __name__ == "__main__":

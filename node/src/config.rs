@@ -74,7 +74,8 @@ pub enum Command {
         /// UNet weights (.safetensors, diffusers or LDM names).
         #[arg(long)]
         unet: PathBuf,
-        /// Tensors `sample`, `timestep`, `encoder_hidden_states` (+ `timestep_cond` or `guidance`).
+        /// Tensors `sample`, `timestep`, `encoder_hidden_states` (+ `timestep_cond` or `guidance`;
+        /// SDXL: + `text_embeds`, `time_ids`).
         #[arg(long)]
         inputs: PathBuf,
         /// Output .safetensors.
@@ -92,7 +93,7 @@ pub enum Command {
     },
     /// Time UNet steps of a random-weight UNet (prints one JSON line).
     BenchUnet {
-        /// `sd15`, `sd15-lcm`, `sd2`, `demo` or a diffusers config.json path.
+        /// `sd15`, `sd15-lcm`, `sd2`, `sdxl`, `sdxl-lcm`, `demo` or a diffusers config.json path.
         #[arg(long, default_value = "demo")]
         shape: String,
         /// Image side in pixels (latent = side / 8).

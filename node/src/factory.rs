@@ -70,11 +70,14 @@ pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
         explicit => explicit,
     };
     tracing::info!(path = %path.display(), family = %model.family, kind = ?model.kind, backend = backend.as_str(), "model detected");
-    if !matches!(model.family, ModelFamily::Sd15 | ModelFamily::Sd2) {
+    if !matches!(
+        model.family,
+        ModelFamily::Sd15 | ModelFamily::Sd2 | ModelFamily::Sdxl
+    ) {
         return Err(NodeError::Backend {
             backend: backend.as_str(),
             message: format!(
-                "model {} is {}: this drover-node runs the SD1.x/SD2.x pipeline only (SDXL comes with its own pipeline)",
+                "model {} is {}: this drover-node runs SD1.x, SD2.x and SDXL base models",
                 path.display(),
                 model.family
             ),

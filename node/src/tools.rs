@@ -15,7 +15,7 @@ use serde_json::json;
 use crate::error::{NodeError, Result};
 use crate::sd::clip::{ClipConfig, ClipText};
 use crate::sd::lora::LoraSet;
-use crate::sd::unet::{Unet, UnetConfig, guidance_embedding};
+use crate::sd::unet::{AddedCond, Unet, UnetConfig, guidance_embedding};
 use crate::sd::vae::{VaeConfig, VaeDecoder};
 use crate::sd::weights::{HostTensor, Loader, NameMap, RandomWeights, TensorFile, upload};
 
@@ -225,6 +225,7 @@ pub fn unet_eval(o: &UnetEval) -> Result<()> {
             match found.family {
                 ModelFamily::Sd15 => UnetConfig::sd15(cond),
                 ModelFamily::Sd2 => UnetConfig::sd2(cond),
+                ModelFamily::Sdxl => UnetConfig::sdxl(cond),
                 other => {
                     return Err(NodeError::ModelConfig(format!(
                         "{} is {other}; pass --config for UNets outside SD1.x/SD2.x",
@@ -239,26 +240,7 @@ pub fn unet_eval(o: &UnetEval) -> Result<()> {
         set.add("lora", lora, o.lora_scale)?;
     }
     let map: NameMap = if ldm {
-        let arch = drover_shared::arch::UnetConfig {
-            block_out_channels: config
-                .block_out_channels
-                .iter()
-                .map(|&c| c as u64)
-                .collect(),
-            cross_attention: config
-                .down_block_types
-                .iter()
-                .map(|t| t.starts_with("CrossAttn"))
-                .collect(),
-            transformer_layers: vec![1; config.block_out_channels.len()],
-            mid_transformer_layers: 1,
-            layers_per_block: config.layers_per_block as u64,
-            cross_attention_dim: config.cross_attention_dim as u64,
-            linear_projection: config.use_linear_projection,
-            addition_embed_in: None,
-            time_cond_proj_dim: config.time_cond_proj_dim.map(|d| d as u64),
-            in_channels: config.in_channels as u64,
-        };
+        let arch = config.to_arch();
         Box::new(move |n| format!("model.diffusion_model.{}", arch.diffusers_to_ldm(n)))
     } else {
         Box::new(|n| n.to_string())
@@ -295,7 +277,20 @@ pub fn unet_eval(o: &UnetEval) -> Result<()> {
     } else {
         None
     };
-    let out = unet.forward(sample, timestep, &ctx, cond.as_ref())?;
+    let added = if config.text_time() {
+        let text_embeds = tensor_from::<crate::sd::Cpu, 2>(&inputs, "text_embeds", &device)?;
+        let ids = inputs.read("time_ids")?.data;
+        let time_ids: [f32; 6] = ids.as_slice().try_into().map_err(|_| {
+            NodeError::InvalidJob(format!("time_ids has {} values, SDXL takes 6", ids.len()))
+        })?;
+        Some(AddedCond {
+            text_embeds,
+            time_ids,
+        })
+    } else {
+        None
+    };
+    let out = unet.forward(sample, timestep, &ctx, cond.as_ref(), added.as_ref())?;
     let shape = out.dims().to_vec();
     let data = out
         .into_data()
@@ -344,10 +339,27 @@ pub fn bench_unet<B: Backend>(
     let cond = config
         .time_cond_proj_dim
         .map(|d| guidance_embedding::<B>(7.0, d, device));
+    let added = match (
+        config.projection_class_embeddings_input_dim,
+        config.addition_time_embed_dim,
+    ) {
+        (Some(input), Some(dim)) if config.text_time() => {
+            let width = input.saturating_sub(6 * dim);
+            let side = (latent * 8) as f32;
+            Some(AddedCond {
+                text_embeds: Tensor::<B, 2>::from_data(
+                    TensorData::new(crate::sd::pipeline::gaussian(3, width), [1, width]),
+                    device,
+                ),
+                time_ids: [side, side, 0.0, 0.0, side, side],
+            })
+        }
+        _ => None,
+    };
     let mut runs_ms = Vec::new();
     for i in 0..warmup + runs {
         let started = Instant::now();
-        let out = unet.forward(sample.clone(), 759.0, &ctx, cond.as_ref())?;
+        let out = unet.forward(sample.clone(), 759.0, &ctx, cond.as_ref(), added.as_ref())?;
         // Reading one value back waits for the device to finish.
         let _ = out.slice([0..1, 0..1, 0..1, 0..1]).into_data();
         if i >= warmup {
@@ -362,6 +374,8 @@ fn shape_config(shape: &str) -> Result<UnetConfig> {
         "sd15" => UnetConfig::sd15(None),
         "sd15-lcm" => UnetConfig::sd15(Some(256)),
         "sd2" => UnetConfig::sd2(None),
+        "sdxl" => UnetConfig::sdxl(None),
+        "sdxl-lcm" => UnetConfig::sdxl(Some(256)),
         "demo" => serde_json::from_value(demo_unet_config())
             .map_err(|e| NodeError::ModelConfig(format!("demo unet: {e}")))?,
         path => {

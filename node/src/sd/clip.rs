@@ -30,6 +30,24 @@ pub struct ClipConfig {
     /// Layer norm epsilon.
     #[serde(default = "eps5")]
     pub layer_norm_eps: f64,
+    /// End-of-text id; 2 (the value of old configs) means "the highest id", as transformers reads it.
+    #[serde(default = "legacy_eos")]
+    pub eos_token_id: u32,
+}
+
+fn legacy_eos() -> u32 {
+    2
+}
+
+/// What one pass of the text tower gives.
+pub struct ClipOutput<B: Backend> {
+    /// The last layer's output after the final layer norm: `[n, tokens, hidden]`.
+    pub last: Tensor<B, 3>,
+    /// The second-to-last layer's output, not normed (SDXL's conditioning): `[n, tokens, hidden]`.
+    pub penultimate: Tensor<B, 3>,
+    /// The normed end-of-text token, through the text projection when the model has one:
+    /// `[n, projection or hidden]`.
+    pub pooled: Tensor<B, 2>,
 }
 
 fn quick() -> String {
@@ -51,6 +69,7 @@ impl ClipConfig {
             max_position_embeddings: 77,
             hidden_act: "quick_gelu".into(),
             layer_norm_eps: 1e-5,
+            eos_token_id: 2,
         }
     }
 
@@ -116,6 +135,7 @@ pub struct ClipText<B: Backend> {
     position_embedding: Tensor<B, 2>,
     layers: Vec<Layer<B>>,
     final_ln: LayerNorm<B>,
+    projection: Option<super::nn::Linear<B>>,
 }
 
 impl<B: Backend> ClipText<B> {
@@ -150,7 +170,20 @@ impl<B: Backend> ClipText<B> {
             position_embedding,
             layers,
             final_ln: l.layer_norm("final_layer_norm", d, eps)?,
+            projection: None,
         })
+    }
+
+    /// Adds the text projection (`CLIPTextModelWithProjection`, SDXL's second encoder) read
+    /// through `l` as `text_projection` (`[projection, hidden]`, no bias).
+    pub fn with_projection(mut self, l: &mut Loader<B>, projection_dim: usize) -> Result<Self> {
+        self.projection = Some(l.linear(
+            "text_projection",
+            self.config.hidden_size,
+            projection_dim,
+            false,
+        )?);
+        Ok(self)
     }
 
     /// The config the encoder was built from.
@@ -161,6 +194,11 @@ impl<B: Backend> ClipText<B> {
     /// Encodes token ids (one row per prompt, each `max_position_embeddings` long) into the
     /// final-layer-normed hidden states `[n, tokens, hidden]`.
     pub fn forward(&self, ids: &[Vec<u32>]) -> Result<Tensor<B, 3>> {
+        Ok(self.encode(ids)?.last)
+    }
+
+    /// Encodes token ids and returns the last and penultimate hidden states and the pooled output.
+    pub fn encode(&self, ids: &[Vec<u32>]) -> Result<ClipOutput<B>> {
         let n = ids.len();
         let len = ids.first().map_or(0, Vec::len);
         let max = self.config.max_position_embeddings;
@@ -196,7 +234,11 @@ impl<B: Backend> ClipText<B> {
         let mut x = tokens + positions;
         let heads = self.config.num_attention_heads;
         let quick = self.config.hidden_act == "quick_gelu";
-        for layer in &self.layers {
+        let mut penultimate = x.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            if i + 1 == self.layers.len() {
+                penultimate = x.clone();
+            }
             let h = layer.ln1.forward(x.clone());
             let a = attention(
                 layer.q.forward(h.clone()),
@@ -210,6 +252,42 @@ impl<B: Backend> ClipText<B> {
             let h = if quick { quick_gelu(h) } else { gelu(h) };
             x = x + layer.fc2.forward(h);
         }
-        Ok(self.final_ln.forward(x))
+        let last = self.final_ln.forward(x);
+        // The pooled token: transformers takes the highest id when eos_token_id is the legacy 2,
+        // else the first end-of-text token.
+        let positions: Vec<usize> = ids
+            .iter()
+            .map(|row| {
+                if self.config.eos_token_id == 2 {
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    row.iter().position(|&t| t == max).unwrap_or(0)
+                } else {
+                    row.iter()
+                        .position(|&t| t == self.config.eos_token_id)
+                        .unwrap_or(row.len() - 1)
+                }
+            })
+            .collect();
+        let pooled = Tensor::cat(
+            positions
+                .iter()
+                .enumerate()
+                .map(|(b, &p)| {
+                    last.clone()
+                        .slice([b..b + 1, p..p + 1, 0..d])
+                        .reshape([1, d])
+                })
+                .collect(),
+            0,
+        );
+        let pooled = match &self.projection {
+            Some(p) => p.forward(pooled),
+            None => pooled,
+        };
+        Ok(ClipOutput {
+            last,
+            penultimate,
+            pooled,
+        })
     }
 }

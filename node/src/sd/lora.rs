@@ -129,11 +129,24 @@ impl LoraSet {
         Ok(())
     }
 
-    /// Adds every delta aimed at `component`'s module `path` to its weight `w` (`[out, …]`).
-    pub fn merge_into(&mut self, component: &str, path: &str, w: &mut HostTensor) -> Result<()> {
+    /// Adds every delta aimed at `component`'s module `path` (or its `alias`, another name the
+    /// module goes by) to its weight `w` (`[out, …]`).
+    pub fn merge_into(
+        &mut self,
+        component: &str,
+        path: &str,
+        alias: Option<&str>,
+        w: &mut HostTensor,
+    ) -> Result<()> {
         let key = (component.to_string(), flatten(path));
+        let alias_key = alias.map(|a| (component.to_string(), flatten(a)));
         for lora in &mut self.loras {
-            let Some(pair) = lora.pairs.get_mut(&key) else {
+            let found = if lora.pairs.contains_key(&key) {
+                Some(key.clone())
+            } else {
+                alias_key.clone().filter(|k| lora.pairs.contains_key(k))
+            };
+            let Some(pair) = found.and_then(|k| lora.pairs.get_mut(&k)) else {
                 continue;
             };
             let (Some(down), Some(up)) = (&pair.down, &pair.up) else {
@@ -244,7 +257,7 @@ mod tests {
             data: vec![0.0; 4],
             shape: vec![2, 2],
         };
-        set.merge_into("unet", "a.b", &mut w).unwrap();
+        set.merge_into("unet", "a.b", None, &mut w).unwrap();
         // scale = 2 · 0.5 / 1 = 1; up·down = [[3, 6], [4, 8]].
         assert_eq!(w.data, vec![3.0, 6.0, 4.0, 8.0]);
         set.check_claimed().unwrap();

@@ -13,7 +13,7 @@ use super::clip::{ClipConfig, ClipText, clip_prefix};
 use super::lcm::{Lcm, LcmConfig};
 use super::lora::LoraSet;
 use super::tokenizer::{ClipTokenizer, Tokens};
-use super::unet::{Unet, UnetConfig, guidance_embedding};
+use super::unet::{AddedCond, Unet, UnetConfig, guidance_embedding};
 use super::vae::{VaeConfig, VaeDecoder};
 use super::weights::{Loader, NameMap, TensorFile};
 use crate::error::{NodeError, Result};
@@ -49,18 +49,31 @@ pub struct Pipeline<B: Backend> {
     device: B::Device,
     tokenizer: ClipTokenizer,
     text: ClipText<B>,
+    text2: Option<(ClipTokenizer, ClipText<B>)>,
     unet: Unet<B>,
     vae: VaeDecoder<B>,
     lcm: Lcm,
     loras: Vec<LoraSpec>,
 }
 
-/// The encoded prompt, and the encoded empty prompt when classifier-free guidance runs.
-pub struct TextConditioning<B: Backend> {
-    /// `[1, 77, hidden]` for the prompt.
+/// One encoded prompt.
+pub struct Prompt<B: Backend> {
+    /// Cross-attention context `[1, 77, cross_attention_dim]` (SDXL: both encoders' penultimate
+    /// layers side by side).
     pub context: Tensor<B, 3>,
-    /// `[1, 77, hidden]` for the empty prompt (UNets without a guidance embedding, guidance > 1).
-    pub uncond: Option<Tensor<B, 3>>,
+    /// SDXL: the second encoder's pooled, projected embedding `[1, width]`.
+    pub pooled: Option<Tensor<B, 2>>,
+}
+
+/// What the UNet is conditioned on: the prompt, the negative prompt when classifier-free guidance
+/// runs, and SDXL's size/crop ids.
+pub struct TextConditioning<B: Backend> {
+    /// The prompt.
+    pub prompt: Prompt<B>,
+    /// The negative prompt (UNets without a guidance embedding, guidance > 1).
+    pub negative: Option<Prompt<B>>,
+    /// SDXL time ids: original height/width, crop top/left, target height/width.
+    pub time_ids: [f32; 6],
 }
 
 /// What one image needs.
@@ -157,6 +170,7 @@ pub fn vae_diffusers_to_ldm(name: &str, levels: usize) -> String {
 struct Parts<B: Backend> {
     tokenizer: ClipTokenizer,
     text: ClipText<B>,
+    text2: Option<(ClipTokenizer, ClipText<B>)>,
     unet: Unet<B>,
     vae: VaeDecoder<B>,
     lcm: Lcm,
@@ -185,6 +199,32 @@ fn load_parts<B: Backend>(
                     .with_lora(&mut set, "text_encoder", "text_model.");
                 ClipText::load(&mut l, &te_cfg)?
             };
+            let te2_dir = dir.join("text_encoder_2");
+            let text2 = if te2_dir.is_dir() {
+                let cfg: ClipConfig = read_config(&te2_dir.join("config.json"))?;
+                let file = TensorFile::open(&component_file(
+                    &te2_dir,
+                    &["model.safetensors", "model.fp16.safetensors"],
+                )?)?;
+                let projection = file
+                    .shape("text_projection.weight")
+                    .map(|s| s[0])
+                    .ok_or_else(|| NodeError::MissingTensor {
+                        file: file.path().display().to_string(),
+                        name: "text_projection.weight".into(),
+                    })?;
+                let tower =
+                    {
+                        let mut l = Loader::<B>::prefixed(&file, clip_prefix(&file), device)
+                            .with_lora(&mut set, "text_encoder_2", "text_model.");
+                        ClipText::load(&mut l, &cfg)?
+                    };
+                let mut l = Loader::<B>::prefixed(&file, "", device);
+                let tower = tower.with_projection(&mut l, projection)?;
+                Some((ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?, tower))
+            } else {
+                None
+            };
             let unet_dir = dir.join("unet");
             let unet_cfg: UnetConfig = read_config(&unet_dir.join("config.json"))?;
             let unet_file = TensorFile::open(&component_file(
@@ -195,8 +235,11 @@ fn load_parts<B: Backend>(
                 ],
             )?)?;
             let unet = {
-                let mut l =
-                    Loader::<B>::prefixed(&unet_file, "", device).with_lora(&mut set, "unet", "");
+                // SDXL LoRAs from kohya name UNet modules by their LDM paths.
+                let ldm = unet_cfg.to_arch();
+                let mut l = Loader::<B>::prefixed(&unet_file, "", device)
+                    .with_lora(&mut set, "unet", "")
+                    .with_lora_alias(Box::new(move |p| ldm.diffusers_to_ldm(p)));
                 Unet::load(&mut l, &unet_cfg)?
             };
             let vae_dir = dir.join("vae");
@@ -219,6 +262,7 @@ fn load_parts<B: Backend>(
             Parts {
                 tokenizer,
                 text,
+                text2,
                 unet,
                 vae,
                 lcm: Lcm::new(lcm_cfg),
@@ -236,7 +280,7 @@ fn load_parts<B: Backend>(
                 }
                 other => {
                     return Err(NodeError::ModelConfig(format!(
-                        "{}: {other} checkpoints need the SDXL pipeline",
+                        "{}: {other} single-file checkpoints keep OpenCLIP-G's fused attention weights, which this pipeline does not split yet; use the diffusers folder of the model",
                         path.display()
                     )));
                 }
@@ -276,6 +320,7 @@ fn load_parts<B: Backend>(
             Parts {
                 tokenizer,
                 text,
+                text2: None,
                 unet,
                 vae,
                 lcm: Lcm::new(LcmConfig::default()),
@@ -283,12 +328,22 @@ fn load_parts<B: Backend>(
         }
     };
     set.check_claimed()?;
-    if parts.unet.config().cross_attention_dim != parts.text.config().hidden_size {
+    let text_width = parts.text.config().hidden_size
+        + parts
+            .text2
+            .as_ref()
+            .map_or(0, |(_, t)| t.config().hidden_size);
+    if parts.unet.config().cross_attention_dim != text_width {
         return Err(NodeError::ModelConfig(format!(
-            "the UNet attends to {}-wide text but the text encoder is {} wide",
+            "the UNet attends to {}-wide text but the text encoders give {text_width}",
             parts.unet.config().cross_attention_dim,
-            parts.text.config().hidden_size
         )));
+    }
+    if parts.unet.config().text_time() != parts.text2.is_some() {
+        return Err(NodeError::ModelConfig(
+            "an SDXL UNet (text_time conditioning) needs text_encoder_2 and tokenizer_2, and only it uses them"
+                .into(),
+        ));
     }
     if parts.tokenizer.vocab_size() > parts.text.config().vocab_size {
         return Err(NodeError::ModelConfig(format!(
@@ -334,6 +389,7 @@ impl<B: Backend> Pipeline<B> {
             device: device.clone(),
             tokenizer: parts.tokenizer,
             text: parts.text,
+            text2: parts.text2,
             unet: parts.unet,
             vae: parts.vae,
             lcm: parts.lcm,
@@ -349,6 +405,7 @@ impl<B: Backend> Pipeline<B> {
         }
         let parts = load_parts::<B>(&self.source, &self.device, loras)?;
         self.text = parts.text;
+        self.text2 = parts.text2;
         self.unet = parts.unet;
         self.loras = loras.to_vec();
         Ok(())
@@ -379,16 +436,34 @@ impl<B: Backend> Pipeline<B> {
         &self.device
     }
 
-    /// Tokenizes and encodes a prompt: `[1, 77, hidden]`.
-    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor<B, 3>, Tokens)> {
+    /// Tokenizes and encodes a prompt.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Prompt<B>, Tokens)> {
         let tokens = self.tokenizer.encode(prompt)?;
-        let hidden = self.text.forward(std::slice::from_ref(&tokens.ids))?;
-        Ok((hidden, tokens))
+        let ids2 = match &self.text2 {
+            Some((tokenizer, _)) => Some(tokenizer.encode(prompt)?.ids),
+            None => None,
+        };
+        let encoded = self.encode_ids(&tokens.ids, ids2.as_deref())?;
+        Ok((encoded, tokens))
     }
 
-    /// The text encoder on given token ids.
-    pub fn encode_ids(&self, ids: &[Vec<u32>]) -> Result<Tensor<B, 3>> {
-        self.text.forward(ids)
+    /// The text encoders on given token ids (`ids2` for SDXL's second encoder; the first
+    /// encoder's ids are used when absent).
+    pub fn encode_ids(&self, ids: &[u32], ids2: Option<&[u32]>) -> Result<Prompt<B>> {
+        let first = self.text.encode(&[ids.to_vec()])?;
+        Ok(match &self.text2 {
+            None => Prompt {
+                context: first.last,
+                pooled: None,
+            },
+            Some((_, text2)) => {
+                let second = text2.encode(&[ids2.unwrap_or(ids).to_vec()])?;
+                Prompt {
+                    context: Tensor::cat(vec![first.penultimate, second.penultimate], 2),
+                    pooled: Some(second.pooled),
+                }
+            }
+        })
     }
 
     /// One UNet evaluation.
@@ -398,8 +473,10 @@ impl<B: Backend> Pipeline<B> {
         timestep: f32,
         context: &Tensor<B, 3>,
         timestep_cond: Option<&Tensor<B, 2>>,
+        added: Option<&AddedCond<B>>,
     ) -> Result<Tensor<B, 4>> {
-        self.unet.forward(sample, timestep, context, timestep_cond)
+        self.unet
+            .forward(sample, timestep, context, timestep_cond, added)
     }
 
     /// Runs the LCM loop from `init` and returns the last denoised latent. `noise(k)` gives the
@@ -420,19 +497,43 @@ impl<B: Backend> Pipeline<B> {
             .config()
             .time_cond_proj_dim
             .map(|d| guidance_embedding::<B>(guidance - 1.0, d, &self.device));
-        let (context, uncond) = (&text.context, text.uncond.as_ref());
+        let added = |p: &Prompt<B>| {
+            p.pooled.clone().map(|text_embeds| AddedCond {
+                text_embeds,
+                time_ids: text.time_ids,
+            })
+        };
+        let (prompt_added, negative_added) =
+            (added(&text.prompt), text.negative.as_ref().and_then(added));
         let mut x = init;
         let mut denoised = x.clone();
         for (k, &t) in timesteps.iter().enumerate() {
-            let eps = match (uncond, &cond) {
-                (Some(u), None) if guidance > 1.0 => {
-                    let c = self.unet.forward(x.clone(), t as f32, context, None)?;
-                    let un = self.unet.forward(x.clone(), t as f32, u, None)?;
+            let t_f = t as f32;
+            let eps = match (&text.negative, &cond) {
+                (Some(neg), None) if guidance > 1.0 => {
+                    let c = self.unet.forward(
+                        x.clone(),
+                        t_f,
+                        &text.prompt.context,
+                        None,
+                        prompt_added.as_ref(),
+                    )?;
+                    let un = self.unet.forward(
+                        x.clone(),
+                        t_f,
+                        &neg.context,
+                        None,
+                        negative_added.as_ref(),
+                    )?;
                     un.clone() + (c - un).mul_scalar(guidance)
                 }
-                _ => self
-                    .unet
-                    .forward(x.clone(), t as f32, context, cond.as_ref())?,
+                _ => self.unet.forward(
+                    x.clone(),
+                    t_f,
+                    &text.prompt.context,
+                    cond.as_ref(),
+                    prompt_added.as_ref(),
+                )?,
             };
             let next = timesteps.get(k + 1).map(|&tp| (tp, noise(k)));
             let (nx, d) = self.lcm.step(eps, t, x, next);
@@ -464,12 +565,13 @@ impl<B: Backend> Pipeline<B> {
                 params.width, params.height
             )));
         }
-        let (context, tokens) = self.encode_prompt(&params.prompt)?;
-        let uncond = if self.unet.config().time_cond_proj_dim.is_none() && params.guidance > 1.0 {
+        let (prompt, tokens) = self.encode_prompt(&params.prompt)?;
+        let negative = if self.unet.config().time_cond_proj_dim.is_none() && params.guidance > 1.0 {
             Some(self.encode_prompt(&params.negative_prompt)?.0)
         } else {
             None
         };
+        let (hh, ww) = (params.height as f32, params.width as f32);
         let (h, w) = (
             params.height / self.vae_scale(),
             params.width / self.vae_scale(),
@@ -482,7 +584,11 @@ impl<B: Backend> Pipeline<B> {
             )
         };
         let init = latent(params.seed);
-        let text = TextConditioning { context, uncond };
+        let text = TextConditioning {
+            prompt,
+            negative,
+            time_ids: [hh, ww, 0.0, 0.0, hh, ww],
+        };
         let denoised = self.denoise(
             &text,
             init,

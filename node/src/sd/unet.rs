@@ -79,9 +79,15 @@ pub struct UnetConfig {
     /// Frequency shift of the time sinusoid.
     #[serde(default)]
     pub freq_shift: f64,
-    /// SDXL-style added conditioning (not handled by this module).
+    /// Added conditioning: `text_time` (SDXL: pooled text embedding + 6 size/crop ids).
     #[serde(default)]
     pub addition_embed_type: Option<String>,
+    /// Width of each time id's sinusoid (SDXL: 256).
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    /// Input width of `add_embedding` (SDXL: 1280 pooled + 6 × 256 = 2816).
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     /// Mid block kind (`UNetMidBlock2DCrossAttn` or absent for the default).
     #[serde(default)]
     pub mid_block_type: Option<String>,
@@ -140,8 +146,63 @@ impl UnetConfig {
             flip_sin_to_cos: true,
             freq_shift: 0.0,
             addition_embed_type: None,
+            addition_time_embed_dim: None,
+            projection_class_embeddings_input_dim: None,
             mid_block_type: None,
         }
+    }
+
+    /// SDXL base's published UNet config.
+    pub fn sdxl(time_cond_proj_dim: Option<usize>) -> Self {
+        Self {
+            block_out_channels: vec![320, 640, 1280],
+            down_block_types: vec![
+                "DownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+            ],
+            up_block_types: vec![
+                "CrossAttnUpBlock2D".into(),
+                "CrossAttnUpBlock2D".into(),
+                "UpBlock2D".into(),
+            ],
+            cross_attention_dim: 2048,
+            attention_head_dim: PerBlock::Each(vec![5, 10, 20]),
+            transformer_layers_per_block: PerBlock::Each(vec![1, 2, 10]),
+            use_linear_projection: true,
+            addition_embed_type: Some("text_time".into()),
+            addition_time_embed_dim: Some(256),
+            projection_class_embeddings_input_dim: Some(2816),
+            ..Self::sd15(time_cond_proj_dim)
+        }
+    }
+
+    /// The shape description `drover_shared::arch` maps names with (diffusers ↔ LDM).
+    pub fn to_arch(&self) -> drover_shared::arch::UnetConfig {
+        let n = self.block_out_channels.len();
+        drover_shared::arch::UnetConfig {
+            block_out_channels: self.block_out_channels.iter().map(|&c| c as u64).collect(),
+            cross_attention: self
+                .down_block_types
+                .iter()
+                .map(|t| t.starts_with("CrossAttn"))
+                .collect(),
+            transformer_layers: (0..n)
+                .map(|i| self.transformer_layers_per_block.get(i) as u64)
+                .collect(),
+            mid_transformer_layers: self.transformer_layers_per_block.get(n - 1) as u64,
+            layers_per_block: self.layers_per_block as u64,
+            cross_attention_dim: self.cross_attention_dim as u64,
+            linear_projection: self.use_linear_projection,
+            addition_embed_in: self.projection_class_embeddings_input_dim.map(|d| d as u64),
+            time_cond_proj_dim: self.time_cond_proj_dim.map(|d| d as u64),
+            in_channels: self.in_channels as u64,
+        }
+    }
+
+    /// Whether the UNet takes SDXL's `text_time` added conditioning.
+    pub fn text_time(&self) -> bool {
+        self.addition_embed_type.as_deref() == Some("text_time")
     }
 
     /// SD2.x's published UNet config (heads of 64 dims, linear projections, 1024-wide text).
@@ -180,10 +241,15 @@ impl UnetConfig {
                 return bad(format!("block type {t} is not supported"));
             }
         }
-        if let Some(t) = &self.addition_embed_type {
-            return bad(format!(
-                "addition_embed_type {t} (SDXL conditioning) is not handled by the SD1/SD2 pipeline"
-            ));
+        match self.addition_embed_type.as_deref() {
+            None => {}
+            Some("text_time")
+                if self.addition_time_embed_dim.is_some()
+                    && self.projection_class_embeddings_input_dim.is_some() => {}
+            Some("text_time") => {
+                return bad("text_time needs addition_time_embed_dim and projection_class_embeddings_input_dim".into());
+            }
+            Some(t) => return bad(format!("addition_embed_type {t} is not supported")),
         }
         if let Some(t) = &self.mid_block_type
             && t != "UNetMidBlock2DCrossAttn"
@@ -399,11 +465,21 @@ struct Level<B: Backend> {
     resample: Option<Conv2d<B>>,
 }
 
-/// A loaded SD1.x/SD2.x UNet.
+/// SDXL's added conditioning for one image.
+#[derive(Clone, Debug)]
+pub struct AddedCond<B: Backend> {
+    /// The pooled text embedding of the second encoder: `[n, width]`.
+    pub text_embeds: Tensor<B, 2>,
+    /// Original height and width, crop top and left, target height and width.
+    pub time_ids: [f32; 6],
+}
+
+/// A loaded SD1.x/SD2.x/SDXL UNet.
 pub struct Unet<B: Backend> {
     config: UnetConfig,
     time_linear_1: Linear<B>,
     time_linear_2: Linear<B>,
+    add_embedding: Option<(Linear<B>, Linear<B>)>,
     cond_proj: Option<Linear<B>>,
     conv_in: Conv2d<B>,
     down: Vec<Level<B>>,
@@ -428,6 +504,13 @@ impl<B: Backend> Unet<B> {
         let cond_proj = match cfg.time_cond_proj_dim {
             Some(d) => Some(l.linear("time_embedding.cond_proj", d, c[0], false)?),
             None => None,
+        };
+        let add_embedding = match cfg.projection_class_embeddings_input_dim {
+            Some(input) if cfg.text_time() => Some((
+                l.linear("add_embedding.linear_1", input, temb, true)?,
+                l.linear("add_embedding.linear_2", temb, temb, true)?,
+            )),
+            _ => None,
         };
         let conv_in = l.conv2d("conv_in", cfg.in_channels, c[0], 3, 1, 1)?;
         let mut down = Vec::new();
@@ -540,6 +623,7 @@ impl<B: Backend> Unet<B> {
             config: cfg.clone(),
             time_linear_1,
             time_linear_2,
+            add_embedding,
             cond_proj,
             conv_in,
             down,
@@ -558,13 +642,15 @@ impl<B: Backend> Unet<B> {
 
     /// Predicts the noise in `sample` (`[n, 4, h, w]`) at `timestep`, conditioned on
     /// `context` (`[n, tokens, cross_attention_dim]`) and, for LCM UNets, the guidance
-    /// embedding `timestep_cond` (`[n, time_cond_proj_dim]`).
+    /// embedding `timestep_cond` (`[n, time_cond_proj_dim]`), and for SDXL the `added`
+    /// text_time conditioning.
     pub fn forward(
         &self,
         sample: Tensor<B, 4>,
         timestep: f32,
         context: &Tensor<B, 3>,
         timestep_cond: Option<&Tensor<B, 2>>,
+        added: Option<&AddedCond<B>>,
     ) -> Result<Tensor<B, 4>> {
         let [n, _, h, w] = sample.dims();
         let down = self.config.downscale();
@@ -593,9 +679,42 @@ impl<B: Backend> Unet<B> {
             }
             _ => t,
         };
-        let temb = self
+        let mut temb = self
             .time_linear_2
             .forward(silu(self.time_linear_1.forward(t)));
+        match (&self.add_embedding, added) {
+            (Some((l1, l2)), Some(added)) => {
+                let dim = self.config.addition_time_embed_dim.unwrap_or(256);
+                let ids = timestep_embedding::<B>(
+                    &added.time_ids,
+                    dim,
+                    self.config.flip_sin_to_cos,
+                    self.config.freq_shift,
+                    &device,
+                )
+                .reshape([1, 6 * dim])
+                .repeat_dim(0, n);
+                let add = Tensor::cat(vec![added.text_embeds.clone(), ids], 1);
+                let want = self
+                    .config
+                    .projection_class_embeddings_input_dim
+                    .unwrap_or(0);
+                if add.dims()[1] != want {
+                    return Err(NodeError::InvalidJob(format!(
+                        "added conditioning is {} wide, this UNet takes {want}",
+                        add.dims()[1]
+                    )));
+                }
+                temb = temb + l2.forward(silu(l1.forward(add)));
+            }
+            (Some(_), None) => {
+                return Err(NodeError::InvalidJob(
+                    "this UNet (SDXL) needs the text_time conditioning: pooled text embedding and time ids"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
 
         let mut x = self.conv_in.forward(sample);
         let mut skips = vec![x.clone()];

@@ -228,6 +228,7 @@ pub struct Loader<'a, B: Backend> {
     map: NameMap,
     device: B::Device,
     lora: Option<(&'a mut LoraSet, &'static str, String)>,
+    lora_alias: Option<NameMap>,
     used: BTreeSet<String>,
 }
 
@@ -239,6 +240,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             map,
             device: device.clone(),
             lora: None,
+            lora_alias: None,
             used: BTreeSet::new(),
         }
     }
@@ -259,6 +261,12 @@ impl<'a, B: Backend> Loader<'a, B> {
         path_prefix: &str,
     ) -> Self {
         self.lora = Some((set, component, path_prefix.to_string()));
+        self
+    }
+
+    /// A second name LoRA keys may use for a module (SDXL kohya files use LDM paths).
+    pub fn with_lora_alias(mut self, alias: NameMap) -> Self {
+        self.lora_alias = Some(alias);
         self
     }
 
@@ -314,7 +322,13 @@ impl<'a, B: Backend> Loader<'a, B> {
     fn merged_weight(&mut self, path: &str, shape: &[usize]) -> Result<HostTensor> {
         let mut w = self.host(&format!("{path}.weight"), shape)?;
         if let Some((set, component, prefix)) = self.lora.as_mut() {
-            set.merge_into(component, &format!("{prefix}{path}"), &mut w)?;
+            let alias = self.lora_alias.as_ref().map(|a| a(path));
+            set.merge_into(
+                component,
+                &format!("{prefix}{path}"),
+                alias.as_deref(),
+                &mut w,
+            )?;
         }
         Ok(w)
     }
