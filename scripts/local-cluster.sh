@@ -4,9 +4,9 @@
 #   sd15-cpu-a, sd15-cpu-b  BACKEND=cpu: the real Burn SD1.5 LCM pipeline on this CPU, running a
 #                           small SD1.5-shaped model with RANDOM weights generated at first start
 #                           (`drover-node make-model`): real computation, noise images.
-#   sdxl-sim                BACKEND=sim: a simulated SDXL node (no model; pattern images labelled
-#                           simulated) until the SDXL pipeline lands.
-# For real pictures point MODEL_ROOT/MODEL at an SD1.5 LCM model (see README). Ctrl-C stops
+#   sdxl-cpu                BACKEND=cpu: the Burn SDXL LCM pipeline (two text encoders, text_time
+#                           conditioning) on a small SDXL-shaped random-weight model.
+# For real pictures point MODEL_ROOT/MODEL at real LCM weights (see README). Ctrl-C stops
 # everything. Ports: DROVER_HTTP_PORT, DROVER_GRPC_PORT.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,9 +19,11 @@ mkdir -p "$DIR"
 cargo build --bin drover-coordinator --bin drover-node
 
 MODELS="$DIR/models"
-if [ ! -f "$MODELS/demo-sd15/RANDOM_WEIGHTS.txt" ]; then
-    target/debug/drover-node make-model --out "$MODELS/demo-sd15"
-fi
+for family in sd15 sdxl; do
+    if [ ! -f "$MODELS/demo-$family/RANDOM_WEIGHTS.txt" ]; then
+        target/debug/drover-node make-model --family "$family" --out "$MODELS/demo-$family"
+    fi
+done
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
@@ -37,29 +39,27 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
-start_cpu_node() { # name
+start_cpu_node() { # name model
     COORDINATOR_URL="http://127.0.0.1:$GRPC_PORT" NODE_NAME="$1" BACKEND=cpu NUM_WORKERS=1 \
-    MODEL_ROOT="$MODELS" MODEL=demo-sd15 target/debug/drover-node >"$DIR/$1.log" 2>&1 &
+    MODEL_ROOT="$MODELS" MODEL="$2" target/debug/drover-node >"$DIR/$1.log" 2>&1 &
     pids+=($!)
 }
-start_sim_node() { # name family
-    COORDINATOR_URL="http://127.0.0.1:$GRPC_PORT" NODE_NAME="$1" BACKEND=sim SIM_FAMILY="$2" \
-    SIM_STEP_MS=100 NUM_WORKERS=2 target/debug/drover-node >"$DIR/$1.log" 2>&1 &
-    pids+=($!)
-}
-start_cpu_node sd15-cpu-a
-start_cpu_node sd15-cpu-b
-start_sim_node sdxl-sim sdxl
+start_cpu_node sd15-cpu-a demo-sd15
+start_cpu_node sd15-cpu-b demo-sd15
+start_cpu_node sdxl-cpu demo-sdxl
 
 cat <<MSG
 
-Drover local cluster is up (logs in $DIR/). The SD1.5 nodes run the Burn CPU pipeline on a
-random-weight demo model (their images are noise, by design); the SDXL node is simulated.
+Drover local cluster is up (logs in $DIR/). Every node runs the real Burn pipeline on this CPU
+with a random-weight demo model: their images are noise, by design.
 
   nodes:         curl -s localhost:$HTTP_PORT/v1/nodes
   make an image: curl -s -X POST localhost:$HTTP_PORT/v1/generate \\
                       -H 'content-type: application/json' \\
                       -d '{"prompt":"a lighthouse at dusk","model":"sd15","seed":7}' -o lighthouse.png
+  SDXL (1024² by default, ~25 s on a 2-core CPU):
+                 curl -s -X POST localhost:$HTTP_PORT/v1/generate -H 'content-type: application/json' \
+                      -d '{"prompt":"a lighthouse at dusk","model":"sdxl","size":"512x512"}' -o xl.png
 
 Ctrl-C stops the cluster.
 MSG

@@ -60,7 +60,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write a demo model: SD1.5-shaped (768-wide text, LCM), small, random weights (draws noise).
+    /// Write a demo model: SD1.5- or SDXL-shaped (their text widths and conditioning, LCM), small,
+    /// random weights (draws noise).
     MakeModel {
         /// Folder to write (a diffusers layout).
         #[arg(long)]
@@ -68,6 +69,9 @@ pub enum Command {
         /// Seed of the random weights.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// `sd15` or `sdxl`.
+        #[arg(long, default_value = "sd15")]
+        family: ModelFamily,
     },
     /// Run one UNet forward (f32, CPU) on tensors from a file and write tensor `out`.
     UnetEval {
@@ -93,7 +97,7 @@ pub enum Command {
     },
     /// Time UNet steps of a random-weight UNet (prints one JSON line).
     BenchUnet {
-        /// `sd15`, `sd15-lcm`, `sd2`, `sdxl`, `sdxl-lcm`, `demo` or a diffusers config.json path.
+        /// `sd15`, `sd15-lcm`, `sd2`, `sdxl`, `sdxl-lcm`, `demo`, `demo-sdxl` or a config.json path.
         #[arg(long, default_value = "demo")]
         shape: String,
         /// Image side in pixels (latent = side / 8).

@@ -50,10 +50,10 @@ pub fn cli_main() -> ExitCode {
         };
     }
     match cli.command {
-        Some(config::Command::MakeModel { out, seed }) => {
+        Some(config::Command::MakeModel { out, seed, family }) => {
             return report(
                 "make-model",
-                tools::make_model(&out, seed).map(|()| {
+                tools::make_model(&out, seed, family).map(|()| {
                     format!("demo model (random weights) written to {}\n", out.display())
                 }),
             );

@@ -68,49 +68,101 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
     std::fs::write(path, text).map_err(|e| io(path, e))
 }
 
-/// The demo model's UNet: SD1.5's interface (4 latent channels, 768-wide text, LCM guidance
-/// embedding) at a fraction of its width, so a CPU renders 512² in seconds.
-pub fn demo_unet_config() -> serde_json::Value {
+/// The demo model's UNet: the family's interface (SD1.5: 768-wide text; SDXL: 2048-wide text and
+/// text_time conditioning; LCM guidance embedding for both) at a fraction of its width, so a CPU
+/// renders the family's default size in seconds.
+pub fn demo_unet_config(family: ModelFamily) -> serde_json::Value {
+    match family {
+        ModelFamily::Sdxl => json!({
+            "_class_name": "UNet2DConditionModel",
+            "in_channels": 4, "out_channels": 4, "sample_size": 128,
+            "block_out_channels": [32, 64, 128],
+            "down_block_types": ["DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
+            "layers_per_block": 1, "cross_attention_dim": 2048, "attention_head_dim": [1, 2, 4],
+            "transformer_layers_per_block": [1, 1, 2], "norm_num_groups": 32,
+            "use_linear_projection": true, "addition_embed_type": "text_time",
+            "addition_time_embed_dim": 256, "projection_class_embeddings_input_dim": 2816,
+            "time_cond_proj_dim": 256
+        }),
+        _ => json!({
+            "_class_name": "UNet2DConditionModel",
+            "in_channels": 4, "out_channels": 4, "sample_size": 64,
+            "block_out_channels": [32, 64, 128, 128],
+            "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+            "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+            "layers_per_block": 1, "cross_attention_dim": 768, "attention_head_dim": 8,
+            "norm_num_groups": 32, "use_linear_projection": false, "time_cond_proj_dim": 256
+        }),
+    }
+}
+
+fn parse_config<T: serde::de::DeserializeOwned>(v: &serde_json::Value, what: &str) -> Result<T> {
+    serde_json::from_value(v.clone())
+        .map_err(|e| NodeError::ModelConfig(format!("demo {what} config: {e}")))
+}
+
+fn clip_config(width: usize, layers: usize, heads: usize, act: &str) -> serde_json::Value {
     json!({
-        "_class_name": "UNet2DConditionModel",
-        "in_channels": 4, "out_channels": 4, "sample_size": 64,
-        "block_out_channels": [32, 64, 128, 128],
-        "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
-        "layers_per_block": 1, "cross_attention_dim": 768, "attention_head_dim": 8,
-        "norm_num_groups": 32, "use_linear_projection": false, "time_cond_proj_dim": 256
+        "_class_name": "CLIPTextModel", "vocab_size": 1000, "hidden_size": width,
+        "intermediate_size": 4 * width, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "max_position_embeddings": 77, "hidden_act": act, "layer_norm_eps": 1e-5,
+        "projection_dim": width
     })
 }
 
-/// Writes a diffusers folder holding an SD1.5-shaped LCM model with random weights (seeded).
-/// It exercises the whole pipeline; its images are noise, by design. `RANDOM_WEIGHTS.txt` and
-/// the PNG metadata say so.
-pub fn make_model(out: &Path, seed: u64) -> Result<()> {
+/// Writes a diffusers folder holding a `family`-shaped (sd15 or sdxl) LCM model with random
+/// weights (seeded). It exercises the whole pipeline; its images are noise, by design.
+/// `RANDOM_WEIGHTS.txt` and the PNG metadata say so.
+pub fn make_model(out: &Path, seed: u64, family: ModelFamily) -> Result<()> {
     let device = Default::default();
-    let te_cfg = json!({
-        "_class_name": "CLIPTextModel", "vocab_size": 1000, "hidden_size": 768,
-        "intermediate_size": 3072, "num_hidden_layers": 2, "num_attention_heads": 12,
-        "max_position_embeddings": 77, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5
-    });
+    let sdxl = match family {
+        ModelFamily::Sd15 => false,
+        ModelFamily::Sdxl => true,
+        other => {
+            return Err(NodeError::Config(format!(
+                "make-model writes sd15 or sdxl demo models, not {other}"
+            )));
+        }
+    };
     let vae_cfg = json!({
         "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
         "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1, "norm_num_groups": 32,
-        "scaling_factor": 0.18215
+        "scaling_factor": if sdxl { 0.13025 } else { 0.18215 }
     });
-    let parse = |v: &serde_json::Value, what: &str| {
-        NodeError::ModelConfig(format!("demo {what} config: {v}"))
-    };
-    let te: ClipConfig =
-        serde_json::from_value(te_cfg.clone()).map_err(|_| parse(&te_cfg, "text encoder"))?;
-    let unet_json = demo_unet_config();
-    let unet: UnetConfig =
-        serde_json::from_value(unet_json.clone()).map_err(|_| parse(&unet_json, "unet"))?;
-    let vae: VaeConfig =
-        serde_json::from_value(vae_cfg.clone()).map_err(|_| parse(&vae_cfg, "vae"))?;
-
+    let unet_json = demo_unet_config(family);
+    let unet: UnetConfig = parse_config(&unet_json, "unet")?;
+    let vae: VaeConfig = parse_config(&vae_cfg, "vae")?;
     let source = RandomWeights::new(seed);
+
+    let te_cfg = clip_config(768, 2, 12, "quick_gelu");
+    let te: ClipConfig = parse_config(&te_cfg, "text encoder")?;
     ClipText::<crate::sd::Cpu>::load(&mut Loader::prefixed(&source, "text_model.", &device), &te)?;
     write_f16(&out.join("text_encoder/model.safetensors"), &source.take())?;
+    write_json(&out.join("text_encoder/config.json"), &te_cfg)?;
+    let mut components = vec![
+        ("text_encoder", json!(["transformers", "CLIPTextModel"])),
+        ("tokenizer", json!(["transformers", "CLIPTokenizer"])),
+    ];
+    if sdxl {
+        let te2_cfg = clip_config(1280, 2, 20, "gelu");
+        let te2: ClipConfig = parse_config(&te2_cfg, "text encoder 2")?;
+        ClipText::<crate::sd::Cpu>::load(
+            &mut Loader::prefixed(&source, "text_model.", &device),
+            &te2,
+        )?
+        .with_projection(&mut Loader::prefixed(&source, "", &device), 1280)?;
+        write_f16(
+            &out.join("text_encoder_2/model.safetensors"),
+            &source.take(),
+        )?;
+        write_json(&out.join("text_encoder_2/config.json"), &te2_cfg)?;
+        components.push((
+            "text_encoder_2",
+            json!(["transformers", "CLIPTextModelWithProjection"]),
+        ));
+        components.push(("tokenizer_2", json!(["transformers", "CLIPTokenizer"])));
+    }
     Unet::<crate::sd::Cpu>::load(&mut Loader::prefixed(&source, "", &device), &unet)?;
     write_f16(
         &out.join("unet/diffusion_pytorch_model.safetensors"),
@@ -121,7 +173,6 @@ pub fn make_model(out: &Path, seed: u64) -> Result<()> {
         &out.join("vae/diffusion_pytorch_model.safetensors"),
         &source.take(),
     )?;
-    write_json(&out.join("text_encoder/config.json"), &te_cfg)?;
     write_json(&out.join("unet/config.json"), &unet_json)?;
     write_json(&out.join("vae/config.json"), &vae_cfg)?;
     write_json(
@@ -130,36 +181,53 @@ pub fn make_model(out: &Path, seed: u64) -> Result<()> {
                 "beta_end": 0.012, "beta_schedule": "scaled_linear", "original_inference_steps": 50,
                 "timestep_scaling": 10.0, "prediction_type": "epsilon"}),
     )?;
+    let mut index = serde_json::Map::new();
+    index.insert(
+        "_class_name".into(),
+        json!(if sdxl {
+            "StableDiffusionXLPipeline"
+        } else {
+            "LatentConsistencyModelPipeline"
+        }),
+    );
+    index.insert("unet".into(), json!(["diffusers", "UNet2DConditionModel"]));
+    index.insert("vae".into(), json!(["diffusers", "AutoencoderKL"]));
+    index.insert("scheduler".into(), json!(["diffusers", "LCMScheduler"]));
+    for (name, value) in components {
+        index.insert(name.into(), value);
+    }
     write_json(
         &out.join("model_index.json"),
-        &json!({"_class_name": "LatentConsistencyModelPipeline",
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-                "scheduler": ["diffusers", "LCMScheduler"]}),
+        &serde_json::Value::Object(index),
     )?;
-    let tok = out.join("tokenizer");
-    std::fs::create_dir_all(&tok).map_err(|e| io(&tok, e))?;
-    for (name, text) in [
-        (
-            "vocab.json",
-            include_str!("../assets/demo-tokenizer/vocab.json"),
-        ),
-        (
-            "merges.txt",
-            include_str!("../assets/demo-tokenizer/merges.txt"),
-        ),
-    ] {
-        std::fs::write(tok.join(name), text).map_err(|e| io(&tok, e))?;
+    let tokenizers: &[&str] = if sdxl {
+        &["tokenizer", "tokenizer_2"]
+    } else {
+        &["tokenizer"]
+    };
+    for folder in tokenizers {
+        let tok = out.join(folder);
+        std::fs::create_dir_all(&tok).map_err(|e| io(&tok, e))?;
+        for (name, text) in [
+            (
+                "vocab.json",
+                include_str!("../assets/demo-tokenizer/vocab.json"),
+            ),
+            (
+                "merges.txt",
+                include_str!("../assets/demo-tokenizer/merges.txt"),
+            ),
+        ] {
+            std::fs::write(tok.join(name), text).map_err(|e| io(&tok, e))?;
+        }
     }
     let note = out.join("RANDOM_WEIGHTS.txt");
     std::fs::write(
         &note,
         format!(
-            "This model was generated by `drover-node make-model --seed {seed}`.\n\
-             Its weights are random: it runs the real SD1.5 LCM pipeline end to end, but draws noise.\n\
-             Point MODEL_ROOT/MODEL at a real SD1.5 LCM model (diffusers folder or single file) for pictures.\n"
+            "This model was generated by `drover-node make-model --family {family} --seed {seed}`.\n\
+             Its weights are random: it runs the real {family} LCM pipeline end to end, but draws noise.\n\
+             Point MODEL_ROOT/MODEL at a real {family} LCM model (a diffusers folder) for pictures.\n"
         ),
     )
     .map_err(|e| io(&note, e))?;
@@ -376,8 +444,8 @@ fn shape_config(shape: &str) -> Result<UnetConfig> {
         "sd2" => UnetConfig::sd2(None),
         "sdxl" => UnetConfig::sdxl(None),
         "sdxl-lcm" => UnetConfig::sdxl(Some(256)),
-        "demo" => serde_json::from_value(demo_unet_config())
-            .map_err(|e| NodeError::ModelConfig(format!("demo unet: {e}")))?,
+        "demo" => parse_config(&demo_unet_config(ModelFamily::Sd15), "unet")?,
+        "demo-sdxl" => parse_config(&demo_unet_config(ModelFamily::Sdxl), "unet")?,
         path => {
             let p = Path::new(path);
             let text = std::fs::read_to_string(p).map_err(|e| io(p, e))?;

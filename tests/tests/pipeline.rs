@@ -1,5 +1,5 @@
-//! The real pipeline behind the scheduler: cpu nodes running Burn's SD1.5 LCM pipeline on the
-//! random-weight demo model (`drover-node make-model`), reached through the coordinator.
+//! The real pipeline behind the scheduler: cpu nodes running Burn's SD1.5 and SDXL LCM pipelines
+//! on random-weight demo models (`drover-node make-model`), reached through the coordinator.
 
 use std::process::Command;
 use std::time::Duration;
@@ -24,12 +24,13 @@ fn png_text(png: &[u8]) -> Vec<(String, String)> {
 #[test]
 fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    let model = dir.path().join("demo-sd15");
-    let status = Command::new(binaries!().node)
-        .args(["make-model", "--out"])
-        .arg(&model)
-        .status()?;
-    assert!(status.success());
+    for family in ["sd15", "sdxl"] {
+        let status = Command::new(binaries!().node)
+            .args(["make-model", "--family", family, "--out"])
+            .arg(dir.path().join(format!("demo-{family}")))
+            .status()?;
+        assert!(status.success());
+    }
     let root = dir.path().to_string_lossy().into_owned();
 
     let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
@@ -42,10 +43,45 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
         ],
     };
     cluster.add_node(cpu)?;
-    cluster.wait_for_online(&["cpu-a"], T)?;
+    let xl = NodeSpec {
+        name: "cpu-xl".into(),
+        env: vec![
+            ("BACKEND".into(), "cpu".into()),
+            ("MODEL_ROOT".into(), root.clone()),
+            ("MODEL".into(), "demo-sdxl".into()),
+        ],
+    };
+    cluster.add_node(xl)?;
+    cluster.wait_for_online(&["cpu-a", "cpu-xl"], T)?;
     let nodes = cluster.nodes()?;
-    assert_eq!(nodes[0]["backend"], "cpu", "{nodes:?}");
-    assert_eq!(nodes[0]["family"], "sd15", "{nodes:?}");
+    for n in &nodes {
+        assert_eq!(n["backend"], "cpu", "{nodes:?}");
+        let want = if n["name"] == "cpu-xl" {
+            "sdxl"
+        } else {
+            "sd15"
+        };
+        assert_eq!(n["family"], want, "{nodes:?}");
+    }
+
+    // An SDXL job reaches the SDXL node and runs its pipeline (two text encoders, text_time).
+    let xl_id = cluster.node_id("cpu-xl")?.expect("sdxl node id");
+    let reply = cluster.post(
+        "/v1/generate",
+        &json!({"prompt": "a lighthouse", "model": "sdxl", "size": "256x256", "steps": 2, "seed": 3}),
+    )?;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.header("x-node-id"), Some(xl_id.as_str()));
+    let text = png_text(&reply.body);
+    assert!(
+        text.iter().any(|(k, v)| k == "size" && v == "256x256"),
+        "{text:?}"
+    );
 
     let body = json!({"prompt": "a lighthouse at dusk", "model": "sd15", "size": "128x64",
                       "steps": 2, "seed": 11});
