@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Times one UNet forward in PyTorch/diffusers: the baseline for `drover-node bench-unet`.
 
-Same shapes as the Rust tool (`--shape sd15|sd15-lcm|sd2|demo|CONFIG.json`), random weights,
+Same shapes as the Rust tool (`--shape sd15|sd15-lcm|sd2|sdxl|demo|CONFIG.json`), random weights,
 batch 1, 77 text tokens, timestep 759; prints one JSON line like the Rust tool.
 """
 
@@ -36,6 +36,13 @@ def config(shape):
         return dict(SD15, cross_attention_dim=1024, attention_head_dim=[5, 10, 20, 20], use_linear_projection=True)
     if shape == "demo":
         return dict(DEMO)
+    if shape == "sdxl":
+        return dict(SD15, block_out_channels=[320, 640, 1280],
+                    down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                    up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                    cross_attention_dim=2048, attention_head_dim=[5, 10, 20], transformer_layers_per_block=[1, 2, 10],
+                    use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=256,
+                    projection_class_embeddings_input_dim=2816)
     with open(shape) as f:
         return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
 
@@ -63,12 +70,18 @@ def main():
     cond = None
     if cfg.get("time_cond_proj_dim"):
         cond = torch.randn(1, cfg["time_cond_proj_dim"], device=a.device, dtype=dtype)
+    added = None
+    if cfg.get("addition_embed_type") == "text_time":
+        width = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
+        side = float(a.size)
+        added = {"text_embeds": torch.randn(1, width, device=a.device, dtype=dtype),
+                 "time_ids": torch.tensor([[side, side, 0.0, 0.0, side, side]], device=a.device, dtype=dtype)}
     times = []
     for i in range(a.warmup + a.runs):
         if a.device != "cpu":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        unet(sample, 759, encoder_hidden_states=ctx, timestep_cond=cond)
+        unet(sample, 759, encoder_hidden_states=ctx, timestep_cond=cond, added_cond_kwargs=added)
         if a.device != "cpu":
             torch.cuda.synchronize()
         if i >= a.warmup:
