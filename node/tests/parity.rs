@@ -21,7 +21,7 @@ use drover_node::sd::pipeline::{
 use drover_node::sd::tokenizer::ClipTokenizer;
 use drover_node::sd::unet::{AddedCond, Unet, UnetConfig, guidance_embedding};
 use drover_node::sd::vae::{VaeConfig, VaeDecoder};
-use drover_node::sd::weights::{HostTensor, Loader, NameMap, TensorFile};
+use drover_node::sd::weights::{HostTensor, Loader, NameMap, OpenClipSource, TensorFile};
 use drover_shared::safetensors::build::f32_file;
 
 const TOLERANCE: f32 = 1e-4;
@@ -712,4 +712,122 @@ fn sdxl_lora_merges_into_unet_and_both_encoders_in_diffusers_and_ldm_names() {
     .unwrap()
     .to_string();
     assert!(err.contains("lora xl"), "{err}");
+}
+
+#[test]
+fn openclip_single_file_layout_reads_as_the_same_text_encoder() {
+    // SDXL's second encoder rewritten the way single-file checkpoints store OpenCLIP: fused q/k/v,
+    // `transformer.resblocks.N`, `ln_final`, a transposed `text_projection`.
+    let want = Expected::load();
+    let dir = sdxl_dir().join("text_encoder_2");
+    let cfg: ClipConfig = read_config(&dir.join("config.json"));
+    let hf = TensorFile::open(&dir.join("model.safetensors")).unwrap();
+    let prefix = "conditioner.embedders.1.model.";
+    let get = |n: &str| hf.read(n).unwrap();
+    let shape = |t: &HostTensor| t.shape.iter().map(|&d| d as u64).collect::<Vec<_>>();
+    let mut out = Vec::new();
+    let mut put = |name: String, t: HostTensor| out.push((name, shape(&t), t.data));
+    let tower = clip_prefix(&hf);
+    put(
+        format!("{prefix}token_embedding.weight"),
+        get(&format!("{tower}embeddings.token_embedding.weight")),
+    );
+    put(
+        format!("{prefix}positional_embedding"),
+        get(&format!("{tower}embeddings.position_embedding.weight")),
+    );
+    for p in ["weight", "bias"] {
+        put(
+            format!("{prefix}ln_final.{p}"),
+            get(&format!("{tower}final_layer_norm.{p}")),
+        );
+    }
+    for i in 0..cfg.num_hidden_layers {
+        let hf_layer = format!("{tower}encoder.layers.{i}");
+        let oc = format!("{prefix}transformer.resblocks.{i}");
+        for (from, to) in [
+            ("layer_norm1", "ln_1"),
+            ("layer_norm2", "ln_2"),
+            ("mlp.fc1", "mlp.c_fc"),
+            ("mlp.fc2", "mlp.c_proj"),
+            ("self_attn.out_proj", "attn.out_proj"),
+        ] {
+            for p in ["weight", "bias"] {
+                put(
+                    format!("{oc}.{to}.{p}"),
+                    get(&format!("{hf_layer}.{from}.{p}")),
+                );
+            }
+        }
+        for p in ["weight", "bias"] {
+            let parts: Vec<HostTensor> = ["q_proj", "k_proj", "v_proj"]
+                .iter()
+                .map(|m| get(&format!("{hf_layer}.self_attn.{m}.{p}")))
+                .collect();
+            let mut fused_shape = parts[0].shape.clone();
+            fused_shape[0] *= 3;
+            let data = parts.iter().flat_map(|t| t.data.clone()).collect();
+            put(
+                format!("{oc}.attn.in_proj_{p}"),
+                HostTensor {
+                    data,
+                    shape: fused_shape,
+                },
+            );
+        }
+    }
+    let proj = get("text_projection.weight");
+    let (r, c) = (proj.shape[0], proj.shape[1]);
+    let mut transposed = vec![0f32; r * c];
+    for i in 0..r {
+        for j in 0..c {
+            transposed[j * r + i] = proj.data[i * c + j];
+        }
+    }
+    put(
+        format!("{prefix}text_projection"),
+        HostTensor {
+            data: transposed,
+            shape: vec![c, r],
+        },
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("openclip.safetensors");
+    std::fs::write(&path, f32_file(&out)).unwrap();
+    let file = TensorFile::open(&path).unwrap();
+    let src = OpenClipSource::new(&file, prefix);
+    assert_eq!(
+        (src.layers(), src.width()),
+        (cfg.num_hidden_layers, Some(cfg.hidden_size))
+    );
+    let encoder = ClipText::load(
+        &mut Loader::<Cpu>::prefixed(&src, "", &Default::default()),
+        &cfg,
+    )
+    .unwrap()
+    .with_projection(
+        &mut Loader::<Cpu>::prefixed(&src, "", &Default::default()),
+        r,
+    )
+    .unwrap();
+    let got = encoder.encode(&[prompt_ids(&want)]).unwrap();
+    // The second encoder's half of the SDXL context, and its pooled output.
+    let context = want.host("sdxl.context");
+    let (tokens, width) = (context.shape[1], context.shape[2]);
+    let half: Vec<f32> = (0..tokens)
+        .flat_map(|t| context.data[t * width + (width - cfg.hidden_size)..(t + 1) * width].to_vec())
+        .collect();
+    check(
+        "openclip layout: penultimate",
+        got.penultimate,
+        &HostTensor {
+            data: half,
+            shape: vec![1, tokens, cfg.hidden_size],
+        },
+    );
+    check(
+        "openclip layout: pooled",
+        got.pooled,
+        &want.host("sdxl.pooled"),
+    );
 }

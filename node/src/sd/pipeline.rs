@@ -15,7 +15,7 @@ use super::lora::LoraSet;
 use super::tokenizer::{ClipTokenizer, Tokens};
 use super::unet::{AddedCond, Unet, UnetConfig, guidance_embedding};
 use super::vae::{VaeConfig, VaeDecoder};
-use super::weights::{Loader, NameMap, TensorFile};
+use super::weights::{Loader, NameMap, OpenClipSource, TensorFile};
 use crate::error::{NodeError, Result};
 
 /// Where a model's parts live.
@@ -270,49 +270,107 @@ fn load_parts<B: Backend>(
         }
         ModelSource::SingleFile { path, family } => {
             let file = TensorFile::open(path)?;
-            let (unet_cfg, te_cfg) = match family {
-                ModelFamily::Sd15 => (UnetConfig::sd15(None), ClipConfig::clip_l()),
-                ModelFamily::Sd2 => {
-                    return Err(NodeError::ModelConfig(format!(
-                        "{}: SD2 single-file checkpoints keep OpenCLIP's fused attention weights, which this pipeline does not split yet; use the diffusers folder of the model",
-                        path.display()
-                    )));
-                }
+            let cond_dim = file
+                .shape("model.diffusion_model.time_embed.cond_proj.weight")
+                .map(|s| s[1]);
+            let unet_cfg = match family {
+                ModelFamily::Sd15 => UnetConfig::sd15(cond_dim),
+                ModelFamily::Sd2 => UnetConfig::sd2(cond_dim),
+                ModelFamily::Sdxl => UnetConfig::sdxl(cond_dim),
                 other => {
                     return Err(NodeError::ModelConfig(format!(
-                        "{}: {other} single-file checkpoints keep OpenCLIP-G's fused attention weights, which this pipeline does not split yet; use the diffusers folder of the model",
+                        "{}: {other} is not a text-to-image base model",
                         path.display()
                     )));
                 }
             };
-            let unet_cfg = UnetConfig {
-                time_cond_proj_dim: file
-                    .shape("model.diffusion_model.time_embed.cond_proj.weight")
-                    .map(|s| s[1]),
-                ..unet_cfg
+            let beside = |name: &str| {
+                path.parent()
+                    .map(|p| p.join(name))
+                    .unwrap_or_else(|| PathBuf::from(name))
             };
-            let tokenizer_dir = path
-                .parent()
-                .map(|p| p.join("tokenizer"))
-                .unwrap_or_else(|| PathBuf::from("tokenizer"));
-            let tokenizer = ClipTokenizer::from_dir(&tokenizer_dir)?;
-            let text = {
-                let mut l = Loader::<B>::prefixed(
-                    &file,
-                    "cond_stage_model.transformer.text_model.",
-                    device,
-                )
-                .with_lora(&mut set, "text_encoder", "text_model.");
-                ClipText::load(&mut l, &te_cfg)?
+            let tokenizer = ClipTokenizer::from_dir(&beside("tokenizer"))?;
+            let (text, text2) = match family {
+                ModelFamily::Sd2 => {
+                    // OpenCLIP ViT-H; diffusers' SD2 uses its penultimate layer then the final
+                    // norm, which is the 23-layer tower.
+                    let src = OpenClipSource::new(&file, "cond_stage_model.model.");
+                    let mut l = Loader::<B>::prefixed(&src, "", device).with_lora(
+                        &mut set,
+                        "text_encoder",
+                        "text_model.",
+                    );
+                    (ClipText::load(&mut l, &ClipConfig::open_clip_h())?, None)
+                }
+                ModelFamily::Sdxl => {
+                    let text = {
+                        let mut l = Loader::<B>::prefixed(
+                            &file,
+                            "conditioner.embedders.0.transformer.text_model.",
+                            device,
+                        )
+                        .with_lora(&mut set, "text_encoder", "text_model.");
+                        ClipText::load(&mut l, &ClipConfig::clip_l())?
+                    };
+                    let src = OpenClipSource::new(&file, "conditioner.embedders.1.model.");
+                    let cfg = ClipConfig {
+                        hidden_size: src.width().unwrap_or(1280),
+                        intermediate_size: 4 * src.width().unwrap_or(1280),
+                        num_hidden_layers: src.layers(),
+                        num_attention_heads: src.width().unwrap_or(1280) / 64,
+                        hidden_act: "gelu".into(),
+                        ..ClipConfig::clip_l()
+                    };
+                    let projection = file
+                        .shape("conditioner.embedders.1.model.text_projection")
+                        .map_or(1280, |s| s[1]);
+                    let tower = {
+                        let mut l = Loader::<B>::prefixed(&src, "", device).with_lora(
+                            &mut set,
+                            "text_encoder_2",
+                            "text_model.",
+                        );
+                        ClipText::load(&mut l, &cfg)?
+                    };
+                    let tower = tower.with_projection(
+                        &mut Loader::<B>::prefixed(&src, "", device),
+                        projection,
+                    )?;
+                    let tokenizer_2 = if beside("tokenizer_2").is_dir() {
+                        ClipTokenizer::from_dir(&beside("tokenizer_2"))?
+                    } else {
+                        ClipTokenizer::from_dir(&beside("tokenizer"))?
+                    };
+                    (text, Some((tokenizer_2, tower)))
+                }
+                _ => {
+                    let mut l = Loader::<B>::prefixed(
+                        &file,
+                        "cond_stage_model.transformer.text_model.",
+                        device,
+                    )
+                    .with_lora(&mut set, "text_encoder", "text_model.");
+                    (ClipText::load(&mut l, &ClipConfig::clip_l())?, None)
+                }
             };
             let unet = {
-                let ldm = drover_shared::arch::UnetConfig::for_family(*family);
+                let ldm = unet_cfg.to_arch();
+                let alias = ldm.clone();
                 let map: NameMap =
                     Box::new(move |n| format!("model.diffusion_model.{}", ldm.diffusers_to_ldm(n)));
-                let mut l = Loader::<B>::new(&file, map, device).with_lora(&mut set, "unet", "");
+                let mut l = Loader::<B>::new(&file, map, device)
+                    .with_lora(&mut set, "unet", "")
+                    .with_lora_alias(Box::new(move |p| alias.diffusers_to_ldm(p)));
                 Unet::load(&mut l, &unet_cfg)?
             };
-            let vae_cfg = VaeConfig::sd();
+            let vae_cfg = VaeConfig {
+                scaling_factor: if *family == ModelFamily::Sdxl {
+                    0.13025
+                } else {
+                    0.18215
+                },
+                ..VaeConfig::sd()
+            };
             let levels = vae_cfg.block_out_channels.len();
             let map: NameMap =
                 Box::new(move |n| format!("first_stage_model.{}", vae_diffusers_to_ldm(n, levels)));
@@ -320,7 +378,7 @@ fn load_parts<B: Backend>(
             Parts {
                 tokenizer,
                 text,
-                text2: None,
+                text2,
                 unet,
                 vae,
                 lcm: Lcm::new(LcmConfig::default()),

@@ -425,3 +425,119 @@ pub fn read_all(file: &TensorFile) -> Result<BTreeMap<String, HostTensor>> {
         .map(|n| Ok((n.to_string(), file.read(n)?)))
         .collect()
 }
+
+/// An OpenCLIP text tower (`transformer.resblocks.N.attn.in_proj_weight`, `ln_final`,
+/// `text_projection`, ...) as SD2 and SDXL single-file checkpoints store it, read under the
+/// Hugging Face CLIP names the text encoder asks for: fused q/k/v rows are split, the projection
+/// is transposed to `[projection, hidden]`.
+pub struct OpenClipSource<'a> {
+    file: &'a TensorFile,
+    prefix: String,
+}
+
+impl<'a> OpenClipSource<'a> {
+    /// The tower stored under `prefix` (`conditioner.embedders.1.model.`, `cond_stage_model.model.`).
+    pub fn new(file: &'a TensorFile, prefix: &str) -> Self {
+        Self {
+            file,
+            prefix: prefix.to_string(),
+        }
+    }
+
+    /// Number of residual blocks stored.
+    pub fn layers(&self) -> usize {
+        let start = format!("{}transformer.resblocks.", self.prefix);
+        self.file
+            .names()
+            .filter_map(|n| n.strip_prefix(&start))
+            .filter_map(|rest| rest.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |m| m + 1)
+    }
+
+    /// Width of the tower.
+    pub fn width(&self) -> Option<usize> {
+        self.file
+            .shape(&format!("{}token_embedding.weight", self.prefix))
+            .map(|s| s[1])
+    }
+
+    /// Where the HF-named tensor lives: the stored name, and for q/k/v which third of the rows.
+    fn locate(&self, name: &str) -> Option<(String, Option<usize>, bool)> {
+        let p = &self.prefix;
+        let simple = |s: &str| Some((format!("{p}{s}"), None, false));
+        match name {
+            "embeddings.token_embedding.weight" => return simple("token_embedding.weight"),
+            "embeddings.position_embedding.weight" => return simple("positional_embedding"),
+            "final_layer_norm.weight" => return simple("ln_final.weight"),
+            "final_layer_norm.bias" => return simple("ln_final.bias"),
+            "text_projection.weight" => return Some((format!("{p}text_projection"), None, true)),
+            _ => {}
+        }
+        let rest = name.strip_prefix("encoder.layers.")?;
+        let (layer, tail) = rest.split_once('.')?;
+        let block = format!("{p}transformer.resblocks.{layer}.");
+        let (module, param) = tail.rsplit_once('.')?;
+        let stored = |m: &str| Some((format!("{block}{m}.{param}"), None, false));
+        match module {
+            "layer_norm1" => stored("ln_1"),
+            "layer_norm2" => stored("ln_2"),
+            "mlp.fc1" => stored("mlp.c_fc"),
+            "mlp.fc2" => stored("mlp.c_proj"),
+            "self_attn.out_proj" => stored("attn.out_proj"),
+            "self_attn.q_proj" | "self_attn.k_proj" | "self_attn.v_proj" => {
+                let third = match module {
+                    "self_attn.q_proj" => 0,
+                    "self_attn.k_proj" => 1,
+                    _ => 2,
+                };
+                Some((format!("{block}attn.in_proj_{param}"), Some(third), false))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl TensorSource for OpenClipSource<'_> {
+    fn fetch(&self, name: &str, _expected: &[usize]) -> Result<HostTensor> {
+        let (stored, third, transpose) =
+            self.locate(name).ok_or_else(|| NodeError::MissingTensor {
+                file: self.file.path().display().to_string(),
+                name: format!("{name} (no OpenCLIP counterpart)"),
+            })?;
+        let t = self.file.read(&stored)?;
+        if let Some(k) = third {
+            let rows = t.shape[0] / 3;
+            let cols = t.data.len() / t.shape[0].max(1);
+            let mut shape = t.shape.clone();
+            shape[0] = rows;
+            return Ok(HostTensor {
+                data: t.data[k * rows * cols..(k + 1) * rows * cols].to_vec(),
+                shape,
+            });
+        }
+        if transpose && t.shape.len() == 2 {
+            let (r, c) = (t.shape[0], t.shape[1]);
+            let mut data = vec![0f32; r * c];
+            for i in 0..r {
+                for j in 0..c {
+                    data[j * r + i] = t.data[i * c + j];
+                }
+            }
+            return Ok(HostTensor {
+                data,
+                shape: vec![c, r],
+            });
+        }
+        Ok(t)
+    }
+
+    fn holds(&self, name: &str) -> bool {
+        self.locate(name)
+            .is_some_and(|(stored, _, _)| self.file.contains(&stored))
+    }
+
+    fn tensor_names(&self) -> Vec<String> {
+        self.file.names().map(str::to_string).collect()
+    }
+}
