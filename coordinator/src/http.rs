@@ -78,7 +78,12 @@ async fn read_job_request(payload: web::Payload) -> Result<JobRequest> {
 }
 
 async fn accept(state: &AppState, payload: web::Payload) -> Result<JobRecord> {
-    let spec = read_job_request(payload).await?.validate(random_seed)?;
+    accept_request(state, read_job_request(payload).await?).await
+}
+
+/// Validates a request, applies its style, submits it and waits until it is on disk.
+pub(crate) async fn accept_request(state: &AppState, request: JobRequest) -> Result<JobRecord> {
+    let spec = request.validate(random_seed)?;
     let spec = state.styles.apply(spec).map_err(|e| match e {
         ApplyError::Field(f) => CoordinatorError::InvalidField(f),
         ApplyError::Unprocessable(m) => CoordinatorError::Unprocessable(m),
@@ -98,6 +103,21 @@ async fn submit(state: web::Data<AppState>, payload: web::Payload) -> Result<Htt
 
 async fn generate(state: web::Data<AppState>, payload: web::Payload) -> Result<HttpResponse> {
     let job = accept(&state, payload).await?;
+    let (done, png) = wait_image(&state, job).await?;
+    let mut response = HttpResponse::Ok();
+    response
+        .content_type("image/png")
+        .insert_header(("X-Seed", done.spec.seed.to_string()))
+        .insert_header(("X-Job-Id", done.id.to_string()));
+    if let Some(node) = done.node_id {
+        response.insert_header(("X-Node-Id", node.to_string()));
+    }
+    Ok(response.body(png))
+}
+
+/// Waits (up to the generate timeout) for `job` to end; its record and image when it succeeded,
+/// else the failure with its reason.
+pub(crate) async fn wait_image(state: &AppState, job: JobRecord) -> Result<(JobRecord, Vec<u8>)> {
     let waiter = state.control.send(WaitJob(job.id)).await??;
     let secs = state.config.generate_timeout_s;
     let done = match tokio::time::timeout(Duration::from_secs(secs), waiter).await {
@@ -120,15 +140,7 @@ async fn generate(state: web::Data<AppState>, payload: web::Payload) -> Result<H
                 .store
                 .image(done.id)?
                 .ok_or_else(|| CoordinatorError::NotFound(format!("image of job {}", done.id)))?;
-            let mut response = HttpResponse::Ok();
-            response
-                .content_type("image/png")
-                .insert_header(("X-Seed", done.spec.seed.to_string()))
-                .insert_header(("X-Job-Id", done.id.to_string()));
-            if let Some(node) = done.node_id {
-                response.insert_header(("X-Node-Id", node.to_string()));
-            }
-            Ok(response.body(png))
+            Ok((done, png))
         }
         _ => Err(CoordinatorError::JobFailed {
             id: done.id.to_string(),

@@ -5,6 +5,7 @@
 //! (the `ControlPlane` actor owning all state), [`router`] (pure routing functions), [`store`]
 //! (the only module that touches sled), [`records`] (what is persisted), [`error`].
 
+pub mod compat;
 pub mod config;
 pub mod control;
 pub mod error;
@@ -90,6 +91,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         App::new()
             .app_data(web::Data::new(state.clone()))
             .configure(http::configure)
+            .configure(compat::configure)
             .default_service(web::to(http::not_found))
     })
     .workers(2)

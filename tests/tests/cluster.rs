@@ -365,3 +365,110 @@ fn bad_input_gets_a_clear_json_error() -> anyhow::Result<()> {
     assert_eq!(cluster.wait_for_job(&id, T)?["state"], "succeeded");
     Ok(())
 }
+
+/// Decodes standard base64 (test helper for the A1111 answer).
+fn unbase64(text: &str) -> Vec<u8> {
+    let value = |c: u8| match c {
+        b'A'..=b'Z' => c - b'A',
+        b'a'..=b'z' => c - b'a' + 26,
+        b'0'..=b'9' => c - b'0' + 52,
+        b'+' => 62,
+        _ => 63,
+    };
+    let bytes: Vec<u8> = text.bytes().filter(|&c| c != b'=').collect();
+    let mut out = Vec::new();
+    for chunk in bytes.chunks(4) {
+        let n = chunk
+            .iter()
+            .enumerate()
+            .fold(0u32, |n, (i, &c)| n | (u32::from(value(c)) << (18 - 6 * i)));
+        for i in 0..chunk.len().saturating_sub(1) {
+            out.push((n >> (16 - 8 * i)) as u8);
+        }
+    }
+    out
+}
+
+#[test]
+fn compatibility_endpoints_serve_lcm_server_and_a1111_clients() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("painter", "sd15"))?;
+    cluster.wait_for_online(&["painter"], T)?;
+
+    // The Python LCM server's body, with a field Drover does not use and seed -1 (random).
+    let reply = cluster.post(
+        "/generate",
+        &json!({"prompt": "a red fox", "size": "320x256", "num_inference_steps": 4,
+                "guidance_scale": 1.5, "seed": -1, "lcm_origin_steps": 50}),
+    )?;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.header("content-type"), Some("image/png"));
+    assert_eq!(png_size(&reply.body), (320, 256));
+    let seed: i64 = reply.header("x-seed").expect("seed header").parse()?;
+    assert!((0..=i64::from(i32::MAX)).contains(&seed));
+
+    // A1111 txt2img: a batch of 2 gets seeds s and s + 1, base64 PNGs and an info string.
+    let reply = cluster.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "a red fox", "negative_prompt": "", "steps": 3, "cfg_scale": 7,
+                "width": 256, "height": 256, "seed": 5, "batch_size": 2,
+                "sampler_name": "Euler a", "override_settings": {}}),
+    )?;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let body = reply.json()?;
+    let images = body["images"].as_array().expect("images");
+    assert_eq!(images.len(), 2);
+    for image in images {
+        assert_eq!(
+            png_size(&unbase64(image.as_str().expect("base64"))),
+            (256, 256)
+        );
+    }
+    let info: Value = serde_json::from_str(body["info"].as_str().expect("info string"))?;
+    assert_eq!(info["all_seeds"], json!([5, 6]));
+    assert_eq!(body["parameters"]["sampler_name"], "Euler a");
+
+    // The fields they use are still validated, by name.
+    for (path, bad, field) in [
+        (
+            "/generate",
+            json!({"prompt": "x", "num_inference_steps": "four"}),
+            "num_inference_steps",
+        ),
+        ("/generate", json!({"size": "512x512"}), "prompt"),
+        (
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "x", "batch_size": 50}),
+            "batch_size",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            json!({"prompt": "x", "width": 100}),
+            "size",
+        ),
+    ] {
+        let reply = cluster.post(path, &bad)?;
+        assert_eq!(
+            reply.status,
+            400,
+            "{path} {bad}: {}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let error = reply.json()?;
+        assert_eq!(
+            error["error"]["details"]["field"], field,
+            "{path} {bad}: {error}"
+        );
+    }
+    Ok(())
+}
