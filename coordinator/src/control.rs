@@ -20,6 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::error::{CoordinatorError, Result};
+use crate::metrics::{Gauge, Metrics};
 use crate::records::{Attempt, JobRecord, JobState, Lease, LoraAdvert, NodeRecord, now_ms};
 use crate::router::{self, NodeView};
 use crate::store::Store;
@@ -60,6 +61,7 @@ pub struct ControlPlane {
     next_session: u64,
     /// When finished jobs were last pruned (retention).
     last_prune: Instant,
+    metrics: Arc<Metrics>,
 }
 
 /// How often the retention sweep runs.
@@ -67,7 +69,7 @@ const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
 
 impl ControlPlane {
     /// Restores the registry and unfinished jobs from `store`.
-    pub fn restore(store: Store, config: Arc<Config>) -> Result<Self> {
+    pub fn restore(store: Store, config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self> {
         let now = Instant::now();
         let mut nodes: HashMap<NodeId, NodeEntry> = store
             .nodes()?
@@ -107,6 +109,7 @@ impl ControlPlane {
             turn: 0,
             next_session: 1,
             last_prune: now,
+            metrics,
         };
         // Leases whose node is unknown (removed from the registry) cannot complete.
         let orphans: Vec<JobId> = plane
@@ -280,6 +283,13 @@ impl ControlPlane {
             .active
             .get_mut(&job_id)
             .ok_or_else(|| CoordinatorError::NotFound(format!("job {job_id}")))?;
+        if job.attempts.is_empty() {
+            self.metrics.observe(
+                "drover_job_queue_wait_seconds",
+                vec![],
+                now.saturating_sub(job.created_ms) as f64 / 1000.0,
+            );
+        }
         job.state = JobState::Leased;
         job.size = Some(job.spec.size_for(family));
         job.updated_ms = now;
@@ -302,6 +312,8 @@ impl ControlPlane {
         };
         let now = now_ms();
         end_attempt(&mut self.nodes, job, reason.to_string());
+        self.metrics
+            .inc("drover_requeues_total", vec![("reason", reason.into())]);
         job.updated_ms = now;
         job.progress = None;
         if job.attempts.len() as u32 >= max_attempts {
@@ -329,10 +341,26 @@ impl ControlPlane {
             JobState::Succeeded => "succeeded".to_string(),
             _ => error.clone().unwrap_or_else(|| state.as_str().to_string()),
         };
+        let attempt_started = job.lease.as_ref().map(|l| l.granted_ms);
         let node_id = end_attempt(&mut self.nodes, &mut job, outcome);
+        let now = now_ms();
         if state == JobState::Succeeded {
             job.node_id = node_id;
+            let secs = |from: u64| now.saturating_sub(from) as f64 / 1000.0;
+            self.metrics.observe(
+                "drover_job_end_to_end_seconds",
+                vec![],
+                secs(job.created_ms),
+            );
+            if let Some(started) = attempt_started {
+                self.metrics
+                    .observe("drover_job_run_seconds", vec![], secs(started));
+            }
         }
+        self.metrics.inc(
+            "drover_jobs_finished_total",
+            vec![("outcome", state.as_str().into())],
+        );
         job.state = state;
         job.error = error;
         job.updated_ms = now_ms();
@@ -420,6 +448,7 @@ impl ControlPlane {
             .map(|j| j.id)
             .collect();
         for job_id in expired {
+            self.metrics.inc("drover_lease_expiries_total", vec![]);
             self.cancel_on_node(job_id);
             report(self.requeue(job_id, "lease expired"));
         }
@@ -716,11 +745,19 @@ impl Handler<SubmitJob> for ControlPlane {
     type Result = Result<JobRecord>;
 
     fn handle(&mut self, SubmitJob(spec): SubmitJob, _: &mut Context<Self>) -> Self::Result {
-        self.check_lora_bases(&spec)?;
+        let reject = |metrics: &Metrics, reason: &str| {
+            metrics.inc("drover_rejections_total", vec![("reason", reason.into())]);
+        };
+        if let Err(e) = self.check_lora_bases(&spec) {
+            reject(&self.metrics, "lora_family_mismatch");
+            return Err(e);
+        }
         if let Err(reasons) = router::feasibility(&spec, &self.views(Instant::now())) {
+            reject(&self.metrics, "infeasible");
             return Err(CoordinatorError::Infeasible { reasons });
         }
         if self.queued_count() >= self.config.queue_limit {
+            reject(&self.metrics, "queue_full");
             return Err(CoordinatorError::QueueFull {
                 limit: self.config.queue_limit,
                 retry_after_s: 5,
@@ -729,6 +766,7 @@ impl Handler<SubmitJob> for ControlPlane {
         let job = JobRecord::new(JobId::random(), spec);
         self.store.put_job(&job)?;
         tracing::info!(job_id = %job.id, "job accepted");
+        self.metrics.inc("drover_jobs_accepted_total", vec![]);
         self.active.insert(job.id, job.clone());
         self.dispatch();
         Ok(self.active.get(&job.id).cloned().unwrap_or(job))
@@ -882,5 +920,82 @@ impl Handler<SetDraining> for ControlPlane {
         let record = entry.record.clone();
         self.dispatch();
         Ok(record)
+    }
+}
+
+/// Renders `GET /metrics`: the recorded series plus gauges of the current state.
+#[derive(Message)]
+#[rtype(result = "String")]
+pub struct RenderMetrics;
+
+impl Handler<RenderMetrics> for ControlPlane {
+    type Result = String;
+
+    fn handle(&mut self, _: RenderMetrics, _: &mut Context<Self>) -> Self::Result {
+        let mut depth: std::collections::BTreeMap<(&'static str, String), u64> =
+            std::collections::BTreeMap::new();
+        for job in self.active.values() {
+            let family = match &job.spec.model {
+                Some(ModelSelector::Family(f)) => f.to_string(),
+                Some(ModelSelector::ModelId(_)) => "model_id".to_string(),
+                None => "any".to_string(),
+            };
+            *depth.entry((job.state.as_str(), family)).or_default() += 1;
+        }
+        let mut gauges: Vec<Gauge> = depth
+            .into_iter()
+            .map(|((state, family), n)| Gauge {
+                name: "drover_queue_depth",
+                help: "Unfinished jobs by state and requested family.",
+                labels: vec![("state", state.into()), ("family", family)],
+                value: n as f64,
+            })
+            .collect();
+        let now = Instant::now();
+        let views = self.views(now);
+        let mut by_state: std::collections::BTreeMap<&'static str, u64> =
+            ["online", "suspect", "draining", "offline"]
+                .into_iter()
+                .map(|s| (s, 0))
+                .collect();
+        for v in &views {
+            let state = if !v.online {
+                "offline"
+            } else if v.draining {
+                "draining"
+            } else if v.suspect {
+                "suspect"
+            } else {
+                "online"
+            };
+            *by_state.entry(state).or_default() += 1;
+        }
+        gauges.extend(by_state.into_iter().map(|(state, n)| Gauge {
+            name: "drover_nodes",
+            help: "Registered nodes by state.",
+            labels: vec![("state", state.into())],
+            value: n as f64,
+        }));
+        for v in &views {
+            let labels = vec![
+                ("node", v.name.to_string()),
+                ("family", v.family.to_string()),
+            ];
+            gauges.push(Gauge {
+                name: "drover_node_free_slots",
+                help: "Worker slots not running a job.",
+                labels: labels.clone(),
+                value: f64::from(v.free_slots),
+            });
+        }
+        for v in &views {
+            gauges.push(Gauge {
+                name: "drover_node_pixel_steps_per_second",
+                help: "Speed the node advertised (0 when unknown).",
+                labels: vec![("node", v.name.to_string())],
+                value: v.pixel_steps_per_second,
+            });
+        }
+        self.metrics.render(&gauges)
     }
 }

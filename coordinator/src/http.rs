@@ -34,6 +34,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The style catalog.
     pub styles: Arc<StyleCatalog>,
+    /// Counters and histograms.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Mounts every route of the REST API.
@@ -47,7 +49,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/nodes/{id}/resume", web::post().to(resume_node))
         .route("/v1/jobs/{id}/image", web::get().to(get_image))
         .route("/v1/nodes", web::get().to(list_nodes))
-        .route("/v1/styles", web::get().to(list_styles));
+        .route("/v1/styles", web::get().to(list_styles))
+        .route("/metrics", web::get().to(metrics));
 }
 
 /// Answers unknown routes with a JSON 404.
@@ -81,8 +84,34 @@ async fn accept(state: &AppState, payload: web::Payload) -> Result<JobRecord> {
     accept_request(state, read_job_request(payload).await?).await
 }
 
+async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse> {
+    let text = state.control.send(crate::control::RenderMetrics).await?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(text))
+}
+
 /// Validates a request, applies its style, submits it and waits until it is on disk.
 pub(crate) async fn accept_request(state: &AppState, request: JobRequest) -> Result<JobRecord> {
+    let result = accept_checked(state, request).await;
+    if let Err(e) = &result {
+        let reason = match e {
+            CoordinatorError::InvalidField(_) | CoordinatorError::InvalidRequest(_) => {
+                Some("invalid_request")
+            }
+            CoordinatorError::Unprocessable(_) => Some("unprocessable"),
+            _ => None,
+        };
+        if let Some(reason) = reason {
+            state
+                .metrics
+                .inc("drover_rejections_total", vec![("reason", reason.into())]);
+        }
+    }
+    result
+}
+
+async fn accept_checked(state: &AppState, request: JobRequest) -> Result<JobRecord> {
     let spec = request.validate(random_seed)?;
     let spec = state.styles.apply(spec).map_err(|e| match e {
         ApplyError::Field(f) => CoordinatorError::InvalidField(f),

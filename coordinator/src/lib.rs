@@ -11,6 +11,7 @@ pub mod control;
 pub mod error;
 pub mod grpc;
 pub mod http;
+pub mod metrics;
 pub mod records;
 pub mod router;
 pub mod store;
@@ -59,7 +60,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(styles = styles.styles().count(), "style catalog loaded");
     let store = store::Store::open(&config.data_dir)
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
-    let control = control::ControlPlane::restore(store.clone(), config.clone())?.start();
+    let metrics = Arc::new(metrics::Metrics::default());
+    let control =
+        control::ControlPlane::restore(store.clone(), config.clone(), metrics.clone())?.start();
 
     let grpc_listener = tokio::net::TcpListener::bind(config.grpc_addr)
         .await
@@ -83,6 +86,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 
     let state = http::AppState {
         control,
+        metrics,
         store,
         config: config.clone(),
         styles: Arc::new(styles),

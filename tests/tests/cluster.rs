@@ -472,3 +472,45 @@ fn compatibility_endpoints_serve_lcm_server_and_a1111_clients() -> anyhow::Resul
     }
     Ok(())
 }
+
+#[test]
+fn metrics_count_jobs_rejections_and_nodes() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("painter", "sd15"))?;
+    cluster.wait_for_online(&["painter"], T)?;
+    let ok = cluster.post(
+        "/v1/generate",
+        &json!({"prompt": "a fox", "size": "64x64", "steps": 1}),
+    )?;
+    assert_eq!(ok.status, 200);
+    let bad = cluster.post("/v1/jobs", &json!({"prompt": "a fox", "steps": 0}))?;
+    assert_eq!(bad.status, 400);
+    let none = cluster.post("/v1/jobs", &json!({"prompt": "a fox", "model": "sdxl"}))?;
+    assert_eq!(none.status, 422);
+
+    let reply = cluster.get("/metrics")?;
+    assert_eq!(reply.status, 200);
+    assert!(
+        reply
+            .header("content-type")
+            .unwrap_or_default()
+            .starts_with("text/plain")
+    );
+    let text = String::from_utf8(reply.body)?;
+    for line in [
+        "drover_jobs_accepted_total 1",
+        "drover_jobs_finished_total{outcome=\"succeeded\"} 1",
+        "drover_rejections_total{reason=\"invalid_request\"} 1",
+        "drover_rejections_total{reason=\"infeasible\"} 1",
+        "drover_job_end_to_end_seconds_count 1",
+        "drover_job_queue_wait_seconds_count 1",
+        "drover_nodes{state=\"online\"} 1",
+        "drover_node_free_slots{node=\"painter\",family=\"sd15\"} 2",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+    Ok(())
+}
