@@ -62,6 +62,47 @@ pub struct ControlPlane {
     /// When finished jobs were last pruned (retention).
     last_prune: Instant,
     metrics: Arc<Metrics>,
+    /// Live event streams (`GET /v1/jobs/{id}/events`) by job.
+    watchers: HashMap<JobId, Vec<mpsc::UnboundedSender<JobEvent>>>,
+}
+
+/// One live update of a job, as `GET /v1/jobs/{id}/events` streams it.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum JobEvent {
+    /// Waiting for a node; `position` jobs are ahead of it (0: next).
+    Queued {
+        /// Jobs ahead in the queue order.
+        position: usize,
+    },
+    /// Leased to a node.
+    Assigned {
+        /// The node.
+        node_id: NodeId,
+        /// Attempt number (1 for the first).
+        attempt: u32,
+    },
+    /// A denoising step finished.
+    Progress {
+        /// Steps done.
+        step: u32,
+        /// Steps in total.
+        total: u32,
+    },
+    /// The attempt ended without a result; the job waits for another node.
+    Requeued {
+        /// Why the attempt ended.
+        reason: String,
+    },
+    /// The job ended.
+    Done {
+        /// `succeeded`, `failed` or `cancelled`.
+        state: JobState,
+        /// Where the image is, when it succeeded.
+        image_url: Option<String>,
+        /// Why it failed (every attempt's reason).
+        error: Option<String>,
+    },
 }
 
 /// How often the retention sweep runs.
@@ -110,6 +151,7 @@ impl ControlPlane {
             next_session: 1,
             last_prune: now,
             metrics,
+            watchers: HashMap::new(),
         };
         // Leases whose node is unknown (removed from the registry) cannot complete.
         let orphans: Vec<JobId> = plane
@@ -183,6 +225,29 @@ impl ControlPlane {
             }
         }
         Ok(())
+    }
+
+    /// Sends `event` to every live stream of `job_id`, forgetting closed ones.
+    fn notify(&mut self, job_id: JobId, event: JobEvent) {
+        if let Some(list) = self.watchers.get_mut(&job_id) {
+            list.retain(|tx| tx.send(event.clone()).is_ok());
+        }
+    }
+
+    /// Jobs ahead of `job_id` in the queue order now.
+    fn queue_position(&self, job_id: JobId) -> usize {
+        let mut queued: Vec<router::QueuedJob<JobId>> = self
+            .active
+            .values()
+            .filter(|j| j.state == JobState::Queued)
+            .map(|j| router::QueuedJob {
+                priority: j.spec.priority,
+                created_ms: j.created_ms,
+                id: j.id,
+            })
+            .collect();
+        router::queue_order(&mut queued, now_ms());
+        queued.iter().position(|q| q.id == job_id).unwrap_or(0)
     }
 
     fn queued_count(&self) -> usize {
@@ -295,8 +360,16 @@ impl ControlPlane {
         job.updated_ms = now;
         job.progress = None;
         tracing::info!(job_id = %job_id, node_id = %node_id, lease_id = %lease.id, attempt = lease.attempt, "job leased");
+        let (attempt, event_node) = (lease.attempt, lease.node_id);
         job.lease = Some(lease);
         self.store.put_job(job)?;
+        self.notify(
+            job_id,
+            JobEvent::Assigned {
+                node_id: event_node,
+                attempt,
+            },
+        );
         if let Some(entry) = self.nodes.get_mut(&node_id) {
             entry.running.insert(job_id);
         }
@@ -328,7 +401,14 @@ impl ControlPlane {
         } else {
             job.state = JobState::Queued;
             tracing::info!(job_id = %job_id, reason, "job re-queued");
-            self.store.put_job(job)
+            self.store.put_job(job)?;
+            self.notify(
+                job_id,
+                JobEvent::Requeued {
+                    reason: reason.to_string(),
+                },
+            );
+            Ok(())
         }
     }
 
@@ -368,6 +448,10 @@ impl ControlPlane {
         for waiter in self.waiters.remove(&job_id).unwrap_or_default() {
             let _ = waiter.send(job.clone());
         }
+        let done = done_event(&job);
+        self.notify(job_id, done);
+        // Dropping the senders ends the streams after the final event.
+        self.watchers.remove(&job_id);
         Ok(())
     }
 
@@ -394,6 +478,14 @@ impl ControlPlane {
                     job.progress = Some((p.step, p.total_steps));
                     job.updated_ms = now_ms();
                     // Progress is not persisted: it is cheap to lose and frequent.
+                    let job_id = job.id;
+                    self.notify(
+                        job_id,
+                        JobEvent::Progress {
+                            step: p.step,
+                            total: p.total_steps,
+                        },
+                    );
                 }
             }
             node_message::Kind::Result(r) => {
@@ -997,5 +1089,51 @@ impl Handler<RenderMetrics> for ControlPlane {
             });
         }
         self.metrics.render(&gauges)
+    }
+}
+
+fn done_event(job: &JobRecord) -> JobEvent {
+    JobEvent::Done {
+        state: job.state,
+        image_url: (job.state == JobState::Succeeded).then(|| format!("/v1/jobs/{}/image", job.id)),
+        error: job.error.clone(),
+    }
+}
+
+/// Opens a live event stream of a job: the events that describe it now, and a receiver of the
+/// ones to come (`None` when the job already ended).
+#[derive(Message)]
+#[rtype(result = "Result<(Vec<JobEvent>, Option<mpsc::UnboundedReceiver<JobEvent>>)>")]
+pub struct WatchJob(pub JobId);
+
+impl Handler<WatchJob> for ControlPlane {
+    type Result = Result<(Vec<JobEvent>, Option<mpsc::UnboundedReceiver<JobEvent>>)>;
+
+    fn handle(&mut self, WatchJob(id): WatchJob, _: &mut Context<Self>) -> Self::Result {
+        let Some(job) = self.active.get(&id) else {
+            let job = self
+                .store
+                .job(id)?
+                .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
+            return Ok((vec![done_event(&job)], None));
+        };
+        let mut now = Vec::new();
+        match (&job.lease, job.state) {
+            (Some(lease), _) => {
+                now.push(JobEvent::Assigned {
+                    node_id: lease.node_id,
+                    attempt: lease.attempt,
+                });
+                if let Some((step, total)) = job.progress {
+                    now.push(JobEvent::Progress { step, total });
+                }
+            }
+            (None, _) => now.push(JobEvent::Queued {
+                position: self.queue_position(id),
+            }),
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.watchers.entry(id).or_default().push(tx);
+        Ok((now, Some(rx)))
     }
 }

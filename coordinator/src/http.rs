@@ -48,6 +48,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/nodes/{id}/drain", web::post().to(drain_node))
         .route("/v1/nodes/{id}/resume", web::post().to(resume_node))
         .route("/v1/jobs/{id}/image", web::get().to(get_image))
+        .route("/v1/jobs/{id}/events", web::get().to(job_events))
         .route("/v1/nodes", web::get().to(list_nodes))
         .route("/v1/styles", web::get().to(list_styles))
         .route("/metrics", web::get().to(metrics));
@@ -214,6 +215,29 @@ async fn get_image(state: web::Data<AppState>, id: web::Path<String>) -> Result<
             job.state
         ))),
     }
+}
+
+/// One server-sent event: `event: <kind>` and the JSON of the event as `data`.
+fn sse(event: &crate::control::JobEvent) -> web::Bytes {
+    let data = serde_json::to_value(event).unwrap_or_default();
+    let kind = data["event"].as_str().unwrap_or("message").to_string();
+    web::Bytes::from(format!("event: {kind}\ndata: {data}\n\n"))
+}
+
+/// `GET /v1/jobs/{id}/events`: the job's state now, then every change until it ends.
+async fn job_events(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+    use tokio_stream::StreamExt as _;
+    let id = parse_job_id(&id)?;
+    let (now, live) = state.control.send(crate::control::WatchJob(id)).await??;
+    let first = tokio_stream::iter(now.iter().map(sse).collect::<Vec<_>>());
+    // A job that already ended has no live part: an already closed channel stands in for it.
+    let live = live.unwrap_or_else(|| tokio::sync::mpsc::unbounded_channel().1);
+    let rest = tokio_stream::wrappers::UnboundedReceiverStream::new(live).map(|e| sse(&e));
+    let stream = first.chain(rest).map(Ok::<_, actix_web::Error>);
+    Ok(HttpResponse::Ok()
+        .content_type("text/event-stream")
+        .insert_header(("Cache-Control", "no-cache"))
+        .streaming(stream))
 }
 
 async fn list_nodes(state: web::Data<AppState>) -> Result<HttpResponse> {

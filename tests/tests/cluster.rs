@@ -514,3 +514,44 @@ fn metrics_count_jobs_rejections_and_nodes() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[test]
+fn job_events_stream_progress_until_done() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("painter", "sd15").env("SIM_STEP_MS", "150"))?;
+    cluster.wait_for_online(&["painter"], T)?;
+    let id = cluster.submit(&json!({"prompt": "a fox", "size": "64x64", "steps": 3}))?;
+    let reply = cluster.get(&format!("/v1/jobs/{id}/events"))?;
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("content-type"), Some("text/event-stream"));
+    let text = String::from_utf8(reply.body)?;
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let kinds: Vec<&str> = events.iter().filter_map(|e| e["event"].as_str()).collect();
+    assert!(
+        matches!(kinds.first(), Some(&"queued" | &"assigned")),
+        "{kinds:?}"
+    );
+    let steps: Vec<u64> = events
+        .iter()
+        .filter(|e| e["event"] == "progress")
+        .filter_map(|e| e["step"].as_u64())
+        .collect();
+    assert_eq!(steps.last(), Some(&3), "{text}");
+    let done = events.last().expect("a final event");
+    assert_eq!(done["event"], "done", "{text}");
+    assert_eq!(done["state"], "succeeded");
+    assert_eq!(done["image_url"], format!("/v1/jobs/{id}/image"));
+
+    // A finished job's stream is its final event alone; an unknown job is a JSON 404.
+    let again = String::from_utf8(cluster.get(&format!("/v1/jobs/{id}/events"))?.body)?;
+    assert_eq!(again.matches("event: done").count(), 1, "{again}");
+    assert!(!again.contains("progress"), "{again}");
+    let missing = cluster.get("/v1/jobs/00000000-0000-4000-8000-000000000000/events")?;
+    assert_eq!(missing.status, 404);
+    assert!(missing.json()?["error"]["message"].is_string());
+    Ok(())
+}
