@@ -1137,3 +1137,18 @@ impl Handler<WatchJob> for ControlPlane {
         Ok((now, Some(rx)))
     }
 }
+
+/// Every unfinished job, oldest first.
+#[derive(Message)]
+#[rtype(result = "Vec<JobRecord>")]
+pub struct ListJobs;
+
+impl Handler<ListJobs> for ControlPlane {
+    type Result = Vec<JobRecord>;
+
+    fn handle(&mut self, _: ListJobs, _: &mut Context<Self>) -> Self::Result {
+        let mut jobs: Vec<JobRecord> = self.active.values().cloned().collect();
+        jobs.sort_by_key(|j| (j.created_ms, j.id));
+        jobs
+    }
+}

@@ -43,6 +43,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/v1/generate", web::post().to(generate))
         .route("/v1/jobs", web::post().to(submit))
+        .route("/v1/jobs", web::get().to(list_jobs))
         .route("/v1/jobs/{id}", web::get().to(get_job))
         .route("/v1/jobs/{id}", web::delete().to(cancel_job))
         .route("/v1/nodes/{id}/drain", web::post().to(drain_node))
@@ -238,6 +239,11 @@ async fn job_events(state: web::Data<AppState>, id: web::Path<String>) -> Result
         .content_type("text/event-stream")
         .insert_header(("Cache-Control", "no-cache"))
         .streaming(stream))
+}
+
+/// `GET /v1/jobs`: every unfinished job, oldest first.
+async fn list_jobs(state: web::Data<AppState>) -> Result<HttpResponse> {
+    Ok(HttpResponse::Ok().json(state.control.send(crate::control::ListJobs).await?))
 }
 
 async fn list_nodes(state: web::Data<AppState>) -> Result<HttpResponse> {

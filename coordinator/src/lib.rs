@@ -5,6 +5,7 @@
 //! (the `ControlPlane` actor owning all state), [`router`] (pure routing functions), [`store`]
 //! (the only module that touches sled), [`records`] (what is persisted), [`error`].
 
+pub mod client;
 pub mod compat;
 pub mod config;
 pub mod control;

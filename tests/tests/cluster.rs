@@ -555,3 +555,63 @@ fn job_events_stream_progress_until_done() -> anyhow::Result<()> {
     assert!(missing.json()?["error"]["message"].is_string());
     Ok(())
 }
+
+#[test]
+fn the_drover_cli_generates_with_progress_and_manages_nodes() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("painter", "sd15").env("SIM_STEP_MS", "100"))?;
+    cluster.wait_for_online(&["painter"], T)?;
+    let dir = tempfile::tempdir()?;
+    let out = dir.path().join("fox.png");
+    let cli = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sandbox-cli"))
+            .args(args)
+            .env("DROVER_URL", cluster.base_url())
+            .env_remove("DROVER_ADMIN_TOKEN")
+            .output()
+            .expect("run the cli")
+    };
+    let run = cli(&[
+        "generate",
+        "a red fox",
+        "--size",
+        "128x64",
+        "--steps",
+        "3",
+        "--seed",
+        "9",
+        "-o",
+        out.to_str().expect("utf-8 path"),
+    ]);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("[##############################] 3/3"),
+        "{stderr}"
+    );
+    assert!(stdout.contains("seed 9"), "{stdout}");
+    assert_eq!(png_size(&std::fs::read(&out)?), (128, 64));
+
+    let nodes = cli(&["nodes"]);
+    assert!(String::from_utf8_lossy(&nodes.stdout).contains("painter"));
+    let drain = cli(&["drain", "painter"]);
+    assert!(
+        drain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    assert!(String::from_utf8_lossy(&drain.stdout).contains("draining: true"));
+    assert_eq!(cluster.node_state("painter")?.as_deref(), Some("draining"));
+    let jobs = cli(&["jobs"]);
+    assert!(jobs.status.success());
+
+    let cancel = cli(&["cancel", "00000000-0000-4000-8000-000000000000"]);
+    assert!(!cancel.status.success());
+    assert!(
+        String::from_utf8_lossy(&cancel.stderr).contains("404"),
+        "{}",
+        String::from_utf8_lossy(&cancel.stderr)
+    );
+    Ok(())
+}
