@@ -97,6 +97,8 @@ pub enum Command {
         /// Job id.
         id: String,
     },
+    /// Exit 0 when the coordinator answers `/healthz` (container health checks).
+    Health,
 }
 
 struct Api {
@@ -363,6 +365,10 @@ fn run(cli: Cli) -> Result<()> {
                 answer["name"].as_str().unwrap_or(node),
                 answer["draining"]
             );
+        }
+        Command::Health => {
+            let health = api.get("/healthz")?;
+            println!("{health}");
         }
         Command::Cancel { id } => {
             let answer = api.send("DELETE", &format!("/v1/jobs/{id}"), None)?;
