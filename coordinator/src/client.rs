@@ -25,6 +25,9 @@ pub struct Cli {
         global = true
     )]
     pub url: String,
+    /// API key, when the coordinator requires one.
+    #[arg(long, env = "DROVER_API_KEY", global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
     /// Admin token for drain/resume.
     #[arg(
         long,
@@ -104,11 +107,12 @@ pub enum Command {
 struct Api {
     url: String,
     admin_token: Option<String>,
+    api_key: Option<String>,
     agent: ureq::Agent,
 }
 
 impl Api {
-    fn new(url: &str, admin_token: Option<String>) -> Self {
+    fn new(url: &str, admin_token: Option<String>, api_key: Option<String>) -> Self {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_connect(Some(Duration::from_secs(10)))
@@ -117,6 +121,7 @@ impl Api {
         Self {
             url: url.trim_end_matches('/').to_string(),
             admin_token,
+            api_key,
             agent,
         }
     }
@@ -135,10 +140,18 @@ impl Api {
         Ok(body)
     }
 
+    /// A GET with the API key, when one is set.
+    fn get_request(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let req = self.agent.get(format!("{}{path}", self.url));
+        match &self.api_key {
+            Some(k) => req.header("x-api-key", k),
+            None => req,
+        }
+    }
+
     fn get(&self, path: &str) -> Result<Value> {
         let r = self
-            .agent
-            .get(format!("{}{path}", self.url))
+            .get_request(path)
             .call()
             .with_context(|| format!("cannot reach the coordinator at {}", self.url))?;
         self.json(r)
@@ -147,17 +160,18 @@ impl Api {
     fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
         let url = format!("{}{path}", self.url);
         let auth = self.admin_token.as_ref().map(|t| format!("Bearer {t}"));
+        let key = self.api_key.clone().unwrap_or_default();
         let r = match (method, body) {
-            ("DELETE", _) => self.agent.delete(&url).call(),
+            ("DELETE", _) => self.agent.delete(&url).header("x-api-key", &key).call(),
             (_, Some(b)) => {
-                let mut req = self.agent.post(&url);
+                let mut req = self.agent.post(&url).header("x-api-key", &key);
                 if let Some(a) = &auth {
                     req = req.header("authorization", a);
                 }
                 req.send_json(b)
             }
             _ => {
-                let mut req = self.agent.post(&url);
+                let mut req = self.agent.post(&url).header("x-api-key", &key);
                 if let Some(a) = &auth {
                     req = req.header("authorization", a);
                 }
@@ -247,8 +261,7 @@ fn generate(api: &Api, command: &Command) -> Result<()> {
         .to_string();
     eprintln!("job {id} accepted");
     let response = api
-        .agent
-        .get(format!("{}/v1/jobs/{id}/events", api.url))
+        .get_request(&format!("/v1/jobs/{id}/events"))
         .call()
         .context("cannot open the job's event stream")?;
     let reader = BufReader::new(response.into_body().into_reader());
@@ -288,8 +301,7 @@ fn generate(api: &Api, command: &Command) -> Result<()> {
         );
     }
     let mut image = api
-        .agent
-        .get(format!("{}/v1/jobs/{id}/image", api.url))
+        .get_request(&format!("/v1/jobs/{id}/image"))
         .call()
         .context("cannot fetch the image")?;
     let png = image
@@ -311,7 +323,7 @@ fn generate(api: &Api, command: &Command) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let api = Api::new(&cli.url, cli.admin_token.clone());
+    let api = Api::new(&cli.url, cli.admin_token.clone(), cli.api_key.clone());
     match &cli.command {
         Command::Generate { .. } => generate(&api, &cli.command)?,
         Command::Jobs => {

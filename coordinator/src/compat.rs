@@ -16,7 +16,7 @@ use drover_shared::job::{JobRequest, StyleRef, random_seed};
 use serde_json::{Map, Value, json};
 
 use crate::error::Result;
-use crate::http::{AppState, accept_request, wait_image};
+use crate::http::{AppState, Client, accept_request, wait_image};
 
 /// Most images one txt2img call may ask for (`batch_size × n_iter`).
 pub const MAX_BATCH: u64 = 8;
@@ -77,7 +77,11 @@ fn required_prompt(map: &Map<String, Value>) -> Result<String> {
 }
 
 /// `POST /generate` (the Python LCM server).
-async fn lcm_generate(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse> {
+async fn lcm_generate(
+    _: Client,
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse> {
     let map = object(&body)?;
     let style_lora = match map.get("style_lora") {
         None | Some(Value::Null) => None,
@@ -107,7 +111,7 @@ async fn lcm_generate(state: web::Data<AppState>, body: web::Bytes) -> Result<Ht
 }
 
 /// `POST /sdapi/v1/txt2img` (AUTOMATIC1111 subset).
-async fn txt2img(state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse> {
+async fn txt2img(_: Client, state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse> {
     let map = object(&body)?;
     let prompt = required_prompt(&map)?;
     let negative = string(&map, "negative_prompt")?.filter(|s| !s.is_empty());

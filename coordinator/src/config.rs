@@ -27,6 +27,24 @@ pub struct Config {
     /// Token nodes must present when they connect; any node may join when unset.
     #[arg(long, env = "DROVER_NODE_TOKEN", hide_env_values = true)]
     pub node_token: Option<String>,
+    /// Reads the admin token from this file (Docker/Kubernetes secrets) instead of the variable.
+    #[arg(long, env = "DROVER_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+    /// Reads the node token from this file instead of the variable.
+    #[arg(long, env = "DROVER_NODE_TOKEN_FILE")]
+    pub node_token_file: Option<PathBuf>,
+    /// Client API keys, comma-separated. Client calls (generate, jobs, images, events,
+    /// compatibility endpoints) need one when any key is configured; they are open otherwise.
+    #[arg(
+        long,
+        env = "DROVER_API_KEYS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
+    pub api_keys: Vec<String>,
+    /// More client API keys, one per line (`#` starts a comment).
+    #[arg(long, env = "DROVER_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
     /// Style catalog (`styles.toml`); no styles when unset.
     #[arg(long, env = "DROVER_STYLES")]
     pub styles: Option<PathBuf>,
@@ -85,5 +103,36 @@ impl Config {
         let mut config = Self::parse_from(["drover-coordinator"]);
         config.data_dir = data_dir;
         config
+    }
+}
+
+fn read_secret(path: &std::path::Path, what: &str) -> anyhow::Result<String> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{what}: cannot read {}", path.display()))?;
+    let secret = text.trim().to_string();
+    anyhow::ensure!(!secret.is_empty(), "{what}: {} is empty", path.display());
+    Ok(secret)
+}
+
+impl Config {
+    /// Reads the `*_FILE` secrets into their settings and drops empty API keys.
+    pub fn resolve_secrets(&mut self) -> anyhow::Result<()> {
+        if let Some(path) = &self.admin_token_file {
+            self.admin_token = Some(read_secret(path, "DROVER_ADMIN_TOKEN_FILE")?);
+        }
+        if let Some(path) = &self.node_token_file {
+            self.node_token = Some(read_secret(path, "DROVER_NODE_TOKEN_FILE")?);
+        }
+        if let Some(path) = &self.api_keys_file {
+            let text = read_secret(path, "DROVER_API_KEYS_FILE")?;
+            self.api_keys.extend(
+                text.lines()
+                    .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
+                    .filter(|l| !l.is_empty()),
+            );
+        }
+        self.api_keys.retain(|k| !k.trim().is_empty());
+        Ok(())
     }
 }

@@ -125,14 +125,22 @@ async fn accept_checked(state: &AppState, request: JobRequest) -> Result<JobReco
     Ok(job)
 }
 
-async fn submit(state: web::Data<AppState>, payload: web::Payload) -> Result<HttpResponse> {
+async fn submit(
+    _: Client,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse> {
     let job = accept(&state, payload).await?;
     Ok(HttpResponse::Accepted()
         .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
         .json(json!({ "id": job.id, "state": job.state })))
 }
 
-async fn generate(state: web::Data<AppState>, payload: web::Payload) -> Result<HttpResponse> {
+async fn generate(
+    _: Client,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse> {
     let job = accept(&state, payload).await?;
     let (done, png) = wait_image(&state, job).await?;
     let mut response = HttpResponse::Ok();
@@ -193,7 +201,11 @@ struct JobView {
     image_url: Option<String>,
 }
 
-async fn get_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+async fn get_job(
+    _: Client,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
     let id = parse_job_id(&id)?;
     let job = state
         .control
@@ -204,7 +216,11 @@ async fn get_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<Ht
     Ok(HttpResponse::Ok().json(JobView { job, image_url }))
 }
 
-async fn get_image(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+async fn get_image(
+    _: Client,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
     let id = parse_job_id(&id)?;
     if let Some(png) = state.store.image(id)? {
         return Ok(HttpResponse::Ok().content_type("image/png").body(png));
@@ -226,7 +242,11 @@ fn sse(event: &crate::control::JobEvent) -> web::Bytes {
 }
 
 /// `GET /v1/jobs/{id}/events`: the job's state now, then every change until it ends.
-async fn job_events(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+async fn job_events(
+    _: Client,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
     use tokio_stream::StreamExt as _;
     let id = parse_job_id(&id)?;
     let (now, live) = state.control.send(crate::control::WatchJob(id)).await??;
@@ -242,7 +262,7 @@ async fn job_events(state: web::Data<AppState>, id: web::Path<String>) -> Result
 }
 
 /// `GET /v1/jobs`: every unfinished job, oldest first.
-async fn list_jobs(state: web::Data<AppState>) -> Result<HttpResponse> {
+async fn list_jobs(_: Client, state: web::Data<AppState>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(state.control.send(crate::control::ListJobs).await?))
 }
 
@@ -253,6 +273,50 @@ async fn list_nodes(state: web::Data<AppState>) -> Result<HttpResponse> {
 async fn list_styles(state: web::Data<AppState>) -> HttpResponse {
     let styles: Vec<_> = state.styles.styles().collect();
     HttpResponse::Ok().json(styles)
+}
+
+/// A caller allowed to use the client API: with a configured API key (`Authorization: Bearer
+/// <key>` or `X-Api-Key: <key>`; the admin token works too) when keys are configured, anyone
+/// otherwise.
+pub struct Client;
+
+impl actix_web::FromRequest for Client {
+    type Error = CoordinatorError;
+    type Future = std::future::Ready<Result<Self>>;
+
+    fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
+        std::future::ready(check_client(req).map(|()| Client))
+    }
+}
+
+fn check_client(req: &HttpRequest) -> Result<()> {
+    let Some(state) = req.app_data::<web::Data<AppState>>() else {
+        return Ok(());
+    };
+    let keys = &state.config.api_keys;
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
+    let presented = header("x-api-key")
+        .filter(|k| !k.is_empty())
+        .or_else(|| header("authorization").and_then(|v| v.strip_prefix("Bearer ")));
+    let Some(key) = presented else {
+        return Err(CoordinatorError::Unauthorized(
+            "this call needs an API key: `Authorization: Bearer <key>` or `X-Api-Key: <key>`"
+                .into(),
+        ));
+    };
+    let admin = state.config.admin_token.iter();
+    if keys
+        .iter()
+        .chain(admin)
+        .any(|k| drover_shared::secret_eq(key, k))
+    {
+        Ok(())
+    } else {
+        Err(CoordinatorError::Unauthorized("unknown API key".into()))
+    }
 }
 
 /// Checks `Authorization: Bearer <DROVER_ADMIN_TOKEN>` when an admin token is configured.
@@ -274,7 +338,11 @@ fn require_admin(state: &AppState, req: &HttpRequest) -> Result<()> {
     }
 }
 
-async fn cancel_job(state: web::Data<AppState>, id: web::Path<String>) -> Result<HttpResponse> {
+async fn cancel_job(
+    _: Client,
+    state: web::Data<AppState>,
+    id: web::Path<String>,
+) -> Result<HttpResponse> {
     let id = parse_job_id(&id)?;
     let job = state.control.send(CancelJob(id)).await??;
     Ok(HttpResponse::Ok().json(json!({ "id": job.id, "state": job.state })))

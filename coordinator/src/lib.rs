@@ -52,7 +52,8 @@ pub fn init_tracing() {
 /// Runs the coordinator (REST + gRPC + control plane) until the HTTP server stops.
 ///
 /// Must be called inside an actix system.
-pub async fn run(config: Config) -> anyhow::Result<()> {
+pub async fn run(mut config: Config) -> anyhow::Result<()> {
+    config.resolve_secrets()?;
     let config = Arc::new(config);
     let styles = match &config.styles {
         Some(path) => drover_shared::styles::StyleCatalog::load(path, config.lora_root.as_deref())?,

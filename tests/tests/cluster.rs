@@ -615,3 +615,90 @@ fn the_drover_cli_generates_with_progress_and_manages_nodes() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[test]
+fn api_keys_and_secret_files_guard_the_client_api() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let keys = dir.path().join("keys");
+    std::fs::write(&keys, "# studio keys\nkey-alpha\nkey-beta # render box\n")?;
+    let admin = dir.path().join("admin");
+    std::fs::write(&admin, "admin-secret\n")?;
+    let (keys_s, admin_s) = (keys.display().to_string(), admin.display().to_string());
+    let mut cluster = ClusterSandbox::start(
+        binaries!(),
+        &[
+            ("DROVER_API_KEYS_FILE", keys_s.as_str()),
+            ("DROVER_ADMIN_TOKEN_FILE", admin_s.as_str()),
+        ],
+    )?;
+    cluster.add_node(NodeSpec::sim("painter", "sd15"))?;
+    cluster.wait_for_online(&["painter"], T)?;
+    let body = json!({"prompt": "a fox", "size": "64x64", "steps": 1});
+
+    // Without a key, or with a wrong one: 401 with a JSON reason.
+    let reply = cluster.post("/v1/generate", &body)?;
+    assert_eq!(reply.status, 401);
+    assert!(
+        reply.json()?["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("API key")
+    );
+    let reply = cluster.post_with_token("/v1/jobs", "key-gamma")?;
+    assert_eq!(reply.status, 401);
+    assert_eq!(
+        cluster.post("/generate", &json!({"prompt": "x"}))?.status,
+        401
+    );
+    // Health, metrics, nodes and styles stay open.
+    assert_eq!(cluster.get("/healthz")?.status, 200);
+
+    // A key from the file works, through the CLI too; the admin token from its file drains.
+    let cli = |args: &[&str], key: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sandbox-cli"))
+            .args(args)
+            .env("DROVER_URL", cluster.base_url())
+            .env("DROVER_API_KEY", key)
+            .env("DROVER_ADMIN_TOKEN", "admin-secret")
+            .output()
+            .expect("run the cli")
+    };
+    let out = dir.path().join("fox.png");
+    let run = cli(
+        &[
+            "generate",
+            "a fox",
+            "--size",
+            "64x64",
+            "--steps",
+            "1",
+            "-o",
+            out.to_str().expect("utf-8"),
+        ],
+        "key-beta",
+    );
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(png_size(&std::fs::read(&out)?), (64, 64));
+    let denied = cli(&["jobs"], "nope");
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("unknown API key"));
+    let drain = cli(&["drain", "painter"], "key-alpha");
+    assert!(
+        drain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    let wrong_admin = cluster.post_with_token(
+        &format!(
+            "/v1/nodes/{}/resume",
+            cluster.node_id("painter")?.expect("id")
+        ),
+        "key-alpha",
+    )?;
+    assert_eq!(wrong_admin.status, 401, "an API key is not the admin token");
+    Ok(())
+}
