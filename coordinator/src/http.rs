@@ -52,7 +52,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/jobs/{id}/events", web::get().to(job_events))
         .route("/v1/nodes", web::get().to(list_nodes))
         .route("/v1/styles", web::get().to(list_styles))
-        .route("/metrics", web::get().to(metrics));
+        .route("/metrics", web::get().to(metrics))
+        .route("/openapi.json", web::get().to(openapi));
 }
 
 /// Answers unknown routes with a JSON 404.
@@ -84,6 +85,10 @@ async fn read_job_request(payload: web::Payload) -> Result<JobRequest> {
 
 async fn accept(state: &AppState, payload: web::Payload) -> Result<JobRecord> {
     accept_request(state, read_job_request(payload).await?).await
+}
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().json(crate::openapi::document())
 }
 
 async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse> {

@@ -13,6 +13,7 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod metrics;
+pub mod openapi;
 pub mod records;
 pub mod router;
 pub mod store;
