@@ -53,7 +53,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/nodes", web::get().to(list_nodes))
         .route("/v1/styles", web::get().to(list_styles))
         .route("/metrics", web::get().to(metrics))
-        .route("/openapi.json", web::get().to(openapi));
+        .route("/openapi.json", web::get().to(openapi))
+        .route("/", web::get().to(crate::dashboard::page));
 }
 
 /// Answers unknown routes with a JSON 404.

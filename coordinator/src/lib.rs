@@ -9,6 +9,7 @@ pub mod client;
 pub mod compat;
 pub mod config;
 pub mod control;
+pub mod dashboard;
 pub mod error;
 pub mod grpc;
 pub mod http;

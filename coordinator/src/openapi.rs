@@ -7,6 +7,7 @@ use serde_json::{Value, json};
 
 /// Every operation: method, path, summary, request body schema (if any), success response.
 pub const OPERATIONS: &[(&str, &str, &str)] = &[
+    ("get", "/", "Status page (HTML)"),
     ("get", "/healthz", "Liveness and node counts"),
     ("get", "/metrics", "Prometheus metrics"),
     ("get", "/openapi.json", "This document"),
@@ -121,6 +122,10 @@ fn operation(method: &str, path: &str, summary: &str) -> Value {
         ("get", "/v1/jobs/{id}/events") => (
             "200",
             json!({"description": "event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}}),
+        ),
+        ("get", "/") => (
+            "200",
+            json!({"description": "status page", "content": {"text/html": {"schema": {"type": "string"}}}}),
         ),
         ("get", "/metrics") => (
             "200",

@@ -738,3 +738,32 @@ fn openapi_documents_every_route_the_server_answers() -> anyhow::Result<()> {
     assert!(checked >= 16, "{checked} operations");
     Ok(())
 }
+
+#[test]
+fn the_status_page_shows_nodes_and_running_jobs() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("painter", "sd15").env("SIM_STEP_MS", "400"))?;
+    cluster.wait_for_online(&["painter"], T)?;
+    let id =
+        cluster.submit(&json!({"prompt": "a <b>bold</b> fox", "size": "64x64", "steps": 20}))?;
+    cluster.wait_until(T, "the job runs", |s| Ok(s.job(&id)?["state"] == "running"))?;
+    let page = cluster.get("/")?;
+    assert_eq!(page.status, 200);
+    assert!(
+        page.header("content-type")
+            .unwrap_or_default()
+            .starts_with("text/html")
+    );
+    let html = String::from_utf8(page.body)?;
+    assert!(
+        html.contains("<td>painter</td><td>online</td><td>sim</td><td>sd15</td><td>1/2</td>"),
+        "{html}"
+    );
+    assert!(html.contains(&id), "{html}");
+    assert!(
+        html.contains("a &lt;b&gt;bold&lt;/b&gt; fox"),
+        "prompts are escaped: {html}"
+    );
+    cluster.delete(&format!("/v1/jobs/{id}"))?;
+    Ok(())
+}
