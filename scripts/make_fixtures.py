@@ -187,6 +187,12 @@ def make_lora(unet, gen, rank=4, alpha=2.0, strength=0.8):
     return kohya, peft
 
 
+def lcm_scheduler():
+    return LCMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                        original_inference_steps=50, timestep_scaling=10.0, prediction_type="epsilon",
+                        clip_sample=False, set_alpha_to_one=True)
+
+
 def guidance_embedding(w, dim):
     w = w * 1000.0
     half = dim // 2
@@ -275,9 +281,7 @@ def main():
     fixtures["vae.out"] = vae.decode(latents).sample
 
     # One full LCM loop (4 steps, guidance 8) with the noise given explicitly.
-    sched = LCMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         original_inference_steps=50, timestep_scaling=10.0, prediction_type="epsilon",
-                         clip_sample=False, set_alpha_to_one=True)
+    sched = lcm_scheduler()
     os.makedirs(os.path.join(MODEL, "scheduler"), exist_ok=True)
     sched.save_config(os.path.join(MODEL, "scheduler"))
     sched.set_timesteps(4)
@@ -361,9 +365,7 @@ def sdxl(fixtures, meta, tok, vocab_size):
                         norm_num_groups=32, layers_per_block=1, sample_size=16, scaling_factor=0.13025)
     vae = round_to(vae.eval(), torch.bfloat16)
     save_component(vae, os.path.join(root, "vae"), "diffusion_pytorch_model.safetensors", torch.bfloat16, dict(vae.config))
-    sched = LCMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         original_inference_steps=50, timestep_scaling=10.0, prediction_type="epsilon",
-                         clip_sample=False, set_alpha_to_one=True)
+    sched = lcm_scheduler()
     os.makedirs(os.path.join(root, "scheduler"), exist_ok=True)
     sched.save_config(os.path.join(root, "scheduler"))
     sched.set_timesteps(4)

@@ -234,8 +234,8 @@ impl ControlPlane {
         }
     }
 
-    /// Jobs ahead of `job_id` in the queue order now.
-    fn queue_position(&self, job_id: JobId) -> usize {
+    /// The queued jobs, in the order they are offered to nodes now.
+    fn queue(&self) -> Vec<router::QueuedJob<JobId>> {
         let mut queued: Vec<router::QueuedJob<JobId>> = self
             .active
             .values()
@@ -247,7 +247,15 @@ impl ControlPlane {
             })
             .collect();
         router::queue_order(&mut queued, now_ms());
-        queued.iter().position(|q| q.id == job_id).unwrap_or(0)
+        queued
+    }
+
+    /// Jobs ahead of `job_id` in the queue order now.
+    fn queue_position(&self, job_id: JobId) -> usize {
+        self.queue()
+            .iter()
+            .position(|q| q.id == job_id)
+            .unwrap_or(0)
     }
 
     fn queued_count(&self) -> usize {
@@ -259,20 +267,10 @@ impl ControlPlane {
 
     /// Places as many queued jobs as there are free eligible slots.
     fn dispatch(&mut self) {
-        let mut queued: Vec<router::QueuedJob<JobId>> = self
-            .active
-            .values()
-            .filter(|j| j.state == JobState::Queued)
-            .map(|j| router::QueuedJob {
-                priority: j.spec.priority,
-                created_ms: j.created_ms,
-                id: j.id,
-            })
-            .collect();
+        let queued = self.queue();
         if queued.is_empty() {
             return;
         }
-        router::queue_order(&mut queued, now_ms());
         // Decide every placement on one snapshot, then act on the decisions.
         let mut turn = self.turn;
         let placements = {

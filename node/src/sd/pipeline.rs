@@ -115,18 +115,23 @@ fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
         .map_err(|e| NodeError::ModelConfig(format!("{}: {e}", path.display())))
 }
 
-/// The weights file of a diffusers component folder (`*.safetensors`, preferring the full-precision name).
-fn component_file(dir: &Path, names: &[&str]) -> Result<PathBuf> {
-    for name in names {
-        let p = dir.join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
+/// Weights file names of a diffusers text encoder folder, preferred first.
+const TEXT_ENCODER_FILES: &[&str] = &["model.safetensors", "model.fp16.safetensors"];
+/// Weights file names of a diffusers UNet or VAE folder, preferred first.
+const MODEL_FILES: &[&str] = &[
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+];
+
+/// Opens the weights file of a diffusers component folder (the first of `names` present).
+fn component_file(dir: &Path, names: &[&str]) -> Result<TensorFile> {
+    match names.iter().map(|n| dir.join(n)).find(|p| p.is_file()) {
+        Some(path) => TensorFile::open(&path),
+        None => Err(NodeError::MissingTensor {
+            file: dir.display().to_string(),
+            name: format!("weights file (one of {})", names.join(", ")),
+        }),
     }
-    Err(NodeError::MissingTensor {
-        file: dir.display().to_string(),
-        name: format!("weights file (one of {})", names.join(", ")),
-    })
 }
 
 /// Maps a diffusers VAE decoder name to the LDM single-file name (without `first_stage_model.`).
@@ -190,10 +195,7 @@ fn load_parts<B: Backend>(
             let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
             let te_dir = dir.join("text_encoder");
             let te_cfg: ClipConfig = read_config(&te_dir.join("config.json"))?;
-            let te_file = TensorFile::open(&component_file(
-                &te_dir,
-                &["model.safetensors", "model.fp16.safetensors"],
-            )?)?;
+            let te_file = component_file(&te_dir, TEXT_ENCODER_FILES)?;
             let text = {
                 let mut l = Loader::<B>::prefixed(&te_file, clip_prefix(&te_file), device)
                     .with_lora(&mut set, "text_encoder", "text_model.");
@@ -202,10 +204,7 @@ fn load_parts<B: Backend>(
             let te2_dir = dir.join("text_encoder_2");
             let text2 = if te2_dir.is_dir() {
                 let cfg: ClipConfig = read_config(&te2_dir.join("config.json"))?;
-                let file = TensorFile::open(&component_file(
-                    &te2_dir,
-                    &["model.safetensors", "model.fp16.safetensors"],
-                )?)?;
+                let file = component_file(&te2_dir, TEXT_ENCODER_FILES)?;
                 let projection = file
                     .shape("text_projection.weight")
                     .map(|s| s[0])
@@ -227,13 +226,7 @@ fn load_parts<B: Backend>(
             };
             let unet_dir = dir.join("unet");
             let unet_cfg: UnetConfig = read_config(&unet_dir.join("config.json"))?;
-            let unet_file = TensorFile::open(&component_file(
-                &unet_dir,
-                &[
-                    "diffusion_pytorch_model.safetensors",
-                    "diffusion_pytorch_model.fp16.safetensors",
-                ],
-            )?)?;
+            let unet_file = component_file(&unet_dir, MODEL_FILES)?;
             let unet = {
                 // SDXL LoRAs from kohya name UNet modules by their LDM paths.
                 let ldm = unet_cfg.to_arch();
@@ -244,13 +237,7 @@ fn load_parts<B: Backend>(
             };
             let vae_dir = dir.join("vae");
             let vae_cfg: VaeConfig = read_config(&vae_dir.join("config.json"))?;
-            let vae_file = TensorFile::open(&component_file(
-                &vae_dir,
-                &[
-                    "diffusion_pytorch_model.safetensors",
-                    "diffusion_pytorch_model.fp16.safetensors",
-                ],
-            )?)?;
+            let vae_file = component_file(&vae_dir, MODEL_FILES)?;
             let vae =
                 VaeDecoder::load(&mut Loader::<B>::prefixed(&vae_file, "", device), &vae_cfg)?;
             let sched = dir.join("scheduler").join("scheduler_config.json");

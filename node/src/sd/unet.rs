@@ -465,6 +465,46 @@ struct Level<B: Backend> {
     resample: Option<Conv2d<B>>,
 }
 
+/// How one down or up level is shaped.
+struct LevelShape {
+    /// `down_blocks.{i}` or `up_blocks.{i}`.
+    prefix: String,
+    /// Input channels of each resnet (with the skip connection for up levels).
+    resnet_inputs: Vec<usize>,
+    /// Output channels of the level.
+    channels: usize,
+    /// `(heads, transformer depth)` when the level has cross-attention.
+    attention: Option<(usize, usize)>,
+    /// The resampling conv after the resnets (`downsamplers.0` stride 2, `upsamplers.0` stride 1).
+    resample: Option<(&'static str, usize)>,
+}
+
+impl<B: Backend> Level<B> {
+    fn load(l: &mut Loader<B>, shape: &LevelShape, temb: usize, cfg: &UnetConfig) -> Result<Self> {
+        let (p, cout) = (&shape.prefix, shape.channels);
+        let mut level = Self {
+            resnets: Vec::new(),
+            attentions: Vec::new(),
+            resample: None,
+        };
+        for (j, &rin) in shape.resnet_inputs.iter().enumerate() {
+            let resnet = Resnet::load(l, &format!("{p}.resnets.{j}"), rin, cout, temb, cfg)?;
+            level.resnets.push(resnet);
+            if let Some((heads, depth)) = shape.attention {
+                let path = format!("{p}.attentions.{j}");
+                level
+                    .attentions
+                    .push(Transformer2d::load(l, &path, cout, heads, depth, cfg)?);
+            }
+        }
+        if let Some((name, stride)) = shape.resample {
+            let path = format!("{p}.{name}.0.conv");
+            level.resample = Some(l.conv2d(&path, cout, cout, 3, stride, 1)?);
+        }
+        Ok(level)
+    }
+}
+
 /// SDXL's added conditioning for one image.
 #[derive(Clone, Debug)]
 pub struct AddedCond<B: Backend> {
@@ -513,49 +553,21 @@ impl<B: Backend> Unet<B> {
             _ => None,
         };
         let conv_in = l.conv2d("conv_in", cfg.in_channels, c[0], 3, 1, 1)?;
+        let attention = |cross: bool, level: usize| cross.then(|| (cfg.heads(level), depth(level)));
         let mut down = Vec::new();
         let mut cin = c[0];
         for (i, &cout) in c.iter().enumerate() {
-            let cross = cfg.down_block_types[i].starts_with("CrossAttn");
-            let mut level = Level {
-                resnets: Vec::new(),
-                attentions: Vec::new(),
-                resample: None,
+            let shape = LevelShape {
+                prefix: format!("down_blocks.{i}"),
+                resnet_inputs: (0..cfg.layers_per_block)
+                    .map(|j| if j == 0 { cin } else { cout })
+                    .collect(),
+                channels: cout,
+                attention: attention(cfg.down_block_types[i].starts_with("CrossAttn"), i),
+                resample: (i + 1 < n).then_some(("downsamplers", 2)),
             };
-            for j in 0..cfg.layers_per_block {
-                let p = format!("down_blocks.{i}");
-                let rin = if j == 0 { cin } else { cout };
-                level.resnets.push(Resnet::load(
-                    l,
-                    &format!("{p}.resnets.{j}"),
-                    rin,
-                    cout,
-                    temb,
-                    cfg,
-                )?);
-                if cross {
-                    level.attentions.push(Transformer2d::load(
-                        l,
-                        &format!("{p}.attentions.{j}"),
-                        cout,
-                        cfg.heads(i),
-                        depth(i),
-                        cfg,
-                    )?);
-                }
-            }
-            if i + 1 < n {
-                level.resample = Some(l.conv2d(
-                    &format!("down_blocks.{i}.downsamplers.0.conv"),
-                    cout,
-                    cout,
-                    3,
-                    2,
-                    1,
-                )?);
-            }
+            down.push(Level::load(l, &shape, temb, cfg)?);
             cin = cout;
-            down.push(level);
         }
         let last = c[n - 1];
         let mid_resnets = [
@@ -573,51 +585,25 @@ impl<B: Backend> Unet<B> {
         let mut up = Vec::new();
         let mut prev = last;
         for i in 0..n {
-            let level_index = n - 1 - i;
-            let cout = c[level_index];
-            let skip_in = c[level_index.saturating_sub(1)];
-            let cross = cfg.up_block_types[i].starts_with("CrossAttn");
-            let mut level = Level {
-                resnets: Vec::new(),
-                attentions: Vec::new(),
-                resample: None,
-            };
+            let level = n - 1 - i;
+            let cout = c[level];
+            // The last resnet of an up level takes the skip from the level's input side.
+            let skip_in = c[level.saturating_sub(1)];
             let layers = cfg.layers_per_block + 1;
-            for j in 0..layers {
-                let p = format!("up_blocks.{i}");
-                let skip = if j == layers - 1 { skip_in } else { cout };
-                let rin = if j == 0 { prev } else { cout };
-                level.resnets.push(Resnet::load(
-                    l,
-                    &format!("{p}.resnets.{j}"),
-                    rin + skip,
-                    cout,
-                    temb,
-                    cfg,
-                )?);
-                if cross {
-                    level.attentions.push(Transformer2d::load(
-                        l,
-                        &format!("{p}.attentions.{j}"),
-                        cout,
-                        cfg.heads(level_index),
-                        depth(level_index),
-                        cfg,
-                    )?);
-                }
-            }
-            if i + 1 < n {
-                level.resample = Some(l.conv2d(
-                    &format!("up_blocks.{i}.upsamplers.0.conv"),
-                    cout,
-                    cout,
-                    3,
-                    1,
-                    1,
-                )?);
-            }
+            let shape = LevelShape {
+                prefix: format!("up_blocks.{i}"),
+                resnet_inputs: (0..layers)
+                    .map(|j| {
+                        let rin = if j == 0 { prev } else { cout };
+                        rin + if j == layers - 1 { skip_in } else { cout }
+                    })
+                    .collect(),
+                channels: cout,
+                attention: attention(cfg.up_block_types[i].starts_with("CrossAttn"), level),
+                resample: (i + 1 < n).then_some(("upsamplers", 1)),
+            };
+            up.push(Level::load(l, &shape, temb, cfg)?);
             prev = cout;
-            up.push(level);
         }
         Ok(Self {
             config: cfg.clone(),
