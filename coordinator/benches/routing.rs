@@ -23,6 +23,7 @@ fn nodes(n: usize) -> Vec<NodeView<'static>> {
                 family: [ModelFamily::Sd15, ModelFamily::Sdxl, ModelFamily::Sd2][i % 3],
                 model_id: "abcd",
                 max_pixels: 4 << 20,
+                sizes: &[],
                 loras: &[],
                 online: i % 7 != 0,
                 suspect: false,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use actix::prelude::*;
 use drover_shared::family::ModelFamily;
 use drover_shared::ids::{JobId, LeaseId, NodeId};
-use drover_shared::job::{JobSpec, ModelSelector};
+use drover_shared::job::{JobSpec, ModelSelector, Size};
 use drover_shared::proto::{self, coordinator_message, node_message};
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot};
@@ -179,6 +179,7 @@ impl ControlPlane {
             family: entry.record.family,
             model_id: &entry.record.model_id,
             max_pixels: entry.record.max_pixels,
+            sizes: &entry.record.sizes,
             loras: &entry.record.loras,
             online,
             suspect: online && silent > self.config.suspect_after(),
@@ -305,7 +306,8 @@ impl ControlPlane {
         if record.pixel_steps_per_second <= 0.0 {
             return floor;
         }
-        let work = spec.size_for(record.family).pixels() as f64 * f64::from(spec.steps);
+        let work =
+            spec.size_on(record.family, &record.sizes).pixels() as f64 * f64::from(spec.steps);
         floor + Duration::from_secs_f64(4.0 * work / record.pixel_steps_per_second)
     }
 
@@ -331,7 +333,7 @@ impl ControlPlane {
             job_id: job_id.to_string(),
             lease_id: lease.id.to_string(),
             attempt: lease.attempt,
-            spec: Some(job.spec.to_proto(entry.record.family)),
+            spec: Some(job.spec.to_proto(entry.record.family, &entry.record.sizes)),
             deadline_unix_ms: lease.deadline_ms,
         };
         let message = proto::CoordinatorMessage {
@@ -341,7 +343,7 @@ impl ControlPlane {
             tracing::warn!(node_id = %node_id, "session closed while leasing");
             return Ok(());
         }
-        let family = entry.record.family;
+        let size = job.spec.size_on(entry.record.family, &entry.record.sizes);
         let job = self
             .active
             .get_mut(&job_id)
@@ -354,7 +356,7 @@ impl ControlPlane {
             );
         }
         job.state = JobState::Leased;
-        job.size = Some(job.spec.size_for(family));
+        job.size = Some(size);
         job.updated_ms = now;
         job.progress = None;
         tracing::info!(job_id = %job_id, node_id = %node_id, lease_id = %lease.id, attempt = lease.attempt, "job leased");
@@ -660,6 +662,20 @@ impl Handler<RegisterNode> for ControlPlane {
                 "a node needs at least one worker".into(),
             ));
         }
+        if let Some(bad) = req.sizes.iter().find(|s| s.width == 0 || s.height == 0) {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "size {}x{} has no pixels",
+                bad.width, bad.height
+            )));
+        }
+        let sizes = req
+            .sizes
+            .iter()
+            .map(|s| Size {
+                width: s.width,
+                height: s.height,
+            })
+            .collect();
         let mut loras = Vec::with_capacity(req.loras.len());
         for l in req.loras {
             let family = l
@@ -692,6 +708,7 @@ impl Handler<RegisterNode> for ControlPlane {
             pixel_steps_per_second: req.pixel_steps_per_second,
             registered_at_ms: now_ms(),
             draining: existing.as_ref().is_some_and(|r| r.draining),
+            sizes,
         };
         self.store.put_node(&record)?;
         tracing::info!(node_id = %record.id, name = %record.name, family = %record.family, backend = %record.backend, workers = record.workers, "node registered");

@@ -52,6 +52,10 @@ pub struct NodeRecord {
     /// Whether the node is draining (finishes its work, takes nothing new).
     #[serde(default)]
     pub draining: bool,
+    /// The only sizes the node renders (fixed-shape models such as RKNN); empty: any size up
+    /// to `max_pixels`.
+    #[serde(default)]
+    pub sizes: Vec<Size>,
 }
 
 /// Where a job is in its life.

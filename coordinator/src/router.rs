@@ -11,7 +11,7 @@
 
 use drover_shared::family::ModelFamily;
 use drover_shared::ids::NodeId;
-use drover_shared::job::{JobSpec, ModelSelector};
+use drover_shared::job::{JobSpec, ModelSelector, Size};
 use serde::Serialize;
 
 use crate::records::LoraAdvert;
@@ -29,6 +29,8 @@ pub struct NodeView<'a> {
     pub model_id: &'a str,
     /// Largest width*height accepted.
     pub max_pixels: u64,
+    /// The only sizes rendered (fixed-shape models); empty: any size up to `max_pixels`.
+    pub sizes: &'a [Size],
     /// LoRAs available on the node.
     pub loras: &'a [LoraAdvert],
     /// Session open and heartbeats on time.
@@ -72,6 +74,13 @@ pub enum SkipReason {
         pixels: u64,
         /// Most pixels the node accepts.
         max_pixels: u64,
+    },
+    /// The node's model renders only some sizes (fixed when it was compiled), not this one.
+    SizeNotServed {
+        /// Size asked for.
+        size: Size,
+        /// The sizes the node renders.
+        sizes: Vec<Size>,
     },
     /// The node does not have a requested LoRA.
     MissingLora {
@@ -129,7 +138,14 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
         }
         _ => {}
     }
-    let pixels = job.size_for(node.family).pixels();
+    let size = job.size_on(node.family, node.sizes);
+    let pixels = size.pixels();
+    if !node.sizes.is_empty() && !node.sizes.contains(&size) {
+        return Err(SkipReason::SizeNotServed {
+            size,
+            sizes: node.sizes.to_vec(),
+        });
+    }
     if pixels > node.max_pixels {
         return Err(SkipReason::TooLarge {
             pixels,
@@ -382,6 +398,7 @@ mod tests {
             family,
             model_id: "abcd",
             max_pixels: 1024 * 1024,
+            sizes: &[],
             loras: &[],
             online: true,
             suspect: false,
@@ -435,6 +452,20 @@ mod tests {
             check(r#"{"prompt":"x"}"#, &refiner),
             Some(SkipReason::NotTextToImage {
                 has: ModelFamily::SdxlRefiner
+            })
+        );
+        // A fixed-shape (RKNN) node renders its sizes only; a job without a size gets one.
+        let npu = NodeView {
+            sizes: FIXED_SIZES[2],
+            ..sd15.clone()
+        };
+        assert_eq!(check(r#"{"prompt":"x"}"#, &npu), None);
+        assert_eq!(check(r#"{"prompt":"x","size":"1024x1024"}"#, &npu), None);
+        assert_eq!(
+            check(r#"{"prompt":"x","size":"512x512"}"#, &npu),
+            Some(SkipReason::SizeNotServed {
+                size: square(512),
+                sizes: vec![square(384), square(1024)]
             })
         );
     }
@@ -554,7 +585,7 @@ mod tests {
         prop::sample::select(ModelFamily::ALL.to_vec())
     }
 
-    fn arb_node() -> impl Strategy<Value = (ModelFamily, bool, bool, bool, u32, u64)> {
+    fn arb_node() -> impl Strategy<Value = (ModelFamily, bool, bool, bool, u32, u64, usize)> {
         (
             arb_family(),
             any::<bool>(),
@@ -562,8 +593,19 @@ mod tests {
             any::<bool>(),
             0u32..3,
             0u64..4,
+            0usize..3,
         )
     }
+
+    const fn square(side: u32) -> Size {
+        Size {
+            width: side,
+            height: side,
+        }
+    }
+
+    /// What a node may render: any size, or only the sizes a fixed-shape model was compiled for.
+    static FIXED_SIZES: [&[Size]; 3] = [&[], &[square(512)], &[square(384), square(1024)]];
 
     proptest! {
         /// Placing jobs one after another through the index never gives a node more jobs than it
@@ -610,6 +652,7 @@ mod tests {
             let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, s)| NodeView {
                 online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
                 max_pixels: [512 * 512, 768 * 768, 1024 * 1024, 2048 * 2048][s.5 as usize],
+                sizes: FIXED_SIZES[s.6],
                 ..node(i as u8, s.0)
             }).collect();
             let mut spec = job(r#"{"prompt":"x"}"#);
@@ -621,7 +664,9 @@ mod tests {
                     let chosen = nodes.iter().find(|n| n.id == id).unwrap();
                     prop_assert!(eligibility(&spec, chosen).is_ok());
                     if let Some(f) = wanted { prop_assert_eq!(chosen.family, f); }
-                    prop_assert!(spec.size_for(chosen.family).pixels() <= chosen.max_pixels);
+                    let size = spec.size_on(chosen.family, chosen.sizes);
+                    prop_assert!(size.pixels() <= chosen.max_pixels);
+                    prop_assert!(chosen.sizes.is_empty() || chosen.sizes.contains(&size));
                 }
                 Err(reasons) => {
                     prop_assert!(!any_eligible);

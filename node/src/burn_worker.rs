@@ -2,7 +2,6 @@
 //! or, with the `cuda` feature, on an NVIDIA GPU. One pipeline per actor; LoRAs requested by a job
 //! are merged before it runs (the weights reload when the set changes).
 
-use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::Instant;
@@ -13,9 +12,8 @@ use drover_shared::detect::{Inspection, Layout};
 use drover_shared::proto;
 
 use crate::error::{NodeError, Result};
-use crate::sd::lcm::MAX_STEPS;
-use crate::sd::pipeline::{Image, LoraSpec, ModelSource, Params, Pipeline};
-use crate::worker::{Progress, Rendered, RunJob};
+use crate::sd::pipeline::{Image, LoraSpec, ModelSource, Pipeline};
+use crate::worker::{Rendered, RunJob, encode_png};
 
 /// A worker actor owning one loaded pipeline.
 pub struct BurnWorker<B: Backend> {
@@ -122,38 +120,14 @@ impl<B: Backend> BurnWorker<B> {
     }
 
     fn render(&mut self, job: &RunJob) -> Result<Image> {
-        let spec = &job.spec;
-        if spec.steps == 0 || spec.steps as usize > MAX_STEPS {
-            return Err(NodeError::InvalidJob(format!(
-                "this node runs an LCM pipeline: 1..={MAX_STEPS} steps, not {}",
-                spec.steps
-            )));
-        }
-        let loras = self.loras(spec)?;
+        let params = job.lcm_params()?;
+        let loras = self.loras(&job.spec)?;
         self.pipeline.set_loras(&loras).map_err(|e| match e {
             NodeError::Lora(m) => NodeError::InvalidJob(format!("lora {m}")),
             other => other,
         })?;
-        let params = Params {
-            prompt: spec.prompt.clone(),
-            negative_prompt: spec.negative_prompt.clone(),
-            width: spec.width as usize,
-            height: spec.height as usize,
-            steps: spec.steps as usize,
-            guidance: spec.guidance_scale,
-            seed: spec.seed,
-        };
-        self.pipeline.generate(&params, |step, total| {
-            let _ = job.progress.send(Progress {
-                step: step as u32,
-                total: total as u32,
-            });
-            if job.cancel.is_cancelled() {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        })
+        self.pipeline
+            .generate(&params, |step, total| job.step_done(step, total))
     }
 }
 
@@ -188,56 +162,4 @@ impl<B: Backend> Handler<RunJob> for BurnWorker<B> {
         let png = encode_png(&image, &job.spec, &self.model_id, self.backend)?;
         Ok(Rendered { png, elapsed })
     }
-}
-
-/// PNG-encodes an image with text chunks naming the prompt, seed, steps, guidance and model.
-pub fn encode_png(
-    image: &Image,
-    spec: &proto::JobSpec,
-    model_id: &str,
-    backend: &str,
-) -> Result<Vec<u8>> {
-    let render = |e: png::EncodingError| NodeError::Render(e.to_string());
-    let mut out = Vec::new();
-    let mut encoder = png::Encoder::new(&mut out, image.width as u32, image.height as u32);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut text = vec![
-        (
-            "Software",
-            format!("drover {} ({backend} backend)", drover_shared::VERSION),
-        ),
-        ("prompt", spec.prompt.clone()),
-        ("seed", spec.seed.to_string()),
-        ("steps", spec.steps.to_string()),
-        ("guidance", spec.guidance_scale.to_string()),
-        ("model", model_id.to_string()),
-        ("size", format!("{}x{}", image.width, image.height)),
-    ];
-    if !spec.negative_prompt.is_empty() {
-        text.push(("negative_prompt", spec.negative_prompt.clone()));
-    }
-    if !spec.loras.is_empty() {
-        let list: Vec<String> = spec
-            .loras
-            .iter()
-            .map(|l| format!("{}:{}", l.name, l.strength))
-            .collect();
-        text.push(("loras", list.join(",")));
-    }
-    if image.truncated_tokens > 0 {
-        text.push((
-            "prompt_truncated_tokens",
-            image.truncated_tokens.to_string(),
-        ));
-    }
-    for (key, value) in text {
-        encoder
-            .add_itxt_chunk(key.to_string(), value)
-            .map_err(render)?;
-    }
-    let mut writer = encoder.write_header().map_err(render)?;
-    writer.write_image_data(&image.rgb).map_err(render)?;
-    writer.finish().map_err(render)?;
-    Ok(out)
 }

@@ -151,6 +151,10 @@ pub struct NodeConfig {
     /// Largest width*height this node accepts (default: the backend's own limit).
     #[arg(long, env = "MAX_PIXELS")]
     pub max_pixels: Option<u64>,
+    /// The RKNN runtime library for `BACKEND=rknn` (default: `librknnrt.so` through the
+    /// dynamic loader).
+    #[arg(long, env = "RKNN_LIBRARY")]
+    pub rknn_library: Option<PathBuf>,
 }
 
 impl NodeConfig {

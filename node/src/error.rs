@@ -70,6 +70,17 @@ pub enum NodeError {
     /// The job cannot be rendered by this node (bad parameters).
     #[error("invalid job: {0}")]
     InvalidJob(String),
+    /// An RKNN runtime call failed; `status` says what the runtime's code means.
+    #[cfg(feature = "rknn")]
+    #[error("rknn: {call} on {model} returned {status}")]
+    Rknn {
+        /// The C function (and query) that failed.
+        call: &'static str,
+        /// The `.rknn` file of the context.
+        model: String,
+        /// The runtime's status.
+        status: crate::rknn::api::RknnStatus,
+    },
     /// Rendering or encoding failed.
     #[error("render failed: {0}")]
     Render(String),

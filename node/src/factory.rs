@@ -1,18 +1,18 @@
 //! The worker factory: decides, at start-up, which workers this node runs and what it advertises.
 //!
 //! It identifies the model from its headers (never loading weights to find out), picks the backend
-//! (`BACKEND=auto`: cuda if a CUDA driver is present, else rknn for `.rknn` models, else cpu;
-//! never the simulation), scans `LORA_ROOT` and keeps only the LoRAs made for the model's family
+//! (`BACKEND=auto`: rknn for an RKNN model folder, else cuda if a CUDA driver is present, else
+//! cpu; never the simulation), scans `LORA_ROOT` and keeps only the LoRAs made for the model's family
 //! (logging every one it skips, with the reason), then loads the pipeline once per worker and
 //! starts `NUM_WORKERS` worker actors in a `SyncArbiter`: Burn on the CPU (`cpu`), Burn CUDA
-//! (`cuda`, with the `cuda` feature) or the simulation (`sim`). The rknn workers are not built yet
-//! and fail at start-up with a message saying so, after the model has been identified.
+//! (`cuda`, with the `cuda` feature), the RK3588 NPU (`rknn`, with the `rknn` feature: worker i on
+//! `NPU_CORE_{i % 3}`) or the simulation (`sim`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use actix::{Recipient, SyncArbiter};
-use drover_shared::detect::{Inspection, ModelKind, inspect};
+use drover_shared::detect::{Inspection, Layout, ModelKind, inspect};
 use drover_shared::family::ModelFamily;
 
 use crate::config::{BackendKind, NodeConfig};
@@ -37,6 +37,9 @@ pub struct Capabilities {
     pub loras: Vec<(String, ModelFamily)>,
     /// Expected speed in pixel-steps per second (0 when unknown).
     pub pixel_steps_per_second: f64,
+    /// The only sizes (width, height) served, for models with fixed shapes; empty: any size up
+    /// to `max_pixels`.
+    pub sizes: Vec<(u32, u32)>,
 }
 
 /// The workers of a node and what they can do.
@@ -65,10 +68,27 @@ pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
         )
     })?;
     let model = detect_model(&path)?;
+    let rknn_model = model.layout == Layout::Rknn;
     let backend = match config.backend {
-        BackendKind::Auto => auto_backend(&path),
+        BackendKind::Auto if rknn_model => BackendKind::Rknn,
+        BackendKind::Auto => auto_backend(),
         explicit => explicit,
     };
+    if rknn_model != (backend == BackendKind::Rknn) {
+        return Err(NodeError::Config(if rknn_model {
+            format!(
+                "{} is an RKNN model folder: it runs only with BACKEND=rknn (or auto)",
+                path.display()
+            )
+        } else {
+            format!(
+                "BACKEND=rknn needs an RKNN model folder (text_encoder/, unet/ and vae_decoder/ \
+                 each with model.rknn and its config.json), but {} is {}",
+                path.display(),
+                model_description(&model)
+            )
+        }));
+    }
     tracing::info!(path = %path.display(), family = %model.family, kind = ?model.kind, backend = backend.as_str(), "model detected");
     if !matches!(
         model.family,
@@ -122,18 +142,98 @@ pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
             ))
         }
         BackendKind::Cuda => build_cuda(config, &model, loras),
-        other => Err(NodeError::Backend {
-            backend: other.as_str(),
-            message: format!(
-                "the {} workers are not built into this drover-node yet (model {} is {} {:?}); \
-                 use BACKEND=cpu, or BACKEND=sim for a simulated node",
-                other.as_str(),
-                path.display(),
-                model.family,
-                model.kind
-            ),
-        }),
+        BackendKind::Rknn => build_rknn(config, &model, loras),
+        other => Err(NodeError::Config(format!(
+            "BACKEND={} cannot run model {}",
+            other.as_str(),
+            path.display()
+        ))),
     }
+}
+
+fn model_description(model: &Inspection) -> String {
+    format!(
+        "{} {:?} ({:?} layout)",
+        model.family, model.kind, model.layout
+    )
+}
+
+#[cfg(feature = "rknn")]
+fn build_rknn(
+    config: &NodeConfig,
+    model: &Inspection,
+    loras: Vec<(String, ModelFamily)>,
+) -> Result<WorkerPool> {
+    if !matches!(model.family, ModelFamily::Sd15 | ModelFamily::Sd2) {
+        return Err(NodeError::Backend {
+            backend: "rknn",
+            message: format!(
+                "the rknn pipeline runs SD1.x and SD2.x models; {} is {}",
+                model.path.display(),
+                model.family
+            ),
+        });
+    }
+    let api = crate::rknn::ffi::RknnLibrary::open(config.rknn_library.as_deref())?;
+    start_rknn(api, config, model, loras)
+}
+
+/// Starts the rknn workers on a loaded runtime (the real library, or a fake in tests).
+#[cfg(feature = "rknn")]
+pub fn start_rknn(
+    api: std::sync::Arc<dyn crate::rknn::api::RknnApi>,
+    config: &NodeConfig,
+    model: &Inspection,
+    loras: Vec<(String, ModelFamily)>,
+) -> Result<WorkerPool> {
+    if !loras.is_empty() {
+        tracing::warn!(
+            count = loras.len(),
+            "rknn models are compiled with their weights: the loras under LORA_ROOT are not advertised"
+        );
+    }
+    let workers = config.num_workers.unwrap_or(3);
+    let started = std::time::Instant::now();
+    let rknn = crate::rknn::start_workers(api, model.path.clone(), &model.model_id, workers)?;
+    tracing::info!(
+        workers,
+        ms = started.elapsed().as_millis() as u64,
+        sizes = ?rknn.sizes,
+        pixel_steps_per_second = rknn.pixel_steps_per_second,
+        "rknn workers started"
+    );
+    let largest = rknn
+        .sizes
+        .iter()
+        .map(|&(w, h)| u64::from(w) * u64::from(h))
+        .max()
+        .unwrap_or(0);
+    let mut pool = pool(
+        config,
+        model,
+        BackendKind::Rknn,
+        workers,
+        Vec::new(),
+        rknn.addr.recipient(),
+    );
+    pool.capabilities.max_pixels = config.max_pixels.unwrap_or(largest).min(largest);
+    pool.capabilities.sizes = rknn.sizes;
+    pool.capabilities.pixel_steps_per_second = rknn.pixel_steps_per_second;
+    Ok(pool)
+}
+
+#[cfg(not(feature = "rknn"))]
+fn build_rknn(
+    _config: &NodeConfig,
+    _model: &Inspection,
+    _loras: Vec<(String, ModelFamily)>,
+) -> Result<WorkerPool> {
+    Err(NodeError::Backend {
+        backend: "rknn",
+        message: "this drover-node was built without the `rknn` feature; rebuild with \
+                  `cargo build --release -p drover-node --features rknn`"
+            .into(),
+    })
 }
 
 fn pool(
@@ -156,6 +256,7 @@ fn pool(
                 .unwrap_or_else(|| default_max_pixels(model.family)),
             loras,
             pixel_steps_per_second: 0.0,
+            sizes: Vec::new(),
         },
     }
 }
@@ -220,18 +321,11 @@ pub fn detect_model(path: &Path) -> Result<Inspection> {
     Ok(model)
 }
 
-/// `BACKEND=auto`: cuda if a CUDA driver library is installed, else rknn for `.rknn` models, else cpu.
-fn auto_backend(model: &Path) -> BackendKind {
-    let is_rknn = model.extension().is_some_and(|e| e == "rknn")
-        || std::fs::read_dir(model)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| e.path().extension().is_some_and(|x| x == "rknn"));
+/// `BACKEND=auto` for a safetensors model: cuda if a CUDA driver library is installed, else cpu
+/// (RKNN model folders always get rknn).
+fn auto_backend() -> BackendKind {
     if cfg!(feature = "cuda") && cuda_driver_present() {
         BackendKind::Cuda
-    } else if is_rknn {
-        BackendKind::Rknn
     } else {
         BackendKind::Cpu
     }
@@ -325,6 +419,7 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
                 .unwrap_or_else(|| default_max_pixels(family)),
             loras,
             pixel_steps_per_second,
+            sizes: Vec::new(),
         },
     })
 }

@@ -13,6 +13,8 @@ pub mod cuda;
 pub mod error;
 pub mod factory;
 pub mod inspect;
+#[cfg(feature = "rknn")]
+pub mod rknn;
 pub mod sd;
 pub mod session;
 pub mod sim;

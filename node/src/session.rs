@@ -107,6 +107,11 @@ impl NodeLink {
                 .collect(),
             version: drover_shared::VERSION.to_string(),
             pixel_steps_per_second: caps.pixel_steps_per_second,
+            sizes: caps
+                .sizes
+                .iter()
+                .map(|&(width, height)| proto::ImageSize { width, height })
+                .collect(),
         }
     }
 

@@ -5,6 +5,7 @@
 //! it [`RunJob`]; it reports each finished step on `progress`, checks `cancel` between steps, and
 //! answers the encoded image.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -13,7 +14,9 @@ use actix::Message;
 use drover_shared::proto;
 use tokio::sync::mpsc;
 
-use crate::error::Result;
+use crate::error::{NodeError, Result};
+use crate::sd::lcm::MAX_STEPS;
+use crate::sd::pipeline::{Image, Params};
 
 /// One finished denoising step.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -59,4 +62,93 @@ pub struct RunJob {
     pub progress: mpsc::UnboundedSender<Progress>,
     /// Checked between steps.
     pub cancel: CancelFlag,
+}
+
+impl RunJob {
+    /// The LCM pipeline's parameters for this job; refuses (permanently) a step count outside
+    /// 1..=[`MAX_STEPS`].
+    pub fn lcm_params(&self) -> Result<Params> {
+        let spec = &self.spec;
+        if spec.steps == 0 || spec.steps as usize > MAX_STEPS {
+            return Err(NodeError::InvalidJob(format!(
+                "this node runs an LCM pipeline: 1..={MAX_STEPS} steps, not {}",
+                spec.steps
+            )));
+        }
+        Ok(Params {
+            prompt: spec.prompt.clone(),
+            negative_prompt: spec.negative_prompt.clone(),
+            width: spec.width as usize,
+            height: spec.height as usize,
+            steps: spec.steps as usize,
+            guidance: spec.guidance_scale,
+            seed: spec.seed,
+        })
+    }
+
+    /// Reports a finished step and says whether to go on (`Break` once cancelled): the progress
+    /// callback of the pipelines.
+    pub fn step_done(&self, step: usize, total: usize) -> ControlFlow<()> {
+        let _ = self.progress.send(Progress {
+            step: step as u32,
+            total: total as u32,
+        });
+        if self.cancel.is_cancelled() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    }
+}
+
+/// PNG-encodes an image with text chunks naming the prompt, seed, steps, guidance and model.
+pub fn encode_png(
+    image: &Image,
+    spec: &proto::JobSpec,
+    model_id: &str,
+    backend: &str,
+) -> Result<Vec<u8>> {
+    let render = |e: png::EncodingError| NodeError::Render(e.to_string());
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, image.width as u32, image.height as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut text = vec![
+        (
+            "Software",
+            format!("drover {} ({backend} backend)", drover_shared::VERSION),
+        ),
+        ("prompt", spec.prompt.clone()),
+        ("seed", spec.seed.to_string()),
+        ("steps", spec.steps.to_string()),
+        ("guidance", spec.guidance_scale.to_string()),
+        ("model", model_id.to_string()),
+        ("size", format!("{}x{}", image.width, image.height)),
+    ];
+    if !spec.negative_prompt.is_empty() {
+        text.push(("negative_prompt", spec.negative_prompt.clone()));
+    }
+    if !spec.loras.is_empty() {
+        let list: Vec<String> = spec
+            .loras
+            .iter()
+            .map(|l| format!("{}:{}", l.name, l.strength))
+            .collect();
+        text.push(("loras", list.join(",")));
+    }
+    if image.truncated_tokens > 0 {
+        text.push((
+            "prompt_truncated_tokens",
+            image.truncated_tokens.to_string(),
+        ));
+    }
+    for (key, value) in text {
+        encoder
+            .add_itxt_chunk(key.to_string(), value)
+            .map_err(render)?;
+    }
+    let mut writer = encoder.write_header().map_err(render)?;
+    writer.write_image_data(&image.rgb).map_err(render)?;
+    writer.finish().map_err(render)?;
+    Ok(out)
 }

@@ -35,6 +35,9 @@ pub enum Layout {
     Kohya,
     /// PEFT / diffusers LoRA names (`lora_A` / `lora_B`).
     Peft,
+    /// A folder of RKNN NPU models (`text_encoder/`, `unet/`, `vae_decoder/` each holding
+    /// `model.rknn` and the diffusers `config.json`), as published for RK3588.
+    Rknn,
 }
 
 /// The result of inspecting a model path.
@@ -504,6 +507,9 @@ fn component_file(dir: &Path) -> Option<PathBuf> {
 }
 
 fn inspect_dir(dir: &Path) -> Result<Inspection, DetectError> {
+    if dir.join("unet").join(RKNN_MODEL_FILE).is_file() {
+        return inspect_rknn_dir(dir);
+    }
     if dir.join("model_index.json").is_file() {
         let unet_file =
             component_file(&dir.join("unet")).ok_or_else(|| DetectError::NoModelInDir {
@@ -601,6 +607,111 @@ fn inspect_dir(dir: &Path) -> Result<Inspection, DetectError> {
             })
         }
     }
+}
+
+/// The model file of each component folder of an RKNN model folder.
+pub const RKNN_MODEL_FILE: &str = "model.rknn";
+
+/// The component folders an RKNN text-to-image model folder must hold.
+pub const RKNN_COMPONENTS: [&str; 3] = ["text_encoder", "unet", "vae_decoder"];
+
+/// Bytes of each `.rknn` file hashed into the model id (the files hold weights after their
+/// header; hashing a prefix and the length identifies them without reading gigabytes).
+const RKNN_ID_PREFIX: usize = 64 * 1024;
+
+/// An RKNN model folder: the family comes from the UNet's diffusers `config.json`
+/// (`cross_attention_dim`), cross-checked against the text encoder's `hidden_size` when its
+/// config says. The NPU runtime checks the `.rknn` files themselves when it loads them.
+fn inspect_rknn_dir(dir: &Path) -> Result<Inspection, DetectError> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let missing: Vec<String> = RKNN_COMPONENTS
+        .iter()
+        .map(|c| format!("{c}/{RKNN_MODEL_FILE}"))
+        .filter(|f| !dir.join(f).is_file())
+        .collect();
+    if !missing.is_empty() {
+        return Err(unrecognised(
+            dir,
+            &format!("an RKNN model folder needs {}", missing.join(", ")),
+        ));
+    }
+    let config = |component: &str| -> Result<serde_json::Value, DetectError> {
+        let path = dir.join(component).join("config.json");
+        let text = std::fs::read_to_string(&path).map_err(|e| {
+            unrecognised(
+                dir,
+                &format!(
+                    "{component}/config.json: {e} (the family of an .rknn model is read from the diffusers config beside it)"
+                ),
+            )
+        })?;
+        serde_json::from_str(&text)
+            .map_err(|e| unrecognised(dir, &format!("{component}/config.json: {e}")))
+    };
+    let unet = config("unet")?;
+    let dim = unet
+        .get("cross_attention_dim")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| unrecognised(dir, "unet/config.json has no cross_attention_dim"))?;
+    let family = u32::try_from(dim)
+        .ok()
+        .and_then(ModelFamily::from_cross_attention_dim)
+        .ok_or_else(|| {
+            unrecognised(
+                dir,
+                &format!("unet/config.json: cross_attention_dim {dim} is no known family"),
+            )
+        })?;
+    if let Some(width) = config("text_encoder")
+        .ok()
+        .and_then(|c| c.get("hidden_size").and_then(serde_json::Value::as_u64))
+        && width != dim
+        && family != ModelFamily::Sdxl
+    {
+        return Err(inconsistent(
+            dir,
+            format!("the UNet attends to {dim}-wide text but the text encoder is {width} wide"),
+        ));
+    }
+    let mut hasher = Sha256::new();
+    let mut files = Vec::new();
+    let mut bytes = 0u64;
+    for component in RKNN_COMPONENTS {
+        let path = dir.join(component).join(RKNN_MODEL_FILE);
+        let len = std::fs::metadata(&path)
+            .map_err(|_| DetectError::Missing(path.clone()))?
+            .len();
+        let mut prefix = Vec::with_capacity(RKNN_ID_PREFIX);
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(RKNN_ID_PREFIX as u64).read_to_end(&mut prefix))
+            .map_err(|e| unrecognised(dir, &format!("{}: {e}", path.display())))?;
+        hasher.update(component.as_bytes());
+        hasher.update(len.to_le_bytes());
+        hasher.update(&prefix);
+        bytes += len;
+        files.push(path);
+    }
+    let model_id: String = hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    Ok(Inspection {
+        path: dir.to_path_buf(),
+        family,
+        kind: ModelKind::Checkpoint,
+        cross_attention_dim: family.cross_attention_dim(),
+        layout: Layout::Rknn,
+        dtype: None,
+        parameters: 0,
+        weights_bytes: bytes,
+        estimated_memory_bytes: bytes + bytes / 5,
+        model_id,
+        components: RKNN_COMPONENTS.iter().map(|c| c.to_string()).collect(),
+        lora_rank: None,
+        files,
+    })
 }
 
 #[cfg(test)]
@@ -810,5 +921,75 @@ mod tests {
             found.weights_bytes + 8 + found_header_len(&path),
             std::fs::metadata(&path).unwrap().len()
         );
+    }
+
+    fn rknn_folder(root: &Path, unet_dim: u32, text_width: Option<u32>) {
+        for c in RKNN_COMPONENTS {
+            std::fs::create_dir_all(root.join(c)).unwrap();
+            std::fs::write(root.join(c).join(RKNN_MODEL_FILE), format!("RKNN {c}")).unwrap();
+        }
+        std::fs::write(
+            root.join("unet/config.json"),
+            format!(r#"{{"cross_attention_dim": {unet_dim}, "sample_size": 64}}"#),
+        )
+        .unwrap();
+        if let Some(w) = text_width {
+            std::fs::write(
+                root.join("text_encoder/config.json"),
+                format!(r#"{{"hidden_size": {w}}}"#),
+            )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn rknn_folders_are_read_from_their_configs() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd15 = dir.path().join("sd15");
+        rknn_folder(&sd15, 768, Some(768));
+        let found = check(
+            &sd15,
+            ModelFamily::Sd15,
+            ModelKind::Checkpoint,
+            Layout::Rknn,
+        );
+        assert_eq!(found.files.len(), 3);
+        assert_eq!(found.model_id.len(), 64);
+        assert_eq!(found.cross_attention_dim, 768);
+
+        // Same configs, other model bytes: another id.
+        let other = dir.path().join("other");
+        rknn_folder(&other, 768, Some(768));
+        std::fs::write(other.join("unet/model.rknn"), "RKNN other unet").unwrap();
+        assert_ne!(inspect(&other).unwrap().model_id, found.model_id);
+
+        let sd2 = dir.path().join("sd2");
+        rknn_folder(&sd2, 1024, None);
+        check(&sd2, ModelFamily::Sd2, ModelKind::Checkpoint, Layout::Rknn);
+
+        let mixed = dir.path().join("mixed");
+        rknn_folder(&mixed, 1024, Some(768));
+        let err = inspect(&mixed).unwrap_err().to_string();
+        assert!(
+            err.contains("1024-wide") && err.contains("768 wide"),
+            "{err}"
+        );
+
+        let partial = dir.path().join("partial");
+        rknn_folder(&partial, 768, None);
+        std::fs::remove_file(partial.join("vae_decoder/model.rknn")).unwrap();
+        let err = inspect(&partial).unwrap_err().to_string();
+        assert!(err.contains("vae_decoder/model.rknn"), "{err}");
+
+        let no_config = dir.path().join("no-config");
+        rknn_folder(&no_config, 768, None);
+        std::fs::remove_file(no_config.join("unet/config.json")).unwrap();
+        let err = inspect(&no_config).unwrap_err().to_string();
+        assert!(err.contains("unet/config.json"), "{err}");
+
+        let odd = dir.path().join("odd");
+        rknn_folder(&odd, 512, None);
+        let err = inspect(&odd).unwrap_err().to_string();
+        assert!(err.contains("cross_attention_dim 512"), "{err}");
     }
 }

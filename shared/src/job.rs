@@ -184,17 +184,23 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
-    /// The size this job renders at on a node of `family`.
-    pub fn size_for(&self, family: ModelFamily) -> Size {
+    /// The size this job renders at on a node of `family` that renders only `sizes` (empty:
+    /// any size): the size asked for; else the family's default; else, when the node cannot
+    /// render that default (a model compiled for fixed shapes), the node's first size.
+    pub fn size_on(&self, family: ModelFamily, sizes: &[Size]) -> Size {
         self.size.unwrap_or_else(|| {
             let (width, height) = family.default_size();
-            Size { width, height }
+            let default = Size { width, height };
+            match sizes.first() {
+                Some(first) if !sizes.contains(&default) => *first,
+                _ => default,
+            }
         })
     }
 
-    /// The job as sent to a node of `family`.
-    pub fn to_proto(&self, family: ModelFamily) -> crate::proto::JobSpec {
-        let size = self.size_for(family);
+    /// The job as sent to a node of `family` that renders `sizes` (see [`JobSpec::size_on`]).
+    pub fn to_proto(&self, family: ModelFamily, sizes: &[Size]) -> crate::proto::JobSpec {
+        let size = self.size_on(family, sizes);
         crate::proto::JobSpec {
             prompt: self.prompt.clone(),
             negative_prompt: self.negative_prompt.clone(),
@@ -423,19 +429,29 @@ mod tests {
         assert_eq!(spec.seed, 42);
         assert_eq!(spec.size, None);
         assert_eq!(
-            spec.size_for(ModelFamily::Sdxl),
+            spec.size_on(ModelFamily::Sdxl, &[]),
             Size {
                 width: 1024,
                 height: 1024
             }
         );
         assert_eq!(
-            spec.size_for(ModelFamily::Sd15),
+            spec.size_on(ModelFamily::Sd15, &[]),
             Size {
                 width: 512,
                 height: 512
             }
         );
+        // A node compiled for fixed sizes renders the default when it can, else its first size.
+        let fixed = |w, h| Size {
+            width: w,
+            height: h,
+        };
+        let both = [fixed(384, 384), fixed(512, 512)];
+        assert_eq!(spec.size_on(ModelFamily::Sd15, &both), fixed(512, 512));
+        assert_eq!(spec.size_on(ModelFamily::Sd15, &both[..1]), fixed(384, 384));
+        let sized = parse(r#"{"prompt":"a cat","size":"640x480"}"#).unwrap();
+        assert_eq!(sized.size_on(ModelFamily::Sd15, &both), fixed(640, 480));
         assert_eq!(spec.model, None);
     }
 

@@ -156,7 +156,29 @@ fn a_node_refuses_what_it_cannot_serve_and_says_why() {
         &dir.path().join("sd15.safetensors"),
         arch::ldm_checkpoint(ModelFamily::Sd15),
     );
+    // An RK3588 model folder as published: three .rknn networks with their diffusers configs.
+    let npu = dir.path().join("sd15-lcm-rknn");
+    for (component, config) in [
+        ("text_encoder", r#"{"hidden_size": 768}"#),
+        (
+            "unet",
+            r#"{"cross_attention_dim": 768, "in_channels": 4, "time_cond_proj_dim": 256}"#,
+        ),
+        ("vae_decoder", r#"{"scaling_factor": 0.18215}"#),
+    ] {
+        std::fs::create_dir_all(npu.join(component)).expect("folder");
+        std::fs::write(npu.join(component).join("model.rknn"), b"RKNN\0fake").expect("rknn");
+        std::fs::write(npu.join(component).join("config.json"), config).expect("config");
+    }
+    let (code, stdout, stderr) = node_tool(&["inspect", &npu.to_string_lossy(), "--json"], &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let found: Value = serde_json::from_str(&stdout).expect("json");
+    assert_eq!(
+        (found["family"].as_str(), found["layout"].as_str()),
+        (Some("sd15"), Some("rknn"))
+    );
     let unreachable = ("COORDINATOR_URL", "http://127.0.0.1:9");
+    let no_runtime = "cannot load the RKNN runtime librknnrt.so";
     for (env, expected) in [
         (
             vec![
@@ -189,7 +211,32 @@ fn a_node_refuses_what_it_cannot_serve_and_says_why() {
                 ("MODEL_ROOT", root.as_str()),
                 ("MODEL", "sd15.safetensors"),
             ],
-            "rknn workers are not built",
+            "BACKEND=rknn needs an RKNN model folder",
+        ),
+        // This machine has no NPU runtime: the node stops at once, naming the library.
+        (
+            vec![
+                ("BACKEND", "rknn"),
+                ("MODEL_ROOT", root.as_str()),
+                ("MODEL", "sd15-lcm-rknn"),
+            ],
+            no_runtime,
+        ),
+        (
+            vec![
+                ("BACKEND", "auto"),
+                ("MODEL_ROOT", root.as_str()),
+                ("MODEL", "sd15-lcm-rknn"),
+            ],
+            "install Rockchip's RKNN runtime",
+        ),
+        (
+            vec![
+                ("BACKEND", "cpu"),
+                ("MODEL_ROOT", root.as_str()),
+                ("MODEL", "sd15-lcm-rknn"),
+            ],
+            "runs only with BACKEND=rknn",
         ),
         (
             vec![("BACKEND", "sim"), ("LORA_ROOT", "/no/such/folder")],

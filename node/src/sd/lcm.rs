@@ -1,6 +1,8 @@
 //! The LCM scheduler (diffusers `LCMScheduler`, epsilon prediction): timestep selection from
 //! `original_inference_steps`, boundary-condition scalings and the denoise/re-noise step.
 
+use std::ops::ControlFlow;
+
 use burn::tensor::Tensor;
 use burn::tensor::backend::Backend;
 use serde::Deserialize;
@@ -136,6 +138,36 @@ impl Lcm {
             None => denoised.clone(),
         };
         (next_sample, denoised)
+    }
+}
+
+impl Lcm {
+    /// The LCM sampling loop, whatever predicts the noise: from `init`, for each of the `steps`
+    /// timesteps, `eps(x, t)` predicts the noise, [`Lcm::step`] denoises and re-noises with
+    /// `noise(k)`, and `progress(k + 1, steps)` may stop the run with `Break` (→ `Cancelled`).
+    /// Returns the last denoised latent. The Burn and RKNN pipelines both sample through it.
+    pub fn sample<B: Backend>(
+        &self,
+        init: Tensor<B, 4>,
+        steps: usize,
+        mut eps: impl FnMut(Tensor<B, 4>, usize) -> Result<Tensor<B, 4>>,
+        mut noise: impl FnMut(usize) -> Tensor<B, 4>,
+        mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Tensor<B, 4>> {
+        let timesteps = self.timesteps(steps)?;
+        let mut x = init;
+        let mut denoised = x.clone();
+        for (k, &t) in timesteps.iter().enumerate() {
+            let e = eps(x.clone(), t)?;
+            let next = timesteps.get(k + 1).map(|&tp| (tp, noise(k)));
+            let (nx, d) = self.step(e, t, x, next);
+            x = nx;
+            denoised = d;
+            if progress(k + 1, timesteps.len()).is_break() {
+                return Err(NodeError::Cancelled);
+            }
+        }
+        Ok(denoised)
     }
 }
 

@@ -108,7 +108,19 @@ pub struct Image {
     pub truncated_tokens: usize,
 }
 
-fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+/// The LCM settings of a model folder: `scheduler/scheduler_config.json`, or the published
+/// defaults when the folder has none.
+pub fn scheduler_config(dir: &Path) -> Result<LcmConfig> {
+    let sched = dir.join("scheduler").join("scheduler_config.json");
+    if sched.is_file() {
+        read_config(&sched)
+    } else {
+        Ok(LcmConfig::default())
+    }
+}
+
+/// Reads a JSON config, naming the file in errors.
+pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| NodeError::ModelConfig(format!("{}: {e}", path.display())))?;
     serde_json::from_str(&text)
@@ -240,12 +252,7 @@ fn load_parts<B: Backend>(
             let vae_file = component_file(&vae_dir, MODEL_FILES)?;
             let vae =
                 VaeDecoder::load(&mut Loader::<B>::prefixed(&vae_file, "", device), &vae_cfg)?;
-            let sched = dir.join("scheduler").join("scheduler_config.json");
-            let lcm_cfg = if sched.is_file() {
-                read_config(&sched)?
-            } else {
-                LcmConfig::default()
-            };
+            let lcm_cfg = scheduler_config(dir)?;
             Parts {
                 tokenizer,
                 text,
@@ -425,6 +432,34 @@ pub fn gaussian(seed: u64, len: usize) -> Vec<f32> {
     out
 }
 
+/// The seed of the noise that re-noises the sample after LCM step `k` of a run seeded `seed`.
+pub fn step_noise_seed(seed: u64, k: usize) -> u64 {
+    seed.wrapping_add(1 + k as u64)
+        .wrapping_mul(0x2545_F491_4F6C_DD1D)
+}
+
+/// Classifier-free guidance: the unconditional prediction moved `guidance` times toward the
+/// conditional one.
+pub fn guided<B: Backend>(uncond: Tensor<B, 4>, cond: Tensor<B, 4>, guidance: f32) -> Tensor<B, 4> {
+    uncond.clone() + (cond - uncond).mul_scalar(guidance)
+}
+
+/// Interleaved RGB bytes from a decoded `[channels, height, width]` image in `[-1, 1]` (a
+/// single-channel image is repeated on all three).
+pub fn rgb_from_chw(values: &[f32], channels: usize, height: usize, width: usize) -> Vec<u8> {
+    let mut rgb = vec![0u8; height * width * 3];
+    for y in 0..height {
+        for x in 0..width {
+            for k in 0..3 {
+                let v = values[(k.min(channels - 1) * height + y) * width + x];
+                rgb[(y * width + x) * 3 + k] =
+                    ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8;
+            }
+        }
+    }
+    rgb
+}
+
 impl<B: Backend> Pipeline<B> {
     /// Loads every part of the model at `source` onto `device`, merging `loras`.
     pub fn load(source: ModelSource, device: &B::Device, loras: &[LoraSpec]) -> Result<Self> {
@@ -533,10 +568,9 @@ impl<B: Backend> Pipeline<B> {
         init: Tensor<B, 4>,
         steps: usize,
         guidance: f32,
-        mut noise: impl FnMut(usize) -> Tensor<B, 4>,
-        mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+        noise: impl FnMut(usize) -> Tensor<B, 4>,
+        progress: impl FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Tensor<B, 4>> {
-        let timesteps = self.lcm.timesteps(steps)?;
         let cond = self
             .unet
             .config()
@@ -550,11 +584,9 @@ impl<B: Backend> Pipeline<B> {
         };
         let (prompt_added, negative_added) =
             (added(&text.prompt), text.negative.as_ref().and_then(added));
-        let mut x = init;
-        let mut denoised = x.clone();
-        for (k, &t) in timesteps.iter().enumerate() {
+        let eps = |x: Tensor<B, 4>, t: usize| {
             let t_f = t as f32;
-            let eps = match (&text.negative, &cond) {
+            match (&text.negative, &cond) {
                 (Some(neg), None) if guidance > 1.0 => {
                     let c = self.unet.forward(
                         x.clone(),
@@ -563,32 +595,21 @@ impl<B: Backend> Pipeline<B> {
                         None,
                         prompt_added.as_ref(),
                     )?;
-                    let un = self.unet.forward(
-                        x.clone(),
-                        t_f,
-                        &neg.context,
-                        None,
-                        negative_added.as_ref(),
-                    )?;
-                    un.clone() + (c - un).mul_scalar(guidance)
+                    let un =
+                        self.unet
+                            .forward(x, t_f, &neg.context, None, negative_added.as_ref())?;
+                    Ok(guided(un, c, guidance))
                 }
                 _ => self.unet.forward(
-                    x.clone(),
+                    x,
                     t_f,
                     &text.prompt.context,
                     cond.as_ref(),
                     prompt_added.as_ref(),
-                )?,
-            };
-            let next = timesteps.get(k + 1).map(|&tp| (tp, noise(k)));
-            let (nx, d) = self.lcm.step(eps, t, x, next);
-            x = nx;
-            denoised = d;
-            if progress(k + 1, timesteps.len()).is_break() {
-                return Err(NodeError::Cancelled);
+                ),
             }
-        }
-        Ok(denoised)
+        };
+        self.lcm.sample(init, steps, eps, noise, progress)
     }
 
     /// Decodes a latent to an image tensor in `[-1, 1]`.
@@ -639,14 +660,7 @@ impl<B: Backend> Pipeline<B> {
             init,
             params.steps,
             params.guidance,
-            |k| {
-                latent(
-                    params
-                        .seed
-                        .wrapping_add(1 + k as u64)
-                        .wrapping_mul(0x2545_F491_4F6C_DD1D),
-                )
-            },
+            |k| latent(step_noise_seed(params.seed, k)),
             progress,
         )?;
         let image = self.decode(denoised);
@@ -655,16 +669,7 @@ impl<B: Backend> Pipeline<B> {
             .into_data()
             .to_vec::<f32>()
             .map_err(|e| NodeError::Render(format!("reading the image back: {e:?}")))?;
-        let mut rgb = vec![0u8; ih * iw * 3];
-        for y in 0..ih {
-            for x in 0..iw {
-                for k in 0..3 {
-                    let v = values[(k.min(ch - 1) * ih + y) * iw + x];
-                    rgb[(y * iw + x) * 3 + k] =
-                        ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round() as u8;
-                }
-            }
-        }
+        let rgb = rgb_from_chw(&values, ch, ih, iw);
         Ok(Image {
             width: iw,
             height: ih,

@@ -1,0 +1,177 @@
+//! RKNN NPU workers (Rockchip RK3588), feature `rknn`.
+//!
+//! - [`api`]: the FFI boundary, the C API as the [`api::RknnApi`] trait, and what status codes mean.
+//! - [`ffi`]: that trait over `librknnrt.so`, loaded at run time (the only `unsafe` in Drover).
+//! - [`model`]: the safe wrapper over one context (load, attributes, core mask, run on NCHW host
+//!   tensors with the layout conversions the model's attributes ask for).
+//! - [`pipeline`]: the SD1.x/SD2.x LCM pipeline over three contexts.
+//! - [`RknnWorker`] and [`start_workers`]: `NUM_WORKERS` actors, worker i on `NPU_CORE_{i % 3}`,
+//!   each loading its own contexts on its own thread (contexts never cross threads).
+//!
+//! The tests run all of it against a fake runtime behind the same trait (`fake`).
+
+pub mod api;
+pub mod ffi;
+pub mod model;
+pub mod pipeline;
+
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use actix::{Actor, Addr, Handler, SyncArbiter, SyncContext};
+
+use api::{CoreMask, RknnApi};
+use pipeline::RknnPipeline;
+
+use crate::error::{NodeError, Result};
+use crate::worker::{Rendered, RunJob, encode_png};
+
+/// Largest `NUM_WORKERS` for an rknn node (three per NPU core; each holds its own contexts).
+pub const MAX_WORKERS: u32 = 9;
+
+/// A worker actor owning one pipeline (three contexts) on one NPU core.
+pub struct RknnWorker {
+    pipeline: std::result::Result<RknnPipeline, String>,
+    model_id: String,
+}
+
+impl Actor for RknnWorker {
+    type Context = SyncContext<Self>;
+}
+
+impl RknnWorker {
+    fn render(&mut self, job: &RunJob) -> Result<Rendered> {
+        let pipeline = self
+            .pipeline
+            .as_mut()
+            .map_err(|e| NodeError::Render(format!("this worker did not start: {e}")))?;
+        let spec = &job.spec;
+        if !spec.loras.is_empty() {
+            let names: Vec<&str> = spec.loras.iter().map(|l| l.name.as_str()).collect();
+            return Err(NodeError::InvalidJob(format!(
+                "an rknn node runs a compiled model and cannot merge LoRAs (asked for {})",
+                names.join(", ")
+            )));
+        }
+        let params = job.lcm_params()?;
+        let started = Instant::now();
+        let image = pipeline.generate(&params, |step, total| job.step_done(step, total))?;
+        let elapsed = started.elapsed();
+        tracing::info!(
+            backend = "rknn",
+            core = pipeline.core().name(),
+            width = image.width,
+            height = image.height,
+            steps = spec.steps,
+            ms = elapsed.as_millis() as u64,
+            "image rendered"
+        );
+        let png = encode_png(&image, spec, &self.model_id, "rknn")?;
+        Ok(Rendered { png, elapsed })
+    }
+}
+
+impl Handler<RunJob> for RknnWorker {
+    type Result = Result<Rendered>;
+
+    fn handle(&mut self, job: RunJob, _: &mut SyncContext<Self>) -> Self::Result {
+        if job.cancel.is_cancelled() {
+            return Err(NodeError::Cancelled);
+        }
+        self.render(&job)
+    }
+}
+
+/// What the started workers can do.
+pub struct Started {
+    /// The pool's address.
+    pub addr: Addr<RknnWorker>,
+    /// Image sizes the model renders.
+    pub sizes: Vec<(u32, u32)>,
+    /// Mean measured speed of one worker, pixel-steps per second.
+    pub pixel_steps_per_second: f64,
+}
+
+/// Starts `workers` RKNN worker actors on the model folder `dir`: worker i loads its own
+/// contexts on its own thread, pinned to `NPU_CORE_{i % 3}`, and times one UNet step. Waits
+/// until every worker has loaded; the first failure fails the start with its message.
+pub fn start_workers(
+    api: Arc<dyn RknnApi>,
+    dir: PathBuf,
+    model_id: &str,
+    workers: u32,
+) -> Result<Started> {
+    if !(1..=MAX_WORKERS).contains(&workers) {
+        return Err(NodeError::Config(format!(
+            "NUM_WORKERS={workers}: an rknn node runs 1..={MAX_WORKERS} workers (worker i on NPU core i % 3)"
+        )));
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let next = AtomicUsize::new(0);
+    let model_id = model_id.to_string();
+    let addr = SyncArbiter::start(workers as usize, move || {
+        let i = next.fetch_add(1, Ordering::SeqCst);
+        let core = CoreMask::for_worker(i);
+        let started = Instant::now();
+        let loaded = RknnPipeline::load(api.clone(), &dir, core).and_then(|mut p| {
+            let speed = p.measure_speed()?;
+            Ok((p, speed))
+        });
+        let pipeline = match loaded {
+            Ok((p, speed)) => {
+                tracing::info!(
+                    worker = i,
+                    core = core.name(),
+                    ms = started.elapsed().as_millis() as u64,
+                    pixel_steps_per_second = speed,
+                    "rknn worker ready"
+                );
+                let _ = tx.send(Ok((p.sizes().to_vec(), speed)));
+                Ok(p)
+            }
+            Err(e) => {
+                let message = format!("worker {i} on {}: {e}", core.name());
+                let _ = tx.send(Err(message.clone()));
+                Err(message)
+            }
+        };
+        RknnWorker {
+            pipeline,
+            model_id: model_id.clone(),
+        }
+    });
+    let mut sizes = Vec::new();
+    let mut speeds = Vec::new();
+    for _ in 0..workers {
+        match rx.recv() {
+            Ok(Ok((s, speed))) => {
+                sizes = s;
+                speeds.push(speed);
+            }
+            Ok(Err(message)) => {
+                return Err(NodeError::Backend {
+                    backend: "rknn",
+                    message,
+                });
+            }
+            Err(_) => {
+                return Err(NodeError::Backend {
+                    backend: "rknn",
+                    message: "a worker thread stopped while loading".into(),
+                });
+            }
+        }
+    }
+    Ok(Started {
+        addr,
+        sizes,
+        pixel_steps_per_second: speeds.iter().sum::<f64>() / speeds.len().max(1) as f64,
+    })
+}

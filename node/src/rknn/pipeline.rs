@@ -1,0 +1,442 @@
+//! The RKNN SD1.x/SD2.x LCM pipeline, for a model folder as published for RK3588
+//! (`text_encoder/`, `unet/`, `vae_decoder/`, each a `model.rknn` with its diffusers
+//! `config.json`; `scheduler/scheduler_config.json`; `tokenizer/`):
+//! tokenize → text encoder → LCM loop on the UNet → VAE decoder → RGB.
+//!
+//! The tokenizer, the LCM scheduler and its sampling loop, the guidance embedding, the seeded
+//! noise and the image conversion are the Burn pipeline's own code; only the three networks run
+//! on the NPU. Host-side arithmetic runs on Burn's CPU backend.
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use burn::tensor::{Tensor, TensorData};
+use drover_shared::detect::RKNN_MODEL_FILE;
+use serde::Deserialize;
+
+use super::api::{CoreMask, RknnApi};
+use super::model::{HostData, HostTensor, RknnModel};
+use crate::error::{NodeError, Result};
+use crate::sd::Cpu;
+use crate::sd::lcm::Lcm;
+use crate::sd::pipeline::{
+    Image, Params, gaussian, guided, read_config, rgb_from_chw, scheduler_config, step_noise_seed,
+};
+use crate::sd::tokenizer::ClipTokenizer;
+use crate::sd::unet::guidance_embedding;
+
+/// What the pipeline reads from `unet/config.json`.
+#[derive(Clone, Debug, Deserialize)]
+struct UnetConfig {
+    #[serde(default = "four")]
+    in_channels: usize,
+    cross_attention_dim: usize,
+    #[serde(default)]
+    time_cond_proj_dim: Option<usize>,
+}
+
+/// What the pipeline reads from `vae_decoder/config.json`.
+#[derive(Clone, Debug, Deserialize)]
+struct VaeConfig {
+    #[serde(default = "sd_scale")]
+    scaling_factor: f32,
+}
+
+fn four() -> usize {
+    4
+}
+fn sd_scale() -> f32 {
+    0.18215
+}
+
+/// Input positions of the UNet.
+#[derive(Clone, Copy, Debug)]
+struct UnetInputs {
+    sample: usize,
+    timestep: usize,
+    context: usize,
+    cond: Option<usize>,
+}
+
+/// A loaded RKNN pipeline: three contexts on one NPU core, owned by one worker thread.
+pub struct RknnPipeline {
+    tokenizer: ClipTokenizer,
+    text: RknnModel,
+    unet: RknnModel,
+    vae: RknnModel,
+    lcm: Lcm,
+    io: UnetInputs,
+    ids_input: usize,
+    latent_input: usize,
+    in_channels: usize,
+    context_dims: Vec<usize>,
+    cond_dim: Option<usize>,
+    scaling_factor: f32,
+    vae_factor: usize,
+    sizes: Vec<(u32, u32)>,
+}
+
+impl std::fmt::Debug for RknnPipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RknnPipeline")
+            .field("text", &self.text)
+            .field("unet", &self.unet)
+            .field("vae", &self.vae)
+            .field("sizes", &self.sizes)
+            .finish_non_exhaustive()
+    }
+}
+
+fn config_error(dir: &Path, m: impl std::fmt::Display) -> NodeError {
+    NodeError::ModelConfig(format!("{}: {m}", dir.display()))
+}
+
+impl RknnPipeline {
+    /// Loads the model folder `dir` into three contexts pinned to `core`, checking that the
+    /// networks' inputs and outputs fit together and fit their configs.
+    pub fn load(api: Arc<dyn RknnApi>, dir: &Path, core: CoreMask) -> Result<Self> {
+        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer")).map_err(|e| {
+            NodeError::Tokenizer(format!(
+                "{e}; an RKNN model folder needs the base model's CLIP tokenizer in tokenizer/ \
+                 (vocab.json + merges.txt, or tokenizer.json): Drover never downloads it"
+            ))
+        })?;
+        let lcm = Lcm::new(scheduler_config(dir)?);
+        let unet_cfg: UnetConfig = read_config(&dir.join("unet").join("config.json"))?;
+        let vae_cfg: VaeConfig = {
+            let path = dir.join("vae_decoder").join("config.json");
+            if path.is_file() {
+                read_config(&path)?
+            } else {
+                VaeConfig {
+                    scaling_factor: sd_scale(),
+                }
+            }
+        };
+        let load =
+            |name: &str| RknnModel::load(api.clone(), &dir.join(name).join(RKNN_MODEL_FILE), core);
+        let text = load("text_encoder")?;
+        let unet = load("unet")?;
+        let vae = load("vae_decoder")?;
+
+        let ids_input = text.input_index("input_ids", 0)?;
+        let ids_dims = super::model::logical_dims(&text.inputs()[ids_input]);
+        if ids_dims != [1, 77] {
+            return Err(config_error(
+                dir,
+                format!("text_encoder input_ids is {ids_dims:?}, expected [1, 77]"),
+            ));
+        }
+        let text_out = text
+            .outputs()
+            .first()
+            .map(super::model::logical_dims)
+            .unwrap_or_default();
+
+        let io = UnetInputs {
+            sample: unet.input_index("sample", 0)?,
+            timestep: unet.input_index("timestep", 1)?,
+            context: unet.input_index("encoder_hidden_states", 2)?,
+            cond: if unet.inputs().len() > 3 {
+                Some(unet.input_index("timestep_cond", 3)?)
+            } else {
+                None
+            },
+        };
+        if unet.inputs().len() > 4 {
+            return Err(config_error(
+                dir,
+                format!(
+                    "the UNet has {} inputs; SD1.x/SD2.x UNets take sample, timestep, encoder_hidden_states and (LCM) timestep_cond",
+                    unet.inputs().len()
+                ),
+            ));
+        }
+        let context_dims = super::model::logical_dims(&unet.inputs()[io.context]);
+        if context_dims.len() != 3 || context_dims[2] != unet_cfg.cross_attention_dim {
+            return Err(config_error(
+                dir,
+                format!(
+                    "the UNet's encoder_hidden_states is {context_dims:?} but unet/config.json says cross_attention_dim {}",
+                    unet_cfg.cross_attention_dim
+                ),
+            ));
+        }
+        if text_out != context_dims {
+            return Err(config_error(
+                dir,
+                format!(
+                    "the text encoder gives {text_out:?} but the UNet takes encoder_hidden_states {context_dims:?}"
+                ),
+            ));
+        }
+        if unet.inputs()[io.timestep].n_elems != 1 {
+            return Err(config_error(
+                dir,
+                format!(
+                    "the UNet's timestep input is {:?}, expected one value",
+                    unet.inputs()[io.timestep].dims
+                ),
+            ));
+        }
+        let cond_dim = match io.cond {
+            Some(i) => {
+                let d = super::model::logical_dims(&unet.inputs()[i]);
+                let dim = d.last().copied().unwrap_or(0);
+                if d.len() != 2 || unet_cfg.time_cond_proj_dim.is_some_and(|c| c != dim) {
+                    return Err(config_error(
+                        dir,
+                        format!(
+                            "the UNet's timestep_cond is {d:?} but unet/config.json says time_cond_proj_dim {:?}",
+                            unet_cfg.time_cond_proj_dim
+                        ),
+                    ));
+                }
+                Some(dim)
+            }
+            None => None,
+        };
+
+        let latent_input = vae.input_index("latent_sample", 0)?;
+        let vae_in = super::model::logical_dims(&vae.inputs()[latent_input]);
+        let vae_out = vae
+            .outputs()
+            .first()
+            .map(super::model::logical_dims)
+            .unwrap_or_default();
+        if vae_in.len() != 4 || vae_out.len() != 4 || vae_out[1] != 3 || vae_in[2] == 0 {
+            return Err(config_error(
+                dir,
+                format!(
+                    "the VAE decoder maps {vae_in:?} to {vae_out:?}, expected [1, C, h, w] to [1, 3, H, W]"
+                ),
+            ));
+        }
+        let vae_factor = vae_out[2] / vae_in[2];
+
+        // The sizes served: every latent shape the UNet takes that the VAE decoder takes too.
+        let vae_shapes = vae.accepted_shapes(latent_input);
+        let mut sizes = Vec::new();
+        for shape in unet.accepted_shapes(io.sample) {
+            if shape.len() != 4 || shape[0] != 1 || shape[1] != unet_cfg.in_channels {
+                return Err(config_error(
+                    dir,
+                    format!(
+                        "the UNet's sample input is {shape:?}; unet/config.json says in_channels {} (batch 1)",
+                        unet_cfg.in_channels
+                    ),
+                ));
+            }
+            if vae_shapes.contains(&shape) {
+                sizes.push((
+                    (shape[3] * vae_factor) as u32,
+                    (shape[2] * vae_factor) as u32,
+                ));
+            } else {
+                tracing::warn!(latent = ?shape, "the unet takes a latent shape the vae decoder does not; size not served");
+            }
+        }
+        if sizes.is_empty() {
+            return Err(config_error(
+                dir,
+                "the UNet and the VAE decoder share no latent shape",
+            ));
+        }
+        sizes.sort_unstable();
+        sizes.dedup();
+        Ok(Self {
+            tokenizer,
+            text,
+            unet,
+            vae,
+            lcm,
+            io,
+            ids_input,
+            latent_input,
+            in_channels: unet_cfg.in_channels,
+            context_dims,
+            cond_dim,
+            scaling_factor: vae_cfg.scaling_factor,
+            vae_factor,
+            sizes,
+        })
+    }
+
+    /// The image sizes (width, height) this model renders; RKNN shapes are fixed at conversion.
+    pub fn sizes(&self) -> &[(u32, u32)] {
+        &self.sizes
+    }
+
+    /// The NPU core the pipeline runs on.
+    pub fn core(&self) -> CoreMask {
+        self.unet.core()
+    }
+
+    fn encode(&mut self, prompt: &str) -> Result<(HostTensor, usize)> {
+        let tokens = self.tokenizer.encode(prompt)?;
+        let ids = HostTensor {
+            dims: vec![1, 77],
+            data: HostData::I32(tokens.ids.iter().map(|&i| i as i32).collect()),
+        };
+        let mut feeds = vec![ids];
+        // A text encoder may have more inputs (an attention mask): feed ones.
+        for (i, attr) in self.text.inputs().iter().enumerate() {
+            if i != self.ids_input {
+                let dims = super::model::logical_dims(attr);
+                let n = dims.iter().product();
+                feeds.insert(
+                    i,
+                    HostTensor {
+                        dims,
+                        data: HostData::I32(vec![1; n]),
+                    },
+                );
+            }
+        }
+        let mut out = self.text.run(&feeds)?;
+        Ok((out.swap_remove(0), tokens.truncated))
+    }
+
+    /// Runs the UNet once: the noise prediction for `sample` at timestep `t`.
+    fn predict(
+        &mut self,
+        sample: Vec<f32>,
+        latent: &[usize],
+        t: usize,
+        context: &HostTensor,
+        cond: Option<&HostTensor>,
+    ) -> Result<Vec<f32>> {
+        let attrs = self.unet.inputs();
+        let mut feeds: Vec<Option<HostTensor>> = vec![None; attrs.len()];
+        feeds[self.io.sample] = Some(HostTensor::f32(latent, sample));
+        feeds[self.io.timestep] = Some(HostTensor {
+            dims: super::model::logical_dims(&attrs[self.io.timestep]),
+            data: HostData::I64(vec![t as i64]),
+        });
+        feeds[self.io.context] = Some(context.clone());
+        if let (Some(i), Some(c)) = (self.io.cond, cond) {
+            feeds[i] = Some(c.clone());
+        }
+        let feeds: Vec<HostTensor> = feeds.into_iter().flatten().collect();
+        let mut out = self.unet.run(&feeds)?;
+        out.swap_remove(0).into_f32("unet output")
+    }
+
+    /// Renders one image. `progress(step, total)` may stop it with `Break` (→ `Cancelled`).
+    pub fn generate(
+        &mut self,
+        params: &Params,
+        progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Image> {
+        let size = (params.width as u32, params.height as u32);
+        if !self.sizes.contains(&size) {
+            return Err(NodeError::InvalidJob(format!(
+                "this RKNN model renders only {} (its shapes are fixed when it is converted), not {}x{}",
+                self.sizes_text(),
+                params.width,
+                params.height
+            )));
+        }
+        let (h, w) = (
+            params.height / self.vae_factor,
+            params.width / self.vae_factor,
+        );
+        let latent = [1, self.in_channels, h, w];
+        self.unet.select_shape(self.io.sample, &latent)?;
+        self.vae.select_shape(self.latent_input, &latent)?;
+
+        let (context, truncated) = self.encode(&params.prompt)?;
+        let negative = if self.cond_dim.is_none() && params.guidance > 1.0 {
+            Some(self.encode(&params.negative_prompt)?.0)
+        } else {
+            None
+        };
+        let device = Default::default();
+        let cond = self.cond_dim.map(|d| {
+            let e = guidance_embedding::<Cpu>(params.guidance - 1.0, d, &device);
+            HostTensor::f32(&[1, d], e.into_data().to_vec::<f32>().unwrap_or_default())
+        });
+        let tensor = |v: Vec<f32>| Tensor::<Cpu, 4>::from_data(TensorData::new(v, latent), &device);
+        let host = |t: Tensor<Cpu, 4>| {
+            t.into_data()
+                .to_vec::<f32>()
+                .map_err(|e| NodeError::Render(format!("reading a latent back: {e:?}")))
+        };
+        let n = latent.iter().product();
+        let init = tensor(gaussian(params.seed, n));
+        let lcm = self.lcm.clone();
+        let guidance = params.guidance;
+        let denoised = lcm.sample(
+            init,
+            params.steps,
+            |x, t| {
+                let x = host(x)?;
+                let eps = match &negative {
+                    Some(neg) => {
+                        let c = self.predict(x.clone(), &latent, t, &context, None)?;
+                        let u = self.predict(x, &latent, t, neg, None)?;
+                        guided(tensor(u), tensor(c), guidance)
+                    }
+                    None => tensor(self.predict(x, &latent, t, &context, cond.as_ref())?),
+                };
+                Ok(eps)
+            },
+            |k| tensor(gaussian(step_noise_seed(params.seed, k), n)),
+            progress,
+        )?;
+        let scaled = host(denoised.div_scalar(self.scaling_factor))?;
+        let mut out = self.vae.run(&[HostTensor::f32(&latent, scaled)])?;
+        let image = out.swap_remove(0);
+        let [_, ch, ih, iw] = [image.dims[0], image.dims[1], image.dims[2], image.dims[3]];
+        let values = image.into_f32("vae output")?;
+        Ok(Image {
+            width: iw,
+            height: ih,
+            rgb: rgb_from_chw(&values, ch, ih, iw),
+            truncated_tokens: truncated,
+        })
+    }
+
+    /// Times one UNet step at the largest size served (zeros in, result dropped): the speed
+    /// the node advertises, in pixel-steps per second, so the router's estimates treat slow
+    /// NPU nodes fairly next to GPUs.
+    pub fn measure_speed(&mut self) -> Result<f64> {
+        let Some(&(w, h)) = self.sizes.iter().max_by_key(|(w, h)| w * h) else {
+            return Ok(0.0);
+        };
+        let latent = [
+            1,
+            self.in_channels,
+            h as usize / self.vae_factor,
+            w as usize / self.vae_factor,
+        ];
+        self.unet.select_shape(self.io.sample, &latent)?;
+        let context = HostTensor::f32(
+            &self.context_dims,
+            vec![0.0; self.context_dims.iter().product()],
+        );
+        let cond = self
+            .cond_dim
+            .map(|d| HostTensor::f32(&[1, d], vec![0.0; d]));
+        let started = Instant::now();
+        self.predict(
+            vec![0.0; latent.iter().product()],
+            &latent,
+            999,
+            &context,
+            cond.as_ref(),
+        )?;
+        let elapsed = started.elapsed().max(Duration::from_micros(1));
+        Ok(f64::from(w * h) / elapsed.as_secs_f64())
+    }
+
+    fn sizes_text(&self) -> String {
+        self.sizes
+            .iter()
+            .map(|(w, h)| format!("{w}x{h}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}

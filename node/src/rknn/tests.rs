@@ -1,0 +1,499 @@
+//! The RKNN wrapper, pipeline and workers against the fake runtime ([`super::fake`]).
+
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::sync::Arc;
+
+use drover_shared::proto;
+
+use super::api::{CoreMask, RknnStatus, TensorFormat, TensorType};
+use super::fake::{Call, FakeRknn, write_model_folder};
+use super::model::{nchw_to_nhwc, nhwc_to_nchw};
+use super::pipeline::RknnPipeline;
+use super::start_workers;
+use crate::error::NodeError;
+use crate::sd::Cpu;
+use crate::sd::lcm::{Lcm, LcmConfig};
+use crate::sd::pipeline::{Params, gaussian, step_noise_seed};
+use crate::sd::tokenizer::ClipTokenizer;
+use crate::sd::unet::guidance_embedding;
+use crate::worker::{CancelFlag, RunJob};
+
+fn params(size: usize) -> Params {
+    Params {
+        prompt: "a red fox in the snow".into(),
+        negative_prompt: String::new(),
+        width: size,
+        height: size,
+        steps: 4,
+        guidance: 8.0,
+        seed: 42,
+    }
+}
+
+fn net(call: &Call) -> (&'static str, &str) {
+    match call {
+        Call::Init(k) => ("init", k),
+        Call::SetCoreMask(k, _) => ("core", k),
+        Call::SetInputShapes(k, _) => ("shapes", k),
+        Call::InputsSet(k) => ("set", k),
+        Call::Run(k) => ("run", k),
+        Call::OutputsGet(k) => ("get", k),
+        Call::Destroy(k) => ("destroy", k),
+    }
+}
+
+fn calls(api: &FakeRknn) -> Vec<(&'static str, String)> {
+    api.calls()
+        .iter()
+        .map(|c| {
+            let (a, k) = net(c);
+            (a, k.to_string())
+        })
+        .collect()
+}
+
+fn seq(items: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    items.iter().map(|(a, k)| (*a, k.to_string())).collect()
+}
+
+fn as_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+/// The same render computed independently, in plain scalar code, from the fake's definitions:
+/// the latent the VAE decoder must receive (NCHW, already divided by the scaling factor).
+fn reference_latent(p: &Params, context_mean: f64, cond_mean: f64) -> Vec<f64> {
+    let lcm = Lcm::new(LcmConfig::default());
+    let (c, h, w) = (4, p.height / 8, p.width / 8);
+    let n = c * h * w;
+    let mut x: Vec<f64> = gaussian(p.seed, n).iter().map(|&v| f64::from(v)).collect();
+    let ts = lcm.timesteps(p.steps).unwrap();
+    let mut denoised = x.clone();
+    for (k, &t) in ts.iter().enumerate() {
+        let base = 1e-3 * context_mean + 1e-6 * t as f64 + 1e-3 * cond_mean;
+        let a = f64::from(lcm.alpha_cumprod(t));
+        let (c_skip, c_out) = lcm.scalings(t);
+        for i in 0..n {
+            let eps = 0.5 * x[i] + 0.01 * ((i / (h * w)) % c) as f64 + base;
+            let x0 = (x[i] - (1.0 - a).sqrt() * eps) / a.sqrt();
+            denoised[i] = f64::from(c_out) * x0 + f64::from(c_skip) * x[i];
+        }
+        x = match ts.get(k + 1) {
+            Some(&tp) => {
+                let ap = f64::from(lcm.alpha_cumprod(tp));
+                let noise = gaussian(step_noise_seed(p.seed, k), n);
+                denoised
+                    .iter()
+                    .zip(noise)
+                    .map(|(d, z)| ap.sqrt() * d + (1.0 - ap).sqrt() * f64::from(z))
+                    .collect()
+            }
+            None => denoised.clone(),
+        };
+    }
+    denoised.iter().map(|d| d / 0.18215).collect()
+}
+
+fn close(a: &[f64], b: &[f64], tol: f64) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    assert!(worst <= tol, "max abs difference {worst} > {tol}");
+    worst
+}
+
+#[test]
+fn the_pipeline_runs_on_the_npu_in_order_with_layouts_converted() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model_folder(dir.path(), &[64]);
+    let api = Arc::new(FakeRknn::default());
+    let mut pipeline = RknnPipeline::load(api.clone(), dir.path(), CoreMask::Core1).unwrap();
+    assert_eq!(pipeline.sizes(), &[(64, 64)]);
+    assert_eq!(
+        calls(&api),
+        seq(&[
+            ("init", "text"),
+            ("core", "text"),
+            ("init", "unet"),
+            ("core", "unet"),
+            ("init", "vae"),
+            ("core", "vae")
+        ])
+    );
+    assert!(
+        api.calls()
+            .iter()
+            .filter_map(|c| match c {
+                Call::SetCoreMask(_, m) => Some(*m),
+                _ => None,
+            })
+            .all(|m| m == CoreMask::Core1)
+    );
+
+    let p = params(64);
+    let mut steps = Vec::new();
+    let image = pipeline
+        .generate(&p, |s, t| {
+            steps.push((s, t));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(steps, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    assert_eq!(
+        (image.width, image.height, image.rgb.len()),
+        (64, 64, 64 * 64 * 3)
+    );
+
+    // Call order: text encoder once, the UNet once per step, the VAE decoder once.
+    let mut want = vec![("set", "text"), ("run", "text"), ("get", "text")];
+    for _ in 0..4 {
+        want.extend([("set", "unet"), ("run", "unet"), ("get", "unet")]);
+    }
+    want.extend([("set", "vae"), ("run", "vae"), ("get", "vae")]);
+    assert_eq!(calls(&api)[6..], seq(&want)[..]);
+
+    let fed = api.fed();
+    let input = |kind: &str, name: &str| {
+        fed.iter()
+            .filter(|f| f.kind == kind && f.name == name)
+            .collect::<Vec<_>>()
+    };
+    // Token ids go in as the model's int32, exactly the tokenizer's.
+    let ids = input("text", "input_ids");
+    let tokens = ClipTokenizer::from_dir(&dir.path().join("tokenizer"))
+        .unwrap()
+        .encode(&p.prompt)
+        .unwrap();
+    assert_eq!(ids[0].dtype, TensorType::I32);
+    assert_eq!(
+        ids[0].values,
+        tokens.ids.iter().map(|&i| f64::from(i)).collect::<Vec<_>>()
+    );
+    // Timesteps as the model's int64, in the LCM schedule's order.
+    let ts = input("unet", "timestep");
+    assert!(ts.iter().all(|f| f.dtype == TensorType::I64));
+    assert_eq!(
+        ts.iter().map(|f| f.values[0]).collect::<Vec<_>>(),
+        vec![999.0, 759.0, 499.0, 259.0]
+    );
+    // The first sample is the seeded noise, transposed to the NHWC layout the model asks for.
+    let sample = input("unet", "sample");
+    assert!(
+        sample
+            .iter()
+            .all(|f| f.format == TensorFormat::Nhwc && f.dtype == TensorType::F32)
+    );
+    let noise = gaussian(42, 4 * 8 * 8);
+    assert_eq!(
+        as_f32(&sample[0].values),
+        nchw_to_nhwc(&noise, [1, 4, 8, 8])
+    );
+    // The guidance embedding of w = guidance − 1, and the text encoder's last hidden state.
+    let cond = input("unet", "timestep_cond");
+    let expected_cond = guidance_embedding::<Cpu>(7.0, 256, &Default::default())
+        .into_data()
+        .to_vec::<f32>()
+        .unwrap();
+    assert_eq!(as_f32(&cond[0].values), expected_cond);
+    let context = input("unet", "encoder_hidden_states");
+    let expected_context: Vec<f32> = tokens
+        .ids
+        .iter()
+        .flat_map(|&id| (0..768).map(move |k| (f64::from(id) * 1e-3 + k as f64 * 1e-4) as f32))
+        .collect();
+    assert_eq!(as_f32(&context[0].values), expected_context);
+
+    // The latent the VAE decoder got, against the same render computed independently.
+    let vae = input("vae", "latent_sample");
+    assert_eq!(vae.len(), 1);
+    assert_eq!(vae[0].format, TensorFormat::Nhwc);
+    let got = nhwc_to_nchw(&vae[0].values, [1, 8, 8, 4]);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let want = reference_latent(&p, mean(&context[0].values), mean(&cond[0].values));
+    close(
+        &got,
+        &want,
+        1e-4 * want.iter().fold(1.0, |m, v| v.abs().max(m)),
+    );
+    // And the image is that latent through the fake decoder, in RGB.
+    for (i, px) in image.rgb.chunks(3).enumerate() {
+        let (y, x) = (i / 64, i % 64);
+        for (k, &byte) in px.iter().enumerate() {
+            let v = want[(k * 8 + y / 8) * 8 + x / 8].tanh();
+            let expected = ((v / 2.0 + 0.5).clamp(0.0, 1.0) * 255.0).round();
+            assert!(
+                (f64::from(byte) - expected).abs() <= 1.0,
+                "pixel {i} channel {k}"
+            );
+        }
+    }
+
+    drop(pipeline);
+    let destroyed = calls(&api).iter().filter(|(a, _)| *a == "destroy").count();
+    assert_eq!(destroyed, 3);
+}
+
+#[test]
+fn runtime_errors_are_typed_with_their_meaning_and_leak_no_context() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model_folder(dir.path(), &[64]);
+    let api = Arc::new(FakeRknn::default());
+    *api.fail.lock().unwrap() = Some(("init", "unet".into(), -13));
+    let err = RknnPipeline::load(api.clone(), dir.path(), CoreMask::Core0).unwrap_err();
+    match &err {
+        NodeError::Rknn {
+            call,
+            status,
+            model,
+        } => {
+            assert_eq!(*call, "rknn_init");
+            assert_eq!(*status, RknnStatus::TargetPlatformUnmatch);
+            assert!(model.ends_with("unet/model.rknn"), "{model}");
+        }
+        other => panic!("{other}"),
+    }
+    assert!(
+        err.to_string().contains("target_platform='rk3588'"),
+        "{err}"
+    );
+    // The text encoder loaded before the failure was destroyed, once.
+    assert_eq!(
+        calls(&api).iter().filter(|(a, _)| *a == "destroy").count(),
+        1
+    );
+
+    *api.fail.lock().unwrap() = Some(("run", "unet".into(), -3));
+    let mut pipeline = RknnPipeline::load(api.clone(), dir.path(), CoreMask::Core0).unwrap();
+    let err = pipeline
+        .generate(&params(64), |_, _| ControlFlow::Continue(()))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("rknn_run") && err.contains("NPU is unavailable"),
+        "{err}"
+    );
+
+    // A file that is no model: the runtime's own answer, with the file named.
+    std::fs::write(dir.path().join("vae_decoder/model.rknn"), b"not a model").unwrap();
+    let err = RknnPipeline::load(api, dir.path(), CoreMask::Core0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("vae_decoder/model.rknn") && err.contains("invalid model"),
+        "{err}"
+    );
+}
+
+#[test]
+fn networks_that_do_not_fit_together_are_refused_at_load() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model_folder(dir.path(), &[64]);
+    let api = Arc::new(FakeRknn::default());
+    std::fs::write(
+        dir.path().join("unet/config.json"),
+        r#"{"in_channels": 4, "cross_attention_dim": 1024, "time_cond_proj_dim": 256}"#,
+    )
+    .unwrap();
+    let err = RknnPipeline::load(api.clone(), dir.path(), CoreMask::Core0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("encoder_hidden_states") && err.contains("1024"),
+        "{err}"
+    );
+
+    write_model_folder(dir.path(), &[64]);
+    std::fs::remove_dir_all(dir.path().join("tokenizer")).unwrap();
+    let err = RknnPipeline::load(api, dir.path(), CoreMask::Core0)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("tokenizer/") && err.contains("never downloads"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dynamic_shape_models_switch_to_the_size_of_each_job() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model_folder(dir.path(), &[64, 96]);
+    let api = Arc::new(FakeRknn::default());
+    let mut pipeline = RknnPipeline::load(api.clone(), dir.path(), CoreMask::Core2).unwrap();
+    assert_eq!(pipeline.sizes(), &[(64, 64), (96, 96)]);
+    let image = pipeline
+        .generate(&params(96), |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!((image.width, image.height), (96, 96));
+    let shapes: Vec<Call> = api
+        .calls()
+        .into_iter()
+        .filter(|c| matches!(c, Call::SetInputShapes(..)))
+        .collect();
+    assert_eq!(
+        shapes,
+        vec![
+            Call::SetInputShapes(
+                "unet".into(),
+                vec![vec![1, 12, 12, 4], vec![1], vec![1, 77, 768], vec![1, 256]]
+            ),
+            Call::SetInputShapes("vae".into(), vec![vec![1, 12, 12, 4]]),
+        ]
+    );
+    // The same size again switches nothing.
+    pipeline
+        .generate(&params(96), |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    let switches = api
+        .calls()
+        .iter()
+        .filter(|c| matches!(c, Call::SetInputShapes(..)))
+        .count();
+    assert_eq!(switches, 2);
+    let err = pipeline
+        .generate(&params(80), |_, _| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(err.is_permanent());
+    assert!(err.to_string().contains("64x64, 96x96"), "{err}");
+}
+
+#[test]
+fn a_cancelled_render_stops_between_steps() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model_folder(dir.path(), &[64]);
+    let api = Arc::new(FakeRknn::default());
+    let mut pipeline = RknnPipeline::load(api.clone(), dir.path(), CoreMask::Core0).unwrap();
+    let err = pipeline
+        .generate(&params(64), |step, _| {
+            if step == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(err, NodeError::Cancelled));
+    let unet_runs = api
+        .calls()
+        .iter()
+        .filter(|c| **c == Call::Run("unet".into()))
+        .count();
+    assert_eq!(unet_runs, 2);
+    assert!(!api.calls().contains(&Call::Run("vae".into())));
+}
+
+fn job(
+    loras: Vec<proto::LoraRequest>,
+) -> (
+    RunJob,
+    tokio::sync::mpsc::UnboundedReceiver<crate::worker::Progress>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let spec = proto::JobSpec {
+        prompt: "a lighthouse".into(),
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance_scale: 8.0,
+        seed: 7,
+        loras,
+        ..Default::default()
+    };
+    (
+        RunJob {
+            spec,
+            progress: tx,
+            cancel: CancelFlag::default(),
+        },
+        rx,
+    )
+}
+
+fn start(api: Arc<FakeRknn>, dir: &Path, workers: u32) -> crate::error::Result<super::Started> {
+    start_workers(api, dir.to_path_buf(), "fake-model", workers)
+}
+
+#[test]
+fn workers_take_one_npu_core_each_and_keep_their_contexts_on_their_thread() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model_folder(dir.path(), &[64]);
+    let api = Arc::new(FakeRknn::default());
+    actix_rt::System::new().block_on(async {
+        let started = start(api.clone(), dir.path(), 4).unwrap();
+        assert_eq!(started.sizes, vec![(64, 64)]);
+        assert!(started.pixel_steps_per_second > 0.0);
+        // Worker i runs on NPU_CORE_{i % 3}: four workers use cores 0, 1, 2, 0, three contexts each.
+        let masks: Vec<CoreMask> = api
+            .calls()
+            .iter()
+            .filter_map(|c| match c {
+                Call::SetCoreMask(_, m) => Some(*m),
+                _ => None,
+            })
+            .collect();
+        let count = |m| masks.iter().filter(|x| **x == m).count();
+        assert_eq!(
+            (
+                count(CoreMask::Core0),
+                count(CoreMask::Core1),
+                count(CoreMask::Core2)
+            ),
+            (6, 3, 3)
+        );
+        // Each worker loaded its own three contexts on its own thread.
+        let threads: std::collections::HashSet<_> = api
+            .calls_with_threads()
+            .iter()
+            .filter(|(_, c)| matches!(c, Call::Init(_)))
+            .map(|(t, _)| *t)
+            .collect();
+        assert_eq!(threads.len(), 4);
+        assert!(!threads.contains(&std::thread::current().id()));
+
+        let (run, mut progress) = job(Vec::new());
+        let rendered = started.addr.send(run).await.unwrap().unwrap();
+        let decoder = png::Decoder::new(std::io::Cursor::new(rendered.png));
+        let reader = decoder.read_info().unwrap();
+        assert_eq!((reader.info().width, reader.info().height), (64, 64));
+        let software = reader
+            .info()
+            .utf8_text
+            .iter()
+            .find(|t| t.keyword == "Software")
+            .and_then(|t| t.get_text().ok())
+            .unwrap_or_default();
+        assert!(software.contains("rknn"), "{software}");
+        assert_eq!(progress.recv().await.map(|p| p.step), Some(1));
+
+        let (run, _) = job(vec![proto::LoraRequest {
+            name: "ink".into(),
+            strength: 1.0,
+        }]);
+        let err = started.addr.send(run).await.unwrap().unwrap_err();
+        assert!(
+            err.is_permanent() && err.to_string().contains("cannot merge LoRAs"),
+            "{err}"
+        );
+    });
+}
+
+#[test]
+fn a_worker_that_cannot_load_fails_the_start_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model_folder(dir.path(), &[64]);
+    let api = Arc::new(FakeRknn::default());
+    *api.fail.lock().unwrap() = Some(("set_core_mask", "vae".into(), -5));
+    actix_rt::System::new().block_on(async {
+        let err = start(api.clone(), dir.path(), 2).err().unwrap().to_string();
+        assert!(
+            err.contains("rknn_set_core_mask") && err.contains("invalid parameter"),
+            "{err}"
+        );
+        assert!(err.contains("NPU_CORE_"), "{err}");
+        let err = start(api, dir.path(), 12).err().unwrap().to_string();
+        assert!(err.contains("NUM_WORKERS=12"), "{err}");
+    });
+}
