@@ -15,6 +15,7 @@ use drover_shared::error::FieldError;
 use drover_shared::job::{JobRequest, StyleRef, random_seed};
 use serde_json::{Map, Value, json};
 
+use crate::control::CancelJob;
 use crate::error::Result;
 use crate::http::{AppState, Client, accept_request, wait_image};
 
@@ -78,7 +79,7 @@ fn required_prompt(map: &Map<String, Value>) -> Result<String> {
 
 /// `POST /generate` (the Python LCM server).
 async fn lcm_generate(
-    _: Client,
+    Client(client): Client,
     state: web::Data<AppState>,
     body: web::Bytes,
 ) -> Result<HttpResponse> {
@@ -101,7 +102,7 @@ async fn lcm_generate(
         style_lora,
         ..JobRequest::default()
     };
-    let job = accept_request(&state, request).await?;
+    let job = accept_request(&state, &client, request).await?;
     let (done, png) = wait_image(&state, job).await?;
     Ok(HttpResponse::Ok()
         .content_type("image/png")
@@ -111,7 +112,11 @@ async fn lcm_generate(
 }
 
 /// `POST /sdapi/v1/txt2img` (AUTOMATIC1111 subset).
-async fn txt2img(_: Client, state: web::Data<AppState>, body: web::Bytes) -> Result<HttpResponse> {
+async fn txt2img(
+    Client(client): Client,
+    state: web::Data<AppState>,
+    body: web::Bytes,
+) -> Result<HttpResponse> {
     let map = object(&body)?;
     let prompt = required_prompt(&map)?;
     let negative = string(&map, "negative_prompt")?.filter(|s| !s.is_empty());
@@ -140,7 +145,16 @@ async fn txt2img(_: Client, state: web::Data<AppState>, body: web::Bytes) -> Res
             seed: Some(first_seed + i),
             ..JobRequest::default()
         };
-        jobs.push(accept_request(&state, request).await?);
+        match accept_request(&state, &client, request).await {
+            Ok(job) => jobs.push(job),
+            Err(e) => {
+                // All or nothing: a batch refused part-way leaves no jobs running for nobody.
+                for job in &jobs {
+                    let _ = state.control.send(CancelJob(job.id)).await;
+                }
+                return Err(e);
+            }
+        }
     }
     let mut images = Vec::new();
     let mut seeds = Vec::new();

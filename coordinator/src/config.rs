@@ -42,9 +42,20 @@ pub struct Config {
         value_delimiter = ','
     )]
     pub api_keys: Vec<String>,
-    /// More client API keys, one per line (`#` starts a comment).
+    /// More client API keys, one per line: `KEY [name=LABEL] [rate=N] [active=N]` (`#` starts
+    /// a comment); `rate` and `active` override the defaults below for that key.
     #[arg(long, env = "DROVER_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+    /// Submissions per minute one client may make (an API key; the caller's address when no
+    /// keys are configured), in bursts of up to as many; 0: no limit.
+    #[arg(long, env = "DROVER_KEY_RATE_PER_MIN", default_value_t = 0)]
+    pub key_rate_per_min: u32,
+    /// Unfinished jobs one client may have at once; 0: no limit.
+    #[arg(long, env = "DROVER_KEY_MAX_ACTIVE", default_value_t = 0)]
+    pub key_max_active: u32,
+    /// The client keys of `api_keys` and `api_keys_file`, parsed (filled by `resolve_secrets`).
+    #[arg(skip)]
+    pub keys: Vec<crate::limits::ApiKey>,
     /// Style catalog (`styles.toml`); no styles when unset.
     #[arg(long, env = "DROVER_STYLES")]
     pub styles: Option<PathBuf>,
@@ -79,6 +90,9 @@ pub struct Config {
     /// them forever.
     #[arg(long, env = "DROVER_RESULT_RETENTION_S", default_value_t = 7 * 24 * 3600)]
     pub result_retention_s: u64,
+    /// How often the dashboard's charts take a sample (they show the last hour), in milliseconds.
+    #[arg(long, env = "DROVER_HISTORY_SAMPLE_MS", default_value_t = 10_000)]
+    pub history_sample_ms: u64,
 }
 
 impl Config {
@@ -124,15 +138,29 @@ impl Config {
         if let Some(path) = &self.node_token_file {
             self.node_token = Some(read_secret(path, "DROVER_NODE_TOKEN_FILE")?);
         }
+        self.api_keys.retain(|k| !k.trim().is_empty());
+        let mut lines: Vec<(String, String)> = self
+            .api_keys
+            .iter()
+            .map(|k| ("DROVER_API_KEYS".to_string(), k.clone()))
+            .collect();
         if let Some(path) = &self.api_keys_file {
             let text = read_secret(path, "DROVER_API_KEYS_FILE")?;
-            self.api_keys.extend(
-                text.lines()
-                    .map(|l| l.split('#').next().unwrap_or("").trim().to_string())
-                    .filter(|l| !l.is_empty()),
-            );
+            for (i, line) in text.lines().enumerate() {
+                lines.push((
+                    format!("{} line {}", path.display(), i + 1),
+                    line.to_string(),
+                ));
+            }
         }
-        self.api_keys.retain(|k| !k.trim().is_empty());
+        self.keys.clear();
+        for (place, line) in lines {
+            if let Some(key) = crate::limits::ApiKey::parse_line(&line)
+                .map_err(|e| anyhow::anyhow!("{place}: {e}"))?
+            {
+                self.keys.push(key);
+            }
+        }
         Ok(())
     }
 }

@@ -6,7 +6,7 @@
 //! stopped: queued jobs stay queued, leases stay with their nodes until they expire or the node is
 //! declared offline, and results are accepted only from the current lease holder (fencing).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 use crate::error::{CoordinatorError, Result};
+use crate::history::{History, Sample};
+use crate::limits::ClientId;
 use crate::metrics::{Gauge, Metrics};
 use crate::records::{Attempt, JobRecord, JobState, Lease, LoraAdvert, NodeRecord, now_ms};
 use crate::router::{self, NodeView};
@@ -47,7 +49,16 @@ struct NodeEntry {
     last_seen: Instant,
     /// Jobs leased to the node.
     running: HashSet<JobId>,
+    /// Speed measured from the node's results (EWMA of pixel-steps per second), once it has
+    /// returned one.
+    measured: Option<f64>,
 }
+
+/// Weight of the newest result in a node's measured speed.
+const SPEED_EWMA: f64 = 0.3;
+
+/// Finished jobs the dashboard shows.
+const RECENT_JOBS: usize = 24;
 
 /// The actor owning the registry and the queue.
 pub struct ControlPlane {
@@ -64,6 +75,12 @@ pub struct ControlPlane {
     metrics: Arc<Metrics>,
     /// Live event streams (`GET /v1/jobs/{id}/events`) by job.
     watchers: HashMap<JobId, Vec<mpsc::UnboundedSender<JobEvent>>>,
+    /// Unfinished jobs per client label (for the per-client cap).
+    clients: HashMap<String, u32>,
+    /// The last hour, for the dashboard's charts.
+    history: History,
+    /// The most recently finished jobs, newest last.
+    recent: VecDeque<JobRecord>,
 }
 
 /// One live update of a job, as `GET /v1/jobs/{id}/events` streams it.
@@ -112,6 +129,7 @@ impl ControlPlane {
     /// Restores the registry and unfinished jobs from `store`.
     pub fn restore(store: Store, config: Arc<Config>, metrics: Arc<Metrics>) -> Result<Self> {
         let now = Instant::now();
+        let config_history_ms = config.history_sample_ms;
         let mut nodes: HashMap<NodeId, NodeEntry> = store
             .nodes()?
             .into_iter()
@@ -123,12 +141,17 @@ impl ControlPlane {
                         session: None,
                         last_seen: now,
                         running: HashSet::new(),
+                        measured: None,
                     },
                 )
             })
             .collect();
         let mut active = HashMap::new();
+        let mut clients: HashMap<String, u32> = HashMap::new();
         for job in store.unfinished_jobs()? {
+            if let Some(c) = &job.client {
+                *clients.entry(c.clone()).or_default() += 1;
+            }
             if let Some(lease) = &job.lease
                 && let Some(node) = nodes.get_mut(&lease.node_id)
             {
@@ -152,6 +175,12 @@ impl ControlPlane {
             last_prune: now,
             metrics,
             watchers: HashMap::new(),
+            clients,
+            history: History::new(
+                Duration::from_millis(config_history_ms),
+                Duration::from_secs(3600),
+            ),
+            recent: VecDeque::with_capacity(RECENT_JOBS),
         };
         // Leases whose node is unknown (removed from the registry) cannot complete.
         let orphans: Vec<JobId> = plane
@@ -188,7 +217,7 @@ impl ControlPlane {
                 .record
                 .workers
                 .saturating_sub(entry.running.len() as u32),
-            pixel_steps_per_second: entry.record.pixel_steps_per_second,
+            pixel_steps_per_second: node_speed(entry),
         }
     }
 
@@ -335,6 +364,7 @@ impl ControlPlane {
             attempt: lease.attempt,
             spec: Some(job.spec.to_proto(entry.record.family, &entry.record.sizes)),
             deadline_unix_ms: lease.deadline_ms,
+            trace_id: job.trace_id.clone().unwrap_or_default(),
         };
         let message = proto::CoordinatorMessage {
             kind: Some(coordinator_message::Kind::Assignment(assignment)),
@@ -359,7 +389,7 @@ impl ControlPlane {
         job.size = Some(size);
         job.updated_ms = now;
         job.progress = None;
-        tracing::info!(job_id = %job_id, node_id = %node_id, lease_id = %lease.id, attempt = lease.attempt, "job leased");
+        tracing::info!(job_id = %job_id, node_id = %node_id, lease_id = %lease.id, attempt = lease.attempt, trace_id = job.trace_id.as_deref().unwrap_or(""), "job leased");
         let (attempt, event_node) = (lease.attempt, lease.node_id);
         job.lease = Some(lease);
         self.store.put_job(job)?;
@@ -412,11 +442,24 @@ impl ControlPlane {
         }
     }
 
+    /// Counts `job` in (`+1`) or out (`-1`) of its client's unfinished jobs.
+    fn track(&mut self, job: &JobRecord, delta: i32) {
+        let Some(client) = &job.client else {
+            return;
+        };
+        let n = self.clients.entry(client.clone()).or_default();
+        *n = n.saturating_add_signed(delta);
+        if *n == 0 {
+            self.clients.remove(client);
+        }
+    }
+
     /// Moves a job to a terminal state, persists it and wakes its waiters.
     fn finish(&mut self, job_id: JobId, state: JobState, error: Option<String>) -> Result<()> {
         let Some(mut job) = self.active.remove(&job_id) else {
             return Ok(());
         };
+        self.track(&job, -1);
         let outcome = match state {
             JobState::Succeeded => "succeeded".to_string(),
             _ => error.clone().unwrap_or_else(|| state.as_str().to_string()),
@@ -445,6 +488,11 @@ impl ControlPlane {
         job.error = error;
         job.updated_ms = now_ms();
         self.store.put_job(&job)?;
+        self.history.finished(state == JobState::Succeeded);
+        if self.recent.len() == RECENT_JOBS {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(job.clone());
         for waiter in self.waiters.remove(&job_id).unwrap_or_default() {
             let _ = waiter.send(job.clone());
         }
@@ -494,7 +542,18 @@ impl ControlPlane {
                     if let Some((_, total)) = job.progress {
                         job.progress = Some((total, total));
                     }
+                    let work =
+                        job.size.map_or(0, |s| s.pixels()) as f64 * f64::from(job.spec.steps);
                     self.store.put_image(job_id, &r.png)?;
+                    if work > 0.0
+                        && let Some(entry) = self.nodes.get_mut(&node_id)
+                    {
+                        let speed = work * 1000.0 / r.elapsed_ms.max(1) as f64;
+                        entry.measured = Some(match entry.measured {
+                            Some(old) => old + SPEED_EWMA * (speed - old),
+                            None => speed,
+                        });
+                    }
                     tracing::info!(job_id = %job_id, node_id = %node_id, elapsed_ms = r.elapsed_ms, bytes = r.png.len(), "job succeeded");
                     self.finish(job_id, JobState::Succeeded, None)?;
                 }
@@ -514,9 +573,21 @@ impl ControlPlane {
         Ok(())
     }
 
-    /// Liveness, lease deadlines and queue expiry.
+    /// Liveness, lease deadlines, queue expiry and the dashboard's samples.
     fn tick(&mut self) {
         let now = Instant::now();
+        if self.history.due(now) {
+            let queued = self.queued_count();
+            let running = self.active.len() - queued;
+            let mut speeds: Vec<(String, f64)> = self
+                .nodes
+                .values()
+                .filter(|e| e.session.is_some())
+                .map(|e| (e.record.name.clone(), node_speed(e)))
+                .collect();
+            speeds.sort_by(|a, b| a.0.cmp(&b.0));
+            self.history.sample(now, now_ms(), queued, running, speeds);
+        }
         let grace = self.config.offline_grace();
         let mut lost = Vec::new();
         for entry in self.nodes.values_mut() {
@@ -622,6 +693,13 @@ fn reported_job(message: &node_message::Kind) -> Option<&str> {
     }
 }
 
+/// A node's speed: measured from its results once it has some, else what it advertised.
+fn node_speed(entry: &NodeEntry) -> f64 {
+    entry
+        .measured
+        .unwrap_or(entry.record.pixel_steps_per_second)
+}
+
 fn report(result: Result<()>) {
     if let Err(e) = result {
         tracing::error!(error = %e, "control plane store write failed");
@@ -717,6 +795,7 @@ impl Handler<RegisterNode> for ControlPlane {
             session: None,
             last_seen: Instant::now(),
             running: HashSet::new(),
+            measured: None,
         });
         entry.record = record.clone();
         Ok(record)
@@ -846,12 +925,21 @@ impl Handler<SessionClosed> for ControlPlane {
 /// Accepts a validated job: checks feasibility and the queue limit, persists it, dispatches.
 #[derive(Message)]
 #[rtype(result = "Result<JobRecord>")]
-pub struct SubmitJob(pub JobSpec);
+pub struct SubmitJob {
+    /// What to render.
+    pub spec: JobSpec,
+    /// Who asks, with their cap on unfinished jobs.
+    pub client: ClientId,
+}
 
 impl Handler<SubmitJob> for ControlPlane {
     type Result = Result<JobRecord>;
 
-    fn handle(&mut self, SubmitJob(spec): SubmitJob, _: &mut Context<Self>) -> Self::Result {
+    fn handle(
+        &mut self,
+        SubmitJob { spec, client }: SubmitJob,
+        _: &mut Context<Self>,
+    ) -> Self::Result {
         let reject = |metrics: &Metrics, reason: &str| {
             metrics.inc("drover_rejections_total", vec![("reason", reason.into())]);
         };
@@ -870,10 +958,24 @@ impl Handler<SubmitJob> for ControlPlane {
                 retry_after_s: 5,
             });
         }
-        let job = JobRecord::new(JobId::random(), spec);
+        let active = self.clients.get(&client.label).copied().unwrap_or(0);
+        if client.max_active > 0 && active >= client.max_active {
+            reject(&self.metrics, "client_active_limit");
+            return Err(CoordinatorError::RateLimited {
+                message: format!(
+                    "client {} has {active} unfinished jobs, its limit",
+                    client.label
+                ),
+                retry_after_s: 5,
+            });
+        }
+        let mut job = JobRecord::new(JobId::random(), spec);
+        job.client = Some(client.label);
+        job.trace_id = (!client.request_id.is_empty()).then_some(client.request_id);
         self.store.put_job(&job)?;
-        tracing::info!(job_id = %job.id, "job accepted");
+        tracing::info!(job_id = %job.id, trace_id = job.trace_id.as_deref().unwrap_or(""), "job accepted");
         self.metrics.inc("drover_jobs_accepted_total", vec![]);
+        self.track(&job, 1);
         self.active.insert(job.id, job.clone());
         self.dispatch();
         Ok(self.active.get(&job.id).cloned().unwrap_or(job))
@@ -933,6 +1035,9 @@ pub struct NodeStatus {
     pub running: usize,
     /// Milliseconds since the node was last heard from.
     pub last_seen_ms_ago: u64,
+    /// Speed measured from its results (EWMA, pixel-steps per second), once it has some; the
+    /// router uses it instead of the advertised `pixel_steps_per_second`.
+    pub measured_pixel_steps_per_second: Option<f64>,
 }
 
 /// Lists every registered node with its live state.
@@ -944,6 +1049,13 @@ impl Handler<ListNodes> for ControlPlane {
     type Result = MessageResult<ListNodes>;
 
     fn handle(&mut self, _: ListNodes, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.node_statuses())
+    }
+}
+
+impl ControlPlane {
+    /// Every registered node with its live state, by name.
+    fn node_statuses(&self) -> Vec<NodeStatus> {
         let now = Instant::now();
         let mut out: Vec<NodeStatus> = self
             .nodes
@@ -962,11 +1074,68 @@ impl Handler<ListNodes> for ControlPlane {
                     running: entry.running.len(),
                     last_seen_ms_ago: now.saturating_duration_since(entry.last_seen).as_millis()
                         as u64,
+                    measured_pixel_steps_per_second: entry.measured,
                 }
             })
             .collect();
         out.sort_by(|a, b| a.record.name.cmp(&b.record.name));
-        MessageResult(out)
+        out
+    }
+}
+
+/// Unfinished jobs the dashboard lists at most.
+const DASHBOARD_JOBS: usize = 100;
+
+/// What the dashboard shows, from one look at the control plane.
+#[derive(Debug, Serialize)]
+pub struct DashboardData {
+    /// Every node with its live state.
+    pub nodes: Vec<NodeStatus>,
+    /// Unfinished jobs, oldest first (at most 100).
+    pub jobs: Vec<JobRecord>,
+    /// Unfinished jobs in all.
+    pub unfinished: usize,
+    /// Why each listed queued job is waiting: every node's reason for not taking it now.
+    pub waiting: HashMap<JobId, Vec<router::NodeSkip>>,
+    /// Recently finished jobs, newest first.
+    pub recent: Vec<JobRecord>,
+    /// The last hour, oldest sample first.
+    pub history: Vec<Sample>,
+    /// Milliseconds between samples.
+    pub history_period_ms: u64,
+}
+
+/// Answers the dashboard's data.
+#[derive(Message)]
+#[rtype(result = "DashboardData")]
+pub struct GetDashboard;
+
+impl Handler<GetDashboard> for ControlPlane {
+    type Result = MessageResult<GetDashboard>;
+
+    fn handle(&mut self, _: GetDashboard, _: &mut Context<Self>) -> Self::Result {
+        let mut jobs: Vec<&JobRecord> = self.active.values().collect();
+        jobs.sort_by_key(|j| (j.created_ms, j.id));
+        jobs.truncate(DASHBOARD_JOBS);
+        let views = self.views(Instant::now());
+        let waiting = jobs
+            .iter()
+            .filter(|j| j.state == JobState::Queued)
+            .filter_map(|j| {
+                router::pick(&j.spec, &views, 0)
+                    .err()
+                    .map(|reasons| (j.id, reasons))
+            })
+            .collect();
+        MessageResult(DashboardData {
+            nodes: self.node_statuses(),
+            jobs: jobs.into_iter().cloned().collect(),
+            unfinished: self.active.len(),
+            waiting,
+            recent: self.recent.iter().rev().cloned().collect(),
+            history: self.history.samples(),
+            history_period_ms: self.history.period().as_millis() as u64,
+        })
     }
 }
 

@@ -61,6 +61,17 @@ pub enum CoordinatorError {
     /// Missing or wrong credentials.
     #[error("unauthorized: {0}")]
     Unauthorized(String),
+    /// Valid credentials that do not allow this call.
+    #[error("forbidden: {0}")]
+    Forbidden(String),
+    /// The client is over its submission rate or its cap on unfinished jobs.
+    #[error("{message}; retry in {retry_after_s} s")]
+    RateLimited {
+        /// Which limit, and the client's figures.
+        message: String,
+        /// Suggested wait in seconds.
+        retry_after_s: u64,
+    },
     /// The embedded store failed.
     #[error("store error: {0}")]
     Store(#[from] sled::Error),
@@ -80,10 +91,11 @@ impl CoordinatorError {
             Self::NotFound(_) => ErrorCode::NotFound,
             Self::Infeasible { .. } | Self::Unprocessable(_) => ErrorCode::Unprocessable,
             Self::Conflict(_) => ErrorCode::Conflict,
-            Self::QueueFull { .. } => ErrorCode::TooManyRequests,
+            Self::QueueFull { .. } | Self::RateLimited { .. } => ErrorCode::TooManyRequests,
             Self::JobFailed { .. } => ErrorCode::JobFailed,
             Self::Timeout { .. } => ErrorCode::Timeout,
             Self::Unauthorized(_) => ErrorCode::Unauthorized,
+            Self::Forbidden(_) => ErrorCode::Forbidden,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::Store(_) | Self::Codec(_) => ErrorCode::Internal,
         }
@@ -100,6 +112,7 @@ impl CoordinatorError {
             } => {
                 json!({ "limit": limit, "retry_after_s": retry_after_s })
             }
+            Self::RateLimited { retry_after_s, .. } => json!({ "retry_after_s": retry_after_s }),
             Self::JobFailed { id, .. } | Self::Timeout { id, .. } => json!({ "job_id": id }),
             _ => Value::Null,
         }
@@ -127,7 +140,9 @@ impl ResponseError for CoordinatorError {
             tracing::error!(error = %self, "internal error");
         }
         let mut response = HttpResponse::build(self.status_code());
-        if let Self::QueueFull { retry_after_s, .. } = self {
+        if let Self::QueueFull { retry_after_s, .. } | Self::RateLimited { retry_after_s, .. } =
+            self
+        {
             response.insert_header(("Retry-After", retry_after_s.to_string()));
         }
         response.json(self.body())
@@ -154,6 +169,22 @@ mod tests {
             retry_after_s: 5,
         };
         assert_eq!(e.status_code(), StatusCode::TOO_MANY_REQUESTS);
+        let e = CoordinatorError::RateLimited {
+            message: "client key-1 is over 30 submissions per minute".into(),
+            retry_after_s: 2,
+        };
+        let response = e.error_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some("2")
+        );
+        let e = CoordinatorError::Forbidden("a client key cannot drain nodes".into());
+        assert_eq!(e.status_code(), StatusCode::FORBIDDEN);
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::PermissionDenied);
         let e = CoordinatorError::Unauthorized("bad node token".into());
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unauthenticated);
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::Addr;
-use actix_web::{HttpRequest, HttpResponse, web};
+use actix_web::{HttpMessage as _, HttpRequest, HttpResponse, web};
 use drover_shared::ids::JobId;
 use drover_shared::job::{JobRequest, random_seed};
 use drover_shared::styles::{ApplyError, StyleCatalog};
@@ -17,6 +17,7 @@ use serde_json::json;
 use crate::config::Config;
 use crate::control::{CancelJob, ControlPlane, GetJob, ListNodes, SetDraining, SubmitJob, WaitJob};
 use crate::error::{CoordinatorError, Result};
+use crate::limits::{ClientId, RateLimiter};
 use crate::records::{JobRecord, JobState};
 use crate::store::Store;
 
@@ -36,6 +37,8 @@ pub struct AppState {
     pub styles: Arc<StyleCatalog>,
     /// Counters and histograms.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Per-client submission rates.
+    pub rates: Arc<RateLimiter>,
 }
 
 /// Mounts every route of the REST API.
@@ -51,10 +54,13 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/v1/jobs/{id}/image", web::get().to(get_image))
         .route("/v1/jobs/{id}/events", web::get().to(job_events))
         .route("/v1/nodes", web::get().to(list_nodes))
+        .route("/v1/models", web::get().to(list_models))
         .route("/v1/styles", web::get().to(list_styles))
         .route("/metrics", web::get().to(metrics))
         .route("/openapi.json", web::get().to(openapi))
-        .route("/", web::get().to(crate::dashboard::page));
+        .route("/", web::get().to(crate::dashboard::page))
+        .route("/dashboard/live", web::get().to(crate::dashboard::live))
+        .route("/docs", web::get().to(crate::apidocs::page));
 }
 
 /// Answers unknown routes with a JSON 404.
@@ -84,8 +90,8 @@ async fn read_job_request(payload: web::Payload) -> Result<JobRequest> {
     Ok(JobRequest::from_json(&body)?)
 }
 
-async fn accept(state: &AppState, payload: web::Payload) -> Result<JobRecord> {
-    accept_request(state, read_job_request(payload).await?).await
+async fn accept(state: &AppState, client: &ClientId, payload: web::Payload) -> Result<JobRecord> {
+    accept_request(state, client, read_job_request(payload).await?).await
 }
 
 async fn openapi() -> HttpResponse {
@@ -99,9 +105,14 @@ async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse> {
         .body(text))
 }
 
-/// Validates a request, applies its style, submits it and waits until it is on disk.
-pub(crate) async fn accept_request(state: &AppState, request: JobRequest) -> Result<JobRecord> {
-    let result = accept_checked(state, request).await;
+/// Validates a request, applies its style, takes it from `client`'s rate, submits it and waits
+/// until it is on disk.
+pub(crate) async fn accept_request(
+    state: &AppState,
+    client: &ClientId,
+    request: JobRequest,
+) -> Result<JobRecord> {
+    let result = accept_checked(state, client, request).await;
     if let Err(e) = &result {
         let reason = match e {
             CoordinatorError::InvalidField(_) | CoordinatorError::InvalidRequest(_) => {
@@ -119,35 +130,62 @@ pub(crate) async fn accept_request(state: &AppState, request: JobRequest) -> Res
     result
 }
 
-async fn accept_checked(state: &AppState, request: JobRequest) -> Result<JobRecord> {
+async fn accept_checked(
+    state: &AppState,
+    client: &ClientId,
+    request: JobRequest,
+) -> Result<JobRecord> {
     let spec = request.validate(random_seed)?;
     let spec = state.styles.apply(spec).map_err(|e| match e {
         ApplyError::Field(f) => CoordinatorError::InvalidField(f),
         ApplyError::Unprocessable(m) => CoordinatorError::Unprocessable(m),
     })?;
-    let job = state.control.send(SubmitJob(spec)).await??;
+    state
+        .rates
+        .take(client, 1, std::time::Instant::now())
+        .map_err(|retry_after_s| {
+            state.metrics.inc(
+                "drover_rejections_total",
+                vec![("reason", "rate_limited".into())],
+            );
+            CoordinatorError::RateLimited {
+                message: format!(
+                    "client {} is over its {} submissions per minute",
+                    client.label, client.rate_per_min
+                ),
+                retry_after_s,
+            }
+        })?;
+    let job = state
+        .control
+        .send(SubmitJob {
+            spec,
+            client: client.clone(),
+        })
+        .await??;
+    tracing::info!(job_id = %job.id, client = %client.label, "job submitted");
     // Durable before we answer 2xx.
     state.store.flush().await?;
     Ok(job)
 }
 
 async fn submit(
-    _: Client,
+    Client(client): Client,
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse> {
-    let job = accept(&state, payload).await?;
+    let job = accept(&state, &client, payload).await?;
     Ok(HttpResponse::Accepted()
         .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
         .json(json!({ "id": job.id, "state": job.state })))
 }
 
 async fn generate(
-    _: Client,
+    Client(client): Client,
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse> {
-    let job = accept(&state, payload).await?;
+    let job = accept(&state, &client, payload).await?;
     let (done, png) = wait_image(&state, job).await?;
     let mut response = HttpResponse::Ok();
     response
@@ -229,7 +267,11 @@ async fn get_image(
 ) -> Result<HttpResponse> {
     let id = parse_job_id(&id)?;
     if let Some(png) = state.store.image(id)? {
-        return Ok(HttpResponse::Ok().content_type("image/png").body(png));
+        // A job's image never changes.
+        return Ok(HttpResponse::Ok()
+            .content_type("image/png")
+            .insert_header(("Cache-Control", "private, max-age=86400, immutable"))
+            .body(png));
     }
     match state.control.send(GetJob(id)).await?? {
         None => Err(CoordinatorError::NotFound(format!("job {id}"))),
@@ -276,57 +318,225 @@ async fn list_nodes(state: web::Data<AppState>) -> Result<HttpResponse> {
     Ok(HttpResponse::Ok().json(state.control.send(ListNodes).await?))
 }
 
+/// One model the farm serves, as `GET /v1/models` lists it.
+#[derive(Debug, PartialEq, Serialize)]
+pub struct ModelView {
+    /// The model id (sha256 of its header; a sim id for simulated nodes).
+    pub model_id: String,
+    /// Its family.
+    pub family: drover_shared::family::ModelFamily,
+    /// Backends of the nodes serving it.
+    pub backends: Vec<String>,
+    /// Nodes registered with it.
+    pub nodes: usize,
+    /// Of those, online now.
+    pub nodes_online: usize,
+    /// Workers on its online nodes.
+    pub workers_online: u32,
+    /// Largest image (pixels) some node of it renders.
+    pub max_pixels: u64,
+    /// The only sizes its nodes render, when every node of it has fixed sizes; empty: any size
+    /// up to `max_pixels` on some node.
+    pub sizes: Vec<drover_shared::job::Size>,
+    /// LoRAs some node of it offers.
+    pub loras: Vec<String>,
+}
+
+/// The models of the registry, one entry per model id, by family then id.
+pub fn models(nodes: &[crate::control::NodeStatus]) -> Vec<ModelView> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut by_model: BTreeMap<(String, String), Vec<&crate::control::NodeStatus>> =
+        BTreeMap::new();
+    for n in nodes {
+        by_model
+            .entry((n.record.family.to_string(), n.record.model_id.clone()))
+            .or_default()
+            .push(n);
+    }
+    by_model
+        .into_values()
+        .map(|group| {
+            let first = &group[0].record;
+            let online: Vec<_> = group.iter().filter(|n| n.state != "offline").collect();
+            let fixed = group.iter().all(|n| !n.record.sizes.is_empty());
+            let sizes: BTreeSet<_> = if fixed {
+                group
+                    .iter()
+                    .flat_map(|n| n.record.sizes.iter().map(|s| (s.width, s.height)))
+                    .collect()
+            } else {
+                BTreeSet::new()
+            };
+            ModelView {
+                model_id: first.model_id.clone(),
+                family: first.family,
+                backends: group
+                    .iter()
+                    .map(|n| n.record.backend.clone())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+                nodes: group.len(),
+                nodes_online: online.len(),
+                workers_online: online.iter().map(|n| n.record.workers).sum(),
+                max_pixels: group.iter().map(|n| n.record.max_pixels).max().unwrap_or(0),
+                sizes: sizes
+                    .into_iter()
+                    .map(|(width, height)| drover_shared::job::Size { width, height })
+                    .collect(),
+                loras: group
+                    .iter()
+                    .flat_map(|n| n.record.loras.iter().map(|l| l.name.clone()))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+async fn list_models(state: web::Data<AppState>) -> Result<HttpResponse> {
+    let nodes = state.control.send(ListNodes).await?;
+    Ok(HttpResponse::Ok().json(models(&nodes)))
+}
+
 async fn list_styles(state: web::Data<AppState>) -> HttpResponse {
     let styles: Vec<_> = state.styles.styles().collect();
     HttpResponse::Ok().json(styles)
 }
 
-/// A caller allowed to use the client API: with a configured API key (`Authorization: Bearer
-/// <key>` or `X-Api-Key: <key>`; the admin token works too) when keys are configured, anyone
-/// otherwise.
-pub struct Client;
+/// A caller allowed to use the client API, and who it is: a configured API key
+/// (`Authorization: Bearer <key>` or `X-Api-Key: <key>`; the admin token works too) when keys
+/// are configured, else anyone, known by address. Its limits come with it.
+pub struct Client(pub ClientId);
 
 impl actix_web::FromRequest for Client {
     type Error = CoordinatorError;
     type Future = std::future::Ready<Result<Self>>;
 
     fn from_request(req: &HttpRequest, _: &mut actix_web::dev::Payload) -> Self::Future {
-        std::future::ready(check_client(req).map(|()| Client))
+        std::future::ready(check_client(req).map(Client))
     }
 }
 
-fn check_client(req: &HttpRequest) -> Result<()> {
-    let Some(state) = req.app_data::<web::Data<AppState>>() else {
-        return Ok(());
-    };
-    let keys = &state.config.api_keys;
-    if keys.is_empty() {
-        return Ok(());
-    }
+fn presented_key(req: &HttpRequest) -> Option<&str> {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
-    let presented = header("x-api-key")
+    header("x-api-key")
         .filter(|k| !k.is_empty())
-        .or_else(|| header("authorization").and_then(|v| v.strip_prefix("Bearer ")));
-    let Some(key) = presented else {
+        .or_else(|| header("authorization").and_then(|v| v.strip_prefix("Bearer ")))
+}
+
+/// The id of the REST request being served: the caller's `X-Request-Id` when it is a sane token,
+/// else a fresh one. [`request_span`] sets it; every response carries it back.
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+impl RequestId {
+    /// The id of `req` (empty outside [`request_span`]).
+    pub fn of(req: &HttpRequest) -> String {
+        req.extensions()
+            .get::<RequestId>()
+            .map(|r| r.0.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Middleware body: gives the request an id, runs it inside a `request` span (method, path,
+/// request id) and answers the id in `X-Request-Id`.
+pub fn request_span<S, B>(
+    req: actix_web::dev::ServiceRequest,
+    srv: &S,
+) -> impl std::future::Future<
+    Output = std::result::Result<actix_web::dev::ServiceResponse<B>, actix_web::Error>,
+> + use<S, B>
+where
+    S: actix_web::dev::Service<
+            actix_web::dev::ServiceRequest,
+            Response = actix_web::dev::ServiceResponse<B>,
+            Error = actix_web::Error,
+        >,
+{
+    use tracing::Instrument as _;
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+        .map_or_else(|| uuid::Uuid::new_v4().simple().to_string(), str::to_string);
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let span = tracing::info_span!("request", method = %req.method(), path = %req.path(), request_id = %id);
+    let call = srv.call(req);
+    async move {
+        let mut response = call.await?;
+        if let Ok(value) = actix_web::http::header::HeaderValue::from_str(&id) {
+            response.headers_mut().insert(
+                actix_web::http::header::HeaderName::from_static("x-request-id"),
+                value,
+            );
+        }
+        Ok(response)
+    }
+    .instrument(span)
+}
+
+pub(crate) fn check_client(req: &HttpRequest) -> Result<ClientId> {
+    let request_id = RequestId::of(req);
+    let Some(state) = req.app_data::<web::Data<AppState>>() else {
+        return Ok(ClientId {
+            label: "anonymous".into(),
+            rate_per_min: 0,
+            max_active: 0,
+            request_id,
+        });
+    };
+    let config = &state.config;
+    if config.keys.is_empty() {
+        let peer = req
+            .peer_addr()
+            .map_or_else(|| "unknown".to_string(), |a| a.ip().to_string());
+        return Ok(ClientId {
+            label: format!("ip:{peer}"),
+            rate_per_min: config.key_rate_per_min,
+            max_active: config.key_max_active,
+            request_id,
+        });
+    }
+    let Some(presented) = presented_key(req) else {
         return Err(CoordinatorError::Unauthorized(
             "this call needs an API key: `Authorization: Bearer <key>` or `X-Api-Key: <key>`"
                 .into(),
         ));
     };
-    let admin = state.config.admin_token.iter();
-    if keys
+    if let Some(key) = config
+        .keys
         .iter()
-        .chain(admin)
-        .any(|k| drover_shared::secret_eq(key, k))
+        .find(|k| drover_shared::secret_eq(presented, &k.secret))
     {
-        Ok(())
-    } else {
-        Err(CoordinatorError::Unauthorized("unknown API key".into()))
+        return Ok(ClientId {
+            label: key.label.clone(),
+            rate_per_min: key.rate_per_min.unwrap_or(config.key_rate_per_min),
+            max_active: key.max_active.unwrap_or(config.key_max_active),
+            request_id,
+        });
+    }
+    match &config.admin_token {
+        Some(admin) if drover_shared::secret_eq(presented, admin) => Ok(ClientId {
+            label: "admin".into(),
+            rate_per_min: 0,
+            max_active: 0,
+            request_id,
+        }),
+        _ => Err(CoordinatorError::Unauthorized("unknown API key".into())),
     }
 }
 
 /// Checks `Authorization: Bearer <DROVER_ADMIN_TOKEN>` when an admin token is configured.
-fn require_admin(state: &AppState, req: &HttpRequest) -> Result<()> {
+pub(crate) fn require_admin(state: &AppState, req: &HttpRequest) -> Result<()> {
     let Some(expected) = &state.config.admin_token else {
         return Ok(());
     };
@@ -337,6 +547,17 @@ fn require_admin(state: &AppState, req: &HttpRequest) -> Result<()> {
         .and_then(|v| v.strip_prefix("Bearer "));
     match presented {
         Some(token) if drover_shared::secret_eq(token, expected) => Ok(()),
+        Some(token)
+            if state
+                .config
+                .keys
+                .iter()
+                .any(|k| drover_shared::secret_eq(token, &k.secret)) =>
+        {
+            Err(CoordinatorError::Forbidden(
+                "this is a client API key; admin calls need DROVER_ADMIN_TOKEN".into(),
+            ))
+        }
         Some(_) => Err(CoordinatorError::Unauthorized("wrong admin token".into())),
         None => Err(CoordinatorError::Unauthorized(
             "this call needs `Authorization: Bearer <DROVER_ADMIN_TOKEN>`".into(),
@@ -386,4 +607,82 @@ async fn resume_node(
     id: web::Path<String>,
 ) -> Result<HttpResponse> {
     set_draining(state, req, &id, false).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::NodeStatus;
+    use crate::records::{LoraAdvert, NodeRecord};
+    use drover_shared::family::ModelFamily;
+    use drover_shared::ids::NodeId;
+    use drover_shared::job::Size;
+
+    fn node(name: &str, model: &str, backend: &str, state: &'static str) -> NodeStatus {
+        NodeStatus {
+            record: NodeRecord {
+                id: NodeId::random(),
+                name: name.into(),
+                backend: backend.into(),
+                family: ModelFamily::Sd15,
+                cross_attention_dim: 768,
+                model_id: model.into(),
+                workers: 3,
+                max_pixels: 512 * 512,
+                loras: vec![LoraAdvert {
+                    name: format!("{name}-style"),
+                    family: ModelFamily::Sd15,
+                }],
+                version: "test".into(),
+                pixel_steps_per_second: 0.0,
+                registered_at_ms: 0,
+                draining: false,
+                sizes: Vec::new(),
+            },
+            state,
+            suspect: false,
+            running: 0,
+            last_seen_ms_ago: 0,
+            measured_pixel_steps_per_second: None,
+        }
+    }
+
+    #[test]
+    fn models_group_nodes_by_model_id() {
+        let square = |s| Size {
+            width: s,
+            height: s,
+        };
+        let mut npu = node("npu-a", "m1", "rknn", "online");
+        npu.record.sizes = vec![square(384)];
+        let mut npu2 = node("npu-b", "m1", "rknn", "offline");
+        npu2.record.sizes = vec![square(512), square(384)];
+        let listed = models(&[npu, node("gpu", "m2", "cuda", "online"), npu2]);
+        assert_eq!(listed.len(), 2);
+        let m1 = &listed[0];
+        assert_eq!(
+            (
+                m1.model_id.as_str(),
+                m1.nodes,
+                m1.nodes_online,
+                m1.workers_online
+            ),
+            ("m1", 2, 1, 3)
+        );
+        assert_eq!(m1.backends, vec!["rknn".to_string()]);
+        assert_eq!(m1.sizes, vec![square(384), square(512)]);
+        assert_eq!(
+            m1.loras,
+            vec!["npu-a-style".to_string(), "npu-b-style".to_string()]
+        );
+        // A model that some node renders at any size lists no fixed sizes.
+        let mut mixed = node("npu-c", "m2", "rknn", "online");
+        mixed.record.sizes = vec![square(384)];
+        let listed = models(&[node("gpu", "m2", "cuda", "online"), mixed]);
+        assert!(listed[0].sizes.is_empty());
+        assert_eq!(
+            listed[0].backends,
+            vec!["cuda".to_string(), "rknn".to_string()]
+        );
+    }
 }

@@ -5,6 +5,7 @@
 //! (the `ControlPlane` actor owning all state), [`router`] (pure routing functions), [`store`]
 //! (the only module that touches sled), [`records`] (what is persisted), [`error`].
 
+pub mod apidocs;
 pub mod client;
 pub mod compat;
 pub mod config;
@@ -12,7 +13,9 @@ pub mod control;
 pub mod dashboard;
 pub mod error;
 pub mod grpc;
+pub mod history;
 pub mod http;
+pub mod limits;
 pub mod metrics;
 pub mod openapi;
 pub mod records;
@@ -44,11 +47,9 @@ pub fn cli_main() -> ExitCode {
     }
 }
 
-/// Installs the `tracing` subscriber (`RUST_LOG` filters; `info` by default).
+/// Installs the `tracing` subscriber (`RUST_LOG` filters, `DROVER_LOG_FORMAT=json` for JSON).
 pub fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    drover_shared::init_logging();
 }
 
 /// Runs the coordinator (REST + gRPC + control plane) until the HTTP server stops.
@@ -94,9 +95,11 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         store,
         config: config.clone(),
         styles: Arc::new(styles),
+        rates: Arc::new(limits::RateLimiter::default()),
     };
     let server = HttpServer::new(move || {
         App::new()
+            .wrap_fn(http::request_span)
             .app_data(web::Data::new(state.clone()))
             .configure(http::configure)
             .configure(compat::configure)

@@ -7,7 +7,13 @@ use serde_json::{Value, json};
 
 /// Every operation: method, path, summary, request body schema (if any), success response.
 pub const OPERATIONS: &[(&str, &str, &str)] = &[
-    ("get", "/", "Status page (HTML)"),
+    ("get", "/", "Dashboard (HTML)"),
+    (
+        "get",
+        "/dashboard/live",
+        "The dashboard's live part (HTML fragment)",
+    ),
+    ("get", "/docs", "Interactive API page (HTML)"),
     ("get", "/healthz", "Liveness and node counts"),
     ("get", "/metrics", "Prometheus metrics"),
     ("get", "/openapi.json", "This document"),
@@ -31,6 +37,11 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
         "Live job events (server-sent events)",
     ),
     ("get", "/v1/nodes", "Registered nodes"),
+    (
+        "get",
+        "/v1/models",
+        "Models the farm serves: family, nodes, sizes, LoRAs",
+    ),
     (
         "post",
         "/v1/nodes/{id}/drain",
@@ -123,9 +134,9 @@ fn operation(method: &str, path: &str, summary: &str) -> Value {
             "200",
             json!({"description": "event stream", "content": {"text/event-stream": {"schema": {"type": "string"}}}}),
         ),
-        ("get", "/") => (
+        ("get", "/" | "/dashboard/live" | "/docs") => (
             "200",
-            json!({"description": "status page", "content": {"text/html": {"schema": {"type": "string"}}}}),
+            json!({"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}),
         ),
         ("get", "/metrics") => (
             "200",

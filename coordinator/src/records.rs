@@ -156,6 +156,12 @@ pub struct JobRecord {
     pub progress: Option<(u32, u32)>,
     /// Why the job failed, when it did.
     pub error: Option<String>,
+    /// Who submitted it: an API key's label, `admin`, or `ip:<address>` (never the key).
+    #[serde(default)]
+    pub client: Option<String>,
+    /// The REST request that submitted it (`X-Request-Id`); nodes log it with the job.
+    #[serde(default)]
+    pub trace_id: Option<String>,
 }
 
 impl JobRecord {
@@ -174,6 +180,8 @@ impl JobRecord {
             size: None,
             progress: None,
             error: None,
+            client: None,
+            trace_id: None,
         }
     }
 }

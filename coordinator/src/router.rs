@@ -221,11 +221,7 @@ pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, 
         }
         // One sort key, larger is better: free slots, then speed, then the round-robin position.
         let rotation = n - 1 - (i + n - (turn as usize % n)) % n;
-        let key = (
-            node.free_slots,
-            node.pixel_steps_per_second.max(0.0) as u64,
-            rotation,
-        );
+        let key = (node.free_slots, speed_key(node), rotation);
         if best.as_ref().is_none_or(|(_, k)| key > *k) {
             best = Some((node.id, key));
         }
@@ -258,8 +254,16 @@ use std::cmp::Reverse;
 /// A node's rank in the index: more free slots first, then faster (smaller is better).
 type Rank = (Reverse<u32>, Reverse<u64>);
 
+/// A node's speed as a rank: log-scale buckets about 9% wide, so nodes of the same kind rank
+/// equal (and take turns) however their measured speeds jitter, while a GPU ranks far above an
+/// NPU. 0 for an unknown speed.
 fn speed_key(node: &NodeView<'_>) -> u64 {
-    node.pixel_steps_per_second.max(0.0) as u64
+    let s = node.pixel_steps_per_second;
+    if s.is_finite() && s > 1.0 {
+        (s.log2() * 8.0) as u64 + 1
+    } else {
+        0
+    }
 }
 
 impl RoutingIndex {

@@ -139,6 +139,7 @@ impl<B: Backend> Handler<RunJob> for BurnWorker<B> {
     type Result = Result<Rendered>;
 
     fn handle(&mut self, job: RunJob, _: &mut SyncContext<Self>) -> Self::Result {
+        let _span = job.span.clone().entered();
         if job.cancel.is_cancelled() {
             return Err(NodeError::Cancelled);
         }

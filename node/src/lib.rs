@@ -28,13 +28,8 @@ pub use config::NodeConfig;
 /// Entry point of the `drover-node` binary.
 pub fn cli_main() -> ExitCode {
     use clap::Parser;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Logs go to stderr: the tools print their results (JSON) on stdout.
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+    drover_shared::init_logging();
     let cli = config::Cli::parse();
     if let Some(config::Command::Inspect { path, json }) = cli.command {
         return match inspect::run(&path, json) {

@@ -14,6 +14,7 @@ use drover_shared::proto::{self, coordinator_message, node_message};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
+use tracing::Instrument as _;
 
 use crate::config::NodeConfig;
 use crate::error::{NodeError, Result};
@@ -213,8 +214,11 @@ impl NodeLink {
             lease_id,
             spec,
             attempt,
+            trace_id,
             ..
         } = assignment;
+        let span = tracing::info_span!("job", job_id = %job_id, lease_id = %lease_id, trace_id = %trace_id, attempt);
+        let _entered = span.enter();
         let Some(spec) = spec else {
             let failed = proto::JobFailed {
                 job_id,
@@ -227,7 +231,7 @@ impl NodeLink {
                 .send(message(node_message::Kind::Failed(failed)));
             return;
         };
-        tracing::info!(job_id = %job_id, attempt, size = %format!("{}x{}", spec.width, spec.height), steps = spec.steps, "job started");
+        tracing::info!(size = %format!("{}x{}", spec.width, spec.height), steps = spec.steps, "job started");
         let cancel = CancelFlag::default();
         self.running
             .lock()
@@ -250,41 +254,49 @@ impl NodeLink {
         let runner = self.pool.runner.clone();
         let outbox = self.outbox_tx.clone();
         let running = self.running.clone();
-        actix_rt::spawn(async move {
-            let outcome = runner
-                .send(RunJob {
-                    spec,
-                    progress: progress_tx,
-                    cancel,
-                })
-                .await
-                .unwrap_or_else(|e| Err(NodeError::Render(format!("worker unavailable: {e}"))));
-            running
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&job_id);
-            let reply = match outcome {
-                Ok(rendered) => {
-                    tracing::info!(job_id = %job_id, elapsed_ms = rendered.elapsed.as_millis() as u64, "job finished");
-                    node_message::Kind::Result(proto::JobResult {
-                        job_id,
-                        lease_id,
-                        png: rendered.png,
-                        elapsed_ms: rendered.elapsed.as_millis() as u64,
+        let job_span = span.clone();
+        actix_rt::spawn(
+            async move {
+                let outcome = runner
+                    .send(RunJob {
+                        spec,
+                        progress: progress_tx,
+                        cancel,
+                        span: job_span,
                     })
-                }
-                Err(e) => {
-                    tracing::warn!(job_id = %job_id, error = %e, "job failed");
-                    node_message::Kind::Failed(proto::JobFailed {
-                        job_id,
-                        lease_id,
-                        reason: e.to_string(),
-                        permanent: e.is_permanent(),
-                    })
-                }
-            };
-            let _ = outbox.send(message(reply));
-        });
+                    .await
+                    .unwrap_or_else(|e| Err(NodeError::Render(format!("worker unavailable: {e}"))));
+                running
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&job_id);
+                let reply = match outcome {
+                    Ok(rendered) => {
+                        tracing::info!(
+                            elapsed_ms = rendered.elapsed.as_millis() as u64,
+                            "job finished"
+                        );
+                        node_message::Kind::Result(proto::JobResult {
+                            job_id,
+                            lease_id,
+                            png: rendered.png,
+                            elapsed_ms: rendered.elapsed.as_millis() as u64,
+                        })
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "job failed");
+                        node_message::Kind::Failed(proto::JobFailed {
+                            job_id,
+                            lease_id,
+                            reason: e.to_string(),
+                            permanent: e.is_permanent(),
+                        })
+                    }
+                };
+                let _ = outbox.send(message(reply));
+            }
+            .instrument(span.clone()),
+        );
     }
 }
 

@@ -32,6 +32,7 @@ impl Handler<RunJob> for SimWorker {
     type Result = Result<Rendered>;
 
     fn handle(&mut self, job: RunJob, _: &mut SyncContext<Self>) -> Self::Result {
+        let _span = job.span.clone().entered();
         let started = Instant::now();
         let total = job.spec.steps;
         for step in 1..=total {

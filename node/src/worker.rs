@@ -62,6 +62,8 @@ pub struct RunJob {
     pub progress: mpsc::UnboundedSender<Progress>,
     /// Checked between steps.
     pub cancel: CancelFlag,
+    /// The job's span (job id, lease, trace id): the worker thread logs inside it.
+    pub span: tracing::Span,
 }
 
 impl RunJob {

@@ -13,6 +13,8 @@ pub enum ErrorCode {
     InvalidRequest,
     /// Credentials are missing or wrong.
     Unauthorized,
+    /// The credentials are valid but do not allow this call (a client key on an admin call).
+    Forbidden,
     /// The named resource does not exist.
     NotFound,
     /// The request is well-formed but no part of the farm could ever serve it.
@@ -37,6 +39,7 @@ impl ErrorCode {
         match self {
             Self::InvalidRequest => "invalid_request",
             Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
             Self::NotFound => "not_found",
             Self::Unprocessable => "unprocessable",
             Self::Conflict => "conflict",
@@ -53,6 +56,7 @@ impl ErrorCode {
         match self {
             Self::InvalidRequest => 400,
             Self::Unauthorized => 401,
+            Self::Forbidden => 403,
             Self::NotFound => 404,
             Self::Conflict => 409,
             Self::Unprocessable => 422,
@@ -69,6 +73,7 @@ impl ErrorCode {
         match self {
             Self::InvalidRequest => tonic::Code::InvalidArgument,
             Self::Unauthorized => tonic::Code::Unauthenticated,
+            Self::Forbidden => tonic::Code::PermissionDenied,
             Self::NotFound => tonic::Code::NotFound,
             Self::Conflict => tonic::Code::AlreadyExists,
             Self::Unprocessable => tonic::Code::FailedPrecondition,

@@ -29,6 +29,27 @@ pub const NODE_TOKEN_METADATA: &str = "x-drover-node-token";
 /// Version of the Drover binaries, reported by nodes when they register.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Installs the process's `tracing` subscriber: `RUST_LOG` filters (`info` by default); logs go
+/// to stderr, as text, or as one JSON object per line when `DROVER_LOG_FORMAT=json` (with the
+/// fields of the enclosing spans: request, job and trace ids).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let json = std::env::var("DROVER_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
+    let _ = if json {
+        builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(true)
+            .try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
 /// Compares a presented secret with the expected one in time independent of where they differ.
 pub fn secret_eq(presented: &str, expected: &str) -> bool {
     let (a, b) = (presented.as_bytes(), expected.as_bytes());

@@ -130,7 +130,8 @@ pub struct ClusterSandbox {
     agent: ureq::Agent,
 }
 
-fn free_port() -> Result<u16> {
+/// A loopback port nothing listens on right now.
+pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -365,7 +366,9 @@ impl ClusterSandbox {
         self.call_as(method, path, body, None)
     }
 
-    fn call_as(
+    /// `method path` with an optional raw JSON body, presenting `token` as
+    /// `Authorization: Bearer` when given.
+    pub fn call_as(
         &self,
         method: &str,
         path: &str,
@@ -373,21 +376,32 @@ impl ClusterSandbox {
         token: Option<&str>,
     ) -> Result<Reply> {
         let url = format!("{}{path}", self.base_url());
-        let auth = token.map(|t| format!("Bearer {t}")).unwrap_or_default();
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let with_auth = |r: ureq::RequestBuilder<ureq::typestate::WithoutBody>| match &auth {
+            Some(a) => r.header("authorization", a),
+            None => r,
+        };
         let response = match (method, body) {
-            ("GET", _) => self.agent.get(&url).call(),
-            ("DELETE", _) => self.agent.delete(&url).call(),
-            ("POST", Some(body)) => self
-                .agent
-                .post(&url)
-                .header("content-type", "application/json")
-                .header("authorization", &auth)
-                .send(body),
-            ("POST", None) => self
-                .agent
-                .post(&url)
-                .header("authorization", &auth)
-                .send_empty(),
+            ("GET", _) => with_auth(self.agent.get(&url)).call(),
+            ("DELETE", _) => with_auth(self.agent.delete(&url)).call(),
+            ("POST", Some(body)) => {
+                let r = self
+                    .agent
+                    .post(&url)
+                    .header("content-type", "application/json");
+                match &auth {
+                    Some(a) => r.header("authorization", a).send(body),
+                    None => r.send(body),
+                }
+            }
+            ("POST", None) => match &auth {
+                Some(a) => self
+                    .agent
+                    .post(&url)
+                    .header("authorization", a)
+                    .send_empty(),
+                None => self.agent.post(&url).send_empty(),
+            },
             _ => bail!("unsupported method {method}"),
         };
         let mut response = response.with_context(|| format!("{method} {path}"))?;

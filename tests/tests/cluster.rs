@@ -620,7 +620,10 @@ fn the_drover_cli_generates_with_progress_and_manages_nodes() -> anyhow::Result<
 fn api_keys_and_secret_files_guard_the_client_api() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let keys = dir.path().join("keys");
-    std::fs::write(&keys, "# studio keys\nkey-alpha\nkey-beta # render box\n")?;
+    std::fs::write(
+        &keys,
+        "# studio keys\nkey-alpha\nkey-beta # render box\nkey-tight name=intern rate=3 active=1\n",
+    )?;
     let admin = dir.path().join("admin");
     std::fs::write(&admin, "admin-secret\n")?;
     let (keys_s, admin_s) = (keys.display().to_string(), admin.display().to_string());
@@ -699,7 +702,89 @@ fn api_keys_and_secret_files_guard_the_client_api() -> anyhow::Result<()> {
         ),
         "key-alpha",
     )?;
-    assert_eq!(wrong_admin.status, 401, "an API key is not the admin token");
+    assert_eq!(
+        wrong_admin.status, 403,
+        "a client key may not call admin endpoints"
+    );
+    assert_eq!(wrong_admin.json()?["error"]["code"], "forbidden");
+    let resume = cluster.post_with_token(
+        &format!(
+            "/v1/nodes/{}/resume",
+            cluster.node_id("painter")?.expect("id")
+        ),
+        "admin-secret",
+    )?;
+    assert_eq!(resume.status, 200);
+
+    // Per-key limits from the keys file: one unfinished job at a time, three submissions a minute.
+    let slow = serde_json::to_vec(&json!({"prompt": "slow", "size": "64x64", "steps": 50}))?;
+    let first = cluster.call_as("POST", "/v1/jobs", Some(&slow), Some("key-tight"))?;
+    assert_eq!(first.status, 202);
+    let first_id = first.json()?["id"].as_str().expect("id").to_string();
+    let job_as = |c: &ClusterSandbox, id: &str| -> anyhow::Result<Value> {
+        c.call_as("GET", &format!("/v1/jobs/{id}"), None, Some("key-alpha"))?
+            .json()
+    };
+    assert_eq!(job_as(&cluster, &first_id)?["client"], "intern");
+    let second = cluster.call_as("POST", "/v1/jobs", Some(&slow), Some("key-tight"))?;
+    assert_eq!(second.status, 429);
+    assert!(second.header("retry-after").is_some());
+    let message = second.json()?["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        message.contains("intern has 1 unfinished jobs"),
+        "{message}"
+    );
+    // Other keys are not held back by it.
+    let other = cluster.call_as("POST", "/v1/jobs", Some(&slow), Some("key-alpha"))?;
+    assert_eq!(other.status, 202);
+    let other_id = other.json()?["id"].as_str().expect("id").to_string();
+    for id in [&first_id, &other_id] {
+        cluster.call_as("DELETE", &format!("/v1/jobs/{id}"), None, Some("key-alpha"))?;
+    }
+    cluster.wait_until(T, "the cancelled job leaves the client's count", |c| {
+        Ok(job_as(c, &first_id)?["state"] == "cancelled")
+    })?;
+    // Two tokens are spent (the refused submission counted); the third goes through, the
+    // fourth is over the rate.
+    let third = cluster.call_as("POST", "/v1/jobs", Some(&slow), Some("key-tight"))?;
+    assert_eq!(
+        third.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&third.body)
+    );
+    let third_id = third.json()?["id"].as_str().expect("id").to_string();
+    cluster.call_as(
+        "DELETE",
+        &format!("/v1/jobs/{third_id}"),
+        None,
+        Some("key-tight"),
+    )?;
+    cluster.wait_until(T, "the third job is cancelled", |c| {
+        Ok(job_as(c, &third_id)?["state"] == "cancelled")
+    })?;
+    let fourth = cluster.call_as("POST", "/v1/jobs", Some(&slow), Some("key-tight"))?;
+    assert_eq!(fourth.status, 429);
+    let message = fourth.json()?["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        message.contains("over its 3 submissions per minute"),
+        "{message}"
+    );
+    let metrics = String::from_utf8(cluster.get("/metrics")?.body)?;
+    assert!(
+        metrics.contains("drover_rejections_total{reason=\"rate_limited\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("drover_rejections_total{reason=\"client_active_limit\"} 1"),
+        "{metrics}"
+    );
     Ok(())
 }
 
@@ -765,5 +850,73 @@ fn the_status_page_shows_nodes_and_running_jobs() -> anyhow::Result<()> {
         "prompts are escaped: {html}"
     );
     cluster.delete(&format!("/v1/jobs/{id}"))?;
+    Ok(())
+}
+
+#[test]
+fn json_logs_follow_a_job_from_rest_through_grpc_to_the_worker() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[("DROVER_LOG_FORMAT", "json")])?;
+    cluster.add_node(NodeSpec::sim("painter", "sd15").env("DROVER_LOG_FORMAT", "json"))?;
+    cluster.wait_for_online(&["painter"], T)?;
+    let body = serde_json::to_vec(&json!({"prompt": "a fox", "size": "64x64", "steps": 2}))?;
+    let response = ureq::post(&format!("{}/v1/generate", cluster.base_url()))
+        .header("content-type", "application/json")
+        .header("x-request-id", "trace-fox-42")
+        .send(&body[..])?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok()),
+        Some("trace-fox-42")
+    );
+    // A request without an id gets a fresh one.
+    let health = ureq::get(&format!("{}/healthz", cluster.base_url())).call()?;
+    let fresh = health
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert_eq!(fresh.len(), 32, "{fresh}");
+
+    let lines = |log: String| -> Vec<Value> {
+        log.lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .collect()
+    };
+    let coordinator = lines(cluster.coordinator_log());
+    assert!(!coordinator.is_empty(), "the coordinator logs JSON lines");
+    let accepted = coordinator
+        .iter()
+        .find(|l| l["fields"]["message"] == "job accepted")
+        .expect("a job accepted line");
+    assert_eq!(accepted["fields"]["trace_id"], "trace-fox-42");
+    let job_id = accepted["fields"]["job_id"]
+        .as_str()
+        .expect("job id")
+        .to_string();
+    assert!(
+        coordinator
+            .iter()
+            .any(|l| l["fields"]["message"] == "job submitted"
+                && l["span"]["request_id"] == "trace-fox-42"),
+        "the REST handler logs inside the request's span"
+    );
+    assert!(coordinator.iter().any(
+        |l| l["fields"]["message"] == "job leased" && l["fields"]["trace_id"] == "trace-fox-42"
+    ));
+    cluster.wait_until(T, "the node logs the finished job", |c| {
+        Ok(c.node_log(0).contains("job finished"))
+    })?;
+    let node = lines(cluster.node_log(0));
+    for message in ["job started", "job finished"] {
+        let line = node
+            .iter()
+            .find(|l| l["fields"]["message"] == message)
+            .unwrap_or_else(|| panic!("a {message} line"));
+        assert_eq!(line["span"]["job_id"], job_id.as_str(), "{line}");
+        assert_eq!(line["span"]["trace_id"], "trace-fox-42", "{line}");
+    }
     Ok(())
 }

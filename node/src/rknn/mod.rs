@@ -82,6 +82,7 @@ impl Handler<RunJob> for RknnWorker {
     type Result = Result<Rendered>;
 
     fn handle(&mut self, job: RunJob, _: &mut SyncContext<Self>) -> Self::Result {
+        let _span = job.span.clone().entered();
         if job.cancel.is_cancelled() {
             return Err(NodeError::Cancelled);
         }

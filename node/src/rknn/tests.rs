@@ -407,6 +407,7 @@ fn job(
             spec,
             progress: tx,
             cancel: CancelFlag::default(),
+            span: tracing::Span::none(),
         },
         rx,
     )
