@@ -28,6 +28,10 @@ pub struct Cli {
     /// API key, when the coordinator requires one.
     #[arg(long, env = "DROVER_API_KEY", global = true, hide_env_values = true)]
     pub api_key: Option<String>,
+    /// PEM certificate of a CA to trust besides the public roots, for an `https://` URL with a
+    /// self-signed certificate.
+    #[arg(long, env = "DROVER_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
     /// Admin token for drain/resume.
     #[arg(
         long,
@@ -104,6 +108,28 @@ pub enum Command {
     Health,
 }
 
+/// TLS settings trusting the public roots and the PEM certificates in `path`.
+pub fn trusting(path: &std::path::Path) -> Result<ureq::tls::TlsConfig> {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig};
+    let pem = std::fs::read(path).with_context(|| format!("DROVER_CA_CERT {}", path.display()))?;
+    let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("DROVER_CA_CERT {}: not PEM", path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "DROVER_CA_CERT {}: no certificate in it",
+        path.display()
+    );
+    Ok(TlsConfig::builder()
+        .root_certs(RootCerts::new_with_certs(&certs))
+        .build())
+}
+
 struct Api {
     url: String,
     admin_token: Option<String>,
@@ -112,18 +138,19 @@ struct Api {
 }
 
 impl Api {
-    fn new(url: &str, admin_token: Option<String>, api_key: Option<String>) -> Self {
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+    fn new(cli: &Cli) -> Result<Self> {
+        let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(10)))
-            .build()
-            .into();
-        Self {
-            url: url.trim_end_matches('/').to_string(),
-            admin_token,
-            api_key,
-            agent,
+            .timeout_connect(Some(Duration::from_secs(10)));
+        if let Some(path) = &cli.ca_cert {
+            config = config.tls_config(trusting(path)?);
         }
+        Ok(Self {
+            url: cli.url.trim_end_matches('/').to_string(),
+            admin_token: cli.admin_token.clone(),
+            api_key: cli.api_key.clone(),
+            agent: config.build().into(),
+        })
     }
 
     /// Answers the JSON body, or the server's error message.
@@ -323,7 +350,7 @@ fn generate(api: &Api, command: &Command) -> Result<()> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let api = Api::new(&cli.url, cli.admin_token.clone(), cli.api_key.clone());
+    let api = Api::new(&cli)?;
     match &cli.command {
         Command::Generate { .. } => generate(&api, &cli.command)?,
         Command::Jobs => {

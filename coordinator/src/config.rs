@@ -27,6 +27,23 @@ pub struct Config {
     /// Token nodes must present when they connect; any node may join when unset.
     #[arg(long, env = "DROVER_NODE_TOKEN", hide_env_values = true)]
     pub node_token: Option<String>,
+    /// PEM certificate chain of this coordinator; with `--tls-key`, nodes connect over TLS
+    /// (`https://` in their COORDINATOR_URL), and with `--http-tls` the REST API is HTTPS too.
+    #[arg(long, env = "DROVER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `--tls-cert`.
+    #[arg(long, env = "DROVER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve the REST API over TLS too (with `--tls-cert` and `--tls-key`); `1`/`true`/`yes`.
+    #[arg(
+        long,
+        env = "DROVER_HTTP_TLS",
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub http_tls: bool,
     /// Reads the admin token from this file (Docker/Kubernetes secrets) instead of the variable.
     #[arg(long, env = "DROVER_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,

@@ -21,6 +21,7 @@ pub mod openapi;
 pub mod records;
 pub mod router;
 pub mod store;
+pub mod tls;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -77,8 +78,15 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         config.node_token.clone(),
         config.heartbeat_ms,
     );
-    let grpc = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+    let tls = tls::Identity::load(&config)?;
+    let mut grpc = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)));
+    if let Some(identity) = &tls {
+        grpc = grpc
+            .tls_config(identity.grpc())
+            .context("the TLS certificate cannot serve gRPC")?;
+    }
+    let grpc = grpc
         .add_service(CoordinatorServer::new(service))
         .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
             grpc_listener,
@@ -106,9 +114,15 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             .default_service(web::to(http::not_found))
     })
     .workers(2)
-    .shutdown_timeout(5)
-    .bind(config.http_addr)
-    .with_context(|| format!("cannot bind HTTP address {}", config.http_addr))?;
-    tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, data_dir = %config.data_dir.display(), "coordinator listening");
+    .shutdown_timeout(5);
+    let bind_error = || format!("cannot bind HTTP address {}", config.http_addr);
+    let server = match (&tls, config.http_tls) {
+        (Some(identity), true) => server
+            .bind_rustls_0_23(config.http_addr, identity.https()?)
+            .with_context(bind_error)?,
+        (None, true) => anyhow::bail!("DROVER_HTTP_TLS needs DROVER_TLS_CERT and DROVER_TLS_KEY"),
+        (_, false) => server.bind(config.http_addr).with_context(bind_error)?,
+    };
+    tracing::info!(http = %config.http_addr, grpc = %config.grpc_addr, grpc_tls = tls.is_some(), http_tls = config.http_tls, data_dir = %config.data_dir.display(), "coordinator listening");
     server.run().await.context("http server failed")
 }

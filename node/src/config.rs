@@ -139,6 +139,13 @@ pub struct NodeConfig {
     /// Name of this node in the farm (default: the host name).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
+    /// PEM certificate of a CA to trust (besides the public roots) when COORDINATOR_URL is
+    /// `https://`, e.g. the coordinator's self-signed certificate.
+    #[arg(long, env = "DROVER_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
+    /// The name the coordinator's certificate must carry (default: COORDINATOR_URL's host).
+    #[arg(long, env = "DROVER_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
     /// Token the coordinator requires, if any.
     #[arg(long, env = "DROVER_NODE_TOKEN", hide_env_values = true)]
     pub node_token: Option<String>,

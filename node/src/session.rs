@@ -13,7 +13,7 @@ use drover_shared::proto::coordinator_client::CoordinatorClient;
 use drover_shared::proto::{self, coordinator_message, node_message};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::Instrument as _;
 
 use crate::config::NodeConfig;
@@ -63,8 +63,12 @@ impl NodeLink {
             let started = Instant::now();
             match self.session().await {
                 Ok(()) => tracing::warn!("session ended by the coordinator"),
-                Err(NodeError::Refused(message)) => return Err(NodeError::Refused(message)),
-                Err(e) => tracing::warn!(error = %e, "session failed"),
+                // A refusal or a setting that cannot work will not get better by retrying.
+                Err(e @ (NodeError::Refused(_) | NodeError::Config(_))) => return Err(e),
+                Err(e) => {
+                    let hint = link_hint(&self.config.coordinator_url, &e.to_string());
+                    tracing::warn!(error = %e, hint, "session failed");
+                }
             }
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = MIN_BACKOFF;
@@ -129,7 +133,43 @@ impl NodeLink {
             .http2_keep_alive_interval(Duration::from_secs(5))
             .keep_alive_timeout(Duration::from_secs(5))
             .keep_alive_while_idle(true);
+        let endpoint = match self.tls()? {
+            Some(tls) => endpoint
+                .tls_config(tls)
+                .map_err(|e| NodeError::Config(format!("TLS settings: {e}")))?,
+            None => endpoint,
+        };
         Ok(CoordinatorClient::new(endpoint.connect().await?))
+    }
+
+    /// TLS for an `https://` COORDINATOR_URL: the public roots plus `DROVER_CA_CERT`.
+    fn tls(&self) -> Result<Option<ClientTlsConfig>> {
+        if !self.config.coordinator_url.starts_with("https://") {
+            if self.config.ca_cert.is_some() {
+                return Err(NodeError::Config(format!(
+                    "DROVER_CA_CERT is set but COORDINATOR_URL `{}` is not https://",
+                    self.config.coordinator_url
+                )));
+            }
+            return Ok(None);
+        }
+        let mut tls = ClientTlsConfig::new().with_webpki_roots();
+        if let Some(path) = &self.config.ca_cert {
+            let pem = std::fs::read(path).map_err(|e| {
+                NodeError::Config(format!("DROVER_CA_CERT {}: {e}", path.display()))
+            })?;
+            if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(NodeError::Config(format!(
+                    "DROVER_CA_CERT {}: no PEM certificate in it",
+                    path.display()
+                )));
+            }
+            tls = tls.ca_certificate(Certificate::from_pem(pem));
+        }
+        if let Some(domain) = &self.config.tls_domain {
+            tls = tls.domain_name(domain.clone());
+        }
+        Ok(Some(tls))
     }
 
     fn running_jobs(&self) -> Vec<proto::RunningJob> {
@@ -297,6 +337,24 @@ impl NodeLink {
             }
             .instrument(span.clone()),
         );
+    }
+}
+
+/// What usually fixes a link error, when the error text says enough to tell.
+fn link_hint(url: &str, error: &str) -> &'static str {
+    if error.contains("CaUsedAsEndEntity") {
+        "the coordinator's certificate is a CA certificate; give it a leaf certificate \
+         (basicConstraints CA:FALSE) with its host names and addresses as subjectAltName"
+    } else if error.contains("invalid peer certificate") {
+        "check that DROVER_CA_CERT holds the certificate (or CA) of the coordinator and that its \
+         names match the host in COORDINATOR_URL (or DROVER_TLS_DOMAIN)"
+    } else if url.starts_with("http://")
+        && !error.contains("refused")
+        && !error.contains("timed out")
+    {
+        "if the coordinator serves TLS (DROVER_TLS_CERT), use https:// in COORDINATOR_URL"
+    } else {
+        ""
     }
 }
 

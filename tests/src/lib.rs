@@ -128,6 +128,10 @@ pub struct ClusterSandbox {
     coordinator: Proc,
     nodes: Vec<(NodeSpec, Proc)>,
     agent: ureq::Agent,
+    /// The coordinator's certificate when it serves TLS (nodes trust it as their CA).
+    tls_cert: Option<PathBuf>,
+    /// Whether the REST API is HTTPS.
+    http_tls: bool,
 }
 
 /// A loopback port nothing listens on right now.
@@ -180,11 +184,22 @@ impl ClusterSandbox {
             coordinator_env.retain(|(key, _)| key != k);
             coordinator_env.push((k.to_string(), v.to_string()));
         }
-        let agent: ureq::Agent = ureq::Agent::config_builder()
+        let setting = |name: &str| {
+            coordinator_env
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.clone())
+        };
+        let tls_cert = setting("DROVER_TLS_CERT").map(PathBuf::from);
+        let http_tls =
+            setting("DROVER_HTTP_TLS").is_some_and(|v| !matches!(v.as_str(), "" | "0" | "false"));
+        let mut agent_config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build()
-            .into();
+            .timeout_global(Some(Duration::from_secs(120)));
+        if http_tls && let Some(cert) = &tls_cert {
+            agent_config = agent_config.tls_config(drover_coordinator::client::trusting(cert)?);
+        }
+        let agent: ureq::Agent = agent_config.build().into();
         let coordinator = Proc {
             name: "coordinator".into(),
             log: dir.path().join("coordinator.log"),
@@ -199,6 +214,8 @@ impl ClusterSandbox {
             coordinator,
             nodes: Vec::new(),
             agent,
+            tls_cert,
+            http_tls,
         };
         sandbox.start_coordinator()?;
         Ok(sandbox)
@@ -225,14 +242,25 @@ impl ClusterSandbox {
         self.coordinator.kill();
     }
 
-    /// Base URL of the REST API.
+    /// Base URL of the REST API (`https://` when the coordinator serves it over TLS).
     pub fn base_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.http_port)
+        let scheme = if self.http_tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.http_port)
     }
 
-    /// URL nodes use to reach the coordinator.
+    /// URL nodes use to reach the coordinator (`https://` when it serves TLS).
     pub fn grpc_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.grpc_port)
+        let scheme = if self.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// The REST API's port.
+    pub fn http_port(&self) -> u16 {
+        self.http_port
     }
 
     /// Starts a node process; answers its index. Does not wait for it to come online.
@@ -255,6 +283,7 @@ impl ClusterSandbox {
     /// Starts node `index` (again).
     pub fn start_node(&mut self, index: usize) -> Result<()> {
         let grpc_url = self.grpc_url();
+        let ca = self.tls_cert.clone();
         let (spec, proc) = self
             .nodes
             .get_mut(index)
@@ -264,6 +293,9 @@ impl ClusterSandbox {
             ("COORDINATOR_URL".to_string(), grpc_url),
             ("NODE_NAME".to_string(), spec.name.clone()),
         ];
+        if let Some(ca) = ca {
+            env.push(("DROVER_CA_CERT".to_string(), ca.display().to_string()));
+        }
         env.extend(spec.env.iter().cloned());
         proc.child = Some(spawn(&self.bins.node, &env, &proc.log)?);
         Ok(())

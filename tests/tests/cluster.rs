@@ -920,3 +920,89 @@ fn json_logs_follow_a_job_from_rest_through_grpc_to_the_worker() -> anyhow::Resu
     }
     Ok(())
 }
+
+/// A self-signed certificate for `localhost` and 127.0.0.1, made now: (cert, key) PEM paths.
+fn self_signed(dir: &std::path::Path, name: &str) -> anyhow::Result<(String, String)> {
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])?;
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, made.cert.pem())?;
+    std::fs::write(&key, made.signing_key.serialize_pem())?;
+    Ok((cert.display().to_string(), key.display().to_string()))
+}
+
+#[test]
+fn tls_protects_the_node_link_and_the_rest_api() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cert, key) = self_signed(dir.path(), "coordinator")?;
+    let mut cluster = ClusterSandbox::start(
+        binaries!(),
+        &[
+            ("DROVER_TLS_CERT", cert.as_str()),
+            ("DROVER_TLS_KEY", key.as_str()),
+            ("DROVER_HTTP_TLS", "1"),
+        ],
+    )?;
+    assert!(cluster.base_url().starts_with("https://"));
+    // The node joins over TLS, trusting the coordinator's certificate (DROVER_CA_CERT).
+    cluster.add_node(NodeSpec::sim("painter", "sd15"))?;
+    cluster.wait_for_online(&["painter"], T)?;
+    let reply = cluster.post(
+        "/v1/generate",
+        &json!({"prompt": "a fox", "size": "64x64", "steps": 2}),
+    )?;
+    assert_eq!(reply.status, 200);
+    assert_eq!(png_size(&reply.body), (64, 64));
+
+    // Plain HTTP gets no answer from the HTTPS port.
+    let plain = ureq::get(&format!("http://127.0.0.1:{}/healthz", cluster.http_port())).call();
+    assert!(
+        plain.is_err(),
+        "plain http answered: {:?}",
+        plain.map(|r| r.status())
+    );
+    // Nor does a client that does not trust the certificate.
+    assert!(
+        ureq::get(&format!("{}/healthz", cluster.base_url()))
+            .call()
+            .is_err()
+    );
+
+    // A node trusting another certificate never joins, and says why.
+    let (other, _) = self_signed(dir.path(), "impostor")?;
+    let stranger =
+        cluster.add_node(NodeSpec::sim("stranger", "sd15").env("DROVER_CA_CERT", &other))?;
+    cluster.wait_until(T, "the stranger reports the certificate", |c| {
+        Ok(c.node_log(stranger).contains("session failed"))
+    })?;
+    let log = cluster.node_log(stranger);
+    assert!(log.to_lowercase().contains("certificate"), "{log}");
+    assert_eq!(cluster.node_state("stranger")?, None);
+
+    // The CLI talks HTTPS with DROVER_CA_CERT.
+    let nodes = std::process::Command::new(env!("CARGO_BIN_EXE_sandbox-cli"))
+        .arg("nodes")
+        .env("DROVER_URL", cluster.base_url())
+        .env("DROVER_CA_CERT", &cert)
+        .output()?;
+    assert!(
+        nodes.status.success(),
+        "{}",
+        String::from_utf8_lossy(&nodes.stderr)
+    );
+    assert!(String::from_utf8_lossy(&nodes.stdout).contains("painter"));
+
+    // A key that does not match the certificate stops the coordinator at start, saying so.
+    let (_, wrong_key) = self_signed(dir.path(), "mismatch")?;
+    let out = std::process::Command::new(binaries!().coordinator)
+        .env("DROVER_TLS_CERT", &cert)
+        .env("DROVER_TLS_KEY", &wrong_key)
+        .env("DROVER_DATA_DIR", dir.path().join("data"))
+        .env("DROVER_HTTP_ADDR", "127.0.0.1:0")
+        .env("DROVER_GRPC_ADDR", "127.0.0.1:0")
+        .output()?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("do not make a usable identity"), "{stderr}");
+    Ok(())
+}
