@@ -29,6 +29,8 @@ fn nodes(n: usize) -> Vec<NodeView<'static>> {
                 suspect: false,
                 draining: i % 11 == 0,
                 free_slots: (i % 3) as u32,
+                workers: 2,
+                loaded: &[0],
                 pixel_steps_per_second: 1e6 + i as f64,
             }
         })

@@ -6,7 +6,7 @@
 //! stopped: queued jobs stay queued, leases stay with their nodes until they expire or the node is
 //! declared offline, and results are accepted only from the current lease holder (fencing).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,6 +52,8 @@ struct NodeEntry {
     /// Speed measured from the node's results (EWMA of pixel-steps per second), once it has
     /// returned one.
     measured: Option<f64>,
+    /// LoRA sets its workers have merged, most recent first (`router::lora_set_key`; 0 is base).
+    loaded: Vec<u64>,
 }
 
 /// Weight of the newest result in a node's measured speed.
@@ -77,6 +79,8 @@ pub struct ControlPlane {
     watchers: HashMap<JobId, Vec<mpsc::UnboundedSender<JobEvent>>>,
     /// Unfinished jobs per client label (for the per-client cap).
     clients: HashMap<String, u32>,
+    /// The queued jobs in the order they are offered to nodes (`router::queue_key`).
+    queue: BTreeSet<QueueEntry>,
     /// The last hour, for the dashboard's charts.
     history: History,
     /// The most recently finished jobs, newest last.
@@ -142,13 +146,18 @@ impl ControlPlane {
                         last_seen: now,
                         running: HashSet::new(),
                         measured: None,
+                        loaded: vec![0],
                     },
                 )
             })
             .collect();
         let mut active = HashMap::new();
         let mut clients: HashMap<String, u32> = HashMap::new();
+        let mut queue = BTreeSet::new();
         for job in store.unfinished_jobs()? {
+            if job.state == JobState::Queued {
+                queue.insert(queue_entry(&job));
+            }
             if let Some(c) = &job.client {
                 *clients.entry(c.clone()).or_default() += 1;
             }
@@ -176,6 +185,7 @@ impl ControlPlane {
             metrics,
             watchers: HashMap::new(),
             clients,
+            queue,
             history: History::new(
                 Duration::from_millis(config_history_ms),
                 Duration::from_secs(3600),
@@ -217,6 +227,8 @@ impl ControlPlane {
                 .record
                 .workers
                 .saturating_sub(entry.running.len() as u32),
+            workers: entry.record.workers,
+            loaded: &entry.loaded,
             pixel_steps_per_second: node_speed(entry),
         }
     }
@@ -264,41 +276,31 @@ impl ControlPlane {
         }
     }
 
-    /// The queued jobs, in the order they are offered to nodes now.
-    fn queue(&self) -> Vec<router::QueuedJob<JobId>> {
-        let mut queued: Vec<router::QueuedJob<JobId>> = self
-            .active
-            .values()
-            .filter(|j| j.state == JobState::Queued)
-            .map(|j| router::QueuedJob {
-                priority: j.spec.priority,
-                created_ms: j.created_ms,
-                id: j.id,
-            })
-            .collect();
-        router::queue_order(&mut queued, now_ms());
-        queued
+    /// Puts `job` in the queue (it is queued) or takes it out (it is not).
+    fn enqueue(&mut self, job: &JobRecord, queued: bool) {
+        let entry = queue_entry(job);
+        if queued {
+            self.queue.insert(entry);
+        } else {
+            self.queue.remove(&entry);
+        }
     }
 
     /// Jobs ahead of `job_id` in the queue order now.
     fn queue_position(&self, job_id: JobId) -> usize {
-        self.queue()
+        self.queue
             .iter()
-            .position(|q| q.id == job_id)
+            .position(|(_, _, id)| *id == job_id)
             .unwrap_or(0)
     }
 
     fn queued_count(&self) -> usize {
-        self.active
-            .values()
-            .filter(|j| j.state == JobState::Queued)
-            .count()
+        self.queue.len()
     }
 
     /// Places as many queued jobs as there are free eligible slots.
     fn dispatch(&mut self) {
-        let queued = self.queue();
-        if queued.is_empty() {
+        if self.queue.is_empty() {
             return;
         }
         // Decide every placement on one snapshot, then act on the decisions.
@@ -307,7 +309,7 @@ impl ControlPlane {
             let views = self.views(Instant::now());
             let mut index = router::RoutingIndex::new(&views);
             let mut placements = Vec::new();
-            for router::QueuedJob { id: job_id, .. } in queued {
+            for &(_, _, job_id) in &self.queue {
                 if index.free_slots() == 0 {
                     break;
                 }
@@ -316,7 +318,7 @@ impl ControlPlane {
                 };
                 if let Some(i) = index.pick(&job.spec, &views, turn) {
                     turn = turn.wrapping_add(1);
-                    index.take(i, &views);
+                    index.take(i, router::lora_set_key(&job.spec.loras), &views);
                     placements.push((job_id, views[i].id));
                 }
             }
@@ -374,6 +376,11 @@ impl ControlPlane {
             return Ok(());
         }
         let size = job.spec.size_on(entry.record.family, &entry.record.sizes);
+        let set = router::lora_set_key(&job.spec.loras);
+        if let Some(entry) = self.nodes.get_mut(&node_id) {
+            let workers = entry.record.workers as usize;
+            router::remember_set(&mut entry.loaded, set, workers);
+        }
         let job = self
             .active
             .get_mut(&job_id)
@@ -385,6 +392,7 @@ impl ControlPlane {
                 now.saturating_sub(job.created_ms) as f64 / 1000.0,
             );
         }
+        self.queue.remove(&queue_entry(job));
         job.state = JobState::Leased;
         job.size = Some(size);
         job.updated_ms = now;
@@ -430,6 +438,7 @@ impl ControlPlane {
             self.finish(job_id, JobState::Failed, Some(error))
         } else {
             job.state = JobState::Queued;
+            self.queue.insert(queue_entry(job));
             tracing::info!(job_id = %job_id, reason, "job re-queued");
             self.store.put_job(job)?;
             self.notify(
@@ -460,6 +469,7 @@ impl ControlPlane {
             return Ok(());
         };
         self.track(&job, -1);
+        self.enqueue(&job, false);
         let outcome = match state {
             JobState::Succeeded => "succeeded".to_string(),
             _ => error.clone().unwrap_or_else(|| state.as_str().to_string()),
@@ -693,6 +703,17 @@ fn reported_job(message: &node_message::Kind) -> Option<&str> {
     }
 }
 
+/// A queued job's place: (`router::queue_key`, acceptance time, id).
+type QueueEntry = (i64, u64, JobId);
+
+fn queue_entry(job: &JobRecord) -> QueueEntry {
+    (
+        router::queue_key(job.spec.priority, job.created_ms),
+        job.created_ms,
+        job.id,
+    )
+}
+
 /// A node's speed: measured from its results once it has some, else what it advertised.
 fn node_speed(entry: &NodeEntry) -> f64 {
     entry
@@ -796,6 +817,7 @@ impl Handler<RegisterNode> for ControlPlane {
             last_seen: Instant::now(),
             running: HashSet::new(),
             measured: None,
+            loaded: vec![0],
         });
         entry.record = record.clone();
         Ok(record)
@@ -976,6 +998,7 @@ impl Handler<SubmitJob> for ControlPlane {
         tracing::info!(job_id = %job.id, trace_id = job.trace_id.as_deref().unwrap_or(""), "job accepted");
         self.metrics.inc("drover_jobs_accepted_total", vec![]);
         self.track(&job, 1);
+        self.enqueue(&job, true);
         self.active.insert(job.id, job.clone());
         self.dispatch();
         Ok(self.active.get(&job.id).cloned().unwrap_or(job))

@@ -4,8 +4,15 @@
 //! - [`feasibility`]: could any registered node ever serve this job (ignoring load and liveness)?
 //!   If not, the job is refused at submission with every node's reason.
 //! - [`pick`]: which eligible node should run it now? Eligible means capable, online, not suspect,
-//!   not draining and with a free worker slot. Preference: most free slots, then fastest node, then
-//!   round robin over the rest so equal nodes share the work.
+//!   not draining and with a free worker slot. Preference, one sort key: the fastest node (its
+//!   measured speed in ~9% log buckets, i.e. the earliest estimated completion of a job that
+//!   starts now; unknown speeds rank first so new nodes get measured), then LoRA affinity (the
+//!   job's LoRA set already merged on one of its workers: no reload), then the most free slots,
+//!   then round robin so equal nodes share the work.
+//! - [`RoutingIndex`]: the same decision in O(log n) from an index by family (and by family and
+//!   LoRA set); property tests check it picks exactly what the scan picks.
+//! - [`queue_key`]: the queue order, priority with continuous aging, a key that never changes
+//!   while a job waits.
 //!
 //! Nothing here has side effects; the property tests below hold the rules in place.
 
@@ -41,6 +48,11 @@ pub struct NodeView<'a> {
     pub draining: bool,
     /// Worker slots not running a job.
     pub free_slots: u32,
+    /// Worker actors (jobs run at once).
+    pub workers: u32,
+    /// LoRA sets ([`lora_set_key`]) merged on the node's workers, most recent first (the empty
+    /// set, 0, is base weights).
+    pub loaded: &'a [u64],
     /// Measured speed (pixel-steps per second), 0 when unknown.
     pub pixel_steps_per_second: f64,
 }
@@ -208,20 +220,58 @@ pub fn feasibility(job: &JobSpec, nodes: &[NodeView<'_>]) -> Result<(), Vec<Node
     Err(reasons)
 }
 
-/// The node that should run `job` now, or every node's reason for not taking it.
+/// The LoRA set of a job as one key (the empty set, base weights, is 0): which LoRAs at which
+/// strengths a worker must have merged to run it without reloading.
+pub fn lora_set_key(loras: &[drover_shared::job::LoraRef]) -> u64 {
+    if loras.is_empty() {
+        return 0;
+    }
+    let mut parts: Vec<(&str, u32)> = loras
+        .iter()
+        .map(|l| (l.name.as_str(), l.strength.to_bits()))
+        .collect();
+    parts.sort_unstable();
+    // FNV-1a: stable across runs and Rust versions.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (name, strength) in parts {
+        for b in name.bytes().chain([0xff]).chain(strength.to_le_bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h.max(1)
+}
+
+/// How good a capable node is for a job, larger is better, compared in this order: faster (in
+/// ~9% log buckets: the estimated completion time of a job that starts now), then LoRA affinity
+/// (the job's LoRA set is already merged on one of its workers, so nothing reloads), then more
+/// free slots (spread the load), then the round-robin position.
+type Score = (u64, bool, u32, usize);
+
+fn affine(job_set: u64, node: &NodeView<'_>) -> bool {
+    node.loaded.contains(&job_set)
+}
+
+/// The node that should run `job` now, or every node's reason for not taking it: the eligible
+/// node with the best [`Score`]. This is the scan that [`RoutingIndex::pick`] must agree with.
 ///
 /// `turn` is a counter the caller advances after each placement; it rotates the order among
 /// equally good nodes so they share the work.
 pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, Vec<NodeSkip>> {
-    let mut best: Option<(NodeId, (u32, u64, usize))> = None;
+    let set = lora_set_key(&job.loras);
+    let mut best: Option<(NodeId, Score)> = None;
     let n = nodes.len().max(1);
     for (i, node) in nodes.iter().enumerate() {
         if eligibility(job, node).is_err() {
             continue;
         }
-        // One sort key, larger is better: free slots, then speed, then the round-robin position.
         let rotation = n - 1 - (i + n - (turn as usize % n)) % n;
-        let key = (node.free_slots, speed_key(node), rotation);
+        let key = (
+            speed_key(node),
+            affine(set, node),
+            node.free_slots,
+            rotation,
+        );
         if best.as_ref().is_none_or(|(_, k)| key > *k) {
             best = Some((node.id, key));
         }
@@ -235,58 +285,114 @@ pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, 
     })
 }
 
+/// A node's rank in the index, smaller is better: faster, then more free slots.
+type Rank = (Reverse<u64>, Reverse<u32>);
+
 /// A capability index over one snapshot: the nodes that can take work now, bucketed by family
-/// and ordered best first (most free slots, then fastest), so a decision looks at candidates of
-/// the job's family only, usually the first one. Built once per dispatch round in O(n log n);
-/// [`RoutingIndex::take`] keeps it current as the round places jobs.
+/// and ordered best first (fastest, then most free slots), plus, per (family, LoRA set), the
+/// nodes that have that set merged; so a decision looks at candidates of the job's family only,
+/// usually the first one. Built once per dispatch round in O(n log n); [`RoutingIndex::take`]
+/// keeps it current as the round places jobs.
 #[derive(Clone, Debug, Default)]
 pub struct RoutingIndex {
-    /// `(family, Reverse(free slots), Reverse(speed), position)` of every available node.
-    ranked: std::collections::BTreeSet<(ModelFamily, Reverse<u32>, Reverse<u64>, usize)>,
+    /// `(rank, position)` of every available node, per family.
+    ranked: HashMap<ModelFamily, BTreeSet<(Rank, usize)>>,
+    /// The same, per (family, LoRA set merged on the node).
+    by_set: HashMap<(ModelFamily, u64), BTreeSet<(Rank, usize)>>,
     /// Free slots by position (0 for unavailable nodes).
     free: Vec<u32>,
+    /// LoRA sets merged per position, as the round's placements change them.
+    loaded: Vec<Vec<u64>>,
     /// Sum of `free`.
     total_free: u64,
 }
 
 use std::cmp::Reverse;
-
-/// A node's rank in the index: more free slots first, then faster (smaller is better).
-type Rank = (Reverse<u32>, Reverse<u64>);
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
 
 /// A node's speed as a rank: log-scale buckets about 9% wide, so nodes of the same kind rank
 /// equal (and take turns) however their measured speeds jitter, while a GPU ranks far above an
-/// NPU. 0 for an unknown speed.
+/// NPU. A node whose speed is not known yet ranks above all, so it gets work and is measured.
 fn speed_key(node: &NodeView<'_>) -> u64 {
     let s = node.pixel_steps_per_second;
     if s.is_finite() && s > 1.0 {
         (s.log2() * 8.0) as u64 + 1
     } else {
-        0
+        u64::MAX
     }
+}
+
+fn rank(node: &NodeView<'_>, free: u32) -> Rank {
+    (Reverse(speed_key(node)), Reverse(free))
+}
+
+/// The first capable node of `set` (best rank first), starting among equals at position
+/// `offset` (wrapping) so equal nodes take turns: `(rank, position)`.
+fn first_capable(
+    set: &BTreeSet<(Rank, usize)>,
+    job: &JobSpec,
+    nodes: &[NodeView<'_>],
+    offset: usize,
+) -> Option<(Rank, usize)> {
+    let mut group = set.first().map(|(r, _)| *r);
+    while let Some(r) = group {
+        let after = set.range((r, offset)..=(r, usize::MAX));
+        let before = set.range((r, 0)..(r, offset));
+        if let Some(&(_, i)) = after
+            .chain(before)
+            .find(|(_, i)| capability(job, &nodes[*i]).is_ok())
+        {
+            return Some((r, i));
+        }
+        group = set
+            .range((Bound::Excluded((r, usize::MAX)), Bound::Unbounded))
+            .next()
+            .map(|(r, _)| *r);
+    }
+    None
 }
 
 impl RoutingIndex {
     /// Indexes the nodes of `nodes` that are online, not suspect, not draining, with a free slot.
     pub fn new(nodes: &[NodeView<'_>]) -> Self {
         let mut index = Self {
-            ranked: std::collections::BTreeSet::new(),
             free: vec![0; nodes.len()],
-            total_free: 0,
+            loaded: vec![Vec::new(); nodes.len()],
+            ..Self::default()
         };
         for (i, node) in nodes.iter().enumerate() {
             if node.online && !node.suspect && !node.draining && node.free_slots > 0 {
                 index.free[i] = node.free_slots;
+                index.loaded[i] = node.loaded.to_vec();
                 index.total_free += u64::from(node.free_slots);
-                index.ranked.insert((
-                    node.family,
-                    Reverse(node.free_slots),
-                    Reverse(speed_key(node)),
-                    i,
-                ));
+                index.insert(i, node);
             }
         }
         index
+    }
+
+    fn insert(&mut self, i: usize, node: &NodeView<'_>) {
+        let r = rank(node, self.free[i]);
+        self.ranked.entry(node.family).or_default().insert((r, i));
+        for &set in &self.loaded[i] {
+            self.by_set
+                .entry((node.family, set))
+                .or_default()
+                .insert((r, i));
+        }
+    }
+
+    fn remove(&mut self, i: usize, node: &NodeView<'_>) {
+        let r = rank(node, self.free[i]);
+        if let Some(members) = self.ranked.get_mut(&node.family) {
+            members.remove(&(r, i));
+        }
+        for &set in &self.loaded[i] {
+            if let Some(members) = self.by_set.get_mut(&(node.family, set)) {
+                members.remove(&(r, i));
+            }
+        }
     }
 
     /// Free slots left in the whole index.
@@ -295,63 +401,63 @@ impl RoutingIndex {
     }
 
     /// The position (in the snapshot the index was built from) of the node that should run `job`:
-    /// an eligible node with the most free slots, then the fastest; among equals the one at or
-    /// after `turn` (wrapping), so equal nodes take turns. `None` when no node is eligible.
+    /// the eligible node with the best [`Score`], as [`pick`] would choose it; among equals the one
+    /// at or after `turn` (wrapping), so equal nodes take turns. `None` when no node is eligible.
     pub fn pick(&self, job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Option<usize> {
-        let families: Vec<ModelFamily> = match &job.model {
-            Some(ModelSelector::Family(f)) => vec![*f],
-            _ => ModelFamily::ALL.to_vec(),
+        let families: &[ModelFamily] = match &job.model {
+            Some(ModelSelector::Family(f)) => std::slice::from_ref(f),
+            _ => &ModelFamily::ALL,
         };
-        let n = nodes.len().max(1);
-        let offset = turn as usize % n;
-        let mut best: Option<(Rank, usize)> = None;
+        let set = lora_set_key(&job.loras);
+        let offset = turn as usize % nodes.len().max(1);
+        // (speed rank, not affine, free-slot rank, position): smaller is better.
+        let mut best: Option<(Reverse<u64>, bool, Reverse<u32>, usize)> = None;
         for family in families {
-            let mut from = (family, Reverse(u32::MAX), Reverse(u64::MAX), 0usize);
-            // Walk the family's groups of equal rank, best first, until one has a capable node.
-            while let Some(&(f, free, speed, _)) = self.ranked.range(from..).next() {
-                let key = (free, speed);
-                if f != family || best.is_some_and(|(b, _)| b <= key) {
-                    break;
-                }
-                // Within the group, start at `turn`'s position and wrap: equal nodes take turns.
-                let after = self
-                    .ranked
-                    .range((family, free, speed, offset)..=(family, free, speed, usize::MAX));
-                let before = self
-                    .ranked
-                    .range((family, free, speed, 0)..(family, free, speed, offset));
-                if let Some(&(_, _, _, i)) = after
-                    .chain(before)
-                    .find(|(_, _, _, i)| capability(job, &nodes[*i]).is_ok())
-                {
-                    best = Some((key, i));
-                    break;
-                }
-                from = (family, free, speed, usize::MAX);
+            let Some(members) = self.ranked.get(family) else {
+                continue;
+            };
+            // The family's best capable node; then its best capable node with the job's LoRA set
+            // merged, which wins when it is as fast: affinity outranks free slots, not speed.
+            let Some((g_rank, g_pos)) = first_capable(members, job, nodes, offset) else {
+                continue;
+            };
+            let affine_best = self
+                .by_set
+                .get(&(*family, set))
+                .and_then(|m| first_capable(m, job, nodes, offset));
+            let candidate = match affine_best {
+                Some((a_rank, a_pos)) if a_rank.0 == g_rank.0 => (a_rank.0, false, a_rank.1, a_pos),
+                _ => (g_rank.0, !affine(set, &nodes[g_pos]), g_rank.1, g_pos),
+            };
+            if best.is_none_or(|b| (candidate.0, candidate.1, candidate.2) < (b.0, b.1, b.2)) {
+                best = Some(candidate);
             }
         }
-        best.map(|(_, i)| i)
+        best.map(|(_, _, _, i)| i)
     }
 
-    /// Records that the node at `position` took one job.
-    pub fn take(&mut self, position: usize, nodes: &[NodeView<'_>]) {
-        let Some(free) = self.free.get_mut(position) else {
-            return;
-        };
-        if *free == 0 {
+    /// Records that the node at `position` took one job with LoRA set `set`: one slot less, and
+    /// the set now merged on one of its workers (the least recently used one is replaced).
+    pub fn take(&mut self, position: usize, set: u64, nodes: &[NodeView<'_>]) {
+        if self.free.get(position).is_none_or(|f| *f == 0) {
             return;
         }
         let node = &nodes[position];
-        let speed = Reverse(speed_key(node));
-        self.ranked
-            .remove(&(node.family, Reverse(*free), speed, position));
-        *free -= 1;
+        self.remove(position, node);
+        self.free[position] -= 1;
         self.total_free -= 1;
-        if *free > 0 {
-            self.ranked
-                .insert((node.family, Reverse(*free), speed, position));
+        remember_set(&mut self.loaded[position], set, node.workers as usize);
+        if self.free[position] > 0 {
+            self.insert(position, node);
         }
     }
+}
+
+/// Records that a worker took LoRA set `set`: most recent first, at most `workers` sets.
+pub fn remember_set(loaded: &mut Vec<u64>, set: u64, workers: usize) {
+    loaded.retain(|s| *s != set);
+    loaded.insert(0, set);
+    loaded.truncate(workers.max(1));
 }
 
 /// Seconds of waiting that raise a queued job's priority by one (aging, so low priorities never
@@ -369,17 +475,18 @@ pub struct QueuedJob<T> {
     pub id: T,
 }
 
-/// The order in which queued jobs are offered to nodes at `now_ms`: effective priority
-/// (priority + one per [`AGING_SECONDS`] waited) first, then oldest first.
-pub fn queue_order<T: Copy>(jobs: &mut [QueuedJob<T>], now_ms: u64) {
-    let effective = |j: &QueuedJob<T>| {
-        i64::from(j.priority) + (now_ms.saturating_sub(j.created_ms) / 1000 / AGING_SECONDS) as i64
-    };
-    jobs.sort_by(|a, b| {
-        effective(b)
-            .cmp(&effective(a))
-            .then(a.created_ms.cmp(&b.created_ms))
-    });
+/// A queued job's place in the queue, smaller first: its acceptance time moved earlier by
+/// [`AGING_SECONDS`] per priority level. Equivalently, its effective priority is its priority
+/// plus one per [`AGING_SECONDS`] waited, the same for every job at every moment, so the key never
+/// changes while the job waits and the queue can stay sorted (a waiting low-priority job
+/// overtakes a newer high-priority one once it has waited long enough: nothing starves).
+pub fn queue_key(priority: i32, created_ms: u64) -> i64 {
+    created_ms as i64 - i64::from(priority) * AGING_SECONDS as i64 * 1000
+}
+
+/// Sorts `jobs` into the order in which they are offered to nodes: by [`queue_key`], then oldest.
+pub fn queue_order<T: Copy>(jobs: &mut [QueuedJob<T>]) {
+    jobs.sort_by_key(|j| (queue_key(j.priority, j.created_ms), j.created_ms));
 }
 
 #[cfg(test)]
@@ -408,6 +515,8 @@ mod tests {
             suspect: false,
             draining: false,
             free_slots: 1,
+            workers: 2,
+            loaded: &[0],
             pixel_steps_per_second: 0.0,
         }
     }
@@ -577,12 +686,16 @@ mod tests {
             job(0, 500, 'c'),
             job(5, 1_500, 'd'),
         ];
-        queue_order(&mut jobs, 3_000);
+        queue_order(&mut jobs);
         assert_eq!(jobs.iter().map(|j| j.id).collect::<String>(), "dbca");
-        // A low-priority job that waited 3 aging periods overtakes a fresh +2 job.
+        // A low-priority job that waited 3.3 aging periods overtakes a fresh +2 job...
         let mut jobs = vec![job(2, 100_000, 'n'), job(-1, 0, 'o')];
-        queue_order(&mut jobs, 100_000);
+        queue_order(&mut jobs);
         assert_eq!(jobs[0].id, 'o');
+        // ...but not one that came 2.7 periods later.
+        let mut jobs = vec![job(2, 80_000, 'n'), job(-1, 0, 'o')];
+        queue_order(&mut jobs);
+        assert_eq!(jobs[0].id, 'n');
     }
 
     fn arb_family() -> impl Strategy<Value = ModelFamily> {
@@ -630,7 +743,7 @@ mod tests {
             let mut placed = 0;
             for turn in 0..jobs as u64 {
                 let Some(i) = index.pick(&spec, &nodes, turn) else { break };
-                index.take(i, &nodes);
+                index.take(i, 0, &nodes);
                 given[i] += 1;
                 placed += 1;
             }
@@ -678,14 +791,12 @@ mod tests {
                 }
             }
             // The capability index agrees: it finds an eligible node exactly when one exists, and
-            // one with the most free slots, then the highest speed, among the eligible.
+            // the same one the scan picks.
             let index = RoutingIndex::new(&nodes);
             match index.pick(&spec, &nodes, turn) {
                 Some(i) => {
                     prop_assert!(eligibility(&spec, &nodes[i]).is_ok());
-                    let best = nodes.iter().filter(|n| eligibility(&spec, n).is_ok())
-                        .map(|n| (n.free_slots, speed_key(n))).max();
-                    prop_assert_eq!(Some((nodes[i].free_slots, speed_key(&nodes[i]))), best);
+                    prop_assert_eq!(Ok(nodes[i].id), pick(&spec, &nodes, turn).map_err(|_| ()));
                 }
                 None => prop_assert!(!any_eligible),
             }
@@ -695,5 +806,92 @@ mod tests {
                 Err(r) => prop_assert_eq!(r.len(), nodes.len()),
             }
         }
+    }
+
+    /// Speeds the affinity test draws from: unknown, two within one ~9% bucket, and faster.
+    const SPEEDS: [f64; 4] = [0.0, 1.0e6, 1.02e6, 8.0e6];
+
+    fn lora_job(set: usize) -> JobSpec {
+        let mut spec = job(r#"{"prompt":"x","model":"sd15"}"#);
+        let names: &[&str] = [&[][..], &["ink"][..], &["ink", "film"][..]][set];
+        spec.loras = names
+            .iter()
+            .map(|n| LoraRef {
+                name: n.to_string(),
+                strength: 1.0,
+            })
+            .collect();
+        spec
+    }
+
+    proptest! {
+        /// The index picks exactly the node the scan picks; the pick is never slower than an
+        /// eligible node, and among the fastest eligible nodes it has the job's LoRA set merged
+        /// whenever one of them has (LoRA-affine placement is preferred).
+        #[test]
+        fn placement_prefers_speed_then_lora_affinity(
+            specs in prop::collection::vec(
+                (any::<bool>(), 0u32..3, 0usize..4, prop::collection::vec(0usize..3, 0..3)),
+                1..10,
+            ),
+            set in 0usize..3,
+            turn in any::<u64>(),
+        ) {
+            let adverts: &'static [LoraAdvert] = Box::leak(Box::new([
+                LoraAdvert { name: "ink".into(), family: ModelFamily::Sd15 },
+                LoraAdvert { name: "film".into(), family: ModelFamily::Sd15 },
+            ]));
+            let spec = lora_job(set);
+            let job_set = lora_set_key(&spec.loras);
+            let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, s)| {
+                let loaded: Vec<u64> = s.3.iter().map(|k| lora_set_key(&lora_job(*k).loras)).collect();
+                NodeView {
+                    online: s.0,
+                    free_slots: s.1,
+                    pixel_steps_per_second: SPEEDS[s.2],
+                    loaded: Box::leak(loaded.into_boxed_slice()),
+                    loras: adverts,
+                    ..node(i as u8, ModelFamily::Sd15)
+                }
+            }).collect();
+            let scan = pick(&spec, &nodes, turn).ok();
+            let index = RoutingIndex::new(&nodes).pick(&spec, &nodes, turn).map(|i| nodes[i].id);
+            prop_assert_eq!(scan, index);
+            let eligible: Vec<&NodeView<'_>> = nodes.iter().filter(|n| eligibility(&spec, n).is_ok()).collect();
+            match scan {
+                None => prop_assert!(eligible.is_empty()),
+                Some(id) => {
+                    let chosen = nodes.iter().find(|n| n.id == id).unwrap();
+                    let top = eligible.iter().map(|n| speed_key(n)).max().unwrap();
+                    prop_assert_eq!(speed_key(chosen), top);
+                    let affine_at_top = eligible.iter().any(|n| speed_key(n) == top && affine(job_set, n));
+                    prop_assert_eq!(affine(job_set, chosen), affine_at_top);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_keeps_its_workers_recent_lora_sets() {
+        let mut loaded = vec![0];
+        remember_set(&mut loaded, 7, 2);
+        assert_eq!(loaded, vec![7, 0]);
+        remember_set(&mut loaded, 9, 2);
+        assert_eq!(loaded, vec![9, 7]);
+        remember_set(&mut loaded, 7, 2);
+        assert_eq!(loaded, vec![7, 9]);
+        assert_eq!(lora_set_key(&[]), 0);
+        let ink = lora_job(1).loras;
+        let mut reversed = lora_job(2).loras;
+        reversed.reverse();
+        assert_eq!(
+            lora_set_key(&reversed),
+            lora_set_key(&lora_job(2).loras),
+            "order does not matter"
+        );
+        assert_ne!(lora_set_key(&ink), lora_set_key(&lora_job(2).loras));
+        let mut stronger = ink.clone();
+        stronger[0].strength = 0.5;
+        assert_ne!(lora_set_key(&ink), lora_set_key(&stronger), "strength does");
     }
 }
