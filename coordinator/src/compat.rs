@@ -102,13 +102,13 @@ async fn lcm_generate(
         style_lora,
         ..JobRequest::default()
     };
-    let job = accept_request(&state, &client, request).await?;
-    let (done, png) = wait_image(&state, job).await?;
+    let submitted = accept_request(&state, &client, request, true).await?;
+    let (done, png) = wait_image(&state, submitted).await?;
     Ok(HttpResponse::Ok()
         .content_type("image/png")
         .insert_header(("X-Seed", done.spec.seed.to_string()))
         .insert_header(("X-Job-Id", done.id.to_string()))
-        .body(png))
+        .body(web::Bytes::from_owner(png)))
 }
 
 /// `POST /sdapi/v1/txt2img` (AUTOMATIC1111 subset).
@@ -145,12 +145,12 @@ async fn txt2img(
             seed: Some(first_seed + i),
             ..JobRequest::default()
         };
-        match accept_request(&state, &client, request).await {
-            Ok(job) => jobs.push(job),
+        match accept_request(&state, &client, request, true).await {
+            Ok(submitted) => jobs.push(submitted),
             Err(e) => {
                 // All or nothing: a batch refused part-way leaves no jobs running for nobody.
-                for job in &jobs {
-                    let _ = state.control.send(CancelJob(job.id)).await;
+                for submitted in &jobs {
+                    let _ = state.control.send(CancelJob(submitted.job.id)).await;
                 }
                 return Err(e);
             }

@@ -69,7 +69,7 @@ pub struct ControlPlane {
     nodes: HashMap<NodeId, NodeEntry>,
     /// Jobs not yet in a terminal state.
     active: HashMap<JobId, JobRecord>,
-    waiters: HashMap<JobId, Vec<oneshot::Sender<JobRecord>>>,
+    waiters: HashMap<JobId, Vec<oneshot::Sender<Finished>>>,
     turn: u64,
     next_session: u64,
     /// When finished jobs were last pruned (retention).
@@ -435,7 +435,7 @@ impl ControlPlane {
                 reasons.join("; ")
             );
             tracing::warn!(job_id = %job_id, %error, "job failed");
-            self.finish(job_id, JobState::Failed, Some(error))
+            self.finish(job_id, JobState::Failed, Some(error), None)
         } else {
             job.state = JobState::Queued;
             self.queue.insert(queue_entry(job));
@@ -463,8 +463,15 @@ impl ControlPlane {
         }
     }
 
-    /// Moves a job to a terminal state, persists it and wakes its waiters.
-    fn finish(&mut self, job_id: JobId, state: JobState, error: Option<String>) -> Result<()> {
+    /// Moves a job to a terminal state, persists it and wakes its waiters (handing them the
+    /// image, when there is one, so they need not read it back).
+    fn finish(
+        &mut self,
+        job_id: JobId,
+        state: JobState,
+        error: Option<String>,
+        png: Option<Arc<[u8]>>,
+    ) -> Result<()> {
         let Some(mut job) = self.active.remove(&job_id) else {
             return Ok(());
         };
@@ -504,7 +511,10 @@ impl ControlPlane {
         }
         self.recent.push_back(job.clone());
         for waiter in self.waiters.remove(&job_id).unwrap_or_default() {
-            let _ = waiter.send(job.clone());
+            let _ = waiter.send(Finished {
+                job: job.clone(),
+                png: png.clone(),
+            });
         }
         let done = done_event(&job);
         self.notify(job_id, done);
@@ -554,7 +564,8 @@ impl ControlPlane {
                     }
                     let work =
                         job.size.map_or(0, |s| s.pixels()) as f64 * f64::from(job.spec.steps);
-                    self.store.put_image(job_id, &r.png)?;
+                    let png: Arc<[u8]> = r.png.into();
+                    self.store.put_image(job_id, &png)?;
                     if work > 0.0
                         && let Some(entry) = self.nodes.get_mut(&node_id)
                     {
@@ -564,8 +575,8 @@ impl ControlPlane {
                             None => speed,
                         });
                     }
-                    tracing::info!(job_id = %job_id, node_id = %node_id, elapsed_ms = r.elapsed_ms, bytes = r.png.len(), "job succeeded");
-                    self.finish(job_id, JobState::Succeeded, None)?;
+                    tracing::info!(job_id = %job_id, node_id = %node_id, elapsed_ms = r.elapsed_ms, bytes = png.len(), "job succeeded");
+                    self.finish(job_id, JobState::Succeeded, None, Some(png))?;
                 }
             }
             node_message::Kind::Failed(f) => {
@@ -573,7 +584,7 @@ impl ControlPlane {
                     let job_id = job.id;
                     let reason = format!("node reported: {}", f.reason);
                     if f.permanent {
-                        self.finish(job_id, JobState::Failed, Some(reason))?;
+                        self.finish(job_id, JobState::Failed, Some(reason), None)?;
                     } else {
                         self.requeue(job_id, &reason)?;
                     }
@@ -639,7 +650,7 @@ impl ControlPlane {
                 "expired after waiting {} s for a free node",
                 self.config.queue_expiry_s
             );
-            report(self.finish(job_id, JobState::Failed, Some(error)));
+            report(self.finish(job_id, JobState::Failed, Some(error), None));
         }
         let retention_ms = self.config.result_retention_s.saturating_mul(1000);
         if retention_ms > 0 && now.saturating_duration_since(self.last_prune) >= PRUNE_INTERVAL {
@@ -946,20 +957,39 @@ impl Handler<SessionClosed> for ControlPlane {
 
 /// Accepts a validated job: checks feasibility and the queue limit, persists it, dispatches.
 #[derive(Message)]
-#[rtype(result = "Result<JobRecord>")]
+#[rtype(result = "Result<Submitted>")]
 pub struct SubmitJob {
     /// What to render.
     pub spec: JobSpec,
     /// Who asks, with their cap on unfinished jobs.
     pub client: ClientId,
+    /// Whether the caller waits for the job to end (then `Submitted::done` is set).
+    pub wait: bool,
+}
+
+/// An accepted job, and, when the submitter waits, where its end arrives.
+pub struct Submitted {
+    /// The job as accepted (and maybe already leased).
+    pub job: JobRecord,
+    /// Yields the job when it ends.
+    pub done: Option<oneshot::Receiver<Finished>>,
+}
+
+/// A job that ended, with its image when it succeeded.
+#[derive(Clone, Debug)]
+pub struct Finished {
+    /// The job in its terminal state.
+    pub job: JobRecord,
+    /// The image, handed over from the node's result (none after a restart or a failure).
+    pub png: Option<Arc<[u8]>>,
 }
 
 impl Handler<SubmitJob> for ControlPlane {
-    type Result = Result<JobRecord>;
+    type Result = Result<Submitted>;
 
     fn handle(
         &mut self,
-        SubmitJob { spec, client }: SubmitJob,
+        SubmitJob { spec, client, wait }: SubmitJob,
         _: &mut Context<Self>,
     ) -> Self::Result {
         let reject = |metrics: &Metrics, reason: &str| {
@@ -999,9 +1029,18 @@ impl Handler<SubmitJob> for ControlPlane {
         self.metrics.inc("drover_jobs_accepted_total", vec![]);
         self.track(&job, 1);
         self.enqueue(&job, true);
+        // Registered before dispatch: the job may end before the submitter could ask.
+        let done = wait.then(|| {
+            let (tx, rx) = oneshot::channel();
+            self.waiters.entry(job.id).or_default().push(tx);
+            rx
+        });
         self.active.insert(job.id, job.clone());
         self.dispatch();
-        Ok(self.active.get(&job.id).cloned().unwrap_or(job))
+        Ok(Submitted {
+            job: self.active.get(&job.id).cloned().unwrap_or(job),
+            done,
+        })
     }
 }
 
@@ -1023,11 +1062,11 @@ impl Handler<GetJob> for ControlPlane {
 
 /// Answers a receiver that yields the job once it reaches a terminal state.
 #[derive(Message)]
-#[rtype(result = "Result<oneshot::Receiver<JobRecord>>")]
+#[rtype(result = "Result<oneshot::Receiver<Finished>>")]
 pub struct WaitJob(pub JobId);
 
 impl Handler<WaitJob> for ControlPlane {
-    type Result = Result<oneshot::Receiver<JobRecord>>;
+    type Result = Result<oneshot::Receiver<Finished>>;
 
     fn handle(&mut self, WaitJob(id): WaitJob, _: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
@@ -1038,7 +1077,7 @@ impl Handler<WaitJob> for ControlPlane {
                 .store
                 .job(id)?
                 .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
-            let _ = tx.send(job);
+            let _ = tx.send(Finished { job, png: None });
         }
         Ok(rx)
     }
@@ -1186,6 +1225,7 @@ impl Handler<CancelJob> for ControlPlane {
             id,
             JobState::Cancelled,
             Some("cancelled by a client".into()),
+            None,
         )?;
         tracing::info!(job_id = %id, "job cancelled");
         self.dispatch();

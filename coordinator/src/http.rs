@@ -15,7 +15,10 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::config::Config;
-use crate::control::{CancelJob, ControlPlane, GetJob, ListNodes, SetDraining, SubmitJob, WaitJob};
+use crate::control::{
+    CancelJob, ControlPlane, Finished, GetJob, ListNodes, SetDraining, SubmitJob, Submitted,
+    WaitJob,
+};
 use crate::error::{CoordinatorError, Result};
 use crate::limits::{ClientId, RateLimiter};
 use crate::records::{JobRecord, JobState};
@@ -90,8 +93,13 @@ async fn read_job_request(payload: web::Payload) -> Result<JobRequest> {
     Ok(JobRequest::from_json(&body)?)
 }
 
-async fn accept(state: &AppState, client: &ClientId, payload: web::Payload) -> Result<JobRecord> {
-    accept_request(state, client, read_job_request(payload).await?).await
+async fn accept(
+    state: &AppState,
+    client: &ClientId,
+    payload: web::Payload,
+    wait: bool,
+) -> Result<Submitted> {
+    accept_request(state, client, read_job_request(payload).await?, wait).await
 }
 
 async fn openapi() -> HttpResponse {
@@ -106,13 +114,14 @@ async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse> {
 }
 
 /// Validates a request, applies its style, takes it from `client`'s rate, submits it and waits
-/// until it is on disk.
+/// until it is on disk. With `wait`, the answer carries where the job's end will arrive.
 pub(crate) async fn accept_request(
     state: &AppState,
     client: &ClientId,
     request: JobRequest,
-) -> Result<JobRecord> {
-    let result = accept_checked(state, client, request).await;
+    wait: bool,
+) -> Result<Submitted> {
+    let result = accept_checked(state, client, request, wait).await;
     if let Err(e) = &result {
         let reason = match e {
             CoordinatorError::InvalidField(_) | CoordinatorError::InvalidRequest(_) => {
@@ -134,7 +143,8 @@ async fn accept_checked(
     state: &AppState,
     client: &ClientId,
     request: JobRequest,
-) -> Result<JobRecord> {
+    wait: bool,
+) -> Result<Submitted> {
     let spec = request.validate(random_seed)?;
     let spec = state.styles.apply(spec).map_err(|e| match e {
         ApplyError::Field(f) => CoordinatorError::InvalidField(f),
@@ -156,17 +166,18 @@ async fn accept_checked(
                 retry_after_s,
             }
         })?;
-    let job = state
+    let submitted = state
         .control
         .send(SubmitJob {
             spec,
             client: client.clone(),
+            wait,
         })
         .await??;
-    tracing::info!(job_id = %job.id, client = %client.label, "job submitted");
+    tracing::info!(job_id = %submitted.job.id, client = %client.label, "job submitted");
     // Durable before we answer 2xx.
     state.store.flush().await?;
-    Ok(job)
+    Ok(submitted)
 }
 
 async fn submit(
@@ -174,7 +185,7 @@ async fn submit(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse> {
-    let job = accept(&state, &client, payload).await?;
+    let job = accept(&state, &client, payload, false).await?.job;
     Ok(HttpResponse::Accepted()
         .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
         .json(json!({ "id": job.id, "state": job.state })))
@@ -185,8 +196,8 @@ async fn generate(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse> {
-    let job = accept(&state, &client, payload).await?;
-    let (done, png) = wait_image(&state, job).await?;
+    let submitted = accept(&state, &client, payload, true).await?;
+    let (done, png) = wait_image(&state, submitted).await?;
     let mut response = HttpResponse::Ok();
     response
         .content_type("image/png")
@@ -195,34 +206,46 @@ async fn generate(
     if let Some(node) = done.node_id {
         response.insert_header(("X-Node-Id", node.to_string()));
     }
-    Ok(response.body(png))
+    Ok(response.body(actix_web::web::Bytes::from_owner(png)))
 }
 
-/// Waits (up to the generate timeout) for `job` to end; its record and image when it succeeded,
-/// else the failure with its reason.
-pub(crate) async fn wait_image(state: &AppState, job: JobRecord) -> Result<(JobRecord, Vec<u8>)> {
-    let waiter = state.control.send(WaitJob(job.id)).await??;
-    let secs = state.config.generate_timeout_s;
-    let done = match tokio::time::timeout(Duration::from_secs(secs), waiter).await {
-        Ok(Ok(done)) => done,
-        Ok(Err(_)) => {
-            return Err(CoordinatorError::Unavailable(
-                "control plane stopped".into(),
-            ));
-        }
-        Err(_) => {
-            return Err(CoordinatorError::Timeout {
-                id: job.id.to_string(),
-                secs,
-            });
-        }
+/// Waits (up to the generate timeout) for a submitted job to end; its record and image when it
+/// succeeded, else the failure with its reason.
+pub(crate) async fn wait_image(
+    state: &AppState,
+    submitted: Submitted,
+) -> Result<(JobRecord, Arc<[u8]>)> {
+    let id = submitted.job.id;
+    let waiter = match submitted.done {
+        Some(done) => done,
+        None => state.control.send(WaitJob(id)).await??,
     };
+    let secs = state.config.generate_timeout_s;
+    let Finished { job: done, png } =
+        match tokio::time::timeout(Duration::from_secs(secs), waiter).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(_)) => {
+                return Err(CoordinatorError::Unavailable(
+                    "control plane stopped".into(),
+                ));
+            }
+            Err(_) => {
+                return Err(CoordinatorError::Timeout {
+                    id: id.to_string(),
+                    secs,
+                });
+            }
+        };
     match done.state {
         JobState::Succeeded => {
-            let png = state
-                .store
-                .image(done.id)?
-                .ok_or_else(|| CoordinatorError::NotFound(format!("image of job {}", done.id)))?;
+            let png = match png {
+                Some(png) => png,
+                None => state
+                    .store
+                    .image(done.id)?
+                    .ok_or_else(|| CoordinatorError::NotFound(format!("image of job {}", done.id)))?
+                    .into(),
+            };
             Ok((done, png))
         }
         _ => Err(CoordinatorError::JobFailed {

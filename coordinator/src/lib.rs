@@ -86,11 +86,21 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             .tls_config(identity.grpc())
             .context("the TLS certificate cannot serve gRPC")?;
     }
+    // Sessions carry small messages both ways: without TCP_NODELAY, Nagle's algorithm holds an
+    // assignment back until the node's delayed ACK (40 ms on Linux).
+    let incoming = {
+        use tokio_stream::StreamExt as _;
+        tokio_stream::wrappers::TcpListenerStream::new(grpc_listener).map(|socket| {
+            socket.inspect(|s| {
+                if let Err(e) = s.set_nodelay(true) {
+                    tracing::warn!(error = %e, "cannot set TCP_NODELAY on a node session");
+                }
+            })
+        })
+    };
     let grpc = grpc
         .add_service(CoordinatorServer::new(service))
-        .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(
-            grpc_listener,
-        ));
+        .serve_with_incoming(incoming);
     actix_web::rt::spawn(async move {
         if let Err(e) = grpc.await {
             tracing::error!(error = %e, "grpc server stopped");
@@ -114,6 +124,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             .default_service(web::to(http::not_found))
     })
     .workers(2)
+    .tcp_nodelay(true)
     .shutdown_timeout(5);
     let bind_error = || format!("cannot bind HTTP address {}", config.http_addr);
     let server = match (&tls, config.http_tls) {

@@ -142,8 +142,30 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
+/// The disk's own durability cost, measured in the same run: `n` times a 4 KiB append and an
+/// `fdatasync` in the temporary folder the sandbox's data lives in. Answers p50 and p99 in ms.
+fn fsync_baseline(n: usize) -> Result<(f64, f64)> {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir()?;
+    let mut file = std::fs::File::create(dir.path().join("fsync-probe"))?;
+    let block = vec![0x5a_u8; 4096];
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        file.write_all(&block)?;
+        file.sync_data()?;
+        times.push(t.elapsed());
+    }
+    times.sort();
+    Ok((percentile(&times, 0.5), percentile(&times, 0.99)))
+}
+
 fn main() -> Result<()> {
     let o = options()?;
+    let (sync_p50, sync_p99) = fsync_baseline(500)?;
+    println!(
+        "baseline: 4 KiB append + fdatasync on this disk: p50 {sync_p50:.2} ms, p99 {sync_p99:.2} ms (500 runs)"
+    );
     let mut cluster = ClusterSandbox::start(binaries()?, &[("DROVER_QUEUE_LIMIT", "100000")])?;
     let mut names = Vec::new();
     for i in 0..o.nodes {
