@@ -127,7 +127,10 @@ pub enum JobEvent {
 }
 
 /// How often the retention sweep runs.
-const PRUNE_INTERVAL: Duration = Duration::from_secs(60);
+const PRUNE_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Most finished jobs one retention sweep deletes (a sweep never stalls the control plane long).
+const PRUNE_BATCH: usize = 5_000;
 
 impl ControlPlane {
     /// Restores the registry and unfinished jobs from `store`.
@@ -655,7 +658,10 @@ impl ControlPlane {
         let retention_ms = self.config.result_retention_s.saturating_mul(1000);
         if retention_ms > 0 && now.saturating_duration_since(self.last_prune) >= PRUNE_INTERVAL {
             self.last_prune = now;
-            match self.store.prune_finished(wall.saturating_sub(retention_ms)) {
+            match self
+                .store
+                .prune_finished(wall.saturating_sub(retention_ms), PRUNE_BATCH)
+            {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(jobs = n, "finished jobs past retention deleted"),
                 Err(e) => tracing::error!(error = %e, "retention sweep failed"),

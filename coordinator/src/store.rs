@@ -1,7 +1,8 @@
 //! The coordinator's persistent store. Only this module touches sled.
 //!
-//! Trees: `nodes` (node id → [`NodeRecord`] JSON), `jobs` (job id → [`JobRecord`] JSON) and
-//! `images` (job id → PNG bytes).
+//! Trees: `nodes` (node id → [`NodeRecord`] JSON), `jobs` (job id → [`JobRecord`] JSON),
+//! `images` (job id → PNG bytes) and `finished` (end time, big-endian, ++ job id → nothing: the
+//! retention sweep reads only what it deletes, however many jobs are kept).
 
 use std::path::Path;
 
@@ -23,7 +24,15 @@ pub struct Store {
     nodes: sled::Tree,
     jobs: sled::Tree,
     images: sled::Tree,
+    finished: sled::Tree,
     commits: std::sync::mpsc::Sender<CommitWaiter>,
+}
+
+/// The `finished` key of a job that ended at `ended_ms`.
+fn finished_key(ended_ms: u64, id: JobId) -> Vec<u8> {
+    let mut key = ended_ms.to_be_bytes().to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
 }
 
 /// Group commit: one thread takes every waiting commit request, runs one `fsync`ing flush that
@@ -68,13 +77,29 @@ impl Store {
     }
 
     fn from_db(db: sled::Db) -> Result<Self> {
-        Ok(Self {
+        let store = Self {
             nodes: db.open_tree("nodes")?,
             jobs: db.open_tree("jobs")?,
             images: db.open_tree("images")?,
+            finished: db.open_tree("finished")?,
             commits: start_committer(),
             db,
-        })
+        };
+        // A store written before the `finished` index existed gets it built once.
+        if store.finished.is_empty() && !store.jobs.is_empty() {
+            let mut indexed = 0usize;
+            for value in store.jobs.iter().values() {
+                let job: JobRecord = serde_json::from_slice(&value?)?;
+                if job.state.is_terminal() {
+                    store
+                        .finished
+                        .insert(finished_key(job.updated_ms, job.id), &[])?;
+                    indexed += 1;
+                }
+            }
+            tracing::info!(jobs = indexed, "finished-jobs index built");
+        }
+        Ok(store)
     }
 
     /// Inserts or replaces a node record.
@@ -93,10 +118,14 @@ impl Store {
             .collect()
     }
 
-    /// Inserts or replaces a job record.
+    /// Inserts or replaces a job record (a finished one also goes into the `finished` index).
     pub fn put_job(&self, job: &JobRecord) -> Result<()> {
         self.jobs
             .insert(job.id.as_bytes(), serde_json::to_vec(job)?)?;
+        if job.state.is_terminal() {
+            self.finished
+                .insert(finished_key(job.updated_ms, job.id), &[])?;
+        }
         Ok(())
     }
 
@@ -120,21 +149,24 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes finished jobs (and their images) that ended before `before_ms`; returns how many.
-    pub fn prune_finished(&self, before_ms: u64) -> Result<usize> {
-        let mut doomed = Vec::new();
-        for entry in self.jobs.iter() {
-            let (key, value) = entry?;
-            let job: JobRecord = serde_json::from_slice(&value)?;
-            if job.state.is_terminal() && job.updated_ms < before_ms {
-                doomed.push(key);
+    /// Deletes up to `limit` finished jobs (and their images) that ended before `before_ms`,
+    /// oldest first; returns how many. Reads only the `finished` index entries it deletes.
+    pub fn prune_finished(&self, before_ms: u64, limit: usize) -> Result<usize> {
+        let mut pruned = 0;
+        for entry in self
+            .finished
+            .range(..before_ms.to_be_bytes().to_vec())
+            .take(limit)
+        {
+            let (key, _) = entry?;
+            if let Some(id) = key.get(8..) {
+                self.jobs.remove(id)?;
+                self.images.remove(id)?;
+                pruned += 1;
             }
+            self.finished.remove(key)?;
         }
-        for key in &doomed {
-            self.jobs.remove(key)?;
-            self.images.remove(key)?;
-        }
-        Ok(doomed.len())
+        Ok(pruned)
     }
 
     /// Stores a job's image.
@@ -212,7 +244,7 @@ mod tests {
             store.put_job(j).unwrap();
             store.put_image(j.id, b"png").unwrap();
         }
-        assert_eq!(store.prune_finished(2_000).unwrap(), 1);
+        assert_eq!(store.prune_finished(2_000, 100).unwrap(), 1);
         assert_eq!(store.job(old.id).unwrap(), None);
         assert_eq!(store.image(old.id).unwrap(), None);
         assert!(store.job(recent.id).unwrap().is_some());
@@ -221,5 +253,35 @@ mod tests {
             store.job(waiting.id).unwrap().is_some(),
             "unfinished jobs are never pruned"
         );
+        assert_eq!(
+            store.prune_finished(2_000, 100).unwrap(),
+            0,
+            "nothing left to prune"
+        );
+        assert_eq!(
+            store.prune_finished(6_000, 0).unwrap(),
+            0,
+            "at most the limit"
+        );
+        assert_eq!(store.prune_finished(6_000, 100).unwrap(), 1);
+        assert_eq!(store.job(recent.id).unwrap(), None);
+    }
+
+    #[test]
+    fn a_store_from_before_the_index_gets_it_built() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut old = job();
+        old.state = JobState::Succeeded;
+        old.updated_ms = 1_000;
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let jobs = db.open_tree("jobs").unwrap();
+            jobs.insert(old.id.as_bytes(), serde_json::to_vec(&old).unwrap())
+                .unwrap();
+            db.flush().unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.prune_finished(2_000, 100).unwrap(), 1);
+        assert_eq!(store.job(old.id).unwrap(), None);
     }
 }
