@@ -288,6 +288,10 @@ pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, 
 /// A node's rank in the index, smaller is better: faster, then more free slots.
 type Rank = (Reverse<u64>, Reverse<u32>);
 
+/// An index pick's candidate, smaller is better: speed rank, not affine, free-slot rank,
+/// distance from the turn; then its position.
+type Candidate = (Reverse<u64>, bool, Reverse<u32>, usize, usize);
+
 /// A capability index over one snapshot: the nodes that can take work now, bucketed by family
 /// and ordered best first (fastest, then most free slots), plus, per (family, LoRA set), the
 /// nodes that have that set merged; so a decision looks at candidates of the job's family only,
@@ -409,9 +413,13 @@ impl RoutingIndex {
             _ => &ModelFamily::ALL,
         };
         let set = lora_set_key(&job.loras);
-        let offset = turn as usize % nodes.len().max(1);
-        // (speed rank, not affine, free-slot rank, position): smaller is better.
-        let mut best: Option<(Reverse<u64>, bool, Reverse<u32>, usize)> = None;
+        let n = nodes.len().max(1);
+        let offset = turn as usize % n;
+        // Positions after `offset` (wrapping) come first among equals, as in the scan.
+        let distance = |i: usize| (i + n - offset) % n;
+        // (speed rank, not affine, free-slot rank, distance from the turn, position): smaller is
+        // better, across families too.
+        let mut best: Option<Candidate> = None;
         for family in families {
             let Some(members) = self.ranked.get(family) else {
                 continue;
@@ -426,14 +434,22 @@ impl RoutingIndex {
                 .get(&(*family, set))
                 .and_then(|m| first_capable(m, job, nodes, offset));
             let candidate = match affine_best {
-                Some((a_rank, a_pos)) if a_rank.0 == g_rank.0 => (a_rank.0, false, a_rank.1, a_pos),
-                _ => (g_rank.0, !affine(set, &nodes[g_pos]), g_rank.1, g_pos),
+                Some((a_rank, a_pos)) if a_rank.0 == g_rank.0 => {
+                    (a_rank.0, false, a_rank.1, distance(a_pos), a_pos)
+                }
+                _ => (
+                    g_rank.0,
+                    !affine(set, &nodes[g_pos]),
+                    g_rank.1,
+                    distance(g_pos),
+                    g_pos,
+                ),
             };
-            if best.is_none_or(|b| (candidate.0, candidate.1, candidate.2) < (b.0, b.1, b.2)) {
+            if best.is_none_or(|b| candidate < b) {
                 best = Some(candidate);
             }
         }
-        best.map(|(_, _, _, i)| i)
+        best.map(|(_, _, _, _, i)| i)
     }
 
     /// Records that the node at `position` took one job with LoRA set `set`: one slot less, and
