@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 
 pub mod proxy;
+pub mod webdriver;
 use serde_json::Value;
 
 /// Paths of the binaries the sandbox runs. Build it with [`binaries!`].
