@@ -299,16 +299,26 @@ type Candidate = (Reverse<u64>, bool, Reverse<u32>, usize, usize);
 /// keeps it current as the round places jobs.
 #[derive(Clone, Debug, Default)]
 pub struct RoutingIndex {
-    /// `(rank, position)` of every available node, per family.
-    ranked: HashMap<ModelFamily, BTreeSet<(Rank, usize)>>,
+    /// `(rank, position)` of every available node, per family (by `family_slot`).
+    ranked: [BTreeSet<(Rank, usize)>; 4],
     /// The same, per (family, LoRA set merged on the node).
     by_set: HashMap<(ModelFamily, u64), BTreeSet<(Rank, usize)>>,
     /// Free slots by position (0 for unavailable nodes).
     free: Vec<u32>,
-    /// LoRA sets merged per position, as the round's placements change them.
-    loaded: Vec<Vec<u64>>,
+    /// LoRA sets merged, for positions whose sets this round's placements changed (the others
+    /// are the snapshot's).
+    loaded: HashMap<usize, Vec<u64>>,
     /// Sum of `free`.
     total_free: u64,
+}
+
+fn family_slot(f: ModelFamily) -> usize {
+    match f {
+        ModelFamily::Sd15 => 0,
+        ModelFamily::Sd2 => 1,
+        ModelFamily::Sdxl => 2,
+        ModelFamily::SdxlRefiner => 3,
+    }
 }
 
 use std::cmp::Reverse;
@@ -359,27 +369,48 @@ fn first_capable(
 
 impl RoutingIndex {
     /// Indexes the nodes of `nodes` that are online, not suspect, not draining, with a free slot.
+    /// The sets are bulk-built from sorted runs.
     pub fn new(nodes: &[NodeView<'_>]) -> Self {
-        let mut index = Self {
-            free: vec![0; nodes.len()],
-            loaded: vec![Vec::new(); nodes.len()],
-            ..Self::default()
-        };
+        let mut free = vec![0; nodes.len()];
+        let mut ranked: [Vec<(Rank, usize)>; 4] = Default::default();
+        let mut by_set: Vec<((ModelFamily, u64), (Rank, usize))> = Vec::new();
+        let mut total_free = 0;
         for (i, node) in nodes.iter().enumerate() {
             if node.online && !node.suspect && !node.draining && node.free_slots > 0 {
-                index.free[i] = node.free_slots;
-                index.loaded[i] = node.loaded.to_vec();
-                index.total_free += u64::from(node.free_slots);
-                index.insert(i, node);
+                free[i] = node.free_slots;
+                total_free += u64::from(node.free_slots);
+                let r = rank(node, node.free_slots);
+                ranked[family_slot(node.family)].push((r, i));
+                by_set.extend(node.loaded.iter().map(|&set| ((node.family, set), (r, i))));
             }
         }
-        index
+        by_set.sort_unstable();
+        let mut sets: HashMap<(ModelFamily, u64), BTreeSet<(Rank, usize)>> = HashMap::new();
+        for group in by_set.chunk_by(|a, b| a.0 == b.0) {
+            sets.insert(group[0].0, group.iter().map(|(_, m)| *m).collect());
+        }
+        Self {
+            ranked: ranked.map(|mut v| {
+                v.sort_unstable();
+                v.into_iter().collect()
+            }),
+            by_set: sets,
+            free,
+            loaded: HashMap::new(),
+            total_free,
+        }
     }
 
-    fn insert(&mut self, i: usize, node: &NodeView<'_>) {
+    fn sets_of<'n>(&'n self, i: usize, nodes: &'n [NodeView<'_>]) -> &'n [u64] {
+        self.loaded.get(&i).map_or(nodes[i].loaded, Vec::as_slice)
+    }
+
+    fn insert(&mut self, i: usize, nodes: &[NodeView<'_>]) {
+        let node = &nodes[i];
         let r = rank(node, self.free[i]);
-        self.ranked.entry(node.family).or_default().insert((r, i));
-        for &set in &self.loaded[i] {
+        self.ranked[family_slot(node.family)].insert((r, i));
+        let sets = self.sets_of(i, nodes).to_vec();
+        for set in sets {
             self.by_set
                 .entry((node.family, set))
                 .or_default()
@@ -387,12 +418,12 @@ impl RoutingIndex {
         }
     }
 
-    fn remove(&mut self, i: usize, node: &NodeView<'_>) {
+    fn remove(&mut self, i: usize, nodes: &[NodeView<'_>]) {
+        let node = &nodes[i];
         let r = rank(node, self.free[i]);
-        if let Some(members) = self.ranked.get_mut(&node.family) {
-            members.remove(&(r, i));
-        }
-        for &set in &self.loaded[i] {
+        self.ranked[family_slot(node.family)].remove(&(r, i));
+        let sets = self.sets_of(i, nodes).to_vec();
+        for set in sets {
             if let Some(members) = self.by_set.get_mut(&(node.family, set)) {
                 members.remove(&(r, i));
             }
@@ -421,9 +452,7 @@ impl RoutingIndex {
         // better, across families too.
         let mut best: Option<Candidate> = None;
         for family in families {
-            let Some(members) = self.ranked.get(family) else {
-                continue;
-            };
+            let members = &self.ranked[family_slot(*family)];
             // The family's best capable node; then its best capable node with the job's LoRA set
             // merged, which wins when it is as fast: affinity outranks free slots, not speed.
             let Some((g_rank, g_pos)) = first_capable(members, job, nodes, offset) else {
@@ -458,13 +487,14 @@ impl RoutingIndex {
         if self.free.get(position).is_none_or(|f| *f == 0) {
             return;
         }
-        let node = &nodes[position];
-        self.remove(position, node);
+        self.remove(position, nodes);
         self.free[position] -= 1;
         self.total_free -= 1;
-        remember_set(&mut self.loaded[position], set, node.workers as usize);
+        let mut sets = self.sets_of(position, nodes).to_vec();
+        remember_set(&mut sets, set, nodes[position].workers as usize);
+        self.loaded.insert(position, sets);
         if self.free[position] > 0 {
-            self.insert(position, node);
+            self.insert(position, nodes);
         }
     }
 }
