@@ -7,7 +7,9 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use drover_coordinator::router::{NodeView, RoutingIndex, feasibility, pick};
+use drover_coordinator::router::{
+    CapabilityIndex, Member, NodeView, RoutingIndex, feasibility, pick,
+};
 use drover_shared::family::ModelFamily;
 use drover_shared::ids::NodeId;
 use drover_shared::job::JobRequest;
@@ -50,8 +52,15 @@ fn main() {
         .and_then(|r| r.validate(|| 1))
         .expect("valid job");
     println!(
-        "{:>8} {:>12} {:>12} {:>14} {:>12} {:>12} {:>10}",
-        "nodes", "scan ns", "pick ns", "index pick ns", "index build", "feasible ns", "pick/scan"
+        "{:>8} {:>12} {:>12} {:>14} {:>14} {:>12} {:>12} {:>10}",
+        "nodes",
+        "scan ns",
+        "pick ns",
+        "index pick ns",
+        "index update",
+        "index build",
+        "feasible ns",
+        "pick/scan"
     );
     for n in [10usize, 1_000, 10_000] {
         let views = nodes(n);
@@ -69,11 +78,28 @@ fn main() {
         let built = time(iterations.min(2_000), |_| {
             black_box(RoutingIndex::new(black_box(&views)).free_slots());
         });
+        // What the control plane pays when one node changes (a lease, a result, a heartbeat
+        // that moves its state): one node out of the index and back in with one slot less.
+        let mut live = CapabilityIndex::default();
+        for v in &views {
+            live.upsert(v.id, Member::of(v));
+        }
+        let members: Vec<_> = views
+            .iter()
+            .filter_map(|v| Member::of(v).map(|m| (v.id, m)))
+            .collect();
+        let updated = time(iterations.max(100_000), |i| {
+            let (id, member) = &members[i as usize % members.len()];
+            let mut busier = member.clone();
+            busier.free = member.free.saturating_sub(1);
+            live.upsert(*id, Some(busier));
+            live.upsert(*id, Some(member.clone()));
+        }) / 2.0;
         let feasible = time(iterations, |_| {
             black_box(feasibility(black_box(&job), &views).is_ok());
         });
         println!(
-            "{n:>8} {scan:>12.0} {picked:>12.0} {indexed:>14.0} {built:>12.0} {feasible:>12.0} {:>10.1}",
+            "{n:>8} {scan:>12.0} {picked:>12.0} {indexed:>14.0} {updated:>14.0} {built:>12.0} {feasible:>12.0} {:>10.1}",
             picked / scan
         );
     }

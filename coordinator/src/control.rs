@@ -54,6 +54,8 @@ struct NodeEntry {
     measured: Option<f64>,
     /// LoRA sets its workers have merged, most recent first (`router::lora_set_key`; 0 is base).
     loaded: Vec<u64>,
+    /// (online, suspect) when last indexed: the tick re-indexes a node whose state has moved.
+    status: (bool, bool),
 }
 
 /// Weight of the newest result in a node's measured speed.
@@ -70,7 +72,13 @@ pub struct ControlPlane {
     /// Jobs not yet in a terminal state.
     active: HashMap<JobId, JobRecord>,
     waiters: HashMap<JobId, Vec<oneshot::Sender<Finished>>>,
-    turn: u64,
+    /// Where the next placement starts looking among equally good nodes (round robin by id).
+    pivot: NodeId,
+    /// The nodes that can take work now, kept current: every change to a node marks it dirty and
+    /// the index is brought up to date before each dispatch.
+    index: router::CapabilityIndex<NodeId>,
+    /// Nodes whose index entry is stale.
+    dirty: HashSet<NodeId>,
     next_session: u64,
     /// When finished jobs were last pruned (retention).
     last_prune: Instant,
@@ -150,6 +158,7 @@ impl ControlPlane {
                         running: HashSet::new(),
                         measured: None,
                         loaded: vec![0],
+                        status: (false, false),
                     },
                 )
             })
@@ -182,7 +191,9 @@ impl ControlPlane {
             nodes,
             active,
             waiters: HashMap::new(),
-            turn: 0,
+            pivot: NodeId::from_bytes([0; 16]),
+            index: router::CapabilityIndex::default(),
+            dirty: HashSet::new(),
             next_session: 1,
             last_prune: now,
             metrics,
@@ -209,30 +220,56 @@ impl ControlPlane {
         for id in orphans {
             plane.requeue(id, "lease holder is no longer registered")?;
         }
+        plane.dirty.extend(plane.nodes.keys().copied());
         Ok(plane)
     }
 
     fn node_view<'a>(&self, entry: &'a NodeEntry, now: Instant) -> NodeView<'a> {
-        let silent = now.saturating_duration_since(entry.last_seen);
-        let online = entry.session.is_some() && silent <= self.config.offline_grace();
-        NodeView {
-            id: entry.record.id,
-            name: &entry.record.name,
-            family: entry.record.family,
-            model_id: &entry.record.model_id,
-            max_pixels: entry.record.max_pixels,
-            sizes: &entry.record.sizes,
-            loras: &entry.record.loras,
-            online,
-            suspect: online && silent > self.config.suspect_after(),
-            draining: entry.record.draining,
-            free_slots: entry
-                .record
-                .workers
-                .saturating_sub(entry.running.len() as u32),
-            workers: entry.record.workers,
-            loaded: &entry.loaded,
-            pixel_steps_per_second: node_speed(entry),
+        view_of(entry, &self.config, now)
+    }
+
+    /// Marks node `id` for re-indexing (its availability, free slots, speed or LoRA sets may
+    /// have changed).
+    fn touch(&mut self, id: NodeId) {
+        self.dirty.insert(id);
+    }
+
+    /// Brings the capability index up to date with every dirty node.
+    fn refresh_index(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        for id in std::mem::take(&mut self.dirty) {
+            let member = self.nodes.get_mut(&id).and_then(|entry| {
+                entry.status = status_of(entry, &self.config, now);
+                router::Member::of(&view_of(entry, &self.config, now))
+            });
+            self.index.upsert(id, member);
+        }
+        #[cfg(debug_assertions)]
+        self.check_index();
+    }
+
+    /// Debug builds (every test) check the invariant that keeps the index honest: after a
+    /// refresh it holds exactly what a fresh look at every node gives (at the state the node was
+    /// last indexed in; only the tick moves that with time).
+    #[cfg(debug_assertions)]
+    fn check_index(&self) {
+        for (id, entry) in &self.nodes {
+            let (online, suspect) = entry.status;
+            let view = NodeView {
+                online,
+                suspect,
+                ..view_of(entry, &self.config, Instant::now())
+            };
+            let fresh = router::Member::of(&view);
+            assert_eq!(
+                self.index.member(id),
+                fresh.as_ref(),
+                "the capability index drifted from node {id} ({})",
+                entry.record.name
+            );
         }
     }
 
@@ -245,7 +282,40 @@ impl ControlPlane {
         views.sort_by_key(|v| v.id);
         views
     }
+}
 
+/// A node's (online, suspect) state at `now`.
+fn status_of(entry: &NodeEntry, config: &Config, now: Instant) -> (bool, bool) {
+    let silent = now.saturating_duration_since(entry.last_seen);
+    let online = entry.session.is_some() && silent <= config.offline_grace();
+    (online, online && silent > config.suspect_after())
+}
+
+/// What the router sees of a node at `now`.
+fn view_of<'a>(entry: &'a NodeEntry, config: &Config, now: Instant) -> NodeView<'a> {
+    let (online, suspect) = status_of(entry, config, now);
+    NodeView {
+        id: entry.record.id,
+        name: &entry.record.name,
+        family: entry.record.family,
+        model_id: &entry.record.model_id,
+        max_pixels: entry.record.max_pixels,
+        sizes: &entry.record.sizes,
+        loras: &entry.record.loras,
+        online,
+        suspect,
+        draining: entry.record.draining,
+        free_slots: entry
+            .record
+            .workers
+            .saturating_sub(entry.running.len() as u32),
+        workers: entry.record.workers,
+        loaded: &entry.loaded,
+        pixel_steps_per_second: node_speed(entry),
+    }
+}
+
+impl ControlPlane {
     /// Refuses a job whose LoRAs are known (from node adverts) only for other families than the
     /// one it asks for, naming both: a LoRA is never skipped silently.
     fn check_lora_bases(&self, spec: &JobSpec) -> Result<()> {
@@ -301,34 +371,39 @@ impl ControlPlane {
         self.queue.len()
     }
 
-    /// Places as many queued jobs as there are free eligible slots.
+    /// Places as many queued jobs as there are free eligible slots: walks the queue in order
+    /// and decides each placement on the capability index, then leases.
     fn dispatch(&mut self) {
         if self.queue.is_empty() {
             return;
         }
-        // Decide every placement on one snapshot, then act on the decisions.
-        let mut turn = self.turn;
-        let placements = {
-            let views = self.views(Instant::now());
-            let mut index = router::RoutingIndex::new(&views);
-            let mut placements = Vec::new();
-            for &(_, _, job_id) in &self.queue {
-                if index.free_slots() == 0 {
-                    break;
-                }
-                let Some(job) = self.active.get(&job_id) else {
-                    continue;
-                };
-                if let Some(i) = index.pick(&job.spec, &views, turn) {
-                    turn = turn.wrapping_add(1);
-                    index.take(i, router::lora_set_key(&job.spec.loras), &views);
-                    placements.push((job_id, views[i].id));
-                }
+        self.refresh_index();
+        let now = Instant::now();
+        let mut placements = Vec::new();
+        let mut pivot = self.pivot;
+        for &(_, _, job_id) in &self.queue {
+            if self.index.free_slots() == 0 {
+                break;
             }
-            placements
-        };
-        self.turn = turn;
+            let Some(job) = self.active.get(&job_id) else {
+                continue;
+            };
+            let (nodes, config) = (&self.nodes, &self.config);
+            let capable = |id: NodeId| {
+                nodes.get(&id).is_some_and(|e| {
+                    router::capability(&job.spec, &view_of(e, config, now)).is_ok()
+                })
+            };
+            if let Some(id) = router::pick_indexed(&self.index, &job.spec, pivot, capable) {
+                self.index.take(id, router::lora_set_key(&job.spec.loras));
+                pivot = next_id(id);
+                placements.push((job_id, id));
+            }
+        }
+        self.pivot = pivot;
         for (job_id, node_id) in placements {
+            // The lease re-indexes the node from its entry, whatever happens to the lease.
+            self.touch(node_id);
             if let Err(e) = self.lease(job_id, node_id) {
                 tracing::error!(job_id = %job_id, node_id = %node_id, error = %e, "lease failed");
             }
@@ -425,7 +500,7 @@ impl ControlPlane {
             return Ok(());
         };
         let now = now_ms();
-        end_attempt(&mut self.nodes, job, reason.to_string());
+        end_attempt(&mut self.nodes, &mut self.dirty, job, reason.to_string());
         self.metrics
             .inc("drover_requeues_total", vec![("reason", reason.into())]);
         job.updated_ms = now;
@@ -485,7 +560,7 @@ impl ControlPlane {
             _ => error.clone().unwrap_or_else(|| state.as_str().to_string()),
         };
         let attempt_started = job.lease.as_ref().map(|l| l.granted_ms);
-        let node_id = end_attempt(&mut self.nodes, &mut job, outcome);
+        let node_id = end_attempt(&mut self.nodes, &mut self.dirty, &mut job, outcome);
         let now = now_ms();
         if state == JobState::Succeeded {
             job.node_id = node_id;
@@ -577,6 +652,7 @@ impl ControlPlane {
                             Some(old) => old + SPEED_EWMA * (speed - old),
                             None => speed,
                         });
+                        self.dirty.insert(node_id);
                     }
                     tracing::info!(job_id = %job_id, node_id = %node_id, elapsed_ms = r.elapsed_ms, bytes = png.len(), "job succeeded");
                     self.finish(job_id, JobState::Succeeded, None, Some(png))?;
@@ -614,15 +690,18 @@ impl ControlPlane {
         }
         let grace = self.config.offline_grace();
         let mut lost = Vec::new();
-        for entry in self.nodes.values_mut() {
+        for (id, entry) in self.nodes.iter_mut() {
             let silent = now.saturating_duration_since(entry.last_seen);
-            if silent <= grace {
-                continue;
+            if silent > grace {
+                if entry.session.take().is_some() {
+                    tracing::warn!(node_id = %entry.record.id, name = %entry.record.name, silent_ms = silent.as_millis() as u64, "node offline: heartbeats stopped");
+                }
+                lost.extend(entry.running.iter().copied());
             }
-            if entry.session.take().is_some() {
-                tracing::warn!(node_id = %entry.record.id, name = %entry.record.name, silent_ms = silent.as_millis() as u64, "node offline: heartbeats stopped");
+            // Time moves nodes to suspect and offline: re-index the ones whose state moved.
+            if status_of(entry, &self.config, now) != entry.status {
+                self.dirty.insert(*id);
             }
-            lost.extend(entry.running.iter().copied());
         }
         for job_id in lost {
             report(self.requeue(job_id, "node went offline"));
@@ -694,12 +773,14 @@ impl ControlPlane {
 /// attempt. Answers the node that held the lease.
 fn end_attempt(
     nodes: &mut HashMap<NodeId, NodeEntry>,
+    dirty: &mut HashSet<NodeId>,
     job: &mut JobRecord,
     outcome: String,
 ) -> Option<NodeId> {
     let lease = job.lease.take()?;
     if let Some(node) = nodes.get_mut(&lease.node_id) {
         node.running.remove(&job.id);
+        dirty.insert(lease.node_id);
     }
     job.attempts.push(Attempt {
         node_id: lease.node_id,
@@ -728,6 +809,15 @@ fn queue_entry(job: &JobRecord) -> QueueEntry {
         router::queue_key(job.spec.priority, job.created_ms),
         job.created_ms,
         job.id,
+    )
+}
+
+/// The id after `id`, where the next round-robin search among equals starts.
+fn next_id(id: NodeId) -> NodeId {
+    NodeId::from_bytes(
+        u128::from_be_bytes(*id.as_bytes())
+            .wrapping_add(1)
+            .to_be_bytes(),
     )
 }
 
@@ -835,8 +925,10 @@ impl Handler<RegisterNode> for ControlPlane {
             running: HashSet::new(),
             measured: None,
             loaded: vec![0],
+            status: (false, false),
         });
         entry.record = record.clone();
+        self.dirty.insert(record.id);
         Ok(record)
     }
 }
@@ -863,6 +955,7 @@ impl Handler<OpenSession> for ControlPlane {
         let (tx, rx) = mpsc::unbounded_channel();
         entry.session = Some(Session { id: session_id, tx });
         entry.last_seen = Instant::now();
+        self.dirty.insert(msg.node_id);
         tracing::info!(node_id = %msg.node_id, session_id, "node session opened");
         // Leases this node holds but no longer runs (it restarted) are re-queued now.
         let still_running: HashSet<(String, String)> = msg
@@ -921,6 +1014,10 @@ impl Handler<NodeEvent> for ControlPlane {
             return;
         }
         entry.last_seen = Instant::now();
+        // A heartbeat after a silence brings a suspect node back.
+        if status_of(entry, &self.config, entry.last_seen) != entry.status {
+            self.dirty.insert(msg.node_id);
+        }
         let frees_slot = matches!(
             msg.message,
             node_message::Kind::Result(_) | node_message::Kind::Failed(_)
@@ -956,6 +1053,7 @@ impl Handler<SessionClosed> for ControlPlane {
             entry.session = None;
             // The grace starts now: its leases are re-queued if it does not come back in time.
             entry.last_seen = Instant::now();
+            self.dirty.insert(msg.node_id);
             tracing::warn!(node_id = %msg.node_id, session_id = msg.session_id, "node session closed");
         }
     }
@@ -1005,7 +1103,17 @@ impl Handler<SubmitJob> for ControlPlane {
             reject(&self.metrics, "lora_family_mismatch");
             return Err(e);
         }
-        if let Err(reasons) = router::feasibility(&spec, &self.views(Instant::now())) {
+        let now = Instant::now();
+        // Usually some node can serve it: found without building a snapshot; the reasons are
+        // only gathered when none can.
+        let feasible = self
+            .nodes
+            .values()
+            .any(|e| router::capability(&spec, &view_of(e, &self.config, now)).is_ok());
+        if let Some(reasons) = (!feasible)
+            .then(|| router::feasibility(&spec, &self.views(now)).err())
+            .flatten()
+        {
             reject(&self.metrics, "infeasible");
             return Err(CoordinatorError::Infeasible { reasons });
         }
@@ -1260,6 +1368,7 @@ impl Handler<SetDraining> for ControlPlane {
             .get_mut(&msg.node_id)
             .ok_or_else(|| CoordinatorError::NotFound(format!("node {}", msg.node_id)))?;
         entry.record.draining = msg.draining;
+        self.dirty.insert(msg.node_id);
         self.store.put_node(&entry.record)?;
         tracing::info!(node_id = %msg.node_id, draining = msg.draining, "node drain changed");
         let record = entry.record.clone();

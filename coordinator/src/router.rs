@@ -288,42 +288,9 @@ pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, 
 /// A node's rank in the index, smaller is better: faster, then more free slots.
 type Rank = (Reverse<u64>, Reverse<u32>);
 
-/// An index pick's candidate, smaller is better: speed rank, not affine, free-slot rank,
-/// distance from the turn; then its position.
-type Candidate = (Reverse<u64>, bool, Reverse<u32>, usize, usize);
-
-/// A capability index over one snapshot: the nodes that can take work now, bucketed by family
-/// and ordered best first (fastest, then most free slots), plus, per (family, LoRA set), the
-/// nodes that have that set merged; so a decision looks at candidates of the job's family only,
-/// usually the first one. Built once per dispatch round in O(n log n); [`RoutingIndex::take`]
-/// keeps it current as the round places jobs.
-#[derive(Clone, Debug, Default)]
-pub struct RoutingIndex {
-    /// `(rank, position)` of every available node, per family (by `family_slot`).
-    ranked: [BTreeSet<(Rank, usize)>; 4],
-    /// The same, per (family, LoRA set merged on the node).
-    by_set: HashMap<(ModelFamily, u64), BTreeSet<(Rank, usize)>>,
-    /// Free slots by position (0 for unavailable nodes).
-    free: Vec<u32>,
-    /// LoRA sets merged, for positions whose sets this round's placements changed (the others
-    /// are the snapshot's).
-    loaded: HashMap<usize, Vec<u64>>,
-    /// Sum of `free`.
-    total_free: u64,
-}
-
-fn family_slot(f: ModelFamily) -> usize {
-    match f {
-        ModelFamily::Sd15 => 0,
-        ModelFamily::Sd2 => 1,
-        ModelFamily::Sdxl => 2,
-        ModelFamily::SdxlRefiner => 3,
-    }
-}
-
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
-use std::ops::Bound;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hash;
 
 /// A node's speed as a rank: log-scale buckets about 9% wide, so nodes of the same kind rank
 /// equal (and take turns) however their measured speeds jitter, while a GPU ranks far above an
@@ -337,166 +304,263 @@ fn speed_key(node: &NodeView<'_>) -> u64 {
     }
 }
 
-fn rank(node: &NodeView<'_>, free: u32) -> Rank {
-    (Reverse(speed_key(node)), Reverse(free))
+/// What the index keeps about a node that can take work now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Member {
+    /// Family served.
+    pub family: ModelFamily,
+    /// Speed bucket (`speed_key`).
+    pub speed: u64,
+    /// Free worker slots (> 0).
+    pub free: u32,
+    /// Worker actors.
+    pub workers: u32,
+    /// LoRA sets merged on its workers, most recent first.
+    pub loaded: Vec<u64>,
 }
 
-/// The first capable node of `set` (best rank first), starting among equals at position
-/// `offset` (wrapping) so equal nodes take turns: `(rank, position)`.
-fn first_capable(
-    set: &BTreeSet<(Rank, usize)>,
-    job: &JobSpec,
-    nodes: &[NodeView<'_>],
-    offset: usize,
-) -> Option<(Rank, usize)> {
-    let mut group = set.first().map(|(r, _)| *r);
-    while let Some(r) = group {
-        let after = set.range((r, offset)..=(r, usize::MAX));
-        let before = set.range((r, 0)..(r, offset));
-        if let Some(&(_, i)) = after
-            .chain(before)
-            .find(|(_, i)| capability(job, &nodes[*i]).is_ok())
-        {
-            return Some((r, i));
-        }
-        group = set
-            .range((Bound::Excluded((r, usize::MAX)), Bound::Unbounded))
-            .next()
-            .map(|(r, _)| *r);
+impl Member {
+    /// The member for `node`, if it can take work now (online, not suspect, not draining, with a
+    /// free slot).
+    pub fn of(node: &NodeView<'_>) -> Option<Self> {
+        (node.online && !node.suspect && !node.draining && node.free_slots > 0).then(|| Self {
+            family: node.family,
+            speed: speed_key(node),
+            free: node.free_slots,
+            workers: node.workers,
+            loaded: node.loaded.to_vec(),
+        })
     }
-    None
+
+    fn rank(&self) -> Rank {
+        (Reverse(self.speed), Reverse(self.free))
+    }
+}
+
+/// An index pick's candidate, smaller is better: speed rank, not affine, free-slot rank, then
+/// (before the pivot, key) so equals take turns.
+type Candidate<K> = (Reverse<u64>, bool, Reverse<u32>, (bool, K));
+
+/// Nodes grouped by rank, best first; within a rank, by key.
+type Ranked<K> = BTreeMap<Rank, BTreeSet<K>>;
+
+fn put<K: Ord>(ranked: &mut Ranked<K>, rank: Rank, key: K) {
+    ranked.entry(rank).or_default().insert(key);
+}
+
+fn take_out<K: Ord>(ranked: &mut Ranked<K>, rank: Rank, key: &K) {
+    if let Some(group) = ranked.get_mut(&rank) {
+        group.remove(key);
+        if group.is_empty() {
+            ranked.remove(&rank);
+        }
+    }
+}
+
+/// The first node of `ranked` (best rank first) that `capable` accepts, starting among equals at
+/// `pivot` and wrapping, so equal nodes take turns: `(rank, key)`.
+fn first_capable<K: Ord + Copy>(
+    ranked: &Ranked<K>,
+    pivot: K,
+    capable: &impl Fn(K) -> bool,
+) -> Option<(Rank, K)> {
+    ranked.iter().find_map(|(rank, group)| {
+        group
+            .range(pivot..)
+            .chain(group.range(..pivot))
+            .find(|k| capable(**k))
+            .map(|k| (*rank, *k))
+    })
+}
+
+/// The capability index: the nodes that can take work now, per family and per (family, LoRA set
+/// merged on one of its workers), each ordered by rank (fastest, then most free slots). A
+/// decision looks at the job's families only, usually at one capable node each, in O(log n). It
+/// is keyed by `K` (a node id in the control plane, which keeps it current as nodes change; a
+/// snapshot position in [`RoutingIndex`]).
+#[derive(Clone, Debug)]
+pub struct CapabilityIndex<K> {
+    ranked: [Ranked<K>; 4],
+    by_set: HashMap<(ModelFamily, u64), Ranked<K>>,
+    members: HashMap<K, Member>,
+    total_free: u64,
+}
+
+impl<K> Default for CapabilityIndex<K> {
+    fn default() -> Self {
+        Self {
+            ranked: Default::default(),
+            by_set: HashMap::new(),
+            members: HashMap::new(),
+            total_free: 0,
+        }
+    }
+}
+
+fn family_slot(f: ModelFamily) -> usize {
+    match f {
+        ModelFamily::Sd15 => 0,
+        ModelFamily::Sd2 => 1,
+        ModelFamily::Sdxl => 2,
+        ModelFamily::SdxlRefiner => 3,
+    }
+}
+
+impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
+    /// Sets what the index knows about node `key`: `Some` when it can take work now, `None` to
+    /// take it out.
+    pub fn upsert(&mut self, key: K, member: Option<Member>) {
+        if let Some(old) = self.members.remove(&key) {
+            let rank = old.rank();
+            take_out(&mut self.ranked[family_slot(old.family)], rank, &key);
+            for set in &old.loaded {
+                if let Some(ranked) = self.by_set.get_mut(&(old.family, *set)) {
+                    take_out(ranked, rank, &key);
+                    if ranked.is_empty() {
+                        self.by_set.remove(&(old.family, *set));
+                    }
+                }
+            }
+            self.total_free -= u64::from(old.free);
+        }
+        let Some(member) = member.filter(|m| m.free > 0) else {
+            return;
+        };
+        let rank = member.rank();
+        put(&mut self.ranked[family_slot(member.family)], rank, key);
+        for set in &member.loaded {
+            put(
+                self.by_set.entry((member.family, *set)).or_default(),
+                rank,
+                key,
+            );
+        }
+        self.total_free += u64::from(member.free);
+        self.members.insert(key, member);
+    }
+
+    /// What the index knows about `key`.
+    pub fn member(&self, key: &K) -> Option<&Member> {
+        self.members.get(key)
+    }
+
+    /// Free slots over every indexed node.
+    pub fn free_slots(&self) -> u64 {
+        self.total_free
+    }
+
+    /// The node that should run a job of LoRA set `set` that nodes of `families` could serve,
+    /// among those `capable` accepts: the best [`Score`] (speed bucket, LoRA affinity, free
+    /// slots), and among equals the first at or after `pivot` (wrapping). `None` when no indexed
+    /// node is capable.
+    pub fn pick(
+        &self,
+        families: &[ModelFamily],
+        set: u64,
+        pivot: K,
+        capable: impl Fn(K) -> bool,
+    ) -> Option<K> {
+        // (speed rank, not affine, free-slot rank, (before the pivot, key)): smaller is better,
+        // across families too.
+        let mut best: Option<Candidate<K>> = None;
+        for family in families {
+            // The family's best capable node; then its best capable node with the job's LoRA set
+            // merged, which wins when it is as fast: affinity outranks free slots, not speed.
+            let Some((g_rank, g_key)) =
+                first_capable(&self.ranked[family_slot(*family)], pivot, &capable)
+            else {
+                continue;
+            };
+            let affine_best = self
+                .by_set
+                .get(&(*family, set))
+                .and_then(|ranked| first_capable(ranked, pivot, &capable));
+            let (rank, key, affine) = match affine_best {
+                Some((a_rank, a_key)) if a_rank.0 == g_rank.0 => (a_rank, a_key, true),
+                _ => {
+                    let affine = self
+                        .members
+                        .get(&g_key)
+                        .is_some_and(|m| m.loaded.contains(&set));
+                    (g_rank, g_key, affine)
+                }
+            };
+            let candidate = (rank.0, !affine, rank.1, (key < pivot, key));
+            if best.is_none_or(|b| candidate < b) {
+                best = Some(candidate);
+            }
+        }
+        best.map(|(_, _, _, (_, key))| key)
+    }
+
+    /// Records that node `key` took one job of LoRA set `set`: one slot less, and the set now
+    /// merged on one of its workers (the least recently used one is replaced).
+    pub fn take(&mut self, key: K, set: u64) {
+        let Some(mut member) = self.members.get(&key).cloned() else {
+            return;
+        };
+        member.free -= 1;
+        remember_set(&mut member.loaded, set, member.workers as usize);
+        self.upsert(key, Some(member));
+    }
+}
+
+/// The job's families: the one it asks for, or all.
+fn job_families(job: &JobSpec) -> &[ModelFamily] {
+    match &job.model {
+        Some(ModelSelector::Family(f)) => std::slice::from_ref(f),
+        _ => &ModelFamily::ALL,
+    }
+}
+
+/// A [`CapabilityIndex`] over one snapshot, keyed by position in it: what [`pick`] is checked
+/// against, and what the routing benchmark measures.
+#[derive(Clone, Debug, Default)]
+pub struct RoutingIndex {
+    index: CapabilityIndex<usize>,
 }
 
 impl RoutingIndex {
     /// Indexes the nodes of `nodes` that are online, not suspect, not draining, with a free slot.
-    /// The sets are bulk-built from sorted runs.
     pub fn new(nodes: &[NodeView<'_>]) -> Self {
-        let mut free = vec![0; nodes.len()];
-        let mut ranked: [Vec<(Rank, usize)>; 4] = Default::default();
-        let mut by_set: Vec<((ModelFamily, u64), (Rank, usize))> = Vec::new();
-        let mut total_free = 0;
+        let mut index = CapabilityIndex::default();
         for (i, node) in nodes.iter().enumerate() {
-            if node.online && !node.suspect && !node.draining && node.free_slots > 0 {
-                free[i] = node.free_slots;
-                total_free += u64::from(node.free_slots);
-                let r = rank(node, node.free_slots);
-                ranked[family_slot(node.family)].push((r, i));
-                by_set.extend(node.loaded.iter().map(|&set| ((node.family, set), (r, i))));
-            }
+            index.upsert(i, Member::of(node));
         }
-        by_set.sort_unstable();
-        let mut sets: HashMap<(ModelFamily, u64), BTreeSet<(Rank, usize)>> = HashMap::new();
-        for group in by_set.chunk_by(|a, b| a.0 == b.0) {
-            sets.insert(group[0].0, group.iter().map(|(_, m)| *m).collect());
-        }
-        Self {
-            ranked: ranked.map(|mut v| {
-                v.sort_unstable();
-                v.into_iter().collect()
-            }),
-            by_set: sets,
-            free,
-            loaded: HashMap::new(),
-            total_free,
-        }
-    }
-
-    fn sets_of<'n>(&'n self, i: usize, nodes: &'n [NodeView<'_>]) -> &'n [u64] {
-        self.loaded.get(&i).map_or(nodes[i].loaded, Vec::as_slice)
-    }
-
-    fn insert(&mut self, i: usize, nodes: &[NodeView<'_>]) {
-        let node = &nodes[i];
-        let r = rank(node, self.free[i]);
-        self.ranked[family_slot(node.family)].insert((r, i));
-        let sets = self.sets_of(i, nodes).to_vec();
-        for set in sets {
-            self.by_set
-                .entry((node.family, set))
-                .or_default()
-                .insert((r, i));
-        }
-    }
-
-    fn remove(&mut self, i: usize, nodes: &[NodeView<'_>]) {
-        let node = &nodes[i];
-        let r = rank(node, self.free[i]);
-        self.ranked[family_slot(node.family)].remove(&(r, i));
-        let sets = self.sets_of(i, nodes).to_vec();
-        for set in sets {
-            if let Some(members) = self.by_set.get_mut(&(node.family, set)) {
-                members.remove(&(r, i));
-            }
-        }
+        Self { index }
     }
 
     /// Free slots left in the whole index.
     pub fn free_slots(&self) -> u64 {
-        self.total_free
+        self.index.free_slots()
     }
 
     /// The position (in the snapshot the index was built from) of the node that should run `job`:
     /// the eligible node with the best [`Score`], as [`pick`] would choose it; among equals the one
     /// at or after `turn` (wrapping), so equal nodes take turns. `None` when no node is eligible.
     pub fn pick(&self, job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Option<usize> {
-        let families: &[ModelFamily] = match &job.model {
-            Some(ModelSelector::Family(f)) => std::slice::from_ref(f),
-            _ => &ModelFamily::ALL,
-        };
-        let set = lora_set_key(&job.loras);
-        let n = nodes.len().max(1);
-        let offset = turn as usize % n;
-        // Positions after `offset` (wrapping) come first among equals, as in the scan.
-        let distance = |i: usize| (i + n - offset) % n;
-        // (speed rank, not affine, free-slot rank, distance from the turn, position): smaller is
-        // better, across families too.
-        let mut best: Option<Candidate> = None;
-        for family in families {
-            let members = &self.ranked[family_slot(*family)];
-            // The family's best capable node; then its best capable node with the job's LoRA set
-            // merged, which wins when it is as fast: affinity outranks free slots, not speed.
-            let Some((g_rank, g_pos)) = first_capable(members, job, nodes, offset) else {
-                continue;
-            };
-            let affine_best = self
-                .by_set
-                .get(&(*family, set))
-                .and_then(|m| first_capable(m, job, nodes, offset));
-            let candidate = match affine_best {
-                Some((a_rank, a_pos)) if a_rank.0 == g_rank.0 => {
-                    (a_rank.0, false, a_rank.1, distance(a_pos), a_pos)
-                }
-                _ => (
-                    g_rank.0,
-                    !affine(set, &nodes[g_pos]),
-                    g_rank.1,
-                    distance(g_pos),
-                    g_pos,
-                ),
-            };
-            if best.is_none_or(|b| candidate < b) {
-                best = Some(candidate);
-            }
-        }
-        best.map(|(_, _, _, _, i)| i)
+        let pivot = turn as usize % nodes.len().max(1);
+        self.index
+            .pick(job_families(job), lora_set_key(&job.loras), pivot, |i| {
+                capability(job, &nodes[i]).is_ok()
+            })
     }
 
-    /// Records that the node at `position` took one job with LoRA set `set`: one slot less, and
-    /// the set now merged on one of its workers (the least recently used one is replaced).
-    pub fn take(&mut self, position: usize, set: u64, nodes: &[NodeView<'_>]) {
-        if self.free.get(position).is_none_or(|f| *f == 0) {
-            return;
-        }
-        self.remove(position, nodes);
-        self.free[position] -= 1;
-        self.total_free -= 1;
-        let mut sets = self.sets_of(position, nodes).to_vec();
-        remember_set(&mut sets, set, nodes[position].workers as usize);
-        self.loaded.insert(position, sets);
-        if self.free[position] > 0 {
-            self.insert(position, nodes);
-        }
+    /// Records that the node at `position` took one job with LoRA set `set`.
+    pub fn take(&mut self, position: usize, set: u64) {
+        self.index.take(position, set);
     }
+}
+
+/// The node `index` picks for `job`, with `capable` telling whether a node id can serve it:
+/// [`CapabilityIndex::pick`] with the job's families and LoRA set.
+pub fn pick_indexed<K: Ord + Copy + Hash>(
+    index: &CapabilityIndex<K>,
+    job: &JobSpec,
+    pivot: K,
+    capable: impl Fn(K) -> bool,
+) -> Option<K> {
+    index.pick(job_families(job), lora_set_key(&job.loras), pivot, capable)
 }
 
 /// Records that a worker took LoRA set `set`: most recent first, at most `workers` sets.
@@ -789,7 +853,7 @@ mod tests {
             let mut placed = 0;
             for turn in 0..jobs as u64 {
                 let Some(i) = index.pick(&spec, &nodes, turn) else { break };
-                index.take(i, 0, &nodes);
+                index.take(i, 0);
                 given[i] += 1;
                 placed += 1;
             }
