@@ -1,8 +1,10 @@
 //! The coordinator's persistent store. Only this module touches sled.
 //!
-//! Trees: `nodes` (node id → [`NodeRecord`] JSON), `jobs` (job id → [`JobRecord`] JSON),
-//! `images` (job id → PNG bytes) and `finished` (end time, big-endian, ++ job id → nothing: the
-//! retention sweep reads only what it deletes, however many jobs are kept).
+//! Trees: `nodes` (node id → [`NodeRecord`] JSON); `active` (job id → [`JobRecord`] JSON of
+//! every unfinished job, all a restart reads); `jobs` (the same for finished jobs, kept for the
+//! retention period); `images` (job id → PNG bytes); `finished` (end time, big-endian, ++ job id →
+//! nothing: the retention sweep reads only what it deletes, however many jobs are kept); `meta`
+//! (the layout version).
 
 use std::path::Path;
 
@@ -22,11 +24,15 @@ type CommitWaiter = (
 pub struct Store {
     db: sled::Db,
     nodes: sled::Tree,
+    active: sled::Tree,
     jobs: sled::Tree,
     images: sled::Tree,
     finished: sled::Tree,
     commits: std::sync::mpsc::Sender<CommitWaiter>,
 }
+
+/// The store layout this build writes: 2 = unfinished jobs in `active`, `finished` index.
+const LAYOUT: u8 = 2;
 
 /// The `finished` key of a job that ended at `ended_ms`.
 fn finished_key(ended_ms: u64, id: JobId) -> Vec<u8> {
@@ -77,29 +83,48 @@ impl Store {
     }
 
     fn from_db(db: sled::Db) -> Result<Self> {
+        let meta = db.open_tree("meta")?;
         let store = Self {
             nodes: db.open_tree("nodes")?,
+            active: db.open_tree("active")?,
             jobs: db.open_tree("jobs")?,
             images: db.open_tree("images")?,
             finished: db.open_tree("finished")?,
             commits: start_committer(),
             db,
         };
-        // A store written before the `finished` index existed gets it built once.
-        if store.finished.is_empty() && !store.jobs.is_empty() {
-            let mut indexed = 0usize;
-            for value in store.jobs.iter().values() {
-                let job: JobRecord = serde_json::from_slice(&value?)?;
-                if job.state.is_terminal() {
-                    store
-                        .finished
-                        .insert(finished_key(job.updated_ms, job.id), &[])?;
-                    indexed += 1;
-                }
-            }
-            tracing::info!(jobs = indexed, "finished-jobs index built");
+        if meta.get("layout")?.as_deref() != Some(&[LAYOUT][..]) {
+            store.upgrade()?;
+            meta.insert("layout", &[LAYOUT])?;
         }
         Ok(store)
+    }
+
+    /// Brings a store written by an earlier layout (every job in `jobs`, no index) to this one,
+    /// once: unfinished jobs move to `active`, finished ones get their `finished` entry.
+    fn upgrade(&self) -> Result<()> {
+        let (mut moved, mut indexed) = (0usize, 0usize);
+        for entry in self.jobs.iter() {
+            let (key, value) = entry?;
+            let job: JobRecord = serde_json::from_slice(&value)?;
+            if job.state.is_terminal() {
+                self.finished
+                    .insert(finished_key(job.updated_ms, job.id), &[])?;
+                indexed += 1;
+            } else {
+                self.active.insert(&key, value)?;
+                self.jobs.remove(&key)?;
+                moved += 1;
+            }
+        }
+        if moved + indexed > 0 {
+            tracing::info!(
+                unfinished = moved,
+                finished = indexed,
+                "store upgraded to layout 2"
+            );
+        }
+        Ok(())
     }
 
     /// Inserts or replaces a node record.
@@ -118,33 +143,45 @@ impl Store {
             .collect()
     }
 
-    /// Inserts or replaces a job record (a finished one also goes into the `finished` index).
+    /// Inserts or replaces a job record: an unfinished job in `active`; a finished one in `jobs`
+    /// and the `finished` index, and out of `active`.
     pub fn put_job(&self, job: &JobRecord) -> Result<()> {
-        self.jobs
-            .insert(job.id.as_bytes(), serde_json::to_vec(job)?)?;
+        let value = serde_json::to_vec(job)?;
         if job.state.is_terminal() {
+            self.jobs.insert(job.id.as_bytes(), value)?;
             self.finished
                 .insert(finished_key(job.updated_ms, job.id), &[])?;
+            self.active.remove(job.id.as_bytes())?;
+        } else {
+            self.active.insert(job.id.as_bytes(), value)?;
         }
         Ok(())
     }
 
     /// One job, if it exists.
     pub fn job(&self, id: JobId) -> Result<Option<JobRecord>> {
-        match self.jobs.get(id.as_bytes())? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
+        let found = match self.jobs.get(id.as_bytes())? {
+            Some(v) => Some(v),
+            None => self.active.get(id.as_bytes())?,
+        };
+        Ok(match found {
+            Some(v) => Some(serde_json::from_slice(&v)?),
+            None => None,
+        })
     }
 
-    /// Every job that has not reached a terminal state.
+    /// Every job that has not reached a terminal state (only `active` is read). A job whose end
+    /// was written to `jobs` just before a crash took its `active` entry away is finished: the
+    /// stale entry is dropped, so a finished job never runs again.
     pub fn unfinished_jobs(&self) -> Result<Vec<JobRecord>> {
         let mut out = Vec::new();
-        for v in self.jobs.iter().values() {
-            let job: JobRecord = serde_json::from_slice(&v?)?;
-            if !job.state.is_terminal() {
-                out.push(job);
+        for entry in self.active.iter() {
+            let (key, value) = entry?;
+            if self.jobs.contains_key(&key)? {
+                self.active.remove(&key)?;
+                continue;
             }
+            out.push(serde_json::from_slice(&value)?);
         }
         Ok(out)
     }
@@ -268,20 +305,54 @@ mod tests {
     }
 
     #[test]
-    fn a_store_from_before_the_index_gets_it_built() {
+    fn a_store_of_the_first_layout_is_upgraded_once() {
         let dir = tempfile::tempdir().unwrap();
         let mut old = job();
         old.state = JobState::Succeeded;
         old.updated_ms = 1_000;
+        let waiting = job();
         {
+            // Layout 1: every job in `jobs`, no index, no layout mark.
             let db = sled::Config::new().path(dir.path()).open().unwrap();
             let jobs = db.open_tree("jobs").unwrap();
-            jobs.insert(old.id.as_bytes(), serde_json::to_vec(&old).unwrap())
-                .unwrap();
+            for j in [&old, &waiting] {
+                jobs.insert(j.id.as_bytes(), serde_json::to_vec(j).unwrap())
+                    .unwrap();
+            }
             db.flush().unwrap();
         }
+        {
+            let store = Store::open(dir.path()).unwrap();
+            assert_eq!(store.unfinished_jobs().unwrap(), vec![waiting.clone()]);
+            assert_eq!(store.job(waiting.id).unwrap(), Some(waiting.clone()));
+            actix_rt::System::new().block_on(store.flush()).unwrap();
+        }
         let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.unfinished_jobs().unwrap(), vec![waiting]);
         assert_eq!(store.prune_finished(2_000, 100).unwrap(), 1);
         assert_eq!(store.job(old.id).unwrap(), None);
+    }
+
+    #[test]
+    fn a_job_moves_from_active_to_finished_once_it_ends() {
+        let store = Store::temporary().unwrap();
+        let mut j = job();
+        store.put_job(&j).unwrap();
+        assert_eq!(store.unfinished_jobs().unwrap().len(), 1);
+        j.state = JobState::Cancelled;
+        j.updated_ms = 7;
+        store.put_job(&j).unwrap();
+        assert!(store.unfinished_jobs().unwrap().is_empty());
+        assert_eq!(store.job(j.id).unwrap(), Some(j.clone()));
+        // A crash between writing the end and removing the active entry leaves both: the end wins.
+        let mut stale = j.clone();
+        stale.state = JobState::Running;
+        store
+            .active
+            .insert(j.id.as_bytes(), serde_json::to_vec(&stale).unwrap())
+            .unwrap();
+        assert!(store.unfinished_jobs().unwrap().is_empty());
+        assert!(!store.active.contains_key(j.id.as_bytes()).unwrap());
+        assert_eq!(store.prune_finished(8, 10).unwrap(), 1);
     }
 }
