@@ -582,7 +582,7 @@ impl ControlPlane {
         job.state = state;
         job.error = error;
         job.updated_ms = now_ms();
-        self.store.put_job(&job)?;
+        self.store.finish_job(&job, png.clone())?;
         self.history.finished(state == JobState::Succeeded);
         if self.recent.len() == RECENT_JOBS {
             self.recent.pop_front();
@@ -643,7 +643,6 @@ impl ControlPlane {
                     let work =
                         job.size.map_or(0, |s| s.pixels()) as f64 * f64::from(job.spec.steps);
                     let png: Arc<[u8]> = r.png.into();
-                    self.store.put_image(job_id, &png)?;
                     if work > 0.0
                         && let Some(entry) = self.nodes.get_mut(&node_id)
                     {
@@ -737,14 +736,11 @@ impl ControlPlane {
         let retention_ms = self.config.result_retention_s.saturating_mul(1000);
         if retention_ms > 0 && now.saturating_duration_since(self.last_prune) >= PRUNE_INTERVAL {
             self.last_prune = now;
-            match self
-                .store
-                .prune_finished(wall.saturating_sub(retention_ms), PRUNE_BATCH)
-            {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(jobs = n, "finished jobs past retention deleted"),
-                Err(e) => tracing::error!(error = %e, "retention sweep failed"),
-            }
+            // The store's writer runs the sweep, in order with every other write, and logs it.
+            report(
+                self.store
+                    .prune_finished(wall.saturating_sub(retention_ms), PRUNE_BATCH),
+            );
         }
         self.dispatch();
     }
@@ -1135,26 +1131,33 @@ impl Handler<SubmitJob> for ControlPlane {
                 retry_after_s: 5,
             });
         }
-        let mut job = JobRecord::new(JobId::random(), spec);
+        let mut job = JobRecord::new(JobId::time_ordered(), spec);
         job.client = Some(client.label);
         job.trace_id = (!client.request_id.is_empty()).then_some(client.request_id);
-        self.store.put_job(&job)?;
-        tracing::info!(job_id = %job.id, trace_id = job.trace_id.as_deref().unwrap_or(""), "job accepted");
+        let id = job.id;
+        tracing::info!(job_id = %id, trace_id = job.trace_id.as_deref().unwrap_or(""), "job accepted");
         self.metrics.inc("drover_jobs_accepted_total", vec![]);
         self.track(&job, 1);
         self.enqueue(&job, true);
         // Registered before dispatch: the job may end before the submitter could ask.
         let done = wait.then(|| {
             let (tx, rx) = oneshot::channel();
-            self.waiters.entry(job.id).or_default().push(tx);
+            self.waiters.entry(id).or_default().push(tx);
             rx
         });
-        self.active.insert(job.id, job.clone());
+        self.active.insert(id, job);
         self.dispatch();
-        Ok(Submitted {
-            job: self.active.get(&job.id).cloned().unwrap_or(job),
-            done,
-        })
+        // One write for the job as it now is: a lease made by this dispatch was written by
+        // `lease`; a job still waiting is written here. The submitter's flush comes after it.
+        let job = self
+            .active
+            .get(&id)
+            .cloned()
+            .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
+        if job.state == JobState::Queued {
+            self.store.put_job(&job)?;
+        }
+        Ok(Submitted { job, done })
     }
 }
 

@@ -75,6 +75,15 @@ pub enum CoordinatorError {
     /// The embedded store failed.
     #[error("store error: {0}")]
     Store(#[from] sled::Error),
+    /// Reading or writing the store's files failed.
+    #[error("store i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// Stored data failed its checks (a torn or damaged entry).
+    #[error("stored data damaged: {0}")]
+    Damaged(String),
+    /// The thing existed but was deleted (past its retention).
+    #[error("{0}")]
+    Gone(String),
     /// A record in the store could not be decoded or encoded.
     #[error("store record error: {0}")]
     Codec(#[from] serde_json::Error),
@@ -88,7 +97,7 @@ impl CoordinatorError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::InvalidField(_) | Self::InvalidRequest(_) => ErrorCode::InvalidRequest,
-            Self::NotFound(_) => ErrorCode::NotFound,
+            Self::NotFound(_) | Self::Gone(_) => ErrorCode::NotFound,
             Self::Infeasible { .. } | Self::Unprocessable(_) => ErrorCode::Unprocessable,
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::QueueFull { .. } | Self::RateLimited { .. } => ErrorCode::TooManyRequests,
@@ -97,7 +106,7 @@ impl CoordinatorError {
             Self::Unauthorized(_) => ErrorCode::Unauthorized,
             Self::Forbidden(_) => ErrorCode::Forbidden,
             Self::Unavailable(_) => ErrorCode::Unavailable,
-            Self::Store(_) | Self::Codec(_) => ErrorCode::Internal,
+            Self::Store(_) | Self::Io(_) | Self::Damaged(_) | Self::Codec(_) => ErrorCode::Internal,
         }
     }
 

@@ -19,7 +19,7 @@ use tracing::Instrument as _;
 use crate::config::NodeConfig;
 use crate::error::{NodeError, Result};
 use crate::factory::WorkerPool;
-use crate::worker::{CancelFlag, RunJob};
+use crate::worker::{CancelFlag, ProgressSink, RunJob};
 
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -222,10 +222,23 @@ impl NodeLink {
                         return Err(NodeError::Link("session closed".into()));
                     }
                 }
-                Some(out) = self.outbox_rx.recv() => {
-                    if let Err(mpsc::error::SendError(out)) = tx.send(out).await {
-                        self.carry.push(out);
-                        return Err(NodeError::Link("session closed".into()));
+                Some(first) = self.outbox_rx.recv() => {
+                    // Everything waiting goes up together, without the progress reports that a
+                    // later report of the same job makes stale.
+                    let mut batch = vec![first];
+                    while batch.len() < OUTBOX_BATCH {
+                        match self.outbox_rx.try_recv() {
+                            Ok(next) => batch.push(next),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut batch = coalesce(batch).into_iter();
+                    while let Some(out) = batch.next() {
+                        if let Err(mpsc::error::SendError(out)) = tx.send(out).await {
+                            self.carry.push(out);
+                            self.carry.extend(batch);
+                            return Err(NodeError::Link("session closed".into()));
+                        }
                     }
                 }
                 incoming = inbound.message() => match incoming? {
@@ -277,20 +290,11 @@ impl NodeLink {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(job_id.clone(), (lease_id.clone(), cancel.clone()));
-        let (progress_tx, mut progress_rx) = mpsc::unbounded_channel::<crate::worker::Progress>();
-        let outbox = self.outbox_tx.clone();
-        let (progress_job, progress_lease) = (job_id.clone(), lease_id.clone());
-        actix_rt::spawn(async move {
-            while let Some(p) = progress_rx.recv().await {
-                let progress = proto::JobProgress {
-                    job_id: progress_job.clone(),
-                    lease_id: progress_lease.clone(),
-                    step: p.step,
-                    total_steps: p.total,
-                };
-                let _ = outbox.send(message(node_message::Kind::Progress(progress)));
-            }
-        });
+        let progress = ProgressSink::Session {
+            outbox: self.outbox_tx.clone(),
+            job_id: job_id.clone(),
+            lease_id: lease_id.clone(),
+        };
         let runner = self.pool.runner.clone();
         let outbox = self.outbox_tx.clone();
         let running = self.running.clone();
@@ -300,7 +304,7 @@ impl NodeLink {
                 let outcome = runner
                     .send(RunJob {
                         spec,
-                        progress: progress_tx,
+                        progress,
                         cancel,
                         span: job_span,
                     })
@@ -358,6 +362,39 @@ fn link_hint(url: &str, error: &str) -> &'static str {
     }
 }
 
+/// Most outbox messages taken in one go.
+const OUTBOX_BATCH: usize = 256;
+
+/// Drops every progress report followed, in `batch`, by another report (progress, result or
+/// failure) of the same job: it would be stale on arrival.
+fn coalesce(batch: Vec<proto::NodeMessage>) -> Vec<proto::NodeMessage> {
+    fn job_of(m: &proto::NodeMessage) -> Option<&str> {
+        match m.kind.as_ref()? {
+            node_message::Kind::Progress(p) => Some(&p.job_id),
+            node_message::Kind::Result(r) => Some(&r.job_id),
+            node_message::Kind::Failed(f) => Some(&f.job_id),
+            _ => None,
+        }
+    }
+    if batch.len() < 2 {
+        return batch;
+    }
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut keep = vec![true; batch.len()];
+    for (i, m) in batch.iter().enumerate().rev() {
+        let Some(job) = job_of(m) else { continue };
+        let later = !seen.insert(job.to_string());
+        if later && matches!(m.kind, Some(node_message::Kind::Progress(_))) {
+            keep[i] = false;
+        }
+    }
+    batch
+        .into_iter()
+        .zip(keep)
+        .filter_map(|(m, k)| k.then_some(m))
+        .collect()
+}
+
 fn message(kind: node_message::Kind) -> proto::NodeMessage {
     proto::NodeMessage { kind: Some(kind) }
 }
@@ -369,4 +406,47 @@ fn jitter(max: Duration) -> Duration {
         .map(|d| d.subsec_nanos())
         .unwrap_or(0);
     max.mul_f64(f64::from(nanos % 1000) / 1000.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn progress(job: &str, step: u32) -> proto::NodeMessage {
+        message(node_message::Kind::Progress(proto::JobProgress {
+            job_id: job.into(),
+            lease_id: "l".into(),
+            step,
+            total_steps: 4,
+        }))
+    }
+
+    fn result(job: &str) -> proto::NodeMessage {
+        message(node_message::Kind::Result(proto::JobResult {
+            job_id: job.into(),
+            lease_id: "l".into(),
+            png: vec![1],
+            elapsed_ms: 1,
+        }))
+    }
+
+    #[test]
+    fn stale_progress_is_dropped_and_nothing_else() {
+        let beat = message(node_message::Kind::Heartbeat(proto::Heartbeat::default()));
+        let batch = vec![
+            progress("a", 1),
+            progress("b", 1),
+            beat.clone(),
+            progress("a", 2),
+            result("a"),
+            progress("c", 3),
+        ];
+        let kept = coalesce(batch);
+        assert_eq!(
+            kept,
+            vec![progress("b", 1), beat, result("a"), progress("c", 3)],
+            "a's progress is stale behind its result; b and c keep their latest"
+        );
+        assert_eq!(coalesce(vec![progress("a", 1)]), vec![progress("a", 1)]);
+    }
 }

@@ -52,6 +52,55 @@ pub struct Rendered {
     pub elapsed: Duration,
 }
 
+/// Where a worker reports finished steps.
+#[derive(Clone, Debug)]
+pub enum ProgressSink {
+    /// Straight into the node's session outbox, as the job's `JobProgress` message (no task
+    /// or thread in between).
+    Session {
+        /// The session's outbox.
+        outbox: mpsc::UnboundedSender<proto::NodeMessage>,
+        /// The job.
+        job_id: String,
+        /// Its lease.
+        lease_id: String,
+    },
+    /// Into a channel of [`Progress`] values (tools and tests).
+    Channel(mpsc::UnboundedSender<Progress>),
+}
+
+impl ProgressSink {
+    /// Reports a finished step (nothing happens when nobody listens any more).
+    pub fn send(&self, p: Progress) {
+        match self {
+            Self::Session {
+                outbox,
+                job_id,
+                lease_id,
+            } => {
+                let progress = proto::JobProgress {
+                    job_id: job_id.clone(),
+                    lease_id: lease_id.clone(),
+                    step: p.step,
+                    total_steps: p.total,
+                };
+                let _ = outbox.send(proto::NodeMessage {
+                    kind: Some(proto::node_message::Kind::Progress(progress)),
+                });
+            }
+            Self::Channel(tx) => {
+                let _ = tx.send(p);
+            }
+        }
+    }
+}
+
+impl From<mpsc::UnboundedSender<Progress>> for ProgressSink {
+    fn from(tx: mpsc::UnboundedSender<Progress>) -> Self {
+        Self::Channel(tx)
+    }
+}
+
 /// Render one job.
 #[derive(Message)]
 #[rtype(result = "Result<Rendered>")]
@@ -59,7 +108,7 @@ pub struct RunJob {
     /// What to render.
     pub spec: proto::JobSpec,
     /// Where to report finished steps.
-    pub progress: mpsc::UnboundedSender<Progress>,
+    pub progress: ProgressSink,
     /// Checked between steps.
     pub cancel: CancelFlag,
     /// The job's span (job id, lease, trace id): the worker thread logs inside it.
@@ -91,7 +140,7 @@ impl RunJob {
     /// Reports a finished step and says whether to go on (`Break` once cancelled): the progress
     /// callback of the pipelines.
     pub fn step_done(&self, step: usize, total: usize) -> ControlFlow<()> {
-        let _ = self.progress.send(Progress {
+        self.progress.send(Progress {
             step: step as u32,
             total: total as u32,
         });

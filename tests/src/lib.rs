@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 
+pub mod http1;
 pub mod proxy;
 pub mod webdriver;
 use serde_json::Value;
@@ -311,6 +312,14 @@ impl ClusterSandbox {
             &format!("http://127.0.0.1:{}", proxy.port()),
         );
         Ok((self.add_node(spec)?, proxy))
+    }
+
+    /// The process id of the coordinator (first) and of every running node, with their names.
+    pub fn pids(&self) -> Vec<(String, u32)> {
+        std::iter::once(&self.coordinator)
+            .chain(self.nodes.iter().map(|(_, proc)| proc))
+            .filter_map(|proc| Some((proc.name.clone(), proc.pid().ok()?)))
+            .collect()
     }
 
     /// The coordinator's log so far.

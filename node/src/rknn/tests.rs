@@ -405,7 +405,7 @@ fn job(
     (
         RunJob {
             spec,
-            progress: tx,
+            progress: tx.into(),
             cancel: CancelFlag::default(),
             span: tracing::Span::none(),
         },

@@ -1,21 +1,31 @@
 //! `drover-loadgen`: end-to-end load on a real coordinator (durable sled queue) with simulated
 //! nodes whose steps take no time, so every millisecond measured is scheduler overhead.
 //!
-//! Phase 1 (saturation): `--clients` threads each submit `POST /v1/generate` (which answers when
-//! the image is stored) back to back for `--seconds`; prints jobs/s.
+//! Phase 1 (saturation): `--clients` threads each submit `POST /v1/generate` (which answers with
+//! the image once the job is durable and done) back to back for `--seconds`; prints jobs/s and
+//! the CPU time each process spent per job.
 //! Phase 2 (half load): the same clients pace themselves to half the measured rate; prints
 //! p50/p90/p99/max latency, which with zero-time steps is all added latency.
+//!
+//! Each client is one keep-alive connection driven by [`drover_tests::http1`], a client that costs
+//! two system calls per request, so the generator takes as little as possible of the CPU it
+//! shares with what it measures.
 //!
 //! Run it from the release build next to the sandbox binaries:
 //! `cargo build --release -p drover-tests --bins && RUST_LOG=warn target/release/drover-loadgen`.
 //! Routing decision time by node count is `cargo bench -p drover-coordinator --bench routing`.
 
+#[global_allocator]
+static ALLOCATOR: drover_shared::Allocator = drover_shared::Allocator;
+
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use drover_tests::http1::Connection;
 use drover_tests::{Binaries, ClusterSandbox, NodeSpec};
 
 struct Options {
@@ -28,7 +38,7 @@ struct Options {
 fn options() -> Result<Options> {
     let mut o = Options {
         nodes: 4,
-        workers: 32,
+        workers: 16,
         clients: 32,
         seconds: 10.0,
     };
@@ -67,29 +77,28 @@ fn binaries() -> Result<Binaries> {
     Ok(bins)
 }
 
-/// Runs `clients` threads until `deadline`; each waits `pace` between the starts of its requests
-/// (zero: back to back). Returns every latency and the wall time taken.
-fn drive(
-    base: &str,
-    clients: usize,
-    duration: Duration,
-    pace: Duration,
-) -> Result<(Vec<Duration>, Duration, usize)> {
+/// What one run of the clients measured.
+struct Run {
+    latencies: Vec<Duration>,
+    wall: Duration,
+    failures: usize,
+    first_failure: Option<String>,
+}
+
+/// Runs `clients` threads for `duration`; each waits `pace` between the starts of its requests
+/// (zero: back to back).
+fn drive(addr: SocketAddr, clients: usize, duration: Duration, pace: Duration) -> Result<Run> {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let handles: Vec<_> = (0..clients)
         .map(|c| {
-            let url = format!("{base}/v1/generate");
             let stop = stop.clone();
             std::thread::spawn(move || {
-                let agent: ureq::Agent = ureq::Agent::config_builder()
-                    .http_status_as_error(false)
-                    .timeout_global(Some(Duration::from_secs(60)))
-                    .build()
-                    .into();
-                let mut latencies = Vec::new();
-                let mut failures = 0usize;
+                let mut conn = Connection::new(addr);
+                let mut latencies = Vec::with_capacity(65_536);
+                let (mut failures, mut first_failure) = (0usize, None);
                 let mut next = Instant::now() + pace.mul_f64(c as f64 / clients as f64);
+                let mut body = Vec::with_capacity(128);
                 let mut i = 0u64;
                 while !stop.load(Ordering::Relaxed) {
                     if !pace.is_zero() {
@@ -99,39 +108,53 @@ fn drive(
                         }
                         next += pace;
                     }
-                    let body = format!(
+                    body.clear();
+                    use std::io::Write as _;
+                    let _ = write!(
+                        body,
                         r#"{{"prompt":"load {c} {i}","size":"64x64","steps":1,"seed":{i}}}"#
                     );
                     i += 1;
                     let t = Instant::now();
-                    match agent
-                        .post(&url)
-                        .header("content-type", "application/json")
-                        .send(body.as_bytes())
-                    {
-                        Ok(mut r) if r.status() == 200 => {
-                            let _ = r.body_mut().read_to_vec();
-                            latencies.push(t.elapsed());
+                    match conn.post_json("/v1/generate", &body) {
+                        Ok(r) if r.status == 200 && !r.body.is_empty() => {
+                            latencies.push(t.elapsed())
                         }
-                        _ => failures += 1,
+                        Ok(r) => {
+                            failures += 1;
+                            first_failure.get_or_insert_with(|| {
+                                format!("{}: {}", r.status, String::from_utf8_lossy(r.body))
+                            });
+                        }
+                        Err(e) => {
+                            failures += 1;
+                            first_failure.get_or_insert_with(|| format!("{e:#}"));
+                        }
                     }
                 }
-                (latencies, failures)
+                (latencies, failures, first_failure)
             })
         })
         .collect();
     std::thread::sleep(duration);
     stop.store(true, Ordering::Relaxed);
-    let mut all = Vec::new();
-    let mut failures = 0;
+    let mut run = Run {
+        latencies: Vec::new(),
+        wall: Duration::ZERO,
+        failures: 0,
+        first_failure: None,
+    };
     for h in handles {
-        let (l, f) = h
+        let (l, f, first) = h
             .join()
             .map_err(|_| anyhow::anyhow!("client thread panicked"))?;
-        all.extend(l);
-        failures += f;
+        run.latencies.extend(l);
+        run.failures += f;
+        run.first_failure = run.first_failure.or(first);
     }
-    Ok((all, started.elapsed(), failures))
+    run.wall = started.elapsed();
+    run.latencies.sort();
+    Ok(run)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
@@ -160,13 +183,86 @@ fn fsync_baseline(n: usize) -> Result<(f64, f64)> {
     Ok((percentile(&times, 0.5), percentile(&times, 0.99)))
 }
 
+/// The disk probe running beside a phase: every 10 ms a 4 KiB append and an `fdatasync` in the
+/// sandbox's temporary folder, so the disk's own durability cost is measured under the same
+/// load as the coordinator's acknowledgements (on a busy machine the disk can stall far more
+/// often than an idle one shows). Stop it with `stop`; `join` answers the sorted latencies.
+struct DiskProbe {
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<Vec<Duration>>,
+}
+
+impl DiskProbe {
+    fn start() -> Result<Self> {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir()?;
+        let mut file = std::fs::File::create(dir.path().join("fsync-probe"))?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let _dir = dir;
+            let block = vec![0x5a_u8; 4096];
+            let mut times = Vec::new();
+            while !flag.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                if file
+                    .write_all(&block)
+                    .and_then(|()| file.sync_data())
+                    .is_err()
+                {
+                    break;
+                }
+                times.push(t.elapsed());
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            times.sort();
+            times
+        });
+        Ok(Self { stop, handle })
+    }
+
+    fn join(self) -> Vec<Duration> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.handle.join().unwrap_or_default()
+    }
+}
+
+/// CPU time (user + system) a process has used so far, from `/proc/<pid>/stat` (clock ticks of
+/// 10 ms, Linux's USER_HZ of 100).
+fn cpu_time(pid: &str) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name: state is field 3, utime 14, stime 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(Duration::from_millis(ticks * 10))
+}
+
+/// CPU time of every sandbox process and of this load generator, grouped as the report prints
+/// them: coordinator, all nodes together, load generator.
+fn cpu_snapshot(pids: &[(String, u32)]) -> [Duration; 3] {
+    let mut out = [Duration::ZERO; 3];
+    for (name, pid) in pids {
+        let slot = usize::from(name != "coordinator");
+        out[slot] += cpu_time(&pid.to_string()).unwrap_or_default();
+    }
+    out[2] = cpu_time("self").unwrap_or_default();
+    out
+}
+
 fn main() -> Result<()> {
     let o = options()?;
     let (sync_p50, sync_p99) = fsync_baseline(500)?;
     println!(
-        "baseline: 4 KiB append + fdatasync on this disk: p50 {sync_p50:.2} ms, p99 {sync_p99:.2} ms (500 runs)"
+        "baseline: 4 KiB append + fdatasync on this disk, machine idle: p50 {sync_p50:.2} ms, p99 {sync_p99:.2} ms (500 runs)"
     );
-    let mut cluster = ClusterSandbox::start(binaries()?, &[("DROVER_QUEUE_LIMIT", "100000")])?;
+    let mut cluster = ClusterSandbox::start(
+        binaries()?,
+        &[
+            ("DROVER_QUEUE_LIMIT", "100000"),
+            ("DROVER_HEARTBEAT_MS", "250"),
+        ],
+    )?;
     let mut names = Vec::new();
     for i in 0..o.nodes {
         let name = format!("sim-{i}");
@@ -179,46 +275,79 @@ fn main() -> Result<()> {
     }
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     cluster.wait_for_online(&refs, Duration::from_secs(30))?;
-    let base = cluster.base_url();
+    let addr: SocketAddr = format!("127.0.0.1:{}", cluster.http_port()).parse()?;
+    let pids = cluster.pids();
     println!(
         "drover-loadgen: {} sim nodes × {} workers (0 ms steps), {} clients, POST /v1/generate 64x64 1 step",
         o.nodes, o.workers, o.clients
     );
 
     // Warm-up, then saturation.
-    drive(&base, o.clients, Duration::from_secs(1), Duration::ZERO)?;
-    let (lat, wall, failures) = drive(
-        &base,
+    drive(addr, o.clients, Duration::from_secs(1), Duration::ZERO)?;
+    let before = cpu_snapshot(&pids);
+    let run = drive(
+        addr,
         o.clients,
         Duration::from_secs_f64(o.seconds),
         Duration::ZERO,
     )?;
-    let rate = lat.len() as f64 / wall.as_secs_f64();
-    let mut sorted = lat.clone();
-    sorted.sort();
+    let after = cpu_snapshot(&pids);
+    let jobs = run.latencies.len();
+    let rate = jobs as f64 / run.wall.as_secs_f64();
     println!(
-        "saturation: {} jobs in {:.1} s = {rate:.0} jobs/s ({failures} failed); latency p50 {:.2} ms, p99 {:.2} ms",
-        lat.len(),
-        wall.as_secs_f64(),
-        percentile(&sorted, 0.5),
-        percentile(&sorted, 0.99)
+        "saturation: {jobs} jobs in {:.1} s = {rate:.0} jobs/s ({} failed); latency p50 {:.2} ms, p99 {:.2} ms",
+        run.wall.as_secs_f64(),
+        run.failures,
+        percentile(&run.latencies, 0.5),
+        percentile(&run.latencies, 0.99)
+    );
+    if let Some(first) = &run.first_failure {
+        println!("  first failure: {first}");
+    }
+    let per_job = |i: usize| (after[i] - before[i]).as_secs_f64() * 1e6 / jobs.max(1) as f64;
+    let cores = (0..3)
+        .map(|i| (after[i] - before[i]).as_secs_f64())
+        .sum::<f64>()
+        / run.wall.as_secs_f64();
+    println!(
+        "  cpu per job: coordinator {:.0} µs, nodes {:.0} µs, load generator {:.0} µs ({cores:.2} cores busy in all)",
+        per_job(0),
+        per_job(1),
+        per_job(2)
     );
 
-    // Half load, paced.
+    // Half load, paced, with the disk probe beside it.
     let half = rate / 2.0;
     let pace = Duration::from_secs_f64(o.clients as f64 / half.max(1.0));
-    let (lat, wall, failures) = drive(&base, o.clients, Duration::from_secs_f64(o.seconds), pace)?;
-    let mut sorted = lat.clone();
-    sorted.sort();
+    let probe = DiskProbe::start()?;
+    let run = drive(addr, o.clients, Duration::from_secs_f64(o.seconds), pace)?;
+    let disk = probe.join();
+    let lat = &run.latencies;
     println!(
-        "half load ({half:.0} jobs/s offered): {} jobs in {:.1} s = {:.0} jobs/s ({failures} failed); added latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        "half load ({half:.0} jobs/s offered): {} jobs in {:.1} s = {:.0} jobs/s ({} failed); added latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
         lat.len(),
-        wall.as_secs_f64(),
-        lat.len() as f64 / wall.as_secs_f64(),
-        percentile(&sorted, 0.5),
-        percentile(&sorted, 0.9),
-        percentile(&sorted, 0.99),
-        percentile(&sorted, 1.0)
+        run.wall.as_secs_f64(),
+        lat.len() as f64 / run.wall.as_secs_f64(),
+        run.failures,
+        percentile(lat, 0.5),
+        percentile(lat, 0.9),
+        percentile(lat, 0.99),
+        percentile(lat, 1.0)
+    );
+    if let Some(first) = &run.first_failure {
+        println!("  first failure: {first}");
+    }
+    let (disk_p50, disk_p99) = (percentile(&disk, 0.5), percentile(&disk, 0.99));
+    println!(
+        "  the disk during the half-load phase (4 KiB append + fdatasync every 10 ms, {} probes): p50 {disk_p50:.2} ms, p99 {disk_p99:.2} ms, max {:.2} ms",
+        disk.len(),
+        percentile(&disk, 1.0)
+    );
+    println!(
+        "  half-load latency against the disk: p50 {:.1}× its idle fsync p50; p99 {:.1}× its idle fsync p99, {:.1}× its fsync p99 under the same load",
+        percentile(lat, 0.5) / sync_p50,
+        percentile(lat, 0.99) / sync_p99,
+        percentile(lat, 0.99) / disk_p99
     );
     Ok(())
 }

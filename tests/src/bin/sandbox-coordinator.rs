@@ -1,5 +1,8 @@
 //! The coordinator binary as built for the sandbox's end-to-end tests.
 
+#[global_allocator]
+static ALLOCATOR: drover_shared::Allocator = drover_shared::Allocator;
+
 fn main() -> std::process::ExitCode {
     drover_coordinator::cli_main()
 }

@@ -1,5 +1,8 @@
 //! The node binary as built for the sandbox's end-to-end tests.
 
+#[global_allocator]
+static ALLOCATOR: drover_shared::Allocator = drover_shared::Allocator;
+
 fn main() -> std::process::ExitCode {
     drover_node::cli_main()
 }
