@@ -8,36 +8,9 @@ use std::hint::black_box;
 use std::time::Instant;
 
 use drover_coordinator::router::{
-    CapabilityIndex, Member, NodeView, RoutingIndex, feasibility, pick,
+    CapabilityIndex, Member, RoutingIndex, feasibility, pick, sample_farm,
 };
-use drover_shared::family::ModelFamily;
-use drover_shared::ids::NodeId;
 use drover_shared::job::JobRequest;
-
-fn nodes(n: usize) -> Vec<NodeView<'static>> {
-    (0..n)
-        .map(|i| {
-            let mut id = [0u8; 16];
-            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
-            NodeView {
-                id: NodeId::from_bytes(id),
-                name: "node",
-                family: [ModelFamily::Sd15, ModelFamily::Sdxl, ModelFamily::Sd2][i % 3],
-                model_id: "abcd",
-                max_pixels: 4 << 20,
-                sizes: &[],
-                loras: &[],
-                online: i % 7 != 0,
-                suspect: false,
-                draining: i % 11 == 0,
-                free_slots: (i % 3) as u32,
-                workers: 2,
-                loaded: &[0],
-                pixel_steps_per_second: 1e6 + i as f64,
-            }
-        })
-        .collect()
-}
 
 fn time(iterations: u32, mut f: impl FnMut(u64)) -> f64 {
     let started = Instant::now();
@@ -63,7 +36,7 @@ fn main() {
         "pick/scan"
     );
     for n in [10usize, 1_000, 10_000] {
-        let views = nodes(n);
+        let views = sample_farm(n);
         let iterations = (2_000_000 / n).max(200) as u32;
         let scan = time(iterations, |_| {
             black_box(views.iter().filter(|v| black_box(v.free_slots) > 0).count());

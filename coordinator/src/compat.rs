@@ -15,9 +15,8 @@ use drover_shared::error::FieldError;
 use drover_shared::job::{JobRequest, StyleRef, random_seed};
 use serde_json::{Map, Value, json};
 
-use crate::control::CancelJob;
 use crate::error::Result;
-use crate::http::{AppState, Client, accept_request, wait_image};
+use crate::http::{AppState, Client, accept_request, accept_requests, wait_image};
 
 /// Most images one txt2img call may ask for (`batch_size × n_iter`).
 pub const MAX_BATCH: u64 = 8;
@@ -133,29 +132,22 @@ async fn txt2img(
         .into());
     }
     let first_seed = seed(&map, "seed")?.unwrap_or_else(|| random_seed() as i64);
-    let mut jobs = Vec::new();
-    for i in 0..count {
-        let request = JobRequest {
-            prompt: prompt.clone(),
-            negative_prompt: negative.clone(),
-            size: Some(format!("{width}x{height}")),
-            steps: steps(&map, "steps")?,
-            guidance_scale: number(&map, "cfg_scale")?.map(|g| g as f32),
-            // A1111 gives image i of a batch the seed + i.
-            seed: Some(first_seed + i),
-            ..JobRequest::default()
-        };
-        match accept_request(&state, &client, request, true).await {
-            Ok(submitted) => jobs.push(submitted),
-            Err(e) => {
-                // All or nothing: a batch refused part-way leaves no jobs running for nobody.
-                for submitted in &jobs {
-                    let _ = state.control.send(CancelJob(submitted.job.id)).await;
-                }
-                return Err(e);
-            }
-        }
-    }
+    let requests = (0..count)
+        .map(|i| {
+            Ok(JobRequest {
+                prompt: prompt.clone(),
+                negative_prompt: negative.clone(),
+                size: Some(format!("{width}x{height}")),
+                steps: steps(&map, "steps")?,
+                guidance_scale: number(&map, "cfg_scale")?.map(|g| g as f32),
+                // A1111 gives image i of a batch the seed + i.
+                seed: Some(first_seed + i),
+                ..JobRequest::default()
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // All or nothing: the batch is accepted as one submission, with one wait for the disk.
+    let jobs = accept_requests(&state, &client, requests, true).await?;
     let mut images = Vec::new();
     let mut seeds = Vec::new();
     let mut ids = Vec::new();

@@ -110,6 +110,10 @@ pub struct Config {
     /// How often the dashboard's charts take a sample (they show the last hour), in milliseconds.
     #[arg(long, env = "DROVER_HISTORY_SAMPLE_MS", default_value_t = 10_000)]
     pub history_sample_ms: u64,
+    /// Threads serving the REST API (the control plane, gRPC sessions and the store have their
+    /// own).
+    #[arg(long, env = "DROVER_HTTP_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub http_workers: u16,
 }
 
 impl Config {

@@ -1067,6 +1067,20 @@ pub struct SubmitJob {
     pub wait: bool,
 }
 
+/// Accepts validated jobs all together or none of them: [`SubmitJob`] for a batch, with one
+/// dispatch round and one write each. A refusal names the job's place
+/// ([`CoordinatorError::InBatch`]).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Submitted>>")]
+pub struct SubmitJobs {
+    /// What to render, in order.
+    pub specs: Vec<JobSpec>,
+    /// Who asks, with their cap on unfinished jobs.
+    pub client: ClientId,
+    /// Whether the caller waits for the jobs to end.
+    pub wait: bool,
+}
+
 /// An accepted job, and, when the submitter waits, where its end arrives.
 pub struct Submitted {
     /// The job as accepted (and maybe already leased).
@@ -1084,6 +1098,106 @@ pub struct Finished {
     pub png: Option<Arc<[u8]>>,
 }
 
+impl ControlPlane {
+    /// Checks every job (LoRA bases, feasibility), then the queue limit and the client's cap on
+    /// unfinished jobs for all of them together; accepts all or none.
+    fn submit(
+        &mut self,
+        specs: Vec<JobSpec>,
+        client: ClientId,
+        wait: bool,
+    ) -> Result<Vec<Submitted>> {
+        let reject = |metrics: &Metrics, reason: &str| {
+            metrics.inc("drover_rejections_total", vec![("reason", reason.into())]);
+        };
+        let batch = specs.len() > 1;
+        let at = |index: usize, error: CoordinatorError| {
+            if batch {
+                CoordinatorError::InBatch {
+                    index,
+                    error: Box::new(error),
+                }
+            } else {
+                error
+            }
+        };
+        let now = Instant::now();
+        for (index, spec) in specs.iter().enumerate() {
+            if let Err(e) = self.check_lora_bases(spec) {
+                reject(&self.metrics, "lora_family_mismatch");
+                return Err(at(index, e));
+            }
+            // Usually some node can serve it: found without building a snapshot; the reasons
+            // are only gathered when none can.
+            let feasible = self
+                .nodes
+                .values()
+                .any(|e| router::capability(spec, &view_of(e, &self.config, now)).is_ok());
+            if let Some(reasons) = (!feasible)
+                .then(|| router::feasibility(spec, &self.views(now)).err())
+                .flatten()
+            {
+                reject(&self.metrics, "infeasible");
+                return Err(at(index, CoordinatorError::Infeasible { reasons }));
+            }
+        }
+        if self.queued_count() + specs.len() > self.config.queue_limit {
+            reject(&self.metrics, "queue_full");
+            return Err(CoordinatorError::QueueFull {
+                limit: self.config.queue_limit,
+                retry_after_s: 5,
+            });
+        }
+        let active = self.clients.get(&client.label).copied().unwrap_or(0);
+        if client.max_active > 0 && active as usize + specs.len() > client.max_active as usize {
+            reject(&self.metrics, "client_active_limit");
+            return Err(CoordinatorError::RateLimited {
+                message: format!(
+                    "client {} has {active} unfinished jobs and its limit is {}",
+                    client.label, client.max_active
+                ),
+                retry_after_s: 5,
+            });
+        }
+        let trace_id = (!client.request_id.is_empty()).then_some(client.request_id);
+        let mut accepted = Vec::with_capacity(specs.len());
+        for spec in specs {
+            let mut job = JobRecord::new(JobId::time_ordered(), spec);
+            job.client = Some(client.label.clone());
+            job.trace_id = trace_id.clone();
+            let id = job.id;
+            tracing::info!(job_id = %id, trace_id = job.trace_id.as_deref().unwrap_or(""), "job accepted");
+            self.metrics.inc("drover_jobs_accepted_total", vec![]);
+            self.track(&job, 1);
+            self.enqueue(&job, true);
+            // Registered before dispatch: the job may end before the submitter could ask.
+            let done = wait.then(|| {
+                let (tx, rx) = oneshot::channel();
+                self.waiters.entry(id).or_default().push(tx);
+                rx
+            });
+            self.active.insert(id, job);
+            accepted.push((id, done));
+        }
+        self.dispatch();
+        // One write per job as it now is: a lease made by this dispatch was written by `lease`;
+        // a job still waiting is written here. The submitter's flush comes after these.
+        let mut submitted = Vec::with_capacity(accepted.len());
+        for (id, done) in accepted {
+            let job = self
+                .active
+                .get(&id)
+                .cloned()
+                .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
+            if job.state == JobState::Queued {
+                self.store.put_job(&job)?;
+            }
+            submitted.push(Submitted { job, done });
+        }
+        Ok(submitted)
+    }
+}
+
 impl Handler<SubmitJob> for ControlPlane {
     type Result = Result<Submitted>;
 
@@ -1092,72 +1206,25 @@ impl Handler<SubmitJob> for ControlPlane {
         SubmitJob { spec, client, wait }: SubmitJob,
         _: &mut Context<Self>,
     ) -> Self::Result {
-        let reject = |metrics: &Metrics, reason: &str| {
-            metrics.inc("drover_rejections_total", vec![("reason", reason.into())]);
-        };
-        if let Err(e) = self.check_lora_bases(&spec) {
-            reject(&self.metrics, "lora_family_mismatch");
-            return Err(e);
-        }
-        let now = Instant::now();
-        // Usually some node can serve it: found without building a snapshot; the reasons are
-        // only gathered when none can.
-        let feasible = self
-            .nodes
-            .values()
-            .any(|e| router::capability(&spec, &view_of(e, &self.config, now)).is_ok());
-        if let Some(reasons) = (!feasible)
-            .then(|| router::feasibility(&spec, &self.views(now)).err())
-            .flatten()
-        {
-            reject(&self.metrics, "infeasible");
-            return Err(CoordinatorError::Infeasible { reasons });
-        }
-        if self.queued_count() >= self.config.queue_limit {
-            reject(&self.metrics, "queue_full");
-            return Err(CoordinatorError::QueueFull {
-                limit: self.config.queue_limit,
-                retry_after_s: 5,
-            });
-        }
-        let active = self.clients.get(&client.label).copied().unwrap_or(0);
-        if client.max_active > 0 && active >= client.max_active {
-            reject(&self.metrics, "client_active_limit");
-            return Err(CoordinatorError::RateLimited {
-                message: format!(
-                    "client {} has {active} unfinished jobs, its limit",
-                    client.label
-                ),
-                retry_after_s: 5,
-            });
-        }
-        let mut job = JobRecord::new(JobId::time_ordered(), spec);
-        job.client = Some(client.label);
-        job.trace_id = (!client.request_id.is_empty()).then_some(client.request_id);
-        let id = job.id;
-        tracing::info!(job_id = %id, trace_id = job.trace_id.as_deref().unwrap_or(""), "job accepted");
-        self.metrics.inc("drover_jobs_accepted_total", vec![]);
-        self.track(&job, 1);
-        self.enqueue(&job, true);
-        // Registered before dispatch: the job may end before the submitter could ask.
-        let done = wait.then(|| {
-            let (tx, rx) = oneshot::channel();
-            self.waiters.entry(id).or_default().push(tx);
-            rx
-        });
-        self.active.insert(id, job);
-        self.dispatch();
-        // One write for the job as it now is: a lease made by this dispatch was written by
-        // `lease`; a job still waiting is written here. The submitter's flush comes after it.
-        let job = self
-            .active
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
-        if job.state == JobState::Queued {
-            self.store.put_job(&job)?;
-        }
-        Ok(Submitted { job, done })
+        self.submit(vec![spec], client, wait)?
+            .pop()
+            .ok_or_else(|| CoordinatorError::Unavailable("a submission answered nothing".into()))
+    }
+}
+
+impl Handler<SubmitJobs> for ControlPlane {
+    type Result = Result<Vec<Submitted>>;
+
+    fn handle(
+        &mut self,
+        SubmitJobs {
+            specs,
+            client,
+            wait,
+        }: SubmitJobs,
+        _: &mut Context<Self>,
+    ) -> Self::Result {
+        self.submit(specs, client, wait)
     }
 }
 

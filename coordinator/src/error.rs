@@ -87,6 +87,14 @@ pub enum CoordinatorError {
     /// A record in the store could not be decoded or encoded.
     #[error("store record error: {0}")]
     Codec(#[from] serde_json::Error),
+    /// One job of a batch submission was refused (so the whole batch was: nothing is accepted).
+    #[error("job {index} of the batch: {error}")]
+    InBatch {
+        /// The job's position in the batch, from 0.
+        index: usize,
+        /// Why it was refused.
+        error: Box<CoordinatorError>,
+    },
     /// The control plane actor is gone (shutting down).
     #[error("control plane unavailable: {0}")]
     Unavailable(String),
@@ -106,6 +114,7 @@ impl CoordinatorError {
             Self::Unauthorized(_) => ErrorCode::Unauthorized,
             Self::Forbidden(_) => ErrorCode::Forbidden,
             Self::Unavailable(_) => ErrorCode::Unavailable,
+            Self::InBatch { error, .. } => error.code(),
             Self::Store(_) | Self::Io(_) | Self::Damaged(_) | Self::Codec(_) => ErrorCode::Internal,
         }
     }
@@ -123,6 +132,14 @@ impl CoordinatorError {
             }
             Self::RateLimited { retry_after_s, .. } => json!({ "retry_after_s": retry_after_s }),
             Self::JobFailed { id, .. } | Self::Timeout { id, .. } => json!({ "job_id": id }),
+            Self::InBatch { index, error } => {
+                let mut details = match error.details() {
+                    Value::Object(map) => map,
+                    _ => serde_json::Map::new(),
+                };
+                details.insert("index".into(), json!(index));
+                Value::Object(details)
+            }
             _ => Value::Null,
         }
     }
@@ -196,5 +213,18 @@ mod tests {
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::PermissionDenied);
         let e = CoordinatorError::Unauthorized("bad node token".into());
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unauthenticated);
+        // A batch's refusal is its job's, with the job's place added.
+        let e = CoordinatorError::InBatch {
+            index: 2,
+            error: Box::new(CoordinatorError::InvalidField(FieldError::new(
+                "steps",
+                "0 is outside 1..=50",
+            ))),
+        };
+        assert_eq!(e.status_code(), StatusCode::BAD_REQUEST);
+        let body = serde_json::to_value(e.body()).unwrap();
+        assert_eq!(body["error"]["details"]["index"], 2);
+        assert_eq!(body["error"]["details"]["field"], "steps");
+        assert!(e.to_string().starts_with("job 2 of the batch: "), "{e}");
     }
 }

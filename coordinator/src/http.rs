@@ -16,7 +16,7 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::control::{
-    CancelJob, ControlPlane, Finished, GetJob, ListNodes, SetDraining, SubmitJob, Submitted,
+    CancelJob, ControlPlane, Finished, GetJob, ListNodes, SetDraining, SubmitJobs, Submitted,
     WaitJob,
 };
 use crate::error::{CoordinatorError, Result};
@@ -26,6 +26,12 @@ use crate::store::Store;
 
 /// Largest accepted request body.
 const MAX_BODY: usize = 64 * 1024;
+
+/// Most jobs one `POST /v1/jobs/batch` may carry.
+pub const MAX_BATCH_JOBS: usize = 256;
+
+/// Largest accepted batch body.
+const MAX_BATCH_BODY: usize = 1024 * 1024;
 
 /// What every handler can reach.
 #[derive(Clone)]
@@ -49,6 +55,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.route("/healthz", web::get().to(healthz))
         .route("/v1/generate", web::post().to(generate))
         .route("/v1/jobs", web::post().to(submit))
+        .route("/v1/jobs/batch", web::post().to(submit_batch))
         .route("/v1/jobs", web::get().to(list_jobs))
         .route("/v1/jobs/{id}", web::get().to(get_job))
         .route("/v1/jobs/{id}", web::delete().to(cancel_job))
@@ -121,9 +128,27 @@ pub(crate) async fn accept_request(
     request: JobRequest,
     wait: bool,
 ) -> Result<Submitted> {
-    let result = accept_checked(state, client, request, wait).await;
+    accept_requests(state, client, vec![request], wait)
+        .await?
+        .pop()
+        .ok_or_else(|| CoordinatorError::Unavailable("a submission answered nothing".into()))
+}
+
+/// [`accept_request`] for several requests, all accepted or none (a refusal of one names its
+/// place), with one submission to the control plane and one wait for the disk.
+pub(crate) async fn accept_requests(
+    state: &AppState,
+    client: &ClientId,
+    requests: Vec<JobRequest>,
+    wait: bool,
+) -> Result<Vec<Submitted>> {
+    let result = accept_checked(state, client, requests, wait).await;
     if let Err(e) = &result {
-        let reason = match e {
+        let inner = match e {
+            CoordinatorError::InBatch { error, .. } => error,
+            e => e,
+        };
+        let reason = match inner {
             CoordinatorError::InvalidField(_) | CoordinatorError::InvalidRequest(_) => {
                 Some("invalid_request")
             }
@@ -142,17 +167,40 @@ pub(crate) async fn accept_request(
 async fn accept_checked(
     state: &AppState,
     client: &ClientId,
-    request: JobRequest,
+    requests: Vec<JobRequest>,
     wait: bool,
-) -> Result<Submitted> {
-    let spec = request.validate(random_seed)?;
-    let spec = state.styles.apply(spec).map_err(|e| match e {
-        ApplyError::Field(f) => CoordinatorError::InvalidField(f),
-        ApplyError::Unprocessable(m) => CoordinatorError::Unprocessable(m),
-    })?;
+) -> Result<Vec<Submitted>> {
+    let batch = requests.len() > 1;
+    let at = |index: usize, error: CoordinatorError| {
+        if batch {
+            CoordinatorError::InBatch {
+                index,
+                error: Box::new(error),
+            }
+        } else {
+            error
+        }
+    };
+    let mut specs = Vec::with_capacity(requests.len());
+    for (index, request) in requests.into_iter().enumerate() {
+        let spec = request
+            .validate(random_seed)
+            .map_err(|e| at(index, e.into()))?;
+        let spec = state.styles.apply(spec).map_err(|e| {
+            at(
+                index,
+                match e {
+                    ApplyError::Field(f) => CoordinatorError::InvalidField(f),
+                    ApplyError::Unprocessable(m) => CoordinatorError::Unprocessable(m),
+                },
+            )
+        })?;
+        specs.push(spec);
+    }
+    let count = u32::try_from(specs.len()).unwrap_or(u32::MAX);
     state
         .rates
-        .take(client, 1, std::time::Instant::now())
+        .take(client, count, std::time::Instant::now())
         .map_err(|retry_after_s| {
             state.metrics.inc(
                 "drover_rejections_total",
@@ -168,13 +216,15 @@ async fn accept_checked(
         })?;
     let submitted = state
         .control
-        .send(SubmitJob {
-            spec,
+        .send(SubmitJobs {
+            specs,
             client: client.clone(),
             wait,
         })
         .await??;
-    tracing::info!(job_id = %submitted.job.id, client = %client.label, "job submitted");
+    for s in &submitted {
+        tracing::info!(job_id = %s.job.id, client = %client.label, "job submitted");
+    }
     // Durable before we answer 2xx.
     state.store.flush().await?;
     Ok(submitted)
@@ -189,6 +239,67 @@ async fn submit(
     Ok(HttpResponse::Accepted()
         .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
         .json(json!({ "id": job.id, "state": job.state })))
+}
+
+/// `POST /v1/jobs/batch`: `{"jobs": [JobRequest, ...]}` (1 to [`MAX_BATCH_JOBS`]), all accepted
+/// or none; answers `202` with every job's id and state, in order.
+async fn submit_batch(
+    Client(client): Client,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse> {
+    let body = payload
+        .to_bytes_limited(MAX_BATCH_BODY)
+        .await
+        .map_err(|_| {
+            CoordinatorError::InvalidRequest(format!("body larger than {MAX_BATCH_BODY} bytes"))
+        })?
+        .map_err(|e| CoordinatorError::InvalidRequest(format!("could not read body: {e}")))?;
+    let requests = batch_requests(&body)?;
+    let submitted = accept_requests(&state, &client, requests, false).await?;
+    let jobs: Vec<_> = submitted
+        .iter()
+        .map(|s| json!({ "id": s.job.id, "state": s.job.state }))
+        .collect();
+    Ok(HttpResponse::Accepted().json(json!({ "jobs": jobs })))
+}
+
+/// The job requests of a batch body, each read as strictly as `POST /v1/jobs` reads one.
+fn batch_requests(body: &[u8]) -> Result<Vec<JobRequest>> {
+    use drover_shared::error::FieldError;
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| FieldError::new("body", format!("malformed json: {e}")))?;
+    let serde_json::Value::Object(mut map) = value else {
+        return Err(FieldError::new("body", "expected a JSON object with `jobs`").into());
+    };
+    if let Some(unknown) = map.keys().find(|k| *k != "jobs") {
+        return Err(
+            FieldError::new(unknown.clone(), "unknown field; a batch has only `jobs`").into(),
+        );
+    }
+    let Some(serde_json::Value::Array(jobs)) = map.remove("jobs") else {
+        return Err(FieldError::new("jobs", "expected an array of job requests").into());
+    };
+    if jobs.is_empty() || jobs.len() > MAX_BATCH_JOBS {
+        return Err(FieldError::new(
+            "jobs",
+            format!(
+                "a batch holds 1..={MAX_BATCH_JOBS} jobs, not {}",
+                jobs.len()
+            ),
+        )
+        .into());
+    }
+    jobs.iter()
+        .enumerate()
+        .map(|(index, job)| {
+            let bytes = serde_json::to_vec(job).map_err(CoordinatorError::from)?;
+            JobRequest::from_json(&bytes).map_err(|e| CoordinatorError::InBatch {
+                index,
+                error: Box::new(e.into()),
+            })
+        })
+        .collect()
 }
 
 async fn generate(

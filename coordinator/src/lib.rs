@@ -123,7 +123,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             .configure(compat::configure)
             .default_service(web::to(http::not_found))
     })
-    .workers(2)
+    .workers(usize::from(config.http_workers))
     .tcp_nodelay(true)
     .shutdown_timeout(5);
     let bind_error = || format!("cannot bind HTTP address {}", config.http_addr);

@@ -23,6 +23,11 @@ pub const OPERATIONS: &[(&str, &str, &str)] = &[
         "Submit a job and wait for its image",
     ),
     ("post", "/v1/jobs", "Submit a job"),
+    (
+        "post",
+        "/v1/jobs/batch",
+        "Submit up to 256 jobs at once, all or none",
+    ),
     ("get", "/v1/jobs", "Unfinished jobs, oldest first"),
     (
         "get",
@@ -120,6 +125,18 @@ fn operation(method: &str, path: &str, summary: &str) -> Value {
         ("post", "/v1/jobs") => {
             op["requestBody"] = body(json!({"$ref": "#/components/schemas/JobRequest"}));
             ("202", json_ok("accepted: id and state"))
+        }
+        ("post", "/v1/jobs/batch") => {
+            op["requestBody"] = body(json!({
+                "type": "object", "additionalProperties": false, "required": ["jobs"],
+                "properties": {"jobs": {"type": "array", "minItems": 1,
+                    "maxItems": crate::http::MAX_BATCH_JOBS,
+                    "items": {"$ref": "#/components/schemas/JobRequest"}}}
+            }));
+            (
+                "202",
+                json_ok("accepted: every job's id and state, in order"),
+            )
         }
         ("post", "/generate") => {
             op["requestBody"] = body(lenient);

@@ -552,6 +552,34 @@ impl RoutingIndex {
     }
 }
 
+/// A synthetic registry of `n` nodes for benchmarks (the routing bench, the load generator):
+/// families SD1.5 / SDXL / SD2 in turn, every 7th offline, every 11th draining, 0 to 2 free slots
+/// of 2 workers, speeds all slightly different.
+pub fn sample_farm(n: usize) -> Vec<NodeView<'static>> {
+    (0..n)
+        .map(|i| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            NodeView {
+                id: NodeId::from_bytes(id),
+                name: "node",
+                family: [ModelFamily::Sd15, ModelFamily::Sdxl, ModelFamily::Sd2][i % 3],
+                model_id: "abcd",
+                max_pixels: 4 << 20,
+                sizes: &[],
+                loras: &[],
+                online: i % 7 != 0,
+                suspect: false,
+                draining: i % 11 == 0,
+                free_slots: (i % 3) as u32,
+                workers: 2,
+                loaded: &[0],
+                pixel_steps_per_second: 1e6 + i as f64,
+            }
+        })
+        .collect()
+}
+
 /// The node `index` picks for `job`, with `capable` telling whether a node id can serve it:
 /// [`CapabilityIndex::pick`] with the job's families and LoRA set.
 pub fn pick_indexed<K: Ord + Copy + Hash>(

@@ -1006,3 +1006,92 @@ fn tls_protects_the_node_link_and_the_rest_api() -> anyhow::Result<()> {
     assert!(stderr.contains("do not make a usable identity"), "{stderr}");
     Ok(())
 }
+
+#[test]
+fn a_batch_is_accepted_whole_or_not_at_all() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("painter", "sd15").env("SIM_STEP_MS", "5"))?;
+    cluster.wait_for_online(&["painter"], T)?;
+    let reply = cluster.post(
+        "/v1/jobs/batch",
+        &json!({"jobs": [
+            {"prompt": "one", "size": "64x64"},
+            {"prompt": "two", "size": "64x64", "seed": 3},
+            {"prompt": "three", "size": "64x64", "priority": 2}
+        ]}),
+    )?;
+    assert_eq!(
+        reply.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let jobs = reply.json()?["jobs"].as_array().cloned().expect("jobs");
+    assert_eq!(jobs.len(), 3);
+    for (job, prompt) in jobs.iter().zip(["one", "two", "three"]) {
+        let id = job["id"].as_str().expect("id");
+        let done = cluster.wait_for_job(id, T)?;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert_eq!(done["spec"]["prompt"], prompt, "answered in order");
+    }
+    assert_eq!(jobs[1]["id"].as_str().map(|id| id.len()), Some(36));
+
+    // One bad job refuses the whole batch, naming its place; nothing of it is accepted.
+    let refusals: [(Value, u16, &str); 3] = [
+        (
+            json!({"jobs": [{"prompt": "fine"}, {"prompt": "bad", "steps": 0}]}),
+            400,
+            "steps",
+        ),
+        (
+            json!({"jobs": [{"prompt": "fine"}, {"prompt": "odd", "colour": "red"}]}),
+            400,
+            "colour",
+        ),
+        (
+            json!({"jobs": [{"prompt": "fine"}, {"prompt": "large", "model": "sdxl"}]}),
+            422,
+            "",
+        ),
+    ];
+    for (body, status, field) in refusals {
+        let reply = cluster.post("/v1/jobs/batch", &body)?;
+        assert_eq!(
+            reply.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let error = reply.json()?;
+        assert_eq!(error["error"]["details"]["index"], 1, "{error}");
+        if !field.is_empty() {
+            assert_eq!(error["error"]["details"]["field"], field, "{error}");
+        }
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("job 1 of the batch")),
+            "{error}"
+        );
+    }
+    for (body, field) in [
+        (json!({"jobs": []}), "jobs"),
+        (json!({"jobs": [{"prompt": "x"}], "extra": 1}), "extra"),
+        (json!([{"prompt": "x"}]), "body"),
+        (
+            json!({"jobs": (0..257).map(|i| json!({"prompt": format!("p{i}")})).collect::<Vec<_>>()}),
+            "jobs",
+        ),
+    ] {
+        let reply = cluster.post("/v1/jobs/batch", &body)?;
+        assert_eq!(reply.status, 400);
+        assert_eq!(reply.json()?["error"]["details"]["field"], field);
+    }
+    let metrics = String::from_utf8(cluster.get("/metrics")?.body)?;
+    assert!(
+        metrics.lines().any(|l| l == "drover_jobs_accepted_total 3"),
+        "only the first batch was accepted:\n{metrics}"
+    );
+    assert_eq!(cluster.get("/v1/jobs")?.json()?, json!([]));
+    Ok(())
+}

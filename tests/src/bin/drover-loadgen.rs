@@ -1,19 +1,26 @@
-//! `drover-loadgen`: end-to-end load on a real coordinator (durable sled queue) with simulated
-//! nodes whose steps take no time, so every millisecond measured is scheduler overhead.
+//! `drover-loadgen`: end-to-end load on a real coordinator (durable queue) with simulated nodes
+//! whose steps take no time, so every millisecond measured is scheduler overhead.
 //!
-//! Phase 1 (saturation): `--clients` threads each submit `POST /v1/generate` (which answers with
-//! the image once the job is durable and done) back to back for `--seconds`; prints jobs/s and
-//! the CPU time each process spent per job.
-//! Phase 2 (half load): the same clients pace themselves to half the measured rate; prints
-//! p50/p90/p99/max latency, which with zero-time steps is all added latency.
+//! 1. Routing decision time at 10, 1,000 and 10,000 registered nodes (the control plane's index,
+//!    in process, against a bare scan of the same registry; `cargo bench -p drover-coordinator
+//!    --bench routing` has more columns).
+//! 2. The disk's own durability cost, machine idle: 4 KiB append + `fdatasync`.
+//! 3. One client alone, back to back: the latency of an idle farm.
+//! 4. Saturation: `--clients` threads each submit `POST /v1/generate` (answered with the image,
+//!    after the job's acceptance is synced to disk and the job is done) back to back for
+//!    `--seconds`; prints jobs/s and the CPU time each process spent per job.
+//! 5. Half load: the same clients pace themselves to half the measured rate (or `--rate`); prints
+//!    p50/p90/p99/max latency, all of it added latency with zero-time steps, beside a disk probe
+//!    running during the same phase (the disk's fsync latency under that load).
 //!
 //! Each client is one keep-alive connection driven by [`drover_tests::http1`], a client that costs
 //! two system calls per request, so the generator takes as little as possible of the CPU it
 //! shares with what it measures.
 //!
 //! Run it from the release build next to the sandbox binaries:
-//! `cargo build --release -p drover-tests --bins && RUST_LOG=warn target/release/drover-loadgen`.
-//! Routing decision time by node count is `cargo bench -p drover-coordinator --bench routing`.
+//! `cargo build --release -p drover-tests --bins && RUST_LOG=warn target/release/drover-loadgen`;
+//! `--bins DIR` measures another build's `sandbox-coordinator` and `sandbox-node` with the same
+//! load.
 
 #[global_allocator]
 static ALLOCATOR: drover_shared::Allocator = drover_shared::Allocator;
@@ -33,6 +40,15 @@ struct Options {
     workers: usize,
     clients: usize,
     seconds: f64,
+    /// Images per request: 1 submits `POST /v1/generate`; 2 to 8 submit AUTOMATIC1111-style
+    /// `POST /sdapi/v1/txt2img` with `batch_size` (accepted as one batch, answered when all are
+    /// done).
+    batch: usize,
+    /// Jobs per second offered in the paced phase (default: half the saturation rate).
+    rate: Option<f64>,
+    /// Where the sandbox binaries are (default: next to this executable); another build's, to
+    /// measure it with the same load generator.
+    bins: Option<PathBuf>,
 }
 
 fn options() -> Result<Options> {
@@ -41,6 +57,9 @@ fn options() -> Result<Options> {
         workers: 16,
         clients: 32,
         seconds: 10.0,
+        bins: None,
+        batch: 1,
+        rate: None,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut it = args.iter();
@@ -51,19 +70,32 @@ fn options() -> Result<Options> {
             "--workers" => o.workers = value.parse()?,
             "--clients" => o.clients = value.parse()?,
             "--seconds" => o.seconds = value.parse()?,
+            "--bins" => o.bins = Some(PathBuf::from(value)),
+            "--rate" => o.rate = Some(value.parse()?),
+            "--batch" => {
+                o.batch = value.parse()?;
+                if !(1..=8).contains(&o.batch) {
+                    bail!("--batch takes 1 to 8 images per request");
+                }
+            }
             other => {
-                bail!("unknown flag {other} (--nodes N --workers PER_NODE --clients N --seconds S)")
+                bail!(
+                    "unknown flag {other} (--nodes N --workers PER_NODE --clients N --seconds S --batch IMAGES --rate JOBS_PER_S --bins DIR)"
+                )
             }
         }
     }
     Ok(o)
 }
 
-fn binaries() -> Result<Binaries> {
-    let dir = std::env::current_exe()?
-        .parent()
-        .map(PathBuf::from)
-        .context("no folder for this executable")?;
+fn binaries(dir: Option<PathBuf>) -> Result<Binaries> {
+    let dir = match dir {
+        Some(dir) => dir,
+        None => std::env::current_exe()?
+            .parent()
+            .map(PathBuf::from)
+            .context("no folder for this executable")?,
+    };
     let bins = Binaries {
         coordinator: dir.join("sandbox-coordinator"),
         node: dir.join("sandbox-node"),
@@ -86,8 +118,14 @@ struct Run {
 }
 
 /// Runs `clients` threads for `duration`; each waits `pace` between the starts of its requests
-/// (zero: back to back).
-fn drive(addr: SocketAddr, clients: usize, duration: Duration, pace: Duration) -> Result<Run> {
+/// (zero: back to back), each request `batch` images.
+fn drive(
+    addr: SocketAddr,
+    clients: usize,
+    duration: Duration,
+    pace: Duration,
+    batch: usize,
+) -> Result<Run> {
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let handles: Vec<_> = (0..clients)
@@ -110,13 +148,22 @@ fn drive(addr: SocketAddr, clients: usize, duration: Duration, pace: Duration) -
                     }
                     body.clear();
                     use std::io::Write as _;
-                    let _ = write!(
-                        body,
-                        r#"{{"prompt":"load {c} {i}","size":"64x64","steps":1,"seed":{i}}}"#
-                    );
+                    let path = if batch == 1 {
+                        let _ = write!(
+                            body,
+                            r#"{{"prompt":"load {c} {i}","size":"64x64","steps":1,"seed":{i}}}"#
+                        );
+                        "/v1/generate"
+                    } else {
+                        let _ = write!(
+                            body,
+                            r#"{{"prompt":"load {c} {i}","width":64,"height":64,"steps":1,"seed":{i},"batch_size":{batch}}}"#
+                        );
+                        "/sdapi/v1/txt2img"
+                    };
                     i += 1;
                     let t = Instant::now();
-                    match conn.post_json("/v1/generate", &body) {
+                    match conn.post_json(path, &body) {
                         Ok(r) if r.status == 200 && !r.body.is_empty() => {
                             latencies.push(t.elapsed())
                         }
@@ -250,17 +297,74 @@ fn cpu_snapshot(pids: &[(String, u32)]) -> [Duration; 3] {
     out
 }
 
+/// Routing decision time at 10, 1,000 and 10,000 registered nodes, as the control plane decides:
+/// [`router::pick_indexed`] on a live [`router::CapabilityIndex`] with the same capability check
+/// `dispatch` passes it; against a bare scan of the same registry that decides nothing, measured
+/// in the same run.
+fn decision_times() -> Result<()> {
+    use drover_coordinator::router::{self, CapabilityIndex, Member};
+    use std::hint::black_box;
+    let job = drover_shared::job::JobRequest::from_json(
+        br#"{"prompt":"x","model":"sdxl","size":"1024x1024"}"#,
+    )
+    .and_then(|r| r.validate(|| 1))
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    println!(
+        "routing decision time (SDXL 1024² job; registry mixes families, offline, draining, busy):"
+    );
+    for n in [10usize, 1_000, 10_000] {
+        let views = router::sample_farm(n);
+        let by_id: std::collections::HashMap<_, _> = views.iter().map(|v| (v.id, v)).collect();
+        let mut index = CapabilityIndex::default();
+        for v in &views {
+            index.upsert(v.id, Member::of(v));
+        }
+        let iterations = 200_000u32;
+        let started = Instant::now();
+        for i in 0..iterations {
+            let pivot = views[i as usize % n].id;
+            let capable = |id| {
+                by_id
+                    .get(&id)
+                    .is_some_and(|v| router::capability(&job, v).is_ok())
+            };
+            black_box(router::pick_indexed(
+                &index,
+                black_box(&job),
+                pivot,
+                capable,
+            ));
+        }
+        let decision = started.elapsed().as_nanos() as f64 / f64::from(iterations);
+        let scans = (2_000_000 / n).max(200) as u32;
+        let started = Instant::now();
+        for _ in 0..scans {
+            black_box(views.iter().filter(|v| black_box(v.free_slots) > 0).count());
+        }
+        let scan = started.elapsed().as_nanos() as f64 / f64::from(scans);
+        println!(
+            "  {n:>6} nodes: decision {decision:>7.0} ns; bare scan of the registry {scan:>9.0} ns ({:.3}× the scan)",
+            decision / scan
+        );
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let o = options()?;
+    decision_times()?;
     let (sync_p50, sync_p99) = fsync_baseline(500)?;
     println!(
         "baseline: 4 KiB append + fdatasync on this disk, machine idle: p50 {sync_p50:.2} ms, p99 {sync_p99:.2} ms (500 runs)"
     );
     let mut cluster = ClusterSandbox::start(
-        binaries()?,
+        binaries(o.bins.clone())?,
+        // The coordinator's production timings (the sandbox's test timings beat 10× as often).
         &[
             ("DROVER_QUEUE_LIMIT", "100000"),
-            ("DROVER_HEARTBEAT_MS", "250"),
+            ("DROVER_HEARTBEAT_MS", "1000"),
+            ("DROVER_OFFLINE_GRACE_MS", "10000"),
+            ("DROVER_LEASE_FLOOR_MS", "30000"),
         ],
     )?;
     let mut names = Vec::new();
@@ -277,22 +381,43 @@ fn main() -> Result<()> {
     cluster.wait_for_online(&refs, Duration::from_secs(30))?;
     let addr: SocketAddr = format!("127.0.0.1:{}", cluster.http_port()).parse()?;
     let pids = cluster.pids();
+    let what = if o.batch == 1 {
+        "POST /v1/generate, 1 image".to_string()
+    } else {
+        format!("POST /sdapi/v1/txt2img, {} images", o.batch)
+    };
     println!(
-        "drover-loadgen: {} sim nodes × {} workers (0 ms steps), {} clients, POST /v1/generate 64x64 1 step",
+        "drover-loadgen: {} sim nodes × {} workers (0 ms steps), {} clients, {what} per request, 64x64 1 step",
         o.nodes, o.workers, o.clients
     );
+    let b = o.batch;
 
-    // Warm-up, then saturation.
-    drive(addr, o.clients, Duration::from_secs(1), Duration::ZERO)?;
+    // Warm-up; one client alone (the latency of an idle farm); then saturation.
+    drive(
+        addr,
+        o.clients,
+        Duration::from_secs(1),
+        Duration::ZERO,
+        o.batch,
+    )?;
+    let alone = drive(addr, 1, Duration::from_secs(2), Duration::ZERO, o.batch)?;
+    println!(
+        "one client, back to back: {} jobs in {:.1} s; added latency p50 {:.2} ms, p99 {:.2} ms",
+        alone.latencies.len() * b,
+        alone.wall.as_secs_f64(),
+        percentile(&alone.latencies, 0.5),
+        percentile(&alone.latencies, 0.99)
+    );
     let before = cpu_snapshot(&pids);
     let run = drive(
         addr,
         o.clients,
         Duration::from_secs_f64(o.seconds),
         Duration::ZERO,
+        o.batch,
     )?;
     let after = cpu_snapshot(&pids);
-    let jobs = run.latencies.len();
+    let jobs = run.latencies.len() * b;
     let rate = jobs as f64 / run.wall.as_secs_f64();
     println!(
         "saturation: {jobs} jobs in {:.1} s = {rate:.0} jobs/s ({} failed); latency p50 {:.2} ms, p99 {:.2} ms",
@@ -316,18 +441,24 @@ fn main() -> Result<()> {
         per_job(2)
     );
 
-    // Half load, paced, with the disk probe beside it.
-    let half = rate / 2.0;
-    let pace = Duration::from_secs_f64(o.clients as f64 / half.max(1.0));
+    // Half load (or --rate), paced, with the disk probe beside it.
+    let half = o.rate.unwrap_or(rate / 2.0);
+    let pace = Duration::from_secs_f64(o.clients as f64 * b as f64 / half.max(1.0));
     let probe = DiskProbe::start()?;
-    let run = drive(addr, o.clients, Duration::from_secs_f64(o.seconds), pace)?;
+    let run = drive(
+        addr,
+        o.clients,
+        Duration::from_secs_f64(o.seconds),
+        pace,
+        o.batch,
+    )?;
     let disk = probe.join();
     let lat = &run.latencies;
     println!(
-        "half load ({half:.0} jobs/s offered): {} jobs in {:.1} s = {:.0} jobs/s ({} failed); added latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
-        lat.len(),
+        "paced ({half:.0} jobs/s offered): {} jobs in {:.1} s = {:.0} jobs/s ({} failed); added latency p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        lat.len() * b,
         run.wall.as_secs_f64(),
-        lat.len() as f64 / run.wall.as_secs_f64(),
+        (lat.len() * b) as f64 / run.wall.as_secs_f64(),
         run.failures,
         percentile(lat, 0.5),
         percentile(lat, 0.9),
@@ -339,12 +470,12 @@ fn main() -> Result<()> {
     }
     let (disk_p50, disk_p99) = (percentile(&disk, 0.5), percentile(&disk, 0.99));
     println!(
-        "  the disk during the half-load phase (4 KiB append + fdatasync every 10 ms, {} probes): p50 {disk_p50:.2} ms, p99 {disk_p99:.2} ms, max {:.2} ms",
+        "  the disk during the paced phase (4 KiB append + fdatasync every 10 ms, {} probes): p50 {disk_p50:.2} ms, p99 {disk_p99:.2} ms, max {:.2} ms",
         disk.len(),
         percentile(&disk, 1.0)
     );
     println!(
-        "  half-load latency against the disk: p50 {:.1}× its idle fsync p50; p99 {:.1}× its idle fsync p99, {:.1}× its fsync p99 under the same load",
+        "  paced latency against the disk: p50 {:.1}× its idle fsync p50; p99 {:.1}× its idle fsync p99, {:.1}× its fsync p99 under the same load",
         percentile(lat, 0.5) / sync_p50,
         percentile(lat, 0.99) / sync_p99,
         percentile(lat, 0.99) / disk_p99
