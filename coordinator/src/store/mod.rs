@@ -664,6 +664,7 @@ fn run_writer(
                 last_checkpoint = Instant::now();
             } else {
                 let log_bytes = log.len();
+                last_checkpoint = Instant::now();
                 match log.rotate() {
                     Ok(closed) => {
                         in_active.extend(changes.jobs.iter().filter_map(|(id, d)| {
@@ -677,10 +678,14 @@ fn run_writer(
                             waiters: std::mem::take(&mut forced),
                         };
                         busy = tasks.send(task).is_ok();
-                        last_checkpoint = Instant::now();
+                        if !busy {
+                            tracing::error!(
+                                "the store's checkpoint thread is gone; changes stay in the write-ahead log until the next start replays it"
+                            );
+                        }
                     }
                     Err(e) => {
-                        tracing::error!(error = %e, "cannot start a new write-ahead log generation; retrying at the next round");
+                        tracing::error!(error = %e, "cannot start a new write-ahead log generation; retrying in a second");
                     }
                 }
             }
