@@ -85,6 +85,18 @@ fn segments(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
     Ok(out)
 }
 
+/// Opens segment `segment` for appending; a new one's name is made durable at once (a synced
+/// image in a file whose directory entry was lost in a crash would be lost with it).
+fn open_segment(dir: &Path, segment: u32) -> Result<File> {
+    let path = segment_path(dir, segment);
+    let existed = path.exists();
+    let file = File::options().create(true).append(true).open(&path)?;
+    if !existed {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(file)
+}
+
 /// Reads one image, checking its entry against the reference and the job.
 pub fn read(dir: &Path, id: JobId, at: ImageRef) -> Result<Vec<u8>> {
     let lost = |why: &str| CoordinatorError::Damaged(format!("image of job {id}: {why}"));
@@ -133,10 +145,7 @@ impl Appender {
     pub fn open(dir: &Path) -> Result<Self> {
         std::fs::create_dir_all(dir)?;
         let segment = segments(dir)?.last().map_or(1, |(n, _)| *n);
-        let file = File::options()
-            .create(true)
-            .append(true)
-            .open(segment_path(dir, segment))?;
+        let file = open_segment(dir, segment)?;
         let len = file.metadata()?.len();
         Ok(Self {
             dir: dir.to_path_buf(),
@@ -161,10 +170,7 @@ impl Appender {
         if self.len >= SEGMENT_BYTES {
             self.write()?;
             self.segment += 1;
-            self.file = File::options()
-                .create(true)
-                .append(true)
-                .open(segment_path(&self.dir, self.segment))?;
+            self.file = open_segment(&self.dir, self.segment)?;
             self.len = 0;
         }
         let at = ImageRef {

@@ -252,6 +252,8 @@ impl Store {
         let next_generation = replay(&shared)?;
         let images = image_log::Appender::open(&shared.image_dir)?;
         let log = wal::Wal::create(&shared.wal_dir, next_generation)?;
+        // The `wal/` and `images/` folders' own names, durable before anything is written in them.
+        File::open(dir)?.sync_all()?;
         let in_active = shared
             .active
             .iter()
