@@ -371,35 +371,26 @@ impl ControlPlane {
         self.queue.len()
     }
 
-    /// Places as many queued jobs as there are free eligible slots: walks the queue in order
-    /// and decides each placement on the capability index, then leases.
+    /// Places as many queued jobs as there are free eligible slots ([`router::plan_dispatch`]
+    /// over the capability index, in queue order), then leases.
     fn dispatch(&mut self) {
         if self.queue.is_empty() {
             return;
         }
         self.refresh_index();
         let now = Instant::now();
-        let mut placements = Vec::new();
-        let mut pivot = self.pivot;
-        for &(_, _, job_id) in &self.queue {
-            if self.index.free_slots() == 0 {
-                break;
-            }
-            let Some(job) = self.active.get(&job_id) else {
-                continue;
-            };
-            let (nodes, config) = (&self.nodes, &self.config);
-            let capable = |id: NodeId| {
-                nodes.get(&id).is_some_and(|e| {
-                    router::capability(&job.spec, &view_of(e, config, now)).is_ok()
-                })
-            };
-            if let Some(id) = router::pick_indexed(&self.index, &job.spec, pivot, capable) {
-                self.index.take(id, router::lora_set_key(&job.spec.loras));
-                pivot = next_id(id);
-                placements.push((job_id, id));
-            }
-        }
+        let (nodes, config, active) = (&self.nodes, &self.config, &self.active);
+        let queue = self
+            .queue
+            .iter()
+            .filter_map(|&(_, _, id)| active.get(&id).map(|job| (id, &job.spec)));
+        let capable = |spec: &JobSpec, id: NodeId| {
+            nodes
+                .get(&id)
+                .is_some_and(|e| router::capability(spec, &view_of(e, config, now)).is_ok())
+        };
+        let (placements, pivot) =
+            router::plan_dispatch(&mut self.index, queue, self.pivot, capable, next_id);
         self.pivot = pivot;
         for (job_id, node_id) in placements {
             // The lease re-indexes the node from its entry, whatever happens to the lease.
@@ -1055,21 +1046,9 @@ impl Handler<SessionClosed> for ControlPlane {
     }
 }
 
-/// Accepts a validated job: checks feasibility and the queue limit, persists it, dispatches.
-#[derive(Message)]
-#[rtype(result = "Result<Submitted>")]
-pub struct SubmitJob {
-    /// What to render.
-    pub spec: JobSpec,
-    /// Who asks, with their cap on unfinished jobs.
-    pub client: ClientId,
-    /// Whether the caller waits for the job to end (then `Submitted::done` is set).
-    pub wait: bool,
-}
-
-/// Accepts validated jobs all together or none of them: [`SubmitJob`] for a batch, with one
-/// dispatch round and one write each. A refusal names the job's place
-/// ([`CoordinatorError::InBatch`]).
+/// Accepts validated jobs, all together or none of them: checks each one's feasibility, then
+/// the queue limit and the client's cap for all; persists them, dispatches once. A refusal of
+/// one job of several names its place ([`CoordinatorError::InBatch`]).
 #[derive(Message)]
 #[rtype(result = "Result<Vec<Submitted>>")]
 pub struct SubmitJobs {
@@ -1077,7 +1056,7 @@ pub struct SubmitJobs {
     pub specs: Vec<JobSpec>,
     /// Who asks, with their cap on unfinished jobs.
     pub client: ClientId,
-    /// Whether the caller waits for the jobs to end.
+    /// Whether the caller waits for the jobs to end (then each `Submitted::done` is set).
     pub wait: bool,
 }
 
@@ -1110,22 +1089,12 @@ impl ControlPlane {
         let reject = |metrics: &Metrics, reason: &str| {
             metrics.inc("drover_rejections_total", vec![("reason", reason.into())]);
         };
-        let batch = specs.len() > 1;
-        let at = |index: usize, error: CoordinatorError| {
-            if batch {
-                CoordinatorError::InBatch {
-                    index,
-                    error: Box::new(error),
-                }
-            } else {
-                error
-            }
-        };
+        let of = specs.len();
         let now = Instant::now();
         for (index, spec) in specs.iter().enumerate() {
             if let Err(e) = self.check_lora_bases(spec) {
                 reject(&self.metrics, "lora_family_mismatch");
-                return Err(at(index, e));
+                return Err(e.in_batch(index, of));
             }
             // Usually some node can serve it: found without building a snapshot; the reasons
             // are only gathered when none can.
@@ -1138,7 +1107,7 @@ impl ControlPlane {
                 .flatten()
             {
                 reject(&self.metrics, "infeasible");
-                return Err(at(index, CoordinatorError::Infeasible { reasons }));
+                return Err(CoordinatorError::Infeasible { reasons }.in_batch(index, of));
             }
         }
         if self.queued_count() + specs.len() > self.config.queue_limit {
@@ -1195,20 +1164,6 @@ impl ControlPlane {
             submitted.push(Submitted { job, done });
         }
         Ok(submitted)
-    }
-}
-
-impl Handler<SubmitJob> for ControlPlane {
-    type Result = Result<Submitted>;
-
-    fn handle(
-        &mut self,
-        SubmitJob { spec, client, wait }: SubmitJob,
-        _: &mut Context<Self>,
-    ) -> Self::Result {
-        self.submit(vec![spec], client, wait)?
-            .pop()
-            .ok_or_else(|| CoordinatorError::Unavailable("a submission answered nothing".into()))
     }
 }
 
@@ -1665,8 +1620,8 @@ mod tests {
                 sessions.push((node.id, session, rx));
             }
             let submit = |lora| {
-                plane.send(SubmitJob {
-                    spec: spec(lora),
+                plane.send(SubmitJobs {
+                    specs: vec![spec(lora)],
                     client: client(),
                     wait: false,
                 })

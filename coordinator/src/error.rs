@@ -101,6 +101,27 @@ pub enum CoordinatorError {
 }
 
 impl CoordinatorError {
+    /// This refusal of job `index` of a submission of `of` jobs: named by its place
+    /// ([`CoordinatorError::InBatch`]) when the submission holds more than one.
+    pub fn in_batch(self, index: usize, of: usize) -> Self {
+        if of > 1 {
+            Self::InBatch {
+                index,
+                error: Box::new(self),
+            }
+        } else {
+            self
+        }
+    }
+
+    /// The error itself, out of its [`CoordinatorError::InBatch`] wrapper.
+    pub fn unbatched(&self) -> &Self {
+        match self {
+            Self::InBatch { error, .. } => error,
+            e => e,
+        }
+    }
+
     /// The transport-independent code of this error.
     pub fn code(&self) -> ErrorCode {
         match self {

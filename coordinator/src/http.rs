@@ -89,15 +89,17 @@ async fn healthz(state: web::Data<AppState>) -> Result<HttpResponse> {
         .json(json!({ "status": "ok", "nodes": nodes.len(), "nodes_online": online })))
 }
 
-async fn read_job_request(payload: web::Payload) -> Result<JobRequest> {
-    let body = payload
-        .to_bytes_limited(MAX_BODY)
+/// The request body, refused past `limit` bytes.
+async fn read_body(payload: web::Payload, limit: usize) -> Result<web::Bytes> {
+    payload
+        .to_bytes_limited(limit)
         .await
-        .map_err(|_| {
-            CoordinatorError::InvalidRequest(format!("body larger than {MAX_BODY} bytes"))
-        })?
-        .map_err(|e| CoordinatorError::InvalidRequest(format!("could not read body: {e}")))?;
-    Ok(JobRequest::from_json(&body)?)
+        .map_err(|_| CoordinatorError::InvalidRequest(format!("body larger than {limit} bytes")))?
+        .map_err(|e| CoordinatorError::InvalidRequest(format!("could not read body: {e}")))
+}
+
+async fn read_job_request(payload: web::Payload) -> Result<JobRequest> {
+    Ok(JobRequest::from_json(&read_body(payload, MAX_BODY).await?)?)
 }
 
 async fn accept(
@@ -144,11 +146,7 @@ pub(crate) async fn accept_requests(
 ) -> Result<Vec<Submitted>> {
     let result = accept_checked(state, client, requests, wait).await;
     if let Err(e) = &result {
-        let inner = match e {
-            CoordinatorError::InBatch { error, .. } => error,
-            e => e,
-        };
-        let reason = match inner {
+        let reason = match e.unbatched() {
             CoordinatorError::InvalidField(_) | CoordinatorError::InvalidRequest(_) => {
                 Some("invalid_request")
             }
@@ -170,30 +168,18 @@ async fn accept_checked(
     requests: Vec<JobRequest>,
     wait: bool,
 ) -> Result<Vec<Submitted>> {
-    let batch = requests.len() > 1;
-    let at = |index: usize, error: CoordinatorError| {
-        if batch {
-            CoordinatorError::InBatch {
-                index,
-                error: Box::new(error),
-            }
-        } else {
-            error
-        }
-    };
+    let of = requests.len();
     let mut specs = Vec::with_capacity(requests.len());
     for (index, request) in requests.into_iter().enumerate() {
         let spec = request
             .validate(random_seed)
-            .map_err(|e| at(index, e.into()))?;
+            .map_err(|e| CoordinatorError::from(e).in_batch(index, of))?;
         let spec = state.styles.apply(spec).map_err(|e| {
-            at(
-                index,
-                match e {
-                    ApplyError::Field(f) => CoordinatorError::InvalidField(f),
-                    ApplyError::Unprocessable(m) => CoordinatorError::Unprocessable(m),
-                },
-            )
+            match e {
+                ApplyError::Field(f) => CoordinatorError::InvalidField(f),
+                ApplyError::Unprocessable(m) => CoordinatorError::Unprocessable(m),
+            }
+            .in_batch(index, of)
         })?;
         specs.push(spec);
     }
@@ -248,14 +234,7 @@ async fn submit_batch(
     state: web::Data<AppState>,
     payload: web::Payload,
 ) -> Result<HttpResponse> {
-    let body = payload
-        .to_bytes_limited(MAX_BATCH_BODY)
-        .await
-        .map_err(|_| {
-            CoordinatorError::InvalidRequest(format!("body larger than {MAX_BATCH_BODY} bytes"))
-        })?
-        .map_err(|e| CoordinatorError::InvalidRequest(format!("could not read body: {e}")))?;
-    let requests = batch_requests(&body)?;
+    let requests = batch_requests(&read_body(payload, MAX_BATCH_BODY).await?)?;
     let submitted = accept_requests(&state, &client, requests, false).await?;
     let jobs: Vec<_> = submitted
         .iter()

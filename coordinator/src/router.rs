@@ -591,6 +591,32 @@ pub fn pick_indexed<K: Ord + Copy + Hash>(
     index.pick(job_families(job), lora_set_key(&job.loras), pivot, capable)
 }
 
+/// One dispatch round over `index`: offers the jobs of `queue` in its order, each to the node
+/// [`pick_indexed`] picks among those `capable` accepts for it, taking that node's slot before the
+/// next job is offered; stops when no slot is left. The pivot moves past each chosen node so
+/// equal nodes take turns. Returns the placements (job, node) and the pivot for the next round.
+/// A job left unplaced has no free capable node left in `index` (none stays idle while it waits).
+pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J>(
+    index: &mut CapabilityIndex<K>,
+    queue: impl IntoIterator<Item = (J, &'a JobSpec)>,
+    mut pivot: K,
+    capable: impl Fn(&JobSpec, K) -> bool,
+    after: impl Fn(K) -> K,
+) -> (Vec<(J, K)>, K) {
+    let mut placements = Vec::new();
+    for (job, spec) in queue {
+        if index.free_slots() == 0 {
+            break;
+        }
+        if let Some(key) = pick_indexed(index, spec, pivot, |k| capable(spec, k)) {
+            index.take(key, lora_set_key(&spec.loras));
+            pivot = after(key);
+            placements.push((job, key));
+        }
+    }
+    (placements, pivot)
+}
+
 /// Records that a worker took LoRA set `set`: most recent first, at most `workers` sets.
 pub fn remember_set(loaded: &mut Vec<u64>, set: u64, workers: usize) {
     loaded.retain(|s| *s != set);
@@ -1004,6 +1030,84 @@ mod tests {
                     prop_assert_eq!(speed_key(chosen), top);
                     let affine_at_top = eligible.iter().any(|n| speed_key(n) == top && affine(job_set, n));
                     prop_assert_eq!(affine(job_set, chosen), affine_at_top);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        /// A dispatch round over a queue of mixed jobs (families, sizes, LoRA sets, priorities):
+        /// every placement is eligible, no node gets more jobs than its free slots, and a job left
+        /// waiting has no eligible node with a slot still free: nothing starves while an eligible
+        /// node is idle, and an earlier job in queue order is never passed over for a later one.
+        #[test]
+        fn dispatch_round_never_leaves_an_eligible_slot_idle(
+            specs in prop::collection::vec((arb_node(), any::<bool>()), 0..8),
+            jobs in prop::collection::vec((
+                prop::option::of(arb_family()),
+                prop::sample::select(vec![None, Some("512x512"), Some("1024x1024")]),
+                0usize..3,
+                -2i32..3,
+                0u64..200_000,
+            ), 0..24),
+            pivot in 0usize..8,
+        ) {
+            let adverts: &'static [LoraAdvert] = Box::leak(Box::new(
+                ModelFamily::ALL.iter().flat_map(|f| ["ink", "film"].map(|n| LoraAdvert {
+                    name: n.into(), family: *f,
+                })).collect::<Vec<_>>(),
+            ));
+            let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, (s, has))| NodeView {
+                online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
+                max_pixels: [512 * 512, 768 * 768, 1024 * 1024, 2048 * 2048][s.5 as usize],
+                sizes: FIXED_SIZES[s.6],
+                loras: if *has { adverts } else { &[] },
+                ..node(i as u8, s.0)
+            }).collect();
+            let mut queued: Vec<QueuedJob<usize>> = jobs.iter().enumerate().map(|(i, j)| QueuedJob {
+                priority: j.3, created_ms: j.4, id: i,
+            }).collect();
+            queue_order(&mut queued);
+            let job_specs: Vec<JobSpec> = jobs.iter().map(|(family, size, set, priority, _)| {
+                let mut spec = lora_job(*set);
+                spec.model = family.map(ModelSelector::Family);
+                spec.size = size.map(|s| s.parse().unwrap());
+                spec.priority = *priority;
+                spec
+            }).collect();
+            let mut index = CapabilityIndex::default();
+            for (i, n) in nodes.iter().enumerate() {
+                index.upsert(i, Member::of(n));
+            }
+            let (placements, _) = plan_dispatch(
+                &mut index,
+                queued.iter().map(|q| (q.id, &job_specs[q.id])),
+                pivot,
+                |spec, k| capability(spec, &nodes[k]).is_ok(),
+                |k| k + 1,
+            );
+            let mut given = vec![0u32; nodes.len()];
+            let mut placed = vec![false; jobs.len()];
+            for (j, k) in &placements {
+                prop_assert!(!placed[*j], "job {} placed twice", j);
+                placed[*j] = true;
+                prop_assert!(eligibility(&job_specs[*j], &nodes[*k]).is_ok());
+                given[*k] += 1;
+            }
+            for (k, n) in nodes.iter().enumerate() {
+                prop_assert!(given[k] <= n.free_slots);
+            }
+            for (position, q) in queued.iter().enumerate() {
+                if placed[q.id] {
+                    continue;
+                }
+                let spec = &job_specs[q.id];
+                for (k, n) in nodes.iter().enumerate() {
+                    prop_assert!(
+                        given[k] >= n.free_slots || eligibility(spec, n).is_err(),
+                        "job at queue place {} waits while node {} has a free eligible slot",
+                        position, k
+                    );
                 }
             }
         }

@@ -379,11 +379,11 @@ fn coalesce(batch: Vec<proto::NodeMessage>) -> Vec<proto::NodeMessage> {
     if batch.len() < 2 {
         return batch;
     }
-    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
+    let mut seen = std::collections::HashSet::new();
     let mut keep = vec![true; batch.len()];
     for (i, m) in batch.iter().enumerate().rev() {
         let Some(job) = job_of(m) else { continue };
-        let later = !seen.insert(job.to_string());
+        let later = !seen.insert(job);
         if later && matches!(m.kind, Some(node_message::Kind::Progress(_))) {
             keep[i] = false;
         }

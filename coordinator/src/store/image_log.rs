@@ -69,20 +69,7 @@ fn segment_path(dir: &Path, segment: u32) -> PathBuf {
 
 /// The segments in `dir`, by number.
 fn segments(dir: &Path) -> Result<Vec<(u32, PathBuf)>> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let number = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".seg"))
-            .and_then(|n| n.parse::<u32>().ok());
-        if let Some(number) = number {
-            out.push((number, path));
-        }
-    }
-    out.sort();
-    Ok(out)
+    super::files_named(dir, |n| n.strip_suffix(".seg")?.parse().ok())
 }
 
 /// Opens segment `segment` for appending; a new one's name is made durable at once (a synced

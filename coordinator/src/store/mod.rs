@@ -150,6 +150,23 @@ pub struct Store {
     _temporary: Option<Arc<tempfile::TempDir>>,
 }
 
+/// The files in `dir` whose names `parse` reads, with what it read, sorted by it; none when the
+/// folder does not exist.
+fn files_named<T: Ord>(dir: &Path, parse: impl Fn(&str) -> Option<T>) -> Result<Vec<(T, PathBuf)>> {
+    let mut out = Vec::new();
+    if !dir.exists() {
+        return Ok(out);
+    }
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if let Some(key) = path.file_name().and_then(|n| n.to_str()).and_then(&parse) {
+            out.push((key, path));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -620,8 +637,14 @@ fn run_writer(
         let mut round = Round::default();
         for write in batch.drain(..) {
             match write {
-                Write::Node(node) => round.check(log_node(&mut log, &mut changes, &node)),
-                Write::Job(job) => round.check(log_job(&mut log, &mut changes, &job)),
+                Write::Node(node) => round.check(
+                    log_json(&mut log, wal::Kind::Node, &node)
+                        .map(|value| drop(changes.nodes.insert(node.id, value))),
+                ),
+                Write::Job(job) => round.check(
+                    log_json(&mut log, wal::Kind::Job, &job)
+                        .map(|value| drop(changes.jobs.insert(job.id, Dirty::Unfinished(value)))),
+                ),
                 Write::Finish(id) => {
                     let was_active = in_active.remove(&id);
                     round.check(log_finish(
@@ -718,24 +741,15 @@ fn run_writer(
     }
 }
 
-fn log_node(log: &mut wal::Wal, changes: &mut Changes, node: &NodeRecord) -> Result<()> {
-    let value = serde_json::to_vec(node)?;
-    log.append(wal::Kind::Node, |b| {
-        b.extend_from_slice(&value);
-        Ok(())
-    })?;
-    changes.nodes.insert(node.id, value);
-    Ok(())
-}
-
-fn log_job(log: &mut wal::Wal, changes: &mut Changes, job: &JobRecord) -> Result<()> {
-    let value = serde_json::to_vec(job)?;
-    log.append(wal::Kind::Job, |b| {
-        b.extend_from_slice(&value);
-        Ok(())
-    })?;
-    changes.jobs.insert(job.id, Dirty::Unfinished(value));
-    Ok(())
+/// Logs a record as JSON; answers the JSON, which is also what goes into sled.
+fn log_json(
+    log: &mut wal::Wal,
+    kind: wal::Kind,
+    record: &impl serde::Serialize,
+) -> Result<Vec<u8>> {
+    let value = serde_json::to_vec(record)?;
+    log.append(kind, &value)?;
+    Ok(value)
 }
 
 /// Logs a finished job: its image to the image log, its record (pointing at the image) to the
@@ -748,26 +762,21 @@ fn log_finish(
     id: JobId,
     in_active: bool,
 ) -> Result<()> {
-    let (png, ended_ms) = match lock(&s.pending).get(&id) {
-        Some(p) => (p.png.clone(), p.record.updated_ms),
-        None => return Ok(()),
-    };
-    let at = match png {
-        Some(png) => Some(images.append(id, &png)?),
-        None => None,
-    };
     let mut value = Vec::with_capacity(1024);
-    {
+    let ended_ms = {
         let pending = lock(&s.pending);
         let Some(p) = pending.get(&id) else {
             return Ok(());
         };
+        let at = p
+            .png
+            .as_deref()
+            .map(|png| images.append(id, png))
+            .transpose()?;
         encode_finished(&mut value, &p.record, at)?;
-    }
-    log.append(wal::Kind::Finish, |b| {
-        b.extend_from_slice(&value);
-        Ok(())
-    })?;
+        p.record.updated_ms
+    };
+    log.append(wal::Kind::Finish, &value)?;
     changes.jobs.insert(
         id,
         Dirty::Finished {

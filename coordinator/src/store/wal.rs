@@ -63,43 +63,16 @@ fn generation_path(dir: &Path, generation: u64) -> PathBuf {
 }
 
 fn spares(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    if !dir.exists() {
-        return Ok(out);
-    }
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let spare = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with("spare-") && n.ends_with(".wal"));
-        if spare {
-            out.push(path);
-        }
-    }
-    out.sort();
-    Ok(out)
+    let spares = super::files_named(dir, |n| {
+        (n.starts_with("spare-") && n.ends_with(".wal")).then(|| n.to_string())
+    })?;
+    Ok(spares.into_iter().map(|(_, path)| path).collect())
 }
 
 /// The generations in `dir`, oldest first.
 pub fn generations(dir: &Path) -> Result<Vec<u64>> {
-    let mut out = Vec::new();
-    if !dir.exists() {
-        return Ok(out);
-    }
-    for entry in std::fs::read_dir(dir)? {
-        let path = entry?.path();
-        let generation = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(|n| n.strip_suffix(".wal"))
-            .and_then(|n| n.parse::<u64>().ok());
-        if let Some(generation) = generation {
-            out.push(generation);
-        }
-    }
-    out.sort_unstable();
-    Ok(out)
+    let generations = super::files_named(dir, |n| n.strip_suffix(".wal")?.parse::<u64>().ok())?;
+    Ok(generations.into_iter().map(|(g, _)| g).collect())
 }
 
 /// Every whole record of a generation, in order.
@@ -234,28 +207,17 @@ impl Wal {
         self.len
     }
 
-    /// Buffers one record; `body` writes the body.
-    pub fn append(
-        &mut self,
-        kind: Kind,
-        body: impl FnOnce(&mut Vec<u8>) -> Result<()>,
-    ) -> Result<()> {
+    /// Buffers one record.
+    pub fn append(&mut self, kind: Kind, body: &[u8]) -> Result<()> {
+        let len = PREFIX + body.len();
+        let len32 = u32::try_from(len)
+            .map_err(|_| CoordinatorError::InvalidRequest("a store record over 4 GiB".into()))?;
         let start = self.buffer.len();
         self.buffer.extend_from_slice(&[0; FRAME]);
         self.buffer
             .extend_from_slice(&self.generation.to_le_bytes());
         self.buffer.push(kind as u8);
-        if let Err(e) = body(&mut self.buffer) {
-            self.buffer.truncate(start);
-            return Err(e);
-        }
-        let len = self.buffer.len() - start - FRAME;
-        let Ok(len32) = u32::try_from(len) else {
-            self.buffer.truncate(start);
-            return Err(CoordinatorError::InvalidRequest(
-                "a store record over 4 GiB".into(),
-            ));
-        };
+        self.buffer.extend_from_slice(body);
         let crc = crc32fast::hash(&self.buffer[start + FRAME..]);
         self.buffer[start..start + 4].copy_from_slice(&len32.to_le_bytes());
         self.buffer[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -300,11 +262,7 @@ mod tests {
     use super::*;
 
     fn put(wal: &mut Wal, kind: Kind, body: &[u8]) {
-        wal.append(kind, |b| {
-            b.extend_from_slice(body);
-            Ok(())
-        })
-        .unwrap();
+        wal.append(kind, body).unwrap();
     }
 
     #[test]
@@ -313,13 +271,6 @@ mod tests {
         let mut wal = Wal::create(dir.path(), 7).unwrap();
         put(&mut wal, Kind::Job, b"first");
         put(&mut wal, Kind::Finish, b"second");
-        // A body that fails leaves nothing behind.
-        assert!(
-            wal.append(Kind::Node, |_| Err(CoordinatorError::InvalidRequest(
-                "no".into()
-            )))
-            .is_err()
-        );
         wal.sync().unwrap();
         let whole = wal.len();
         assert_eq!(
