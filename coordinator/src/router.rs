@@ -608,8 +608,9 @@ pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J>(
         if index.free_slots() == 0 {
             break;
         }
-        if let Some(key) = pick_indexed(index, spec, pivot, |k| capable(spec, k)) {
-            index.take(key, lora_set_key(&spec.loras));
+        let set = lora_set_key(&spec.loras);
+        if let Some(key) = index.pick(job_families(spec), set, pivot, |k| capable(spec, k)) {
+            index.take(key, set);
             pivot = after(key);
             placements.push((job, key));
         }

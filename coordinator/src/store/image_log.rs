@@ -149,17 +149,24 @@ impl Appender {
         self.segment
     }
 
-    /// Buffers an entry for `png`; answers where it will be. Call [`Appender::write`] to put the
-    /// buffered entries in the file.
-    pub fn append(&mut self, id: JobId, png: &[u8]) -> Result<ImageRef> {
-        let len = u32::try_from(png.len())
-            .map_err(|_| CoordinatorError::InvalidRequest("an image over 4 GiB".into()))?;
+    /// Moves on to a new segment when the current one is full (file I/O), so that the next
+    /// [`Appender::append`] only buffers.
+    pub fn make_room(&mut self) -> Result<()> {
         if self.len >= SEGMENT_BYTES {
             self.write()?;
             self.segment += 1;
             self.file = open_segment(&self.dir, self.segment)?;
             self.len = 0;
         }
+        Ok(())
+    }
+
+    /// Buffers an entry for `png` (after [`Appender::make_room`]); answers where it will be.
+    /// Call [`Appender::write`] to put the buffered entries in the file.
+    pub fn append(&mut self, id: JobId, png: &[u8]) -> Result<ImageRef> {
+        let len = u32::try_from(png.len())
+            .map_err(|_| CoordinatorError::InvalidRequest("an image over 4 GiB".into()))?;
+        self.make_room()?;
         let at = ImageRef {
             segment: self.segment,
             offset: self.len,

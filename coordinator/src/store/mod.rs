@@ -762,6 +762,8 @@ fn log_finish(
     id: JobId,
     in_active: bool,
 ) -> Result<()> {
+    // A segment change does file I/O: not under the lock readers and the actor take.
+    images.make_room()?;
     let mut value = Vec::with_capacity(1024);
     let ended_ms = {
         let pending = lock(&s.pending);
