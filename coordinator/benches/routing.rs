@@ -7,7 +7,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
-use drover_coordinator::router::{
+use drover_coordinator::control::router::{
     CapabilityIndex, Member, RoutingIndex, feasibility, pick, sample_farm,
 };
 use drover_shared::job::JobRequest;

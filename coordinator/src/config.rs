@@ -18,15 +18,28 @@ pub struct Config {
     /// Address of the gRPC endpoint nodes connect to.
     #[arg(long, env = "DROVER_GRPC_ADDR", default_value = "0.0.0.0:4201")]
     pub grpc_addr: SocketAddr,
-    /// Folder of the embedded sled database (registry, queue, images).
+    /// Folder of the store (database, write-ahead log, images).
     #[arg(long, env = "DROVER_DATA_DIR", default_value = "./drover-data")]
     pub data_dir: PathBuf,
-    /// Bearer token required on admin calls; admin calls are open when unset.
+    /// Bearer token required on admin calls; when unset, admin calls are accepted from loopback
+    /// only (unless `--insecure`).
     #[arg(long, env = "DROVER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<String>,
-    /// Token nodes must present when they connect; any node may join when unset.
+    /// Token nodes must present when they connect; when unset, nodes may join from loopback only
+    /// (unless `--insecure`).
     #[arg(long, env = "DROVER_NODE_TOKEN", hide_env_values = true)]
     pub node_token: Option<String>,
+    /// Lab mode: without `DROVER_ADMIN_TOKEN` admin calls, and without `DROVER_NODE_TOKEN` node
+    /// joins, are accepted from any address (by default only from loopback); `1`/`true`/`yes`.
+    #[arg(
+        long,
+        env = "DROVER_INSECURE",
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub insecure: bool,
     /// PEM certificate chain of this coordinator; with `--tls-key`, nodes connect over TLS
     /// (`https://` in their COORDINATOR_URL), and with `--http-tls` the REST API is HTTPS too.
     #[arg(long, env = "DROVER_TLS_CERT")]
@@ -114,6 +127,11 @@ pub struct Config {
     /// own).
     #[arg(long, env = "DROVER_HTTP_WORKERS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub http_workers: u16,
+    /// Space the store keeps in reserve (a ballast file in the data folder), in MiB: when the
+    /// disk fills up, it is given back so the coordinator can still start, serve reads and take
+    /// running jobs' results while it refuses new work; 0 keeps no reserve.
+    #[arg(long, env = "DROVER_STORE_RESERVE_MB", default_value_t = 64)]
+    pub store_reserve_mb: u64,
 }
 
 impl Config {

@@ -5,7 +5,8 @@ use actix_web::{HttpResponse, ResponseError};
 use drover_shared::error::{ErrorBody, ErrorCode, FieldError};
 use serde_json::{Value, json};
 
-use crate::router::NodeSkip;
+use crate::control::router::NodeSkip;
+use crate::store::StoreError;
 
 /// Result alias for the coordinator.
 pub type Result<T, E = CoordinatorError> = std::result::Result<T, E>;
@@ -19,6 +20,12 @@ pub enum CoordinatorError {
     /// A request is invalid as a whole.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// A request body is larger than the call accepts.
+    #[error("request body larger than {limit} bytes")]
+    TooLarge {
+        /// The call's limit in bytes.
+        limit: usize,
+    },
     /// The named thing does not exist.
     #[error("{0} not found")]
     NotFound(String),
@@ -72,20 +79,12 @@ pub enum CoordinatorError {
         /// Suggested wait in seconds.
         retry_after_s: u64,
     },
-    /// The embedded store failed.
-    #[error("store error: {0}")]
-    Store(#[from] sled::Error),
-    /// Reading or writing the store's files failed.
-    #[error("store i/o error: {0}")]
-    Io(#[from] std::io::Error),
-    /// Stored data failed its checks (a torn or damaged entry).
-    #[error("stored data damaged: {0}")]
-    Damaged(String),
-    /// The thing existed but was deleted (past its retention).
+    /// The store failed: it cannot write now (a full disk, an I/O failure), its data is
+    /// damaged, or what was asked for was deleted.
     #[error("{0}")]
-    Gone(String),
-    /// A record in the store could not be decoded or encoded.
-    #[error("store record error: {0}")]
+    Store(#[from] StoreError),
+    /// A value could not be encoded or decoded as JSON (outside the store).
+    #[error("json error: {0}")]
     Codec(#[from] serde_json::Error),
     /// One job of a batch submission was refused (so the whole batch was: nothing is accepted).
     #[error("job {index} of the batch: {error}")]
@@ -126,9 +125,10 @@ impl CoordinatorError {
     pub fn code(&self) -> ErrorCode {
         match self {
             Self::InvalidField(_) | Self::InvalidRequest(_) => ErrorCode::InvalidRequest,
-            Self::NotFound(_) | Self::Gone(_) => ErrorCode::NotFound,
+            Self::NotFound(_) | Self::Store(StoreError::Gone(_)) => ErrorCode::NotFound,
             Self::Infeasible { .. } | Self::Unprocessable(_) => ErrorCode::Unprocessable,
             Self::Conflict(_) => ErrorCode::Conflict,
+            Self::TooLarge { .. } => ErrorCode::PayloadTooLarge,
             Self::QueueFull { .. } | Self::RateLimited { .. } => ErrorCode::TooManyRequests,
             Self::JobFailed { .. } => ErrorCode::JobFailed,
             Self::Timeout { .. } => ErrorCode::Timeout,
@@ -136,7 +136,8 @@ impl CoordinatorError {
             Self::Forbidden(_) => ErrorCode::Forbidden,
             Self::Unavailable(_) => ErrorCode::Unavailable,
             Self::InBatch { error, .. } => error.code(),
-            Self::Store(_) | Self::Io(_) | Self::Damaged(_) | Self::Codec(_) => ErrorCode::Internal,
+            Self::Store(e) if e.is_unavailable() => ErrorCode::Unavailable,
+            Self::Store(_) | Self::Codec(_) => ErrorCode::Internal,
         }
     }
 
@@ -144,6 +145,7 @@ impl CoordinatorError {
     pub fn details(&self) -> Value {
         match self {
             Self::InvalidField(e) => json!({ "field": e.field }),
+            Self::TooLarge { limit } => json!({ "limit": limit }),
             Self::Infeasible { reasons } => json!({ "nodes": reasons }),
             Self::QueueFull {
                 limit,
@@ -247,5 +249,20 @@ mod tests {
         assert_eq!(body["error"]["details"]["index"], 2);
         assert_eq!(body["error"]["details"]["field"], "steps");
         assert!(e.to_string().starts_with("job 2 of the batch: "), "{e}");
+    }
+
+    #[test]
+    fn store_errors_map_by_what_went_wrong() {
+        let full = CoordinatorError::Store(StoreError::Unwritable(
+            "new jobs are refused: the disk is full".into(),
+        ));
+        assert_eq!(full.status_code(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(full.to_string().contains("the disk is full"), "{full}");
+        let eio = CoordinatorError::from(StoreError::Io(std::io::Error::from_raw_os_error(5)));
+        assert_eq!(eio.code(), ErrorCode::Unavailable);
+        let damaged = CoordinatorError::from(StoreError::Damaged("a short record".into()));
+        assert_eq!(damaged.code(), ErrorCode::Internal);
+        let gone = CoordinatorError::from(StoreError::Gone("pruned".into()));
+        assert_eq!(gone.code(), ErrorCode::NotFound);
     }
 }

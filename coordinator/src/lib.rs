@@ -1,25 +1,21 @@
-//! Drover coordinator: keeps the node registry and the job queue in sled, accepts image requests
-//! over REST (actix-web), and leases jobs to nodes over their gRPC sessions (tonic).
+//! Drover coordinator: keeps the node registry and the job queue in its store, accepts image
+//! requests over REST (actix-web), and leases jobs to nodes over their gRPC sessions (tonic).
 //!
-//! Layout: [`config`] (flags and env), [`http`] (REST), [`grpc`] (node endpoint), [`control`]
-//! (the `ControlPlane` actor owning all state), [`router`] (pure routing functions), [`store`]
-//! (the only module that touches sled), [`records`] (what is persisted), [`error`].
+//! Layout (arrows point inward): [`http`] (REST, the only code that knows actix-web) and
+//! [`grpc`] (the node endpoint, the only code that knows tonic) → [`control`] (the
+//! `ControlPlane` actor, the job state machine, the router) → [`store`] (the only module that
+//! touches the embedded database and the files on disk); beside them [`config`], [`access`],
+//! [`limits`], [`metrics`], [`records`] (what is persisted), [`error`], [`tls`].
 
-pub mod apidocs;
-pub mod client;
-pub mod compat;
+pub mod access;
 pub mod config;
 pub mod control;
-pub mod dashboard;
 pub mod error;
 pub mod grpc;
-pub mod history;
 pub mod http;
 pub mod limits;
 pub mod metrics;
-pub mod openapi;
 pub mod records;
-pub mod router;
 pub mod store;
 pub mod tls;
 
@@ -36,9 +32,11 @@ pub use config::Config;
 /// Entry point of the `drover-coordinator` binary: parses flags/env, runs until SIGINT/SIGTERM.
 pub fn cli_main() -> ExitCode {
     use clap::Parser;
-    init_tracing();
+    drover_shared::init_logging("drover-coordinator");
     let config = Config::parse();
-    match actix_web::rt::System::new().block_on(run(config)) {
+    let result = actix_web::rt::System::new().block_on(run(config));
+    drover_shared::telemetry::shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "coordinator stopped");
@@ -46,11 +44,6 @@ pub fn cli_main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// Installs the `tracing` subscriber (`RUST_LOG` filters, `DROVER_LOG_FORMAT=json` for JSON).
-pub fn init_tracing() {
-    drover_shared::init_logging();
 }
 
 /// Runs the coordinator (REST + gRPC + control plane) until the HTTP server stops.
@@ -64,7 +57,8 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         None => drover_shared::styles::StyleCatalog::default(),
     };
     tracing::info!(styles = styles.styles().count(), "style catalog loaded");
-    let store = store::Store::open(&config.data_dir)
+    access::warn_open_doors(&config);
+    let store = store::Store::open(&config.data_dir, config.store_reserve_mb)
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
     let metrics = Arc::new(metrics::Metrics::default());
     let control =
@@ -76,6 +70,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
     let service = grpc::NodeService::new(
         control.clone(),
         config.node_token.clone(),
+        config.insecure,
         config.heartbeat_ms,
     );
     let tls = tls::Identity::load(&config)?;
@@ -120,7 +115,6 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             .wrap_fn(http::request_span)
             .app_data(web::Data::new(state.clone()))
             .configure(http::configure)
-            .configure(compat::configure)
             .default_service(web::to(http::not_found))
     })
     .workers(usize::from(config.http_workers))

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
@@ -88,13 +88,27 @@ pub struct ClientId {
 struct Bucket {
     tokens: f64,
     last: Instant,
+    /// When the bucket will be full again: from then on it is the same as no bucket.
+    full_at: Instant,
 }
 
+/// Buckets kept at least before a sweep is considered.
+const SWEEP_FLOOR: usize = 1024;
+
 /// Token buckets, one per client: a client may submit `rate` jobs per minute on average, in
-/// bursts of up to `rate`.
+/// bursts of up to `rate`. A bucket that has refilled is forgotten (a full bucket and no bucket
+/// are the same), so memory follows the clients active in the last minute, not every address
+/// ever seen.
 #[derive(Debug, Default)]
 pub struct RateLimiter {
-    buckets: Mutex<HashMap<String, Bucket>>,
+    state: Mutex<Buckets>,
+}
+
+#[derive(Debug, Default)]
+struct Buckets {
+    by_client: HashMap<String, Bucket>,
+    /// Buckets left after the last sweep: the next sweep runs when there are twice as many.
+    after_sweep: usize,
 }
 
 impl RateLimiter {
@@ -106,31 +120,54 @@ impl RateLimiter {
         }
         let capacity = f64::from(client.rate_per_min);
         let per_sec = capacity / 60.0;
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        let bucket = buckets.entry(client.label.clone()).or_insert(Bucket {
-            tokens: capacity,
-            last: now,
-        });
-        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * per_sec).min(capacity);
-        bucket.last = now;
         let want = f64::from(n);
         if want > capacity {
             return Err(60);
         }
-        if bucket.tokens >= want {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if state.by_client.len() >= SWEEP_FLOOR.max(state.after_sweep * 2) {
+            state.by_client.retain(|_, b| b.full_at > now);
+            state.after_sweep = state.by_client.len();
+        }
+        let bucket = state
+            .by_client
+            .entry(client.label.clone())
+            .or_insert(Bucket {
+                tokens: capacity,
+                last: now,
+                full_at: now,
+            });
+        let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
+        bucket.tokens = (bucket.tokens + elapsed * per_sec).min(capacity);
+        bucket.last = now;
+        let answer = if bucket.tokens >= want {
             bucket.tokens -= want;
             Ok(())
         } else {
             Err(((want - bucket.tokens) / per_sec).ceil().max(1.0) as u64)
-        }
+        };
+        bucket.full_at = now + Duration::from_secs_f64((capacity - bucket.tokens) / per_sec);
+        answer
+    }
+
+    /// Buckets held now (clients seen within about their refill time).
+    pub fn len(&self) -> usize {
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .by_client
+            .len()
+    }
+
+    /// Whether no bucket is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     fn client(rate: u32) -> ClientId {
         ClientId {
@@ -171,6 +208,33 @@ mod tests {
                 .unwrap_err()
                 .contains("expected")
         );
+    }
+
+    /// Memory stays bounded under a stream of new addresses: buckets that have refilled are
+    /// forgotten, and a forgotten client starts with a full bucket as before.
+    #[test]
+    fn buckets_of_quiet_clients_are_forgotten() {
+        let limiter = RateLimiter::default();
+        let t0 = Instant::now();
+        let mut most = 0;
+        // 200,000 addresses, 100 new ones a second, each submitting once (rate 60/min: a bucket
+        // refills in a second).
+        for i in 0..200_000u64 {
+            let c = ClientId {
+                label: format!("ip:10.{}.{}.{}", i >> 16, (i >> 8) & 255, i & 255),
+                ..client(60)
+            };
+            let now = t0 + Duration::from_millis(i * 10);
+            assert_eq!(limiter.take(&c, 1, now), Ok(()));
+            most = most.max(limiter.len());
+        }
+        assert!(most <= 2 * SWEEP_FLOOR, "{most} buckets held at once");
+        // A client that was forgotten has its full burst again; one that is not keeps its debt.
+        let c = client(60);
+        for _ in 0..60 {
+            assert_eq!(limiter.take(&c, 1, t0), Ok(()));
+        }
+        assert_eq!(limiter.take(&c, 1, t0), Err(1));
     }
 
     #[test]

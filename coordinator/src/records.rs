@@ -14,7 +14,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// A LoRA a node advertises, with its base family.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct LoraAdvert {
     /// LoRA name (file name without `.safetensors`).
     pub name: String,
@@ -23,7 +23,7 @@ pub struct LoraAdvert {
 }
 
 /// A registered node, as persisted in the registry.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeRecord {
     /// Stable id (kept when a node with the same name registers again).
     pub id: NodeId,
@@ -59,7 +59,7 @@ pub struct NodeRecord {
 }
 
 /// Where a job is in its life.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     /// Waiting for a node.
@@ -102,7 +102,7 @@ impl std::fmt::Display for JobState {
 }
 
 /// The current lease of a job: which node may run it, until when.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Lease {
     /// The lease id; only results carrying it are accepted.
     pub id: LeaseId,
@@ -117,7 +117,7 @@ pub struct Lease {
 }
 
 /// One finished attempt of a job.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Attempt {
     /// The node it ran on.
     pub node_id: NodeId,
@@ -132,7 +132,7 @@ pub struct Attempt {
 }
 
 /// A job, as persisted in the queue.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRecord {
     /// Job id.
     pub id: JobId,

@@ -4,21 +4,22 @@
 //! (`BACKEND=auto`: rknn for an RKNN model folder, else cuda if a CUDA driver is present, else
 //! cpu; never the simulation), scans `LORA_ROOT` and keeps only the LoRAs made for the model's family
 //! (logging every one it skips, with the reason), then loads the pipeline once per worker and
-//! starts `NUM_WORKERS` worker actors in a `SyncArbiter`: Burn on the CPU (`cpu`), Burn CUDA
-//! (`cuda`, with the `cuda` feature), the RK3588 NPU (`rknn`, with the `rknn` feature: worker i on
-//! `NPU_CORE_{i % 3}`) or the simulation (`sim`).
+//! starts `NUM_WORKERS` [`Worker`] actors in a `SyncArbiter`, each around one renderer: Burn on
+//! the CPU (`cpu`), Burn CUDA (`cuda`, with the `cuda` feature), the RK3588 NPU (`rknn`, with the
+//! `rknn` feature: worker i on `NPU_CORE_{i % 3}`) or the simulation (`sim`). The session sees
+//! only the pool's `Recipient<RunJob>`, whatever the backend.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use actix::{Recipient, SyncArbiter};
+use actix::Recipient;
 use drover_shared::detect::{Inspection, Layout, ModelKind, inspect};
 use drover_shared::family::ModelFamily;
 
 use crate::config::{BackendKind, NodeConfig};
 use crate::error::{NodeError, Result};
-use crate::sim::SimWorker;
-use crate::worker::RunJob;
+use crate::render::{RunJob, Worker};
+use crate::sim::SimRenderer;
 
 /// What the node tells the coordinator it can do.
 #[derive(Clone, Debug, PartialEq)]
@@ -116,7 +117,7 @@ pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
                 )));
             }
             let started = std::time::Instant::now();
-            let pipelines = crate::burn_worker::load_pipelines::<crate::sd::Cpu>(
+            let pipelines = crate::burn::renderer::load_pipelines::<crate::burn::Cpu>(
                 &model,
                 &Default::default(),
                 workers as usize,
@@ -126,7 +127,7 @@ pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
                 ms = started.elapsed().as_millis() as u64,
                 "cpu pipelines loaded"
             );
-            let addr = crate::burn_worker::BurnWorker::start_pool(
+            let addr = crate::burn::renderer::start_pool(
                 pipelines,
                 "cpu",
                 &model.model_id,
@@ -267,12 +268,15 @@ fn build_cuda(
     model: &Inspection,
     loras: Vec<(String, ModelFamily)>,
 ) -> Result<WorkerPool> {
-    crate::cuda::preflight()?;
+    crate::burn::cuda::preflight()?;
     let workers = config.num_workers.unwrap_or(1);
     let device = burn::backend::cuda::CudaDevice::default();
-    let pipelines =
-        crate::burn_worker::load_pipelines::<crate::sd::Gpu>(model, &device, workers as usize)?;
-    let addr = crate::burn_worker::BurnWorker::start_pool(
+    let pipelines = crate::burn::renderer::load_pipelines::<crate::burn::Gpu>(
+        model,
+        &device,
+        workers as usize,
+    )?;
+    let addr = crate::burn::renderer::start_pool(
         pipelines,
         "cuda",
         &model.model_id,
@@ -399,7 +403,8 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
         None => Vec::new(),
     };
     let step = Duration::from_millis(config.sim_step_ms);
-    let addr = SyncArbiter::start(workers as usize, move || SimWorker::new(step));
+    let model_id = format!("sim-{family}");
+    let addr = Worker::start(workers as usize, &model_id, move |_| SimRenderer::new(step));
     let (w, h) = family.default_size();
     let pixel_steps_per_second = if config.sim_step_ms == 0 {
         0.0
@@ -412,7 +417,7 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
         capabilities: Capabilities {
             backend: BackendKind::Sim,
             family,
-            model_id: format!("sim-{family}"),
+            model_id,
             workers,
             max_pixels: config
                 .max_pixels

@@ -2,24 +2,24 @@
 //! keeps a gRPC session with the coordinator ([`session`]).
 //!
 //! Layout: [`config`] (env contract and CLI), [`factory`] (model detection, backend choice, LoRA
-//! scan, worker creation, capabilities), [`inspect`] (the `inspect` tool),
-//! [`worker`] (the message every worker handles), [`sim`] (the simulated backend), [`session`]
-//! (registration, heartbeats, assignments, reconnects), [`error`].
+//! scan, worker creation, capabilities), [`render`] (the backend-neutral job → image interface:
+//! [`render::Renderer`] and the one worker actor every backend runs in), the backends
+//! ([`mod@burn`]: cpu and cuda; `rknn`: the RK3588 NPU; [`sim`]: simulated), [`session`]
+//! (registration, heartbeats, assignments, reconnects) with [`convert`] (protocol messages into
+//! the node's types), [`inspect`] and [`tools`] (the CLI tools), [`error`].
 
-pub mod burn_worker;
+pub mod burn;
 pub mod config;
-#[cfg(feature = "cuda")]
-pub mod cuda;
+pub mod convert;
 pub mod error;
 pub mod factory;
 pub mod inspect;
+pub mod render;
 #[cfg(feature = "rknn")]
 pub mod rknn;
-pub mod sd;
 pub mod session;
 pub mod sim;
 pub mod tools;
-pub mod worker;
 
 use std::process::ExitCode;
 
@@ -29,7 +29,7 @@ pub use config::NodeConfig;
 pub fn cli_main() -> ExitCode {
     use clap::Parser;
     // Logs go to stderr: the tools print their results (JSON) on stdout.
-    drover_shared::init_logging();
+    drover_shared::init_logging("drover-node");
     let cli = config::Cli::parse();
     if let Some(config::Command::Inspect { path, json }) = cli.command {
         return match inspect::run(&path, json) {
@@ -98,6 +98,7 @@ pub fn cli_main() -> ExitCode {
             }
         }
     });
+    drover_shared::telemetry::shutdown();
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -4,11 +4,16 @@
 //! Results produced while the link is down wait in an outbox and go up on the next session; jobs
 //! keep running across reconnects, and the `hello` of each new session lists them so the
 //! coordinator can reconcile its leases.
+//!
+//! This is where protocol messages meet the node's own types: assignments and cancels go through
+//! [`crate::convert`] as they arrive, and the workers get [`RunJob`]s with render parameters and
+//! a progress sink that writes the job's progress messages into the outbox.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use drover_shared::ids::{JobId, LeaseId};
 use drover_shared::proto::coordinator_client::CoordinatorClient;
 use drover_shared::proto::{self, coordinator_message, node_message};
 use tokio::sync::mpsc;
@@ -17,9 +22,10 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::Instrument as _;
 
 use crate::config::NodeConfig;
+use crate::convert::{self, Assignment, Refused};
 use crate::error::{NodeError, Result};
 use crate::factory::WorkerPool;
-use crate::worker::{CancelFlag, ProgressSink, RunJob};
+use crate::render::{CancelFlag, Progress, ProgressSink, RunJob};
 
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -29,7 +35,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Jobs running on this node, by job id: (lease id, cancel flag).
-type Running = Arc<Mutex<HashMap<String, (String, CancelFlag)>>>;
+type Running = Arc<Mutex<HashMap<JobId, (LeaseId, CancelFlag)>>>;
 
 /// The node's side of the link, alive across sessions.
 pub struct NodeLink {
@@ -177,8 +183,8 @@ impl NodeLink {
         running
             .iter()
             .map(|(job_id, (lease_id, _))| proto::RunningJob {
-                job_id: job_id.clone(),
-                lease_id: lease_id.clone(),
+                job_id: job_id.to_string(),
+                lease_id: lease_id.to_string(),
             })
             .collect()
     }
@@ -247,13 +253,7 @@ impl NodeLink {
                         self.start_job(a);
                     }
                     Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Cancel(c)) }) => {
-                        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-                        if let Some((lease, flag)) = running.get(&c.job_id)
-                            && *lease == c.lease_id
-                        {
-                            tracing::info!(job_id = %c.job_id, "cancel requested");
-                            flag.cancel();
-                        }
+                        self.cancel(&c);
                     }
                     Some(proto::CoordinatorMessage { kind: None }) => {}
                 },
@@ -261,40 +261,65 @@ impl NodeLink {
         }
     }
 
+    /// Stops the job a cancel names, when it runs here under the cancel's lease.
+    fn cancel(&self, cancel: &proto::Cancel) {
+        let (job_id, lease_id) = match convert::ids(&cancel.job_id, &cancel.lease_id) {
+            Ok(ids) => ids,
+            Err(e) => {
+                tracing::warn!(error = %e, "cancel ignored: malformed id");
+                return;
+            }
+        };
+        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((lease, flag)) = running.get(&job_id)
+            && *lease == lease_id
+        {
+            tracing::info!(job_id = %job_id, "cancel requested");
+            flag.cancel();
+        }
+    }
+
     fn start_job(&self, assignment: proto::Assignment) {
-        let proto::Assignment {
+        let span = tracing::info_span!(
+            "job",
+            job_id = %assignment.job_id,
+            lease_id = %assignment.lease_id,
+            trace_id = %assignment.trace_id,
+            attempt = assignment.attempt
+        );
+        let _entered = span.enter();
+        let Assignment {
             job_id,
             lease_id,
-            spec,
-            attempt,
-            trace_id,
+            params,
             ..
-        } = assignment;
-        let span = tracing::info_span!("job", job_id = %job_id, lease_id = %lease_id, trace_id = %trace_id, attempt);
-        let _entered = span.enter();
-        let Some(spec) = spec else {
-            let failed = proto::JobFailed {
+        } = match Assignment::try_from(assignment) {
+            Ok(a) => a,
+            Err(Refused {
                 job_id,
                 lease_id,
-                reason: "assignment without a spec".into(),
-                permanent: true,
-            };
-            let _ = self
-                .outbox_tx
-                .send(message(node_message::Kind::Failed(failed)));
-            return;
+                reason,
+            }) => {
+                tracing::error!(reason = %reason, "assignment refused");
+                let failed = proto::JobFailed {
+                    job_id,
+                    lease_id,
+                    reason,
+                    permanent: true,
+                };
+                let _ = self
+                    .outbox_tx
+                    .send(message(node_message::Kind::Failed(failed)));
+                return;
+            }
         };
-        tracing::info!(size = %format!("{}x{}", spec.width, spec.height), steps = spec.steps, "job started");
+        tracing::info!(size = %format!("{}x{}", params.width, params.height), steps = params.steps, "job started");
         let cancel = CancelFlag::default();
         self.running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(job_id.clone(), (lease_id.clone(), cancel.clone()));
-        let progress = ProgressSink::Session {
-            outbox: self.outbox_tx.clone(),
-            job_id: job_id.clone(),
-            lease_id: lease_id.clone(),
-        };
+            .insert(job_id, (lease_id, cancel.clone()));
+        let progress = progress_sink(self.outbox_tx.clone(), job_id, lease_id);
         let runner = self.pool.runner.clone();
         let outbox = self.outbox_tx.clone();
         let running = self.running.clone();
@@ -303,7 +328,7 @@ impl NodeLink {
             async move {
                 let outcome = runner
                     .send(RunJob {
-                        spec,
+                        params,
                         progress,
                         cancel,
                         span: job_span,
@@ -314,6 +339,7 @@ impl NodeLink {
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
                     .remove(&job_id);
+                let (job_id, lease_id) = (job_id.to_string(), lease_id.to_string());
                 let reply = match outcome {
                     Ok(rendered) => {
                         tracing::info!(
@@ -342,6 +368,25 @@ impl NodeLink {
             .instrument(span.clone()),
         );
     }
+}
+
+/// A sink that puts each finished step of the job into the outbox as its `JobProgress` message,
+/// straight from the worker's thread (nothing happens once the outbox is gone).
+fn progress_sink(
+    outbox: mpsc::UnboundedSender<proto::NodeMessage>,
+    job_id: JobId,
+    lease_id: LeaseId,
+) -> ProgressSink {
+    let (job_id, lease_id) = (job_id.to_string(), lease_id.to_string());
+    ProgressSink::new(move |p: Progress| {
+        let progress = proto::JobProgress {
+            job_id: job_id.clone(),
+            lease_id: lease_id.clone(),
+            step: p.step,
+            total_steps: p.total,
+        };
+        let _ = outbox.send(message(node_message::Kind::Progress(progress)));
+    })
 }
 
 /// What usually fixes a link error, when the error text says enough to tell.
@@ -428,6 +473,23 @@ mod tests {
             png: vec![1],
             elapsed_ms: 1,
         }))
+    }
+
+    #[test]
+    fn progress_goes_into_the_outbox_under_the_job_and_its_lease() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (job, lease) = (JobId::time_ordered(), LeaseId::random());
+        let sink = progress_sink(tx, job, lease);
+        sink.send(Progress { step: 2, total: 4 });
+        let want = message(node_message::Kind::Progress(proto::JobProgress {
+            job_id: job.to_string(),
+            lease_id: lease.to_string(),
+            step: 2,
+            total_steps: 4,
+        }));
+        assert_eq!(rx.try_recv().ok(), Some(want));
+        drop(rx);
+        sink.send(Progress { step: 3, total: 4 });
     }
 
     #[test]

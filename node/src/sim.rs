@@ -1,51 +1,53 @@
-//! `BACKEND=sim`: a simulated worker for scheduler tests, demos and load benchmarks.
+//! `BACKEND=sim`: a simulated [`Renderer`] for scheduler tests, demos and load benchmarks.
 //!
 //! It runs no model. Each step sleeps `SIM_STEP_MS`; the image is a deterministic pattern derived
 //! from the prompt and seed (same prompt + seed + size → same bytes), and its PNG metadata says it is
 //! simulated. The factory never picks it on its own: it runs only when `BACKEND=sim` is set.
 
-use std::time::{Duration, Instant};
-
-use actix::{Actor, Handler, SyncContext};
-use drover_shared::proto;
+use std::ops::ControlFlow;
+use std::time::Duration;
 
 use crate::error::{NodeError, Result};
-use crate::worker::{Progress, Rendered, RunJob};
+use crate::render::{Image, Params, Renderer};
 
-/// A simulated worker actor.
-pub struct SimWorker {
+/// The simulated backend.
+pub struct SimRenderer {
     step: Duration,
 }
 
-impl SimWorker {
-    /// A worker spending `step` per denoising step.
+impl SimRenderer {
+    /// A renderer spending `step` per denoising step.
     pub fn new(step: Duration) -> Self {
         Self { step }
     }
 }
 
-impl Actor for SimWorker {
-    type Context = SyncContext<Self>;
-}
+impl Renderer for SimRenderer {
+    fn backend(&self) -> &'static str {
+        "sim"
+    }
 
-impl Handler<RunJob> for SimWorker {
-    type Result = Result<Rendered>;
+    fn simulated(&self) -> bool {
+        true
+    }
 
-    fn handle(&mut self, job: RunJob, _: &mut SyncContext<Self>) -> Self::Result {
-        let _span = job.span.clone().entered();
-        let started = Instant::now();
-        let total = job.spec.steps;
-        for step in 1..=total {
-            if job.cancel.is_cancelled() {
+    fn render(
+        &mut self,
+        params: &Params,
+        mut step: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Image> {
+        let rgb = pattern(params)?;
+        for k in 1..=params.steps {
+            std::thread::sleep(self.step);
+            if step(k, params.steps).is_break() {
                 return Err(NodeError::Cancelled);
             }
-            std::thread::sleep(self.step);
-            job.progress.send(Progress { step, total });
         }
-        let png = render_png(&job.spec)?;
-        Ok(Rendered {
-            png,
-            elapsed: started.elapsed(),
+        Ok(Image {
+            width: params.width,
+            height: params.height,
+            rgb,
+            truncated_tokens: 0,
         })
     }
 }
@@ -78,17 +80,18 @@ impl SplitMix {
     }
 }
 
-/// The simulated image for `spec`: RGB bytes, row by row.
-fn pattern(spec: &proto::JobSpec) -> Result<Vec<u8>> {
-    let (w, h) = (spec.width, spec.height);
+/// The simulated image for `params`: RGB bytes, row by row.
+fn pattern(params: &Params) -> Result<Vec<u8>> {
+    let (w, h) = (params.width, params.height);
     if w == 0 || h == 0 || w > 4096 || h > 4096 {
         return Err(NodeError::InvalidJob(format!(
             "size {w}x{h} is outside 1..=4096"
         )));
     }
+    let (w, h) = (w as u32, h as u32);
     let mut rng = SplitMix(stable_hash(&[
-        spec.prompt.as_bytes(),
-        &spec.seed.to_le_bytes(),
+        params.prompt.as_bytes(),
+        &params.seed.to_le_bytes(),
     ]));
     let base = [rng.unit(), rng.unit(), rng.unit()];
     let blobs: Vec<([f32; 2], f32, [f32; 3])> = (0..6)
@@ -154,63 +157,59 @@ fn pattern(spec: &proto::JobSpec) -> Result<Vec<u8>> {
     Ok(pixels)
 }
 
-/// Renders the simulated image for `spec` as PNG bytes.
-pub fn render_png(spec: &proto::JobSpec) -> Result<Vec<u8>> {
-    let pixels = pattern(spec)?;
-    let (w, h) = (spec.width, spec.height);
-    let mut out = Vec::new();
-    let mut encoder = png::Encoder::new(&mut out, w, h);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    encoder.set_compression(png::Compression::Fast);
-    let text = [
-        (
-            "Software",
-            "drover sim backend: simulated image, no diffusion model was run".to_string(),
-        ),
-        ("prompt", spec.prompt.clone()),
-        ("seed", spec.seed.to_string()),
-        ("steps", spec.steps.to_string()),
-        ("size", format!("{w}x{h}")),
-    ];
-    for (key, value) in text {
-        encoder
-            .add_itxt_chunk(key.to_string(), value)
-            .map_err(|e| NodeError::Render(e.to_string()))?;
-    }
-    let mut writer = encoder
-        .write_header()
-        .map_err(|e| NodeError::Render(e.to_string()))?;
-    writer
-        .write_image_data(&pixels)
-        .map_err(|e| NodeError::Render(e.to_string()))?;
-    writer
-        .finish()
-        .map_err(|e| NodeError::Render(e.to_string()))?;
-    Ok(out)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::render::{CancelFlag, Progress, RunJob, Worker};
 
-    fn spec(prompt: &str, seed: u64) -> proto::JobSpec {
-        proto::JobSpec {
+    fn params(prompt: &str, seed: u64) -> Params {
+        Params {
             prompt: prompt.into(),
+            negative_prompt: String::new(),
             width: 64,
             height: 48,
             steps: 2,
+            guidance: 1.0,
             seed,
-            ..Default::default()
+            loras: Vec::new(),
         }
+    }
+
+    /// The PNG a sim worker answers for `params`, and the steps it reported.
+    fn render_png(params: Params) -> Result<(Vec<u8>, Vec<Progress>)> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let rendered = actix_rt::System::new().block_on(async move {
+            let addr = Worker::start(1, "sim-sd15", |_| SimRenderer::new(Duration::ZERO));
+            let job = RunJob {
+                params,
+                progress: tx.into(),
+                cancel: CancelFlag::default(),
+                span: tracing::Span::none(),
+            };
+            addr.send(job)
+                .await
+                .unwrap_or_else(|e| Err(NodeError::Render(e.to_string())))
+        })?;
+        let mut steps = Vec::new();
+        while let Ok(p) = rx.try_recv() {
+            steps.push(p);
+        }
+        Ok((rendered.png, steps))
     }
 
     #[test]
     fn images_are_deterministic_per_prompt_and_seed() {
-        let a = render_png(&spec("a red fox", 7)).unwrap();
-        assert_eq!(a, render_png(&spec("a red fox", 7)).unwrap());
-        assert_ne!(a, render_png(&spec("a red fox", 8)).unwrap());
-        assert_ne!(a, render_png(&spec("a blue fox", 7)).unwrap());
+        let (a, steps) = render_png(params("a red fox", 7)).unwrap();
+        assert_eq!(
+            steps,
+            vec![
+                Progress { step: 1, total: 2 },
+                Progress { step: 2, total: 2 }
+            ]
+        );
+        assert_eq!(a, render_png(params("a red fox", 7)).unwrap().0);
+        assert_ne!(a, render_png(params("a red fox", 8)).unwrap().0);
+        assert_ne!(a, render_png(params("a blue fox", 7)).unwrap().0);
         let decoder = png::Decoder::new(std::io::Cursor::new(a));
         let reader = decoder.read_info().unwrap();
         let info = reader.info();
@@ -227,14 +226,15 @@ mod tests {
         assert!(
             texts
                 .iter()
-                .any(|(k, v)| k == "Software" && v.contains("simulated"))
+                .any(|(k, v)| k == "Software" && v.contains("simulated")),
+            "{texts:?}"
         );
     }
 
     #[test]
     fn absurd_sizes_are_refused_not_panicked() {
-        let mut s = spec("x", 1);
-        s.width = 0;
-        assert!(matches!(render_png(&s), Err(NodeError::InvalidJob(_))));
+        let mut p = params("x", 1);
+        p.width = 0;
+        assert!(matches!(render_png(p), Err(NodeError::InvalidJob(_))));
     }
 }

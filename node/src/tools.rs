@@ -12,12 +12,14 @@ use drover_shared::safetensors::Dtype;
 use drover_shared::safetensors::build::header_json;
 use serde_json::json;
 
+use crate::burn::clip::{ClipConfig, ClipText};
+use crate::burn::lora::LoraSet;
+use crate::burn::tensor_file::{HostTensor, TensorFile};
+use crate::burn::unet::{AddedCond, Unet, UnetConfig, guidance_embedding};
+use crate::burn::vae::{VaeConfig, VaeDecoder};
+use crate::burn::weights::{Loader, NameMap, RandomWeights, upload};
 use crate::error::{NodeError, Result};
-use crate::sd::clip::{ClipConfig, ClipText};
-use crate::sd::lora::LoraSet;
-use crate::sd::unet::{AddedCond, Unet, UnetConfig, guidance_embedding};
-use crate::sd::vae::{VaeConfig, VaeDecoder};
-use crate::sd::weights::{HostTensor, Loader, NameMap, RandomWeights, TensorFile, upload};
+use crate::render::gaussian;
 
 fn io(path: &Path, e: std::io::Error) -> NodeError {
     NodeError::Weights(format!("{}: {e}", path.display()))
@@ -137,7 +139,10 @@ pub fn make_model(out: &Path, seed: u64, family: ModelFamily) -> Result<()> {
 
     let te_cfg = clip_config(768, 2, 12, "quick_gelu");
     let te: ClipConfig = parse_config(&te_cfg, "text encoder")?;
-    ClipText::<crate::sd::Cpu>::load(&mut Loader::prefixed(&source, "text_model.", &device), &te)?;
+    ClipText::<crate::burn::Cpu>::load(
+        &mut Loader::prefixed(&source, "text_model.", &device),
+        &te,
+    )?;
     write_f16(&out.join("text_encoder/model.safetensors"), &source.take())?;
     write_json(&out.join("text_encoder/config.json"), &te_cfg)?;
     let mut components = vec![
@@ -147,7 +152,7 @@ pub fn make_model(out: &Path, seed: u64, family: ModelFamily) -> Result<()> {
     if sdxl {
         let te2_cfg = clip_config(1280, 2, 20, "gelu");
         let te2: ClipConfig = parse_config(&te2_cfg, "text encoder 2")?;
-        ClipText::<crate::sd::Cpu>::load(
+        ClipText::<crate::burn::Cpu>::load(
             &mut Loader::prefixed(&source, "text_model.", &device),
             &te2,
         )?
@@ -163,12 +168,12 @@ pub fn make_model(out: &Path, seed: u64, family: ModelFamily) -> Result<()> {
         ));
         components.push(("tokenizer_2", json!(["transformers", "CLIPTokenizer"])));
     }
-    Unet::<crate::sd::Cpu>::load(&mut Loader::prefixed(&source, "", &device), &unet)?;
+    Unet::<crate::burn::Cpu>::load(&mut Loader::prefixed(&source, "", &device), &unet)?;
     write_f16(
         &out.join("unet/diffusion_pytorch_model.safetensors"),
         &source.take(),
     )?;
-    VaeDecoder::<crate::sd::Cpu>::load(&mut Loader::prefixed(&source, "", &device), &vae)?;
+    VaeDecoder::<crate::burn::Cpu>::load(&mut Loader::prefixed(&source, "", &device), &vae)?;
     write_f16(
         &out.join("vae/diffusion_pytorch_model.safetensors"),
         &source.take(),
@@ -315,21 +320,21 @@ pub fn unet_eval(o: &UnetEval) -> Result<()> {
     };
     let unet = {
         let mut l =
-            Loader::<crate::sd::Cpu>::new(&file, map, &device).with_lora(&mut set, "unet", "");
+            Loader::<crate::burn::Cpu>::new(&file, map, &device).with_lora(&mut set, "unet", "");
         Unet::load(&mut l, &config)?
     };
     set.check_claimed()?;
     let inputs = TensorFile::open(o.inputs)?;
-    let sample: Tensor<crate::sd::Cpu, 4> = tensor_from(&inputs, "sample", &device)?;
+    let sample: Tensor<crate::burn::Cpu, 4> = tensor_from(&inputs, "sample", &device)?;
     let timestep = inputs
         .read("timestep")?
         .data
         .first()
         .copied()
         .ok_or_else(|| NodeError::InvalidJob("timestep is empty".into()))?;
-    let ctx: Tensor<crate::sd::Cpu, 3> = tensor_from(&inputs, "encoder_hidden_states", &device)?;
+    let ctx: Tensor<crate::burn::Cpu, 3> = tensor_from(&inputs, "encoder_hidden_states", &device)?;
     let cond = if inputs.contains("timestep_cond") {
-        Some(tensor_from::<crate::sd::Cpu, 2>(
+        Some(tensor_from::<crate::burn::Cpu, 2>(
             &inputs,
             "timestep_cond",
             &device,
@@ -346,7 +351,7 @@ pub fn unet_eval(o: &UnetEval) -> Result<()> {
         None
     };
     let added = if config.text_time() {
-        let text_embeds = tensor_from::<crate::sd::Cpu, 2>(&inputs, "text_embeds", &device)?;
+        let text_embeds = tensor_from::<crate::burn::Cpu, 2>(&inputs, "text_embeds", &device)?;
         let ids = inputs.read("time_ids")?.data;
         let time_ids: [f32; 6] = ids.as_slice().try_into().map_err(|_| {
             NodeError::InvalidJob(format!("time_ids has {} values, SDXL takes 6", ids.len()))
@@ -391,15 +396,12 @@ pub fn bench_unet<B: Backend>(
     drop(source.take());
     let c = config.in_channels;
     let sample = Tensor::<B, 4>::from_data(
-        TensorData::new(
-            crate::sd::pipeline::gaussian(1, c * latent * latent),
-            [1, c, latent, latent],
-        ),
+        TensorData::new(gaussian(1, c * latent * latent), [1, c, latent, latent]),
         device,
     );
     let ctx = Tensor::<B, 3>::from_data(
         TensorData::new(
-            crate::sd::pipeline::gaussian(2, 77 * config.cross_attention_dim),
+            gaussian(2, 77 * config.cross_attention_dim),
             [1, 77, config.cross_attention_dim],
         ),
         device,
@@ -416,7 +418,7 @@ pub fn bench_unet<B: Backend>(
             let side = (latent * 8) as f32;
             Some(AddedCond {
                 text_embeds: Tensor::<B, 2>::from_data(
-                    TensorData::new(crate::sd::pipeline::gaussian(3, width), [1, width]),
+                    TensorData::new(gaussian(3, width), [1, width]),
                     device,
                 ),
                 time_ids: [side, side, 0.0, 0.0, side, side],
@@ -484,15 +486,17 @@ pub fn bench_cli(
         )));
     }
     let timing = match device {
-        "cpu" => bench_unet::<crate::sd::Cpu>(&config, &Default::default(), latent, warmup, runs)?,
+        "cpu" => {
+            bench_unet::<crate::burn::Cpu>(&config, &Default::default(), latent, warmup, runs)?
+        }
         #[cfg(feature = "cuda")]
         "cuda" => {
-            crate::cuda::preflight()?;
-            bench_unet::<crate::sd::Gpu>(&config, &Default::default(), latent, warmup, runs)?
+            crate::burn::cuda::preflight()?;
+            bench_unet::<crate::burn::Gpu>(&config, &Default::default(), latent, warmup, runs)?
         }
         #[cfg(feature = "cuda")]
         "cuda-f16" => {
-            crate::cuda::preflight()?;
+            crate::burn::cuda::preflight()?;
             bench_unet::<burn::backend::Cuda<half::f16>>(
                 &config,
                 &Default::default(),

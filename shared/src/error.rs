@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// What kind of failure an error is, independent of transport.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ErrorCode {
     /// The request is malformed or a value is out of range (a client mistake).
@@ -21,6 +22,8 @@ pub enum ErrorCode {
     Unprocessable,
     /// The request conflicts with the current state of the resource.
     Conflict,
+    /// The request body is larger than the call accepts.
+    PayloadTooLarge,
     /// The queue is full; retry later.
     TooManyRequests,
     /// The job ran and failed on every attempt.
@@ -43,6 +46,7 @@ impl ErrorCode {
             Self::NotFound => "not_found",
             Self::Unprocessable => "unprocessable",
             Self::Conflict => "conflict",
+            Self::PayloadTooLarge => "payload_too_large",
             Self::TooManyRequests => "too_many_requests",
             Self::JobFailed => "job_failed",
             Self::Timeout => "timeout",
@@ -59,6 +63,7 @@ impl ErrorCode {
             Self::Forbidden => 403,
             Self::NotFound => 404,
             Self::Conflict => 409,
+            Self::PayloadTooLarge => 413,
             Self::Unprocessable => 422,
             Self::TooManyRequests => 429,
             Self::JobFailed => 502,
@@ -76,6 +81,8 @@ impl ErrorCode {
             Self::Forbidden => tonic::Code::PermissionDenied,
             Self::NotFound => tonic::Code::NotFound,
             Self::Conflict => tonic::Code::AlreadyExists,
+            // gRPC's own answer to a message over its size limit.
+            Self::PayloadTooLarge => tonic::Code::ResourceExhausted,
             Self::Unprocessable => tonic::Code::FailedPrecondition,
             Self::TooManyRequests => tonic::Code::ResourceExhausted,
             Self::JobFailed => tonic::Code::Aborted,
@@ -88,13 +95,15 @@ impl ErrorCode {
 
 /// The JSON body of every REST error: `{"error":{"code","message","details"}}`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     /// The error itself.
     pub error: ErrorPayload,
 }
 
-/// Inside [`ErrorBody`].
+/// The error inside an `ErrorBody`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorPayload {
     /// Machine-readable code.
     pub code: ErrorCode,
@@ -102,6 +111,7 @@ pub struct ErrorPayload {
     pub message: String,
     /// Structured details (e.g. the offending field, per-node reasons); `null` when none.
     #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<Object>))]
     pub details: serde_json::Value,
 }
 
@@ -160,6 +170,7 @@ mod tests {
             ErrorCode::NotFound,
             ErrorCode::Unprocessable,
             ErrorCode::Conflict,
+            ErrorCode::PayloadTooLarge,
             ErrorCode::TooManyRequests,
         ] {
             assert!((400..500).contains(&code.http_status()), "{code:?}");

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 /// A Stable Diffusion model family, as detected from a checkpoint's cross-attention width.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum ModelFamily {
     /// SD 1.x (cross-attention dim 768).

@@ -21,6 +21,7 @@ pub mod ids;
 pub mod job;
 pub mod safetensors;
 pub mod styles;
+pub mod telemetry;
 
 /// gRPC protocol, generated from `proto/drover.proto`.
 #[allow(missing_docs, clippy::all)]
@@ -36,27 +37,73 @@ pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Installs the process's `tracing` subscriber: `RUST_LOG` filters (`info` by default); logs go
 /// to stderr, as text, or as one JSON object per line when `DROVER_LOG_FORMAT=json` (with the
-/// fields of the enclosing spans: request, job and trace ids).
-pub fn init_logging() {
+/// fields of the enclosing spans: request, job and trace ids). Text carries ANSI colours only
+/// when stderr is a terminal and `NO_COLOR` is not set (`log_colours`), so files, pipes and
+/// container logs get plain text. With `OTEL_EXPORTER_OTLP_ENDPOINT` set, spans are also
+/// exported over OTLP ([`telemetry`]) as `service`; call [`telemetry::shutdown`] before exiting.
+pub fn init_logging(service: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::Layer as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let ansi = log_colours(
+        std::io::stderr().is_terminal(),
+        std::env::var_os("NO_COLOR").as_deref(),
+    );
     let json = std::env::var("DROVER_LOG_FORMAT").is_ok_and(|f| f.eq_ignore_ascii_case("json"));
-    let _ = if json {
-        builder
-            .json()
+    let text = tracing_subscriber::fmt::layer()
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr);
+    let logs = if json {
+        text.json()
             .with_current_span(true)
             .with_span_list(true)
-            .try_init()
+            .boxed()
     } else {
-        builder.try_init()
+        text.boxed()
     };
+    let _ = tracing_subscriber::registry()
+        .with(telemetry::layer(service))
+        .with(logs)
+        .with(filter)
+        .try_init();
+}
+
+/// Whether log lines carry ANSI colours: only when the log stream is a terminal, and never when
+/// `NO_COLOR` is set to anything but the empty string (<https://no-color.org>).
+fn log_colours(is_terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    is_terminal && no_color.is_none_or(|v| v.is_empty())
 }
 
 /// Compares a presented secret with the expected one in time independent of where they differ.
 pub fn secret_eq(presented: &str, expected: &str) -> bool {
     let (a, b) = (presented.as_bytes(), expected.as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ffi::OsStr;
+
+    use super::log_colours;
+
+    #[test]
+    fn logs_are_coloured_only_on_a_terminal_without_no_color() {
+        for (terminal, no_color, coloured) in [
+            (true, None, true),
+            (false, None, false),
+            (true, Some("1"), false),
+            (true, Some("false"), false),
+            (true, Some(""), true),
+            (false, Some("1"), false),
+        ] {
+            assert_eq!(
+                log_colours(terminal, no_color.map(OsStr::new)),
+                coloured,
+                "terminal {terminal}, NO_COLOR {no_color:?}"
+            );
+        }
+    }
 }

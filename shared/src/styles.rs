@@ -45,6 +45,7 @@ struct StyleDef {
 
 /// A validated style.
 #[derive(Clone, Debug, PartialEq, Serialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Style {
     /// Style id.
     pub id: String,

@@ -181,6 +181,8 @@ impl ClusterSandbox {
             ("DROVER_HEARTBEAT_MS".into(), "100".into()),
             ("DROVER_OFFLINE_GRACE_MS".into(), "1500".into()),
             ("DROVER_LEASE_FLOOR_MS".into(), "10000".into()),
+            // A small disk reserve: every sandbox would otherwise write 64 MiB of zeros.
+            ("DROVER_STORE_RESERVE_MB".into(), "1".into()),
         ];
         for (k, v) in env {
             coordinator_env.retain(|(key, _)| key != k);
@@ -199,7 +201,7 @@ impl ClusterSandbox {
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(120)));
         if http_tls && let Some(cert) = &tls_cert {
-            agent_config = agent_config.tls_config(drover_coordinator::client::trusting(cert)?);
+            agent_config = agent_config.tls_config(drover_cli::trusting(cert)?);
         }
         let agent: ureq::Agent = agent_config.build().into();
         let coordinator = Proc {
@@ -602,4 +604,49 @@ impl Drop for ClusterSandbox {
         }
         self.coordinator.kill();
     }
+}
+
+impl ClusterSandbox {
+    /// Starts the coordinator process (again) on the same ports and data, and waits until it
+    /// answers `/healthz` at all: a coordinator whose store is degraded answers `503`. Fails at
+    /// once when the process exits.
+    pub fn start_coordinator_answering(&mut self) -> Result<()> {
+        self.coordinator.kill();
+        let child = spawn(
+            &self.bins.coordinator,
+            &self.coordinator_env,
+            &self.coordinator.log,
+        )?;
+        self.coordinator.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if self.get("/healthz").is_ok() {
+                return Ok(());
+            }
+            if let Some(code) = self.coordinator_exit() {
+                bail!(
+                    "the coordinator exited ({code:?}) instead of starting:\n{}",
+                    tail(&self.coordinator.log, 20)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("timed out after 30 s waiting until the coordinator answers /healthz");
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    }
+
+    /// The coordinator's exit code when it has exited by itself (`None` while it runs).
+    fn coordinator_exit(&mut self) -> Option<Option<i32>> {
+        let status = self.coordinator.child.as_mut()?.try_wait().ok()??;
+        Some(status.code())
+    }
+}
+
+/// The width and height of a PNG.
+pub fn png_size(bytes: &[u8]) -> (u32, u32) {
+    let reader = png::Decoder::new(std::io::Cursor::new(bytes))
+        .read_info()
+        .expect("a valid png");
+    (reader.info().width, reader.info().height)
 }

@@ -18,7 +18,7 @@ use std::time::SystemTime;
 
 use drover_shared::ids::JobId;
 
-use crate::error::{CoordinatorError, Result};
+use super::error::{Result, StoreError};
 
 const MAGIC: &[u8; 8] = b"DRIMG\0\0\x01";
 /// Bytes of an entry before the image.
@@ -86,11 +86,11 @@ fn open_segment(dir: &Path, segment: u32) -> Result<File> {
 
 /// Reads one image, checking its entry against the reference and the job.
 pub fn read(dir: &Path, id: JobId, at: ImageRef) -> Result<Vec<u8>> {
-    let lost = |why: &str| CoordinatorError::Damaged(format!("image of job {id}: {why}"));
+    let lost = |why: &str| StoreError::Damaged(format!("image of job {id}: {why}"));
     let file = match File::open(segment_path(dir, at.segment)) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(CoordinatorError::Gone(format!(
+            return Err(StoreError::Gone(format!(
                 "the image of job {id} is past its retention and was deleted"
             )));
         }
@@ -123,6 +123,9 @@ pub struct Appender {
     buffer: Vec<u8>,
     /// Segments written to since [`Appender::take_touched`] last ran, to be synced.
     touched: BTreeMap<u32, File>,
+    /// Test hook: the next write stops half-way with "no space".
+    #[cfg(test)]
+    pub fail_next: bool,
 }
 
 impl Appender {
@@ -141,6 +144,8 @@ impl Appender {
             len,
             buffer: Vec::new(),
             touched: BTreeMap::new(),
+            #[cfg(test)]
+            fail_next: false,
         })
     }
 
@@ -154,8 +159,8 @@ impl Appender {
     pub fn make_room(&mut self) -> Result<()> {
         if self.len >= SEGMENT_BYTES {
             self.write()?;
+            self.file = open_segment(&self.dir, self.segment + 1)?;
             self.segment += 1;
-            self.file = open_segment(&self.dir, self.segment)?;
             self.len = 0;
         }
         Ok(())
@@ -165,7 +170,7 @@ impl Appender {
     /// Call [`Appender::write`] to put the buffered entries in the file.
     pub fn append(&mut self, id: JobId, png: &[u8]) -> Result<ImageRef> {
         let len = u32::try_from(png.len())
-            .map_err(|_| CoordinatorError::InvalidRequest("an image over 4 GiB".into()))?;
+            .map_err(|_| StoreError::TooLarge(format!("an image of {} bytes", png.len())))?;
         self.make_room()?;
         let at = ImageRef {
             segment: self.segment,
@@ -185,6 +190,11 @@ impl Appender {
     /// Writes the buffered entries to the file (the page cache: they survive the process, and
     /// reach the disk when [`Appender::take_touched`]'s segments are synced).
     pub fn write(&mut self) -> Result<()> {
+        #[cfg(test)]
+        if std::mem::take(&mut self.fail_next) && !self.buffer.is_empty() {
+            self.file.write_all(&self.buffer[..self.buffer.len() / 2])?;
+            return Err(std::io::Error::from_raw_os_error(28).into());
+        }
         if !self.buffer.is_empty() {
             self.file.write_all(&self.buffer)?;
             self.buffer.clear();
@@ -200,6 +210,41 @@ impl Appender {
     pub fn take_touched(&mut self) -> BTreeMap<u32, File> {
         std::mem::take(&mut self.touched)
     }
+
+    /// Where the next entry goes (taken before a round, for [`Appender::rewind`]).
+    pub fn mark(&self) -> Mark {
+        Mark {
+            segment: self.segment,
+            len: self.len,
+        }
+    }
+
+    /// Forgets the entries appended since `mark`, after a failed write: the buffer is dropped
+    /// and the segment cut back to the mark (best effort: an entry nothing points at is never
+    /// read). The next entry goes where the file ends.
+    pub fn rewind(&mut self, mark: Mark) {
+        self.buffer.clear();
+        let keep = if mark.segment == self.segment {
+            mark.len
+        } else {
+            // The round had moved on to a new segment: it holds nothing of an earlier round.
+            0
+        };
+        if let Err(e) = self.file.set_len(keep) {
+            tracing::error!(error = %e, segment = self.segment, "cannot cut a failed write out of the image log");
+        }
+        self.len = match self.file.metadata() {
+            Ok(m) => m.len(),
+            Err(_) => keep,
+        };
+    }
+}
+
+/// A place in the image log (see [`Appender::mark`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mark {
+    segment: u32,
+    len: u64,
 }
 
 /// Deletes every segment in `dir` below `open` (the one being appended to, which is kept) last
@@ -267,9 +312,6 @@ mod tests {
         let later = SystemTime::now() + std::time::Duration::from_secs(1);
         assert_eq!(delete_older(dir.path(), at.segment, later).unwrap(), 0);
         assert_eq!(delete_older(dir.path(), at.segment + 1, later).unwrap(), 1);
-        assert!(matches!(
-            read(dir.path(), id, at),
-            Err(CoordinatorError::Gone(_))
-        ));
+        assert!(matches!(read(dir.path(), id, at), Err(StoreError::Gone(_))));
     }
 }

@@ -2,105 +2,108 @@
 //!
 //! **sled holds the state.** Trees: `nodes` (node id → [`NodeRecord`] JSON); `active` (job id →
 //! [`JobRecord`] JSON of every unfinished job, all a restart reads); `jobs` (finished jobs, kept
-//! for the retention period, the place of the job's image in front: see [`encode_finished`];
-//! job ids are time-ordered, so the retention sweep walks `jobs` from its start and stops at
-//! the first job accepted after the cutoff); `finished` (end time, big-endian, ++ job id →
-//! nothing: the same sweep's index for jobs whose ids are not time-ordered, those of stores
-//! before layout 3); `images` (job id → PNG, written by stores before layout 3 and still read);
-//! `meta` (the layout version). Result images go to the [`image_log`].
+//! for the retention period, the place of the job's image in front: see
+//! `codec::encode_finished`; job ids are time-ordered, so the retention sweep walks `jobs` from
+//! its start and stops at the first job accepted after the cutoff); `finished` (end time,
+//! big-endian, ++ job id → nothing: the same sweep's index for jobs whose ids are not
+//! time-ordered, those of stores before layout 3); `images` (job id → PNG, written by stores
+//! before layout 3 and still read); `meta` (the layout version, see `migrate`). Result images
+//! go to the `image_log`.
 //!
 //! **A write-ahead log makes changes durable.** The control plane hands every change to
-//! [`Store`] without waiting. The `drover-store` thread appends each change to the [`wal`] in
-//! the order it was made; whoever must not answer before a change is on disk (an accepted job's
-//! 2xx) calls [`Store::flush`] after making it, and one `fdatasync` of the log answers every
-//! flush waiting in that round (group commit). sled's own flush (which also runs its segment
-//! cleaning) is never on that path.
+//! [`Store`] without waiting. The `drover-store` thread (`writer`) appends each change to the
+//! `wal` in the order it was made; whoever must not answer before a change is on disk (an
+//! accepted job's 2xx) calls [`Store::flush`] after making it, and one `fdatasync` of the log
+//! answers every flush waiting in that round (group commit). sled's own flush (which also runs
+//! its segment cleaning) is never on that path.
 //!
 //! **Checkpoints move the log into sled.** Every [`CHECKPOINT_EVERY`] the writer closes the log
 //! generation and hands what it changed — coalesced per job, so a job accepted and finished in
-//! between costs one record in sled, not four writes — to the `drover-checkpoint` thread, which
-//! syncs the image segments written to, applies the changes to sled, flushes sled, and recycles
-//! the generation's file (log files are preallocated, so a log sync writes no metadata). A
-//! restart replays the generations left into sled before anything reads it.
+//! between costs one record in sled, not four writes — to the `drover-checkpoint` thread
+//! (`checkpoint`), which syncs the image segments written to, applies the changes to sled,
+//! flushes sled, and recycles the generation's file (log files are preallocated, so a log sync
+//! writes no metadata). A restart reads the generations left (`replay`) and applies them to
+//! sled before anything reads it.
 //!
 //! **A durable record never points at an image that is not.** Images are synced before the
 //! checkpoint that puts their records in sled; a log record written before its image reached the
 //! disk is checked on replay, and a finish whose image did not survive (an OS crash) is dropped,
-//! so the job is still unfinished and runs again. Until its checkpoint, a finished job and its
-//! image are answered from memory ([`Store::job`], [`Store::image`]).
+//! so the job is still unfinished and runs again. Until sled has flushed it, a finished job and
+//! its image are answered from memory ([`Store::job`], [`Store::image`]).
+//!
+//! **Failed writes and a full disk** (issue 22). What the store does, and promises:
+//! - *A submission is all or nothing.* New jobs are taken in groups: those queued between two
+//!   flushes (a submission's jobs, then its flush). Whether a group is refused is decided at its
+//!   first job; the log counts records durable only up to a flush that a sync answered, and the
+//!   timed rotation waits (up to a second) for an open group's flush, so no group is half on
+//!   disk. A flush succeeds only when every new job before it is durable.
+//! - *A failed round leaves nothing.* When a round's image write, log write or log sync fails,
+//!   the log is rewound to what is durable and zeros go over what lies after it (replay stops at
+//!   the first bad frame), so nothing written since comes back after a restart. Jobs first
+//!   logged in that span are *lost*: their flushes fail (503, and the submission is revoked),
+//!   their later records and their end are dropped, nothing of them is checkpointed. Other
+//!   records of the span stay in memory for the next checkpoint (best effort, as leases and
+//!   results always are); finished jobs whose image was not written are logged again.
+//! - *A refused flush takes its group with it*, logged or not. A lost job holds later flushes
+//!   back (they are refused) until its end comes — the revoke — or for `writer::LOST_HOLD`.
+//! - *Degraded.* Any failed write (the writer's or a checkpoint's) makes the store degraded
+//!   ([`Store::health`]; `/healthz` answers 503 with the reason): new jobs are refused while
+//!   reads, node records, leases and results go on being written, best effort. A failed
+//!   checkpoint is carried and tried again once there is room for it; its generations stay.
+//! - *The reserve.* [`Store::open`] keeps a ballast of `reserve_mb` MiB of real blocks in the
+//!   data folder, in two halves. When a write fails for lack of space, `reserve.ballast` is
+//!   deleted at once so checkpoints and results can go on in its space (sled, which refuses every
+//!   write — and some reads — after a failed one, is reopened there). `reserve-start.ballast` is
+//!   deleted only when the store cannot open for lack of space (a `kill -9` on a full disk): it
+//!   then opens again, degraded; when sled cannot take the replayed log either, the log is kept,
+//!   answered from memory and checkpointed once there is room. A start that finds no room for
+//!   the reserve is degraded too. The store is healthy again once both halves are back and as
+//!   much space again can be written (checked every second: a probe file written, synced,
+//!   deleted). Without a reserve (0 MiB) a full disk can keep the coordinator from starting.
+//!   Filesystems that compress zeros (btrfs, ZFS) make the ballast useless.
+//! - *Never lost:* a job whose flush succeeded, whatever fails afterwards. *Known limit:* with
+//!   concurrent submissions, a flush held back by another submission's lost job refuses jobs
+//!   that were already durable (only when a sync came between them and their flush); their
+//!   revoke (failed, "not accepted") is then logged best effort.
 
+mod checkpoint;
+mod codec;
+mod error;
+mod health;
 mod image_log;
+mod migrate;
+mod replay;
+mod waiter;
 mod wal;
+mod writer;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
 
-use crossbeam_channel::{Receiver, Sender};
-use drover_shared::ids::{JobId, NodeId};
+use crossbeam_channel::Sender;
+use drover_shared::ids::JobId;
 
+pub use error::StoreError;
+pub use health::StoreHealth;
 pub use image_log::ImageRef;
 
-use crate::error::{CoordinatorError, Result};
+use checkpoint::Dirty;
+use error::Result;
+use waiter::Waiter;
+use writer::Write;
+
 use crate::records::{JobRecord, NodeRecord};
 
-/// The store layout this build writes: 2 = unfinished jobs in `active`, `finished` index; 3 =
-/// images in the image log, their place in front of the finished record; the write-ahead log.
-const LAYOUT: u8 = 3;
-
-/// Most queued changes the writer takes before it looks at its waiters again.
-const MAX_BATCH: usize = 4096;
-
-/// How often the writer checkpoints its changes into sled.
+/// How often the writer checkpoints its changes into sled (and how often a degraded store
+/// checks whether it can write again).
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
-
-/// A log generation this large is checkpointed without waiting for the interval.
-const CHECKPOINT_BYTES: u64 = wal::FILE_BYTES;
-
-/// First byte of a finished record that carries an [`ImageRef`] (a bare JSON record starts
-/// with `{`).
-const WITH_IMAGE: u8 = 0xd1;
-
-/// Someone waiting for the writer: a flush or a checkpoint.
-enum Waiter {
-    Async(tokio::sync::oneshot::Sender<std::result::Result<(), String>>),
-    Blocking(std::sync::mpsc::Sender<std::result::Result<(), String>>),
-}
-
-impl Waiter {
-    fn answer(self, result: std::result::Result<(), String>) {
-        match self {
-            Self::Async(tx) => {
-                let _ = tx.send(result);
-            }
-            Self::Blocking(tx) => {
-                let _ = tx.send(result);
-            }
-        }
-    }
-}
-
-/// One queued change (or request) for the writer thread.
-enum Write {
-    Node(NodeRecord),
-    /// An unfinished job's new state.
-    Job(JobRecord),
-    /// A job ended; its record and image wait in [`Shared::pending`].
-    Finish(JobId),
-    /// Retention: finished jobs that ended before `before_ms` (at most `limit`), and image
-    /// segments last written before then.
-    Prune {
-        before_ms: u64,
-        limit: usize,
-        done: Option<std::sync::mpsc::Sender<Result<usize>>>,
-    },
-    /// Answer once everything queued before is durable.
-    Sync(Waiter),
-    /// Checkpoint now; answer once everything queued before is in sled.
-    Checkpoint(Waiter),
-}
 
 /// A finished job on its way to sled.
 struct Pending {
@@ -108,18 +111,141 @@ struct Pending {
     png: Option<Arc<[u8]>>,
 }
 
-/// What the handles and the store's threads share.
-struct Shared {
+/// The sled database and its trees.
+struct Trees {
     db: sled::Db,
     nodes: sled::Tree,
     active: sled::Tree,
     jobs: sled::Tree,
     images: sled::Tree,
     finished: sled::Tree,
+    meta: sled::Tree,
+}
+
+impl Trees {
+    fn new(db: sled::Db) -> Result<Self> {
+        Ok(Self {
+            nodes: db.open_tree("nodes")?,
+            active: db.open_tree("active")?,
+            jobs: db.open_tree("jobs")?,
+            images: db.open_tree("images")?,
+            finished: db.open_tree("finished")?,
+            meta: db.open_tree("meta")?,
+            db,
+        })
+    }
+
+    /// Opens the database in `dir`.
+    fn open(dir: &Path) -> Result<Self> {
+        let db = sled::Config::new()
+            .path(dir)
+            .flush_every_ms(Some(1000))
+            .open()?;
+        Self::new(db)
+    }
+
+    /// Puts a finished job in sled: its record (as encoded) in `jobs` (and a `finished` entry
+    /// when its id is not time-ordered), and, when it has one (`in_active`), its `active` entry
+    /// gone — the end first, so a crash in between leaves both and a restart keeps the end.
+    fn put_finished(&self, id: JobId, ended_ms: u64, value: &[u8], in_active: bool) -> Result<()> {
+        self.jobs.insert(id.as_bytes(), value)?;
+        if id.created_ms().is_none() {
+            self.finished
+                .insert(codec::finished_key(ended_ms, id), &[])?;
+        }
+        if in_active {
+            self.active.remove(id.as_bytes())?;
+        }
+        Ok(())
+    }
+}
+
+/// What the handles and the store's threads share.
+struct Shared {
+    /// sled; `None` only after a failed reopen (see [`Shared::reopen_db`]).
+    trees: RwLock<Option<Trees>>,
+    /// sled's folder, to reopen it; `None` for a temporary store.
+    db_dir: Option<PathBuf>,
+    /// Whether sled failed a write: it then refuses every write until it is reopened.
+    db_failed: AtomicBool,
+    /// The log a start replayed, while sled does not have it (it could not take it for lack of
+    /// space): reads look here first.
+    replayed: RwLock<Option<checkpoint::Changes>>,
     image_dir: PathBuf,
     wal_dir: PathBuf,
-    /// Finished jobs handed to the writer and not yet in sled, with their images.
+    /// Finished jobs handed to the writer and not yet flushed in sled, with their images.
     pending: Mutex<HashMap<JobId, Pending>>,
+    health: health::Health,
+    reserve: health::Reserve,
+    #[cfg(test)]
+    faults: tests::Faults,
+}
+
+impl Shared {
+    /// Runs `read` on sled's trees.
+    fn with_trees<T>(&self, read: impl FnOnce(&Trees) -> Result<T>) -> Result<T> {
+        let trees = self.trees.read().unwrap_or_else(|e| e.into_inner());
+        let trees = trees.as_ref().ok_or_else(|| {
+            StoreError::Unwritable(
+                "the database could not be reopened after a failed write; retrying".into(),
+            )
+        })?;
+        read(trees).inspect_err(|e| {
+            if matches!(e, StoreError::Db(_)) && e.is_unavailable() {
+                self.db_failed.store(true, Ordering::Relaxed);
+            }
+        })
+    }
+
+    /// The log a start replayed, while sled does not have it.
+    fn replayed(&self) -> std::sync::RwLockReadGuard<'_, Option<checkpoint::Changes>> {
+        self.replayed.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A job as the log a start replayed has it (while sled does not): its record, and its
+    /// image's place when it finished with one.
+    fn replayed_job(&self, id: JobId) -> Result<Option<(JobRecord, Option<ImageRef>)>> {
+        match self.replayed().as_ref().and_then(|r| r.jobs.get(&id)) {
+            Some(Dirty::Unfinished(value)) => Ok(Some((serde_json::from_slice(value)?, None))),
+            Some(Dirty::Finished { value, .. }) => Ok(Some(codec::decode_finished(value)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a failed write (`what` failed with `e`): the store is degraded, and when the disk
+    /// is full the reserve is given back. Answers whether it was.
+    fn fail(&self, what: &str, e: &StoreError) -> bool {
+        let released = e.is_no_space() && self.reserve.release();
+        let reason = if e.is_no_space() {
+            format!("the disk is full ({what}: {e})")
+        } else {
+            format!("{what}: {e}")
+        };
+        // Loud when it degrades the store; while degraded, retries fail quietly.
+        if self.health.refusal().is_ok() || released {
+            tracing::error!(error = %e, what, released_reserve = released, "store write failed");
+        } else {
+            tracing::debug!(error = %e, what, "store write failed again");
+        }
+        self.health.fail(reason);
+        released
+    }
+
+    /// Opens sled again, after a failed write made it refuse every other (sled keeps the error
+    /// until it is reopened). The old handles go first: sled locks its folder.
+    fn reopen_db(&self) -> Result<()> {
+        let Some(dir) = &self.db_dir else {
+            return Err(StoreError::Unwritable(
+                "a temporary store's database cannot be reopened".into(),
+            ));
+        };
+        let mut trees = self.trees.write().unwrap_or_else(|e| e.into_inner());
+        *trees = None;
+        *trees = Some(Trees::open(dir)?);
+        self.db_failed.store(false, Ordering::Relaxed);
+        tracing::info!("database reopened after a failed write");
+        Ok(())
+    }
 }
 
 /// Joins the writer thread once the last [`Store`] handle is gone (its queue then closes and
@@ -137,7 +263,8 @@ impl Drop for WriterThread {
     }
 }
 
-/// Handle to the store; cheap to clone and safe to share between threads.
+/// Handle to the store; cheap to clone and safe to share between threads. Its errors are
+/// [`CoordinatorError::Store`](crate::error::CoordinatorError::Store).
 #[derive(Clone)]
 pub struct Store {
     // Declared before `_writer`: the last handle drops its sender first, which lets the writer
@@ -171,107 +298,120 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The `finished` key of a job that ended at `ended_ms`.
-fn finished_key(ended_ms: u64, id: JobId) -> Vec<u8> {
-    let mut key = ended_ms.to_be_bytes().to_vec();
-    key.extend_from_slice(id.as_bytes());
-    key
-}
-
-/// A finished record as stored in `jobs` (and in the log): the JSON record, preceded by
-/// `WITH_IMAGE` and the image's place when it has one.
-fn encode_finished(out: &mut Vec<u8>, record: &JobRecord, image: Option<ImageRef>) -> Result<()> {
-    if let Some(at) = image {
-        out.push(WITH_IMAGE);
-        out.extend_from_slice(&at.encode());
-    }
-    serde_json::to_writer(out, record)?;
-    Ok(())
-}
-
-/// Reads what [`encode_finished`] wrote (or a bare JSON record of an older layout).
-fn decode_finished(value: &[u8]) -> Result<(JobRecord, Option<ImageRef>)> {
-    match value.split_first() {
-        Some((&WITH_IMAGE, rest)) => {
-            let at = ImageRef::decode(rest).ok_or_else(|| {
-                CoordinatorError::Damaged("a finished record with a short image place".into())
-            })?;
-            let record = serde_json::from_slice(&rest[ImageRef::ENCODED_LEN..])?;
-            Ok((record, Some(at)))
-        }
-        _ => Ok((serde_json::from_slice(value)?, None)),
-    }
-}
-
-/// Puts a finished job in sled: its record (as encoded) in `jobs` (and a `finished` entry when
-/// its id is not time-ordered), and, when it has one (`in_active`), its `active` entry gone —
-/// the end first, so a crash in between leaves both and a restart keeps the end.
-fn put_finished(s: &Shared, id: JobId, ended_ms: u64, value: &[u8], in_active: bool) -> Result<()> {
-    s.jobs.insert(id.as_bytes(), value)?;
-    if id.created_ms().is_none() {
-        s.finished.insert(finished_key(ended_ms, id), &[])?;
-    }
-    if in_active {
-        s.active.remove(id.as_bytes())?;
-    }
-    Ok(())
-}
-
 impl Store {
     /// Opens (or creates) the store in `dir`: sled in `dir`, the log in `dir/wal`, images in
-    /// `dir/images`. Replays what the log holds from before a stop or crash.
-    pub fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(Some(1000))
-            .open()?;
-        Self::from_db(db, dir)
+    /// `dir/images`, a reserve of `reserve_mb` MiB in `dir/reserve*.ballast`. Replays what the
+    /// log holds from before a stop or crash. When that fails for lack of space, gives the
+    /// reserve back and opens again, degraded, serving the log from memory if sled cannot take
+    /// it (see the module docs).
+    pub fn open(dir: &Path, reserve_mb: u64) -> Result<Self> {
+        std::fs::create_dir_all(dir).map_err(StoreError::from)?;
+        let reserve = health::Reserve::new(dir, reserve_mb.saturating_mul(1024 * 1024));
+        let open = |last_try: bool| -> Result<Self> {
+            let trees = Trees::open(dir)?;
+            Self::start(
+                trees,
+                Some(dir.to_path_buf()),
+                dir,
+                reserve.clone(),
+                last_try,
+            )
+        };
+        let store = match open(false) {
+            Err(e) if e.is_no_space() => {
+                let released = reserve.release_all();
+                tracing::warn!(error = %e, released_reserve = released, "the disk is full: the store opens degraded");
+                let store = open(true)?;
+                store.shared.health.fail(format!(
+                    "the disk is full (opening the store: {e}); new jobs are refused until space is freed"
+                ));
+                store
+            }
+            opened => opened?,
+        };
+        if store.shared.health.refusal().is_ok()
+            && let Err(e) = store.shared.reserve.keep()
+        {
+            if error::is_no_space(&e) {
+                store.shared.health.fail(format!(
+                    "the disk is full (keeping the store's {reserve_mb} MiB reserve: {e}); new jobs are refused until space is freed"
+                ));
+            } else {
+                tracing::warn!(error = %e, reserve_mb, "cannot keep the store's reserve; a full disk may keep the coordinator from starting");
+            }
+        }
+        Ok(store)
     }
 
     /// A store that lives in a temporary folder and disappears on drop (for tests).
     #[cfg(test)]
     pub fn temporary() -> Result<Self> {
-        let dir = tempfile::tempdir()?;
-        let db = sled::Config::new().temporary(true).open()?;
-        let mut store = Self::from_db(db, dir.path())?;
+        let dir = tempfile::tempdir().map_err(StoreError::from)?;
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .map_err(StoreError::from)?;
+        let mut store = Self::start(
+            Trees::new(db)?,
+            None,
+            dir.path(),
+            health::Reserve::new(dir.path(), 0),
+            false,
+        )?;
         store._temporary = Some(Arc::new(dir));
         Ok(store)
     }
 
-    fn from_db(db: sled::Db, dir: &Path) -> Result<Self> {
-        let meta = db.open_tree("meta")?;
-        let shared = Arc::new(Shared {
-            nodes: db.open_tree("nodes")?,
-            active: db.open_tree("active")?,
-            jobs: db.open_tree("jobs")?,
-            images: db.open_tree("images")?,
-            finished: db.open_tree("finished")?,
-            db,
-            image_dir: dir.join("images"),
-            wal_dir: dir.join("wal"),
-            pending: Mutex::new(HashMap::new()),
-        });
-        match meta.get("layout")?.as_deref() {
-            Some(&[LAYOUT]) => {}
-            Some(&[2]) => {
-                meta.insert("layout", &[LAYOUT])?;
+    /// Upgrades the layout, replays the log, opens the image log and the next log generation,
+    /// and starts the writer. On the `last_try` of an open on a full disk, a replayed log that
+    /// sled cannot take is served from memory and carried to the checkpoint thread.
+    fn start(
+        trees: Trees,
+        db_dir: Option<PathBuf>,
+        dir: &Path,
+        reserve: health::Reserve,
+        last_try: bool,
+    ) -> Result<Self> {
+        let image_dir = dir.join("images");
+        let wal_dir = dir.join("wal");
+        migrate::check(&trees)?;
+        let (mut carried, mut replayed, mut db_failed) = (None, None, false);
+        let next_generation = match replay::read(&trees, &wal_dir, &image_dir)? {
+            None => 1,
+            Some(log) => {
+                let apply = || -> Result<()> {
+                    #[cfg(test)]
+                    if tests::full_at_open() {
+                        return Err(std::io::Error::from_raw_os_error(28).into());
+                    }
+                    // A failed write costs sled its reads: not tried without room on the last try.
+                    if last_try {
+                        reserve.room(checkpoint::room_for(&log.changes))?;
+                    }
+                    checkpoint::apply_changes(&trees, &log.changes)
+                };
+                match apply() {
+                    Ok(()) => wal::retire_through(&wal_dir, log.last)?,
+                    Err(e) if last_try && e.is_no_space() => {
+                        tracing::warn!(error = %e, generation = log.last, "the database cannot take the replayed log for lack of space: it is served from memory and checkpointed once there is room");
+                        db_failed = matches!(e, StoreError::Db(_));
+                        replayed = Some(log.changes.clone());
+                        carried = Some(checkpoint::Work {
+                            generation: Some(log.last),
+                            changes: log.changes,
+                            segments: std::collections::BTreeMap::new(),
+                        });
+                    }
+                    Err(e) => return Err(e),
+                }
+                log.last + 1
             }
-            Some(&[newer]) if newer > LAYOUT => {
-                return Err(CoordinatorError::Damaged(format!(
-                    "the store was written by a newer drover-coordinator (layout {newer}, this one writes {LAYOUT})"
-                )));
-            }
-            _ => {
-                upgrade(&shared)?;
-                meta.insert("layout", &[LAYOUT])?;
-            }
-        }
-        let next_generation = replay(&shared)?;
-        let images = image_log::Appender::open(&shared.image_dir)?;
-        let log = wal::Wal::create(&shared.wal_dir, next_generation)?;
+        };
+        let images = image_log::Appender::open(&image_dir)?;
+        let log = wal::Wal::create(&wal_dir, next_generation)?;
         // The `wal/` and `images/` folders' own names, durable before anything is written in them.
         File::open(dir)?.sync_all()?;
-        let in_active = shared
+        let mut in_active = trees
             .active
             .iter()
             .keys()
@@ -281,12 +421,33 @@ impl Store {
                 ))
             })
             .collect::<Result<HashSet<JobId>>>()?;
+        if let Some(changes) = &replayed {
+            in_active.extend(
+                changes
+                    .jobs
+                    .iter()
+                    .filter_map(|(id, d)| matches!(d, Dirty::Unfinished(_)).then_some(*id)),
+            );
+        }
+        let shared = Arc::new(Shared {
+            trees: RwLock::new(Some(trees)),
+            db_dir,
+            db_failed: AtomicBool::new(db_failed),
+            replayed: RwLock::new(replayed),
+            image_dir,
+            wal_dir,
+            pending: Mutex::new(HashMap::new()),
+            health: health::Health::default(),
+            reserve,
+            #[cfg(test)]
+            faults: tests::Faults::opened(),
+        });
         let (writes, queue) = crossbeam_channel::unbounded();
         let writer = {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("drover-store".into())
-                .spawn(move || run_writer(&shared, &queue, log, images, in_active))?
+                .spawn(move || writer::run(&shared, &queue, log, images, in_active, carried))?
         };
         Ok(Self {
             writes,
@@ -308,12 +469,23 @@ impl Store {
 
     /// Every registered node (read at start, after the log's replay).
     pub fn nodes(&self) -> Result<Vec<NodeRecord>> {
-        self.shared
-            .nodes
-            .iter()
-            .values()
-            .map(|v| Ok(serde_json::from_slice(&v?)?))
-            .collect()
+        let mut nodes = self.shared.with_trees(|t| {
+            t.nodes
+                .iter()
+                .values()
+                .map(|v| {
+                    let node: NodeRecord = serde_json::from_slice(&v?)?;
+                    Ok((node.id, node))
+                })
+                .collect::<Result<HashMap<_, _>>>()
+        })?;
+        if let Some(replayed) = self.shared.replayed().as_ref() {
+            for value in replayed.nodes.values() {
+                let node: NodeRecord = serde_json::from_slice(value).map_err(StoreError::from)?;
+                nodes.insert(node.id, node);
+            }
+        }
+        Ok(nodes.into_values().collect())
     }
 
     /// Queues an unfinished job's record (insert or replace).
@@ -350,30 +522,56 @@ impl Store {
         if let Some(p) = lock(&self.shared.pending).get(&id) {
             return Ok(Some(p.record.clone()));
         }
-        if let Some(v) = self.shared.jobs.get(id.as_bytes())? {
-            return Ok(Some(decode_finished(&v)?.0));
+        if let Some((job, _)) = self.shared.replayed_job(id)? {
+            return Ok(Some(job));
         }
-        match self.shared.active.get(id.as_bytes())? {
-            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
-            None => Ok(None),
-        }
+        self.shared.with_trees(|t| {
+            if let Some(v) = t.jobs.get(id.as_bytes())? {
+                return Ok(Some(codec::decode_finished(&v)?.0));
+            }
+            match t.active.get(id.as_bytes())? {
+                Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+                None => Ok(None),
+            }
+        })
     }
 
     /// Every job that has not reached a terminal state (only `active` is read; called at start,
     /// after the log's replay). A job whose end was written to `jobs` just before a crash took
-    /// its `active` entry away is finished: the stale entry is dropped, so a finished job never
-    /// runs again.
+    /// its `active` entry away is finished: the stale entry is dropped (only skipped while the
+    /// store is degraded: a failed write costs sled its reads), so a finished job never runs
+    /// again.
     pub fn unfinished_jobs(&self) -> Result<Vec<JobRecord>> {
-        let mut out = Vec::new();
-        for entry in self.shared.active.iter() {
-            let (key, value) = entry?;
-            if self.shared.jobs.contains_key(&key)? {
-                self.shared.active.remove(&key)?;
-                continue;
+        let healthy = self.shared.health.refusal().is_ok();
+        let mut jobs = self.shared.with_trees(|t| {
+            let mut out = HashMap::new();
+            for entry in t.active.iter() {
+                let (key, value) = entry?;
+                if t.jobs.contains_key(&key)? {
+                    if healthy && let Err(e) = t.active.remove(&key) {
+                        tracing::warn!(error = %e, "cannot drop the stale entry of a finished job");
+                    }
+                    continue;
+                }
+                let job: JobRecord = serde_json::from_slice(&value)?;
+                out.insert(job.id, job);
             }
-            out.push(serde_json::from_slice(&value)?);
+            Ok(out)
+        })?;
+        if let Some(replayed) = self.shared.replayed().as_ref() {
+            for (id, dirty) in &replayed.jobs {
+                match dirty {
+                    Dirty::Unfinished(value) => {
+                        let job = serde_json::from_slice(value).map_err(StoreError::from)?;
+                        jobs.insert(*id, job);
+                    }
+                    Dirty::Finished { .. } => {
+                        jobs.remove(id);
+                    }
+                }
+            }
         }
-        Ok(out)
+        Ok(jobs.into_values().collect())
     }
 
     /// Queues the retention sweep: deletes up to `limit` finished jobs (and their images) that
@@ -404,22 +602,35 @@ impl Store {
         if let Some(p) = lock(&self.shared.pending).get(&id) {
             return Ok(p.png.as_deref().map(<[u8]>::to_vec));
         }
-        if let Some(v) = self.shared.jobs.get(id.as_bytes())?
-            && let (_, Some(at)) = decode_finished(&v)?
-        {
-            return image_log::read(&self.shared.image_dir, id, at).map(Some);
+        if let Some((_, at)) = self.shared.replayed_job(id)? {
+            return match at {
+                Some(at) => Ok(Some(image_log::read(&self.shared.image_dir, id, at)?)),
+                None => Ok(None),
+            };
         }
-        Ok(self.shared.images.get(id.as_bytes())?.map(|v| v.to_vec()))
+        let (at, old) = self.shared.with_trees(|t| {
+            if let Some(v) = t.jobs.get(id.as_bytes())?
+                && let (_, Some(at)) = codec::decode_finished(&v)?
+            {
+                return Ok((Some(at), None));
+            }
+            Ok((None, t.images.get(id.as_bytes())?.map(|v| v.to_vec())))
+        })?;
+        match at {
+            Some(at) => Ok(Some(image_log::read(&self.shared.image_dir, id, at)?)),
+            None => Ok(old),
+        }
     }
 
-    /// Makes every change queued so far durable (one log sync shared with every concurrent
-    /// caller).
+    /// Makes every job accepted so far durable (one log sync shared with every concurrent
+    /// caller). Fails with [`StoreError::Unwritable`], and the reason, when one of them is not:
+    /// its record was lost in a failed write, or refused because the store is degraded.
     pub async fn flush(&self) -> Result<()> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.queue(Write::Sync(Waiter::Async(tx)))?;
         rx.await
             .map_err(|_| stopped())?
-            .map_err(|e| CoordinatorError::Unavailable(format!("writing the store: {e}")))
+            .map_err(StoreError::Unwritable)
     }
 
     /// [`Store::flush`] for callers outside an async runtime (blocks the thread).
@@ -438,818 +649,23 @@ impl Store {
         self.queue(write(Waiter::Blocking(tx)))?;
         rx.recv()
             .map_err(|_| stopped())?
-            .map_err(|e| CoordinatorError::Unavailable(format!("writing the store: {e}")))
+            .map_err(StoreError::Unwritable)
+    }
+
+    /// Test hook: waits until everything queued so far has been through a writer round.
+    #[cfg(test)]
+    fn barrier(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.queue(Write::Barrier(tx)).unwrap();
+        rx.recv().unwrap();
+    }
+
+    /// Whether the store can write now; when not, since when and why.
+    pub fn health(&self) -> StoreHealth {
+        self.shared.health.snapshot()
     }
 }
 
-fn stopped() -> CoordinatorError {
-    CoordinatorError::Unavailable("the store's writer thread stopped".into())
-}
-
-/// Brings a store written by the first layout (every job in `jobs`, no index) to this one,
-/// once: unfinished jobs move to `active`, finished ones get their `finished` entry.
-fn upgrade(s: &Shared) -> Result<()> {
-    let (mut moved, mut indexed) = (0usize, 0usize);
-    for entry in s.jobs.iter() {
-        let (key, value) = entry?;
-        let job: JobRecord = serde_json::from_slice(&value)?;
-        if job.state.is_terminal() {
-            s.finished
-                .insert(finished_key(job.updated_ms, job.id), &[])?;
-            indexed += 1;
-        } else {
-            s.active.insert(&key, value)?;
-            s.jobs.remove(&key)?;
-            moved += 1;
-        }
-    }
-    if moved + indexed > 0 {
-        tracing::info!(
-            unfinished = moved,
-            finished = indexed,
-            "store upgraded to layout {LAYOUT}"
-        );
-    }
-    Ok(())
-}
-
-/// Applies every log generation left by the last run to sled, in order, flushes sled and
-/// deletes them; answers the generation to write next.
-fn replay(s: &Shared) -> Result<u64> {
-    let generations = wal::generations(&s.wal_dir)?;
-    let Some(&last) = generations.last() else {
-        return Ok(1);
-    };
-    let (mut records, mut lost) = (0usize, 0usize);
-    for &generation in &generations {
-        for (kind, body) in wal::read(&s.wal_dir, generation)? {
-            records += 1;
-            let damaged = |e: CoordinatorError| {
-                CoordinatorError::Damaged(format!(
-                    "write-ahead log generation {generation}: a record that passed its checksum does not decode ({e}); was it written by another version?"
-                ))
-            };
-            match kind {
-                wal::Kind::Node => {
-                    let node: NodeRecord =
-                        serde_json::from_slice(&body).map_err(|e| damaged(e.into()))?;
-                    s.nodes.insert(node.id.as_bytes(), body)?;
-                }
-                wal::Kind::Job => {
-                    let job: JobRecord =
-                        serde_json::from_slice(&body).map_err(|e| damaged(e.into()))?;
-                    if !s.jobs.contains_key(job.id.as_bytes())? {
-                        s.active.insert(job.id.as_bytes(), body)?;
-                    }
-                }
-                wal::Kind::Finish => {
-                    let (job, at) = decode_finished(&body).map_err(damaged)?;
-                    let image_ok =
-                        at.is_none_or(|at| image_log::read(&s.image_dir, job.id, at).is_ok());
-                    if image_ok {
-                        put_finished(s, job.id, job.updated_ms, &body, true)?;
-                    } else {
-                        // The record reached the disk, its image did not (an OS crash before
-                        // the image's checkpoint): the job stays unfinished and runs again.
-                        lost += 1;
-                        tracing::warn!(job_id = %job.id, "a finished job's image did not survive a crash; the job runs again");
-                    }
-                }
-            }
-        }
-    }
-    s.db.flush()?;
-    wal::retire_through(&s.wal_dir, last)?;
-    tracing::info!(
-        generations = generations.len(),
-        records,
-        lost_images = lost,
-        "write-ahead log replayed into the store"
-    );
-    Ok(last + 1)
-}
-
-/// An unfinished job's or finished job's value as it goes into sled at the next checkpoint.
-enum Dirty {
-    /// The JSON record, for `active`.
-    Unfinished(Vec<u8>),
-    /// The encoded finished record, for `jobs`, when it ended, and whether an earlier
-    /// checkpoint (or run) left it an `active` entry to remove.
-    Finished {
-        value: Vec<u8>,
-        ended_ms: u64,
-        in_active: bool,
-    },
-}
-
-/// What changed since the last checkpoint: the latest value per key.
-#[derive(Default)]
-struct Changes {
-    nodes: HashMap<NodeId, Vec<u8>>,
-    jobs: HashMap<JobId, Dirty>,
-}
-
-impl Changes {
-    fn is_empty(&self) -> bool {
-        self.nodes.is_empty() && self.jobs.is_empty()
-    }
-}
-
-/// Work for the checkpoint thread.
-enum Task {
-    Checkpoint {
-        /// The closed (and synced) log generation, retired once this is in sled; none when the
-        /// log could not be closed (it is then replayed at the next start).
-        generation: Option<u64>,
-        /// Bytes the generation took (the size of the spare file to prepare).
-        log_bytes: u64,
-        changes: Changes,
-        segments: BTreeMap<u32, File>,
-        waiters: Vec<Waiter>,
-    },
-    Prune {
-        before_ms: u64,
-        limit: usize,
-        open_segment: u32,
-        done: Option<std::sync::mpsc::Sender<Result<usize>>>,
-    },
-}
-
-/// The `drover-store` thread: logs queued changes in order, appends images, syncs the log for
-/// the flush waiters of each round, and hands checkpoints to the `drover-checkpoint` thread.
-/// Stops when every handle is gone, after logging and checkpointing what was queued.
-fn run_writer(
-    s: &Arc<Shared>,
-    queue: &Receiver<Write>,
-    mut log: wal::Wal,
-    mut images: image_log::Appender,
-    mut in_active: HashSet<JobId>,
-) {
-    let (tasks, task_rx) = crossbeam_channel::unbounded::<Task>();
-    let (done_tx, done) = crossbeam_channel::unbounded::<()>();
-    let checkpointer = {
-        let s = s.clone();
-        std::thread::Builder::new()
-            .name("drover-checkpoint".into())
-            .spawn(move || run_checkpointer(&s, &task_rx, &done_tx))
-    };
-    let checkpointer = match checkpointer {
-        Ok(handle) => handle,
-        Err(e) => {
-            // Without it nothing moves into sled; refuse every flush rather than grow the log
-            // forever.
-            tracing::error!(error = %e, "the store's checkpoint thread could not start");
-            for write in queue {
-                if let Write::Sync(w) | Write::Checkpoint(w) = write {
-                    w.answer(Err(format!(
-                        "the store's checkpoint thread could not start: {e}"
-                    )));
-                }
-            }
-            return;
-        }
-    };
-    let mut changes = Changes::default();
-    let mut busy = false;
-    let mut last_checkpoint = Instant::now();
-    let mut open = true;
-    let mut batch = Vec::new();
-    let mut forced: Vec<Waiter> = Vec::new();
-    while open {
-        // While a checkpoint runs, only a write or its end wakes the writer.
-        let wait = if busy {
-            Duration::from_secs(3600)
-        } else {
-            (last_checkpoint + CHECKPOINT_EVERY).saturating_duration_since(Instant::now())
-        };
-        crossbeam_channel::select! {
-            recv(queue) -> w => match w {
-                Ok(w) => batch.push(w),
-                Err(_) => open = false,
-            },
-            recv(done) -> _ => busy = false,
-            default(wait) => {}
-        }
-        batch.extend(queue.try_iter().take(MAX_BATCH));
-        if done.try_recv().is_ok() {
-            busy = false;
-        }
-        let mut round = Round::default();
-        for write in batch.drain(..) {
-            match write {
-                Write::Node(node) => round.check(
-                    log_json(&mut log, wal::Kind::Node, &node)
-                        .map(|value| drop(changes.nodes.insert(node.id, value))),
-                ),
-                Write::Job(job) => round.check(
-                    log_json(&mut log, wal::Kind::Job, &job)
-                        .map(|value| drop(changes.jobs.insert(job.id, Dirty::Unfinished(value)))),
-                ),
-                Write::Finish(id) => {
-                    let was_active = in_active.remove(&id);
-                    round.check(log_finish(
-                        s,
-                        &mut log,
-                        &mut images,
-                        &mut changes,
-                        id,
-                        was_active,
-                    ));
-                }
-                Write::Prune {
-                    before_ms,
-                    limit,
-                    done,
-                } => {
-                    let _ = tasks.send(Task::Prune {
-                        before_ms,
-                        limit,
-                        open_segment: images.segment(),
-                        done,
-                    });
-                }
-                Write::Sync(waiter) => round.waiters.push(waiter),
-                Write::Checkpoint(waiter) => forced.push(waiter),
-            }
-        }
-        // Images before the records that point at them (a replay checks them anyway).
-        round.check(images.write());
-        let written = if round.waiters.is_empty() {
-            log.write()
-        } else {
-            log.sync()
-        };
-        round.check(written);
-        round.answer();
-        let due = Instant::now() >= last_checkpoint + CHECKPOINT_EVERY
-            || log.len() >= CHECKPOINT_BYTES
-            || !forced.is_empty();
-        if due && !busy {
-            if changes.is_empty() && forced.is_empty() {
-                last_checkpoint = Instant::now();
-            } else {
-                let log_bytes = log.len();
-                last_checkpoint = Instant::now();
-                match log.rotate() {
-                    Ok(closed) => {
-                        in_active.extend(changes.jobs.iter().filter_map(|(id, d)| {
-                            matches!(d, Dirty::Unfinished(_)).then_some(*id)
-                        }));
-                        let task = Task::Checkpoint {
-                            generation: Some(closed),
-                            log_bytes,
-                            changes: std::mem::take(&mut changes),
-                            segments: images.take_touched(),
-                            waiters: std::mem::take(&mut forced),
-                        };
-                        busy = tasks.send(task).is_ok();
-                        if !busy {
-                            tracing::error!(
-                                "the store's checkpoint thread is gone; changes stay in the write-ahead log until the next start replays it"
-                            );
-                        }
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot start a new write-ahead log generation; retrying in a second");
-                    }
-                }
-            }
-        }
-    }
-    // Every handle is gone: wait for the checkpoint in flight, then checkpoint the rest.
-    if busy {
-        let _ = done.recv();
-    }
-    let generation = match log.sync() {
-        Ok(()) => Some(log.generation()),
-        Err(e) => {
-            tracing::error!(error = %e, "final write-ahead log sync failed; the log is replayed at the next start");
-            None
-        }
-    };
-    let closing = Task::Checkpoint {
-        generation,
-        log_bytes: 0,
-        changes: std::mem::take(&mut changes),
-        segments: images.take_touched(),
-        waiters: std::mem::take(&mut forced),
-    };
-    let _ = tasks.send(closing);
-    drop(tasks);
-    if checkpointer.join().is_err() {
-        tracing::error!("the store's checkpoint thread panicked");
-    }
-}
-
-/// Logs a record as JSON; answers the JSON, which is also what goes into sled.
-fn log_json(
-    log: &mut wal::Wal,
-    kind: wal::Kind,
-    record: &impl serde::Serialize,
-) -> Result<Vec<u8>> {
-    let value = serde_json::to_vec(record)?;
-    log.append(kind, &value)?;
-    Ok(value)
-}
-
-/// Logs a finished job: its image to the image log, its record (pointing at the image) to the
-/// write-ahead log. The record stays in the pending set for reads until its checkpoint.
-fn log_finish(
-    s: &Shared,
-    log: &mut wal::Wal,
-    images: &mut image_log::Appender,
-    changes: &mut Changes,
-    id: JobId,
-    in_active: bool,
-) -> Result<()> {
-    // A segment change does file I/O: not under the lock readers and the actor take.
-    images.make_room()?;
-    let mut value = Vec::with_capacity(1024);
-    let ended_ms = {
-        let pending = lock(&s.pending);
-        let Some(p) = pending.get(&id) else {
-            return Ok(());
-        };
-        let at = p
-            .png
-            .as_deref()
-            .map(|png| images.append(id, png))
-            .transpose()?;
-        encode_finished(&mut value, &p.record, at)?;
-        p.record.updated_ms
-    };
-    log.append(wal::Kind::Finish, &value)?;
-    changes.jobs.insert(
-        id,
-        Dirty::Finished {
-            value,
-            ended_ms,
-            in_active,
-        },
-    );
-    Ok(())
-}
-
-/// One round of the writer: the flush waiters to answer, and the first error met.
-#[derive(Default)]
-struct Round {
-    waiters: Vec<Waiter>,
-    error: Option<String>,
-}
-
-impl Round {
-    fn check(&mut self, result: Result<()>) {
-        if let Err(e) = result {
-            tracing::error!(error = %e, "store write failed");
-            self.error.get_or_insert_with(|| e.to_string());
-        }
-    }
-
-    fn answer(&mut self) {
-        let result = match &self.error {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
-        };
-        for waiter in self.waiters.drain(..) {
-            waiter.answer(result.clone());
-        }
-    }
-}
-
-/// The `drover-checkpoint` thread: puts each closed log generation's changes in sled (after
-/// syncing the image segments they point into), flushes sled, deletes the generation; runs the
-/// retention sweep. After a failed checkpoint it deletes no log anymore: the next start replays
-/// it.
-fn run_checkpointer(s: &Shared, tasks: &Receiver<Task>, done: &Sender<()>) {
-    let mut failed = false;
-    for task in tasks {
-        match task {
-            Task::Checkpoint {
-                generation,
-                log_bytes,
-                changes,
-                segments,
-                waiters,
-            } => {
-                let result = checkpoint(s, changes, &segments);
-                if let Err(e) = &result {
-                    failed = true;
-                    tracing::error!(error = %e, generation, "checkpoint failed; the write-ahead log is kept and replayed at the next start");
-                } else if let Some(g) = generation.filter(|_| !failed) {
-                    if let Err(e) = wal::retire_through(&s.wal_dir, g) {
-                        tracing::error!(error = %e, generation = g, "cannot retire a checkpointed write-ahead log generation");
-                    }
-                    if log_bytes > 0
-                        && let Err(e) = wal::prepare_spare(&s.wal_dir, log_bytes)
-                    {
-                        tracing::warn!(error = %e, "cannot prepare a spare write-ahead log file; generations grow their files instead");
-                    }
-                }
-                let answer = result.map_err(|e| e.to_string());
-                for waiter in waiters {
-                    waiter.answer(answer.clone());
-                }
-                let _ = done.send(());
-            }
-            Task::Prune {
-                before_ms,
-                limit,
-                open_segment,
-                done,
-            } => {
-                let result = prune(s, before_ms, limit, open_segment);
-                match &result {
-                    Ok(0) => {}
-                    Ok(n) => tracing::info!(jobs = n, "finished jobs past retention deleted"),
-                    Err(e) => tracing::error!(error = %e, "retention sweep failed"),
-                }
-                if let Some(done) = done {
-                    let _ = done.send(result);
-                }
-            }
-        }
-    }
-}
-
-fn checkpoint(s: &Shared, changes: Changes, segments: &BTreeMap<u32, File>) -> Result<()> {
-    // The images on disk before anything in sled points at them.
-    for file in segments.values() {
-        file.sync_data()?;
-    }
-    for (id, value) in changes.nodes {
-        s.nodes.insert(id.as_bytes(), value)?;
-    }
-    let mut finished = Vec::new();
-    for (id, dirty) in changes.jobs {
-        match dirty {
-            Dirty::Unfinished(value) => {
-                s.active.insert(id.as_bytes(), value)?;
-            }
-            Dirty::Finished {
-                value,
-                ended_ms,
-                in_active,
-            } => {
-                put_finished(s, id, ended_ms, &value, in_active)?;
-                finished.push(id);
-            }
-        }
-    }
-    // sled answers reads of what it was given at once: the pending copies can go.
-    {
-        let mut pending = lock(&s.pending);
-        for id in &finished {
-            pending.remove(id);
-        }
-    }
-    s.db.flush()?;
-    Ok(())
-}
-
-/// The retention sweep (see [`Store::prune_finished`]). Time-ordered jobs are found in `jobs`
-/// itself, oldest first, stopping at the first one accepted after the cutoff (one that ended
-/// after it is kept until it is past it too); other jobs through the `finished` index.
-fn prune(s: &Shared, before_ms: u64, limit: usize, open_segment: u32) -> Result<usize> {
-    let mut pruned = 0;
-    for entry in s.jobs.iter() {
-        if pruned >= limit {
-            break;
-        }
-        let (key, value) = entry?;
-        let Some(created) = <[u8; 16]>::try_from(key.as_ref())
-            .ok()
-            .and_then(|k| JobId::from_bytes(k).created_ms())
-        else {
-            continue;
-        };
-        if created >= before_ms {
-            break;
-        }
-        if decode_finished(&value)?.0.updated_ms < before_ms {
-            s.jobs.remove(&key)?;
-            pruned += 1;
-        }
-    }
-    for entry in s
-        .finished
-        .range(..before_ms.to_be_bytes().to_vec())
-        .take(limit.saturating_sub(pruned))
-    {
-        let (key, _) = entry?;
-        if let Some(id) = key.get(8..) {
-            s.jobs.remove(id)?;
-            s.images.remove(id)?;
-            pruned += 1;
-        }
-        s.finished.remove(key)?;
-    }
-    let cutoff = SystemTime::UNIX_EPOCH + Duration::from_millis(before_ms);
-    let segments = image_log::delete_older(&s.image_dir, open_segment, cutoff)?;
-    if segments > 0 {
-        tracing::info!(segments, "image log segments past retention deleted");
-    }
-    Ok(pruned)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::records::JobState;
-    use drover_shared::job::JobRequest;
-
-    fn job() -> JobRecord {
-        let spec = JobRequest {
-            prompt: "a cat".into(),
-            ..Default::default()
-        }
-        .validate(|| 1)
-        .unwrap();
-        JobRecord::new(JobId::random(), spec)
-    }
-
-    fn finished(state: JobState, ended_ms: u64) -> JobRecord {
-        let mut j = job();
-        j.state = state;
-        j.updated_ms = ended_ms;
-        j
-    }
-
-    /// What a crash right now would leave on disk: a copy of the store's folder taken while it
-    /// is open (the copy has no lock on it and no running process behind it).
-    fn crash_image(dir: &Path) -> tempfile::TempDir {
-        fn copy(from: &Path, to: &Path) {
-            std::fs::create_dir_all(to).unwrap();
-            for entry in std::fs::read_dir(from).unwrap() {
-                let entry = entry.unwrap();
-                let target = to.join(entry.file_name());
-                if entry.file_type().unwrap().is_dir() {
-                    copy(&entry.path(), &target);
-                } else {
-                    std::fs::copy(entry.path(), target).unwrap();
-                }
-            }
-        }
-        let out = tempfile::tempdir().unwrap();
-        copy(dir, out.path());
-        out
-    }
-
-    #[test]
-    fn what_was_flushed_survives_a_stop_before_any_checkpoint() {
-        let dir = tempfile::tempdir().unwrap();
-        let done = finished(JobState::Succeeded, 5);
-        let mut queued = job();
-        let crashed = {
-            let store = Store::open(dir.path()).unwrap();
-            store.put_job(&queued).unwrap();
-            queued.state = JobState::Leased;
-            store.put_job(&queued).unwrap();
-            store.finish_job(&done, Some(b"png"[..].into())).unwrap();
-            // Answered from memory before it is in sled.
-            assert_eq!(store.image(done.id).unwrap().as_deref(), Some(&b"png"[..]));
-            assert_eq!(store.job(done.id).unwrap(), Some(done.clone()));
-            actix_rt::System::new().block_on(store.flush()).unwrap();
-            // The log holds it all, sled nothing yet.
-            assert!(store.shared.active.is_empty() && store.shared.jobs.is_empty());
-            crash_image(dir.path())
-        };
-        let store = Store::open(crashed.path()).unwrap();
-        assert_eq!(store.job(done.id).unwrap(), Some(done.clone()));
-        assert_eq!(store.unfinished_jobs().unwrap(), vec![queued.clone()]);
-        assert_eq!(store.image(done.id).unwrap().as_deref(), Some(&b"png"[..]));
-        assert_eq!(store.job(JobId::random()).unwrap(), None);
-        assert!(
-            wal::generations(&store.shared.wal_dir).unwrap().len() <= 1,
-            "replayed generations are deleted"
-        );
-    }
-
-    #[test]
-    fn a_checkpoint_moves_the_log_into_sled_once_images_are_on_disk() {
-        let store = Store::temporary().unwrap();
-        let mut running = job();
-        running.state = JobState::Running;
-        let done = finished(JobState::Succeeded, 5);
-        let mut gone = job();
-        store.put_job(&running).unwrap();
-        store.put_job(&gone).unwrap();
-        store
-            .finish_job(&done, Some(b"image bytes"[..].into()))
-            .unwrap();
-        gone.state = JobState::Cancelled;
-        store.finish_job(&gone, None).unwrap();
-        store.checkpoint_blocking().unwrap();
-        let stored = store.shared.jobs.get(done.id.as_bytes()).unwrap().unwrap();
-        let (record, at) = decode_finished(&stored).unwrap();
-        assert_eq!(record, done);
-        let at = at.expect("the record points at its image");
-        assert_eq!(
-            image_log::read(&store.shared.image_dir, done.id, at).unwrap(),
-            b"image bytes"
-        );
-        assert!(lock(&store.shared.pending).is_empty());
-        assert_eq!(
-            store.image(done.id).unwrap().as_deref(),
-            Some(&b"image bytes"[..])
-        );
-        // Coalesced: the cancelled job's unfinished state never reached `active`.
-        assert!(
-            !store
-                .shared
-                .active
-                .contains_key(gone.id.as_bytes())
-                .unwrap()
-        );
-        assert_eq!(store.job(gone.id).unwrap(), Some(gone));
-        assert_eq!(store.unfinished_jobs().unwrap(), vec![running]);
-        // Only the generation being written is left.
-        assert_eq!(wal::generations(&store.shared.wal_dir).unwrap().len(), 1);
-    }
-
-    #[test]
-    fn a_finish_whose_image_did_not_survive_is_dropped_on_replay() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut leased = job();
-        leased.state = JobState::Leased;
-        let mut done = leased.clone();
-        done.state = JobState::Succeeded;
-        let crashed = {
-            let store = Store::open(dir.path()).unwrap();
-            store.put_job(&leased).unwrap();
-            store.finish_job(&done, Some(b"image"[..].into())).unwrap();
-            store.flush_blocking().unwrap();
-            crash_image(dir.path())
-        };
-        // An OS crash: the log reached the disk, the image's bytes did not.
-        for entry in std::fs::read_dir(crashed.path().join("images")).unwrap() {
-            let path = entry.unwrap().path();
-            let len = std::fs::metadata(&path).unwrap().len();
-            std::fs::write(&path, vec![0u8; len as usize]).unwrap();
-        }
-        let store = Store::open(crashed.path()).unwrap();
-        assert_eq!(
-            store.unfinished_jobs().unwrap(),
-            vec![leased.clone()],
-            "the job runs again"
-        );
-        assert_eq!(store.image(leased.id).unwrap(), None);
-    }
-
-    #[test]
-    fn retention_prunes_only_old_finished_jobs() {
-        let store = Store::temporary().unwrap();
-        let old = finished(JobState::Failed, 1_000);
-        let recent = finished(JobState::Succeeded, 5_000);
-        let mut waiting = job();
-        waiting.updated_ms = 10;
-        store.put_job(&waiting).unwrap();
-        for j in [&old, &recent] {
-            store.finish_job(j, Some(b"png"[..].into())).unwrap();
-        }
-        store.checkpoint_blocking().unwrap();
-        assert_eq!(store.prune_finished_now(2_000, 100).unwrap(), 1);
-        assert_eq!(store.job(old.id).unwrap(), None);
-        assert_eq!(store.image(old.id).unwrap(), None);
-        assert!(store.job(recent.id).unwrap().is_some());
-        assert!(store.image(recent.id).unwrap().is_some());
-        assert!(
-            store.job(waiting.id).unwrap().is_some(),
-            "unfinished jobs are never pruned"
-        );
-        assert_eq!(
-            store.prune_finished_now(2_000, 100).unwrap(),
-            0,
-            "nothing left to prune"
-        );
-        assert_eq!(
-            store.prune_finished_now(6_000, 0).unwrap(),
-            0,
-            "at most the limit"
-        );
-        assert_eq!(store.prune_finished_now(6_000, 100).unwrap(), 1);
-        assert_eq!(store.job(recent.id).unwrap(), None);
-    }
-
-    /// A time-ordered job id made at `ms`.
-    fn made_at(ms: u64) -> JobId {
-        let mut b = *JobId::random().as_bytes();
-        b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
-        b[6] = 0x70 | (b[6] & 0x0f);
-        JobId::from_bytes(b)
-    }
-
-    #[test]
-    fn retention_walks_time_ordered_jobs_without_an_index() {
-        let store = Store::temporary().unwrap();
-        let ended = |made: u64, end: u64| {
-            let mut j = finished(JobState::Succeeded, end);
-            j.id = made_at(made);
-            assert_eq!(j.id.created_ms(), Some(made));
-            j
-        };
-        let (a, b, c) = (
-            ended(1_000, 1_500),
-            ended(1_100, 9_000),
-            ended(8_000, 8_500),
-        );
-        for j in [&a, &b, &c] {
-            store.finish_job(j, Some(b"png"[..].into())).unwrap();
-        }
-        store.checkpoint_blocking().unwrap();
-        assert!(
-            store.shared.finished.is_empty(),
-            "no index for time-ordered ids"
-        );
-        assert_eq!(store.prune_finished_now(5_000, 100).unwrap(), 1);
-        assert_eq!(store.job(a.id).unwrap(), None);
-        assert!(
-            store.job(b.id).unwrap().is_some(),
-            "accepted before the cutoff but ended after it: kept"
-        );
-        assert!(store.job(c.id).unwrap().is_some());
-        assert_eq!(
-            store.prune_finished_now(10_000, 1).unwrap(),
-            1,
-            "at most the limit"
-        );
-        assert_eq!(store.prune_finished_now(10_000, 100).unwrap(), 1);
-        assert!(store.shared.jobs.is_empty());
-    }
-
-    #[test]
-    fn a_store_of_the_first_layout_is_upgraded_once() {
-        let dir = tempfile::tempdir().unwrap();
-        let old = finished(JobState::Succeeded, 1_000);
-        let waiting = job();
-        {
-            // Layout 1: every job in `jobs`, no index, no layout mark, images in sled.
-            let db = sled::Config::new().path(dir.path()).open().unwrap();
-            let jobs = db.open_tree("jobs").unwrap();
-            for j in [&old, &waiting] {
-                jobs.insert(j.id.as_bytes(), serde_json::to_vec(j).unwrap())
-                    .unwrap();
-            }
-            db.open_tree("images")
-                .unwrap()
-                .insert(old.id.as_bytes(), &b"old png"[..])
-                .unwrap();
-            db.flush().unwrap();
-        }
-        {
-            let store = Store::open(dir.path()).unwrap();
-            assert_eq!(store.unfinished_jobs().unwrap(), vec![waiting.clone()]);
-            assert_eq!(store.job(waiting.id).unwrap(), Some(waiting.clone()));
-            assert_eq!(store.job(old.id).unwrap(), Some(old.clone()));
-            assert_eq!(
-                store.image(old.id).unwrap().as_deref(),
-                Some(&b"old png"[..])
-            );
-        }
-        let store = Store::open(dir.path()).unwrap();
-        assert_eq!(store.unfinished_jobs().unwrap(), vec![waiting]);
-        assert_eq!(store.prune_finished_now(2_000, 100).unwrap(), 1);
-        assert_eq!(store.job(old.id).unwrap(), None);
-        assert_eq!(store.image(old.id).unwrap(), None);
-    }
-
-    #[test]
-    fn a_store_of_a_newer_layout_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let db = sled::Config::new().path(dir.path()).open().unwrap();
-            db.open_tree("meta")
-                .unwrap()
-                .insert("layout", &[LAYOUT + 1])
-                .unwrap();
-            db.flush().unwrap();
-        }
-        let err = Store::open(dir.path()).err().expect("refused").to_string();
-        assert!(err.contains("newer drover-coordinator"), "{err}");
-    }
-
-    #[test]
-    fn a_job_moves_from_active_to_finished_once_it_ends() {
-        let store = Store::temporary().unwrap();
-        let mut j = job();
-        store.put_job(&j).unwrap();
-        store.checkpoint_blocking().unwrap();
-        assert_eq!(store.unfinished_jobs().unwrap().len(), 1);
-        j.state = JobState::Cancelled;
-        j.updated_ms = 7;
-        store.finish_job(&j, None).unwrap();
-        store.checkpoint_blocking().unwrap();
-        assert!(store.unfinished_jobs().unwrap().is_empty());
-        assert_eq!(store.job(j.id).unwrap(), Some(j.clone()));
-        // A crash between writing the end and removing the active entry leaves both: the end wins.
-        let mut stale = j.clone();
-        stale.state = JobState::Running;
-        store
-            .shared
-            .active
-            .insert(j.id.as_bytes(), serde_json::to_vec(&stale).unwrap())
-            .unwrap();
-        assert!(store.unfinished_jobs().unwrap().is_empty());
-        assert!(!store.shared.active.contains_key(j.id.as_bytes()).unwrap());
-        assert_eq!(store.prune_finished_now(8, 10).unwrap(), 1);
-    }
+fn stopped() -> StoreError {
+    StoreError::Unwritable("the store's writer thread stopped".into())
 }

@@ -12,14 +12,15 @@
 //! Record layout: length of what follows the checksum (u32 LE), CRC-32 of it (u32 LE), then the
 //! generation (u64 LE), the kind (u8) and the body. Reading stops at the first record that is
 //! short, fails its checksum or carries another generation: the torn tail of a crash (never
-//! acknowledged: an acknowledgement waits for the `fdatasync` after the record), or what an
-//! earlier use of a recycled file left after the end.
+//! acknowledged: an acknowledgement waits for the `fdatasync` after the record), what an
+//! earlier use of a recycled file left after the end, or the zeros a [`Wal::rewind`] wrote over
+//! what a failed write left.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 
-use crate::error::{CoordinatorError, Result};
+use super::error::{Result, StoreError};
 
 /// Largest preallocated log file; a generation that reaches it is checkpointed.
 pub const FILE_BYTES: u64 = 64 * 1024 * 1024;
@@ -133,14 +134,21 @@ pub fn prepare_spare(dir: &Path, expected: u64) -> Result<()> {
         .clamp(MIN_FILE_BYTES, FILE_BYTES);
     std::fs::create_dir_all(dir)?;
     let temporary = dir.join("spare.partial");
-    let file = File::create(&temporary)?;
-    let zeros = vec![0u8; 1024 * 1024];
-    let mut at = 0;
-    while at < size {
-        file.write_all_at(&zeros, at)?;
-        at += zeros.len() as u64;
+    let written = (|| {
+        let file = File::create(&temporary)?;
+        let zeros = vec![0u8; 1024 * 1024];
+        let mut at = 0;
+        while at < size {
+            file.write_all_at(&zeros, at)?;
+            at += zeros.len() as u64;
+        }
+        file.sync_all()
+    })();
+    if let Err(e) = written {
+        // Not left to take space on a full disk.
+        let _ = std::fs::remove_file(&temporary);
+        return Err(e.into());
     }
-    file.sync_all()?;
     let name = format!(
         "spare-new-{}.wal",
         std::time::SystemTime::now()
@@ -162,9 +170,14 @@ pub struct Wal {
     len: u64,
     /// Bytes already written to the file.
     written: u64,
+    /// Bytes known to be on disk: the records up to the last successful sync.
+    synced: u64,
     buffer: Vec<u8>,
     /// Whether something was written since the last sync.
     unsynced: bool,
+    /// Test hook: the next write stops with "no space" after this many bytes.
+    #[cfg(test)]
+    pub fail_after: Option<usize>,
 }
 
 impl Wal {
@@ -192,8 +205,11 @@ impl Wal {
             file,
             len: 0,
             written: 0,
+            synced: 0,
             buffer: Vec::with_capacity(64 * 1024),
             unsynced: false,
+            #[cfg(test)]
+            fail_after: None,
         })
     }
 
@@ -211,7 +227,7 @@ impl Wal {
     pub fn append(&mut self, kind: Kind, body: &[u8]) -> Result<()> {
         let len = PREFIX + body.len();
         let len32 = u32::try_from(len)
-            .map_err(|_| CoordinatorError::InvalidRequest("a store record over 4 GiB".into()))?;
+            .map_err(|_| StoreError::TooLarge(format!("a log record of {len} bytes")))?;
         let start = self.buffer.len();
         self.buffer.extend_from_slice(&[0; FRAME]);
         self.buffer
@@ -227,6 +243,13 @@ impl Wal {
 
     /// Writes the buffered records to the file (page cache).
     pub fn write(&mut self) -> Result<()> {
+        #[cfg(test)]
+        if let Some(after) = self.fail_after.take() {
+            let after = after.min(self.buffer.len());
+            self.file
+                .write_all_at(&self.buffer[..after], self.written)?;
+            return Err(std::io::Error::from_raw_os_error(28).into());
+        }
         if !self.buffer.is_empty() {
             self.file.write_all_at(&self.buffer, self.written)?;
             self.written += self.buffer.len() as u64;
@@ -238,22 +261,76 @@ impl Wal {
 
     /// Writes and `fdatasync`s: every record appended so far is durable.
     pub fn sync(&mut self) -> Result<()> {
+        self.sync_through(self.len)
+    }
+
+    /// Writes and `fdatasync`s everything, and counts the records up to `offset` (at most
+    /// [`Wal::len`]) as durable: a later [`Wal::rewind`] can still take back those after it.
+    pub fn sync_through(&mut self, offset: u64) -> Result<()> {
         self.write()?;
         if self.unsynced {
             self.file.sync_data()?;
             self.unsynced = false;
         }
+        self.synced = self.synced.max(offset.min(self.written));
         Ok(())
     }
 
-    /// Syncs this generation and starts the next one; answers the generation just closed. (The
-    /// sync cannot wait for the checkpoint: a flush after the rotation syncs only the new
-    /// generation, so the old one must already be durable.)
-    pub fn rotate(&mut self) -> Result<u64> {
-        self.sync()?;
+    /// Forgets every record after the last durable one, after a failed write or sync (see
+    /// [`Wal::rewind_to`]).
+    pub fn rewind(&mut self) {
+        self.rewind_to(self.synced);
+    }
+
+    /// Forgets every record after `offset` (never one counted durable): they are dropped from
+    /// the buffer, and zeros go over whatever of them reached the file (best effort: what
+    /// reads as a record after a rewind's zeros is never read), so that none of them is read
+    /// back by a replay, even when later records end just where one of them began. The next
+    /// records are written from there.
+    pub fn rewind_to(&mut self, offset: u64) {
+        let offset = offset.max(self.synced);
+        if offset >= self.written {
+            self.buffer
+                .truncate(usize::try_from(offset - self.written).unwrap_or(usize::MAX));
+            self.len = offset.min(self.len);
+            return;
+        }
+        let reached = self.written + self.buffer.len() as u64;
+        self.buffer.clear();
+        let on_file = self.file.metadata().map(|m| m.len()).unwrap_or(reached);
+        let end = reached.min(on_file);
+        if end > offset {
+            // Zeros over bytes the file already has need no new blocks, even on a full disk.
+            let zeros = vec![0u8; (end - offset).min(1024 * 1024) as usize];
+            let mut at = offset;
+            while at < end {
+                let n = (end - at).min(zeros.len() as u64) as usize;
+                if let Err(e) = self.file.write_all_at(&zeros[..n], at) {
+                    tracing::error!(error = %e, generation = self.generation, "cannot clear what a failed write left in the write-ahead log");
+                    break;
+                }
+                at += n as u64;
+            }
+            self.unsynced = true;
+        }
+        self.written = offset;
+        self.len = offset;
+    }
+
+    /// Starts the next generation (after a [`Wal::sync`]: a flush after the rotation syncs only
+    /// the new generation, so the old one must already be durable); answers the generation just
+    /// closed. When it fails, this generation stays open.
+    pub fn start_next(&mut self) -> Result<u64> {
         let closed = self.generation;
         *self = Self::create(&self.dir, closed + 1)?;
         Ok(closed)
+    }
+
+    /// Syncs this generation and starts the next one; answers the generation just closed.
+    #[cfg(test)]
+    pub fn rotate(&mut self) -> Result<u64> {
+        self.sync()?;
+        self.start_next()
     }
 }
 

@@ -5,8 +5,9 @@
 //! - [`model`]: the safe wrapper over one context (load, attributes, core mask, run on NCHW host
 //!   tensors with the layout conversions the model's attributes ask for).
 //! - [`pipeline`]: the SD1.x/SD2.x LCM pipeline over three contexts.
-//! - [`RknnWorker`] and [`start_workers`]: `NUM_WORKERS` actors, worker i on `NPU_CORE_{i % 3}`,
-//!   each loading its own contexts on its own thread (contexts never cross threads).
+//! - [`RknnRenderer`] (the backend's [`Renderer`]) and [`start_workers`]: `NUM_WORKERS` worker
+//!   actors, worker i on `NPU_CORE_{i % 3}`, each loading its own contexts on its own thread
+//!   (contexts never cross threads).
 //!
 //! The tests run all of it against a fake runtime behind the same trait (`fake`).
 
@@ -20,80 +21,63 @@ mod fake;
 #[cfg(test)]
 mod tests;
 
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use actix::{Actor, Addr, Handler, SyncArbiter, SyncContext};
+use actix::Addr;
 
 use api::{CoreMask, RknnApi};
 use pipeline::RknnPipeline;
 
+use crate::burn::lcm::check_steps;
 use crate::error::{NodeError, Result};
-use crate::worker::{Rendered, RunJob, encode_png};
+use crate::render::{Image, Params, Renderer, Worker};
 
 /// Largest `NUM_WORKERS` for an rknn node (three per NPU core; each holds its own contexts).
 pub const MAX_WORKERS: u32 = 9;
 
-/// A worker actor owning one pipeline (three contexts) on one NPU core.
-pub struct RknnWorker {
+/// One pipeline (three contexts) on one NPU core, for one worker.
+pub struct RknnRenderer {
     pipeline: std::result::Result<RknnPipeline, String>,
-    model_id: String,
+    core: CoreMask,
 }
 
-impl Actor for RknnWorker {
-    type Context = SyncContext<Self>;
-}
+impl Renderer for RknnRenderer {
+    fn backend(&self) -> &'static str {
+        "rknn"
+    }
 
-impl RknnWorker {
-    fn render(&mut self, job: &RunJob) -> Result<Rendered> {
+    fn device(&self) -> Option<&'static str> {
+        Some(self.core.name())
+    }
+
+    fn render(
+        &mut self,
+        params: &Params,
+        step: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Image> {
         let pipeline = self
             .pipeline
             .as_mut()
             .map_err(|e| NodeError::Render(format!("this worker did not start: {e}")))?;
-        let spec = &job.spec;
-        if !spec.loras.is_empty() {
-            let names: Vec<&str> = spec.loras.iter().map(|l| l.name.as_str()).collect();
+        if !params.loras.is_empty() {
+            let names: Vec<&str> = params.loras.iter().map(|l| l.name.as_str()).collect();
             return Err(NodeError::InvalidJob(format!(
                 "an rknn node runs a compiled model and cannot merge LoRAs (asked for {})",
                 names.join(", ")
             )));
         }
-        let params = job.lcm_params()?;
-        let started = Instant::now();
-        let image = pipeline.generate(&params, |step, total| job.step_done(step, total))?;
-        let elapsed = started.elapsed();
-        tracing::info!(
-            backend = "rknn",
-            core = pipeline.core().name(),
-            width = image.width,
-            height = image.height,
-            steps = spec.steps,
-            ms = elapsed.as_millis() as u64,
-            "image rendered"
-        );
-        let png = encode_png(&image, spec, &self.model_id, "rknn")?;
-        Ok(Rendered { png, elapsed })
-    }
-}
-
-impl Handler<RunJob> for RknnWorker {
-    type Result = Result<Rendered>;
-
-    fn handle(&mut self, job: RunJob, _: &mut SyncContext<Self>) -> Self::Result {
-        let _span = job.span.clone().entered();
-        if job.cancel.is_cancelled() {
-            return Err(NodeError::Cancelled);
-        }
-        self.render(&job)
+        check_steps(params.steps)?;
+        pipeline.generate(params, step)
     }
 }
 
 /// What the started workers can do.
 pub struct Started {
     /// The pool's address.
-    pub addr: Addr<RknnWorker>,
+    pub addr: Addr<Worker<RknnRenderer>>,
     /// Image sizes the model renders.
     pub sizes: Vec<(u32, u32)>,
     /// Mean measured speed of one worker, pixel-steps per second.
@@ -115,10 +99,7 @@ pub fn start_workers(
         )));
     }
     let (tx, rx) = std::sync::mpsc::channel();
-    let next = AtomicUsize::new(0);
-    let model_id = model_id.to_string();
-    let addr = SyncArbiter::start(workers as usize, move || {
-        let i = next.fetch_add(1, Ordering::SeqCst);
+    let addr = Worker::start(workers as usize, model_id, move |i| {
         let core = CoreMask::for_worker(i);
         let started = Instant::now();
         let loaded = RknnPipeline::load(api.clone(), &dir, core).and_then(|mut p| {
@@ -143,10 +124,7 @@ pub fn start_workers(
                 Err(message)
             }
         };
-        RknnWorker {
-            pipeline,
-            model_id: model_id.clone(),
-        }
+        RknnRenderer { pipeline, core }
     });
     let mut sizes = Vec::new();
     let mut speeds = Vec::new();

@@ -3,9 +3,9 @@
 //! `config.json`; `scheduler/scheduler_config.json`; `tokenizer/`):
 //! tokenize → text encoder → LCM loop on the UNet → VAE decoder → RGB.
 //!
-//! The tokenizer, the LCM scheduler and its sampling loop, the guidance embedding, the seeded
-//! noise and the image conversion are the Burn pipeline's own code; only the three networks run
-//! on the NPU. Host-side arithmetic runs on Burn's CPU backend.
+//! The tokenizer, the LCM scheduler and its sampling loop and the guidance embedding are the Burn
+//! pipeline's own code, the seeded noise and the image conversion [`crate::render`]'s: only the
+//! three networks run on the NPU. Host-side arithmetic runs on Burn's CPU backend.
 
 use std::ops::ControlFlow;
 use std::path::Path;
@@ -18,14 +18,13 @@ use serde::Deserialize;
 
 use super::api::{CoreMask, RknnApi};
 use super::model::{HostData, HostTensor, RknnModel};
+use crate::burn::Cpu;
+use crate::burn::lcm::Lcm;
+use crate::burn::pipeline::{guided, read_config, scheduler_config};
+use crate::burn::tokenizer::ClipTokenizer;
+use crate::burn::unet::guidance_embedding;
 use crate::error::{NodeError, Result};
-use crate::sd::Cpu;
-use crate::sd::lcm::Lcm;
-use crate::sd::pipeline::{
-    Image, Params, gaussian, guided, read_config, rgb_from_chw, scheduler_config, step_noise_seed,
-};
-use crate::sd::tokenizer::ClipTokenizer;
-use crate::sd::unet::guidance_embedding;
+use crate::render::{Image, Params, gaussian, rgb_from_chw, step_noise_seed};
 
 /// What the pipeline reads from `unet/config.json`.
 #[derive(Clone, Debug, Deserialize)]

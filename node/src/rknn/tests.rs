@@ -4,20 +4,17 @@ use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 
-use drover_shared::proto;
-
 use super::api::{CoreMask, RknnStatus, TensorFormat, TensorType};
 use super::fake::{Call, FakeRknn, write_model_folder};
 use super::model::{nchw_to_nhwc, nhwc_to_nchw};
 use super::pipeline::RknnPipeline;
 use super::start_workers;
+use crate::burn::Cpu;
+use crate::burn::lcm::{Lcm, LcmConfig};
+use crate::burn::tokenizer::ClipTokenizer;
+use crate::burn::unet::guidance_embedding;
 use crate::error::NodeError;
-use crate::sd::Cpu;
-use crate::sd::lcm::{Lcm, LcmConfig};
-use crate::sd::pipeline::{Params, gaussian, step_noise_seed};
-use crate::sd::tokenizer::ClipTokenizer;
-use crate::sd::unet::guidance_embedding;
-use crate::worker::{CancelFlag, RunJob};
+use crate::render::{CancelFlag, Lora, Params, Progress, RunJob, gaussian, step_noise_seed};
 
 fn params(size: usize) -> Params {
     Params {
@@ -28,6 +25,7 @@ fn params(size: usize) -> Params {
         steps: 4,
         guidance: 8.0,
         seed: 42,
+        loras: Vec::new(),
     }
 }
 
@@ -385,26 +383,21 @@ fn a_cancelled_render_stops_between_steps() {
     assert!(!api.calls().contains(&Call::Run("vae".into())));
 }
 
-fn job(
-    loras: Vec<proto::LoraRequest>,
-) -> (
-    RunJob,
-    tokio::sync::mpsc::UnboundedReceiver<crate::worker::Progress>,
-) {
+fn job(loras: Vec<Lora>) -> (RunJob, tokio::sync::mpsc::UnboundedReceiver<Progress>) {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let spec = proto::JobSpec {
+    let params = Params {
         prompt: "a lighthouse".into(),
+        negative_prompt: String::new(),
         width: 64,
         height: 64,
         steps: 2,
-        guidance_scale: 8.0,
+        guidance: 8.0,
         seed: 7,
         loras,
-        ..Default::default()
     };
     (
         RunJob {
-            spec,
+            params,
             progress: tx.into(),
             cancel: CancelFlag::default(),
             span: tracing::Span::none(),
@@ -469,7 +462,7 @@ fn workers_take_one_npu_core_each_and_keep_their_contexts_on_their_thread() {
         assert!(software.contains("rknn"), "{software}");
         assert_eq!(progress.recv().await.map(|p| p.step), Some(1));
 
-        let (run, _) = job(vec![proto::LoraRequest {
+        let (run, _) = job(vec![Lora {
             name: "ink".into(),
             strength: 1.0,
         }]);

@@ -35,57 +35,43 @@ use anyhow::{Context, Result, bail};
 use drover_tests::http1::Connection;
 use drover_tests::{Binaries, ClusterSandbox, NodeSpec};
 
+/// End-to-end load on a real coordinator with simulated zero-time nodes: routing decision
+/// times, the disk's fsync baseline, one-client latency, saturation throughput and added latency
+/// at half load.
+#[derive(clap::Parser, Debug)]
+#[command(name = "drover-loadgen", version)]
 struct Options {
+    /// Simulated nodes.
+    #[arg(long, default_value_t = 4)]
     nodes: usize,
+    /// Workers per node.
+    #[arg(long, default_value_t = 16)]
     workers: usize,
+    /// Client threads (one keep-alive connection each).
+    #[arg(long, default_value_t = 32)]
     clients: usize,
+    /// Seconds of each measured phase.
+    #[arg(long, default_value_t = 10.0)]
     seconds: f64,
     /// Images per request: 1 submits `POST /v1/generate`; 2 to 8 submit AUTOMATIC1111-style
     /// `POST /sdapi/v1/txt2img` with `batch_size` (accepted as one batch, answered when all are
     /// done).
+    #[arg(long, default_value_t = 1, value_parser = images_per_request)]
     batch: usize,
     /// Jobs per second offered in the paced phase (default: half the saturation rate).
+    #[arg(long)]
     rate: Option<f64>,
     /// Where the sandbox binaries are (default: next to this executable); another build's, to
     /// measure it with the same load generator.
+    #[arg(long)]
     bins: Option<PathBuf>,
 }
 
-fn options() -> Result<Options> {
-    let mut o = Options {
-        nodes: 4,
-        workers: 16,
-        clients: 32,
-        seconds: 10.0,
-        bins: None,
-        batch: 1,
-        rate: None,
-    };
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let mut it = args.iter();
-    while let Some(flag) = it.next() {
-        let value = it.next().with_context(|| format!("{flag} needs a value"))?;
-        match flag.as_str() {
-            "--nodes" => o.nodes = value.parse()?,
-            "--workers" => o.workers = value.parse()?,
-            "--clients" => o.clients = value.parse()?,
-            "--seconds" => o.seconds = value.parse()?,
-            "--bins" => o.bins = Some(PathBuf::from(value)),
-            "--rate" => o.rate = Some(value.parse()?),
-            "--batch" => {
-                o.batch = value.parse()?;
-                if !(1..=8).contains(&o.batch) {
-                    bail!("--batch takes 1 to 8 images per request");
-                }
-            }
-            other => {
-                bail!(
-                    "unknown flag {other} (--nodes N --workers PER_NODE --clients N --seconds S --batch IMAGES --rate JOBS_PER_S --bins DIR)"
-                )
-            }
-        }
+fn images_per_request(text: &str) -> std::result::Result<usize, String> {
+    match text.parse() {
+        Ok(n @ 1..=8) => Ok(n),
+        _ => Err(format!("{text}: 1 to 8 images per request")),
     }
-    Ok(o)
 }
 
 fn binaries(dir: Option<PathBuf>) -> Result<Binaries> {
@@ -302,7 +288,7 @@ fn cpu_snapshot(pids: &[(String, u32)]) -> [Duration; 3] {
 /// `dispatch` passes it; against a bare scan of the same registry that decides nothing, measured
 /// in the same run.
 fn decision_times() -> Result<()> {
-    use drover_coordinator::router::{self, CapabilityIndex, Member};
+    use drover_coordinator::control::router::{self, CapabilityIndex, Member};
     use std::hint::black_box;
     let job = drover_shared::job::JobRequest::from_json(
         br#"{"prompt":"x","model":"sdxl","size":"1024x1024"}"#,
@@ -351,7 +337,7 @@ fn decision_times() -> Result<()> {
 }
 
 fn main() -> Result<()> {
-    let o = options()?;
+    let o = <Options as clap::Parser>::parse();
     decision_times()?;
     let (sync_p50, sync_p99) = fsync_baseline(500)?;
     println!(

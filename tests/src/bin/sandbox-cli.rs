@@ -4,5 +4,5 @@
 static ALLOCATOR: drover_shared::Allocator = drover_shared::Allocator;
 
 fn main() -> std::process::ExitCode {
-    drover_coordinator::client::cli_main()
+    drover_cli::cli_main()
 }

@@ -1,0 +1,479 @@
+//! `drover`, the command-line client of the REST API: generate an image with a progress bar fed by
+//! the job's event stream, list jobs and nodes, drain/resume nodes, cancel jobs.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+
+/// The `drover` command line.
+#[derive(clap::Parser, Debug)]
+#[command(
+    name = "drover",
+    version,
+    about = "Drover client: images, jobs and nodes of a farm"
+)]
+pub struct Cli {
+    /// The coordinator's REST address.
+    #[arg(
+        long,
+        env = "DROVER_URL",
+        default_value = "http://127.0.0.1:4200",
+        global = true
+    )]
+    pub url: String,
+    /// API key, when the coordinator requires one.
+    #[arg(long, env = "DROVER_API_KEY", global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// PEM certificate of a CA to trust besides the public roots, for an `https://` URL with a
+    /// self-signed certificate.
+    #[arg(long, env = "DROVER_CA_CERT", global = true)]
+    pub ca_cert: Option<PathBuf>,
+    /// Admin token for drain/resume.
+    #[arg(
+        long,
+        env = "DROVER_ADMIN_TOKEN",
+        global = true,
+        hide_env_values = true
+    )]
+    pub admin_token: Option<String>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// `drover` subcommands.
+#[derive(clap::Subcommand, Debug)]
+pub enum Command {
+    /// Render one image and write it to a PNG file, showing progress.
+    Generate {
+        /// The prompt.
+        prompt: String,
+        /// Output file.
+        #[arg(short, long, default_value = "out.png")]
+        output: PathBuf,
+        /// Model family (`sd15`, `sd2`, `sdxl`) or model id.
+        #[arg(long)]
+        model: Option<String>,
+        /// Size `WxH`.
+        #[arg(long)]
+        size: Option<String>,
+        /// Denoising steps.
+        #[arg(long)]
+        steps: Option<u32>,
+        /// Guidance scale.
+        #[arg(long)]
+        guidance: Option<f32>,
+        /// Seed.
+        #[arg(long)]
+        seed: Option<i64>,
+        /// Negative prompt.
+        #[arg(long)]
+        negative: Option<String>,
+        /// A catalog style, `STYLE` or `STYLE:LEVEL` (level 1 when absent).
+        #[arg(long)]
+        style: Option<String>,
+        /// A LoRA, `NAME` or `NAME:STRENGTH` (1.0 when absent); repeatable.
+        #[arg(long)]
+        lora: Vec<String>,
+    },
+    /// Unfinished jobs.
+    Jobs,
+    /// One job, in full.
+    Job {
+        /// Job id.
+        id: String,
+    },
+    /// Registered nodes.
+    Nodes,
+    /// Stop giving a node new work (by name or id; needs the admin token when one is set).
+    Drain {
+        /// Node name or id.
+        node: String,
+    },
+    /// Give a drained node work again.
+    Resume {
+        /// Node name or id.
+        node: String,
+    },
+    /// Cancel a job.
+    Cancel {
+        /// Job id.
+        id: String,
+    },
+    /// Exit 0 when the coordinator answers `/healthz` (container health checks).
+    Health,
+}
+
+/// TLS settings trusting the public roots and the PEM certificates in `path`.
+pub fn trusting(path: &std::path::Path) -> Result<ureq::tls::TlsConfig> {
+    use ureq::tls::{Certificate, RootCerts, TlsConfig};
+    let pem = std::fs::read(path).with_context(|| format!("DROVER_CA_CERT {}", path.display()))?;
+    let certs: Vec<Certificate<'static>> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(Ok(c)),
+            Ok(_) => None,
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<std::result::Result<_, _>>()
+        .with_context(|| format!("DROVER_CA_CERT {}: not PEM", path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "DROVER_CA_CERT {}: no certificate in it",
+        path.display()
+    );
+    Ok(TlsConfig::builder()
+        .root_certs(RootCerts::new_with_certs(&certs))
+        .build())
+}
+
+struct Api {
+    url: String,
+    admin_token: Option<String>,
+    api_key: Option<String>,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    fn new(cli: &Cli) -> Result<Self> {
+        let mut config = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)));
+        if let Some(path) = &cli.ca_cert {
+            config = config.tls_config(trusting(path)?);
+        }
+        Ok(Self {
+            url: cli.url.trim_end_matches('/').to_string(),
+            admin_token: cli.admin_token.clone(),
+            api_key: cli.api_key.clone(),
+            agent: config.build().into(),
+        })
+    }
+
+    /// Answers the JSON body, or the server's error message.
+    fn json(&self, mut response: ureq::http::Response<ureq::Body>) -> Result<Value> {
+        let status = response.status();
+        let body: Value = response
+            .body_mut()
+            .read_json()
+            .with_context(|| format!("the coordinator answered {status} without JSON"))?;
+        if !status.is_success() {
+            let message = body["error"]["message"].as_str().unwrap_or("no message");
+            bail!("{status}: {message}");
+        }
+        Ok(body)
+    }
+
+    /// A GET with the API key, when one is set.
+    fn get_request(&self, path: &str) -> ureq::RequestBuilder<ureq::typestate::WithoutBody> {
+        let req = self.agent.get(format!("{}{path}", self.url));
+        match &self.api_key {
+            Some(k) => req.header("x-api-key", k),
+            None => req,
+        }
+    }
+
+    fn get(&self, path: &str) -> Result<Value> {
+        let r = self
+            .get_request(path)
+            .call()
+            .with_context(|| format!("cannot reach the coordinator at {}", self.url))?;
+        self.json(r)
+    }
+
+    fn send(&self, method: &str, path: &str, body: Option<&Value>) -> Result<Value> {
+        let url = format!("{}{path}", self.url);
+        let auth = self.admin_token.as_ref().map(|t| format!("Bearer {t}"));
+        let key = self.api_key.clone().unwrap_or_default();
+        let r = match (method, body) {
+            ("DELETE", _) => self.agent.delete(&url).header("x-api-key", &key).call(),
+            (_, Some(b)) => {
+                let mut req = self.agent.post(&url).header("x-api-key", &key);
+                if let Some(a) = &auth {
+                    req = req.header("authorization", a);
+                }
+                req.send_json(b)
+            }
+            _ => {
+                let mut req = self.agent.post(&url).header("x-api-key", &key);
+                if let Some(a) = &auth {
+                    req = req.header("authorization", a);
+                }
+                req.send_empty()
+            }
+        }
+        .with_context(|| format!("cannot reach the coordinator at {}", self.url))?;
+        self.json(r)
+    }
+
+    fn node_id(&self, name_or_id: &str) -> Result<String> {
+        let nodes = self.get("/v1/nodes")?;
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["name"] == name_or_id || n["id"] == name_or_id)
+            .and_then(|n| n["id"].as_str().map(str::to_string))
+            .ok_or_else(|| anyhow!("no node named or numbered {name_or_id}"))
+    }
+}
+
+fn split_pair(text: &str, default: f64) -> Result<(String, f64)> {
+    match text.split_once(':') {
+        Some((name, v)) => Ok((
+            name.to_string(),
+            v.parse()
+                .with_context(|| format!("{text}: `{v}` is not a number"))?,
+        )),
+        None => Ok((text.to_string(), default)),
+    }
+}
+
+/// How a job's progress is shown: a bar on a terminal, one line per event otherwise (logs and
+/// pipes get every step, not a redrawn line).
+enum Display {
+    /// A spinner while the job waits, a bar of its steps while it runs.
+    Bar(indicatif::ProgressBar),
+    /// Plain lines on stderr.
+    Lines,
+}
+
+impl Display {
+    fn new() -> Self {
+        use std::io::IsTerminal as _;
+        if !std::io::stderr().is_terminal() {
+            return Self::Lines;
+        }
+        let bar = indicatif::ProgressBar::new_spinner();
+        bar.enable_steady_tick(Duration::from_millis(120));
+        Self::Bar(bar)
+    }
+
+    fn message(&self, text: String) {
+        match self {
+            Self::Bar(bar) => bar.set_message(text),
+            Self::Lines => eprintln!("{text}"),
+        }
+    }
+
+    fn note(&self, text: String) {
+        match self {
+            Self::Bar(bar) => bar.println(text),
+            Self::Lines => eprintln!("{text}"),
+        }
+    }
+
+    fn steps(&self, step: u64, total: u64) {
+        match self {
+            Self::Bar(bar) => {
+                if bar.length() != Some(total) {
+                    let style = indicatif::ProgressStyle::with_template(
+                        "{spinner} [{bar:30}] {pos}/{len} steps {elapsed}",
+                    )
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                    .progress_chars("#>-");
+                    bar.set_style(style);
+                    bar.set_length(total);
+                }
+                bar.set_position(step);
+            }
+            Self::Lines => eprintln!("step {step}/{total}"),
+        }
+    }
+
+    fn finish(&self) {
+        if let Self::Bar(bar) = self {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+fn generate(api: &Api, command: &Command) -> Result<()> {
+    let Command::Generate {
+        prompt,
+        output,
+        model,
+        size,
+        steps,
+        guidance,
+        seed,
+        negative,
+        style,
+        lora,
+    } = command
+    else {
+        return Ok(());
+    };
+    let mut body = json!({ "prompt": prompt });
+    let set = |body: &mut Value, k: &str, v: Value| {
+        if !v.is_null() {
+            body[k] = v;
+        }
+    };
+    set(&mut body, "model", json!(model));
+    set(&mut body, "size", json!(size));
+    set(&mut body, "steps", json!(steps));
+    set(&mut body, "guidance_scale", json!(guidance));
+    set(&mut body, "seed", json!(seed));
+    set(&mut body, "negative_prompt", json!(negative));
+    if let Some(s) = style {
+        let (name, level) = split_pair(s, 1.0)?;
+        body["style_lora"] = json!({"style": name, "level": level as u32});
+    }
+    if !lora.is_empty() {
+        let list: Vec<Value> = lora
+            .iter()
+            .map(|l| split_pair(l, 1.0).map(|(n, s)| json!({"name": n, "strength": s})))
+            .collect::<Result<_>>()?;
+        body["loras"] = Value::Array(list);
+    }
+    let job = api.send("POST", "/v1/jobs", Some(&body))?;
+    let id = job["id"]
+        .as_str()
+        .context("no job id in the answer")?
+        .to_string();
+    eprintln!("job {id} accepted");
+    let response = api
+        .get_request(&format!("/v1/jobs/{id}/events"))
+        .call()
+        .context("cannot open the job's event stream")?;
+    let reader = BufReader::new(response.into_body().into_reader());
+    let mut done = Value::Null;
+    let display = Display::new();
+    for line in reader.lines() {
+        let line = line.context("the event stream broke")?;
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        let event: Value = serde_json::from_str(data).context("a malformed event")?;
+        match event["event"].as_str() {
+            Some("queued") => display.message(format!("queued, {} ahead", event["position"])),
+            Some("assigned") => display.message(format!("running on node {}", event["node_id"])),
+            Some("progress") => display.steps(
+                event["step"].as_u64().unwrap_or(0),
+                event["total"].as_u64().unwrap_or(0),
+            ),
+            Some("requeued") => display.note(format!("requeued: {}", event["reason"])),
+            Some("done") => {
+                done = event;
+                break;
+            }
+            _ => {}
+        }
+    }
+    display.finish();
+    if done["state"] != "succeeded" {
+        bail!(
+            "job {id} {}: {}",
+            done["state"].as_str().unwrap_or("ended without a result"),
+            done["error"].as_str().unwrap_or("no reason given")
+        );
+    }
+    let mut image = api
+        .get_request(&format!("/v1/jobs/{id}/image"))
+        .call()
+        .context("cannot fetch the image")?;
+    let png = image
+        .body_mut()
+        .with_config()
+        .limit(256 << 20)
+        .read_to_vec()
+        .context("cannot read the image")?;
+    std::fs::write(output, &png).with_context(|| format!("cannot write {}", output.display()))?;
+    let record = api.get(&format!("/v1/jobs/{id}"))?;
+    println!(
+        "{} written ({} bytes, seed {}, node {})",
+        output.display(),
+        png.len(),
+        record["spec"]["seed"],
+        record["node_id"].as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let api = Api::new(&cli)?;
+    match &cli.command {
+        Command::Generate { .. } => generate(&api, &cli.command)?,
+        Command::Jobs => {
+            let jobs = api.get("/v1/jobs")?;
+            println!("{:<38} {:<10} {:<8} prompt", "id", "state", "progress");
+            for j in jobs.as_array().into_iter().flatten() {
+                let progress = match (j["progress"][0].as_u64(), j["progress"][1].as_u64()) {
+                    (Some(s), Some(t)) => format!("{s}/{t}"),
+                    _ => "-".into(),
+                };
+                println!(
+                    "{:<38} {:<10} {:<8} {}",
+                    j["id"].as_str().unwrap_or(""),
+                    j["state"].as_str().unwrap_or(""),
+                    progress,
+                    j["spec"]["prompt"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Command::Job { id } => {
+            println!("{:#}", api.get(&format!("/v1/jobs/{id}"))?);
+        }
+        Command::Nodes => {
+            let nodes = api.get("/v1/nodes")?;
+            println!(
+                "{:<20} {:<9} {:<7} {:<6} {:<8} id",
+                "name", "state", "backend", "family", "workers"
+            );
+            for n in nodes.as_array().into_iter().flatten() {
+                println!(
+                    "{:<20} {:<9} {:<7} {:<6} {:<8} {}",
+                    n["name"].as_str().unwrap_or(""),
+                    n["state"].as_str().unwrap_or(""),
+                    n["backend"].as_str().unwrap_or(""),
+                    n["family"].as_str().unwrap_or(""),
+                    n["workers"],
+                    n["id"].as_str().unwrap_or("")
+                );
+            }
+        }
+        Command::Drain { node } | Command::Resume { node } => {
+            let verb = if matches!(cli.command, Command::Drain { .. }) {
+                "drain"
+            } else {
+                "resume"
+            };
+            let id = api.node_id(node)?;
+            let answer = api.send("POST", &format!("/v1/nodes/{id}/{verb}"), None)?;
+            println!(
+                "{} draining: {}",
+                answer["name"].as_str().unwrap_or(node),
+                answer["draining"]
+            );
+        }
+        Command::Health => {
+            let health = api.get("/healthz")?;
+            println!("{health}");
+        }
+        Command::Cancel { id } => {
+            let answer = api.send("DELETE", &format!("/v1/jobs/{id}"), None)?;
+            println!(
+                "{} {}",
+                answer["id"].as_str().unwrap_or(id),
+                answer["state"].as_str().unwrap_or("")
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Entry point of the `drover` binary.
+pub fn cli_main() -> ExitCode {
+    use clap::Parser;
+    match run(Cli::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("drover: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,686 @@
+//! Property tests of the job lifecycle: random sequences of commands (submissions, leases,
+//! reports with current, stale and foreign leases, node losses, reconnects, time, cancels)
+//! against the rules of the module documentation, checked after every command.
+
+use std::collections::{HashMap, HashSet};
+
+use drover_shared::job::{JobRequest, Size};
+use proptest::prelude::*;
+
+use super::*;
+
+const NODES: usize = 3;
+const MAX_ATTEMPTS: u32 = 3;
+const QUEUE_LIMIT: usize = 8;
+const CLIENT_CAP: u32 = 6;
+const QUEUE_EXPIRY_S: u64 = 20;
+
+fn node(i: usize) -> NodeId {
+    NodeId::from_bytes([i as u8 + 1; 16])
+}
+
+fn spec(priority: i32) -> JobSpec {
+    let body = format!(r#"{{"prompt":"x","size":"64x64","steps":2,"priority":{priority}}}"#);
+    JobRequest::from_json(body.as_bytes())
+        .and_then(|r| r.validate(|| 1))
+        .expect("a valid job")
+}
+
+/// Which lease a report carries.
+#[derive(Clone, Copy, Debug)]
+enum Carries {
+    /// The job's current lease, from its node.
+    Current,
+    /// The job's current lease, from another node.
+    OtherNode,
+    /// A lease the job held before.
+    Stale,
+    /// A lease nobody ever held.
+    Unknown,
+}
+
+#[derive(Clone, Debug)]
+enum Command {
+    Submit {
+        n: usize,
+        client: u8,
+        priority: i32,
+    },
+    Lease {
+        job: usize,
+        node: usize,
+    },
+    Progress {
+        job: usize,
+        carries: Carries,
+    },
+    Succeed {
+        job: usize,
+        carries: Carries,
+    },
+    Fail {
+        job: usize,
+        carries: Carries,
+        permanent: bool,
+    },
+    NodeLost {
+        node: usize,
+    },
+    Reconcile {
+        node: usize,
+        keep: u8,
+    },
+    Advance {
+        ms: u64,
+    },
+    Cancel {
+        job: usize,
+    },
+    Unregister {
+        node: usize,
+    },
+    Revoke {
+        job: usize,
+    },
+}
+
+fn carries() -> impl Strategy<Value = Carries> {
+    prop_oneof![
+        3 => Just(Carries::Current),
+        1 => Just(Carries::OtherNode),
+        1 => Just(Carries::Stale),
+        1 => Just(Carries::Unknown),
+    ]
+}
+
+fn command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        3 => (1..4usize, 0..2u8, -2..3i32).prop_map(|(n, client, priority)| Command::Submit { n, client, priority }),
+        5 => (any::<usize>(), 0..NODES).prop_map(|(job, node)| Command::Lease { job, node }),
+        2 => (any::<usize>(), carries()).prop_map(|(job, carries)| Command::Progress { job, carries }),
+        3 => (any::<usize>(), carries()).prop_map(|(job, carries)| Command::Succeed { job, carries }),
+        2 => (any::<usize>(), carries(), any::<bool>()).prop_map(|(job, carries, permanent)| Command::Fail { job, carries, permanent }),
+        1 => (0..NODES).prop_map(|node| Command::NodeLost { node }),
+        1 => (0..NODES, any::<u8>()).prop_map(|(node, keep)| Command::Reconcile { node, keep }),
+        2 => (0..15_000u64).prop_map(|ms| Command::Advance { ms }),
+        1 => any::<usize>().prop_map(|job| Command::Cancel { job }),
+        1 => (0..NODES).prop_map(|node| Command::Unregister { node }),
+        1 => any::<usize>().prop_map(|job| Command::Revoke { job }),
+    ]
+}
+
+/// The durable part of a job: what a restart reads back (progress and `running` are not
+/// persisted, and neither is the time of the last progress report).
+fn durable(job: &JobRecord) -> JobRecord {
+    let mut job = job.clone();
+    if job.state == JobState::Running {
+        job.state = JobState::Leased;
+    }
+    job.progress = None;
+    job.updated_ms = 0;
+    job
+}
+
+/// The world around the machine: the clock, the ids handed out, the persisted records and what
+/// each job's leases were.
+struct World {
+    jobs: Jobs,
+    now: u64,
+    ids: Vec<JobId>,
+    next_lease: u128,
+    /// The last persisted record of every job (the log, replayed).
+    disk: HashMap<JobId, JobRecord>,
+    /// Every lease each job held, oldest first.
+    held: HashMap<JobId, Vec<(NodeId, LeaseId)>>,
+    /// Jobs that ended.
+    ended: HashSet<JobId>,
+}
+
+impl World {
+    fn new() -> Self {
+        Self {
+            jobs: Jobs::restore(Vec::new(), MAX_ATTEMPTS),
+            now: 1_000_000,
+            ids: Vec::new(),
+            next_lease: 1,
+            disk: HashMap::new(),
+            held: HashMap::new(),
+            ended: HashSet::new(),
+        }
+    }
+
+    fn pick(&self, i: usize) -> Option<JobId> {
+        (!self.ids.is_empty()).then(|| self.ids[i % self.ids.len()])
+    }
+
+    /// The (node, lease) a report about `job_id` carries.
+    fn carried(&mut self, job_id: JobId, carries: Carries) -> (NodeId, LeaseId) {
+        let current = self
+            .jobs
+            .get(&job_id)
+            .and_then(|j| j.lease.as_ref())
+            .map(|l| (l.node_id, l.id));
+        let unknown = |w: &mut Self| {
+            w.next_lease += 1;
+            (
+                node(0),
+                LeaseId::from_bytes((u128::MAX - w.next_lease).to_be_bytes()),
+            )
+        };
+        match (carries, current) {
+            (Carries::Current, Some(c)) => c,
+            (Carries::OtherNode, Some((n, l))) => {
+                let other = (0..NODES).map(node).find(|m| *m != n).unwrap_or(n);
+                (other, l)
+            }
+            (Carries::Stale, _) => match self.held.get(&job_id).and_then(|h| {
+                h.iter()
+                    .rev()
+                    .find(|(n, l)| current != Some((*n, *l)))
+                    .copied()
+            }) {
+                Some(old) => old,
+                None => unknown(self),
+            },
+            _ => unknown(self),
+        }
+    }
+
+    /// Runs one command and checks the rules after it; answers its effects and whether it was
+    /// a report the machine had to drop.
+    fn step(&mut self, command: &Command) -> (Effects, bool) {
+        let before: HashMap<JobId, JobRecord> =
+            self.jobs.iter().map(|j| (j.id, j.clone())).collect();
+        let (effects, fenced) = self.run(command);
+        check(self, &before, &effects, fenced);
+        (effects, fenced)
+    }
+
+    /// Runs one command; answers its effects and whether it was a report the machine must
+    /// drop (a lease that is not the job's current one, or from another node).
+    fn run(&mut self, command: &Command) -> (Effects, bool) {
+        let now = self.now;
+        let mut fenced = false;
+        let report = |w: &mut Self,
+                      job: usize,
+                      carries: Carries,
+                      make: &dyn Fn(JobId, LeaseId) -> NodeReport,
+                      fenced: &mut bool| {
+            let Some(job_id) = w.pick(job) else {
+                return Effects::new();
+            };
+            let (n, lease) = w.carried(job_id, carries);
+            let current = w
+                .jobs
+                .get(&job_id)
+                .and_then(|j| j.lease.as_ref())
+                .map(|l| (l.node_id, l.id));
+            *fenced = current != Some((n, lease));
+            w.jobs.report(n, make(job_id, lease), now)
+        };
+        let effects = match command {
+            Command::Submit {
+                n,
+                client,
+                priority,
+            } => {
+                let jobs: Vec<JobRecord> = (0..*n)
+                    .map(|_| {
+                        self.now += 1;
+                        let id = JobId::from_bytes(
+                            (u128::from(self.now) << 64 | self.ids.len() as u128).to_be_bytes(),
+                        );
+                        let mut job = JobRecord::new(id, spec(*priority));
+                        job.created_ms = self.now;
+                        job.updated_ms = self.now;
+                        job.client = Some(format!("client-{client}"));
+                        job
+                    })
+                    .collect();
+                let ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+                match self.jobs.submit(jobs, QUEUE_LIMIT, CLIENT_CAP) {
+                    Ok(effects) => {
+                        self.ids.extend(ids);
+                        effects
+                    }
+                    Err(_) => Effects::new(),
+                }
+            }
+            Command::Lease { job, node: n } => {
+                let Some(job_id) = self.pick(*job) else {
+                    return (Effects::new(), false);
+                };
+                self.next_lease += 1;
+                let grant = Grant {
+                    node_id: node(*n),
+                    lease_id: LeaseId::from_bytes(self.next_lease.to_be_bytes()),
+                    size: Size {
+                        width: 64,
+                        height: 64,
+                    },
+                    deadline_ms: now + 10_000,
+                };
+                let was_queued = self
+                    .jobs
+                    .get(&job_id)
+                    .is_some_and(|j| j.state == JobState::Queued);
+                let effects = self.jobs.lease(job_id, grant, now);
+                if was_queued {
+                    self.held
+                        .entry(job_id)
+                        .or_default()
+                        .push((grant.node_id, grant.lease_id));
+                } else {
+                    assert!(effects.is_empty(), "only a queued job can be leased");
+                }
+                effects
+            }
+            Command::Progress { job, carries } => report(
+                self,
+                *job,
+                *carries,
+                &|job_id, lease_id| NodeReport::Progress {
+                    job_id,
+                    lease_id,
+                    step: 1,
+                    total: 2,
+                },
+                &mut fenced,
+            ),
+            Command::Succeed { job, carries } => report(
+                self,
+                *job,
+                *carries,
+                &|job_id, lease_id| NodeReport::Succeeded {
+                    job_id,
+                    lease_id,
+                    png: Arc::from(vec![1u8, 2, 3]),
+                    elapsed_ms: 40,
+                },
+                &mut fenced,
+            ),
+            Command::Fail {
+                job,
+                carries,
+                permanent,
+            } => {
+                let permanent = *permanent;
+                report(
+                    self,
+                    *job,
+                    *carries,
+                    &move |job_id, lease_id| NodeReport::Failed {
+                        job_id,
+                        lease_id,
+                        reason: "out of memory".into(),
+                        permanent,
+                    },
+                    &mut fenced,
+                )
+            }
+            Command::NodeLost { node: n } => self.jobs.node_lost(node(*n), now),
+            Command::Reconcile { node: n, keep } => {
+                let listed: Vec<(JobId, LeaseId)> = self
+                    .jobs
+                    .iter()
+                    .filter_map(|j| j.lease.as_ref().map(|l| (j.id, l)))
+                    .filter(|(_, l)| l.node_id == node(*n))
+                    .enumerate()
+                    .filter(|(i, _)| keep & (1 << (i % 8)) != 0)
+                    .map(|(_, (id, l))| (id, l.id))
+                    .collect();
+                self.jobs.reconcile(node(*n), &listed, now)
+            }
+            Command::Advance { ms } => {
+                self.now += ms;
+                self.jobs.expire(self.now, QUEUE_EXPIRY_S)
+            }
+            Command::Cancel { job } => match self.pick(*job) {
+                Some(job_id) => {
+                    let active = self.jobs.get(&job_id).is_some();
+                    let effects = self.jobs.cancel(job_id, now);
+                    assert_eq!(
+                        effects.is_some(),
+                        active,
+                        "cancel answers for unfinished jobs only"
+                    );
+                    effects.unwrap_or_default()
+                }
+                None => Effects::new(),
+            },
+            Command::Revoke { job } => match self.pick(*job) {
+                Some(job_id) => self.jobs.revoke(&[job_id], "the disk is full", now),
+                None => Effects::new(),
+            },
+            Command::Unregister { node: n } => {
+                let gone = node(*n);
+                self.jobs.drop_orphans(|id| id != gone, now)
+            }
+        };
+        self.now += 1;
+        (effects, fenced)
+    }
+}
+
+/// Checks one command's effects and the machine after it.
+fn check(world: &mut World, before: &HashMap<JobId, JobRecord>, effects: &Effects, fenced: bool) {
+    // A fenced report changes nothing and does nothing.
+    if fenced {
+        assert!(
+            effects.is_empty(),
+            "a fenced report had effects: {effects:?}"
+        );
+        let now: HashMap<JobId, JobRecord> = world.jobs.iter().map(|j| (j.id, j.clone())).collect();
+        assert_eq!(&now, before, "a fenced report changed the jobs");
+    }
+    // Log before act: for each job, no durable effect comes after a message about it, and a job
+    // whose durable state changed had it logged.
+    let mut messaged: HashSet<JobId> = HashSet::new();
+    let mut logged: HashSet<JobId> = HashSet::new();
+    for effect in effects {
+        let Some(id) = effect.job_id() else { continue };
+        if effect.is_durable() {
+            assert!(
+                !messaged.contains(&id),
+                "job {id}: a message left before its state was logged: {effects:?}"
+            );
+            assert!(
+                !world.ended.contains(&id),
+                "job {id} was logged after it ended"
+            );
+            logged.insert(id);
+            match effect {
+                Effect::Persist(job) => {
+                    assert!(!job.state.is_terminal());
+                    world.disk.insert(id, job.clone());
+                }
+                Effect::PersistFinished { job, .. } => {
+                    assert!(job.state.is_terminal());
+                    world.disk.insert(id, job.clone());
+                }
+                _ => {}
+            }
+        }
+        if effect.is_message() {
+            messaged.insert(id);
+        }
+        if let Effect::Ended(finished) = effect {
+            assert!(world.ended.insert(id), "job {id} ended twice");
+            assert!(finished.job.state.is_terminal());
+        }
+    }
+    for id in &messaged {
+        let was = before.get(id).map(durable);
+        let is = world.jobs.get(id).map(durable);
+        if was != is {
+            assert!(
+                logged.contains(id),
+                "job {id} changed durably and was not logged"
+            );
+        }
+    }
+    // Replaying the log gives back the durable state: every unfinished job as it is, every
+    // ended job as ended, nothing else unfinished.
+    for job in world.jobs.iter() {
+        let on_disk = world.disk.get(&job.id).map(durable);
+        assert_eq!(
+            on_disk,
+            Some(durable(job)),
+            "job {} differs from its log",
+            job.id
+        );
+    }
+    for (id, job) in &world.disk {
+        if job.state.is_terminal() {
+            assert!(world.ended.contains(id));
+            assert!(
+                world.jobs.get(id).is_none(),
+                "ended job {id} is unfinished again"
+            );
+        } else {
+            assert!(world.jobs.get(id).is_some(), "job {id} was lost");
+        }
+    }
+    // Cancel (and every end) is final.
+    for id in &world.ended {
+        assert!(world.jobs.get(id).is_none());
+        assert!(world.disk[id].state.is_terminal());
+    }
+    // Leases: one per job at most, each in its node's set, and the sets hold nothing else.
+    let mut per_node: HashMap<NodeId, usize> = HashMap::new();
+    for job in world.jobs.iter() {
+        assert!(
+            job.attempts.len() as u32 <= MAX_ATTEMPTS,
+            "job {} has {} attempts",
+            job.id,
+            job.attempts.len()
+        );
+        assert_eq!(
+            job.lease.is_some(),
+            matches!(job.state, JobState::Leased | JobState::Running),
+            "job {} is {} with lease {:?}",
+            job.id,
+            job.state,
+            job.lease
+        );
+        if let Some(lease) = &job.lease {
+            assert!(world.jobs.leases[&lease.node_id].contains(&job.id));
+            *per_node.entry(lease.node_id).or_default() += 1;
+        }
+    }
+    for n in 0..NODES {
+        assert_eq!(
+            world.jobs.leases_on(node(n)),
+            per_node.get(&node(n)).copied().unwrap_or(0)
+        );
+    }
+    for job in world.disk.values() {
+        assert!(job.attempts.len() as u32 <= MAX_ATTEMPTS);
+    }
+    // The queue is exactly the queued jobs, and client counts are their unfinished jobs.
+    let queued: HashSet<JobId> = world.jobs.queue().map(|(id, _)| id).collect();
+    let expected: HashSet<JobId> = world
+        .jobs
+        .iter()
+        .filter(|j| j.state == JobState::Queued)
+        .map(|j| j.id)
+        .collect();
+    assert_eq!(queued, expected);
+    assert_eq!(world.jobs.queued(), expected.len());
+    for client in ["client-0", "client-1"] {
+        let n = world
+            .jobs
+            .iter()
+            .filter(|j| j.client.as_deref() == Some(client))
+            .count();
+        assert_eq!(world.jobs.client_active(client) as usize, n);
+    }
+    // A restart from the log rebuilds the same machine.
+    let restored = Jobs::restore(
+        world
+            .disk
+            .values()
+            .filter(|j| !j.state.is_terminal())
+            .cloned(),
+        MAX_ATTEMPTS,
+    );
+    assert_eq!(restored.len(), world.jobs.len());
+    assert_eq!(restored.queued(), world.jobs.queued());
+    for n in 0..NODES {
+        assert_eq!(restored.leases_on(node(n)), world.jobs.leases_on(node(n)));
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn the_lifecycle_keeps_its_rules(commands in prop::collection::vec(command(), 1..80)) {
+        let mut world = World::new();
+        for command in &commands {
+            world.step(command);
+        }
+    }
+}
+
+/// A result carrying the current lease ends the job once; the same result again, and a result
+/// of an earlier lease, change nothing.
+#[test]
+fn a_result_counts_once_and_only_under_the_current_lease() {
+    let mut world = World::new();
+    world.step(&Command::Submit {
+        n: 1,
+        client: 0,
+        priority: 0,
+    });
+    world.step(&Command::Lease { job: 0, node: 0 });
+    let first = world
+        .jobs
+        .get(&world.ids[0])
+        .and_then(|j| j.lease.clone())
+        .expect("leased");
+    let effects = world.jobs.node_lost(node(0), world.now);
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Persist(j) if j.state == JobState::Queued))
+    );
+    world.step(&Command::Lease { job: 0, node: 1 });
+    let late = NodeReport::Succeeded {
+        job_id: world.ids[0],
+        lease_id: first.id,
+        png: Arc::from(vec![9u8]),
+        elapsed_ms: 1,
+    };
+    assert!(
+        world.jobs.report(node(0), late, world.now).is_empty(),
+        "the old lease is fenced"
+    );
+    let (effects, fenced) = world.step(&Command::Succeed {
+        job: 0,
+        carries: Carries::Current,
+    });
+    assert!(!fenced);
+    let ended: Vec<_> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Ended(f) => Some(f.job.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].state, JobState::Succeeded);
+    assert_eq!(ended[0].node_id, Some(node(1)));
+    assert_eq!(
+        ended[0]
+            .attempts
+            .iter()
+            .map(|a| a.outcome.as_str())
+            .collect::<Vec<_>>(),
+        ["node went offline", "succeeded"]
+    );
+    let (again, _) = world.step(&Command::Succeed {
+        job: 0,
+        carries: Carries::Current,
+    });
+    assert!(again.is_empty(), "a finished job takes no second result");
+}
+
+/// A job whose every attempt fails ends failed after `max_attempts`, with every reason.
+#[test]
+fn attempts_run_out() {
+    let mut world = World::new();
+    world.step(&Command::Submit {
+        n: 1,
+        client: 0,
+        priority: 0,
+    });
+    for attempt in 1..=MAX_ATTEMPTS {
+        world.step(&Command::Lease { job: 0, node: 0 });
+        let (effects, _) = world.step(&Command::Fail {
+            job: 0,
+            carries: Carries::Current,
+            permanent: false,
+        });
+        let requeued = effects
+            .iter()
+            .any(|e| matches!(e, Effect::Metric(JobMetric::Requeued("node_reported"))));
+        assert!(requeued, "attempt {attempt} counts under a bounded label");
+    }
+    let job = &world.disk[&world.ids[0]];
+    assert_eq!(job.state, JobState::Failed);
+    assert_eq!(job.attempts.len() as u32, MAX_ATTEMPTS);
+    assert!(
+        job.error
+            .as_deref()
+            .is_some_and(|e| e.starts_with("failed after 3 attempts: node reported: out of memory")),
+        "{:?}",
+        job.error
+    );
+}
+
+/// The lease is logged before the assignment leaves, and an expired lease is logged as
+/// re-queued before its node is told to stop.
+#[test]
+fn leases_are_logged_before_they_leave() {
+    let mut world = World::new();
+    world.step(&Command::Submit {
+        n: 1,
+        client: 0,
+        priority: 0,
+    });
+    let (effects, _) = world.step(&Command::Lease { job: 0, node: 2 });
+    let persist = effects.iter().position(Effect::is_durable).expect("logged");
+    let assign = effects
+        .iter()
+        .position(|e| matches!(e, Effect::Assign(a) if a.node_id == node(2)))
+        .expect("assigned");
+    assert!(persist < assign);
+    let (effects, _) = world.step(&Command::Advance { ms: 10_001 });
+    let persist = effects
+        .iter()
+        .position(|e| matches!(e, Effect::Persist(j) if j.state == JobState::Queued))
+        .expect("re-queued and logged");
+    let cancel = effects
+        .iter()
+        .position(|e| matches!(e, Effect::CancelOnNode { node_id, .. } if *node_id == node(2)))
+        .expect("the node is told to stop");
+    assert!(persist < cancel);
+    assert_eq!(
+        world.disk[&world.ids[0]].attempts[0].outcome,
+        "lease expired"
+    );
+}
+
+/// A queue at its limit, and a client at its cap, refuse a whole submission and change nothing.
+#[test]
+fn limits_refuse_whole_submissions() {
+    let mut world = World::new();
+    for _ in 0..2 {
+        world.step(&Command::Submit {
+            n: 3,
+            client: 0,
+            priority: 0,
+        });
+    }
+    assert_eq!(world.jobs.len(), 6);
+    let (effects, _) = world.step(&Command::Submit {
+        n: 1,
+        client: 0,
+        priority: 0,
+    });
+    assert!(effects.is_empty(), "client-0 is at its cap of {CLIENT_CAP}");
+    world.step(&Command::Submit {
+        n: 2,
+        client: 1,
+        priority: 0,
+    });
+    assert_eq!(world.jobs.queued(), QUEUE_LIMIT);
+    let (effects, _) = world.step(&Command::Submit {
+        n: 1,
+        client: 1,
+        priority: 0,
+    });
+    assert!(effects.is_empty(), "the queue is full");
+    assert_eq!(world.jobs.len(), 8);
+}

@@ -1,0 +1,491 @@
+//! The control plane's messages and their handlers. Handlers are thin: they call the job state
+//! machine, the registry or a view, stage the effects and commit them.
+
+use std::time::Instant;
+
+use actix::prelude::*;
+use drover_shared::family::ModelFamily;
+use drover_shared::ids::{JobId, LeaseId, NodeId};
+use drover_shared::job::{JobSpec, ModelSelector};
+use tokio::sync::{mpsc, oneshot};
+
+use super::jobs::{Finished, JobEvent, NodeReport};
+use super::nodes::{NodeRegistration, Session, SessionReceiver};
+use super::views::{DashboardData, NodeStatus};
+use super::{ControlPlane, router};
+use crate::error::{CoordinatorError, Result};
+use crate::limits::ClientId;
+use crate::metrics::FarmGauges;
+use crate::records::{JobRecord, NodeRecord, now_ms};
+
+/// Registers (or re-registers) a node; answers its record.
+#[derive(Message)]
+#[rtype(result = "Result<NodeRecord>")]
+pub struct RegisterNode(pub NodeRegistration);
+
+impl Handler<RegisterNode> for ControlPlane {
+    type Result = Result<NodeRecord>;
+
+    fn handle(
+        &mut self,
+        RegisterNode(registration): RegisterNode,
+        _: &mut Context<Self>,
+    ) -> Self::Result {
+        self.register(registration)
+    }
+}
+
+/// Opens a node's session; answers the session id and the stream of messages for the node.
+#[derive(Message)]
+#[rtype(result = "Result<(u64, SessionReceiver)>")]
+pub struct OpenSession {
+    /// The node (must be registered).
+    pub node_id: NodeId,
+    /// The (job, lease) pairs the node says it is still running.
+    pub running: Vec<(JobId, LeaseId)>,
+}
+
+impl Handler<OpenSession> for ControlPlane {
+    type Result = Result<(u64, SessionReceiver)>;
+
+    fn handle(&mut self, msg: OpenSession, _: &mut Context<Self>) -> Self::Result {
+        let session_id = self.next_session;
+        self.next_session += 1;
+        let entry = self.nodes.get_mut(&msg.node_id).ok_or_else(|| {
+            CoordinatorError::NotFound(format!("node {} (register first)", msg.node_id))
+        })?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        entry.session = Some(Session { id: session_id, tx });
+        entry.last_seen = Instant::now();
+        self.dirty.insert(msg.node_id);
+        tracing::info!(node_id = %msg.node_id, session_id, "node session opened");
+        // Leases this node holds but no longer runs (it restarted) are re-queued now.
+        let effects = self.jobs.reconcile(msg.node_id, &msg.running, now_ms());
+        self.stage(effects);
+        self.dispatch();
+        self.commit();
+        Ok((session_id, rx))
+    }
+}
+
+/// Something a node sent on its session: a heartbeat (`report: None`) or a report about a job.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct NodeEvent {
+    /// The node.
+    pub node_id: NodeId,
+    /// The session it came on.
+    pub session_id: u64,
+    /// The report, when it is one.
+    pub report: Option<NodeReport>,
+}
+
+impl Handler<NodeEvent> for ControlPlane {
+    type Result = ();
+
+    fn handle(&mut self, msg: NodeEvent, _: &mut Context<Self>) {
+        let Some(entry) = self.nodes.get_mut(&msg.node_id) else {
+            return;
+        };
+        if entry
+            .session
+            .as_ref()
+            .is_none_or(|s| s.id != msg.session_id)
+        {
+            if let Some(report) = &msg.report
+                && !matches!(report, NodeReport::Progress { .. })
+            {
+                let (job_id, _) = report.lease();
+                tracing::info!(node_id = %msg.node_id, session_id = msg.session_id, job_id = %job_id, "late report from a closed session dropped");
+            }
+            return;
+        }
+        entry.last_seen = Instant::now();
+        // A heartbeat after a silence brings a suspect node back.
+        if entry.status_at(&self.config, entry.last_seen) != entry.status {
+            self.dirty.insert(msg.node_id);
+        }
+        let Some(report) = msg.report else {
+            return;
+        };
+        let frees_slot = !matches!(report, NodeReport::Progress { .. });
+        let effects = self.jobs.report(msg.node_id, report, now_ms());
+        self.stage(effects);
+        if frees_slot {
+            self.dispatch();
+        }
+        self.commit();
+    }
+}
+
+/// A node's session ended (stream closed or broken).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SessionClosed {
+    /// The node.
+    pub node_id: NodeId,
+    /// The session that ended.
+    pub session_id: u64,
+}
+
+impl Handler<SessionClosed> for ControlPlane {
+    type Result = ();
+
+    fn handle(&mut self, msg: SessionClosed, _: &mut Context<Self>) {
+        if let Some(entry) = self.nodes.get_mut(&msg.node_id)
+            && entry
+                .session
+                .as_ref()
+                .is_some_and(|s| s.id == msg.session_id)
+        {
+            entry.session = None;
+            // The grace starts now: its leases are re-queued if it does not come back in time.
+            entry.last_seen = Instant::now();
+            self.dirty.insert(msg.node_id);
+            tracing::warn!(node_id = %msg.node_id, session_id = msg.session_id, "node session closed");
+        }
+    }
+}
+
+/// Accepts validated jobs, all together or none of them: checks each one's feasibility, then
+/// the queue limit and the client's cap for all; logs them, dispatches once. A refusal of one
+/// job of several names its place ([`CoordinatorError::InBatch`]).
+#[derive(Message)]
+#[rtype(result = "Result<Vec<Submitted>>")]
+pub struct SubmitJobs {
+    /// What to render, in order.
+    pub specs: Vec<JobSpec>,
+    /// Who asks, with their cap on unfinished jobs.
+    pub client: ClientId,
+    /// Whether the caller waits for the jobs to end (then each `Submitted::done` is set).
+    pub wait: bool,
+}
+
+/// An accepted job, and, when the submitter waits, where its end arrives.
+pub struct Submitted {
+    /// The job as accepted (and maybe already leased).
+    pub job: JobRecord,
+    /// Yields the job when it ends.
+    pub done: Option<oneshot::Receiver<Finished>>,
+}
+
+impl ControlPlane {
+    /// Refuses a job whose LoRAs are known (from node adverts) only for other families than the
+    /// one it asks for, naming both: a LoRA is never skipped silently.
+    fn check_lora_bases(&self, spec: &JobSpec) -> Result<()> {
+        let Some(ModelSelector::Family(wanted)) = &spec.model else {
+            return Ok(());
+        };
+        for lora in &spec.loras {
+            let bases: std::collections::BTreeSet<ModelFamily> = self
+                .nodes
+                .values()
+                .flat_map(|n| n.record.loras.iter())
+                .filter(|l| l.name == lora.name)
+                .map(|l| l.family)
+                .collect();
+            if !bases.is_empty() && !bases.contains(wanted) {
+                let made_for: Vec<String> = bases.iter().map(ToString::to_string).collect();
+                return Err(CoordinatorError::Unprocessable(format!(
+                    "lora `{}` is made for {}, but the request asks for {wanted}",
+                    lora.name,
+                    made_for.join(" and ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that some registered node could serve `spec` (found without building a snapshot;
+    /// the reasons are only gathered when none can).
+    fn check_feasible(&self, spec: &JobSpec, now: Instant) -> Result<()> {
+        let feasible = self.nodes.values().any(|e| {
+            router::capability(
+                spec,
+                &e.view(&self.config, now, self.jobs.leases_on(e.record.id)),
+            )
+            .is_ok()
+        });
+        match (!feasible)
+            .then(|| router::feasibility(spec, &self.views(now)).err())
+            .flatten()
+        {
+            Some(reasons) => Err(CoordinatorError::Infeasible { reasons }),
+            None => Ok(()),
+        }
+    }
+
+    fn submit(
+        &mut self,
+        specs: Vec<JobSpec>,
+        client: ClientId,
+        wait: bool,
+    ) -> Result<Vec<Submitted>> {
+        let reject = |plane: &Self, reason: &'static str| plane.metrics.reject(reason);
+        let of = specs.len();
+        let now = Instant::now();
+        for (index, spec) in specs.iter().enumerate() {
+            if let Err(e) = self.check_lora_bases(spec) {
+                reject(self, "lora_family_mismatch");
+                return Err(e.in_batch(index, of));
+            }
+            if let Err(e) = self.check_feasible(spec, now) {
+                reject(self, "infeasible");
+                return Err(e.in_batch(index, of));
+            }
+        }
+        let trace_id = (!client.request_id.is_empty()).then_some(client.request_id.clone());
+        let now_ms = now_ms();
+        let records: Vec<JobRecord> = specs
+            .into_iter()
+            .map(|spec| {
+                let mut job = JobRecord::new(JobId::time_ordered(), spec);
+                job.created_ms = now_ms;
+                job.updated_ms = now_ms;
+                job.client = Some(client.label.clone());
+                job.trace_id = trace_id.clone();
+                job
+            })
+            .collect();
+        let ids: Vec<JobId> = records.iter().map(|j| j.id).collect();
+        let effects = match self
+            .jobs
+            .submit(records, self.config.queue_limit, client.max_active)
+        {
+            Ok(effects) => effects,
+            Err(e) => {
+                let reason = match e {
+                    CoordinatorError::QueueFull { .. } => "queue_full",
+                    _ => "client_active_limit",
+                };
+                reject(self, reason);
+                return Err(e);
+            }
+        };
+        for id in &ids {
+            tracing::info!(job_id = %id, trace_id = trace_id.as_deref().unwrap_or(""), "job accepted");
+        }
+        self.stage(effects);
+        // Registered before anything leaves: the job may end before the submitter could ask.
+        let mut done: Vec<Option<oneshot::Receiver<Finished>>> = ids
+            .iter()
+            .map(|id| {
+                wait.then(|| {
+                    let (tx, rx) = oneshot::channel();
+                    self.waiters.entry(*id).or_default().push(tx);
+                    rx
+                })
+            })
+            .collect();
+        self.dispatch();
+        self.commit();
+        let mut submitted = Vec::with_capacity(ids.len());
+        for (id, done) in ids.iter().zip(done.drain(..)) {
+            let job = self
+                .jobs
+                .get(id)
+                .cloned()
+                .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
+            submitted.push(Submitted { job, done });
+        }
+        Ok(submitted)
+    }
+}
+
+impl Handler<SubmitJobs> for ControlPlane {
+    type Result = Result<Vec<Submitted>>;
+
+    fn handle(&mut self, msg: SubmitJobs, _: &mut Context<Self>) -> Self::Result {
+        self.submit(msg.specs, msg.client, msg.wait)
+    }
+}
+
+/// Takes back jobs whose acceptance could not be made durable (see [`Jobs::revoke`]).
+///
+/// [`Jobs::revoke`]: super::jobs::Jobs::revoke
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct RevokeJobs {
+    /// The jobs.
+    pub ids: Vec<JobId>,
+    /// Why they could not be stored.
+    pub reason: String,
+}
+
+impl Handler<RevokeJobs> for ControlPlane {
+    type Result = ();
+
+    fn handle(&mut self, msg: RevokeJobs, _: &mut Context<Self>) {
+        let effects = self.jobs.revoke(&msg.ids, &msg.reason, now_ms());
+        self.stage(effects);
+        self.dispatch();
+        self.commit();
+    }
+}
+
+/// Answers an unfinished job by id (`None` when it is not unfinished: finished jobs are read
+/// from the store by the caller, never on the actor's thread).
+#[derive(Message)]
+#[rtype(result = "Option<JobRecord>")]
+pub struct GetJob(pub JobId);
+
+impl Handler<GetJob> for ControlPlane {
+    type Result = Option<JobRecord>;
+
+    fn handle(&mut self, GetJob(id): GetJob, _: &mut Context<Self>) -> Self::Result {
+        self.jobs.get(&id).cloned()
+    }
+}
+
+/// Answers a receiver that yields an unfinished job once it ends (`None` when it is not
+/// unfinished).
+#[derive(Message)]
+#[rtype(result = "Option<oneshot::Receiver<Finished>>")]
+pub struct WaitJob(pub JobId);
+
+impl Handler<WaitJob> for ControlPlane {
+    type Result = Option<oneshot::Receiver<Finished>>;
+
+    fn handle(&mut self, WaitJob(id): WaitJob, _: &mut Context<Self>) -> Self::Result {
+        self.jobs.get(&id)?;
+        let (tx, rx) = oneshot::channel();
+        self.waiters.entry(id).or_default().push(tx);
+        Some(rx)
+    }
+}
+
+/// Lists every registered node with its live state.
+#[derive(Message)]
+#[rtype(result = "Vec<NodeStatus>")]
+pub struct ListNodes;
+
+impl Handler<ListNodes> for ControlPlane {
+    type Result = MessageResult<ListNodes>;
+
+    fn handle(&mut self, _: ListNodes, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.node_statuses())
+    }
+}
+
+/// Answers the dashboard's data.
+#[derive(Message)]
+#[rtype(result = "DashboardData")]
+pub struct GetDashboard;
+
+impl Handler<GetDashboard> for ControlPlane {
+    type Result = MessageResult<GetDashboard>;
+
+    fn handle(&mut self, _: GetDashboard, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.dashboard())
+    }
+}
+
+/// Cancels an unfinished job: a queued job leaves the queue; a running one is stopped on its
+/// node at the next step (its late result, if any, is fenced off). Answers the cancelled job,
+/// or `None` when the job is not unfinished.
+#[derive(Message)]
+#[rtype(result = "Option<JobRecord>")]
+pub struct CancelJob(pub JobId);
+
+impl Handler<CancelJob> for ControlPlane {
+    type Result = Option<JobRecord>;
+
+    fn handle(&mut self, CancelJob(id): CancelJob, _: &mut Context<Self>) -> Self::Result {
+        let effects = self.jobs.cancel(id, now_ms())?;
+        let cancelled = effects.iter().find_map(|e| match e {
+            super::Effect::Ended(f) => Some(f.job.clone()),
+            _ => None,
+        });
+        self.stage(effects);
+        self.dispatch();
+        self.commit();
+        cancelled
+    }
+}
+
+/// Sets a node's draining flag: a draining node finishes its work and takes nothing new.
+#[derive(Message)]
+#[rtype(result = "Result<NodeRecord>")]
+pub struct SetDraining {
+    /// The node.
+    pub node_id: NodeId,
+    /// Drain (true) or resume (false).
+    pub draining: bool,
+}
+
+impl Handler<SetDraining> for ControlPlane {
+    type Result = Result<NodeRecord>;
+
+    fn handle(&mut self, msg: SetDraining, _: &mut Context<Self>) -> Self::Result {
+        let entry = self
+            .nodes
+            .get_mut(&msg.node_id)
+            .ok_or_else(|| CoordinatorError::NotFound(format!("node {}", msg.node_id)))?;
+        entry.record.draining = msg.draining;
+        self.dirty.insert(msg.node_id);
+        self.store.put_node(&entry.record)?;
+        tracing::info!(node_id = %msg.node_id, draining = msg.draining, "node drain changed");
+        let record = entry.record.clone();
+        self.dispatch();
+        self.commit();
+        Ok(record)
+    }
+}
+
+/// Answers the gauges of the current state for `GET /metrics`.
+#[derive(Message)]
+#[rtype(result = "FarmGauges")]
+pub struct GetGauges;
+
+impl Handler<GetGauges> for ControlPlane {
+    type Result = MessageResult<GetGauges>;
+
+    fn handle(&mut self, _: GetGauges, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.gauges())
+    }
+}
+
+/// Opens a live event stream of an unfinished job: the events that describe it now, and a
+/// receiver of the ones to come (`None` when the job is not unfinished).
+#[derive(Message)]
+#[rtype(result = "Option<(Vec<JobEvent>, mpsc::UnboundedReceiver<JobEvent>)>")]
+pub struct WatchJob(pub JobId);
+
+impl Handler<WatchJob> for ControlPlane {
+    type Result = Option<(Vec<JobEvent>, mpsc::UnboundedReceiver<JobEvent>)>;
+
+    fn handle(&mut self, WatchJob(id): WatchJob, _: &mut Context<Self>) -> Self::Result {
+        let job = self.jobs.get(&id)?;
+        let mut now = Vec::new();
+        match &job.lease {
+            Some(lease) => {
+                now.push(JobEvent::Assigned {
+                    node_id: lease.node_id,
+                    attempt: lease.attempt,
+                });
+                if let Some((step, total)) = job.progress {
+                    now.push(JobEvent::Progress { step, total });
+                }
+            }
+            None => now.push(JobEvent::Queued {
+                position: self.jobs.queue_position(id),
+            }),
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.watchers.entry(id).or_default().push(tx);
+        Some((now, rx))
+    }
+}
+
+/// Every unfinished job, oldest first.
+#[derive(Message)]
+#[rtype(result = "Vec<JobRecord>")]
+pub struct ListJobs;
+
+impl Handler<ListJobs> for ControlPlane {
+    type Result = Vec<JobRecord>;
+
+    fn handle(&mut self, _: ListJobs, _: &mut Context<Self>) -> Self::Result {
+        self.unfinished_jobs()
+    }
+}

@@ -1,0 +1,253 @@
+//! The registry's live side: each node's record, session, liveness and measured speed, the one
+//! place a node's [`NodeState`] is worked out, and what the router sees of a node.
+
+use std::time::Instant;
+
+use drover_shared::family::ModelFamily;
+use drover_shared::ids::{JobId, LeaseId, NodeId};
+use drover_shared::job::Size;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::jobs::Assignment;
+use super::router::NodeView;
+use crate::config::Config;
+use crate::records::{LoraAdvert, NodeRecord};
+
+/// Weight of the newest result in a node's measured speed.
+const SPEED_EWMA: f64 = 0.3;
+
+/// What the control plane sends down a node's session (the gRPC edge turns it into protobuf).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ToNode {
+    /// Run a job under a lease.
+    Assign(Box<Assignment>),
+    /// Stop running a job.
+    Cancel {
+        /// The job.
+        job_id: JobId,
+        /// The lease it runs under.
+        lease_id: LeaseId,
+    },
+}
+
+/// Messages the coordinator pushes down a node's session.
+pub type SessionSender = mpsc::UnboundedSender<ToNode>;
+/// The receiving half handed to the gRPC layer.
+pub type SessionReceiver = mpsc::UnboundedReceiver<ToNode>;
+
+/// A node's state, as the API, the dashboard and the metrics show it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// Connected, heartbeats on time, taking work.
+    Online,
+    /// Connected but its heartbeats are late: it keeps its leases and takes no new work.
+    Suspect,
+    /// Connected, finishing its work, taking nothing new.
+    Draining,
+    /// No session, or silent past the grace.
+    Offline,
+}
+
+impl NodeState {
+    /// Every state, in display order.
+    pub const ALL: [Self; 4] = [Self::Online, Self::Suspect, Self::Draining, Self::Offline];
+
+    /// The state of a node that is `online` (has a session, heard from within the grace),
+    /// `suspect` (late) and `draining`. Draining wins over suspect: an operator's choice is shown
+    /// before a transient one.
+    pub fn of(online: bool, suspect: bool, draining: bool) -> Self {
+        match (online, draining, suspect) {
+            (false, _, _) => Self::Offline,
+            (true, true, _) => Self::Draining,
+            (true, false, true) => Self::Suspect,
+            (true, false, false) => Self::Online,
+        }
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::Suspect => "suspect",
+            Self::Draining => "draining",
+            Self::Offline => "offline",
+        }
+    }
+
+    /// Whether the node is connected (online, suspect or draining).
+    pub fn is_connected(self) -> bool {
+        self != Self::Offline
+    }
+}
+
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A node's open session.
+pub(super) struct Session {
+    pub(super) id: u64,
+    pub(super) tx: SessionSender,
+}
+
+/// One registered node as the control plane holds it.
+pub(super) struct NodeEntry {
+    pub(super) record: NodeRecord,
+    pub(super) session: Option<Session>,
+    /// Last time anything was heard from the node (or its session opened or closed).
+    pub(super) last_seen: Instant,
+    /// Speed measured from the node's results (EWMA of pixel-steps per second), once it has
+    /// returned one.
+    pub(super) measured: Option<f64>,
+    /// LoRA sets its workers have merged, most recent first (`router::lora_set_key`; 0 is base).
+    pub(super) loaded: Vec<u64>,
+    /// (online, suspect) when last indexed: the tick re-indexes a node whose state has moved.
+    pub(super) status: (bool, bool),
+}
+
+impl NodeEntry {
+    /// A node just registered or restored, not connected.
+    pub(super) fn new(record: NodeRecord, now: Instant) -> Self {
+        Self {
+            record,
+            session: None,
+            last_seen: now,
+            measured: None,
+            loaded: vec![0],
+            status: (false, false),
+        }
+    }
+
+    /// (online, suspect) at `now`.
+    pub(super) fn status_at(&self, config: &Config, now: Instant) -> (bool, bool) {
+        let silent = now.saturating_duration_since(self.last_seen);
+        let online = self.session.is_some() && silent <= config.offline_grace();
+        (online, online && silent > config.suspect_after())
+    }
+
+    /// The node's state at `now`.
+    pub(super) fn state_at(&self, config: &Config, now: Instant) -> NodeState {
+        let (online, suspect) = self.status_at(config, now);
+        NodeState::of(online, suspect, self.record.draining)
+    }
+
+    /// Its speed: measured from its results once it has some, else what it advertised.
+    pub(super) fn speed(&self) -> f64 {
+        self.measured.unwrap_or(self.record.pixel_steps_per_second)
+    }
+
+    /// Folds a result's speed into the measured one.
+    pub(super) fn measure(&mut self, pixel_steps_per_second: f64) {
+        self.measured = Some(match self.measured {
+            Some(old) => old + SPEED_EWMA * (pixel_steps_per_second - old),
+            None => pixel_steps_per_second,
+        });
+    }
+
+    /// What the router sees of the node at `now`, holding `leases` leases.
+    pub(super) fn view(&self, config: &Config, now: Instant, leases: usize) -> NodeView<'_> {
+        let (online, suspect) = self.status_at(config, now);
+        NodeView {
+            id: self.record.id,
+            name: &self.record.name,
+            family: self.record.family,
+            model_id: &self.record.model_id,
+            max_pixels: self.record.max_pixels,
+            sizes: &self.record.sizes,
+            loras: &self.record.loras,
+            online,
+            suspect,
+            draining: self.record.draining,
+            free_slots: self.record.workers.saturating_sub(leases as u32),
+            workers: self.record.workers,
+            loaded: &self.loaded,
+            pixel_steps_per_second: self.speed(),
+        }
+    }
+}
+
+/// What a node says about itself when it registers, checked at the gRPC edge.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeRegistration {
+    /// Unique human name (1 to 128 characters).
+    pub name: String,
+    /// Backend kind.
+    pub backend: String,
+    /// Model family served.
+    pub family: ModelFamily,
+    /// Cross-attention width of its UNet.
+    pub cross_attention_dim: u32,
+    /// Id of its model.
+    pub model_id: String,
+    /// Worker actors (at least one).
+    pub workers: u32,
+    /// Largest width*height it renders.
+    pub max_pixels: u64,
+    /// The only sizes it renders (empty: any up to `max_pixels`).
+    pub sizes: Vec<Size>,
+    /// Its LoRAs.
+    pub loras: Vec<LoraAdvert>,
+    /// drover-node version.
+    pub version: String,
+    /// Advertised speed (pixel-steps per second, 0 when unknown).
+    pub pixel_steps_per_second: f64,
+}
+
+impl NodeRegistration {
+    /// The registry record of this registration: `existing` (a node of the same name) keeps its
+    /// id and draining flag.
+    pub fn into_record(self, existing: Option<&NodeRecord>, now_ms: u64) -> NodeRecord {
+        NodeRecord {
+            id: existing.map_or_else(NodeId::random, |r| r.id),
+            name: self.name,
+            backend: self.backend,
+            family: self.family,
+            cross_attention_dim: self.cross_attention_dim,
+            model_id: self.model_id,
+            workers: self.workers,
+            max_pixels: self.max_pixels,
+            loras: self.loras,
+            version: self.version,
+            pixel_steps_per_second: self.pixel_steps_per_second,
+            registered_at_ms: now_ms,
+            draining: existing.is_some_and(|r| r.draining),
+            sizes: self.sizes,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_state_per_combination() {
+        let cases = [
+            ((false, false, false), NodeState::Offline),
+            ((false, true, true), NodeState::Offline),
+            ((true, false, false), NodeState::Online),
+            ((true, true, false), NodeState::Suspect),
+            ((true, false, true), NodeState::Draining),
+            ((true, true, true), NodeState::Draining),
+        ];
+        for ((online, suspect, draining), state) in cases {
+            assert_eq!(NodeState::of(online, suspect, draining), state);
+        }
+        let names: Vec<String> = NodeState::ALL
+            .iter()
+            .map(|s| {
+                serde_json::to_value(s)
+                    .map(|v| v.to_string())
+                    .unwrap_or_default()
+            })
+            .collect();
+        assert_eq!(
+            names,
+            ["\"online\"", "\"suspect\"", "\"draining\"", "\"offline\""]
+        );
+    }
+}

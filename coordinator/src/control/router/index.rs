@@ -1,0 +1,330 @@
+//! The capability index: the nodes that can take work now, ranked, per family and per
+//! (family, LoRA set), so a dispatch decision takes O(log n); and one dispatch round over it.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::Hash;
+
+use drover_shared::family::ModelFamily;
+use drover_shared::job::{JobSpec, ModelSelector};
+
+use drover_shared::ids::NodeId;
+
+use super::{NodeView, capability, lora_set_key, remember_set, speed_key};
+
+/// A node's rank in the index, smaller is better: faster, then more free slots.
+type Rank = (Reverse<u64>, Reverse<u32>);
+
+/// What the index keeps about a node that can take work now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Member {
+    /// Family served.
+    pub family: ModelFamily,
+    /// Speed bucket (`speed_key`).
+    pub speed: u64,
+    /// Free worker slots (> 0).
+    pub free: u32,
+    /// Worker actors.
+    pub workers: u32,
+    /// LoRA sets merged on its workers, most recent first.
+    pub loaded: Vec<u64>,
+}
+
+impl Member {
+    /// The member for `node`, if it can take work now (online, not suspect, not draining, with a
+    /// free slot).
+    pub fn of(node: &NodeView<'_>) -> Option<Self> {
+        (node.online && !node.suspect && !node.draining && node.free_slots > 0).then(|| Self {
+            family: node.family,
+            speed: speed_key(node),
+            free: node.free_slots,
+            workers: node.workers,
+            loaded: node.loaded.to_vec(),
+        })
+    }
+
+    fn rank(&self) -> Rank {
+        (Reverse(self.speed), Reverse(self.free))
+    }
+}
+
+/// An index pick's candidate, smaller is better: speed rank, not affine, free-slot rank, then
+/// (before the pivot, key) so equals take turns.
+type Candidate<K> = (Reverse<u64>, bool, Reverse<u32>, (bool, K));
+
+/// Nodes grouped by rank, best first; within a rank, by key.
+type Ranked<K> = BTreeMap<Rank, BTreeSet<K>>;
+
+fn put<K: Ord>(ranked: &mut Ranked<K>, rank: Rank, key: K) {
+    ranked.entry(rank).or_default().insert(key);
+}
+
+fn take_out<K: Ord>(ranked: &mut Ranked<K>, rank: Rank, key: &K) {
+    if let Some(group) = ranked.get_mut(&rank) {
+        group.remove(key);
+        if group.is_empty() {
+            ranked.remove(&rank);
+        }
+    }
+}
+
+/// The first node of `ranked` (best rank first) that `capable` accepts, starting among equals at
+/// `pivot` and wrapping, so equal nodes take turns: `(rank, key)`.
+fn first_capable<K: Ord + Copy>(
+    ranked: &Ranked<K>,
+    pivot: K,
+    capable: &impl Fn(K) -> bool,
+) -> Option<(Rank, K)> {
+    ranked.iter().find_map(|(rank, group)| {
+        group
+            .range(pivot..)
+            .chain(group.range(..pivot))
+            .find(|k| capable(**k))
+            .map(|k| (*rank, *k))
+    })
+}
+
+/// The capability index: the nodes that can take work now, per family and per (family, LoRA set
+/// merged on one of its workers), each ordered by rank (fastest, then most free slots). A
+/// decision looks at the job's families only, usually at one capable node each, in O(log n). It
+/// is keyed by `K` (a node id in the control plane, which keeps it current as nodes change; a
+/// snapshot position in [`RoutingIndex`]).
+#[derive(Clone, Debug)]
+pub struct CapabilityIndex<K> {
+    ranked: [Ranked<K>; 4],
+    by_set: HashMap<(ModelFamily, u64), Ranked<K>>,
+    members: HashMap<K, Member>,
+    total_free: u64,
+}
+
+impl<K> Default for CapabilityIndex<K> {
+    fn default() -> Self {
+        Self {
+            ranked: Default::default(),
+            by_set: HashMap::new(),
+            members: HashMap::new(),
+            total_free: 0,
+        }
+    }
+}
+
+fn family_slot(f: ModelFamily) -> usize {
+    match f {
+        ModelFamily::Sd15 => 0,
+        ModelFamily::Sd2 => 1,
+        ModelFamily::Sdxl => 2,
+        ModelFamily::SdxlRefiner => 3,
+    }
+}
+
+impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
+    /// Sets what the index knows about node `key`: `Some` when it can take work now, `None` to
+    /// take it out.
+    pub fn upsert(&mut self, key: K, member: Option<Member>) {
+        if let Some(old) = self.members.remove(&key) {
+            let rank = old.rank();
+            take_out(&mut self.ranked[family_slot(old.family)], rank, &key);
+            for set in &old.loaded {
+                if let Some(ranked) = self.by_set.get_mut(&(old.family, *set)) {
+                    take_out(ranked, rank, &key);
+                    if ranked.is_empty() {
+                        self.by_set.remove(&(old.family, *set));
+                    }
+                }
+            }
+            self.total_free -= u64::from(old.free);
+        }
+        let Some(member) = member.filter(|m| m.free > 0) else {
+            return;
+        };
+        let rank = member.rank();
+        put(&mut self.ranked[family_slot(member.family)], rank, key);
+        for set in &member.loaded {
+            put(
+                self.by_set.entry((member.family, *set)).or_default(),
+                rank,
+                key,
+            );
+        }
+        self.total_free += u64::from(member.free);
+        self.members.insert(key, member);
+    }
+
+    /// What the index knows about `key`.
+    pub fn member(&self, key: &K) -> Option<&Member> {
+        self.members.get(key)
+    }
+
+    /// Free slots over every indexed node.
+    pub fn free_slots(&self) -> u64 {
+        self.total_free
+    }
+
+    /// The node that should run a job of LoRA set `set` that nodes of `families` could serve,
+    /// among those `capable` accepts: the best [`Score`] (speed bucket, LoRA affinity, free
+    /// slots), and among equals the first at or after `pivot` (wrapping). `None` when no indexed
+    /// node is capable.
+    pub fn pick(
+        &self,
+        families: &[ModelFamily],
+        set: u64,
+        pivot: K,
+        capable: impl Fn(K) -> bool,
+    ) -> Option<K> {
+        // (speed rank, not affine, free-slot rank, (before the pivot, key)): smaller is better,
+        // across families too.
+        let mut best: Option<Candidate<K>> = None;
+        for family in families {
+            // The family's best capable node; then its best capable node with the job's LoRA set
+            // merged, which wins when it is as fast: affinity outranks free slots, not speed.
+            let Some((g_rank, g_key)) =
+                first_capable(&self.ranked[family_slot(*family)], pivot, &capable)
+            else {
+                continue;
+            };
+            let affine_best = self
+                .by_set
+                .get(&(*family, set))
+                .and_then(|ranked| first_capable(ranked, pivot, &capable));
+            let (rank, key, affine) = match affine_best {
+                Some((a_rank, a_key)) if a_rank.0 == g_rank.0 => (a_rank, a_key, true),
+                _ => {
+                    let affine = self
+                        .members
+                        .get(&g_key)
+                        .is_some_and(|m| m.loaded.contains(&set));
+                    (g_rank, g_key, affine)
+                }
+            };
+            let candidate = (rank.0, !affine, rank.1, (key < pivot, key));
+            if best.is_none_or(|b| candidate < b) {
+                best = Some(candidate);
+            }
+        }
+        best.map(|(_, _, _, (_, key))| key)
+    }
+
+    /// Records that node `key` took one job of LoRA set `set`: one slot less, and the set now
+    /// merged on one of its workers (the least recently used one is replaced).
+    pub fn take(&mut self, key: K, set: u64) {
+        let Some(mut member) = self.members.get(&key).cloned() else {
+            return;
+        };
+        member.free -= 1;
+        remember_set(&mut member.loaded, set, member.workers as usize);
+        self.upsert(key, Some(member));
+    }
+}
+
+/// The job's families: the one it asks for, or all.
+fn job_families(job: &JobSpec) -> &[ModelFamily] {
+    match &job.model {
+        Some(ModelSelector::Family(f)) => std::slice::from_ref(f),
+        _ => &ModelFamily::ALL,
+    }
+}
+
+/// A [`CapabilityIndex`] over one snapshot, keyed by position in it: what [`pick`] is checked
+/// against, and what the routing benchmark measures.
+#[derive(Clone, Debug, Default)]
+pub struct RoutingIndex {
+    index: CapabilityIndex<usize>,
+}
+
+impl RoutingIndex {
+    /// Indexes the nodes of `nodes` that are online, not suspect, not draining, with a free slot.
+    pub fn new(nodes: &[NodeView<'_>]) -> Self {
+        let mut index = CapabilityIndex::default();
+        for (i, node) in nodes.iter().enumerate() {
+            index.upsert(i, Member::of(node));
+        }
+        Self { index }
+    }
+
+    /// Free slots left in the whole index.
+    pub fn free_slots(&self) -> u64 {
+        self.index.free_slots()
+    }
+
+    /// The position (in the snapshot the index was built from) of the node that should run `job`:
+    /// the eligible node with the best [`Score`], as [`pick`] would choose it; among equals the one
+    /// at or after `turn` (wrapping), so equal nodes take turns. `None` when no node is eligible.
+    pub fn pick(&self, job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Option<usize> {
+        let pivot = turn as usize % nodes.len().max(1);
+        self.index
+            .pick(job_families(job), lora_set_key(&job.loras), pivot, |i| {
+                capability(job, &nodes[i]).is_ok()
+            })
+    }
+
+    /// Records that the node at `position` took one job with LoRA set `set`.
+    pub fn take(&mut self, position: usize, set: u64) {
+        self.index.take(position, set);
+    }
+}
+
+/// A synthetic registry of `n` nodes for benchmarks (the routing bench, the load generator):
+/// families SD1.5 / SDXL / SD2 in turn, every 7th offline, every 11th draining, 0 to 2 free slots
+/// of 2 workers, speeds all slightly different.
+pub fn sample_farm(n: usize) -> Vec<NodeView<'static>> {
+    (0..n)
+        .map(|i| {
+            let mut id = [0u8; 16];
+            id[..8].copy_from_slice(&(i as u64).to_le_bytes());
+            NodeView {
+                id: NodeId::from_bytes(id),
+                name: "node",
+                family: [ModelFamily::Sd15, ModelFamily::Sdxl, ModelFamily::Sd2][i % 3],
+                model_id: "abcd",
+                max_pixels: 4 << 20,
+                sizes: &[],
+                loras: &[],
+                online: i % 7 != 0,
+                suspect: false,
+                draining: i % 11 == 0,
+                free_slots: (i % 3) as u32,
+                workers: 2,
+                loaded: &[0],
+                pixel_steps_per_second: 1e6 + i as f64,
+            }
+        })
+        .collect()
+}
+
+/// The node `index` picks for `job`, with `capable` telling whether a node id can serve it:
+/// [`CapabilityIndex::pick`] with the job's families and LoRA set.
+pub fn pick_indexed<K: Ord + Copy + Hash>(
+    index: &CapabilityIndex<K>,
+    job: &JobSpec,
+    pivot: K,
+    capable: impl Fn(K) -> bool,
+) -> Option<K> {
+    index.pick(job_families(job), lora_set_key(&job.loras), pivot, capable)
+}
+
+/// One dispatch round over `index`: offers the jobs of `queue` in its order, each to the node
+/// [`pick_indexed`] picks among those `capable` accepts for it, taking that node's slot before the
+/// next job is offered; stops when no slot is left. The pivot moves past each chosen node so
+/// equal nodes take turns. Returns the placements (job, node) and the pivot for the next round.
+/// A job left unplaced has no free capable node left in `index` (none stays idle while it waits).
+pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J>(
+    index: &mut CapabilityIndex<K>,
+    queue: impl IntoIterator<Item = (J, &'a JobSpec)>,
+    mut pivot: K,
+    capable: impl Fn(&JobSpec, K) -> bool,
+    after: impl Fn(K) -> K,
+) -> (Vec<(J, K)>, K) {
+    let mut placements = Vec::new();
+    for (job, spec) in queue {
+        if index.free_slots() == 0 {
+            break;
+        }
+        let set = lora_set_key(&spec.loras);
+        if let Some(key) = index.pick(job_families(spec), set, pivot, |k| capable(spec, k)) {
+            index.take(key, set);
+            pivot = after(key);
+            placements.push((job, key));
+        }
+    }
+    (placements, pivot)
+}

@@ -1,0 +1,341 @@
+//! Routing decisions as pure functions over a snapshot of the registry.
+//!
+//! The control plane builds one [`NodeView`] per registered node and asks:
+//! - [`feasibility`]: could any registered node ever serve this job (ignoring load and liveness)?
+//!   If not, the job is refused at submission with every node's reason.
+//! - [`pick`]: which eligible node should run it now? Eligible means capable, online, not suspect,
+//!   not draining and with a free worker slot. Preference, one sort key: the fastest node (its
+//!   measured speed in ~9% log buckets, i.e. the earliest estimated completion of a job that
+//!   starts now; unknown speeds rank first so new nodes get measured), then LoRA affinity (the
+//!   job's LoRA set already merged on one of its workers: no reload), then the most free slots,
+//!   then round robin so equal nodes share the work.
+//! - [`RoutingIndex`]: the same decision in O(log n) from an index by family (and by family and
+//!   LoRA set); property tests check it picks exactly what the scan picks.
+//! - [`queue_key`]: the queue order, priority with continuous aging, a key that never changes
+//!   while a job waits.
+//!
+//! Nothing here has side effects; the property tests below hold the rules in place.
+
+use drover_shared::family::ModelFamily;
+use drover_shared::ids::NodeId;
+use drover_shared::job::{JobSpec, ModelSelector, Size};
+use serde::Serialize;
+
+use crate::records::LoraAdvert;
+
+/// What the router knows about one node at decision time.
+#[derive(Clone, Debug)]
+pub struct NodeView<'a> {
+    /// Node id.
+    pub id: NodeId,
+    /// Node name (for reasons shown to users).
+    pub name: &'a str,
+    /// Model family served.
+    pub family: ModelFamily,
+    /// Id of the loaded model.
+    pub model_id: &'a str,
+    /// Largest width*height accepted.
+    pub max_pixels: u64,
+    /// The only sizes rendered (fixed-shape models); empty: any size up to `max_pixels`.
+    pub sizes: &'a [Size],
+    /// LoRAs available on the node.
+    pub loras: &'a [LoraAdvert],
+    /// Session open and heartbeats on time.
+    pub online: bool,
+    /// Heartbeats late (not yet offline): gets no new work.
+    pub suspect: bool,
+    /// Draining: takes no new work.
+    pub draining: bool,
+    /// Worker slots not running a job.
+    pub free_slots: u32,
+    /// Worker actors (jobs run at once).
+    pub workers: u32,
+    /// LoRA sets ([`lora_set_key`]) merged on the node's workers, most recent first (the empty
+    /// set, 0, is base weights).
+    pub loaded: &'a [u64],
+    /// Measured speed (pixel-steps per second), 0 when unknown.
+    pub pixel_steps_per_second: f64,
+}
+
+/// Why a node cannot take a job; shown to users in 422 bodies and logs.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum SkipReason {
+    /// The node serves another family.
+    WrongFamily {
+        /// Family asked for.
+        wanted: ModelFamily,
+        /// Family the node serves.
+        has: ModelFamily,
+    },
+    /// The node has another model loaded.
+    WrongModel {
+        /// Model id asked for.
+        wanted: String,
+        /// Model id the node has.
+        has: String,
+    },
+    /// The node's model is not a text-to-image base (an SDXL refiner).
+    NotTextToImage {
+        /// Family the node serves.
+        has: ModelFamily,
+    },
+    /// The image is larger than the node accepts.
+    TooLarge {
+        /// Pixels asked for.
+        pixels: u64,
+        /// Most pixels the node accepts.
+        max_pixels: u64,
+    },
+    /// The node's model renders only some sizes (fixed when it was compiled), not this one.
+    SizeNotServed {
+        /// Size asked for.
+        size: Size,
+        /// The sizes the node renders.
+        sizes: Vec<Size>,
+    },
+    /// The node does not have a requested LoRA.
+    MissingLora {
+        /// The LoRA.
+        lora: String,
+    },
+    /// The node has the LoRA but it was made for another family.
+    LoraBaseMismatch {
+        /// The LoRA.
+        lora: String,
+        /// Family the LoRA was made for.
+        lora_family: ModelFamily,
+        /// Family the node serves.
+        node_family: ModelFamily,
+    },
+    /// The node is offline.
+    Offline,
+    /// The node's heartbeats are late.
+    Suspect,
+    /// The node is draining.
+    Draining,
+    /// Every worker of the node is busy.
+    Busy,
+}
+
+/// A node and why it was skipped.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct NodeSkip {
+    /// Node id.
+    pub node_id: NodeId,
+    /// Node name.
+    pub node: String,
+    /// The reason.
+    #[serde(flatten)]
+    pub reason: SkipReason,
+}
+
+/// Whether `node`'s model and LoRAs can serve `job` at all, whatever its load or liveness.
+pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> {
+    if !node.family.is_text_to_image() {
+        return Err(SkipReason::NotTextToImage { has: node.family });
+    }
+    match &job.model {
+        Some(ModelSelector::Family(f)) if *f != node.family => {
+            return Err(SkipReason::WrongFamily {
+                wanted: *f,
+                has: node.family,
+            });
+        }
+        Some(ModelSelector::ModelId(id)) if !node.model_id.eq_ignore_ascii_case(id) => {
+            return Err(SkipReason::WrongModel {
+                wanted: id.clone(),
+                has: node.model_id.into(),
+            });
+        }
+        _ => {}
+    }
+    let size = job.size_on(node.family, node.sizes);
+    let pixels = size.pixels();
+    if !node.sizes.is_empty() && !node.sizes.contains(&size) {
+        return Err(SkipReason::SizeNotServed {
+            size,
+            sizes: node.sizes.to_vec(),
+        });
+    }
+    if pixels > node.max_pixels {
+        return Err(SkipReason::TooLarge {
+            pixels,
+            max_pixels: node.max_pixels,
+        });
+    }
+    for lora in &job.loras {
+        match node.loras.iter().find(|l| l.name == lora.name) {
+            None => {
+                return Err(SkipReason::MissingLora {
+                    lora: lora.name.clone(),
+                });
+            }
+            Some(l) if l.family != node.family => {
+                return Err(SkipReason::LoraBaseMismatch {
+                    lora: lora.name.clone(),
+                    lora_family: l.family,
+                    node_family: node.family,
+                });
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether `node` can take `job` right now.
+pub fn eligibility(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> {
+    capability(job, node)?;
+    if !node.online {
+        Err(SkipReason::Offline)
+    } else if node.draining {
+        Err(SkipReason::Draining)
+    } else if node.suspect {
+        Err(SkipReason::Suspect)
+    } else if node.free_slots == 0 {
+        Err(SkipReason::Busy)
+    } else {
+        Ok(())
+    }
+}
+
+fn skip(node: &NodeView<'_>, reason: SkipReason) -> NodeSkip {
+    NodeSkip {
+        node_id: node.id,
+        node: node.name.to_string(),
+        reason,
+    }
+}
+
+/// `Ok` when some registered node could ever serve `job`; otherwise every node's reason.
+pub fn feasibility(job: &JobSpec, nodes: &[NodeView<'_>]) -> Result<(), Vec<NodeSkip>> {
+    let mut reasons = Vec::with_capacity(nodes.len());
+    for node in nodes {
+        match capability(job, node) {
+            Ok(()) => return Ok(()),
+            Err(reason) => reasons.push(skip(node, reason)),
+        }
+    }
+    Err(reasons)
+}
+
+/// The LoRA set of a job as one key (the empty set, base weights, is 0): which LoRAs at which
+/// strengths a worker must have merged to run it without reloading.
+pub fn lora_set_key(loras: &[drover_shared::job::LoraRef]) -> u64 {
+    if loras.is_empty() {
+        return 0;
+    }
+    let mut parts: Vec<(&str, u32)> = loras
+        .iter()
+        .map(|l| (l.name.as_str(), l.strength.to_bits()))
+        .collect();
+    parts.sort_unstable();
+    // FNV-1a: stable across runs and Rust versions.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for (name, strength) in parts {
+        for b in name.bytes().chain([0xff]).chain(strength.to_le_bytes()) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h.max(1)
+}
+
+/// How good a capable node is for a job, larger is better, compared in this order: faster (in
+/// ~9% log buckets: the estimated completion time of a job that starts now), then LoRA affinity
+/// (the job's LoRA set is already merged on one of its workers, so nothing reloads), then more
+/// free slots (spread the load), then the round-robin position.
+type Score = (u64, bool, u32, usize);
+
+fn affine(job_set: u64, node: &NodeView<'_>) -> bool {
+    node.loaded.contains(&job_set)
+}
+
+/// The node that should run `job` now, or every node's reason for not taking it: the eligible
+/// node with the best [`Score`]. This is the scan that [`RoutingIndex::pick`] must agree with.
+///
+/// `turn` is a counter the caller advances after each placement; it rotates the order among
+/// equally good nodes so they share the work.
+pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, Vec<NodeSkip>> {
+    let set = lora_set_key(&job.loras);
+    let mut best: Option<(NodeId, Score)> = None;
+    let n = nodes.len().max(1);
+    for (i, node) in nodes.iter().enumerate() {
+        if eligibility(job, node).is_err() {
+            continue;
+        }
+        let rotation = n - 1 - (i + n - (turn as usize % n)) % n;
+        let key = (
+            speed_key(node),
+            affine(set, node),
+            node.free_slots,
+            rotation,
+        );
+        if best.as_ref().is_none_or(|(_, k)| key > *k) {
+            best = Some((node.id, key));
+        }
+    }
+    // Reasons are only built (and allocated) when no node can take the job.
+    best.map(|(id, _)| id).ok_or_else(|| {
+        nodes
+            .iter()
+            .filter_map(|node| eligibility(job, node).err().map(|r| skip(node, r)))
+            .collect()
+    })
+}
+
+/// A node's speed as a rank: log-scale buckets about 9% wide, so nodes of the same kind rank
+/// equal (and take turns) however their measured speeds jitter, while a GPU ranks far above an
+/// NPU. A node whose speed is not known yet ranks above all, so it gets work and is measured.
+fn speed_key(node: &NodeView<'_>) -> u64 {
+    let s = node.pixel_steps_per_second;
+    if s.is_finite() && s > 1.0 {
+        (s.log2() * 8.0) as u64 + 1
+    } else {
+        u64::MAX
+    }
+}
+
+mod index;
+
+pub use index::{CapabilityIndex, Member, RoutingIndex, pick_indexed, plan_dispatch, sample_farm};
+
+/// Records that a worker took LoRA set `set`: most recent first, at most `workers` sets.
+pub fn remember_set(loaded: &mut Vec<u64>, set: u64, workers: usize) {
+    loaded.retain(|s| *s != set);
+    loaded.insert(0, set);
+    loaded.truncate(workers.max(1));
+}
+
+/// Seconds of waiting that raise a queued job's priority by one (aging, so low priorities never
+/// starve behind a stream of high ones).
+pub const AGING_SECONDS: u64 = 30;
+
+/// A queued job as the queue order sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueuedJob<T> {
+    /// Requested priority.
+    pub priority: i32,
+    /// When it was accepted (ms since epoch).
+    pub created_ms: u64,
+    /// Caller's handle.
+    pub id: T,
+}
+
+/// A queued job's place in the queue, smaller first: its acceptance time moved earlier by
+/// [`AGING_SECONDS`] per priority level. Equivalently, its effective priority is its priority
+/// plus one per [`AGING_SECONDS`] waited, the same for every job at every moment, so the key never
+/// changes while the job waits and the queue can stay sorted (a waiting low-priority job
+/// overtakes a newer high-priority one once it has waited long enough: nothing starves).
+pub fn queue_key(priority: i32, created_ms: u64) -> i64 {
+    created_ms as i64 - i64::from(priority) * AGING_SECONDS as i64 * 1000
+}
+
+/// Sorts `jobs` into the order in which they are offered to nodes: by [`queue_key`], then oldest.
+pub fn queue_order<T: Copy>(jobs: &mut [QueuedJob<T>]) {
+    jobs.sort_by_key(|j| (queue_key(j.priority, j.created_ms), j.created_ms));
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,481 @@
+use super::*;
+use drover_shared::job::{JobRequest, LoraRef};
+use proptest::prelude::*;
+
+fn job(json: &str) -> JobSpec {
+    JobRequest::from_json(json.as_bytes())
+        .unwrap()
+        .validate(|| 1)
+        .unwrap()
+}
+
+fn node(i: u8, family: ModelFamily) -> NodeView<'static> {
+    NodeView {
+        id: NodeId::from_bytes([i; 16]),
+        name: "n",
+        family,
+        model_id: "abcd",
+        max_pixels: 1024 * 1024,
+        sizes: &[],
+        loras: &[],
+        online: true,
+        suspect: false,
+        draining: false,
+        free_slots: 1,
+        workers: 2,
+        loaded: &[0],
+        pixel_steps_per_second: 0.0,
+    }
+}
+
+#[test]
+fn family_and_size_and_liveness_are_named() {
+    let sd15 = node(1, ModelFamily::Sd15);
+    let check = |json: &str, n: &NodeView<'_>| eligibility(&job(json), n).err();
+    assert_eq!(check(r#"{"prompt":"x"}"#, &sd15), None);
+    assert_eq!(
+        check(r#"{"prompt":"x","model":"sdxl"}"#, &sd15),
+        Some(SkipReason::WrongFamily {
+            wanted: ModelFamily::Sdxl,
+            has: ModelFamily::Sd15
+        })
+    );
+    assert_eq!(
+        check(r#"{"prompt":"x","size":"2048x1024"}"#, &sd15),
+        Some(SkipReason::TooLarge {
+            pixels: 2048 * 1024,
+            max_pixels: 1024 * 1024
+        })
+    );
+    assert_eq!(
+        check(r#"{"prompt":"x","model":"ffff"}"#, &sd15),
+        Some(SkipReason::WrongModel {
+            wanted: "ffff".into(),
+            has: "abcd".into()
+        })
+    );
+    let offline = NodeView {
+        online: false,
+        ..sd15.clone()
+    };
+    assert_eq!(
+        check(r#"{"prompt":"x"}"#, &offline),
+        Some(SkipReason::Offline)
+    );
+    let busy = NodeView {
+        free_slots: 0,
+        ..sd15.clone()
+    };
+    assert_eq!(check(r#"{"prompt":"x"}"#, &busy), Some(SkipReason::Busy));
+    let refiner = node(2, ModelFamily::SdxlRefiner);
+    assert_eq!(
+        check(r#"{"prompt":"x"}"#, &refiner),
+        Some(SkipReason::NotTextToImage {
+            has: ModelFamily::SdxlRefiner
+        })
+    );
+    // A fixed-shape (RKNN) node renders its sizes only; a job without a size gets one.
+    let npu = NodeView {
+        sizes: FIXED_SIZES[2],
+        ..sd15.clone()
+    };
+    assert_eq!(check(r#"{"prompt":"x"}"#, &npu), None);
+    assert_eq!(check(r#"{"prompt":"x","size":"1024x1024"}"#, &npu), None);
+    assert_eq!(
+        check(r#"{"prompt":"x","size":"512x512"}"#, &npu),
+        Some(SkipReason::SizeNotServed {
+            size: square(512),
+            sizes: vec![square(384), square(1024)]
+        })
+    );
+}
+
+#[test]
+fn loras_must_exist_and_match_the_node_family() {
+    let loras = [
+        LoraAdvert {
+            name: "ink".into(),
+            family: ModelFamily::Sd15,
+        },
+        LoraAdvert {
+            name: "xl-ink".into(),
+            family: ModelFamily::Sdxl,
+        },
+    ];
+    let sd15 = NodeView {
+        loras: &loras,
+        ..node(1, ModelFamily::Sd15)
+    };
+    let mut spec = job(r#"{"prompt":"x"}"#);
+    spec.loras = vec![LoraRef {
+        name: "ink".into(),
+        strength: 1.0,
+    }];
+    assert_eq!(eligibility(&spec, &sd15), Ok(()));
+    spec.loras = vec![LoraRef {
+        name: "xl-ink".into(),
+        strength: 1.0,
+    }];
+    assert_eq!(
+        eligibility(&spec, &sd15),
+        Err(SkipReason::LoraBaseMismatch {
+            lora: "xl-ink".into(),
+            lora_family: ModelFamily::Sdxl,
+            node_family: ModelFamily::Sd15
+        })
+    );
+    spec.loras = vec![LoraRef {
+        name: "nope".into(),
+        strength: 1.0,
+    }];
+    assert_eq!(
+        eligibility(&spec, &sd15),
+        Err(SkipReason::MissingLora {
+            lora: "nope".into()
+        })
+    );
+}
+
+#[test]
+fn feasibility_ignores_load_but_not_capability() {
+    let busy_offline = NodeView {
+        online: false,
+        free_slots: 0,
+        ..node(1, ModelFamily::Sdxl)
+    };
+    assert_eq!(
+        feasibility(
+            &job(r#"{"prompt":"x","model":"sdxl"}"#),
+            std::slice::from_ref(&busy_offline)
+        ),
+        Ok(())
+    );
+    let reasons =
+        feasibility(&job(r#"{"prompt":"x","model":"sd15"}"#), &[busy_offline]).unwrap_err();
+    assert_eq!(reasons.len(), 1);
+    assert!(matches!(reasons[0].reason, SkipReason::WrongFamily { .. }));
+    assert!(
+        feasibility(&job(r#"{"prompt":"x"}"#), &[])
+            .unwrap_err()
+            .is_empty()
+    );
+}
+
+#[test]
+fn equal_nodes_take_turns() {
+    let nodes = [
+        node(1, ModelFamily::Sd15),
+        node(2, ModelFamily::Sd15),
+        node(3, ModelFamily::Sd15),
+    ];
+    let spec = job(r#"{"prompt":"x"}"#);
+    let picked: std::collections::HashSet<_> = (0..3)
+        .map(|turn| pick(&spec, &nodes, turn).unwrap())
+        .collect();
+    assert_eq!(picked.len(), 3);
+    let index = RoutingIndex::new(&nodes);
+    let picked: std::collections::HashSet<_> = (0..3)
+        .map(|turn| index.pick(&spec, &nodes, turn).unwrap())
+        .collect();
+    assert_eq!(picked.len(), 3, "the index rotates among equal nodes too");
+}
+
+#[test]
+fn priorities_order_the_queue_and_age() {
+    let job = |priority, created_ms, id| QueuedJob {
+        priority,
+        created_ms,
+        id,
+    };
+    let mut jobs = vec![
+        job(0, 1_000, 'a'),
+        job(5, 2_000, 'b'),
+        job(0, 500, 'c'),
+        job(5, 1_500, 'd'),
+    ];
+    queue_order(&mut jobs);
+    assert_eq!(jobs.iter().map(|j| j.id).collect::<String>(), "dbca");
+    // A low-priority job that waited 3.3 aging periods overtakes a fresh +2 job...
+    let mut jobs = vec![job(2, 100_000, 'n'), job(-1, 0, 'o')];
+    queue_order(&mut jobs);
+    assert_eq!(jobs[0].id, 'o');
+    // ...but not one that came 2.7 periods later.
+    let mut jobs = vec![job(2, 80_000, 'n'), job(-1, 0, 'o')];
+    queue_order(&mut jobs);
+    assert_eq!(jobs[0].id, 'n');
+}
+
+fn arb_family() -> impl Strategy<Value = ModelFamily> {
+    prop::sample::select(ModelFamily::ALL.to_vec())
+}
+
+fn arb_node() -> impl Strategy<Value = (ModelFamily, bool, bool, bool, u32, u64, usize)> {
+    (
+        arb_family(),
+        any::<bool>(),
+        any::<bool>(),
+        any::<bool>(),
+        0u32..3,
+        0u64..4,
+        0usize..3,
+    )
+}
+
+const fn square(side: u32) -> Size {
+    Size {
+        width: side,
+        height: side,
+    }
+}
+
+/// What a node may render: any size, or only the sizes a fixed-shape model was compiled for.
+static FIXED_SIZES: [&[Size]; 3] = [&[], &[square(512)], &[square(384), square(1024)]];
+
+proptest! {
+    /// Placing jobs one after another through the index never gives a node more jobs than it
+    /// has free slots, and stops only when no eligible slot is left.
+    #[test]
+    fn index_placements_respect_slots(
+        specs in prop::collection::vec(arb_node(), 0..8),
+        jobs in 0usize..30,
+    ) {
+        let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, s)| NodeView {
+            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
+            max_pixels: 2048 * 2048,
+            ..node(i as u8, s.0)
+        }).collect();
+        let spec = job(r#"{"prompt":"x"}"#);
+        let mut index = RoutingIndex::new(&nodes);
+        let mut given = vec![0u32; nodes.len()];
+        let mut placed = 0;
+        for turn in 0..jobs as u64 {
+            let Some(i) = index.pick(&spec, &nodes, turn) else { break };
+            index.take(i, 0);
+            given[i] += 1;
+            placed += 1;
+        }
+        for (i, n) in nodes.iter().enumerate() {
+            prop_assert!(given[i] <= n.free_slots);
+            if given[i] > 0 { prop_assert!(eligibility(&spec, n).is_ok()); }
+        }
+        let capacity: u32 = nodes.iter().filter(|n| eligibility(&spec, n).is_ok()).map(|n| n.free_slots).sum();
+        prop_assert_eq!(placed, jobs.min(capacity as usize));
+    }
+}
+
+proptest! {
+    /// The picked node is always eligible; if none is picked, every node has a reason; a job is
+    /// never left waiting while an eligible node exists.
+    #[test]
+    fn pick_is_sound_and_complete(
+        specs in prop::collection::vec(arb_node(), 0..8),
+        wanted in prop::option::of(arb_family()),
+        size in prop::sample::select(vec![None, Some("512x512"), Some("1024x1024"), Some("2048x2048")]),
+        turn in any::<u64>(),
+    ) {
+        let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, s)| NodeView {
+            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
+            max_pixels: [512 * 512, 768 * 768, 1024 * 1024, 2048 * 2048][s.5 as usize],
+            sizes: FIXED_SIZES[s.6],
+            ..node(i as u8, s.0)
+        }).collect();
+        let mut spec = job(r#"{"prompt":"x"}"#);
+        spec.model = wanted.map(ModelSelector::Family);
+        spec.size = size.map(|s| s.parse().unwrap());
+        let any_eligible = nodes.iter().any(|n| eligibility(&spec, n).is_ok());
+        match pick(&spec, &nodes, turn) {
+            Ok(id) => {
+                let chosen = nodes.iter().find(|n| n.id == id).unwrap();
+                prop_assert!(eligibility(&spec, chosen).is_ok());
+                if let Some(f) = wanted { prop_assert_eq!(chosen.family, f); }
+                let size = spec.size_on(chosen.family, chosen.sizes);
+                prop_assert!(size.pixels() <= chosen.max_pixels);
+                prop_assert!(chosen.sizes.is_empty() || chosen.sizes.contains(&size));
+            }
+            Err(reasons) => {
+                prop_assert!(!any_eligible);
+                prop_assert_eq!(reasons.len(), nodes.len());
+            }
+        }
+        // The capability index agrees: it finds an eligible node exactly when one exists, and
+        // the same one the scan picks.
+        let index = RoutingIndex::new(&nodes);
+        match index.pick(&spec, &nodes, turn) {
+            Some(i) => {
+                prop_assert!(eligibility(&spec, &nodes[i]).is_ok());
+                prop_assert_eq!(Ok(nodes[i].id), pick(&spec, &nodes, turn).map_err(|_| ()));
+            }
+            None => prop_assert!(!any_eligible),
+        }
+        // A feasible job has at least one capable node; an infeasible one has a reason per node.
+        match feasibility(&spec, &nodes) {
+            Ok(()) => prop_assert!(nodes.iter().any(|n| capability(&spec, n).is_ok())),
+            Err(r) => prop_assert_eq!(r.len(), nodes.len()),
+        }
+    }
+}
+
+/// Speeds the affinity test draws from: unknown, two within one ~9% bucket, and faster.
+const SPEEDS: [f64; 4] = [0.0, 1.0e6, 1.02e6, 8.0e6];
+
+fn lora_job(set: usize) -> JobSpec {
+    let mut spec = job(r#"{"prompt":"x","model":"sd15"}"#);
+    let names: &[&str] = [&[][..], &["ink"][..], &["ink", "film"][..]][set];
+    spec.loras = names
+        .iter()
+        .map(|n| LoraRef {
+            name: n.to_string(),
+            strength: 1.0,
+        })
+        .collect();
+    spec
+}
+
+proptest! {
+    /// The index picks exactly the node the scan picks; the pick is never slower than an
+    /// eligible node, and among the fastest eligible nodes it has the job's LoRA set merged
+    /// whenever one of them has (LoRA-affine placement is preferred).
+    #[test]
+    fn placement_prefers_speed_then_lora_affinity(
+        specs in prop::collection::vec(
+            (any::<bool>(), 0u32..3, 0usize..4, prop::collection::vec(0usize..3, 0..3)),
+            1..10,
+        ),
+        set in 0usize..3,
+        turn in any::<u64>(),
+    ) {
+        let adverts: &'static [LoraAdvert] = Box::leak(Box::new([
+            LoraAdvert { name: "ink".into(), family: ModelFamily::Sd15 },
+            LoraAdvert { name: "film".into(), family: ModelFamily::Sd15 },
+        ]));
+        let spec = lora_job(set);
+        let job_set = lora_set_key(&spec.loras);
+        let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, s)| {
+            let loaded: Vec<u64> = s.3.iter().map(|k| lora_set_key(&lora_job(*k).loras)).collect();
+            NodeView {
+                online: s.0,
+                free_slots: s.1,
+                pixel_steps_per_second: SPEEDS[s.2],
+                loaded: Box::leak(loaded.into_boxed_slice()),
+                loras: adverts,
+                ..node(i as u8, ModelFamily::Sd15)
+            }
+        }).collect();
+        let scan = pick(&spec, &nodes, turn).ok();
+        let index = RoutingIndex::new(&nodes).pick(&spec, &nodes, turn).map(|i| nodes[i].id);
+        prop_assert_eq!(scan, index);
+        let eligible: Vec<&NodeView<'_>> = nodes.iter().filter(|n| eligibility(&spec, n).is_ok()).collect();
+        match scan {
+            None => prop_assert!(eligible.is_empty()),
+            Some(id) => {
+                let chosen = nodes.iter().find(|n| n.id == id).unwrap();
+                let top = eligible.iter().map(|n| speed_key(n)).max().unwrap();
+                prop_assert_eq!(speed_key(chosen), top);
+                let affine_at_top = eligible.iter().any(|n| speed_key(n) == top && affine(job_set, n));
+                prop_assert_eq!(affine(job_set, chosen), affine_at_top);
+            }
+        }
+    }
+}
+
+proptest! {
+    /// A dispatch round over a queue of mixed jobs (families, sizes, LoRA sets, priorities):
+    /// every placement is eligible, no node gets more jobs than its free slots, and a job left
+    /// waiting has no eligible node with a slot still free: nothing starves while an eligible
+    /// node is idle, and an earlier job in queue order is never passed over for a later one.
+    #[test]
+    fn dispatch_round_never_leaves_an_eligible_slot_idle(
+        specs in prop::collection::vec((arb_node(), any::<bool>()), 0..8),
+        jobs in prop::collection::vec((
+            prop::option::of(arb_family()),
+            prop::sample::select(vec![None, Some("512x512"), Some("1024x1024")]),
+            0usize..3,
+            -2i32..3,
+            0u64..200_000,
+        ), 0..24),
+        pivot in 0usize..8,
+    ) {
+        let adverts: &'static [LoraAdvert] = Box::leak(Box::new(
+            ModelFamily::ALL.iter().flat_map(|f| ["ink", "film"].map(|n| LoraAdvert {
+                name: n.into(), family: *f,
+            })).collect::<Vec<_>>(),
+        ));
+        let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, (s, has))| NodeView {
+            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
+            max_pixels: [512 * 512, 768 * 768, 1024 * 1024, 2048 * 2048][s.5 as usize],
+            sizes: FIXED_SIZES[s.6],
+            loras: if *has { adverts } else { &[] },
+            ..node(i as u8, s.0)
+        }).collect();
+        let mut queued: Vec<QueuedJob<usize>> = jobs.iter().enumerate().map(|(i, j)| QueuedJob {
+            priority: j.3, created_ms: j.4, id: i,
+        }).collect();
+        queue_order(&mut queued);
+        let job_specs: Vec<JobSpec> = jobs.iter().map(|(family, size, set, priority, _)| {
+            let mut spec = lora_job(*set);
+            spec.model = family.map(ModelSelector::Family);
+            spec.size = size.map(|s| s.parse().unwrap());
+            spec.priority = *priority;
+            spec
+        }).collect();
+        let mut index = CapabilityIndex::default();
+        for (i, n) in nodes.iter().enumerate() {
+            index.upsert(i, Member::of(n));
+        }
+        let (placements, _) = plan_dispatch(
+            &mut index,
+            queued.iter().map(|q| (q.id, &job_specs[q.id])),
+            pivot,
+            |spec, k| capability(spec, &nodes[k]).is_ok(),
+            |k| k + 1,
+        );
+        let mut given = vec![0u32; nodes.len()];
+        let mut placed = vec![false; jobs.len()];
+        for (j, k) in &placements {
+            prop_assert!(!placed[*j], "job {} placed twice", j);
+            placed[*j] = true;
+            prop_assert!(eligibility(&job_specs[*j], &nodes[*k]).is_ok());
+            given[*k] += 1;
+        }
+        for (k, n) in nodes.iter().enumerate() {
+            prop_assert!(given[k] <= n.free_slots);
+        }
+        for (position, q) in queued.iter().enumerate() {
+            if placed[q.id] {
+                continue;
+            }
+            let spec = &job_specs[q.id];
+            for (k, n) in nodes.iter().enumerate() {
+                prop_assert!(
+                    given[k] >= n.free_slots || eligibility(spec, n).is_err(),
+                    "job at queue place {} waits while node {} has a free eligible slot",
+                    position, k
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_node_keeps_its_workers_recent_lora_sets() {
+    let mut loaded = vec![0];
+    remember_set(&mut loaded, 7, 2);
+    assert_eq!(loaded, vec![7, 0]);
+    remember_set(&mut loaded, 9, 2);
+    assert_eq!(loaded, vec![9, 7]);
+    remember_set(&mut loaded, 7, 2);
+    assert_eq!(loaded, vec![7, 9]);
+    assert_eq!(lora_set_key(&[]), 0);
+    let ink = lora_job(1).loras;
+    let mut reversed = lora_job(2).loras;
+    reversed.reverse();
+    assert_eq!(
+        lora_set_key(&reversed),
+        lora_set_key(&lora_job(2).loras),
+        "order does not matter"
+    );
+    assert_ne!(lora_set_key(&ink), lora_set_key(&lora_job(2).loras));
+    let mut stronger = ink.clone();
+    stronger[0].strength = 0.5;
+    assert_ne!(lora_set_key(&ink), lora_set_key(&stronger), "strength does");
+}

@@ -1,0 +1,253 @@
+//! Protobuf to domain types and back: the only place the control plane's vocabulary meets the
+//! wire. Everything a node sends is checked here (names, families, sizes, ids); a malformed id is
+//! dropped with a log line, never passed inward.
+
+use drover_shared::family::{ModelFamily, UnknownFamily};
+use drover_shared::ids::{JobId, LeaseId};
+use drover_shared::job::Size;
+use drover_shared::proto::{self, coordinator_message, node_message};
+
+use crate::control::{NodeRegistration, NodeReport, ToNode};
+use crate::error::{CoordinatorError, Result};
+use crate::records::LoraAdvert;
+
+/// A node's registration, checked: a name of 1 to 128 characters, a known family, at least one
+/// worker, sizes with pixels, LoRAs of known families.
+pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
+    let name = req.name.trim().to_string();
+    if name.is_empty() || name.len() > 128 {
+        return Err(CoordinatorError::InvalidRequest(
+            "node name must be 1 to 128 characters".into(),
+        ));
+    }
+    let family: ModelFamily = req
+        .family
+        .parse()
+        .map_err(|e: UnknownFamily| CoordinatorError::InvalidRequest(e.to_string()))?;
+    if req.workers == 0 {
+        return Err(CoordinatorError::InvalidRequest(
+            "a node needs at least one worker".into(),
+        ));
+    }
+    if let Some(bad) = req.sizes.iter().find(|s| s.width == 0 || s.height == 0) {
+        return Err(CoordinatorError::InvalidRequest(format!(
+            "size {}x{} has no pixels",
+            bad.width, bad.height
+        )));
+    }
+    let sizes = req
+        .sizes
+        .iter()
+        .map(|s| Size {
+            width: s.width,
+            height: s.height,
+        })
+        .collect();
+    let loras = req
+        .loras
+        .into_iter()
+        .map(|l| {
+            let family = l.family.parse().map_err(|e: UnknownFamily| {
+                CoordinatorError::InvalidRequest(format!("lora `{}`: {e}", l.name))
+            })?;
+            Ok(LoraAdvert {
+                name: l.name,
+                family,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(NodeRegistration {
+        name,
+        backend: req.backend,
+        family,
+        cross_attention_dim: req.cross_attention_dim,
+        model_id: req.model_id,
+        workers: req.workers,
+        max_pixels: req.max_pixels,
+        sizes,
+        loras,
+        version: req.version,
+        pixel_steps_per_second: req.pixel_steps_per_second,
+    })
+}
+
+/// The (job, lease) of a running-job entry; `None` (logged) when either id is malformed.
+fn lease_of(job_id: &str, lease_id: &str) -> Option<(JobId, LeaseId)> {
+    match (job_id.parse(), lease_id.parse()) {
+        (Ok(job), Ok(lease)) => Some((job, lease)),
+        _ => {
+            tracing::warn!(
+                job_id,
+                lease_id,
+                "a node named a malformed job or lease id; dropped"
+            );
+            None
+        }
+    }
+}
+
+/// The jobs a `hello` says the node still runs.
+pub fn running(list: &[proto::RunningJob]) -> Vec<(JobId, LeaseId)> {
+    list.iter()
+        .filter_map(|r| lease_of(&r.job_id, &r.lease_id))
+        .collect()
+}
+
+/// A session message as a report about a job; `None` for heartbeats, a repeated `hello` and
+/// reports with malformed ids.
+pub fn report(message: node_message::Kind) -> Option<NodeReport> {
+    match message {
+        node_message::Kind::Hello(_) | node_message::Kind::Heartbeat(_) => None,
+        node_message::Kind::Progress(p) => {
+            let (job_id, lease_id) = lease_of(&p.job_id, &p.lease_id)?;
+            Some(NodeReport::Progress {
+                job_id,
+                lease_id,
+                step: p.step,
+                total: p.total_steps,
+            })
+        }
+        node_message::Kind::Result(r) => {
+            let (job_id, lease_id) = lease_of(&r.job_id, &r.lease_id)?;
+            Some(NodeReport::Succeeded {
+                job_id,
+                lease_id,
+                png: r.png.into(),
+                elapsed_ms: r.elapsed_ms,
+            })
+        }
+        node_message::Kind::Failed(f) => {
+            let (job_id, lease_id) = lease_of(&f.job_id, &f.lease_id)?;
+            Some(NodeReport::Failed {
+                job_id,
+                lease_id,
+                reason: f.reason,
+                permanent: f.permanent,
+            })
+        }
+    }
+}
+
+/// What the control plane sends a node, as protobuf.
+pub fn to_node(message: ToNode) -> proto::CoordinatorMessage {
+    let kind = match message {
+        ToNode::Assign(a) => {
+            let a = *a;
+            coordinator_message::Kind::Assignment(proto::Assignment {
+                job_id: a.job_id.to_string(),
+                lease_id: a.lease_id.to_string(),
+                attempt: a.attempt,
+                spec: Some(proto::JobSpec {
+                    prompt: a.spec.prompt,
+                    negative_prompt: a.spec.negative_prompt,
+                    width: a.size.width,
+                    height: a.size.height,
+                    steps: a.spec.steps,
+                    guidance_scale: a.spec.guidance_scale,
+                    seed: a.spec.seed,
+                    loras: a
+                        .spec
+                        .loras
+                        .into_iter()
+                        .map(|l| proto::LoraRequest {
+                            name: l.name,
+                            strength: l.strength,
+                        })
+                        .collect(),
+                }),
+                deadline_unix_ms: a.deadline_ms,
+                trace_id: a.trace_id.unwrap_or_default(),
+            })
+        }
+        ToNode::Cancel { job_id, lease_id } => coordinator_message::Kind::Cancel(proto::Cancel {
+            job_id: job_id.to_string(),
+            lease_id: lease_id.to_string(),
+        }),
+    };
+    proto::CoordinatorMessage { kind: Some(kind) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_ids_never_pass_inward() {
+        let bad = node_message::Kind::Result(proto::JobResult {
+            job_id: "not-a-uuid".into(),
+            lease_id: LeaseId::random().to_string(),
+            png: vec![1],
+            elapsed_ms: 1,
+        });
+        assert_eq!(report(bad), None);
+        let (job, lease) = (JobId::random(), LeaseId::random());
+        let good = node_message::Kind::Failed(proto::JobFailed {
+            job_id: job.to_string(),
+            lease_id: lease.to_string(),
+            reason: "oom".into(),
+            permanent: true,
+        });
+        assert_eq!(
+            report(good),
+            Some(NodeReport::Failed {
+                job_id: job,
+                lease_id: lease,
+                reason: "oom".into(),
+                permanent: true
+            })
+        );
+        let listed = running(&[
+            proto::RunningJob {
+                job_id: job.to_string(),
+                lease_id: lease.to_string(),
+            },
+            proto::RunningJob {
+                job_id: "x".into(),
+                lease_id: "y".into(),
+            },
+        ]);
+        assert_eq!(listed, vec![(job, lease)]);
+    }
+
+    #[test]
+    fn registrations_are_checked() {
+        let ok = proto::RegisterRequest {
+            name: " gpu-1 ".into(),
+            backend: "sim".into(),
+            family: "sdxl".into(),
+            workers: 2,
+            ..Default::default()
+        };
+        let reg = registration(ok.clone()).expect("valid");
+        assert_eq!(
+            (reg.name.as_str(), reg.family),
+            ("gpu-1", ModelFamily::Sdxl)
+        );
+        for (bad, says) in [
+            (
+                proto::RegisterRequest {
+                    name: " ".into(),
+                    ..ok.clone()
+                },
+                "node name",
+            ),
+            (
+                proto::RegisterRequest {
+                    family: "sd9".into(),
+                    ..ok.clone()
+                },
+                "sd9",
+            ),
+            (
+                proto::RegisterRequest {
+                    workers: 0,
+                    ..ok.clone()
+                },
+                "at least one worker",
+            ),
+        ] {
+            let e = registration(bad).expect_err("refused").to_string();
+            assert!(e.contains(says), "{e}");
+        }
+    }
+}

@@ -1,0 +1,556 @@
+//! Compatibility endpoints, so existing clients work unchanged:
+//! - `POST /generate`: the Python LCM server's body (`prompt`, `negative_prompt`, `model`, `size`
+//!   "WxH", `num_inference_steps`, `guidance_scale`, `seed`, `style_lora {style, level}`),
+//!   answered as it did: PNG bytes with `X-Seed`.
+//! - `POST /sdapi/v1/txt2img`: the AUTOMATIC1111 subset (`prompt`, `negative_prompt`, `steps`,
+//!   `cfg_scale`, `width`, `height`, `seed`, `batch_size`, `n_iter`), answered with base64 PNGs,
+//!   the parameters and an `info` JSON string.
+//!
+//! Unlike the strict native API, these accept whole bodies real clients send: fields they do not
+//! use are ignored, and seed −1 means random. Fields they do use are validated like native ones,
+//! and errors name them.
+
+use actix_web::{HttpResponse, post, web};
+use drover_shared::error::FieldError;
+use drover_shared::job::{JobRequest, MAX_SEED, StyleRef, random_seed};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use utoipa::ToSchema;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, ObjectBuilder, Schema, SchemaType};
+
+use super::responses::{
+    BadRequest, Internal, JobFailed, NotFound, PayloadTooLarge, Timeout, TooManyRequests,
+    Unauthorized, Unavailable, Unprocessable,
+};
+use super::state::{MAX_BODY, read_body};
+use crate::error::Result;
+use crate::http::jobs::{Png, accept_request, accept_requests, wait_image};
+use crate::http::{AppState, Client};
+
+/// Most images one txt2img call may ask for (`batch_size × n_iter`).
+pub const MAX_BATCH: u64 = 8;
+
+/// The body of `POST /generate`. Other fields are ignored; a field read is checked like its
+/// native counterpart, and `null` is absent.
+// Read by `lcm_request`; a test holds the two together.
+#[derive(ToSchema)]
+pub struct LcmRequest {
+    /// What to draw: at most 2000 characters, not only white space.
+    #[schema(max_length = 2000, pattern = r"[^\s\u0085]")]
+    pub prompt: String,
+    /// What not to draw: at most 2000 characters.
+    #[schema(max_length = 2000)]
+    pub negative_prompt: Option<String>,
+    /// A model family (`sd15`, `sd2`, `sdxl`) or a model id, as in `POST /v1/jobs`.
+    #[schema(pattern = "^(sd15|sd2|sdxl|[0-9A-Fa-f]{1,128})?$")]
+    pub model: Option<String>,
+    /// Image size as `WxH`, as in `POST /v1/jobs`.
+    #[schema(schema_with = drover_shared::job::openapi::size)]
+    pub size: Option<String>,
+    /// Denoising steps, 1..=50.
+    #[schema(minimum = 1, maximum = 50)]
+    pub num_inference_steps: Option<u32>,
+    /// Guidance scale, 0..=20.
+    #[schema(minimum = 0, maximum = 20)]
+    pub guidance_scale: Option<f64>,
+    /// Seed, 0..=2^31-1; -1 (or absent) for a random one.
+    #[schema(minimum = -1, maximum = 2147483647)]
+    pub seed: Option<i64>,
+    /// A style from the style catalog, at a strength level.
+    pub style_lora: Option<StyleRef>,
+}
+
+/// The body of `POST /sdapi/v1/txt2img` (the AUTOMATIC1111 subset). Other fields are ignored
+/// (and echoed in `parameters`); a field read is checked like its native counterpart, and
+/// `null` is absent.
+// Read by `txt2img_request`; a test holds the two together.
+#[derive(ToSchema)]
+pub struct Txt2ImgRequest {
+    /// What to draw: at most 2000 characters, not only white space.
+    #[schema(max_length = 2000, pattern = r"[^\s\u0085]")]
+    pub prompt: String,
+    /// What not to draw: at most 2000 characters; empty for nothing.
+    #[schema(max_length = 2000)]
+    pub negative_prompt: Option<String>,
+    /// Denoising steps, 1..=50.
+    #[schema(minimum = 1, maximum = 50)]
+    pub steps: Option<u32>,
+    /// Guidance scale, 0..=20.
+    #[schema(minimum = 0, maximum = 20)]
+    pub cfg_scale: Option<f64>,
+    /// Image width: a multiple of 8 in 64..=2048; 512 when absent.
+    #[schema(minimum = 64, maximum = 2048, multiple_of = 8, default = 512)]
+    pub width: Option<u32>,
+    /// Image height: a multiple of 8 in 64..=2048; 512 when absent.
+    #[schema(minimum = 64, maximum = 2048, multiple_of = 8, default = 512)]
+    pub height: Option<u32>,
+    /// Seed of the first image, 0..=2^31-1 (image i gets seed + i, from 0 again past
+    /// 2^31-1); -1 (or absent) for a random one.
+    #[schema(minimum = -1, maximum = 2147483647)]
+    pub seed: Option<i64>,
+    /// Images per iteration; `batch_size × n_iter` is at most 8.
+    #[schema(minimum = 1, maximum = 8, default = 1)]
+    pub batch_size: Option<u32>,
+    /// Iterations; `batch_size × n_iter` is at most 8.
+    #[schema(minimum = 1, maximum = 8, default = 1)]
+    pub n_iter: Option<u32>,
+}
+
+/// The schema of [`Txt2ImgRequest`] with the rule its fields cannot state alone: `batch_size ×
+/// n_iter` is at most [`MAX_BATCH`] (an absent or `null` one counts 1), one branch per `n_iter`.
+pub fn txt2img_request_schema(derived: RefOr<Schema>) -> RefOr<Schema> {
+    let mut branches = AnyOfBuilder::new();
+    for n_iter in 1..=MAX_BATCH {
+        // No `type` on these: the derived schema types the fields.
+        let any = || ObjectBuilder::new().schema_type(SchemaType::AnyValue);
+        let iterations = if n_iter == 1 {
+            any().enum_values(Some([Value::from(1), Value::Null]))
+        } else {
+            any().enum_values(Some([n_iter]))
+        };
+        let mut branch = ObjectBuilder::new()
+            .property("n_iter", iterations)
+            .property("batch_size", any().maximum(Some(MAX_BATCH / n_iter)));
+        if n_iter > 1 {
+            branch = branch.required("n_iter");
+        }
+        branches = branches.item(branch);
+    }
+    AllOfBuilder::new()
+        .item(derived)
+        .item(branches.description(Some(format!("batch_size × n_iter is at most {MAX_BATCH}"))))
+        .into()
+}
+
+/// The answer of `POST /sdapi/v1/txt2img`.
+#[derive(Serialize, ToSchema)]
+pub struct Txt2ImgResponse {
+    /// The PNGs, base64 (standard alphabet, padded), in order.
+    pub images: Vec<String>,
+    /// The request body as it was sent.
+    #[schema(value_type = Object)]
+    pub parameters: Map<String, Value>,
+    /// A JSON object as a string (schema `Txt2ImgInfo`), as AUTOMATIC1111 answers it.
+    #[schema(content_media_type = "application/json")]
+    pub info: String,
+}
+
+/// What `info` of a txt2img answer holds (as a JSON string).
+#[derive(Serialize, ToSchema)]
+pub struct Txt2ImgInfo {
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt (empty for none).
+    pub negative_prompt: String,
+    /// The first image's seed.
+    pub seed: u64,
+    /// Every image's seed, in order.
+    pub all_seeds: Vec<u64>,
+    /// Image width.
+    pub width: i64,
+    /// Image height.
+    pub height: i64,
+    /// Images per iteration.
+    pub batch_size: i64,
+    /// Iterations.
+    pub n_iter: i64,
+    /// The jobs that rendered the images, in order.
+    pub job_ids: Vec<String>,
+    /// Always `drover`.
+    pub sd_model_name: String,
+}
+
+fn object(body: &[u8]) -> Result<Map<String, Value>> {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(FieldError::new("body", "expected a JSON object").into()),
+        Err(e) => Err(FieldError::new("body", format!("malformed json: {e}")).into()),
+    }
+}
+
+fn string(map: &Map<String, Value>, key: &str) -> Result<Option<String>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(FieldError::new(key, "expected a string").into()),
+    }
+}
+
+fn number(map: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => Ok(n.as_f64()),
+        Some(_) => Err(FieldError::new(key, "expected a number").into()),
+    }
+}
+
+fn whole(map: &Map<String, Value>, key: &str) -> Result<Option<i64>> {
+    match number(map, key)? {
+        None => Ok(None),
+        Some(v) if v.fract() == 0.0 && v.abs() < 1e15 => Ok(Some(v as i64)),
+        Some(_) => Err(FieldError::new(key, "expected a whole number").into()),
+    }
+}
+
+fn steps(map: &Map<String, Value>, key: &str) -> Result<Option<u32>> {
+    whole(map, key)?
+        .map(|v| {
+            u32::try_from(v).map_err(|_| FieldError::new(key, format!("{v} is negative")).into())
+        })
+        .transpose()
+}
+
+/// A seed where −1 (or absent) means random.
+fn seed(map: &Map<String, Value>, key: &str) -> Result<Option<i64>> {
+    Ok(whole(map, key)?.filter(|&s| s != -1))
+}
+
+fn required_prompt(map: &Map<String, Value>) -> Result<String> {
+    string(map, "prompt")?.ok_or_else(|| FieldError::new("prompt", "is required").into())
+}
+
+/// The job a `POST /generate` body asks for ([`LcmRequest`]).
+pub fn lcm_request(body: &[u8]) -> Result<JobRequest> {
+    let map = object(body)?;
+    let style_lora = match map.get("style_lora") {
+        None | Some(Value::Null) => None,
+        Some(v) => Some(
+            serde_json::from_value::<StyleRef>(v.clone())
+                .map_err(|e| FieldError::new("style_lora", e.to_string()))?,
+        ),
+    };
+    Ok(JobRequest {
+        prompt: required_prompt(&map)?,
+        negative_prompt: string(&map, "negative_prompt")?,
+        model: string(&map, "model")?,
+        size: string(&map, "size")?,
+        steps: steps(&map, "num_inference_steps")?,
+        guidance_scale: number(&map, "guidance_scale")?.map(|g| g as f32),
+        seed: seed(&map, "seed")?,
+        style_lora,
+        ..JobRequest::default()
+    })
+}
+
+/// Python LCM server compatibility
+///
+/// The Python LCM server's `POST /generate`: the job's PNG, with its seed in `X-Seed`.
+#[utoipa::path(
+    tag = "compat",
+    request_body = LcmRequest,
+    responses(
+        (status = 200, description = "The image", content_type = "image/png", body = Png,
+            headers(
+                ("X-Seed" = u64, description = "The seed it was rendered with"),
+                ("X-Job-Id" = String, description = "The job"),
+            )),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = Unprocessable),
+        (status = 429, response = TooManyRequests),
+        (status = 500, response = Internal),
+        (status = 502, response = JobFailed),
+        (status = 503, response = Unavailable),
+        (status = 504, response = Timeout),
+    ),
+    security((), ("apiKey" = []), ("bearerKey" = []))
+)]
+#[post("/generate")]
+pub(crate) async fn lcm_generate(
+    Client(client): Client,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse> {
+    let request = lcm_request(&read_body(payload, MAX_BODY).await?)?;
+    let submitted = accept_request(&state, &client, request, true).await?;
+    let (done, png) = wait_image(&state, submitted).await?;
+    Ok(HttpResponse::Ok()
+        .content_type("image/png")
+        .insert_header(("X-Seed", done.spec.seed.to_string()))
+        .insert_header(("X-Job-Id", done.id.to_string()))
+        .body(web::Bytes::from_owner(png)))
+}
+
+/// A txt2img body read: its jobs, and what the answer echoes.
+pub struct Txt2Img {
+    /// The jobs, one per image, in order.
+    pub requests: Vec<JobRequest>,
+    /// The body as sent.
+    pub parameters: Map<String, Value>,
+    /// The prompt.
+    pub prompt: String,
+    /// The negative prompt, when not empty.
+    pub negative: Option<String>,
+    /// Image width.
+    pub width: i64,
+    /// Image height.
+    pub height: i64,
+    /// Images per iteration.
+    pub batch: i64,
+    /// Iterations.
+    pub iterations: i64,
+}
+
+/// The jobs a `POST /sdapi/v1/txt2img` body asks for ([`Txt2ImgRequest`]).
+pub fn txt2img_request(body: &[u8]) -> Result<Txt2Img> {
+    let map = object(body)?;
+    let prompt = required_prompt(&map)?;
+    let negative = string(&map, "negative_prompt")?.filter(|s| !s.is_empty());
+    let width = whole(&map, "width")?.unwrap_or(512);
+    let height = whole(&map, "height")?.unwrap_or(512);
+    let batch = whole(&map, "batch_size")?.unwrap_or(1);
+    let iterations = whole(&map, "n_iter")?.unwrap_or(1);
+    let count = batch.saturating_mul(iterations);
+    if batch < 1 || iterations < 1 || count as u64 > MAX_BATCH {
+        let field = if batch < 1 || batch as u64 > MAX_BATCH {
+            "batch_size"
+        } else {
+            "n_iter"
+        };
+        return Err(FieldError::new(
+            field,
+            format!("batch_size × n_iter must be 1..={MAX_BATCH}, not {batch} × {iterations}"),
+        )
+        .into());
+    }
+    let steps = steps(&map, "steps")?;
+    let guidance_scale = number(&map, "cfg_scale")?.map(|g| g as f32);
+    let first_seed = seed(&map, "seed")?.unwrap_or_else(|| random_seed() as i64);
+    let seeds = 1 + MAX_SEED as i64;
+    let requests = (0..count)
+        .map(|i| JobRequest {
+            prompt: prompt.clone(),
+            negative_prompt: negative.clone(),
+            size: Some(format!("{width}x{height}")),
+            steps,
+            guidance_scale,
+            // A1111 gives image i of a batch the seed + i; past the last seed, from 0 again (a
+            // first seed out of range stays so, and is refused).
+            seed: Some(if (0..seeds).contains(&first_seed) {
+                (first_seed + i) % seeds
+            } else {
+                first_seed + i
+            }),
+            ..JobRequest::default()
+        })
+        .collect();
+    Ok(Txt2Img {
+        requests,
+        parameters: map,
+        prompt,
+        negative,
+        width,
+        height,
+        batch,
+        iterations,
+    })
+}
+
+/// AUTOMATIC1111 txt2img compatibility
+///
+/// The AUTOMATIC1111 subset: every image as base64 PNG, the parameters, and `info`.
+#[utoipa::path(
+    tag = "compat",
+    request_body = Txt2ImgRequest,
+    responses(
+        (status = 200, description = "The images", body = Txt2ImgResponse),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = Unprocessable),
+        (status = 429, response = TooManyRequests),
+        (status = 500, response = Internal),
+        (status = 502, response = JobFailed),
+        (status = 503, response = Unavailable),
+        (status = 504, response = Timeout),
+    ),
+    security((), ("apiKey" = []), ("bearerKey" = []))
+)]
+#[post("/sdapi/v1/txt2img")]
+pub(crate) async fn txt2img(
+    Client(client): Client,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse> {
+    let call = txt2img_request(&read_body(payload, MAX_BODY).await?)?;
+    // All or nothing: the batch is accepted as one submission, with one wait for the disk.
+    let jobs = accept_requests(&state, &client, call.requests, true).await?;
+    let mut images = Vec::new();
+    let mut all_seeds = Vec::new();
+    let mut job_ids = Vec::new();
+    for job in jobs {
+        let (done, png) = wait_image(&state, job).await?;
+        images.push(base64(&png));
+        all_seeds.push(done.spec.seed);
+        job_ids.push(done.id.to_string());
+    }
+    let info = Txt2ImgInfo {
+        prompt: call.prompt,
+        negative_prompt: call.negative.unwrap_or_default(),
+        seed: all_seeds.first().copied().unwrap_or_default(),
+        all_seeds,
+        width: call.width,
+        height: call.height,
+        batch_size: call.batch,
+        n_iter: call.iterations,
+        job_ids,
+        sd_model_name: "drover".into(),
+    };
+    Ok(HttpResponse::Ok().json(Txt2ImgResponse {
+        images,
+        parameters: call.parameters,
+        info: serde_json::to_string(&info)?,
+    }))
+}
+
+/// Standard base64 (RFC 4648, with padding).
+pub fn base64(bytes: &[u8]) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[((n >> (18 - 6 * i)) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_rfc4648_vectors() {
+        for (input, want) in [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ] {
+            assert_eq!(base64(input.as_bytes()), want);
+        }
+    }
+
+    /// Every field the document lists for a compatibility body is read and checked: a value of
+    /// the wrong type is refused, naming it.
+    #[test]
+    fn every_documented_field_is_read() {
+        let doc: Value = serde_json::from_str(crate::http::openapi::json()).expect("json");
+        for schema in ["LcmRequest", "Txt2ImgRequest"] {
+            let parse = |body: &[u8]| match schema {
+                "LcmRequest" => lcm_request(body).map(drop),
+                _ => txt2img_request(body).map(drop),
+            };
+            let schema_of = &doc["components"]["schemas"][schema];
+            let properties = schema_of["properties"]
+                .as_object()
+                .or_else(|| schema_of["allOf"][0]["properties"].as_object())
+                .expect("properties");
+            assert!(properties.len() >= 8, "{schema}");
+            for field in properties.keys() {
+                let mut body = serde_json::json!({"prompt": "a cat"});
+                body[field] = serde_json::json!({"wrong": "type"});
+                let body = serde_json::to_vec(&body).expect("json");
+                match parse(&body) {
+                    Err(crate::error::CoordinatorError::InvalidField(e)) => {
+                        assert_eq!(&e.field, field, "{schema}: {e}");
+                    }
+                    other => panic!("{schema}.{field}: {:?}", other.err()),
+                }
+            }
+            assert!(
+                parse(br#"{"prompt": "a cat", "unused": {}}"#).is_ok(),
+                "{schema}"
+            );
+        }
+    }
+
+    /// The document's rule on `batch_size × n_iter` is the one [`txt2img_request`] enforces.
+    #[test]
+    fn the_documented_batch_rule_is_enforced() {
+        let doc: Value = serde_json::from_str(crate::http::openapi::json()).expect("json");
+        let branches = doc["components"]["schemas"]["Txt2ImgRequest"]["allOf"][1]["anyOf"]
+            .as_array()
+            .expect("the batch rule")
+            .clone();
+        // Whether some branch admits the pair, as a JSON Schema validator reads the branches.
+        let admitted = |batch: Option<u64>, n_iter: Option<u64>| {
+            branches.iter().any(|b| {
+                let n_ok = match n_iter {
+                    None => b["required"].as_array().is_none(),
+                    Some(n) => b["properties"]["n_iter"]["enum"]
+                        .as_array()
+                        .is_some_and(|e| e.contains(&Value::from(n))),
+                };
+                let max = b["properties"]["batch_size"]["maximum"]
+                    .as_u64()
+                    .expect("max");
+                n_ok && batch.is_none_or(|b| b <= max)
+            })
+        };
+        for batch in [None, Some(1), Some(2), Some(3), Some(4), Some(8), Some(9)] {
+            for n_iter in [None, Some(1), Some(2), Some(3), Some(5), Some(8), Some(9)] {
+                let mut body = serde_json::json!({"prompt": "a cat"});
+                if let Some(b) = batch {
+                    body["batch_size"] = b.into();
+                }
+                if let Some(n) = n_iter {
+                    body["n_iter"] = n.into();
+                }
+                let accepted = txt2img_request(&serde_json::to_vec(&body).expect("json")).is_ok();
+                assert_eq!(accepted, admitted(batch, n_iter), "{body}");
+            }
+        }
+    }
+
+    #[test]
+    fn image_seeds_count_on_from_the_first_and_wrap_past_the_last() {
+        let seeds = |body: &str| -> Vec<Option<i64>> {
+            let call = txt2img_request(body.as_bytes()).expect("a body");
+            call.requests.iter().map(|r| r.seed).collect()
+        };
+        let max = MAX_SEED as i64;
+        assert_eq!(
+            seeds(r#"{"prompt": "a", "seed": 7, "batch_size": 3}"#),
+            [Some(7), Some(8), Some(9)]
+        );
+        assert_eq!(
+            seeds(&format!(
+                r#"{{"prompt": "a", "seed": {}, "n_iter": 3}}"#,
+                max - 1
+            )),
+            [Some(max - 1), Some(max), Some(0)]
+        );
+        // A first seed out of range is left for validation to refuse.
+        assert_eq!(
+            seeds(&format!(r#"{{"prompt": "a", "seed": {}}}"#, max + 1)),
+            [Some(max + 1)]
+        );
+    }
+
+    #[test]
+    fn seeds_of_minus_one_are_random_and_types_are_checked() {
+        let map = object(br#"{"seed": -1, "steps": "many", "cfg_scale": 7}"#).unwrap();
+        assert_eq!(seed(&map, "seed").unwrap(), None);
+        assert!(steps(&map, "steps").is_err());
+        assert_eq!(number(&map, "cfg_scale").unwrap(), Some(7.0));
+        assert!(object(b"[1]").is_err());
+    }
+}

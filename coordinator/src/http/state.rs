@@ -1,0 +1,97 @@
+//! What every handler can reach, and reading request bodies.
+
+use std::sync::Arc;
+
+use actix::Addr;
+use actix_web::web;
+use drover_shared::ids::JobId;
+use drover_shared::styles::StyleCatalog;
+
+use crate::config::Config;
+use crate::control::ControlPlane;
+use crate::error::{CoordinatorError, Result};
+use crate::limits::RateLimiter;
+use crate::records::JobRecord;
+use crate::store::Store;
+
+/// Largest accepted request body.
+pub const MAX_BODY: usize = 64 * 1024;
+
+/// Most jobs one `POST /v1/jobs/batch` may carry.
+pub const MAX_BATCH_JOBS: usize = 256;
+
+/// Largest accepted batch body.
+pub const MAX_BATCH_BODY: usize = 1024 * 1024;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The control plane actor.
+    pub control: Addr<ControlPlane>,
+    /// The store (read directly for images).
+    pub store: Store,
+    /// Settings.
+    pub config: Arc<Config>,
+    /// The style catalog.
+    pub styles: Arc<StyleCatalog>,
+    /// Counters and histograms.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// Per-client submission rates.
+    pub rates: Arc<RateLimiter>,
+}
+
+/// The request body, refused (`413`) past `limit` bytes.
+pub async fn read_body(payload: web::Payload, limit: usize) -> Result<web::Bytes> {
+    payload
+        .to_bytes_limited(limit)
+        .await
+        .map_err(|_| CoordinatorError::TooLarge { limit })?
+        .map_err(|e| CoordinatorError::InvalidRequest(format!("could not read body: {e}")))
+}
+
+impl AppState {
+    /// A state over a temporary store and a fresh control plane, for tests (needs a running
+    /// actix system).
+    #[cfg(test)]
+    pub(crate) fn for_tests(config: Config) -> Self {
+        use actix::Actor as _;
+        let config = Arc::new(config);
+        let store = Store::temporary().expect("a store");
+        let metrics = Arc::new(crate::metrics::Metrics::default());
+        let control = ControlPlane::restore(store.clone(), config.clone(), metrics.clone())
+            .expect("a control plane")
+            .start();
+        Self {
+            control,
+            store,
+            config,
+            styles: Arc::default(),
+            metrics,
+            rates: Arc::default(),
+        }
+    }
+
+    /// Runs a store read on a blocking thread (never on an async worker or the actor).
+    async fn read<T: Send + 'static>(
+        &self,
+        read: impl FnOnce(&Store) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let store = self.store.clone();
+        web::block(move || read(&store))
+            .await
+            .map_err(|e| CoordinatorError::Unavailable(format!("reading the store: {e}")))?
+    }
+
+    /// A job: unfinished ones from the control plane, finished ones from the store.
+    pub async fn job(&self, id: JobId) -> Result<Option<JobRecord>> {
+        match self.control.send(crate::control::GetJob(id)).await? {
+            Some(job) => Ok(Some(job)),
+            None => self.read(move |store| Ok(store.job(id)?)).await,
+        }
+    }
+
+    /// A finished job's image, when it has one.
+    pub async fn image(&self, id: JobId) -> Result<Option<Vec<u8>>> {
+        self.read(move |store| Ok(store.image(id)?)).await
+    }
+}

@@ -1,0 +1,226 @@
+//! The LCM scheduler (diffusers `LCMScheduler`, epsilon prediction): timestep selection from
+//! `original_inference_steps`, boundary-condition scalings and the denoise/re-noise step.
+
+use std::ops::ControlFlow;
+
+use ::burn::tensor::Tensor;
+use ::burn::tensor::backend::Backend;
+use serde::Deserialize;
+
+use crate::error::{NodeError, Result};
+
+/// The scheduler settings (diffusers `scheduler_config.json` names).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct LcmConfig {
+    /// Training timesteps (1000).
+    #[serde(default = "thousand")]
+    pub num_train_timesteps: usize,
+    /// First beta.
+    #[serde(default = "beta_start")]
+    pub beta_start: f64,
+    /// Last beta.
+    #[serde(default = "beta_end")]
+    pub beta_end: f64,
+    /// Steps of the teacher schedule the LCM was distilled on (50).
+    #[serde(default = "fifty")]
+    pub original_inference_steps: usize,
+    /// Scale from timestep to the boundary-condition time (10).
+    #[serde(default = "ten")]
+    pub timestep_scaling: f64,
+}
+
+fn thousand() -> usize {
+    1000
+}
+fn beta_start() -> f64 {
+    0.00085
+}
+fn beta_end() -> f64 {
+    0.012
+}
+fn fifty() -> usize {
+    50
+}
+fn ten() -> f64 {
+    10.0
+}
+
+impl Default for LcmConfig {
+    fn default() -> Self {
+        Self {
+            num_train_timesteps: 1000,
+            beta_start: 0.00085,
+            beta_end: 0.012,
+            original_inference_steps: 50,
+            timestep_scaling: 10.0,
+        }
+    }
+}
+
+/// The most LCM steps a job may ask for.
+pub const MAX_STEPS: usize = 8;
+
+/// Refuses (permanently) a job's step count outside 1..=[`MAX_STEPS`], before any work is done
+/// for it: every LCM backend checks this first.
+pub fn check_steps(steps: usize) -> Result<()> {
+    if steps == 0 || steps > MAX_STEPS {
+        return Err(NodeError::InvalidJob(format!(
+            "this node runs an LCM pipeline: 1..={MAX_STEPS} steps, not {steps}"
+        )));
+    }
+    Ok(())
+}
+
+/// A ready scheduler.
+#[derive(Clone, Debug)]
+pub struct Lcm {
+    config: LcmConfig,
+    alphas_cumprod: Vec<f32>,
+}
+
+impl Lcm {
+    /// Builds the scaled-linear beta schedule (in f32, as diffusers does).
+    pub fn new(config: LcmConfig) -> Self {
+        let t = config.num_train_timesteps.max(2);
+        let (a, b) = (
+            config.beta_start.sqrt() as f32,
+            config.beta_end.sqrt() as f32,
+        );
+        let mut prod = 1f32;
+        let alphas_cumprod = (0..t)
+            .map(|i| {
+                let s = a + (b - a) * i as f32 / (t - 1) as f32;
+                prod *= 1.0 - s * s;
+                prod
+            })
+            .collect();
+        Self {
+            config,
+            alphas_cumprod,
+        }
+    }
+
+    /// ᾱ at timestep `t`.
+    pub fn alpha_cumprod(&self, t: usize) -> f32 {
+        self.alphas_cumprod[t.min(self.alphas_cumprod.len() - 1)]
+    }
+
+    /// The timesteps of an `n`-step run, highest first.
+    pub fn timesteps(&self, n: usize) -> Result<Vec<usize>> {
+        let original = self.config.original_inference_steps;
+        if n == 0 || n > original.min(MAX_STEPS) {
+            return Err(NodeError::InvalidJob(format!(
+                "LCM runs 1..={} steps, not {n}",
+                original.min(MAX_STEPS)
+            )));
+        }
+        let c = self.config.num_train_timesteps / original;
+        let origin: Vec<usize> = (1..=original).rev().map(|i| i * c - 1).collect();
+        Ok((0..n)
+            .map(|k| origin[(k as f64 * original as f64 / n as f64).floor() as usize])
+            .collect())
+    }
+
+    /// `(c_skip, c_out)` at timestep `t`.
+    pub fn scalings(&self, t: usize) -> (f32, f32) {
+        let s = (t as f64 * self.config.timestep_scaling) as f32;
+        let sigma2 = 0.25f32;
+        (sigma2 / (s * s + sigma2), s / (s * s + sigma2).sqrt())
+    }
+
+    /// One step: from the noise prediction `eps` at `t` to the denoised estimate and, unless this
+    /// is the last step (`next` is `None`), the sample re-noised to `next` with `noise`.
+    pub fn step<B: Backend>(
+        &self,
+        eps: Tensor<B, 4>,
+        t: usize,
+        sample: Tensor<B, 4>,
+        next: Option<(usize, Tensor<B, 4>)>,
+    ) -> (Tensor<B, 4>, Tensor<B, 4>) {
+        let a = self.alpha_cumprod(t);
+        let (c_skip, c_out) = self.scalings(t);
+        let x0 = (sample.clone() - eps.mul_scalar((1.0 - a).sqrt())).div_scalar(a.sqrt());
+        let denoised = x0.mul_scalar(c_out) + sample.mul_scalar(c_skip);
+        let next_sample = match next {
+            Some((t_prev, noise)) => {
+                let ap = self.alpha_cumprod(t_prev);
+                denoised.clone().mul_scalar(ap.sqrt()) + noise.mul_scalar((1.0 - ap).sqrt())
+            }
+            None => denoised.clone(),
+        };
+        (next_sample, denoised)
+    }
+}
+
+impl Lcm {
+    /// The LCM sampling loop, whatever predicts the noise: from `init`, for each of the `steps`
+    /// timesteps, `eps(x, t)` predicts the noise, [`Lcm::step`] denoises and re-noises with
+    /// `noise(k)`, and `progress(k + 1, steps)` may stop the run with `Break` (→ `Cancelled`).
+    /// Returns the last denoised latent. The Burn and RKNN pipelines both sample through it.
+    pub fn sample<B: Backend>(
+        &self,
+        init: Tensor<B, 4>,
+        steps: usize,
+        mut eps: impl FnMut(Tensor<B, 4>, usize) -> Result<Tensor<B, 4>>,
+        mut noise: impl FnMut(usize) -> Tensor<B, 4>,
+        mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Tensor<B, 4>> {
+        let timesteps = self.timesteps(steps)?;
+        let mut x = init;
+        let mut denoised = x.clone();
+        for (k, &t) in timesteps.iter().enumerate() {
+            let e = eps(x.clone(), t)?;
+            let next = timesteps.get(k + 1).map(|&tp| (tp, noise(k)));
+            let (nx, d) = self.step(e, t, x, next);
+            x = nx;
+            denoised = d;
+            if progress(k + 1, timesteps.len()).is_break() {
+                return Err(NodeError::Cancelled);
+            }
+        }
+        Ok(denoised)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timesteps_match_diffusers() {
+        let lcm = Lcm::new(LcmConfig::default());
+        assert_eq!(lcm.timesteps(4).unwrap(), vec![999, 759, 499, 259]);
+        assert_eq!(
+            lcm.timesteps(8).unwrap(),
+            vec![999, 879, 759, 639, 499, 379, 259, 139]
+        );
+        assert_eq!(lcm.timesteps(1).unwrap(), vec![999]);
+        assert!(lcm.timesteps(0).is_err());
+        assert!(lcm.timesteps(9).is_err());
+    }
+
+    #[test]
+    fn step_counts_outside_the_lcm_range_are_refused_for_good() {
+        for steps in [0, MAX_STEPS + 1, 20] {
+            let err = check_steps(steps).unwrap_err();
+            assert!(err.is_permanent(), "{err}");
+            assert!(err.to_string().contains("1..=8 steps"), "{err}");
+        }
+        for steps in 1..=MAX_STEPS {
+            assert!(check_steps(steps).is_ok());
+        }
+    }
+
+    #[test]
+    fn alphas_match_published_values() {
+        let lcm = Lcm::new(LcmConfig::default());
+        for (t, want) in [
+            (999, 0.004660),
+            (759, 0.052213),
+            (499, 0.277670),
+            (259, 0.658976),
+        ] {
+            assert!((lcm.alpha_cumprod(t) - want).abs() < 2e-6, "t={t}");
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! The few layers the SD networks are made of, as plain structs over Burn's functional ops.
+//! Weights are created by [`super::weights::Loader`]; nothing here trains.
+
+use ::burn::tensor::backend::Backend;
+use ::burn::tensor::module::{self, conv2d, linear};
+use ::burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
+use ::burn::tensor::{Tensor, TensorPrimitive, activation};
+
+/// `y = x·W + b`, with `W` stored `[in, out]`.
+#[derive(Clone, Debug)]
+pub struct Linear<B: Backend> {
+    /// `[in, out]`.
+    pub weight: Tensor<B, 2>,
+    /// `[out]`.
+    pub bias: Option<Tensor<B, 1>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// Applies the layer over the last dimension.
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        linear(x, self.weight.clone(), self.bias.clone())
+    }
+}
+
+/// A 2-D convolution with square kernels, symmetric padding.
+#[derive(Clone, Debug)]
+pub struct Conv2d<B: Backend> {
+    /// `[out, in, k, k]`.
+    pub weight: Tensor<B, 4>,
+    /// `[out]`.
+    pub bias: Option<Tensor<B, 1>>,
+    /// Stride on both axes.
+    pub stride: usize,
+    /// Zero padding on every side.
+    pub padding: usize,
+}
+
+impl<B: Backend> Conv2d<B> {
+    /// Applies the convolution to `[n, c, h, w]`.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let options = ConvOptions::new(
+            [self.stride, self.stride],
+            [self.padding, self.padding],
+            [1, 1],
+            1,
+        );
+        conv2d(x, self.weight.clone(), self.bias.clone(), options)
+    }
+}
+
+/// Group normalisation over `[n, c, h, w]` (or `[n, c, l]` flattened the same way).
+#[derive(Clone, Debug)]
+pub struct GroupNorm<B: Backend> {
+    /// Per-channel scale.
+    pub gamma: Tensor<B, 1>,
+    /// Per-channel shift.
+    pub beta: Tensor<B, 1>,
+    /// Number of groups.
+    pub groups: usize,
+    /// Variance epsilon.
+    pub eps: f64,
+}
+
+impl<B: Backend> GroupNorm<B> {
+    /// Normalises `[n, c, h, w]`: each group is a row of the backend's (fused) layer norm,
+    /// then the per-channel affine.
+    pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [n, c, h, w] = x.dims();
+        let row = (c / self.groups) * h * w;
+        let grouped = x.reshape([n, self.groups, row]);
+        let ones = Tensor::<B, 1>::ones([row], &grouped.device());
+        let normed = fused_layer_norm(grouped, ones, None, self.eps);
+        normed.reshape([n, c, h, w]) * self.gamma.clone().reshape([1, c, 1, 1])
+            + self.beta.clone().reshape([1, c, 1, 1])
+    }
+}
+
+/// Layer normalisation over the last dimension.
+#[derive(Clone, Debug)]
+pub struct LayerNorm<B: Backend> {
+    /// Scale.
+    pub gamma: Tensor<B, 1>,
+    /// Shift.
+    pub beta: Tensor<B, 1>,
+    /// Variance epsilon.
+    pub eps: f64,
+}
+
+impl<B: Backend> LayerNorm<B> {
+    /// Normalises `[n, l, d]` over `d`.
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        fused_layer_norm(x, self.gamma.clone(), Some(self.beta.clone()), self.eps)
+    }
+}
+
+/// The backend's layer norm over the last dimension (one fused kernel where the backend has one).
+fn fused_layer_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    gamma: Tensor<B, 1>,
+    beta: Option<Tensor<B, 1>>,
+    eps: f64,
+) -> Tensor<B, 3> {
+    Tensor::from_primitive(TensorPrimitive::Float(B::layer_norm(
+        x.into_primitive().tensor(),
+        gamma.into_primitive().tensor(),
+        beta.map(|b| b.into_primitive().tensor()),
+        eps,
+    )))
+}
+
+/// SiLU, `x·σ(x)`.
+pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    activation::silu(x)
+}
+
+/// Exact (erf) GELU.
+pub fn gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    activation::gelu(x)
+}
+
+/// OpenAI CLIP's `quick_gelu`, `x·σ(1.702x)`.
+pub fn quick_gelu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    x.clone() * activation::sigmoid(x.mul_scalar(1.702))
+}
+
+/// Multi-head attention on `[n, l, heads·d]` queries and `[n, s, heads·d]` keys/values:
+/// `softmax(Q·Kᵀ/√d)·V`, causal when asked (CLIP text).
+pub fn attention<B: Backend>(
+    q: Tensor<B, 3>,
+    k: Tensor<B, 3>,
+    v: Tensor<B, 3>,
+    heads: usize,
+    causal: bool,
+) -> Tensor<B, 3> {
+    let [n, l, inner] = q.dims();
+    let s = k.dims()[1];
+    let d = inner / heads;
+    let split = |t: Tensor<B, 3>, len: usize| t.reshape([n, len, heads, d]).swap_dims(1, 2);
+    let (q, k, v) = (split(q, l), split(k, s), split(v, s));
+    let options = AttentionModuleOptions {
+        scale: None,
+        softcap: None,
+        is_causal: causal,
+    };
+    module::attention(q, k, v, None, None, options)
+        .swap_dims(1, 2)
+        .reshape([n, l, inner])
+}
+
+/// `[n, c, h, w]` → `[n, h·w, c]`.
+pub fn to_tokens<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 3> {
+    let [n, c, h, w] = x.dims();
+    x.reshape([n, c, h * w]).swap_dims(1, 2)
+}
+
+/// `[n, h·w, c]` → `[n, c, h, w]`.
+pub fn from_tokens<B: Backend>(x: Tensor<B, 3>, h: usize, w: usize) -> Tensor<B, 4> {
+    let [n, _, c] = x.dims();
+    x.swap_dims(1, 2).reshape([n, c, h, w])
+}
+
+/// Nearest-neighbour 2× upsampling of `[n, c, h, w]`.
+pub fn upsample_nearest2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [n, c, h, w] = x.dims();
+    x.reshape([n, c, h, 1, w, 1])
+        .expand([n, c, h, 2, w, 2])
+        .reshape([n, c, 2 * h, 2 * w])
+}

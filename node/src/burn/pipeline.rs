@@ -1,0 +1,604 @@
+//! The SD1.x/SD2.x LCM pipeline: load a model (diffusers folder or single-file LDM checkpoint),
+//! merge LoRAs, tokenize → encode → 1..=8 LCM steps → decode.
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use ::burn::tensor::backend::Backend;
+use ::burn::tensor::{Tensor, TensorData};
+use drover_shared::family::ModelFamily;
+use serde::de::DeserializeOwned;
+
+use super::clip::{ClipConfig, ClipText, clip_prefix};
+use super::lcm::{Lcm, LcmConfig};
+use super::lora::LoraSet;
+use super::tensor_file::TensorFile;
+use super::tokenizer::{ClipTokenizer, Tokens};
+use super::unet::{AddedCond, Unet, UnetConfig, guidance_embedding};
+use super::vae::{VaeConfig, VaeDecoder};
+use super::weights::{Loader, NameMap, OpenClipSource};
+use crate::error::{NodeError, Result};
+use crate::render::{Image, Params, gaussian, rgb_from_chw, step_noise_seed};
+
+/// Where a model's parts live.
+#[derive(Clone, Debug, PartialEq)]
+pub enum ModelSource {
+    /// A diffusers folder (`model_index.json`, `unet/`, `text_encoder/`, `vae/`, `tokenizer/`).
+    Diffusers(PathBuf),
+    /// A single-file LDM checkpoint of `family`, with a tokenizer folder found beside it.
+    SingleFile {
+        /// The `.safetensors` checkpoint.
+        path: PathBuf,
+        /// Its family (from detection).
+        family: ModelFamily,
+    },
+}
+
+/// One LoRA to merge: its name, file and strength.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraSpec {
+    /// Catalog name (for messages).
+    pub name: String,
+    /// The `.safetensors` file.
+    pub path: PathBuf,
+    /// Strength.
+    pub strength: f32,
+}
+
+/// A loaded pipeline on one device.
+pub struct Pipeline<B: Backend> {
+    source: ModelSource,
+    device: B::Device,
+    tokenizer: ClipTokenizer,
+    text: ClipText<B>,
+    text2: Option<(ClipTokenizer, ClipText<B>)>,
+    unet: Unet<B>,
+    vae: VaeDecoder<B>,
+    lcm: Lcm,
+    loras: Vec<LoraSpec>,
+}
+
+/// One encoded prompt.
+pub struct Prompt<B: Backend> {
+    /// Cross-attention context `[1, 77, cross_attention_dim]` (SDXL: both encoders' penultimate
+    /// layers side by side).
+    pub context: Tensor<B, 3>,
+    /// SDXL: the second encoder's pooled, projected embedding `[1, width]`.
+    pub pooled: Option<Tensor<B, 2>>,
+}
+
+/// What the UNet is conditioned on: the prompt, the negative prompt when classifier-free guidance
+/// runs, and SDXL's size/crop ids.
+pub struct TextConditioning<B: Backend> {
+    /// The prompt.
+    pub prompt: Prompt<B>,
+    /// The negative prompt (UNets without a guidance embedding, guidance > 1).
+    pub negative: Option<Prompt<B>>,
+    /// SDXL time ids: original height/width, crop top/left, target height/width.
+    pub time_ids: [f32; 6],
+}
+
+/// The LCM settings of a model folder: `scheduler/scheduler_config.json`, or the published
+/// defaults when the folder has none.
+pub fn scheduler_config(dir: &Path) -> Result<LcmConfig> {
+    let sched = dir.join("scheduler").join("scheduler_config.json");
+    if sched.is_file() {
+        read_config(&sched)
+    } else {
+        Ok(LcmConfig::default())
+    }
+}
+
+/// Reads a JSON config, naming the file in errors.
+pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| NodeError::ModelConfig(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| NodeError::ModelConfig(format!("{}: {e}", path.display())))
+}
+
+/// Weights file names of a diffusers text encoder folder, preferred first.
+const TEXT_ENCODER_FILES: &[&str] = &["model.safetensors", "model.fp16.safetensors"];
+/// Weights file names of a diffusers UNet or VAE folder, preferred first.
+const MODEL_FILES: &[&str] = &[
+    "diffusion_pytorch_model.safetensors",
+    "diffusion_pytorch_model.fp16.safetensors",
+];
+
+/// Opens the weights file of a diffusers component folder (the first of `names` present).
+fn component_file(dir: &Path, names: &[&str]) -> Result<TensorFile> {
+    match names.iter().map(|n| dir.join(n)).find(|p| p.is_file()) {
+        Some(path) => TensorFile::open(&path),
+        None => Err(NodeError::MissingTensor {
+            file: dir.display().to_string(),
+            name: format!("weights file (one of {})", names.join(", ")),
+        }),
+    }
+}
+
+/// Maps a diffusers VAE decoder name to the LDM single-file name (without `first_stage_model.`).
+pub fn vae_diffusers_to_ldm(name: &str, levels: usize) -> String {
+    let resnet_tail = |t: &str| t.replacen("conv_shortcut", "nin_shortcut", 1);
+    if let Some(rest) = name.strip_prefix("decoder.mid_block.") {
+        if let Some(t) = rest.strip_prefix("resnets.0.") {
+            return format!("decoder.mid.block_1.{}", resnet_tail(t));
+        }
+        if let Some(t) = rest.strip_prefix("resnets.1.") {
+            return format!("decoder.mid.block_2.{}", resnet_tail(t));
+        }
+        if let Some(t) = rest.strip_prefix("attentions.0.") {
+            let t = t
+                .replacen("group_norm", "norm", 1)
+                .replacen("to_q", "q", 1)
+                .replacen("to_k", "k", 1)
+                .replacen("to_v", "v", 1)
+                .replacen("to_out.0", "proj_out", 1);
+            return format!("decoder.mid.attn_1.{t}");
+        }
+    }
+    if let Some(rest) = name.strip_prefix("decoder.up_blocks.") {
+        let mut parts = rest.splitn(2, '.');
+        let i: usize = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let tail = parts.next().unwrap_or("");
+        let level = levels.saturating_sub(1 + i);
+        if let Some(t) = tail.strip_prefix("resnets.") {
+            return format!("decoder.up.{level}.block.{}", resnet_tail(t));
+        }
+        if let Some(t) = tail.strip_prefix("upsamplers.0.") {
+            return format!("decoder.up.{level}.upsample.{t}");
+        }
+    }
+    if let Some(t) = name.strip_prefix("decoder.conv_norm_out.") {
+        return format!("decoder.norm_out.{t}");
+    }
+    name.to_string()
+}
+
+struct Parts<B: Backend> {
+    tokenizer: ClipTokenizer,
+    text: ClipText<B>,
+    text2: Option<(ClipTokenizer, ClipText<B>)>,
+    unet: Unet<B>,
+    vae: VaeDecoder<B>,
+    lcm: Lcm,
+}
+
+fn load_parts<B: Backend>(
+    source: &ModelSource,
+    device: &B::Device,
+    loras: &[LoraSpec],
+) -> Result<Parts<B>> {
+    let mut set = LoraSet::new();
+    for l in loras {
+        set.add(&l.name, &l.path, l.strength)?;
+    }
+    let parts = match source {
+        ModelSource::Diffusers(dir) => {
+            let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;
+            let te_dir = dir.join("text_encoder");
+            let te_cfg: ClipConfig = read_config(&te_dir.join("config.json"))?;
+            let te_file = component_file(&te_dir, TEXT_ENCODER_FILES)?;
+            let text = {
+                let mut l = Loader::<B>::prefixed(&te_file, clip_prefix(&te_file), device)
+                    .with_lora(&mut set, "text_encoder", "text_model.");
+                ClipText::load(&mut l, &te_cfg)?
+            };
+            let te2_dir = dir.join("text_encoder_2");
+            let text2 = if te2_dir.is_dir() {
+                let cfg: ClipConfig = read_config(&te2_dir.join("config.json"))?;
+                let file = component_file(&te2_dir, TEXT_ENCODER_FILES)?;
+                let projection = file
+                    .shape("text_projection.weight")
+                    .map(|s| s[0])
+                    .ok_or_else(|| NodeError::MissingTensor {
+                        file: file.path().display().to_string(),
+                        name: "text_projection.weight".into(),
+                    })?;
+                let tower =
+                    {
+                        let mut l = Loader::<B>::prefixed(&file, clip_prefix(&file), device)
+                            .with_lora(&mut set, "text_encoder_2", "text_model.");
+                        ClipText::load(&mut l, &cfg)?
+                    };
+                let mut l = Loader::<B>::prefixed(&file, "", device);
+                let tower = tower.with_projection(&mut l, projection)?;
+                Some((ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?, tower))
+            } else {
+                None
+            };
+            let unet_dir = dir.join("unet");
+            let unet_cfg: UnetConfig = read_config(&unet_dir.join("config.json"))?;
+            let unet_file = component_file(&unet_dir, MODEL_FILES)?;
+            let unet = {
+                // SDXL LoRAs from kohya name UNet modules by their LDM paths.
+                let ldm = unet_cfg.to_arch();
+                let mut l = Loader::<B>::prefixed(&unet_file, "", device)
+                    .with_lora(&mut set, "unet", "")
+                    .with_lora_alias(Box::new(move |p| ldm.diffusers_to_ldm(p)));
+                Unet::load(&mut l, &unet_cfg)?
+            };
+            let vae_dir = dir.join("vae");
+            let vae_cfg: VaeConfig = read_config(&vae_dir.join("config.json"))?;
+            let vae_file = component_file(&vae_dir, MODEL_FILES)?;
+            let vae =
+                VaeDecoder::load(&mut Loader::<B>::prefixed(&vae_file, "", device), &vae_cfg)?;
+            let lcm_cfg = scheduler_config(dir)?;
+            Parts {
+                tokenizer,
+                text,
+                text2,
+                unet,
+                vae,
+                lcm: Lcm::new(lcm_cfg),
+            }
+        }
+        ModelSource::SingleFile { path, family } => {
+            let file = TensorFile::open(path)?;
+            let cond_dim = file
+                .shape("model.diffusion_model.time_embed.cond_proj.weight")
+                .map(|s| s[1]);
+            let unet_cfg = match family {
+                ModelFamily::Sd15 => UnetConfig::sd15(cond_dim),
+                ModelFamily::Sd2 => UnetConfig::sd2(cond_dim),
+                ModelFamily::Sdxl => UnetConfig::sdxl(cond_dim),
+                other => {
+                    return Err(NodeError::ModelConfig(format!(
+                        "{}: {other} is not a text-to-image base model",
+                        path.display()
+                    )));
+                }
+            };
+            let beside = |name: &str| {
+                path.parent()
+                    .map(|p| p.join(name))
+                    .unwrap_or_else(|| PathBuf::from(name))
+            };
+            let tokenizer = ClipTokenizer::from_dir(&beside("tokenizer"))?;
+            let (text, text2) = match family {
+                ModelFamily::Sd2 => {
+                    // OpenCLIP ViT-H; diffusers' SD2 uses its penultimate layer then the final
+                    // norm, which is the 23-layer tower.
+                    let src = OpenClipSource::new(&file, "cond_stage_model.model.");
+                    let mut l = Loader::<B>::prefixed(&src, "", device).with_lora(
+                        &mut set,
+                        "text_encoder",
+                        "text_model.",
+                    );
+                    (ClipText::load(&mut l, &ClipConfig::open_clip_h())?, None)
+                }
+                ModelFamily::Sdxl => {
+                    let text = {
+                        let mut l = Loader::<B>::prefixed(
+                            &file,
+                            "conditioner.embedders.0.transformer.text_model.",
+                            device,
+                        )
+                        .with_lora(&mut set, "text_encoder", "text_model.");
+                        ClipText::load(&mut l, &ClipConfig::clip_l())?
+                    };
+                    let src = OpenClipSource::new(&file, "conditioner.embedders.1.model.");
+                    let cfg = ClipConfig {
+                        hidden_size: src.width().unwrap_or(1280),
+                        intermediate_size: 4 * src.width().unwrap_or(1280),
+                        num_hidden_layers: src.layers(),
+                        num_attention_heads: src.width().unwrap_or(1280) / 64,
+                        hidden_act: "gelu".into(),
+                        ..ClipConfig::clip_l()
+                    };
+                    let projection = file
+                        .shape("conditioner.embedders.1.model.text_projection")
+                        .map_or(1280, |s| s[1]);
+                    let tower = {
+                        let mut l = Loader::<B>::prefixed(&src, "", device).with_lora(
+                            &mut set,
+                            "text_encoder_2",
+                            "text_model.",
+                        );
+                        ClipText::load(&mut l, &cfg)?
+                    };
+                    let tower = tower.with_projection(
+                        &mut Loader::<B>::prefixed(&src, "", device),
+                        projection,
+                    )?;
+                    let tokenizer_2 = if beside("tokenizer_2").is_dir() {
+                        ClipTokenizer::from_dir(&beside("tokenizer_2"))?
+                    } else {
+                        ClipTokenizer::from_dir(&beside("tokenizer"))?
+                    };
+                    (text, Some((tokenizer_2, tower)))
+                }
+                _ => {
+                    let mut l = Loader::<B>::prefixed(
+                        &file,
+                        "cond_stage_model.transformer.text_model.",
+                        device,
+                    )
+                    .with_lora(&mut set, "text_encoder", "text_model.");
+                    (ClipText::load(&mut l, &ClipConfig::clip_l())?, None)
+                }
+            };
+            let unet = {
+                let ldm = unet_cfg.to_arch();
+                let alias = ldm.clone();
+                let map: NameMap =
+                    Box::new(move |n| format!("model.diffusion_model.{}", ldm.diffusers_to_ldm(n)));
+                let mut l = Loader::<B>::new(&file, map, device)
+                    .with_lora(&mut set, "unet", "")
+                    .with_lora_alias(Box::new(move |p| alias.diffusers_to_ldm(p)));
+                Unet::load(&mut l, &unet_cfg)?
+            };
+            let vae_cfg = VaeConfig {
+                scaling_factor: if *family == ModelFamily::Sdxl {
+                    0.13025
+                } else {
+                    0.18215
+                },
+                ..VaeConfig::sd()
+            };
+            let levels = vae_cfg.block_out_channels.len();
+            let map: NameMap =
+                Box::new(move |n| format!("first_stage_model.{}", vae_diffusers_to_ldm(n, levels)));
+            let vae = VaeDecoder::load(&mut Loader::<B>::new(&file, map, device), &vae_cfg)?;
+            Parts {
+                tokenizer,
+                text,
+                text2,
+                unet,
+                vae,
+                lcm: Lcm::new(LcmConfig::default()),
+            }
+        }
+    };
+    set.check_claimed()?;
+    let text_width = parts.text.config().hidden_size
+        + parts
+            .text2
+            .as_ref()
+            .map_or(0, |(_, t)| t.config().hidden_size);
+    if parts.unet.config().cross_attention_dim != text_width {
+        return Err(NodeError::ModelConfig(format!(
+            "the UNet attends to {}-wide text but the text encoders give {text_width}",
+            parts.unet.config().cross_attention_dim,
+        )));
+    }
+    if parts.unet.config().text_time() != parts.text2.is_some() {
+        return Err(NodeError::ModelConfig(
+            "an SDXL UNet (text_time conditioning) needs text_encoder_2 and tokenizer_2, and only it uses them"
+                .into(),
+        ));
+    }
+    if parts.tokenizer.vocab_size() > parts.text.config().vocab_size {
+        return Err(NodeError::ModelConfig(format!(
+            "the tokenizer has {} tokens but the text encoder only {}",
+            parts.tokenizer.vocab_size(),
+            parts.text.config().vocab_size
+        )));
+    }
+    Ok(parts)
+}
+
+/// Classifier-free guidance: the unconditional prediction moved `guidance` times toward the
+/// conditional one.
+pub fn guided<B: Backend>(uncond: Tensor<B, 4>, cond: Tensor<B, 4>, guidance: f32) -> Tensor<B, 4> {
+    uncond.clone() + (cond - uncond).mul_scalar(guidance)
+}
+
+impl<B: Backend> Pipeline<B> {
+    /// Loads every part of the model at `source` onto `device`, merging `loras`.
+    pub fn load(source: ModelSource, device: &B::Device, loras: &[LoraSpec]) -> Result<Self> {
+        let parts = load_parts::<B>(&source, device, loras)?;
+        Ok(Self {
+            source,
+            device: device.clone(),
+            tokenizer: parts.tokenizer,
+            text: parts.text,
+            text2: parts.text2,
+            unet: parts.unet,
+            vae: parts.vae,
+            lcm: parts.lcm,
+            loras: loras.to_vec(),
+        })
+    }
+
+    /// Switches the merged LoRAs: a no-op when unchanged, else the weights are reloaded from the
+    /// model files with the new set (exact; no drift from repeated merge/unmerge).
+    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+        if self.loras == loras {
+            return Ok(());
+        }
+        let parts = load_parts::<B>(&self.source, &self.device, loras)?;
+        self.text = parts.text;
+        self.text2 = parts.text2;
+        self.unet = parts.unet;
+        self.loras = loras.to_vec();
+        Ok(())
+    }
+
+    /// The LoRAs merged now.
+    pub fn loras(&self) -> &[LoraSpec] {
+        &self.loras
+    }
+
+    /// The UNet config (shape of the model).
+    pub fn unet_config(&self) -> &UnetConfig {
+        self.unet.config()
+    }
+
+    /// Pixels per latent cell.
+    pub fn vae_scale(&self) -> usize {
+        self.vae.config().upscale()
+    }
+
+    /// The scheduler.
+    pub fn scheduler(&self) -> &Lcm {
+        &self.lcm
+    }
+
+    /// The device the pipeline runs on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// Tokenizes and encodes a prompt.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Prompt<B>, Tokens)> {
+        let tokens = self.tokenizer.encode(prompt)?;
+        let ids2 = match &self.text2 {
+            Some((tokenizer, _)) => Some(tokenizer.encode(prompt)?.ids),
+            None => None,
+        };
+        let encoded = self.encode_ids(&tokens.ids, ids2.as_deref())?;
+        Ok((encoded, tokens))
+    }
+
+    /// The text encoders on given token ids (`ids2` for SDXL's second encoder; the first
+    /// encoder's ids are used when absent).
+    pub fn encode_ids(&self, ids: &[u32], ids2: Option<&[u32]>) -> Result<Prompt<B>> {
+        let first = self.text.encode(&[ids.to_vec()])?;
+        Ok(match &self.text2 {
+            None => Prompt {
+                context: first.last,
+                pooled: None,
+            },
+            Some((_, text2)) => {
+                let second = text2.encode(&[ids2.unwrap_or(ids).to_vec()])?;
+                Prompt {
+                    context: Tensor::cat(vec![first.penultimate, second.penultimate], 2),
+                    pooled: Some(second.pooled),
+                }
+            }
+        })
+    }
+
+    /// One UNet evaluation.
+    pub fn unet(
+        &self,
+        sample: Tensor<B, 4>,
+        timestep: f32,
+        context: &Tensor<B, 3>,
+        timestep_cond: Option<&Tensor<B, 2>>,
+        added: Option<&AddedCond<B>>,
+    ) -> Result<Tensor<B, 4>> {
+        self.unet
+            .forward(sample, timestep, context, timestep_cond, added)
+    }
+
+    /// Runs the LCM loop from `init` and returns the last denoised latent. `noise(k)` gives the
+    /// noise that re-noises after step `k`; `progress(k, total)` is called after each step and
+    /// stops the loop with `Break`.
+    pub fn denoise(
+        &self,
+        text: &TextConditioning<B>,
+        init: Tensor<B, 4>,
+        steps: usize,
+        guidance: f32,
+        noise: impl FnMut(usize) -> Tensor<B, 4>,
+        progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Tensor<B, 4>> {
+        let cond = self
+            .unet
+            .config()
+            .time_cond_proj_dim
+            .map(|d| guidance_embedding::<B>(guidance - 1.0, d, &self.device));
+        let added = |p: &Prompt<B>| {
+            p.pooled.clone().map(|text_embeds| AddedCond {
+                text_embeds,
+                time_ids: text.time_ids,
+            })
+        };
+        let (prompt_added, negative_added) =
+            (added(&text.prompt), text.negative.as_ref().and_then(added));
+        let eps = |x: Tensor<B, 4>, t: usize| {
+            let t_f = t as f32;
+            match (&text.negative, &cond) {
+                (Some(neg), None) if guidance > 1.0 => {
+                    let c = self.unet.forward(
+                        x.clone(),
+                        t_f,
+                        &text.prompt.context,
+                        None,
+                        prompt_added.as_ref(),
+                    )?;
+                    let un =
+                        self.unet
+                            .forward(x, t_f, &neg.context, None, negative_added.as_ref())?;
+                    Ok(guided(un, c, guidance))
+                }
+                _ => self.unet.forward(
+                    x,
+                    t_f,
+                    &text.prompt.context,
+                    cond.as_ref(),
+                    prompt_added.as_ref(),
+                ),
+            }
+        };
+        self.lcm.sample(init, steps, eps, noise, progress)
+    }
+
+    /// Decodes a latent to an image tensor in `[-1, 1]`.
+    pub fn decode(&self, latent: Tensor<B, 4>) -> Tensor<B, 4> {
+        let scale = self.vae.config().scaling_factor;
+        self.vae.forward(latent.div_scalar(scale))
+    }
+
+    /// Renders one image. `progress(step, total)` may stop it with `Break` (→ `Cancelled`).
+    /// `params.loras` is not looked at: the LoRAs merged are those of [`Pipeline::set_loras`].
+    pub fn generate(
+        &self,
+        params: &Params,
+        progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Image> {
+        let scale = self.vae_scale() * self.unet.config().downscale();
+        if !params.width.is_multiple_of(scale) || !params.height.is_multiple_of(scale) {
+            return Err(NodeError::InvalidJob(format!(
+                "{}×{} is not a multiple of {scale} on both sides, which this model needs",
+                params.width, params.height
+            )));
+        }
+        let (prompt, tokens) = self.encode_prompt(&params.prompt)?;
+        let negative = if self.unet.config().time_cond_proj_dim.is_none() && params.guidance > 1.0 {
+            Some(self.encode_prompt(&params.negative_prompt)?.0)
+        } else {
+            None
+        };
+        let (hh, ww) = (params.height as f32, params.width as f32);
+        let (h, w) = (
+            params.height / self.vae_scale(),
+            params.width / self.vae_scale(),
+        );
+        let c = self.unet.config().in_channels;
+        let latent = |seed: u64| {
+            Tensor::<B, 4>::from_data(
+                TensorData::new(gaussian(seed, c * h * w), [1, c, h, w]),
+                &self.device,
+            )
+        };
+        let init = latent(params.seed);
+        let text = TextConditioning {
+            prompt,
+            negative,
+            time_ids: [hh, ww, 0.0, 0.0, hh, ww],
+        };
+        let denoised = self.denoise(
+            &text,
+            init,
+            params.steps,
+            params.guidance,
+            |k| latent(step_noise_seed(params.seed, k)),
+            progress,
+        )?;
+        let image = self.decode(denoised);
+        let [_, ch, ih, iw] = image.dims();
+        let values = image
+            .into_data()
+            .to_vec::<f32>()
+            .map_err(|e| NodeError::Render(format!("reading the image back: {e:?}")))?;
+        let rgb = rgb_from_chw(&values, ch, ih, iw);
+        Ok(Image {
+            width: iw,
+            height: ih,
+            rgb,
+            truncated_tokens: tokens.truncated,
+        })
+    }
+}

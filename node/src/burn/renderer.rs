@@ -1,0 +1,134 @@
+//! [`BurnRenderer`]: the cpu/cuda [`Renderer`]. It owns one loaded [`Pipeline`], merges the LoRAs
+//! a job asks for (the weights reload when the set changes) and runs the LCM pipeline with the
+//! worker's step callback.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use ::burn::tensor::backend::Backend;
+use actix::Addr;
+use drover_shared::detect::{Inspection, Layout};
+
+use super::lcm::check_steps;
+use super::pipeline::{LoraSpec, ModelSource, Pipeline};
+use crate::error::{NodeError, Result};
+use crate::render::{Image, Lora, Params, Renderer, Worker};
+
+/// One loaded pipeline on one device, for one worker.
+pub struct BurnRenderer<B: Backend> {
+    pipeline: Box<Pipeline<B>>,
+    backend: &'static str,
+    lora_root: Option<PathBuf>,
+}
+
+/// Where the detected model's parts are read from.
+pub fn model_source(model: &Inspection) -> ModelSource {
+    if model.path.is_dir() || model.layout == Layout::Diffusers {
+        let dir = if model.path.is_dir() {
+            model.path.clone()
+        } else {
+            model
+                .path
+                .parent()
+                .and_then(Path::parent)
+                .map_or_else(|| model.path.clone(), Path::to_path_buf)
+        };
+        ModelSource::Diffusers(dir)
+    } else {
+        ModelSource::SingleFile {
+            path: model.path.clone(),
+            family: model.family,
+        }
+    }
+}
+
+/// Loads `count` pipelines (one per worker) on `device`, failing with the loader's message.
+pub fn load_pipelines<B: Backend>(
+    model: &Inspection,
+    device: &B::Device,
+    count: usize,
+) -> Result<Vec<Pipeline<B>>> {
+    let source = model_source(model);
+    (0..count)
+        .map(|_| Pipeline::load(source.clone(), device, &[]))
+        .collect()
+}
+
+/// Starts one worker per pipeline in a `SyncArbiter` (`backend` is `cpu` or `cuda`); LoRAs are
+/// looked up under `lora_root`.
+pub fn start_pool<B: Backend>(
+    pipelines: Vec<Pipeline<B>>,
+    backend: &'static str,
+    model_id: &str,
+    lora_root: Option<PathBuf>,
+) -> Addr<Worker<BurnRenderer<B>>> {
+    let n = pipelines.len();
+    let pool = Mutex::new(pipelines);
+    Worker::start(n, model_id, move |_| {
+        let pipeline = pool
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .pop()
+            .expect("one pipeline was loaded per worker thread");
+        BurnRenderer::new(pipeline, backend, lora_root.clone())
+    })
+}
+
+impl<B: Backend> BurnRenderer<B> {
+    /// A renderer around a loaded pipeline.
+    pub fn new(pipeline: Pipeline<B>, backend: &'static str, lora_root: Option<PathBuf>) -> Self {
+        Self {
+            pipeline: Box::new(pipeline),
+            backend,
+            lora_root,
+        }
+    }
+
+    /// The files of the LoRAs a job asks for; a LoRA this node does not have refuses the job.
+    fn lora_files(&self, loras: &[Lora]) -> Result<Vec<LoraSpec>> {
+        loras
+            .iter()
+            .map(|l| {
+                let root = self.lora_root.as_ref().ok_or_else(|| {
+                    NodeError::InvalidJob(format!(
+                        "lora {} requested but this node has no LORA_ROOT",
+                        l.name
+                    ))
+                })?;
+                let path = root.join(format!("{}.safetensors", l.name));
+                if !path.is_file() {
+                    return Err(NodeError::InvalidJob(format!(
+                        "lora {} is not under {}",
+                        l.name,
+                        root.display()
+                    )));
+                }
+                Ok(LoraSpec {
+                    name: l.name.clone(),
+                    path,
+                    strength: l.strength,
+                })
+            })
+            .collect()
+    }
+}
+
+impl<B: Backend> Renderer for BurnRenderer<B> {
+    fn backend(&self) -> &'static str {
+        self.backend
+    }
+
+    fn render(
+        &mut self,
+        params: &Params,
+        step: impl FnMut(usize, usize) -> std::ops::ControlFlow<()>,
+    ) -> Result<Image> {
+        check_steps(params.steps)?;
+        let loras = self.lora_files(&params.loras)?;
+        self.pipeline.set_loras(&loras).map_err(|e| match e {
+            NodeError::Lora(m) => NodeError::InvalidJob(format!("lora {m}")),
+            other => other,
+        })?;
+        self.pipeline.generate(params, step)
+    }
+}

@@ -1,0 +1,246 @@
+//! The decoder half of diffusers' `AutoencoderKL` (KL-f8 for real SD models): latents → RGB.
+
+use ::burn::tensor::Tensor;
+use ::burn::tensor::backend::Backend;
+use serde::Deserialize;
+
+use super::nn::{
+    Conv2d, GroupNorm, Linear, attention, from_tokens, silu, to_tokens, upsample_nearest2x,
+};
+use super::weights::Loader;
+use crate::error::{NodeError, Result};
+
+/// The fields of a VAE `config.json` this implementation reads.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+pub struct VaeConfig {
+    /// Image channels out.
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    /// Channels per level.
+    pub block_out_channels: Vec<usize>,
+    /// Resnets per encoder level (decoder levels have one more).
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    /// Latent channels.
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    /// Group norm groups.
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    /// Latent scaling factor (0.18215 for SD1/SD2).
+    #[serde(default = "sd_scale")]
+    pub scaling_factor: f64,
+    /// Whether the mid block has its attention.
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+}
+
+fn three() -> usize {
+    3
+}
+fn one() -> usize {
+    1
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn sd_scale() -> f64 {
+    0.18215
+}
+fn yes() -> bool {
+    true
+}
+
+impl VaeConfig {
+    /// The SD1/SD2 VAE.
+    pub fn sd() -> Self {
+        Self {
+            out_channels: 3,
+            block_out_channels: vec![128, 256, 512, 512],
+            layers_per_block: 2,
+            latent_channels: 4,
+            norm_num_groups: 32,
+            scaling_factor: 0.18215,
+            mid_block_add_attention: true,
+        }
+    }
+
+    /// Pixels per latent cell on each side.
+    pub fn upscale(&self) -> usize {
+        1 << (self.block_out_channels.len().max(1) - 1)
+    }
+}
+
+const EPS: f64 = 1e-6;
+
+struct Resnet<B: Backend> {
+    norm1: GroupNorm<B>,
+    conv1: Conv2d<B>,
+    norm2: GroupNorm<B>,
+    conv2: Conv2d<B>,
+    shortcut: Option<Conv2d<B>>,
+}
+
+impl<B: Backend> Resnet<B> {
+    fn load(l: &mut Loader<B>, p: &str, cin: usize, cout: usize, groups: usize) -> Result<Self> {
+        Ok(Self {
+            norm1: l.group_norm(&format!("{p}.norm1"), cin, groups, EPS)?,
+            conv1: l.conv2d(&format!("{p}.conv1"), cin, cout, 3, 1, 1)?,
+            norm2: l.group_norm(&format!("{p}.norm2"), cout, groups, EPS)?,
+            conv2: l.conv2d(&format!("{p}.conv2"), cout, cout, 3, 1, 1)?,
+            shortcut: if cin != cout {
+                Some(l.conv2d(&format!("{p}.conv_shortcut"), cin, cout, 1, 1, 0)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        match &self.shortcut {
+            Some(s) => s.forward(x) + h,
+            None => x + h,
+        }
+    }
+}
+
+struct MidAttention<B: Backend> {
+    norm: GroupNorm<B>,
+    q: Linear<B>,
+    k: Linear<B>,
+    v: Linear<B>,
+    out: Linear<B>,
+}
+
+impl<B: Backend> MidAttention<B> {
+    fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let [_, _, h, w] = x.dims();
+        let t = to_tokens(self.norm.forward(x.clone()));
+        let a = attention(
+            self.q.forward(t.clone()),
+            self.k.forward(t.clone()),
+            self.v.forward(t),
+            1,
+            false,
+        );
+        from_tokens(self.out.forward(a), h, w) + x
+    }
+}
+
+/// One decoder level: its resnets and the upsampler after them.
+type UpLevel<B> = (Vec<Resnet<B>>, Option<Conv2d<B>>);
+
+/// A loaded VAE decoder.
+pub struct VaeDecoder<B: Backend> {
+    config: VaeConfig,
+    post_quant_conv: Conv2d<B>,
+    conv_in: Conv2d<B>,
+    mid: [Resnet<B>; 2],
+    mid_attention: Option<MidAttention<B>>,
+    up: Vec<UpLevel<B>>,
+    norm_out: GroupNorm<B>,
+    conv_out: Conv2d<B>,
+}
+
+impl<B: Backend> VaeDecoder<B> {
+    /// Loads the decoder (diffusers names: `post_quant_conv`, `decoder.*`).
+    pub fn load(l: &mut Loader<B>, config: &VaeConfig) -> Result<Self> {
+        let c = &config.block_out_channels;
+        if c.is_empty() {
+            return Err(NodeError::ModelConfig(
+                "vae config: no block_out_channels".into(),
+            ));
+        }
+        let g = config.norm_num_groups;
+        let z = config.latent_channels;
+        let top = c[c.len() - 1];
+        let post_quant_conv = l.conv2d("post_quant_conv", z, z, 1, 1, 0)?;
+        let conv_in = l.conv2d("decoder.conv_in", z, top, 3, 1, 1)?;
+        let mid = [
+            Resnet::load(l, "decoder.mid_block.resnets.0", top, top, g)?,
+            Resnet::load(l, "decoder.mid_block.resnets.1", top, top, g)?,
+        ];
+        let mid_attention = if config.mid_block_add_attention {
+            let p = "decoder.mid_block.attentions.0";
+            Some(MidAttention {
+                norm: l.group_norm(&format!("{p}.group_norm"), top, g, EPS)?,
+                q: l.linear(&format!("{p}.to_q"), top, top, true)?,
+                k: l.linear(&format!("{p}.to_k"), top, top, true)?,
+                v: l.linear(&format!("{p}.to_v"), top, top, true)?,
+                out: l.linear(&format!("{p}.to_out.0"), top, top, true)?,
+            })
+        } else {
+            None
+        };
+        let mut up = Vec::new();
+        let mut prev = top;
+        let n = c.len();
+        for i in 0..n {
+            let cout = c[n - 1 - i];
+            let mut resnets = Vec::new();
+            for j in 0..=config.layers_per_block {
+                let cin = if j == 0 { prev } else { cout };
+                resnets.push(Resnet::load(
+                    l,
+                    &format!("decoder.up_blocks.{i}.resnets.{j}"),
+                    cin,
+                    cout,
+                    g,
+                )?);
+            }
+            let upsample = if i + 1 < n {
+                Some(l.conv2d(
+                    &format!("decoder.up_blocks.{i}.upsamplers.0.conv"),
+                    cout,
+                    cout,
+                    3,
+                    1,
+                    1,
+                )?)
+            } else {
+                None
+            };
+            up.push((resnets, upsample));
+            prev = cout;
+        }
+        Ok(Self {
+            config: config.clone(),
+            post_quant_conv,
+            conv_in,
+            mid,
+            mid_attention,
+            up,
+            norm_out: l.group_norm("decoder.conv_norm_out", c[0], g, EPS)?,
+            conv_out: l.conv2d("decoder.conv_out", c[0], config.out_channels, 3, 1, 1)?,
+        })
+    }
+
+    /// The config the decoder was built from.
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// Decodes latents (already divided by the scaling factor) to images in `[-1, 1]`.
+    pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
+        let mut x = self.conv_in.forward(self.post_quant_conv.forward(z));
+        x = self.mid[0].forward(x);
+        if let Some(a) = &self.mid_attention {
+            x = a.forward(x);
+        }
+        x = self.mid[1].forward(x);
+        for (resnets, upsample) in &self.up {
+            for r in resnets {
+                x = r.forward(x);
+            }
+            if let Some(conv) = upsample {
+                x = conv.forward(upsample_nearest2x(x));
+            }
+        }
+        self.conv_out.forward(silu(self.norm_out.forward(x)))
+    }
+}

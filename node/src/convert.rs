@@ -1,0 +1,189 @@
+//! The session's edge: what the coordinator sends, in the node's own types.
+//!
+//! Assignments and cancels arrive as protocol messages with ids as strings; here, and only here,
+//! they become [`JobId`]s, [`LeaseId`]s and render [`Params`]. A message that does not convert
+//! is refused with its reason, never a panic: nothing behind the session sees a protocol type or
+//! an unparsed id.
+
+use drover_shared::error::InvalidId;
+use drover_shared::ids::{JobId, LeaseId};
+use drover_shared::proto;
+
+use crate::render::{Lora, Params};
+
+/// A job leased to this node, as the session runs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Assignment {
+    /// The job.
+    pub job_id: JobId,
+    /// The lease it runs under: its reports carry it.
+    pub lease_id: LeaseId,
+    /// Which attempt of the job this is (from 1).
+    pub attempt: u32,
+    /// The REST request that submitted the job, so logs on both sides join up.
+    pub trace_id: String,
+    /// What to render.
+    pub params: Params,
+}
+
+/// An assignment refused at the edge: its ids as sent, to report the failure under, and why.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Refused {
+    /// The job id as sent.
+    pub job_id: String,
+    /// The lease id as sent.
+    pub lease_id: String,
+    /// Why it cannot run.
+    pub reason: String,
+}
+
+impl TryFrom<proto::Assignment> for Assignment {
+    type Error = Refused;
+
+    fn try_from(a: proto::Assignment) -> Result<Self, Refused> {
+        let refuse = |reason: String| Refused {
+            job_id: a.job_id.clone(),
+            lease_id: a.lease_id.clone(),
+            reason,
+        };
+        let (job_id, lease_id) = ids(&a.job_id, &a.lease_id).map_err(|e| refuse(e.to_string()))?;
+        let Some(spec) = a.spec else {
+            return Err(refuse("assignment without a spec".into()));
+        };
+        Ok(Self {
+            job_id,
+            lease_id,
+            attempt: a.attempt,
+            trace_id: a.trace_id,
+            params: spec.into(),
+        })
+    }
+}
+
+/// The job's parameters; sizes and step counts are checked by the backend that renders them.
+impl From<proto::JobSpec> for Params {
+    fn from(spec: proto::JobSpec) -> Self {
+        Self {
+            prompt: spec.prompt,
+            negative_prompt: spec.negative_prompt,
+            width: spec.width as usize,
+            height: spec.height as usize,
+            steps: spec.steps as usize,
+            guidance: spec.guidance_scale,
+            seed: spec.seed,
+            loras: spec
+                .loras
+                .into_iter()
+                .map(|l| Lora {
+                    name: l.name,
+                    strength: l.strength,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// The job and lease a message names.
+pub fn ids(job_id: &str, lease_id: &str) -> Result<(JobId, LeaseId), InvalidId> {
+    Ok((job_id.parse()?, lease_id.parse()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment(job_id: &str, lease_id: &str, spec: Option<proto::JobSpec>) -> proto::Assignment {
+        proto::Assignment {
+            job_id: job_id.into(),
+            lease_id: lease_id.into(),
+            attempt: 2,
+            spec,
+            deadline_unix_ms: 0,
+            trace_id: "req-1".into(),
+        }
+    }
+
+    fn spec() -> proto::JobSpec {
+        proto::JobSpec {
+            prompt: "a red fox".into(),
+            negative_prompt: "blur".into(),
+            width: 640,
+            height: 512,
+            steps: 4,
+            guidance_scale: 1.5,
+            seed: 99,
+            loras: vec![proto::LoraRequest {
+                name: "ink".into(),
+                strength: 0.75,
+            }],
+        }
+    }
+
+    #[test]
+    fn an_assignment_becomes_typed_ids_and_params() {
+        let (job, lease) = (JobId::time_ordered(), LeaseId::random());
+        let a = Assignment::try_from(assignment(
+            &job.to_string(),
+            &lease.to_string(),
+            Some(spec()),
+        ))
+        .unwrap();
+        let want = Assignment {
+            job_id: job,
+            lease_id: lease,
+            attempt: 2,
+            trace_id: "req-1".into(),
+            params: Params {
+                prompt: "a red fox".into(),
+                negative_prompt: "blur".into(),
+                width: 640,
+                height: 512,
+                steps: 4,
+                guidance: 1.5,
+                seed: 99,
+                loras: vec![Lora {
+                    name: "ink".into(),
+                    strength: 0.75,
+                }],
+            },
+        };
+        assert_eq!(a, want);
+    }
+
+    #[test]
+    fn malformed_assignments_are_refused_with_the_ids_as_sent() {
+        let (job, lease) = (JobId::random().to_string(), LeaseId::random().to_string());
+        for (job_id, lease_id, spec, reason) in [
+            (
+                "job-7",
+                lease.as_str(),
+                Some(spec()),
+                "invalid job id `job-7`",
+            ),
+            (job.as_str(), "", Some(spec()), "invalid lease id ``"),
+            (
+                job.as_str(),
+                lease.as_str(),
+                None,
+                "assignment without a spec",
+            ),
+        ] {
+            let refused = Assignment::try_from(assignment(job_id, lease_id, spec)).unwrap_err();
+            assert_eq!(
+                (refused.job_id.as_str(), refused.lease_id.as_str()),
+                (job_id, lease_id)
+            );
+            assert!(refused.reason.starts_with(reason), "{}", refused.reason);
+        }
+    }
+
+    #[test]
+    fn ids_parse_or_say_which_is_wrong() {
+        let (job, lease) = (JobId::random(), LeaseId::random());
+        assert_eq!(ids(&job.to_string(), &lease.to_string()), Ok((job, lease)));
+        let err = ids(&job.to_string(), "l-1").unwrap_err();
+        assert_eq!(err.kind, "lease id");
+        let err = ids("j-1", &lease.to_string()).unwrap_err();
+        assert_eq!(err.kind, "job id");
+    }
+}

@@ -1,0 +1,117 @@
+//! The SD1.5 pipeline end to end: the LCM loop against diffusers, and `generate`.
+
+use std::ops::ControlFlow;
+
+use drover_node::burn::Cpu;
+use drover_node::burn::pipeline::{ModelSource, Pipeline, Prompt, TextConditioning};
+use drover_node::error::NodeError;
+use drover_node::render::Params;
+
+use crate::{Expected, check, model_dir, prompt_ids};
+
+#[test]
+fn full_lcm_loop_matches_diffusers() {
+    let want = Expected::load();
+    let pipe = Pipeline::<Cpu>::load(
+        ModelSource::Diffusers(model_dir()),
+        &Default::default(),
+        &[],
+    )
+    .unwrap();
+    let timesteps: Vec<usize> = want
+        .host("lcm.timesteps")
+        .data
+        .iter()
+        .map(|&v| v as usize)
+        .collect();
+    assert_eq!(pipe.scheduler().timesteps(4).unwrap(), timesteps);
+    let ids = prompt_ids(&want);
+    let ctx = pipe.encode_ids(&ids, None).unwrap().context;
+    let mut seen = Vec::new();
+    let denoised = pipe
+        .denoise(
+            &TextConditioning {
+                prompt: Prompt {
+                    context: ctx,
+                    pooled: None,
+                },
+                negative: None,
+                time_ids: [0.0; 6],
+            },
+            want.tensor("lcm.init"),
+            4,
+            8.0,
+            |k| want.tensor(&format!("lcm.noise.{k}")),
+            |k, total| {
+                seen.push((k, total));
+                ControlFlow::Continue(())
+            },
+        )
+        .unwrap();
+    assert_eq!(seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    check(
+        "lcm final latent",
+        denoised.clone(),
+        &want.host("lcm.denoised.3"),
+    );
+    check("lcm image", pipe.decode(denoised), &want.host("lcm.image"));
+}
+
+#[test]
+fn generate_renders_deterministic_images_and_stops_on_cancel() {
+    let pipe = Pipeline::<Cpu>::load(
+        ModelSource::Diffusers(model_dir()),
+        &Default::default(),
+        &[],
+    )
+    .unwrap();
+    let params = Params {
+        prompt: "a lighthouse at dusk".into(),
+        negative_prompt: String::new(),
+        width: 32,
+        height: 16,
+        steps: 3,
+        guidance: 8.0,
+        seed: 42,
+        loras: Vec::new(),
+    };
+    let a = pipe
+        .generate(&params, |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    let b = pipe
+        .generate(&params, |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    assert_eq!((a.width, a.height, a.rgb.len()), (32, 16, 32 * 16 * 3));
+    assert_eq!(a, b, "same seed, same image");
+    let c = pipe
+        .generate(
+            &Params {
+                seed: 43,
+                ..params.clone()
+            },
+            |_, _| ControlFlow::Continue(()),
+        )
+        .unwrap();
+    assert_ne!(a.rgb, c.rgb, "another seed, another image");
+    let mut calls = 0;
+    let err = pipe
+        .generate(&params, |_, _| {
+            calls += 1;
+            ControlFlow::Break(())
+        })
+        .err()
+        .unwrap();
+    assert!(matches!(err, NodeError::Cancelled));
+    assert_eq!(calls, 1, "stops after the first step");
+    let err = pipe
+        .generate(
+            &Params {
+                width: 18,
+                ..params
+            },
+            |_, _| ControlFlow::Continue(()),
+        )
+        .err()
+        .unwrap();
+    assert!(err.to_string().contains("not a multiple of 4"), "{err}");
+}

@@ -1,0 +1,559 @@
+//! The job request a client sends (`POST /v1/jobs`, `POST /v1/generate`) and its validation.
+//!
+//! The native API is strict: unknown fields and out-of-range values are refused with a
+//! [`FieldError`] naming the field. Validation turns a [`JobRequest`] into a [`JobSpec`], the only
+//! form the coordinator stores and schedules.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::FieldError;
+use crate::family::ModelFamily;
+
+/// Longest accepted prompt (and negative prompt), in characters.
+pub const MAX_PROMPT_CHARS: usize = 2000;
+/// Smallest accepted image side, in pixels.
+pub const MIN_SIDE: u32 = 64;
+/// Largest accepted image side, in pixels.
+pub const MAX_SIDE: u32 = 2048;
+/// Image sides must be a multiple of this (the VAE downsamples by 8).
+pub const SIDE_MULTIPLE: u32 = 8;
+/// Most denoising steps a job may ask for.
+pub const MAX_STEPS: u32 = 50;
+/// Steps used when a request does not say (LCM models need few).
+pub const DEFAULT_STEPS: u32 = 4;
+/// Largest classifier-free guidance scale accepted.
+pub const MAX_GUIDANCE: f32 = 20.0;
+/// Guidance used when a request does not say.
+pub const DEFAULT_GUIDANCE: f32 = 1.5;
+/// Largest accepted seed (2^31 - 1).
+pub const MAX_SEED: u64 = (1 << 31) - 1;
+/// Most LoRAs one job may stack.
+pub const MAX_LORAS: usize = 8;
+/// Largest absolute LoRA strength accepted.
+pub const MAX_LORA_STRENGTH: f32 = 4.0;
+/// Priority range (higher runs first).
+pub const PRIORITY_RANGE: std::ops::RangeInclusive<i32> = -10..=10;
+
+/// A job as a client submits it to the native API. Every field but `prompt` is optional.
+// With the `openapi` feature its schema states the limits `validate` enforces (the coordinator's
+// tests hold the two together); doc comments here are the API document's descriptions.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct JobRequest {
+    /// What to draw: at most 2000 characters, not only white space.
+    // The pattern spells out U+0085: ECMA-262's `\s` leaves it out, Rust's `trim` removes it.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(
+            max_length = 2000,
+            pattern = r"[^\s\u0085]",
+            example = "a lighthouse at dusk"
+        )
+    )]
+    pub prompt: String,
+    /// What not to draw: at most 2000 characters.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_length = 2000))]
+    pub negative_prompt: Option<String>,
+    /// A model family (`sd15`, `sd2`, `sdxl`; also `sd1.5`, `sd2.1` and other spellings, in any
+    /// case) or a model id (hex, as `GET /v1/models` lists it); any family when absent or empty.
+    #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^(sd15|sd2|sdxl|[0-9A-Fa-f]{1,128})?$", example = "sd15")
+    )]
+    pub model: Option<String>,
+    /// Image size as `"WxH"`, each side a multiple of 8 in 64..=2048; the serving family's
+    /// default when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(schema_with = openapi::size))]
+    pub size: Option<String>,
+    /// Denoising steps, 1..=50; 4 when absent.
+    #[serde(default, deserialize_with = "whole::option")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 50))]
+    pub steps: Option<u32>,
+    /// Guidance scale, 0..=20; 1.5 when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 20))]
+    pub guidance_scale: Option<f32>,
+    /// Seed, 0..=2^31-1; random when absent.
+    #[serde(default, deserialize_with = "whole::option")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 2147483647))]
+    pub seed: Option<i64>,
+    /// LoRAs to apply, by name, with strengths: at most 8, each name once.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(max_items = 8))]
+    pub loras: Vec<LoraRef>,
+    /// A style from the style catalog (`GET /v1/styles`), at a strength level.
+    #[serde(default)]
+    pub style_lora: Option<StyleRef>,
+    /// Scheduling priority, -10..=10 (higher first); 0 when absent.
+    #[serde(default, deserialize_with = "whole::option")]
+    #[cfg_attr(feature = "openapi", schema(minimum = -10, maximum = 10))]
+    pub priority: Option<i32>,
+}
+
+/// Integer fields read numbers as JSON (and JSON Schema) does: `5` and `5.0` are the same
+/// integer; `5.5`, or a number outside the field's type, is refused.
+mod whole {
+    use std::fmt;
+    use std::marker::PhantomData;
+
+    use serde::de::{self, Deserializer, Unexpected, Visitor};
+
+    struct Whole<T>(PhantomData<T>);
+
+    impl<'de, T: TryFrom<i128>> Visitor<'de> for Whole<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a whole number ({})", std::any::type_name::<T>())
+        }
+
+        fn visit_i64<E: de::Error>(self, v: i64) -> Result<T, E> {
+            T::try_from(i128::from(v)).map_err(|_| E::invalid_value(Unexpected::Signed(v), &self))
+        }
+
+        fn visit_u64<E: de::Error>(self, v: u64) -> Result<T, E> {
+            T::try_from(i128::from(v)).map_err(|_| E::invalid_value(Unexpected::Unsigned(v), &self))
+        }
+
+        fn visit_f64<E: de::Error>(self, v: f64) -> Result<T, E> {
+            // Past 2^63 a float is no exact integer anyway.
+            let whole = v.fract() == 0.0 && v.abs() < 9.2e18;
+            whole
+                .then(|| T::try_from(v as i128).ok())
+                .flatten()
+                .ok_or_else(|| E::invalid_value(Unexpected::Float(v), &self))
+        }
+    }
+
+    struct OptionWhole<T>(PhantomData<T>);
+
+    impl<'de, T: TryFrom<i128>> Visitor<'de> for OptionWhole<T> {
+        type Value = Option<T>;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            write!(f, "a whole number ({}) or null", std::any::type_name::<T>())
+        }
+
+        fn visit_none<E: de::Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: de::Error>(self) -> Result<Option<T>, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<T>, D::Error> {
+            d.deserialize_any(Whole(PhantomData)).map(Some)
+        }
+    }
+
+    /// An optional integer field (`null` or absent: `None`).
+    pub(super) fn option<'de, D: Deserializer<'de>, T: TryFrom<i128>>(
+        d: D,
+    ) -> Result<Option<T>, D::Error> {
+        d.deserialize_option(OptionWhole(PhantomData))
+    }
+
+    /// An integer field.
+    pub(super) fn required<'de, D: Deserializer<'de>, T: TryFrom<i128>>(
+        d: D,
+    ) -> Result<T, D::Error> {
+        d.deserialize_any(Whole(PhantomData))
+    }
+}
+
+/// A LoRA by name (its file name without `.safetensors` under the node's `LORA_ROOT`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct LoraRef {
+    /// LoRA name: 1 to 128 of `A-Z a-z 0-9 _ - .`, not starting with `.`.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+    )]
+    pub name: String,
+    /// Merge strength, -4..=4; 1.0 when absent.
+    #[serde(default = "default_strength")]
+    #[cfg_attr(feature = "openapi", schema(minimum = -4, maximum = 4, default = 1.0))]
+    pub strength: f32,
+}
+
+fn default_strength() -> f32 {
+    1.0
+}
+
+/// A style from the catalog at a strength level (0 = off).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct StyleRef {
+    /// Style id: 1 to 128 of `A-Z a-z 0-9 _ - .`, not starting with `.`.
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+    )]
+    pub style: String,
+    /// Strength level; 0 turns the style off, N uses the style's N-th strength (a catalog style
+    /// has 1 to 10; a level above its count is refused).
+    #[serde(default, deserialize_with = "whole::required")]
+    #[cfg_attr(feature = "openapi", schema(maximum = 10))]
+    pub level: u32,
+}
+
+/// An image size in pixels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Size {
+    /// Width in pixels.
+    pub width: u32,
+    /// Height in pixels.
+    pub height: u32,
+}
+
+impl Size {
+    /// Number of pixels.
+    pub fn pixels(self) -> u64 {
+        u64::from(self.width) * u64::from(self.height)
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}x{}", self.width, self.height)
+    }
+}
+
+impl FromStr for Size {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let shape = || {
+            format!(
+                "`{}` is not a size: expected \"WxH\", e.g. \"512x512\"",
+                clip(s)
+            )
+        };
+        let (w, h) = s.trim().split_once(['x', 'X']).ok_or_else(shape)?;
+        let side = |v: &str| v.trim().parse::<u32>().map_err(|_| shape());
+        let size = Size {
+            width: side(w)?,
+            height: side(h)?,
+        };
+        for (name, v) in [("width", size.width), ("height", size.height)] {
+            if !(MIN_SIDE..=MAX_SIDE).contains(&v) {
+                return Err(format!("{name} {v} is outside {MIN_SIDE}..={MAX_SIDE}"));
+            }
+            if !v.is_multiple_of(SIDE_MULTIPLE) {
+                return Err(format!("{name} {v} is not a multiple of {SIDE_MULTIPLE}"));
+            }
+        }
+        Ok(size)
+    }
+}
+
+/// Which model a job asks for.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum ModelSelector {
+    /// Any model of this family.
+    Family(ModelFamily),
+    /// Exactly this model id (as advertised by nodes).
+    ModelId(String),
+}
+
+/// A validated job: what the coordinator stores and schedules.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct JobSpec {
+    /// What to draw.
+    pub prompt: String,
+    /// What not to draw (may be empty).
+    pub negative_prompt: String,
+    /// Requested model; `None` means any family.
+    pub model: Option<ModelSelector>,
+    /// Requested size; `None` means the serving family's default.
+    pub size: Option<Size>,
+    /// Denoising steps.
+    pub steps: u32,
+    /// Guidance scale.
+    pub guidance_scale: f32,
+    /// Seed (chosen at submission when the request had none).
+    pub seed: u64,
+    /// LoRAs to merge.
+    pub loras: Vec<LoraRef>,
+    /// Style, when one is asked for at a level above 0.
+    pub style: Option<StyleRef>,
+    /// Scheduling priority.
+    pub priority: i32,
+}
+
+impl JobSpec {
+    /// The size this job renders at on a node of `family` that renders only `sizes` (empty:
+    /// any size): the size asked for; else the family's default; else, when the node cannot
+    /// render that default (a model compiled for fixed shapes), the node's first size.
+    pub fn size_on(&self, family: ModelFamily, sizes: &[Size]) -> Size {
+        self.size.unwrap_or_else(|| {
+            let (width, height) = family.default_size();
+            let default = Size { width, height };
+            match sizes.first() {
+                Some(first) if !sizes.contains(&default) => *first,
+                _ => default,
+            }
+        })
+    }
+
+    /// The job as sent to a node of `family` that renders `sizes` (see [`JobSpec::size_on`]).
+    pub fn to_proto(&self, family: ModelFamily, sizes: &[Size]) -> crate::proto::JobSpec {
+        let size = self.size_on(family, sizes);
+        crate::proto::JobSpec {
+            prompt: self.prompt.clone(),
+            negative_prompt: self.negative_prompt.clone(),
+            width: size.width,
+            height: size.height,
+            steps: self.steps,
+            guidance_scale: self.guidance_scale,
+            seed: self.seed,
+            loras: self
+                .loras
+                .iter()
+                .map(|l| crate::proto::LoraRequest {
+                    name: l.name.clone(),
+                    strength: l.strength,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl JobRequest {
+    /// Parses a JSON body strictly, naming the offending field on error.
+    pub fn from_json(body: &[u8]) -> Result<Self, FieldError> {
+        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+            return Err(FieldError::new("body", "expected a JSON object"));
+        }
+        let de = &mut serde_json::Deserializer::from_slice(body);
+        serde_path_to_error::deserialize(de).map_err(|err| {
+            let path = err.path().to_string();
+            let inner = err.into_inner();
+            let message = inner.to_string();
+            if inner.is_syntax() || inner.is_eof() {
+                return FieldError::new("body", format!("malformed json: {message}"));
+            }
+            let field = match message.strip_prefix("unknown field `") {
+                Some(rest) => rest.split('`').next().unwrap_or_default().to_string(),
+                None if path == "." => "body".to_string(),
+                None => path,
+            };
+            FieldError::new(field, message)
+        })
+    }
+
+    /// Checks every value and fills defaults; `random_seed` is called only when no seed was given.
+    pub fn validate(self, random_seed: impl FnOnce() -> u64) -> Result<JobSpec, FieldError> {
+        check_prompt("prompt", &self.prompt)?;
+        if self.prompt.trim().is_empty() {
+            return Err(FieldError::new("prompt", "must not be empty"));
+        }
+        let negative_prompt = self.negative_prompt.unwrap_or_default();
+        check_prompt("negative_prompt", &negative_prompt)?;
+
+        let model = match self.model.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(m) => Some(parse_model(m)?),
+        };
+        let size = match self.size.as_deref() {
+            None => None,
+            Some(s) => Some(s.parse::<Size>().map_err(|m| FieldError::new("size", m))?),
+        };
+        let steps = self.steps.unwrap_or(DEFAULT_STEPS);
+        if !(1..=MAX_STEPS).contains(&steps) {
+            return Err(FieldError::new(
+                "steps",
+                format!("{steps} is outside 1..={MAX_STEPS}"),
+            ));
+        }
+        let guidance_scale = self.guidance_scale.unwrap_or(DEFAULT_GUIDANCE);
+        if !(0.0..=MAX_GUIDANCE).contains(&guidance_scale) {
+            return Err(FieldError::new(
+                "guidance_scale",
+                format!("{guidance_scale} is outside 0..={MAX_GUIDANCE}"),
+            ));
+        }
+        let seed = match self.seed {
+            None => random_seed() & MAX_SEED,
+            Some(s) => u64::try_from(s)
+                .ok()
+                .filter(|s| *s <= MAX_SEED)
+                .ok_or_else(|| FieldError::new("seed", format!("{s} is outside 0..={MAX_SEED}")))?,
+        };
+        if self.loras.len() > MAX_LORAS {
+            return Err(FieldError::new(
+                "loras",
+                format!(
+                    "{} loras given, at most {MAX_LORAS} may be stacked",
+                    self.loras.len()
+                ),
+            ));
+        }
+        for (i, lora) in self.loras.iter().enumerate() {
+            check_name(&format!("loras[{i}].name"), &lora.name)?;
+            if !lora.strength.is_finite() || lora.strength.abs() > MAX_LORA_STRENGTH {
+                return Err(FieldError::new(
+                    format!("loras[{i}].strength"),
+                    format!(
+                        "{} is outside -{MAX_LORA_STRENGTH}..={MAX_LORA_STRENGTH}",
+                        lora.strength
+                    ),
+                ));
+            }
+            if self.loras[..i].iter().any(|l| l.name == lora.name) {
+                return Err(FieldError::new(
+                    format!("loras[{i}].name"),
+                    format!("lora `{}` is given twice", lora.name),
+                ));
+            }
+        }
+        let style = match self.style_lora {
+            Some(style) => {
+                check_name("style_lora.style", &style.style)?;
+                (style.level > 0).then_some(style)
+            }
+            None => None,
+        };
+        let priority = self.priority.unwrap_or(0);
+        if !PRIORITY_RANGE.contains(&priority) {
+            return Err(FieldError::new(
+                "priority",
+                format!(
+                    "{priority} is outside {}..={}",
+                    PRIORITY_RANGE.start(),
+                    PRIORITY_RANGE.end()
+                ),
+            ));
+        }
+        Ok(JobSpec {
+            prompt: self.prompt,
+            negative_prompt,
+            model,
+            size,
+            steps,
+            guidance_scale,
+            seed,
+            loras: self.loras,
+            style,
+            priority,
+        })
+    }
+}
+
+/// A random seed in 0..=[`MAX_SEED`].
+pub fn random_seed() -> u64 {
+    (uuid::Uuid::new_v4().as_u128() as u64) & MAX_SEED
+}
+
+fn check_prompt(field: &str, text: &str) -> Result<(), FieldError> {
+    let chars = text.chars().count();
+    if chars > MAX_PROMPT_CHARS {
+        return Err(FieldError::new(
+            field,
+            format!("{chars} characters, at most {MAX_PROMPT_CHARS} are accepted"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), FieldError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err(FieldError::new(
+            field,
+            format!(
+                "`{}` is not a valid name: use 1 to 128 of A-Z a-z 0-9 _ - . (not starting with .)",
+                clip(name)
+            ),
+        ))
+    }
+}
+
+fn parse_model(m: &str) -> Result<ModelSelector, FieldError> {
+    if let Ok(family) = m.parse::<ModelFamily>() {
+        if !family.is_text_to_image() {
+            return Err(FieldError::new(
+                "model",
+                "sdxl_refiner is a refiner, not a text-to-image base model",
+            ));
+        }
+        return Ok(ModelSelector::Family(family));
+    }
+    let is_id = !m.is_empty() && m.len() <= 128 && m.chars().all(|c| c.is_ascii_hexdigit());
+    if is_id {
+        Ok(ModelSelector::ModelId(m.to_ascii_lowercase()))
+    } else {
+        Err(FieldError::new(
+            "model",
+            format!(
+                "`{}` is neither a family (sd15, sd2, sdxl) nor a hex model id",
+                clip(m)
+            ),
+        ))
+    }
+}
+
+fn clip(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// Image sides a size may have: the multiples of [`SIDE_MULTIPLE`] in
+/// [`MIN_SIDE`]..=[`MAX_SIDE`] (what `Size::from_str` accepts).
+pub fn sides() -> impl Iterator<Item = u32> {
+    (MIN_SIDE..=MAX_SIDE).filter(|s| s.is_multiple_of(SIDE_MULTIPLE))
+}
+
+/// Schemas the derives cannot state from literals (feature `openapi`).
+#[cfg(feature = "openapi")]
+pub mod openapi {
+    use utoipa::openapi::schema::{ObjectBuilder, Type};
+    use utoipa::openapi::{Object, SchemaFormat};
+
+    /// `JobRequest.size` (and the compatibility bodies' `size`): `WxH`, or `null`, with both
+    /// sides from [`super::sides`], spelled out as a pattern.
+    pub fn size() -> Object {
+        let sides: Vec<String> = super::sides().map(|s| s.to_string()).collect();
+        let sides = sides.join("|");
+        ObjectBuilder::new()
+            .schema_type(utoipa::openapi::schema::SchemaType::from_iter([
+                Type::String,
+                Type::Null,
+            ]))
+            .description(Some(format!(
+                "Image size as `WxH`, each side a multiple of {} in {}..={}; the serving \
+                 family's default when absent.",
+                super::SIDE_MULTIPLE,
+                super::MIN_SIDE,
+                super::MAX_SIDE
+            )))
+            .pattern(Some(format!("^(?:{sides})x(?:{sides})$")))
+            .examples([serde_json::json!("512x512")])
+            .format(None::<SchemaFormat>)
+            .build()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,186 @@
+use super::*;
+use proptest::prelude::*;
+
+fn parse(json: &str) -> Result<JobSpec, FieldError> {
+    JobRequest::from_json(json.as_bytes())?.validate(|| 42)
+}
+
+fn field_of(json: &str) -> String {
+    match parse(json) {
+        Ok(spec) => panic!("expected an error for {json}, got {spec:?}"),
+        Err(e) => e.field,
+    }
+}
+
+#[test]
+fn minimal_request_gets_defaults() {
+    let spec = parse(r#"{"prompt":"a cat"}"#).unwrap();
+    assert_eq!(spec.steps, DEFAULT_STEPS);
+    assert_eq!(spec.seed, 42);
+    assert_eq!(spec.size, None);
+    assert_eq!(
+        spec.size_on(ModelFamily::Sdxl, &[]),
+        Size {
+            width: 1024,
+            height: 1024
+        }
+    );
+    assert_eq!(
+        spec.size_on(ModelFamily::Sd15, &[]),
+        Size {
+            width: 512,
+            height: 512
+        }
+    );
+    // A node compiled for fixed sizes renders the default when it can, else its first size.
+    let fixed = |w, h| Size {
+        width: w,
+        height: h,
+    };
+    let both = [fixed(384, 384), fixed(512, 512)];
+    assert_eq!(spec.size_on(ModelFamily::Sd15, &both), fixed(512, 512));
+    assert_eq!(spec.size_on(ModelFamily::Sd15, &both[..1]), fixed(384, 384));
+    let sized = parse(r#"{"prompt":"a cat","size":"640x480"}"#).unwrap();
+    assert_eq!(sized.size_on(ModelFamily::Sd15, &both), fixed(640, 480));
+    assert_eq!(spec.model, None);
+}
+
+#[test]
+fn whole_numbers_may_be_written_as_floats() {
+    let spec = parse(
+        r#"{"prompt":"a cat","steps":5.0,"seed":7.0,"priority":-2.0,
+            "style_lora":{"style":"ink","level":2.0}}"#,
+    )
+    .unwrap();
+    assert_eq!((spec.steps, spec.seed, spec.priority), (5, 7, -2));
+    assert_eq!(spec.style.map(|s| s.level), Some(2));
+    for (json, field) in [
+        (r#"{"prompt":"a","steps":5.5}"#, "steps"),
+        (r#"{"prompt":"a","steps":-1}"#, "steps"),
+        (r#"{"prompt":"a","steps":"5"}"#, "steps"),
+        (r#"{"prompt":"a","priority":1e10}"#, "priority"),
+        (r#"{"prompt":"a","seed":1e300}"#, "seed"),
+        (
+            r#"{"prompt":"a","style_lora":{"style":"ink","level":0.5}}"#,
+            "style_lora.level",
+        ),
+    ] {
+        assert_eq!(field_of(json), field, "{json}");
+    }
+    let spec = parse(r#"{"prompt":"a cat","steps":null,"seed":null}"#).unwrap();
+    assert_eq!((spec.steps, spec.seed), (DEFAULT_STEPS, 42));
+}
+
+#[test]
+fn full_request_is_kept() {
+    let spec = parse(
+        r#"{"prompt":"a cat","negative_prompt":"dog","model":"sdxl","size":"768x1024",
+            "steps":8,"guidance_scale":2.5,"seed":7,"loras":[{"name":"pixel-art","strength":0.8}],
+            "style_lora":{"style":"ink","level":2},"priority":3}"#,
+    )
+    .unwrap();
+    assert_eq!(spec.model, Some(ModelSelector::Family(ModelFamily::Sdxl)));
+    assert_eq!(
+        spec.size,
+        Some(Size {
+            width: 768,
+            height: 1024
+        })
+    );
+    assert_eq!((spec.steps, spec.seed, spec.priority), (8, 7, 3));
+    assert_eq!(
+        spec.loras,
+        vec![LoraRef {
+            name: "pixel-art".into(),
+            strength: 0.8
+        }]
+    );
+    assert_eq!(
+        spec.style,
+        Some(StyleRef {
+            style: "ink".into(),
+            level: 2
+        })
+    );
+}
+
+#[test]
+fn bad_values_name_their_field() {
+    let cases = [
+        (r#"{"prompt":"x","bogus":1}"#, "bogus"),
+        (r#"{"prompt":"x","steps":"many"}"#, "steps"),
+        (r#"{"prompt":"x","steps":0}"#, "steps"),
+        (r#"{"prompt":"x","steps":51}"#, "steps"),
+        (r#"{"prompt":"x","size":"512"}"#, "size"),
+        (r#"{"prompt":"x","size":"513x512"}"#, "size"),
+        (r#"{"prompt":"x","size":"4096x512"}"#, "size"),
+        (r#"{"prompt":"x","size":"56x512"}"#, "size"),
+        (r#"{"prompt":"x","guidance_scale":20.5}"#, "guidance_scale"),
+        (r#"{"prompt":"x","guidance_scale":-1}"#, "guidance_scale"),
+        (r#"{"prompt":"x","seed":-1}"#, "seed"),
+        (r#"{"prompt":"x","seed":2147483648}"#, "seed"),
+        (r#"{"prompt":"x","model":"sd3"}"#, "model"),
+        (r#"{"prompt":"x","model":"sdxl_refiner"}"#, "model"),
+        (
+            r#"{"prompt":"x","loras":[{"name":"../etc"}]}"#,
+            "loras[0].name",
+        ),
+        (
+            r#"{"prompt":"x","loras":[{"name":"a","strength":9}]}"#,
+            "loras[0].strength",
+        ),
+        (
+            r#"{"prompt":"x","loras":[{"name":"a"},{"name":"a"}]}"#,
+            "loras[1].name",
+        ),
+        (
+            r#"{"prompt":"x","loras":[{"name":"a","extra":1}]}"#,
+            "extra",
+        ),
+        (r#"{"prompt":"x","priority":11}"#, "priority"),
+        (r#"{"prompt":"  "}"#, "prompt"),
+        (r#"{"steps":4}"#, "body"),
+        (r#"{"prompt":"x""#, "body"),
+        (r#"[1,2]"#, "body"),
+    ];
+    for (json, field) in cases {
+        assert_eq!(field_of(json), field, "for {json}");
+    }
+    let long = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(MAX_PROMPT_CHARS + 1));
+    assert_eq!(field_of(&long), "prompt");
+}
+
+#[test]
+fn edges_of_ranges_are_accepted() {
+    for json in [
+        r#"{"prompt":"x","size":"64x2048","steps":1,"guidance_scale":0,"seed":0}"#,
+        r#"{"prompt":"x","size":"2048x64","steps":50,"guidance_scale":20,"seed":2147483647}"#,
+        r#"{"prompt":"x","model":"0123abcd"}"#,
+        r#"{"prompt":"x","style_lora":{"style":"ink","level":0}}"#,
+    ] {
+        assert!(parse(json).is_ok(), "{json}");
+    }
+}
+
+proptest! {
+    #[test]
+    fn sizes_are_accepted_exactly_when_in_range(w in 0u32..3000, h in 0u32..3000) {
+        let ok = |v: u32| (MIN_SIDE..=MAX_SIDE).contains(&v) && v.is_multiple_of(SIDE_MULTIPLE);
+        let parsed = format!("{w}x{h}").parse::<Size>();
+        prop_assert_eq!(parsed.is_ok(), ok(w) && ok(h));
+    }
+
+    #[test]
+    fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let _ = JobRequest::from_json(&body).and_then(|r| r.validate(|| 1));
+    }
+
+    #[test]
+    fn validated_seeds_are_in_range(seed in any::<i64>()) {
+        let req = JobRequest { prompt: "x".into(), seed: Some(seed), ..Default::default() };
+        match req.validate(|| 0) {
+            Ok(spec) => prop_assert!(spec.seed <= MAX_SEED && spec.seed as i64 == seed),
+            Err(e) => prop_assert_eq!(e.field, "seed"),
+        }
+    }
+}
