@@ -11,7 +11,9 @@ export DROVER_HEARTBEAT_MS=200 DROVER_OFFLINE_GRACE_MS=2000 SIM_STEP_MS=300 RUST
 API="http://127.0.0.1:$DROVER_HTTP_PORT"
 P=$COMPOSE_PROJECT_NAME
 
-scripts/docker-build.sh
+# The dev profile reuses the binaries `cargo test` built (see docker-build.sh); set
+# DROVER_DOCKER_PROFILE=release to test the deployment build instead.
+DROVER_DOCKER_PROFILE=${DROVER_DOCKER_PROFILE:-dev} scripts/docker-build.sh
 cleanup() {
     local rc=$?
     if [ $rc -ne 0 ]; then docker-compose logs --tail 40 || true; fi

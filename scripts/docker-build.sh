@@ -6,14 +6,21 @@
 #                             /data (the sled volume's mount point, owned by uid 10001)
 #   drover-node:local         /bin/drover-node, /models and /loras mount points
 # Usage: scripts/docker-build.sh            (needs cargo and a Docker engine)
+#        DROVER_DOCKER_PROFILE=dev scripts/docker-build.sh   (reuse the test build, see below)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# Release profile: the images run the binaries a deployment runs (the dev profile optimises only
-# the dependencies, leaving Drover's own code, the coordinator's hot paths and the node's pipeline
-# glue, unoptimised). It costs a second, full optimised build of the workspace in target/release
-# (several minutes from clean, and its own gigabytes of target/) next to the dev one the tests use.
-cargo build --release --bin drover-coordinator --bin drover --bin drover-node
-bin_dir=target/release
+# Release profile by default: the images run the binaries a deployment runs (the dev profile
+# optimises only the dependencies, leaving Drover's own code, the coordinator's hot paths and the
+# node's pipeline glue, unoptimised). That costs a second, full optimised build of the workspace in
+# target/release (15-20 minutes from clean on 2 cores) next to the dev one the tests use, so the
+# compose fault test, which checks wiring and recovery rather than speed, builds with `dev`.
+profile=${DROVER_DOCKER_PROFILE:-release}
+case "$profile" in
+    release) bin_dir=target/release ;;
+    dev) bin_dir=target/debug ;;
+    *) echo "DROVER_DOCKER_PROFILE=$profile: expected release or dev" >&2; exit 2 ;;
+esac
+cargo build --profile "$profile" --bin drover-coordinator --bin drover --bin drover-node
 work=docker/build
 rm -rf "$work" && mkdir -p "$work"
 

@@ -32,6 +32,17 @@ impl BackendKind {
     }
 }
 
+/// The dtype a Burn pipeline's text encoders and UNet store and compute in.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrecisionKind {
+    /// 32-bit floats (the CPU default).
+    F32,
+    /// IEEE half precision (the cuda default).
+    F16,
+    /// bfloat16 (f32's range, 8 significant bits).
+    Bf16,
+}
+
 /// The `drover-node` command line: run a node (no subcommand) or a tool.
 #[derive(clap::Parser, Debug)]
 #[command(
@@ -109,7 +120,8 @@ pub enum Command {
         /// Untimed warm-up runs (kernel compilation and autotuning on GPUs).
         #[arg(long, default_value_t = 1)]
         warmup: usize,
-        /// `cpu`, or `cuda` / `cuda-f16` in builds with the `cuda` feature.
+        /// `cpu`, or `cuda` in builds with the `cuda` feature; `-f16` or `-bf16` appended runs the
+        /// weights in that dtype (`cuda-f16` is what cuda workers run).
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -130,9 +142,21 @@ pub struct NodeConfig {
     /// Worker backend.
     #[arg(long, env = "BACKEND", value_enum, default_value = "auto")]
     pub backend: BackendKind,
-    /// Number of worker actors (default: 1 per GPU, 3 for rknn, 1 for cpu, 2 for sim).
+    /// Number of worker actors (default: 1 per GPU, 3 for rknn, 1 for cpu, 2 for sim); for
+    /// cuda, per device.
     #[arg(long, env = "NUM_WORKERS")]
     pub num_workers: Option<u32>,
+    /// cuda: the devices to use, e.g. `0,2` (indices after `CUDA_VISIBLE_DEVICES`; default all).
+    #[arg(long, env = "GPUS")]
+    pub gpus: Option<String>,
+    /// The dtype of the text encoders and UNet (default: f16 on cuda, f32 on cpu); the VAE
+    /// decodes in f32 whenever this is f16 or bf16.
+    #[arg(long, env = "PRECISION", value_enum)]
+    pub precision: Option<PrecisionKind>,
+    /// Folder for compiled GPU kernels, kept across restarts (default: `drover-node` under the
+    /// user's cache folder).
+    #[arg(long, env = "DROVER_NODE_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
     /// Folder of LoRA files (`NAME.safetensors`).
     #[arg(long, env = "LORA_ROOT")]
     pub lora_root: Option<PathBuf>,

@@ -12,11 +12,13 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ::burn::tensor::DType;
 use actix::Recipient;
 use drover_shared::detect::{Inspection, Layout, ModelKind, inspect};
 use drover_shared::family::ModelFamily;
 
-use crate::config::{BackendKind, NodeConfig};
+use crate::burn::pipeline::Precision;
+use crate::config::{BackendKind, NodeConfig, PrecisionKind};
 use crate::error::{NodeError, Result};
 use crate::render::{RunJob, Worker};
 use crate::sim::SimRenderer;
@@ -120,6 +122,7 @@ pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
             let pipelines = crate::burn::renderer::load_pipelines::<crate::burn::Cpu>(
                 &model,
                 &Default::default(),
+                precision(config, PrecisionKind::F32),
                 workers as usize,
             )?;
             tracing::info!(
@@ -262,31 +265,93 @@ fn pool(
     }
 }
 
+/// The dtypes of a Burn pipeline: `PRECISION`, else `default`.
+fn precision(config: &NodeConfig, default: PrecisionKind) -> Precision {
+    match config.precision.unwrap_or(default) {
+        PrecisionKind::F32 => Precision::F32,
+        PrecisionKind::F16 => Precision::half(DType::F16),
+        PrecisionKind::Bf16 => Precision::half(DType::BF16),
+    }
+}
+
+/// The cuda workers: every device of the plan (all visible ones, or `GPUS`) gets `NUM_WORKERS`
+/// pipelines, loaded and warmed up at the family's default size on all devices at once, before
+/// the node registers. A device that fails stops the start, naming its index and the reason.
 #[cfg(feature = "cuda")]
 fn build_cuda(
     config: &NodeConfig,
     model: &Inspection,
     loras: Vec<(String, ModelFamily)>,
 ) -> Result<WorkerPool> {
-    crate::burn::cuda::preflight()?;
-    let workers = config.num_workers.unwrap_or(1);
-    let device = burn::backend::cuda::CudaDevice::default();
-    let pipelines = crate::burn::renderer::load_pipelines::<crate::burn::Gpu>(
-        model,
-        &device,
-        workers as usize,
-    )?;
-    let addr = crate::burn::renderer::start_pool(
-        pipelines,
-        "cuda",
-        &model.model_id,
-        config.lora_root.clone(),
+    use crate::burn::{cuda, gpus, renderer};
+    cuda::preflight()?;
+    let cache = config
+        .cache_dir
+        .clone()
+        .unwrap_or_else(cuda::default_cache_dir);
+    cuda::configure_kernel_cache(&cache)?;
+    let chosen = config
+        .gpus
+        .as_deref()
+        .map(gpus::parse_gpu_list)
+        .transpose()?;
+    let visible = cuda::device_count()?;
+    let plan = gpus::plan_workers(visible, chosen.as_deref(), config.num_workers.unwrap_or(1))?;
+    let precision = precision(config, PrecisionKind::F16);
+    let (w, h) = model.family.default_size();
+    let started = std::time::Instant::now();
+    let loaded: Vec<Result<crate::burn::pipeline::Pipeline<crate::burn::Gpu>>> =
+        std::thread::scope(|scope| {
+            let loads: Vec<_> = plan
+                .iter()
+                .map(|&index| {
+                    scope.spawn(move || {
+                        cuda::on_device(index, "loading the model", || {
+                            let device = ::burn::backend::cuda::CudaDevice::new(index);
+                            let mut one = renderer::load_pipelines(model, &device, precision, 1)?;
+                            let pipeline = one.pop().ok_or_else(|| {
+                                NodeError::Render("no pipeline was loaded".into())
+                            })?;
+                            let took = renderer::warm_up(&pipeline, (w as usize, h as usize))?;
+                            tracing::info!(
+                                device = index,
+                                size = %format!("{w}x{h}"),
+                                ms = took.as_millis() as u64,
+                                "cuda worker warmed up"
+                            );
+                            Ok(pipeline)
+                        })
+                    })
+                })
+                .collect();
+            loads
+                .into_iter()
+                .zip(&plan)
+                .map(|(handle, &index)| {
+                    handle.join().unwrap_or_else(|_| {
+                        Err(NodeError::Backend {
+                            backend: "cuda",
+                            message: format!("device {index}: its loading thread panicked"),
+                        })
+                    })
+                })
+                .collect()
+        });
+    let pipelines = loaded.into_iter().collect::<Result<Vec<_>>>()?;
+    tracing::info!(
+        devices = ?plan,
+        workers = plan.len(),
+        precision = ?precision.weights,
+        cache = %cache.display(),
+        ms = started.elapsed().as_millis() as u64,
+        "cuda pipelines loaded and warmed up"
     );
+    let addr = renderer::start_pool(pipelines, "cuda", &model.model_id, config.lora_root.clone());
     Ok(pool(
         config,
         model,
         BackendKind::Cuda,
-        workers,
+        plan.len() as u32,
         loras,
         addr.recipient(),
     ))

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use burn::tensor::backend::Backend;
-use burn::tensor::{Tensor, TensorData};
+use burn::tensor::{DType, Tensor, TensorData};
 use drover_shared::detect::inspect;
 use drover_shared::family::ModelFamily;
 use drover_shared::safetensors::Dtype;
@@ -252,7 +252,7 @@ fn tensor_from<B: Backend, const D: usize>(
             found: t.shape,
         });
     }
-    Ok(upload(t, device))
+    Ok(upload(t, device, DType::F32))
 }
 
 /// Options of `unet-eval`.
@@ -382,17 +382,21 @@ pub struct UnetTiming {
     pub runs_ms: Vec<f64>,
 }
 
-/// Times `runs` UNet forwards of a random-weight UNet with `config` on `device` at a
-/// `latent`×`latent` latent, after `warmup` untimed runs.
+/// Times `runs` UNet forwards of a random-weight UNet with `config` on `device`, weights in
+/// `dtype`, at a `latent`×`latent` latent, after `warmup` untimed runs.
 pub fn bench_unet<B: Backend>(
     config: &UnetConfig,
     device: &B::Device,
+    dtype: DType,
     latent: usize,
     warmup: usize,
     runs: usize,
 ) -> Result<UnetTiming> {
     let source = RandomWeights::new(7);
-    let unet = Unet::<B>::load(&mut Loader::prefixed(&source, "", device), config)?;
+    let unet = Unet::<B>::load(
+        &mut Loader::prefixed(&source, "", device).with_dtype(dtype),
+        config,
+    )?;
     drop(source.take());
     let c = config.in_channels;
     let sample = Tensor::<B, 4>::from_data(
@@ -485,34 +489,37 @@ pub fn bench_cli(
             config.downscale()
         )));
     }
-    let timing = match device {
-        "cpu" => {
-            bench_unet::<crate::burn::Cpu>(&config, &Default::default(), latent, warmup, runs)?
-        }
+    let (backend, dtype) = match device.split_once('-') {
+        Some((backend, "f16")) => (backend, DType::F16),
+        Some((backend, "bf16")) => (backend, DType::BF16),
+        None => (device, DType::F32),
+        Some(_) => ("", DType::F32),
+    };
+    let timing = match backend {
+        "cpu" => bench_unet::<crate::burn::Cpu>(
+            &config,
+            &Default::default(),
+            dtype,
+            latent,
+            warmup,
+            runs,
+        )?,
         #[cfg(feature = "cuda")]
         "cuda" => {
             crate::burn::cuda::preflight()?;
-            bench_unet::<crate::burn::Gpu>(&config, &Default::default(), latent, warmup, runs)?
-        }
-        #[cfg(feature = "cuda")]
-        "cuda-f16" => {
-            crate::burn::cuda::preflight()?;
-            bench_unet::<burn::backend::Cuda<half::f16>>(
+            bench_unet::<crate::burn::Gpu>(
                 &config,
                 &Default::default(),
+                dtype,
                 latent,
                 warmup,
                 runs,
             )?
         }
-        other => {
+        _ => {
             return Err(NodeError::Config(format!(
-                "device {other} is not available in this build (cpu{})",
-                if cfg!(feature = "cuda") {
-                    ", cuda, cuda-f16"
-                } else {
-                    ""
-                }
+                "device {device} is not available in this build (cpu{}, each optionally -f16 or -bf16)",
+                if cfg!(feature = "cuda") { ", cuda" } else { "" }
             )));
         }
     };

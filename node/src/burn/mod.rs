@@ -8,12 +8,14 @@
 //! inside it, the crate is spelled `::burn`.
 //!
 //! Module graph, leaves first: [`tensor_file`] (safetensors files → f32 host tensors), [`nn`],
-//! [`lora`], [`weights`] (the loader), [`tokenizer`], [`lcm`]; then [`clip`], [`unet`], [`vae`];
+//! [`lora`], [`weights`] (the loader), [`tokenizer`], [`lcm`], [`gpus`] (device placement); then
+//! [`clip`], [`unet`], [`vae`];
 //! then [`pipeline`]; then [`renderer`]. Nothing here depends on the session or the protocol.
 
 pub mod clip;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod gpus;
 pub mod lcm;
 pub mod lora;
 pub mod nn;
@@ -28,6 +30,7 @@ pub mod weights;
 /// The CPU backend (burn `flex`, f32).
 pub type Cpu = ::burn::backend::Flex;
 
-/// The CUDA backend (burn-cuda, f32 compute).
+/// The CUDA backend (burn-cuda). Its pipelines store and compute in the dtypes of
+/// [`pipeline::Precision`] (f16 by default), whatever the backend's default float type.
 #[cfg(feature = "cuda")]
 pub type Gpu = ::burn::backend::Cuda;

@@ -4,7 +4,7 @@
 use ::burn::tensor::backend::Backend;
 use ::burn::tensor::module::{self, conv2d, linear};
 use ::burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
-use ::burn::tensor::{Tensor, TensorPrimitive, activation};
+use ::burn::tensor::{DType, Tensor, TensorPrimitive, activation};
 
 /// `y = x·W + b`, with `W` stored `[in, out]`.
 #[derive(Clone, Debug)]
@@ -63,15 +63,18 @@ pub struct GroupNorm<B: Backend> {
 
 impl<B: Backend> GroupNorm<B> {
     /// Normalises `[n, c, h, w]`: each group is a row of the backend's (fused) layer norm,
-    /// then the per-channel affine.
+    /// then the per-channel affine. Half-precision inputs are normalised in f32 (a group's sum
+    /// of squares overflows f16 at SD sizes) and the result cast back.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
+        let dtype = x.dtype();
         let row = (c / self.groups) * h * w;
-        let grouped = x.reshape([n, self.groups, row]);
+        let grouped = in_f32(x).reshape([n, self.groups, row]);
         let ones = Tensor::<B, 1>::ones([row], &grouped.device());
         let normed = fused_layer_norm(grouped, ones, None, self.eps);
-        normed.reshape([n, c, h, w]) * self.gamma.clone().reshape([1, c, 1, 1])
-            + self.beta.clone().reshape([1, c, 1, 1])
+        let out = normed.reshape([n, c, h, w]) * in_f32(self.gamma.clone()).reshape([1, c, 1, 1])
+            + in_f32(self.beta.clone()).reshape([1, c, 1, 1]);
+        out.cast(dtype)
     }
 }
 
@@ -87,9 +90,25 @@ pub struct LayerNorm<B: Backend> {
 }
 
 impl<B: Backend> LayerNorm<B> {
-    /// Normalises `[n, l, d]` over `d`.
+    /// Normalises `[n, l, d]` over `d` (in f32 for half-precision inputs, like [`GroupNorm`]).
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        fused_layer_norm(x, self.gamma.clone(), Some(self.beta.clone()), self.eps)
+        let dtype = x.dtype();
+        fused_layer_norm(
+            in_f32(x),
+            in_f32(self.gamma.clone()),
+            Some(in_f32(self.beta.clone())),
+            self.eps,
+        )
+        .cast(dtype)
+    }
+}
+
+/// `x` as f32 (a no-op for f32 tensors).
+pub fn in_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    if x.dtype() == DType::F32 {
+        x
+    } else {
+        x.cast(DType::F32)
     }
 }
 

@@ -5,7 +5,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use ::burn::tensor::backend::Backend;
-use ::burn::tensor::{Tensor, TensorData};
+use ::burn::tensor::{DType, Tensor, TensorData};
 use drover_shared::family::ModelFamily;
 use serde::de::DeserializeOwned;
 
@@ -45,10 +45,37 @@ pub struct LoraSpec {
     pub strength: f32,
 }
 
+/// The dtypes a pipeline's weights are stored and computed in. The scheduler's latents stay f32
+/// whatever these are; each network casts its inputs to its weights' dtype and answers in theirs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Precision {
+    /// Text encoders and UNet.
+    pub weights: DType,
+    /// VAE decoder (f32 for half-precision models: SD VAEs overflow f16 when decoding).
+    pub vae: DType,
+}
+
+impl Precision {
+    /// Everything in f32 (CPU workers, parity tests).
+    pub const F32: Self = Self {
+        weights: DType::F32,
+        vae: DType::F32,
+    };
+
+    /// Text encoders and UNet in `dtype` (f16 or bf16), the VAE in f32.
+    pub fn half(dtype: DType) -> Self {
+        Self {
+            weights: dtype,
+            vae: DType::F32,
+        }
+    }
+}
+
 /// A loaded pipeline on one device.
 pub struct Pipeline<B: Backend> {
     source: ModelSource,
     device: B::Device,
+    precision: Precision,
     tokenizer: ClipTokenizer,
     text: ClipText<B>,
     text2: Option<(ClipTokenizer, ClipText<B>)>,
@@ -166,6 +193,7 @@ struct Parts<B: Backend> {
 fn load_parts<B: Backend>(
     source: &ModelSource,
     device: &B::Device,
+    precision: Precision,
     loras: &[LoraSpec],
 ) -> Result<Parts<B>> {
     let mut set = LoraSet::new();
@@ -180,6 +208,7 @@ fn load_parts<B: Backend>(
             let te_file = component_file(&te_dir, TEXT_ENCODER_FILES)?;
             let text = {
                 let mut l = Loader::<B>::prefixed(&te_file, clip_prefix(&te_file), device)
+                    .with_dtype(precision.weights)
                     .with_lora(&mut set, "text_encoder", "text_model.");
                 ClipText::load(&mut l, &te_cfg)?
             };
@@ -194,13 +223,13 @@ fn load_parts<B: Backend>(
                         file: file.path().display().to_string(),
                         name: "text_projection.weight".into(),
                     })?;
-                let tower =
-                    {
-                        let mut l = Loader::<B>::prefixed(&file, clip_prefix(&file), device)
-                            .with_lora(&mut set, "text_encoder_2", "text_model.");
-                        ClipText::load(&mut l, &cfg)?
-                    };
-                let mut l = Loader::<B>::prefixed(&file, "", device);
+                let tower = {
+                    let mut l = Loader::<B>::prefixed(&file, clip_prefix(&file), device)
+                        .with_dtype(precision.weights)
+                        .with_lora(&mut set, "text_encoder_2", "text_model.");
+                    ClipText::load(&mut l, &cfg)?
+                };
+                let mut l = Loader::<B>::prefixed(&file, "", device).with_dtype(precision.weights);
                 let tower = tower.with_projection(&mut l, projection)?;
                 Some((ClipTokenizer::from_dir(&dir.join("tokenizer_2"))?, tower))
             } else {
@@ -213,6 +242,7 @@ fn load_parts<B: Backend>(
                 // SDXL LoRAs from kohya name UNet modules by their LDM paths.
                 let ldm = unet_cfg.to_arch();
                 let mut l = Loader::<B>::prefixed(&unet_file, "", device)
+                    .with_dtype(precision.weights)
                     .with_lora(&mut set, "unet", "")
                     .with_lora_alias(Box::new(move |p| ldm.diffusers_to_ldm(p)));
                 Unet::load(&mut l, &unet_cfg)?
@@ -220,8 +250,10 @@ fn load_parts<B: Backend>(
             let vae_dir = dir.join("vae");
             let vae_cfg: VaeConfig = read_config(&vae_dir.join("config.json"))?;
             let vae_file = component_file(&vae_dir, MODEL_FILES)?;
-            let vae =
-                VaeDecoder::load(&mut Loader::<B>::prefixed(&vae_file, "", device), &vae_cfg)?;
+            let vae = VaeDecoder::load(
+                &mut Loader::<B>::prefixed(&vae_file, "", device).with_dtype(precision.vae),
+                &vae_cfg,
+            )?;
             let lcm_cfg = scheduler_config(dir)?;
             Parts {
                 tokenizer,
@@ -259,11 +291,9 @@ fn load_parts<B: Backend>(
                     // OpenCLIP ViT-H; diffusers' SD2 uses its penultimate layer then the final
                     // norm, which is the 23-layer tower.
                     let src = OpenClipSource::new(&file, "cond_stage_model.model.");
-                    let mut l = Loader::<B>::prefixed(&src, "", device).with_lora(
-                        &mut set,
-                        "text_encoder",
-                        "text_model.",
-                    );
+                    let mut l = Loader::<B>::prefixed(&src, "", device)
+                        .with_dtype(precision.weights)
+                        .with_lora(&mut set, "text_encoder", "text_model.");
                     (ClipText::load(&mut l, &ClipConfig::open_clip_h())?, None)
                 }
                 ModelFamily::Sdxl => {
@@ -273,6 +303,7 @@ fn load_parts<B: Backend>(
                             "conditioner.embedders.0.transformer.text_model.",
                             device,
                         )
+                        .with_dtype(precision.weights)
                         .with_lora(&mut set, "text_encoder", "text_model.");
                         ClipText::load(&mut l, &ClipConfig::clip_l())?
                     };
@@ -289,15 +320,13 @@ fn load_parts<B: Backend>(
                         .shape("conditioner.embedders.1.model.text_projection")
                         .map_or(1280, |s| s[1]);
                     let tower = {
-                        let mut l = Loader::<B>::prefixed(&src, "", device).with_lora(
-                            &mut set,
-                            "text_encoder_2",
-                            "text_model.",
-                        );
+                        let mut l = Loader::<B>::prefixed(&src, "", device)
+                            .with_dtype(precision.weights)
+                            .with_lora(&mut set, "text_encoder_2", "text_model.");
                         ClipText::load(&mut l, &cfg)?
                     };
                     let tower = tower.with_projection(
-                        &mut Loader::<B>::prefixed(&src, "", device),
+                        &mut Loader::<B>::prefixed(&src, "", device).with_dtype(precision.weights),
                         projection,
                     )?;
                     let tokenizer_2 = if beside("tokenizer_2").is_dir() {
@@ -313,6 +342,7 @@ fn load_parts<B: Backend>(
                         "cond_stage_model.transformer.text_model.",
                         device,
                     )
+                    .with_dtype(precision.weights)
                     .with_lora(&mut set, "text_encoder", "text_model.");
                     (ClipText::load(&mut l, &ClipConfig::clip_l())?, None)
                 }
@@ -323,6 +353,7 @@ fn load_parts<B: Backend>(
                 let map: NameMap =
                     Box::new(move |n| format!("model.diffusion_model.{}", ldm.diffusers_to_ldm(n)));
                 let mut l = Loader::<B>::new(&file, map, device)
+                    .with_dtype(precision.weights)
                     .with_lora(&mut set, "unet", "")
                     .with_lora_alias(Box::new(move |p| alias.diffusers_to_ldm(p)));
                 Unet::load(&mut l, &unet_cfg)?
@@ -338,7 +369,10 @@ fn load_parts<B: Backend>(
             let levels = vae_cfg.block_out_channels.len();
             let map: NameMap =
                 Box::new(move |n| format!("first_stage_model.{}", vae_diffusers_to_ldm(n, levels)));
-            let vae = VaeDecoder::load(&mut Loader::<B>::new(&file, map, device), &vae_cfg)?;
+            let vae = VaeDecoder::load(
+                &mut Loader::<B>::new(&file, map, device).with_dtype(precision.vae),
+                &vae_cfg,
+            )?;
             Parts {
                 tokenizer,
                 text,
@@ -384,12 +418,18 @@ pub fn guided<B: Backend>(uncond: Tensor<B, 4>, cond: Tensor<B, 4>, guidance: f3
 }
 
 impl<B: Backend> Pipeline<B> {
-    /// Loads every part of the model at `source` onto `device`, merging `loras`.
-    pub fn load(source: ModelSource, device: &B::Device, loras: &[LoraSpec]) -> Result<Self> {
-        let parts = load_parts::<B>(&source, device, loras)?;
+    /// Loads every part of the model at `source` onto `device` in `precision`, merging `loras`.
+    pub fn load(
+        source: ModelSource,
+        device: &B::Device,
+        precision: Precision,
+        loras: &[LoraSpec],
+    ) -> Result<Self> {
+        let parts = load_parts::<B>(&source, device, precision, loras)?;
         Ok(Self {
             source,
             device: device.clone(),
+            precision,
             tokenizer: parts.tokenizer,
             text: parts.text,
             text2: parts.text2,
@@ -406,7 +446,7 @@ impl<B: Backend> Pipeline<B> {
         if self.loras == loras {
             return Ok(());
         }
-        let parts = load_parts::<B>(&self.source, &self.device, loras)?;
+        let parts = load_parts::<B>(&self.source, &self.device, self.precision, loras)?;
         self.text = parts.text;
         self.text2 = parts.text2;
         self.unet = parts.unet;
@@ -432,6 +472,11 @@ impl<B: Backend> Pipeline<B> {
     /// The scheduler.
     pub fn scheduler(&self) -> &Lcm {
         &self.lcm
+    }
+
+    /// The dtypes of its weights.
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// The device the pipeline runs on.
@@ -589,7 +634,7 @@ impl<B: Backend> Pipeline<B> {
         )?;
         let image = self.decode(denoised);
         let [_, ch, ih, iw] = image.dims();
-        let values = image
+        let values = super::nn::in_f32(image)
             .into_data()
             .to_vec::<f32>()
             .map_err(|e| NodeError::Render(format!("reading the image back: {e:?}")))?;

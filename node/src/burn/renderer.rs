@@ -10,7 +10,7 @@ use actix::Addr;
 use drover_shared::detect::{Inspection, Layout};
 
 use super::lcm::check_steps;
-use super::pipeline::{LoraSpec, ModelSource, Pipeline};
+use super::pipeline::{LoraSpec, ModelSource, Pipeline, Precision};
 use crate::error::{NodeError, Result};
 use crate::render::{Image, Lora, Params, Renderer, Worker};
 
@@ -42,16 +42,40 @@ pub fn model_source(model: &Inspection) -> ModelSource {
     }
 }
 
-/// Loads `count` pipelines (one per worker) on `device`, failing with the loader's message.
+/// Loads `count` pipelines (one per worker) on `device` in `precision`, failing with the
+/// loader's message.
 pub fn load_pipelines<B: Backend>(
     model: &Inspection,
     device: &B::Device,
+    precision: Precision,
     count: usize,
 ) -> Result<Vec<Pipeline<B>>> {
     let source = model_source(model);
     (0..count)
-        .map(|_| Pipeline::load(source.clone(), device, &[]))
+        .map(|_| Pipeline::load(source.clone(), device, precision, &[]))
         .collect()
+}
+
+/// Renders one throw-away one-step image at `width`×`height` so that every kernel the size needs
+/// is compiled (and, on GPUs, written to the kernel cache) before the node takes jobs; answers
+/// how long it took.
+pub fn warm_up<B: Backend>(
+    pipeline: &Pipeline<B>,
+    (width, height): (usize, usize),
+) -> Result<std::time::Duration> {
+    let started = std::time::Instant::now();
+    let params = Params {
+        prompt: "warm-up".into(),
+        negative_prompt: String::new(),
+        width,
+        height,
+        steps: 1,
+        guidance: 1.0,
+        seed: 0,
+        loras: Vec::new(),
+    };
+    pipeline.generate(&params, |_, _| std::ops::ControlFlow::Continue(()))?;
+    Ok(started.elapsed())
 }
 
 /// Starts one worker per pipeline in a `SyncArbiter` (`backend` is `cpu` or `cuda`); LoRAs are

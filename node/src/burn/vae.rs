@@ -225,8 +225,11 @@ impl<B: Backend> VaeDecoder<B> {
         &self.config
     }
 
-    /// Decodes latents (already divided by the scaling factor) to images in `[-1, 1]`.
+    /// Decodes latents (already divided by the scaling factor) to images in `[-1, 1]`, computed
+    /// in the weights' dtype and answered in the latents'.
     pub fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
+        let answer = z.dtype();
+        let z = z.cast(self.conv_in.weight.dtype());
         let mut x = self.conv_in.forward(self.post_quant_conv.forward(z));
         x = self.mid[0].forward(x);
         if let Some(a) = &self.mid_attention {
@@ -241,6 +244,8 @@ impl<B: Backend> VaeDecoder<B> {
                 x = conv.forward(upsample_nearest2x(x));
             }
         }
-        self.conv_out.forward(silu(self.norm_out.forward(x)))
+        self.conv_out
+            .forward(silu(self.norm_out.forward(x)))
+            .cast(answer)
     }
 }

@@ -1,5 +1,6 @@
 //! Weight loading: safetensors files read tensor by tensor (positional reads, only the tensors a
-//! module asks for), converted to f32 on the host, LoRA deltas merged, then uploaded to the device.
+//! module asks for), converted to f32 on the host, LoRA deltas merged (in f32), then uploaded to
+//! the device in the loader's dtype (f32 by default; f16/bf16 for GPU workers).
 //!
 //! Modules ask for tensors by their diffusers names; a [`NameMap`] translates those to the names
 //! in the file (single-file LDM checkpoints use other names). Every tensor must exist with the
@@ -8,7 +9,7 @@
 use std::collections::BTreeSet;
 
 use ::burn::tensor::backend::Backend;
-use ::burn::tensor::{Tensor, TensorData};
+use ::burn::tensor::{DType, Tensor, TensorData};
 
 use super::lora::LoraSet;
 use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
@@ -118,6 +119,7 @@ pub struct Loader<'a, B: Backend> {
     file: &'a dyn TensorSource,
     map: NameMap,
     device: B::Device,
+    dtype: DType,
     lora: Option<(&'a mut LoraSet, &'static str, String)>,
     lora_alias: Option<NameMap>,
     used: BTreeSet<String>,
@@ -130,6 +132,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             file,
             map,
             device: device.clone(),
+            dtype: DType::F32,
             lora: None,
             lora_alias: None,
             used: BTreeSet::new(),
@@ -152,6 +155,12 @@ impl<'a, B: Backend> Loader<'a, B> {
         path_prefix: &str,
     ) -> Self {
         self.lora = Some((set, component, path_prefix.to_string()));
+        self
+    }
+
+    /// Creates the tensors in `dtype` (f32 by default). LoRAs still merge in f32 on the host.
+    pub fn with_dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
         self
     }
 
@@ -202,7 +211,7 @@ impl<'a, B: Backend> Loader<'a, B> {
         shape: [usize; D],
     ) -> Result<Tensor<B, D>> {
         let t = self.host(name, &shape)?;
-        Ok(upload(t, &self.device))
+        Ok(upload(t, &self.device, self.dtype))
     }
 
     /// Whether the file holds the tensor a module would call `name`.
@@ -227,7 +236,9 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// A linear layer `path` (`{path}.weight` `[out, in]`, optional `{path}.bias`).
     pub fn linear(&mut self, path: &str, inp: usize, out: usize, bias: bool) -> Result<Linear<B>> {
         let w = self.merged_weight(path, &[out, inp])?;
-        let weight = upload::<B, 2>(w, &self.device).transpose();
+        // Transposed on the host, so the device holds a contiguous `[in, out]` matrix and no
+        // kernel sees a strided view on every call.
+        let weight = upload::<B, 2>(transpose(&w, out, inp), &self.device, self.dtype);
         let bias = if bias {
             Some(self.tensor(&format!("{path}.bias"), [out])?)
         } else {
@@ -247,7 +258,7 @@ impl<'a, B: Backend> Loader<'a, B> {
         padding: usize,
     ) -> Result<Conv2d<B>> {
         let w = self.merged_weight(path, &[out, inp, k, k])?;
-        let weight = upload(w, &self.device);
+        let weight = upload(w, &self.device, self.dtype);
         let bias = Some(self.tensor(&format!("{path}.bias"), [out])?);
         Ok(Conv2d {
             weight,
@@ -305,9 +316,27 @@ fn squeeze(shape: &[usize]) -> &[usize] {
     s
 }
 
-/// Uploads a host tensor to `device` as rank `D`.
-pub fn upload<B: Backend, const D: usize>(t: HostTensor, device: &B::Device) -> Tensor<B, D> {
-    Tensor::from_data(TensorData::new(t.data, t.shape), device)
+/// Uploads a host tensor to `device` as rank `D`, stored and computed in `dtype`.
+pub fn upload<B: Backend, const D: usize>(
+    t: HostTensor,
+    device: &B::Device,
+    dtype: DType,
+) -> Tensor<B, D> {
+    Tensor::from_data(TensorData::new(t.data, t.shape), (device, dtype))
+}
+
+/// A row-major `[rows, cols]` host matrix transposed to `[cols, rows]`.
+fn transpose(t: &HostTensor, rows: usize, cols: usize) -> HostTensor {
+    let mut data = vec![0f32; rows * cols];
+    for (r, row) in t.data.chunks_exact(cols).enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            data[c * rows + r] = v;
+        }
+    }
+    HostTensor {
+        data,
+        shape: vec![cols, rows],
+    }
 }
 
 /// An OpenCLIP text tower (`transformer.resblocks.N.attn.in_proj_weight`, `ln_final`,

@@ -9,6 +9,8 @@
 //! - `pipeline`: the SD1.5 LCM loop end to end, and `generate` (deterministic, cancellable).
 //! - `layouts`: single-file LDM and OpenCLIP names load the same weights; broken weights and
 //!   LoRAs fail naming what is wrong.
+//! - `half`: the f16/bf16 path of GPU workers (weights and compute in half precision, the VAE in
+//!   f32), run on the CPU, within tolerances derived from the formats.
 //! - `sdxl`: both text encoders, the text_time UNet, the LCM loop and LoRAs in every naming.
 //!
 //! This file holds what they share: the fixtures, the expected tensors and [`check`].
@@ -17,6 +19,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod components;
+mod half;
 mod layouts;
 mod pipeline;
 mod sdxl;

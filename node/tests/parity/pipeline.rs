@@ -3,7 +3,7 @@
 use std::ops::ControlFlow;
 
 use drover_node::burn::Cpu;
-use drover_node::burn::pipeline::{ModelSource, Pipeline, Prompt, TextConditioning};
+use drover_node::burn::pipeline::{ModelSource, Pipeline, Precision, Prompt, TextConditioning};
 use drover_node::error::NodeError;
 use drover_node::render::Params;
 
@@ -15,6 +15,7 @@ fn full_lcm_loop_matches_diffusers() {
     let pipe = Pipeline::<Cpu>::load(
         ModelSource::Diffusers(model_dir()),
         &Default::default(),
+        Precision::F32,
         &[],
     )
     .unwrap();
@@ -62,6 +63,7 @@ fn generate_renders_deterministic_images_and_stops_on_cancel() {
     let pipe = Pipeline::<Cpu>::load(
         ModelSource::Diffusers(model_dir()),
         &Default::default(),
+        Precision::F32,
         &[],
     )
     .unwrap();

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use burn::tensor::Tensor;
 use drover_node::burn::Cpu;
-use drover_node::burn::pipeline::{LoraSpec, ModelSource, Pipeline, TextConditioning};
+use drover_node::burn::pipeline::{LoraSpec, ModelSource, Pipeline, Precision, TextConditioning};
 use drover_node::burn::tensor_file::TensorFile;
 use drover_node::burn::unet::{AddedCond, UnetConfig};
 use drover_shared::safetensors::build::f32_file;
@@ -17,6 +17,7 @@ fn sdxl_pipeline(loras: &[LoraSpec]) -> Pipeline<Cpu> {
     Pipeline::<Cpu>::load(
         ModelSource::Diffusers(sdxl_dir()),
         &Default::default(),
+        Precision::F32,
         loras,
     )
     .unwrap()
@@ -186,6 +187,7 @@ fn sdxl_lora_merges_into_unet_and_both_encoders_in_diffusers_and_ldm_names() {
     let err = Pipeline::<Cpu>::load(
         ModelSource::Diffusers(sdxl_dir()),
         &Default::default(),
+        Precision::F32,
         &[lora(fixtures().join("lora-kohya.safetensors"))],
     )
     .err()

@@ -141,7 +141,8 @@ impl<B: Backend> Unet<B> {
     /// Predicts the noise in `sample` (`[n, 4, h, w]`) at `timestep`, conditioned on
     /// `context` (`[n, tokens, cross_attention_dim]`) and, for LCM UNets, the guidance
     /// embedding `timestep_cond` (`[n, time_cond_proj_dim]`), and for SDXL the `added`
-    /// text_time conditioning.
+    /// text_time conditioning. The inputs may be f32 whatever the weights' dtype: the UNet
+    /// computes in its weights' dtype and answers in the sample's.
     pub fn forward(
         &self,
         sample: Tensor<B, 4>,
@@ -158,6 +159,10 @@ impl<B: Backend> Unet<B> {
             )));
         }
         let device = sample.device();
+        // The embeddings are computed in f32 and join the weights' dtype (f16 on GPU workers).
+        let (dtype, answer) = (self.conv_in.weight.dtype(), sample.dtype());
+        let sample = sample.cast(dtype);
+        let context = &context.clone().cast(dtype);
         let c0 = self.config.block_out_channels[0];
         let t = timestep_embedding::<B>(
             &[timestep],
@@ -166,9 +171,10 @@ impl<B: Backend> Unet<B> {
             self.config.freq_shift,
             &device,
         )
+        .cast(dtype)
         .repeat_dim(0, n);
         let t = match (&self.cond_proj, timestep_cond) {
-            (Some(p), Some(cond)) => t + p.forward(cond.clone()),
+            (Some(p), Some(cond)) => t + p.forward(cond.clone().cast(dtype)),
             (Some(_), None) => {
                 return Err(NodeError::InvalidJob(
                     "this UNet is guidance-distilled (time_cond_proj_dim) and needs a guidance embedding"
@@ -190,9 +196,10 @@ impl<B: Backend> Unet<B> {
                     self.config.freq_shift,
                     &device,
                 )
+                .cast(dtype)
                 .reshape([1, 6 * dim])
                 .repeat_dim(0, n);
-                let add = Tensor::cat(vec![added.text_embeds.clone(), ids], 1);
+                let add = Tensor::cat(vec![added.text_embeds.clone().cast(dtype), ids], 1);
                 let want = self
                     .config
                     .projection_class_embeddings_input_dim
@@ -246,7 +253,10 @@ impl<B: Backend> Unet<B> {
                 x = conv.forward(upsample_nearest2x(x));
             }
         }
-        Ok(self.conv_out.forward(silu(self.norm_out.forward(x))))
+        Ok(self
+            .conv_out
+            .forward(silu(self.norm_out.forward(x)))
+            .cast(answer))
     }
 }
 
