@@ -84,7 +84,7 @@ pub enum Command {
         #[arg(long, default_value = "sd15")]
         family: ModelFamily,
     },
-    /// Run one UNet forward (f32, CPU) on tensors from a file and write tensor `out`.
+    /// Run one UNet forward on tensors from a file and write tensor `out` (f32).
     UnetEval {
         /// UNet weights (.safetensors, diffusers or LDM names).
         #[arg(long)]
@@ -105,6 +105,10 @@ pub enum Command {
         /// The LoRA's strength.
         #[arg(long, default_value_t = 1.0)]
         lora_scale: f32,
+        /// `cpu`, or `cuda` in builds with the `cuda` feature; `-f16` or `-bf16` appended runs
+        /// the weights in that dtype.
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Time UNet steps of a random-weight UNet (prints one JSON line).
     BenchUnet {

@@ -62,6 +62,7 @@ pub fn cli_main() -> ExitCode {
             config,
             lora,
             lora_scale,
+            device,
         }) => {
             let o = tools::UnetEval {
                 unet: &unet,
@@ -70,6 +71,7 @@ pub fn cli_main() -> ExitCode {
                 config: config.as_deref(),
                 lora: lora.as_deref(),
                 lora_scale,
+                device: &device,
             };
             return report("unet-eval", tools::unet_eval(&o).map(|()| String::new()));
         }

@@ -271,11 +271,43 @@ pub struct UnetEval<'a> {
     pub lora: Option<&'a Path>,
     /// Its strength.
     pub lora_scale: f32,
+    /// `cpu` or `cuda` (cuda builds), optionally with `-f16` or `-bf16` for the weights' dtype.
+    pub device: &'a str,
 }
 
-/// Runs one UNet forward (f32, CPU) on the inputs and writes `out`.
+/// A `--device` of the tools: a backend name and the weights' dtype (`cuda-f16`).
+fn device_and_dtype(device: &str) -> Result<(&str, DType)> {
+    let (backend, dtype) = match device.split_once('-') {
+        Some((backend, "f16")) => (backend, DType::F16),
+        Some((backend, "bf16")) => (backend, DType::BF16),
+        None => (device, DType::F32),
+        Some(_) => ("", DType::F32),
+    };
+    match backend {
+        "cpu" => Ok((backend, dtype)),
+        #[cfg(feature = "cuda")]
+        "cuda" => {
+            crate::burn::cuda::preflight()?;
+            Ok((backend, dtype))
+        }
+        _ => Err(NodeError::Config(format!(
+            "device {device} is not available in this build (cpu{}, each optionally -f16 or -bf16)",
+            if cfg!(feature = "cuda") { ", cuda" } else { "" }
+        ))),
+    }
+}
+
+/// Runs one UNet forward on the inputs on `o.device` (inputs and output f32 whatever the
+/// weights' dtype) and writes `out`.
 pub fn unet_eval(o: &UnetEval) -> Result<()> {
-    let device = Default::default();
+    match device_and_dtype(o.device)? {
+        #[cfg(feature = "cuda")]
+        ("cuda", dtype) => unet_eval_on::<crate::burn::Gpu>(o, &Default::default(), dtype),
+        (_, dtype) => unet_eval_on::<crate::burn::Cpu>(o, &Default::default(), dtype),
+    }
+}
+
+fn unet_eval_on<B: Backend>(o: &UnetEval, device: &B::Device, dtype: DType) -> Result<()> {
     let file = TensorFile::open(o.unet)?;
     let ldm = file
         .names()
@@ -319,26 +351,23 @@ pub fn unet_eval(o: &UnetEval) -> Result<()> {
         Box::new(|n| n.to_string())
     };
     let unet = {
-        let mut l =
-            Loader::<crate::burn::Cpu>::new(&file, map, &device).with_lora(&mut set, "unet", "");
+        let mut l = Loader::<B>::new(&file, map, device)
+            .with_dtype(dtype)
+            .with_lora(&mut set, "unet", "");
         Unet::load(&mut l, &config)?
     };
     set.check_claimed()?;
     let inputs = TensorFile::open(o.inputs)?;
-    let sample: Tensor<crate::burn::Cpu, 4> = tensor_from(&inputs, "sample", &device)?;
+    let sample: Tensor<B, 4> = tensor_from(&inputs, "sample", device)?;
     let timestep = inputs
         .read("timestep")?
         .data
         .first()
         .copied()
         .ok_or_else(|| NodeError::InvalidJob("timestep is empty".into()))?;
-    let ctx: Tensor<crate::burn::Cpu, 3> = tensor_from(&inputs, "encoder_hidden_states", &device)?;
+    let ctx: Tensor<B, 3> = tensor_from(&inputs, "encoder_hidden_states", device)?;
     let cond = if inputs.contains("timestep_cond") {
-        Some(tensor_from::<crate::burn::Cpu, 2>(
-            &inputs,
-            "timestep_cond",
-            &device,
-        )?)
+        Some(tensor_from::<B, 2>(&inputs, "timestep_cond", device)?)
     } else if let (true, Some(dim)) = (inputs.contains("guidance"), config.time_cond_proj_dim) {
         let g = inputs
             .read("guidance")?
@@ -346,12 +375,12 @@ pub fn unet_eval(o: &UnetEval) -> Result<()> {
             .first()
             .copied()
             .unwrap_or(1.0);
-        Some(guidance_embedding(g - 1.0, dim, &device))
+        Some(guidance_embedding(g - 1.0, dim, device))
     } else {
         None
     };
     let added = if config.text_time() {
-        let text_embeds = tensor_from::<crate::burn::Cpu, 2>(&inputs, "text_embeds", &device)?;
+        let text_embeds = tensor_from::<B, 2>(&inputs, "text_embeds", device)?;
         let ids = inputs.read("time_ids")?.data;
         let time_ids: [f32; 6] = ids.as_slice().try_into().map_err(|_| {
             NodeError::InvalidJob(format!("time_ids has {} values, SDXL takes 6", ids.len()))
@@ -365,7 +394,7 @@ pub fn unet_eval(o: &UnetEval) -> Result<()> {
     };
     let out = unet.forward(sample, timestep, &ctx, cond.as_ref(), added.as_ref())?;
     let shape = out.dims().to_vec();
-    let data = out
+    let data = crate::burn::nn::in_f32(out)
         .into_data()
         .to_vec::<f32>()
         .map_err(|e| NodeError::Render(format!("{e:?}")))?;
@@ -489,14 +518,9 @@ pub fn bench_cli(
             config.downscale()
         )));
     }
-    let (backend, dtype) = match device.split_once('-') {
-        Some((backend, "f16")) => (backend, DType::F16),
-        Some((backend, "bf16")) => (backend, DType::BF16),
-        None => (device, DType::F32),
-        Some(_) => ("", DType::F32),
-    };
-    let timing = match backend {
-        "cpu" => bench_unet::<crate::burn::Cpu>(
+    let timing = match device_and_dtype(device)? {
+        #[cfg(feature = "cuda")]
+        ("cuda", dtype) => bench_unet::<crate::burn::Gpu>(
             &config,
             &Default::default(),
             dtype,
@@ -504,24 +528,14 @@ pub fn bench_cli(
             warmup,
             runs,
         )?,
-        #[cfg(feature = "cuda")]
-        "cuda" => {
-            crate::burn::cuda::preflight()?;
-            bench_unet::<crate::burn::Gpu>(
-                &config,
-                &Default::default(),
-                dtype,
-                latent,
-                warmup,
-                runs,
-            )?
-        }
-        _ => {
-            return Err(NodeError::Config(format!(
-                "device {device} is not available in this build (cpu{}, each optionally -f16 or -bf16)",
-                if cfg!(feature = "cuda") { ", cuda" } else { "" }
-            )));
-        }
+        (_, dtype) => bench_unet::<crate::burn::Cpu>(
+            &config,
+            &Default::default(),
+            dtype,
+            latent,
+            warmup,
+            runs,
+        )?,
     };
     Ok(summary(shape, size, device, &timing))
 }
