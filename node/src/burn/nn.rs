@@ -51,9 +51,9 @@ impl<B: Backend> Conv2d<B> {
 /// Group normalisation over `[n, c, h, w]` (or `[n, c, l]` flattened the same way).
 #[derive(Clone, Debug)]
 pub struct GroupNorm<B: Backend> {
-    /// Per-channel scale.
+    /// Per-channel scale (f32).
     pub gamma: Tensor<B, 1>,
-    /// Per-channel shift.
+    /// Per-channel shift (f32).
     pub beta: Tensor<B, 1>,
     /// Number of groups.
     pub groups: usize,
@@ -72,8 +72,8 @@ impl<B: Backend> GroupNorm<B> {
         let grouped = in_f32(x).reshape([n, self.groups, row]);
         let ones = Tensor::<B, 1>::ones([row], &grouped.device());
         let normed = fused_layer_norm(grouped, ones, None, self.eps);
-        let out = normed.reshape([n, c, h, w]) * in_f32(self.gamma.clone()).reshape([1, c, 1, 1])
-            + in_f32(self.beta.clone()).reshape([1, c, 1, 1]);
+        let out = normed.reshape([n, c, h, w]) * self.gamma.clone().reshape([1, c, 1, 1])
+            + self.beta.clone().reshape([1, c, 1, 1]);
         out.cast(dtype)
     }
 }
@@ -81,9 +81,9 @@ impl<B: Backend> GroupNorm<B> {
 /// Layer normalisation over the last dimension.
 #[derive(Clone, Debug)]
 pub struct LayerNorm<B: Backend> {
-    /// Scale.
+    /// Scale (f32).
     pub gamma: Tensor<B, 1>,
-    /// Shift.
+    /// Shift (f32).
     pub beta: Tensor<B, 1>,
     /// Variance epsilon.
     pub eps: f64,
@@ -95,8 +95,8 @@ impl<B: Backend> LayerNorm<B> {
         let dtype = x.dtype();
         fused_layer_norm(
             in_f32(x),
-            in_f32(self.gamma.clone()),
-            Some(in_f32(self.beta.clone())),
+            self.gamma.clone(),
+            Some(self.beta.clone()),
             self.eps,
         )
         .cast(dtype)

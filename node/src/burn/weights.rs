@@ -1,6 +1,7 @@
 //! Weight loading: safetensors files read tensor by tensor (positional reads, only the tensors a
 //! module asks for), converted to f32 on the host, LoRA deltas merged (in f32), then uploaded to
-//! the device in the loader's dtype (f32 by default; f16/bf16 for GPU workers).
+//! the device in the loader's dtype (f32 by default; f16/bf16 for GPU workers; norm parameters
+//! stay f32).
 //!
 //! Modules ask for tensors by their diffusers names; a [`NameMap`] translates those to the names
 //! in the file (single-file LDM checkpoints use other names). Every tensor must exist with the
@@ -282,8 +283,8 @@ impl<'a, B: Backend> Loader<'a, B> {
             )));
         }
         Ok(GroupNorm {
-            gamma: self.tensor(&format!("{path}.weight"), [channels])?,
-            beta: self.tensor(&format!("{path}.bias"), [channels])?,
+            gamma: self.norm_param(&format!("{path}.weight"), channels)?,
+            beta: self.norm_param(&format!("{path}.bias"), channels)?,
             groups,
             eps,
         })
@@ -292,10 +293,16 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// A layer norm `path` over the last `dim` features.
     pub fn layer_norm(&mut self, path: &str, dim: usize, eps: f64) -> Result<LayerNorm<B>> {
         Ok(LayerNorm {
-            gamma: self.tensor(&format!("{path}.weight"), [dim])?,
-            beta: self.tensor(&format!("{path}.bias"), [dim])?,
+            gamma: self.norm_param(&format!("{path}.weight"), dim)?,
+            beta: self.norm_param(&format!("{path}.bias"), dim)?,
             eps,
         })
+    }
+
+    /// A norm's scale or shift: f32 whatever the loader's dtype, since norms compute in f32.
+    fn norm_param(&mut self, name: &str, len: usize) -> Result<Tensor<B, 1>> {
+        let t = self.host(name, &[len])?;
+        Ok(upload(t, &self.device, DType::F32))
     }
 
     /// File tensors no module asked for, among those whose stored name starts with `prefix`.
