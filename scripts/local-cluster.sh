@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Starts a local Drover cluster on this machine: one coordinator (REST on :4200, gRPC on :4201,
 # embedded sled under .local-cluster/) and three nodes:
-#   sd15-cpu-a, sd15-cpu-b  BACKEND=cpu: the real Burn SD1.5 LCM pipeline on this CPU, running a
+#   sd15-cpu-a              BACKEND=cpu: the real Burn SD1.5 LCM pipeline on this CPU, running a
 #                           small SD1.5-shaped model with RANDOM weights generated at first start
 #                           (`drover-node make-model`): real computation, noise images.
+#   sd15-cpu-b              the same with a standard (non-LCM) SD1.5-shaped model: Euler, DPM++ 2M,
+#                           ... with classifier-free guidance (`make-model --variant standard`).
 #   sdxl-cpu                BACKEND=cpu: the Burn SDXL LCM pipeline (two text encoders, text_time
 #                           conditioning) on a small SDXL-shaped random-weight model.
 # For real pictures point MODEL_ROOT/MODEL at real LCM weights (see README). Ctrl-C stops
@@ -24,6 +26,10 @@ for family in sd15 sdxl; do
         target/debug/drover-node make-model --family "$family" --out "$MODELS/demo-$family"
     fi
 done
+if [ ! -f "$MODELS/demo-sd15-standard/RANDOM_WEIGHTS.txt" ]; then
+    target/debug/drover-node make-model --family sd15 --variant standard --seed 2 \
+        --out "$MODELS/demo-sd15-standard"
+fi
 
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
@@ -45,7 +51,7 @@ start_cpu_node() { # name model
     pids+=($!)
 }
 start_cpu_node sd15-cpu-a demo-sd15
-start_cpu_node sd15-cpu-b demo-sd15
+start_cpu_node sd15-cpu-b demo-sd15-standard
 start_cpu_node sdxl-cpu demo-sdxl
 
 cat <<MSG
@@ -57,6 +63,9 @@ with a random-weight demo model: their images are noise, by design.
   make an image: curl -s -X POST localhost:$HTTP_PORT/v1/generate \\
                       -H 'content-type: application/json' \\
                       -d '{"prompt":"a lighthouse at dusk","model":"sd15","seed":7}' -o lighthouse.png
+  AUTOMATIC1111-style (Euler a, 20 steps, CFG 7: runs on the standard node):
+                 curl -s -X POST localhost:$HTTP_PORT/sdapi/v1/txt2img -H 'content-type: application/json' \
+                      -d '{"prompt":"a red fox","sampler_name":"Euler a","steps":20,"cfg_scale":7,"width":256,"height":256}'
   SDXL (1024² by default, ~25 s on a 2-core CPU):
                  curl -s -X POST localhost:$HTTP_PORT/v1/generate -H 'content-type: application/json' \
                       -d '{"prompt":"a lighthouse at dusk","model":"sdxl","size":"512x512"}' -o xl.png

@@ -3,6 +3,7 @@
 use drover_shared::family::ModelFamily;
 use drover_shared::ids::{JobId, LeaseId, NodeId};
 use drover_shared::job::{JobSpec, Size};
+use drover_shared::sampler::Sampler;
 use serde::{Deserialize, Serialize};
 
 /// Milliseconds since the Unix epoch.
@@ -56,6 +57,10 @@ pub struct NodeRecord {
     /// to `max_pixels`.
     #[serde(default)]
     pub sizes: Vec<Size>,
+    /// The samplers the node runs, its default for jobs that name none first; empty: not
+    /// stated (a node from before samplers), any accepted.
+    #[serde(default)]
+    pub samplers: Vec<Sampler>,
 }
 
 /// Where a job is in its life.

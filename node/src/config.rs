@@ -71,8 +71,8 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Write a demo model: SD1.5- or SDXL-shaped (their text widths and conditioning, LCM), small,
-    /// random weights (draws noise).
+    /// Write a demo model: SD1.5- or SDXL-shaped (their text widths and conditioning), LCM or
+    /// standard, small, random weights (draws noise).
     MakeModel {
         /// Folder to write (a diffusers layout).
         #[arg(long)]
@@ -83,6 +83,10 @@ pub enum Command {
         /// `sd15` or `sdxl`.
         #[arg(long, default_value = "sd15")]
         family: ModelFamily,
+        /// `lcm` (a guidance embedding; the lcm sampler, 1..=8 steps) or `standard` (no guidance
+        /// embedding; Euler, DPM++ 2M, ... with classifier-free guidance).
+        #[arg(long, default_value = "lcm", value_parser = ["lcm", "standard"])]
+        variant: String,
     },
     /// Run one UNet forward on tensors from a file and write tensor `out` (f32).
     UnetEval {

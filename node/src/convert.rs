@@ -8,6 +8,7 @@
 use drover_shared::error::InvalidId;
 use drover_shared::ids::{JobId, LeaseId};
 use drover_shared::proto;
+use drover_shared::sampler::{SamplerName, SigmaSchedule};
 
 use crate::render::{Lora, Params};
 
@@ -50,17 +51,27 @@ impl TryFrom<proto::Assignment> for Assignment {
         let Some(spec) = a.spec else {
             return Err(refuse("assignment without a spec".into()));
         };
+        let sampler = match spec.sampler.as_str() {
+            "" => None,
+            name => Some(name.parse::<SamplerName>().map_err(&refuse)?.sampler),
+        };
+        let schedule = spec.scheduler.parse::<SigmaSchedule>().map_err(&refuse)?;
         Ok(Self {
             job_id,
             lease_id,
             attempt: a.attempt,
             trace_id: a.trace_id,
-            params: spec.into(),
+            params: Params {
+                sampler,
+                schedule,
+                ..spec.into()
+            },
         })
     }
 }
 
 /// The job's parameters; sizes and step counts are checked by the backend that renders them.
+/// The sampler is read by [`Assignment`]'s conversion, which can refuse an unknown one.
 impl From<proto::JobSpec> for Params {
     fn from(spec: proto::JobSpec) -> Self {
         Self {
@@ -70,6 +81,9 @@ impl From<proto::JobSpec> for Params {
             height: spec.height as usize,
             steps: spec.steps as usize,
             guidance: spec.guidance_scale,
+            guidance_rescale: spec.guidance_rescale,
+            sampler: None,
+            schedule: SigmaSchedule::Automatic,
             seed: spec.seed,
             loras: spec
                 .loras
@@ -111,6 +125,9 @@ mod tests {
             height: 512,
             steps: 4,
             guidance_scale: 1.5,
+            sampler: "DPM++ 2M".into(),
+            scheduler: "karras".into(),
+            guidance_rescale: 0.5,
             seed: 99,
             loras: vec![proto::LoraRequest {
                 name: "ink".into(),
@@ -118,6 +135,8 @@ mod tests {
             }],
         }
     }
+
+    use drover_shared::sampler::Sampler;
 
     #[test]
     fn an_assignment_becomes_typed_ids_and_params() {
@@ -140,6 +159,9 @@ mod tests {
                 height: 512,
                 steps: 4,
                 guidance: 1.5,
+                guidance_rescale: 0.5,
+                sampler: Some(Sampler::Dpmpp2m),
+                schedule: SigmaSchedule::Karras,
                 seed: 99,
                 loras: vec![Lora {
                     name: "ink".into(),
@@ -161,6 +183,24 @@ mod tests {
                 "invalid job id `job-7`",
             ),
             (job.as_str(), "", Some(spec()), "invalid lease id ``"),
+            (
+                job.as_str(),
+                lease.as_str(),
+                Some(proto::JobSpec {
+                    sampler: "DPM adaptive".into(),
+                    ..spec()
+                }),
+                "unknown sampler",
+            ),
+            (
+                job.as_str(),
+                lease.as_str(),
+                Some(proto::JobSpec {
+                    scheduler: "exponential".into(),
+                    ..spec()
+                }),
+                "unknown scheduler",
+            ),
             (
                 job.as_str(),
                 lease.as_str(),

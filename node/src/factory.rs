@@ -21,6 +21,7 @@ use crate::burn::pipeline::Precision;
 use crate::config::{BackendKind, NodeConfig, PrecisionKind};
 use crate::error::{NodeError, Result};
 use crate::render::{RunJob, Worker};
+use crate::sampling::Sampler;
 use crate::sim::SimRenderer;
 
 /// What the node tells the coordinator it can do.
@@ -43,6 +44,8 @@ pub struct Capabilities {
     /// The only sizes (width, height) served, for models with fixed shapes; empty: any size up
     /// to `max_pixels`.
     pub sizes: Vec<(u32, u32)>,
+    /// Samplers the workers run, the default for jobs that name none first.
+    pub samplers: Vec<Sampler>,
 }
 
 /// The workers of a node and what they can do.
@@ -52,6 +55,9 @@ pub struct WorkerPool {
     /// What the workers can do.
     pub capabilities: Capabilities,
 }
+
+/// What a simulated node advertises: every sampler, a standard one first.
+const SIM_SAMPLERS: [Sampler; 7] = Sampler::ALL;
 
 /// Largest image accepted for `family`: four times the family's native area.
 pub fn default_max_pixels(family: ModelFamily) -> u64 {
@@ -130,20 +136,23 @@ pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
                 ms = started.elapsed().as_millis() as u64,
                 "cpu pipelines loaded"
             );
+            let samplers = pipelines.first().map(|p| p.samplers()).unwrap_or_default();
             let addr = crate::burn::renderer::start_pool(
                 pipelines,
                 "cpu",
                 &model.model_id,
                 config.lora_root.clone(),
             );
-            Ok(pool(
+            let mut pool = pool(
                 config,
                 &model,
                 BackendKind::Cpu,
                 workers,
                 loras,
                 addr.recipient(),
-            ))
+            );
+            pool.capabilities.samplers = samplers;
+            Ok(pool)
         }
         BackendKind::Cuda => build_cuda(config, &model, loras),
         BackendKind::Rknn => build_rknn(config, &model, loras),
@@ -261,6 +270,7 @@ fn pool(
             loras,
             pixel_steps_per_second: 0.0,
             sizes: Vec::new(),
+            samplers: vec![Sampler::Lcm],
         },
     }
 }
@@ -346,15 +356,18 @@ fn build_cuda(
         ms = started.elapsed().as_millis() as u64,
         "cuda pipelines loaded and warmed up"
     );
+    let samplers = pipelines.first().map(|p| p.samplers()).unwrap_or_default();
     let addr = renderer::start_pool(pipelines, "cuda", &model.model_id, config.lora_root.clone());
-    Ok(pool(
+    let mut pool = pool(
         config,
         model,
         BackendKind::Cuda,
         plan.len() as u32,
         loras,
         addr.recipient(),
-    ))
+    );
+    pool.capabilities.samplers = samplers;
+    Ok(pool)
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -490,6 +503,9 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
             loras,
             pixel_steps_per_second,
             sizes: Vec::new(),
+            // A simulation renders any sampler alike; standard first, so jobs that name none
+            // may ask for up to 150 steps as on a standard model.
+            samplers: SIM_SAMPLERS.to_vec(),
         },
     })
 }

@@ -17,6 +17,7 @@ pub mod inspect;
 pub mod render;
 #[cfg(feature = "rknn")]
 pub mod rknn;
+pub mod sampling;
 pub mod session;
 pub mod sim;
 pub mod tools;
@@ -47,10 +48,15 @@ pub fn cli_main() -> ExitCode {
         };
     }
     match cli.command {
-        Some(config::Command::MakeModel { out, seed, family }) => {
+        Some(config::Command::MakeModel {
+            out,
+            seed,
+            family,
+            variant,
+        }) => {
             return report(
                 "make-model",
-                tools::make_model(&out, seed, family).map(|()| {
+                tools::make_model(&out, seed, family, variant == "lcm").map(|()| {
                     format!("demo model (random weights) written to {}\n", out.display())
                 }),
             );

@@ -23,6 +23,7 @@ use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
 use tokio::sync::mpsc;
 
 use crate::error::{NodeError, Result};
+use crate::sampling::{Sampler, SigmaSchedule};
 
 /// A LoRA a job asks for: its catalog name and strength.
 #[derive(Clone, Debug, PartialEq)]
@@ -44,10 +45,16 @@ pub struct Params {
     pub width: usize,
     /// Image height in pixels.
     pub height: usize,
-    /// Denoising steps (LCM pipelines: 1..=8).
+    /// Denoising steps (LCM: 1..=8; standard samplers: 1..=150).
     pub steps: usize,
     /// Guidance scale (LCM: `w = guidance − 1` feeds the guidance embedding).
     pub guidance: f32,
+    /// Guidance rescale φ (0: off), for classifier-free guidance.
+    pub guidance_rescale: f32,
+    /// The sampler; `None`: the model's default (LCM on LCM models, DPM++ 2M on standard ones).
+    pub sampler: Option<Sampler>,
+    /// The sigma schedule (`Automatic`: the sampler's default).
+    pub schedule: SigmaSchedule,
     /// Seed of the initial and per-step noise.
     pub seed: u64,
     /// LoRAs to merge, in order.
@@ -347,6 +354,15 @@ pub fn encode_png(image: &Image, params: &Params, origin: &Origin) -> Result<Vec
         ("model", origin.model_id.clone()),
         ("size", format!("{}x{}", image.width, image.height)),
     ];
+    if let Some(sampler) = params.sampler {
+        text.push(("sampler", sampler.id().to_string()));
+    }
+    if params.schedule != SigmaSchedule::Automatic {
+        text.push(("scheduler", params.schedule.id().to_string()));
+    }
+    if params.guidance_rescale > 0.0 {
+        text.push(("guidance_rescale", params.guidance_rescale.to_string()));
+    }
     if !params.negative_prompt.is_empty() {
         text.push(("negative_prompt", params.negative_prompt.clone()));
     }
@@ -429,6 +445,9 @@ mod tests {
             height: 8,
             steps: 3,
             guidance: 1.5,
+            guidance_rescale: 0.0,
+            sampler: None,
+            schedule: crate::sampling::SigmaSchedule::Automatic,
             seed: 7,
             loras: vec![Lora {
                 name: "ink".into(),

@@ -123,6 +123,7 @@ impl NodeLink {
                 .iter()
                 .map(|&(width, height)| proto::ImageSize { width, height })
                 .collect(),
+            samplers: caps.samplers.iter().map(|s| s.id().to_string()).collect(),
         }
     }
 

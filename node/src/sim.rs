@@ -170,6 +170,9 @@ mod tests {
             height: 48,
             steps: 2,
             guidance: 1.0,
+            guidance_rescale: 0.0,
+            sampler: None,
+            schedule: crate::sampling::SigmaSchedule::Automatic,
             seed,
             loras: Vec::new(),
         }

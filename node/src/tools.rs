@@ -74,7 +74,13 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
 /// text_time conditioning; LCM guidance embedding for both) at a fraction of its width, so a CPU
 /// renders the family's default size in seconds.
 pub fn demo_unet_config(family: ModelFamily) -> serde_json::Value {
-    match family {
+    demo_unet(family, true)
+}
+
+/// [`demo_unet_config`], with the LCM guidance embedding or (`lcm` false) without: a standard
+/// model, sampled with classifier-free guidance.
+fn demo_unet(family: ModelFamily, lcm: bool) -> serde_json::Value {
+    let mut config = match family {
         ModelFamily::Sdxl => json!({
             "_class_name": "UNet2DConditionModel",
             "in_channels": 4, "out_channels": 4, "sample_size": 128,
@@ -96,7 +102,11 @@ pub fn demo_unet_config(family: ModelFamily) -> serde_json::Value {
             "layers_per_block": 1, "cross_attention_dim": 768, "attention_head_dim": 8,
             "norm_num_groups": 32, "use_linear_projection": false, "time_cond_proj_dim": 256
         }),
+    };
+    if !lcm {
+        config["time_cond_proj_dim"] = serde_json::Value::Null;
     }
+    config
 }
 
 fn parse_config<T: serde::de::DeserializeOwned>(v: &serde_json::Value, what: &str) -> Result<T> {
@@ -113,10 +123,11 @@ fn clip_config(width: usize, layers: usize, heads: usize, act: &str) -> serde_js
     })
 }
 
-/// Writes a diffusers folder holding a `family`-shaped (sd15 or sdxl) LCM model with random
-/// weights (seeded). It exercises the whole pipeline; its images are noise, by design.
+/// Writes a diffusers folder holding a `family`-shaped (sd15 or sdxl) model with random weights
+/// (seeded): an LCM model (`lcm`), or a standard one with Stable Diffusion's own scheduler
+/// settings. It exercises the whole pipeline; its images are noise, by design.
 /// `RANDOM_WEIGHTS.txt` and the PNG metadata say so.
-pub fn make_model(out: &Path, seed: u64, family: ModelFamily) -> Result<()> {
+pub fn make_model(out: &Path, seed: u64, family: ModelFamily, lcm: bool) -> Result<()> {
     let device = Default::default();
     let sdxl = match family {
         ModelFamily::Sd15 => false,
@@ -132,7 +143,7 @@ pub fn make_model(out: &Path, seed: u64, family: ModelFamily) -> Result<()> {
         "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1, "norm_num_groups": 32,
         "scaling_factor": if sdxl { 0.13025 } else { 0.18215 }
     });
-    let unet_json = demo_unet_config(family);
+    let unet_json = demo_unet(family, lcm);
     let unet: UnetConfig = parse_config(&unet_json, "unet")?;
     let vae: VaeConfig = parse_config(&vae_cfg, "vae")?;
     let source = RandomWeights::new(seed);
@@ -180,24 +191,31 @@ pub fn make_model(out: &Path, seed: u64, family: ModelFamily) -> Result<()> {
     )?;
     write_json(&out.join("unet/config.json"), &unet_json)?;
     write_json(&out.join("vae/config.json"), &vae_cfg)?;
-    write_json(
-        &out.join("scheduler/scheduler_config.json"),
-        &json!({"_class_name": "LCMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
-                "beta_end": 0.012, "beta_schedule": "scaled_linear", "original_inference_steps": 50,
-                "timestep_scaling": 10.0, "prediction_type": "epsilon"}),
-    )?;
+    let scheduler = if lcm {
+        json!({"_class_name": "LCMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085,
+               "beta_end": 0.012, "beta_schedule": "scaled_linear", "original_inference_steps": 50,
+               "timestep_scaling": 10.0, "prediction_type": "epsilon"})
+    } else {
+        json!({"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000,
+               "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+               "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "epsilon"})
+    };
+    write_json(&out.join("scheduler/scheduler_config.json"), &scheduler)?;
     let mut index = serde_json::Map::new();
     index.insert(
         "_class_name".into(),
-        json!(if sdxl {
-            "StableDiffusionXLPipeline"
-        } else {
-            "LatentConsistencyModelPipeline"
+        json!(match (sdxl, lcm) {
+            (true, _) => "StableDiffusionXLPipeline",
+            (false, true) => "LatentConsistencyModelPipeline",
+            (false, false) => "StableDiffusionPipeline",
         }),
     );
     index.insert("unet".into(), json!(["diffusers", "UNet2DConditionModel"]));
     index.insert("vae".into(), json!(["diffusers", "AutoencoderKL"]));
-    index.insert("scheduler".into(), json!(["diffusers", "LCMScheduler"]));
+    index.insert(
+        "scheduler".into(),
+        json!(["diffusers", scheduler["_class_name"]]),
+    );
     for (name, value) in components {
         index.insert(name.into(), value);
     }
@@ -230,9 +248,10 @@ pub fn make_model(out: &Path, seed: u64, family: ModelFamily) -> Result<()> {
     std::fs::write(
         &note,
         format!(
-            "This model was generated by `drover-node make-model --family {family} --seed {seed}`.\n\
-             Its weights are random: it runs the real {family} LCM pipeline end to end, but draws noise.\n\
-             Point MODEL_ROOT/MODEL at a real {family} LCM model (a diffusers folder) for pictures.\n"
+            "This model was generated by `drover-node make-model --family {family} --variant {variant} --seed {seed}`.\n\
+             Its weights are random: it runs the real {family} {variant} pipeline end to end, but draws noise.\n\
+             Point MODEL_ROOT/MODEL at a real {family} model (a diffusers folder) for pictures.\n",
+            variant = if lcm { "lcm" } else { "standard" }
         ),
     )
     .map_err(|e| io(&note, e))?;
@@ -409,6 +428,47 @@ fn unet_eval_on<B: Backend>(o: &UnetEval, device: &B::Device, dtype: DType) -> R
 pub struct UnetTiming {
     /// Milliseconds per forward, each run.
     pub runs_ms: Vec<f64>,
+    /// Milliseconds per step of the sampling maths alone (scheduler step, CFG combine and
+    /// guidance rescale, with a model that answers at once), by sampler, same latent and device.
+    pub sampler_step_ms: Vec<(&'static str, f64)>,
+}
+
+/// Per-step cost of each sampler's maths (and of CFG with rescale) at `latent`, without a UNet:
+/// the model closure answers a ready tensor. 20 steps each, `runs` times, median per step.
+fn bench_sampler_steps<B: Backend>(
+    sample: &Tensor<B, 4>,
+    runs: usize,
+) -> Result<Vec<(&'static str, f64)>> {
+    use crate::sampling::guidance::{guided, rescaled};
+    use crate::sampling::{NoiseSchedule, Plan, Sampler, SchedulerConfig, SigmaSchedule};
+    let schedule = NoiseSchedule::new(SchedulerConfig::default())?;
+    let out = sample.clone().mul_scalar(0.5);
+    let mut timings = Vec::new();
+    for (name, sampler, sigmas) in [
+        ("dpmpp_2m_karras", Sampler::Dpmpp2m, SigmaSchedule::Karras),
+        ("euler_a", Sampler::EulerA, SigmaSchedule::Normal),
+        ("ddim", Sampler::Ddim, SigmaSchedule::Normal),
+    ] {
+        let plan = Plan::new(&schedule, sampler, sigmas, 20)?;
+        let mut per_step = Vec::new();
+        for _ in 0..runs.max(1) {
+            let started = Instant::now();
+            let latent = plan.run(
+                sample.clone(),
+                |_, _| {
+                    let g = guided(out.clone(), out.clone().mul_scalar(1.1), 7.0);
+                    Ok(rescaled(g, &out, 0.7))
+                },
+                |_| sample.clone(),
+                |_, _| std::ops::ControlFlow::Continue(()),
+            )?;
+            let _ = latent.slice([0..1, 0..1, 0..1, 0..1]).into_data();
+            per_step.push(started.elapsed().as_secs_f64() * 1000.0 / 20.0);
+        }
+        per_step.sort_by(f64::total_cmp);
+        timings.push((name, per_step[per_step.len() / 2]));
+    }
+    Ok(timings)
 }
 
 /// Times `runs` UNet forwards of a random-weight UNet with `config` on `device`, weights in
@@ -469,7 +529,11 @@ pub fn bench_unet<B: Backend>(
             runs_ms.push(started.elapsed().as_secs_f64() * 1000.0);
         }
     }
-    Ok(UnetTiming { runs_ms })
+    let sampler_step_ms = bench_sampler_steps(&sample, runs)?;
+    Ok(UnetTiming {
+        runs_ms,
+        sampler_step_ms,
+    })
 }
 
 fn shape_config(shape: &str) -> Result<UnetConfig> {
@@ -495,10 +559,21 @@ fn summary(shape: &str, size: usize, device: &str, t: &UnetTiming) -> String {
     sorted.sort_by(f64::total_cmp);
     let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
     let mean = sorted.iter().sum::<f64>() / sorted.len().max(1) as f64;
+    let samplers: serde_json::Map<String, serde_json::Value> = t
+        .sampler_step_ms
+        .iter()
+        .map(|(name, ms)| {
+            (
+                (*name).to_string(),
+                json!({"step_ms": ms, "of_unet_call": ms / median.max(f64::MIN_POSITIVE)}),
+            )
+        })
+        .collect();
     format!(
         "{}\n",
         json!({"shape": shape, "size": size, "device": device, "runs": sorted.len(),
-               "median_ms": median, "mean_ms": mean, "min_ms": sorted.first(), "runs_ms": t.runs_ms})
+               "median_ms": median, "mean_ms": mean, "min_ms": sorted.first(), "runs_ms": t.runs_ms,
+               "sampler_maths_per_step": samplers})
     )
 }
 

@@ -1,5 +1,6 @@
-//! The real pipeline behind the scheduler: cpu nodes running Burn's SD1.5 and SDXL LCM pipelines
-//! on random-weight demo models (`drover-node make-model`), reached through the coordinator.
+//! The real pipeline behind the scheduler: cpu nodes running Burn's SD1.5 and SDXL pipelines
+//! (LCM, and a standard SD1.5 model sampled with CFG) on random-weight demo models
+//! (`drover-node make-model`), reached through the coordinator.
 
 use std::process::Command;
 use std::time::Duration;
@@ -31,6 +32,18 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
             .status()?;
         assert!(status.success());
     }
+    let status = Command::new(binaries!().node)
+        .args([
+            "make-model",
+            "--variant",
+            "standard",
+            "--seed",
+            "2",
+            "--out",
+        ])
+        .arg(dir.path().join("demo-sd15-standard"))
+        .status()?;
+    assert!(status.success());
     let root = dir.path().to_string_lossy().into_owned();
 
     let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
@@ -52,7 +65,16 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
         ],
     };
     cluster.add_node(xl)?;
-    cluster.wait_for_online(&["cpu-a", "cpu-xl"], T)?;
+    let standard = NodeSpec {
+        name: "cpu-std".into(),
+        env: vec![
+            ("BACKEND".into(), "cpu".into()),
+            ("MODEL_ROOT".into(), root.clone()),
+            ("MODEL".into(), "demo-sd15-standard".into()),
+        ],
+    };
+    cluster.add_node(standard)?;
+    cluster.wait_for_online(&["cpu-a", "cpu-xl", "cpu-std"], T)?;
     let nodes = cluster.nodes()?;
     for n in &nodes {
         assert_eq!(n["backend"], "cpu", "{nodes:?}");
@@ -84,7 +106,7 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
     );
 
     let body = json!({"prompt": "a lighthouse at dusk", "model": "sd15", "size": "128x64",
-                      "steps": 2, "seed": 11});
+                      "steps": 2, "seed": 11, "sampler": "lcm"});
     let reply = cluster.post("/v1/generate", &body)?;
     assert_eq!(
         reply.status,
@@ -110,11 +132,87 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
     let again = cluster.post("/v1/generate", &body)?;
     assert_eq!(again.body, reply.body);
 
-    // More steps than an LCM pipeline runs: refused for good, with the node's reason.
-    let id =
-        cluster.submit(&json!({"prompt": "x", "model": "sd15", "size": "64x64", "steps": 20}))?;
-    let job = cluster.wait_for_job(&id, T)?;
-    assert_eq!(job["state"], "failed", "{job}");
-    assert!(job.to_string().contains("1..=8 steps"), "{job}");
+    // Nodes say what they run: the LCM models only lcm, the standard model the rest, its
+    // default (DPM++ 2M) first.
+    let samplers = |name: &str| {
+        nodes
+            .iter()
+            .find(|n| n["name"] == name)
+            .map(|n| n["samplers"].clone())
+    };
+    assert_eq!(samplers("cpu-a"), Some(json!(["lcm"])), "{nodes:?}");
+    assert_eq!(
+        samplers("cpu-std").map(|s| s[0].clone()),
+        Some(json!("dpmpp_2m"))
+    );
+
+    // An AUTOMATIC1111 client's ordinary request renders on the standard model: Euler a, 20 steps,
+    // CFG 7, with a negative prompt; the same seed gives the same image.
+    let std_id = cluster.node_id("cpu-std")?.expect("standard node id");
+    let a1111 = json!({"prompt": "a red fox", "negative_prompt": "blurry", "sampler_name": "Euler a",
+                       "steps": 20, "cfg_scale": 7, "width": 64, "height": 64, "seed": 5});
+    let reply = cluster.post("/sdapi/v1/txt2img", &a1111)?;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let first = reply.json()?;
+    let info: serde_json::Value = serde_json::from_str(first["info"].as_str().unwrap_or("{}"))?;
+    let job = cluster.job(info["job_ids"][0].as_str().unwrap_or_default())?;
+    assert_eq!(job["node_id"], std_id.as_str(), "{job}");
+    assert_eq!(job["spec"]["sampler"], "euler_a", "{job}");
+    let again = cluster.post("/sdapi/v1/txt2img", &a1111)?.json()?;
+    assert_eq!(first["images"], again["images"]);
+    // A different sampler on the same seed draws a different image.
+    let dpm = cluster.post(
+        "/sdapi/v1/txt2img",
+        &json!({"prompt": "a red fox", "negative_prompt": "blurry", "sampler_name": "DPM++ 2M",
+                "scheduler": "Karras", "steps": 12, "cfg_scale": 7, "width": 64, "height": 64,
+                "seed": 5}),
+    )?;
+    assert_eq!(dpm.status, 200, "{}", String::from_utf8_lossy(&dpm.body));
+    assert_ne!(dpm.json()?["images"], first["images"]);
+    // With no sampler named, an sd15 job of 20 steps can only be the standard model's.
+    let reply = cluster.post(
+        "/v1/generate",
+        &json!({"prompt": "x", "model": "sd15", "size": "64x64", "steps": 20, "guidance_scale": 5}),
+    )?;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.header("x-node-id"), Some(std_id.as_str()));
+
+    // What no node can run is refused at submit with each node's reason, not failed later.
+    let reply = cluster.post(
+        "/v1/jobs",
+        &json!({"prompt": "x", "model": "sdxl", "size": "64x64", "steps": 20}),
+    )?;
+    assert_eq!(
+        reply.status,
+        422,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let text = String::from_utf8_lossy(&reply.body);
+    assert!(
+        text.contains("too_many_steps") && text.contains("\"max_steps\":8"),
+        "{text}"
+    );
+    let reply = cluster.post(
+        "/v1/jobs",
+        &json!({"prompt": "x", "model": "sdxl", "sampler": "Euler a"}),
+    )?;
+    assert_eq!(
+        reply.status,
+        422,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert!(String::from_utf8_lossy(&reply.body).contains("sampler_not_served"));
     Ok(())
 }

@@ -13,7 +13,7 @@ fn bad_input_gets_a_clear_json_error() -> anyhow::Result<()> {
     let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
     cluster.add_node(NodeSpec::sim("judge", "sd15").env("SIM_STEP_MS", "500"))?;
     cluster.wait_for_online(&["judge"], T)?;
-    let cases: [(&str, &[u8], u16, &str); 8] = [
+    let cases: [(&str, &[u8], u16, &str); 10] = [
         ("/v1/jobs", b"{not json", 400, "body"),
         (
             "/v1/jobs",
@@ -21,7 +21,19 @@ fn bad_input_gets_a_clear_json_error() -> anyhow::Result<()> {
             400,
             "colour",
         ),
-        ("/v1/jobs", br#"{"prompt":"x","steps":99}"#, 400, "steps"),
+        ("/v1/jobs", br#"{"prompt":"x","steps":151}"#, 400, "steps"),
+        (
+            "/v1/jobs",
+            br#"{"prompt":"x","sampler":"DPM adaptive"}"#,
+            400,
+            "sampler",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            br#"{"prompt":"x","sampler_name":"UniPC 9"}"#,
+            400,
+            "sampler_name",
+        ),
         (
             "/v1/jobs",
             br#"{"prompt":"x","size":"100x100"}"#,
@@ -346,7 +358,7 @@ fn openapi_documents_every_route_the_server_answers() -> anyhow::Result<()> {
             checked += 1;
         }
     }
-    assert_eq!(checked, 21, "{checked} operations");
+    assert_eq!(checked, 23, "{checked} operations");
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The registry's live side: each node's record, session, liveness and measured speed, the one
 //! place a node's [`NodeState`] is worked out, and what the router sees of a node.
 
+use drover_shared::sampler::Sampler;
 use std::time::Instant;
 
 use drover_shared::family::ModelFamily;
@@ -158,6 +159,7 @@ impl NodeEntry {
             model_id: &self.record.model_id,
             max_pixels: self.record.max_pixels,
             sizes: &self.record.sizes,
+            samplers: &self.record.samplers,
             loras: &self.record.loras,
             online,
             suspect,
@@ -195,6 +197,8 @@ pub struct NodeRegistration {
     pub version: String,
     /// Advertised speed (pixel-steps per second, 0 when unknown).
     pub pixel_steps_per_second: f64,
+    /// Samplers it runs, its default first (empty: not stated).
+    pub samplers: Vec<Sampler>,
 }
 
 impl NodeRegistration {
@@ -216,6 +220,7 @@ impl NodeRegistration {
             registered_at_ms: now_ms,
             draining: existing.is_some_and(|r| r.draining),
             sizes: self.sizes,
+            samplers: self.samplers,
         }
     }
 }

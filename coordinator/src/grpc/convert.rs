@@ -6,6 +6,7 @@ use drover_shared::family::{ModelFamily, UnknownFamily};
 use drover_shared::ids::{JobId, LeaseId};
 use drover_shared::job::Size;
 use drover_shared::proto::{self, coordinator_message, node_message};
+use drover_shared::sampler::SamplerName;
 
 use crate::control::{NodeRegistration, NodeReport, ToNode};
 use crate::error::{CoordinatorError, Result};
@@ -56,7 +57,19 @@ pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
+    let mut samplers = Vec::new();
+    for id in &req.samplers {
+        match id.parse::<SamplerName>() {
+            Ok(n) if !samplers.contains(&n.sampler) => samplers.push(n.sampler),
+            Ok(_) => {}
+            // A newer node's sampler this coordinator does not know: jobs cannot ask for it.
+            Err(_) => {
+                tracing::warn!(node = %name, sampler = %id, "unknown sampler advertised, ignored")
+            }
+        }
+    }
     Ok(NodeRegistration {
+        samplers,
         name,
         backend: req.backend,
         family,
@@ -144,6 +157,13 @@ pub fn to_node(message: ToNode) -> proto::CoordinatorMessage {
                     height: a.size.height,
                     steps: a.spec.steps,
                     guidance_scale: a.spec.guidance_scale,
+                    sampler: a
+                        .spec
+                        .sampler
+                        .map(|s| s.id().to_string())
+                        .unwrap_or_default(),
+                    scheduler: a.spec.scheduler.id().to_string(),
+                    guidance_rescale: a.spec.guidance_rescale,
                     seed: a.spec.seed,
                     loras: a
                         .spec

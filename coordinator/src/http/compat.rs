@@ -3,16 +3,20 @@
 //!   "WxH", `num_inference_steps`, `guidance_scale`, `seed`, `style_lora {style, level}`),
 //!   answered as it did: PNG bytes with `X-Seed`.
 //! - `POST /sdapi/v1/txt2img`: the AUTOMATIC1111 subset (`prompt`, `negative_prompt`, `steps`,
-//!   `cfg_scale`, `width`, `height`, `seed`, `batch_size`, `n_iter`), answered with base64 PNGs,
-//!   the parameters and an `info` JSON string.
+//!   `cfg_scale`, `sampler_name`, `scheduler`, `width`, `height`, `seed`, `batch_size`,
+//!   `n_iter`), answered with base64 PNGs, the parameters and an `info` JSON string;
+//!   `GET /sdapi/v1/samplers` and `GET /sdapi/v1/schedulers` list what those two accept.
 //!
 //! Unlike the strict native API, these accept whole bodies real clients send: fields they do not
 //! use are ignored, and seed −1 means random. Fields they do use are validated like native ones,
 //! and errors name them.
 
-use actix_web::{HttpResponse, post, web};
+use std::collections::BTreeMap;
+
+use actix_web::{HttpResponse, get, post, web};
 use drover_shared::error::FieldError;
 use drover_shared::job::{JobRequest, MAX_SEED, StyleRef, random_seed};
+use drover_shared::sampler::{Sampler, SamplerName, SigmaSchedule};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
@@ -48,8 +52,8 @@ pub struct LcmRequest {
     /// Image size as `WxH`, as in `POST /v1/jobs`.
     #[schema(schema_with = drover_shared::job::openapi::size)]
     pub size: Option<String>,
-    /// Denoising steps, 1..=50.
-    #[schema(minimum = 1, maximum = 50)]
+    /// Denoising steps, 1..=150 (the sampler's own range: LCM 1..=8).
+    #[schema(minimum = 1, maximum = 150)]
     pub num_inference_steps: Option<u32>,
     /// Guidance scale, 0..=20.
     #[schema(minimum = 0, maximum = 20)]
@@ -73,12 +77,19 @@ pub struct Txt2ImgRequest {
     /// What not to draw: at most 2000 characters; empty for nothing.
     #[schema(max_length = 2000)]
     pub negative_prompt: Option<String>,
-    /// Denoising steps, 1..=50.
-    #[schema(minimum = 1, maximum = 50)]
+    /// Denoising steps, 1..=150 (the sampler's own range: LCM 1..=8).
+    #[schema(minimum = 1, maximum = 150)]
     pub steps: Option<u32>,
     /// Guidance scale, 0..=20.
     #[schema(minimum = 0, maximum = 20)]
     pub cfg_scale: Option<f64>,
+    /// Sampler, as `GET /sdapi/v1/samplers` lists it (any case; a ` Karras` suffix asks for
+    /// Karras sigmas); the serving model's default when absent.
+    #[schema(example = "Euler a")]
+    pub sampler_name: Option<String>,
+    /// Sigma schedule, as `GET /sdapi/v1/schedulers` lists it: `Automatic`, `Normal`, `Karras`.
+    #[schema(example = "Karras")]
+    pub scheduler: Option<String>,
     /// Image width: a multiple of 8 in 64..=2048; 512 when absent.
     #[schema(minimum = 64, maximum = 2048, multiple_of = 8, default = 512)]
     pub width: Option<u32>,
@@ -318,6 +329,31 @@ pub fn txt2img_request(body: &[u8]) -> Result<Txt2Img> {
     }
     let steps = steps(&map, "steps")?;
     let guidance_scale = number(&map, "cfg_scale")?.map(|g| g as f32);
+    let sampler = match string(&map, "sampler_name")? {
+        Some(name) if !name.trim().is_empty() => {
+            let parsed: SamplerName = name
+                .parse()
+                .map_err(|m| FieldError::new("sampler_name", m))?;
+            Some(format!(
+                "{}{}",
+                parsed.sampler.id(),
+                if parsed.schedule == SigmaSchedule::Karras {
+                    "_karras"
+                } else {
+                    ""
+                }
+            ))
+        }
+        _ => None,
+    };
+    let scheduler = match string(&map, "scheduler")? {
+        Some(raw) => {
+            raw.parse::<SigmaSchedule>()
+                .map_err(|m| FieldError::new("scheduler", m))?;
+            Some(raw)
+        }
+        None => None,
+    };
     let first_seed = seed(&map, "seed")?.unwrap_or_else(|| random_seed() as i64);
     let seeds = 1 + MAX_SEED as i64;
     let requests = (0..count)
@@ -327,6 +363,8 @@ pub fn txt2img_request(body: &[u8]) -> Result<Txt2Img> {
             size: Some(format!("{width}x{height}")),
             steps,
             guidance_scale,
+            sampler: sampler.clone(),
+            scheduler: scheduler.clone(),
             // A1111 gives image i of a batch the seed + i; past the last seed, from 0 again (a
             // first seed out of range stays so, and is refused).
             seed: Some(if (0..seeds).contains(&first_seed) {
@@ -405,6 +443,91 @@ pub(crate) async fn txt2img(
         parameters: call.parameters,
         info: serde_json::to_string(&info)?,
     }))
+}
+
+/// A sampler as AUTOMATIC1111's `GET /sdapi/v1/samplers` lists it.
+#[derive(Serialize, ToSchema)]
+pub struct A1111Sampler {
+    /// The name `sampler_name` takes.
+    pub name: String,
+    /// Other names accepted for it.
+    pub aliases: Vec<String>,
+    /// Options (none here).
+    pub options: BTreeMap<String, String>,
+}
+
+/// The samplers `sampler_name` accepts
+///
+/// Every sampler Drover has; which nodes run which is in `GET /v1/nodes` (`samplers`), and a
+/// job for a sampler no node runs is refused with 422 and the reason per node.
+#[utoipa::path(
+    tag = "compat",
+    responses(
+        (status = 200, description = "The samplers", body = [A1111Sampler]),
+        (status = 401, response = Unauthorized),
+    ),
+    security((), ("apiKey" = []), ("bearerKey" = []))
+)]
+#[get("/sdapi/v1/samplers")]
+pub(crate) async fn samplers(_: Client) -> HttpResponse {
+    HttpResponse::Ok().json(a1111_samplers())
+}
+
+/// The listing of [`samplers`]: each sampler, and its Karras form where it has one.
+pub fn a1111_samplers() -> Vec<A1111Sampler> {
+    let mut out = Vec::new();
+    for s in Sampler::ALL {
+        out.push(A1111Sampler {
+            name: s.a1111_name().into(),
+            aliases: vec![s.id().into()],
+            options: BTreeMap::new(),
+        });
+        if !matches!(s, Sampler::Lcm | Sampler::Ddim) {
+            out.push(A1111Sampler {
+                name: format!("{} Karras", s.a1111_name()),
+                aliases: vec![format!("{}_karras", s.id())],
+                options: BTreeMap::from([("scheduler".into(), "karras".into())]),
+            });
+        }
+    }
+    out
+}
+
+/// A sigma schedule as AUTOMATIC1111's `GET /sdapi/v1/schedulers` lists it.
+#[derive(Serialize, ToSchema)]
+pub struct A1111Scheduler {
+    /// The id `scheduler` takes.
+    pub name: String,
+    /// The label shown.
+    pub label: String,
+}
+
+/// The sigma schedules `scheduler` accepts
+#[utoipa::path(
+    tag = "compat",
+    responses(
+        (status = 200, description = "The schedules", body = [A1111Scheduler]),
+        (status = 401, response = Unauthorized),
+    ),
+    security((), ("apiKey" = []), ("bearerKey" = []))
+)]
+#[get("/sdapi/v1/schedulers")]
+pub(crate) async fn schedulers(_: Client) -> HttpResponse {
+    let list: Vec<A1111Scheduler> = [
+        SigmaSchedule::Automatic,
+        SigmaSchedule::Normal,
+        SigmaSchedule::Karras,
+    ]
+    .into_iter()
+    .map(|s| A1111Scheduler {
+        name: s.id().into(),
+        label: {
+            let id = s.id();
+            id[..1].to_ascii_uppercase() + &id[1..]
+        },
+    })
+    .collect();
+    HttpResponse::Ok().json(list)
 }
 
 /// Standard base64 (RFC 4648, with padding).

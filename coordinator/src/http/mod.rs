@@ -49,6 +49,8 @@ pub fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(nodes::metrics)
         .service(compat::lcm_generate)
         .service(compat::txt2img)
+        .service(compat::samplers)
+        .service(compat::schedulers)
         .service(dashboard::index)
         .service(dashboard::live_part)
         .service(docs::api_page)

@@ -341,6 +341,7 @@ mod tests {
                 registered_at_ms: 0,
                 draining: false,
                 sizes: Vec::new(),
+                samplers: Vec::new(),
             },
             state,
             suspect: false,

@@ -151,10 +151,12 @@ mod tests {
             "get /v1/styles",
             "post /generate",
             "post /sdapi/v1/txt2img",
+            "get /sdapi/v1/samplers",
+            "get /sdapi/v1/schedulers",
         ] {
             assert!(listed.contains(expected), "{expected} is not documented");
         }
-        assert_eq!(listed.len(), 21, "{listed:?}");
+        assert_eq!(listed.len(), 23, "{listed:?}");
         let names: BTreeSet<&str> = ERROR_RESPONSES.iter().map(|(n, _)| *n).collect();
         for (name, code) in ERROR_RESPONSES {
             assert_eq!(component_of(*code), *name);
@@ -269,6 +271,9 @@ mod tests {
             size: Some("512x512".into()),
             steps: Some(4),
             guidance_scale: Some(1.5),
+            sampler: Some("Euler a".into()),
+            scheduler: Some("karras".into()),
+            guidance_rescale: Some(0.7),
             seed: Some(7),
             loras: vec![LoraRef {
                 name: "ink".into(),

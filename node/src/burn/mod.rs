@@ -8,7 +8,7 @@
 //! inside it, the crate is spelled `::burn`.
 //!
 //! Module graph, leaves first: [`tensor_file`] (safetensors files → f32 host tensors), [`nn`],
-//! [`lora`], [`weights`] (the loader), [`tokenizer`], [`lcm`], [`gpus`] (device placement); then
+//! [`lora`], [`weights`] (the loader), [`tokenizer`], [`gpus`] (device placement); then
 //! [`clip`], [`unet`], [`vae`];
 //! then [`pipeline`]; then [`renderer`]. Nothing here depends on the session or the protocol.
 
@@ -16,7 +16,6 @@ pub mod clip;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod gpus;
-pub mod lcm;
 pub mod lora;
 pub mod nn;
 pub mod pipeline;

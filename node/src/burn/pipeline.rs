@@ -1,5 +1,6 @@
-//! The SD1.x/SD2.x LCM pipeline: load a model (diffusers folder or single-file LDM checkpoint),
-//! merge LoRAs, tokenize → encode → 1..=8 LCM steps → decode.
+//! The SD1.x/SD2.x/SDXL pipeline: load a model (diffusers folder or single-file LDM checkpoint),
+//! merge LoRAs, tokenize → encode → sample ([`crate::sampling`]: LCM or a standard sampler with
+//! classifier-free guidance) → decode.
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -10,7 +11,6 @@ use drover_shared::family::ModelFamily;
 use serde::de::DeserializeOwned;
 
 use super::clip::{ClipConfig, ClipText, clip_prefix};
-use super::lcm::{Lcm, LcmConfig};
 use super::lora::LoraSet;
 use super::tensor_file::TensorFile;
 use super::tokenizer::{ClipTokenizer, Tokens};
@@ -19,6 +19,8 @@ use super::vae::{VaeConfig, VaeDecoder};
 use super::weights::{Loader, NameMap, OpenClipSource};
 use crate::error::{NodeError, Result};
 use crate::render::{Image, Params, gaussian, rgb_from_chw, step_noise_seed};
+use crate::sampling::guidance::{guided, rescaled};
+use crate::sampling::{NoiseSchedule, Plan, Sampler, SchedulerConfig, SigmaSchedule};
 
 /// Where a model's parts live.
 #[derive(Clone, Debug, PartialEq)]
@@ -81,7 +83,7 @@ pub struct Pipeline<B: Backend> {
     text2: Option<(ClipTokenizer, ClipText<B>)>,
     unet: Unet<B>,
     vae: VaeDecoder<B>,
-    lcm: Lcm,
+    schedule: NoiseSchedule,
     loras: Vec<LoraSpec>,
 }
 
@@ -105,14 +107,14 @@ pub struct TextConditioning<B: Backend> {
     pub time_ids: [f32; 6],
 }
 
-/// The LCM settings of a model folder: `scheduler/scheduler_config.json`, or the published
-/// defaults when the folder has none.
-pub fn scheduler_config(dir: &Path) -> Result<LcmConfig> {
+/// The noise schedule settings of a model folder: `scheduler/scheduler_config.json`, or Stable
+/// Diffusion's when the folder has none.
+pub fn scheduler_config(dir: &Path) -> Result<SchedulerConfig> {
     let sched = dir.join("scheduler").join("scheduler_config.json");
     if sched.is_file() {
         read_config(&sched)
     } else {
-        Ok(LcmConfig::default())
+        Ok(SchedulerConfig::default())
     }
 }
 
@@ -187,7 +189,7 @@ struct Parts<B: Backend> {
     text2: Option<(ClipTokenizer, ClipText<B>)>,
     unet: Unet<B>,
     vae: VaeDecoder<B>,
-    lcm: Lcm,
+    schedule: NoiseSchedule,
 }
 
 fn load_parts<B: Backend>(
@@ -254,14 +256,14 @@ fn load_parts<B: Backend>(
                 &mut Loader::<B>::prefixed(&vae_file, "", device).with_dtype(precision.vae),
                 &vae_cfg,
             )?;
-            let lcm_cfg = scheduler_config(dir)?;
+            let schedule = NoiseSchedule::new(scheduler_config(dir)?)?;
             Parts {
                 tokenizer,
                 text,
                 text2,
                 unet,
                 vae,
-                lcm: Lcm::new(lcm_cfg),
+                schedule,
             }
         }
         ModelSource::SingleFile { path, family } => {
@@ -379,7 +381,7 @@ fn load_parts<B: Backend>(
                 text2,
                 unet,
                 vae,
-                lcm: Lcm::new(LcmConfig::default()),
+                schedule: NoiseSchedule::new(SchedulerConfig::default())?,
             }
         }
     };
@@ -411,10 +413,70 @@ fn load_parts<B: Backend>(
     Ok(parts)
 }
 
-/// Classifier-free guidance: the unconditional prediction moved `guidance` times toward the
-/// conditional one.
-pub fn guided<B: Backend>(uncond: Tensor<B, 4>, cond: Tensor<B, 4>, guidance: f32) -> Tensor<B, 4> {
-    uncond.clone() + (cond - uncond).mul_scalar(guidance)
+/// Runs `plan` from unit noise `init` on `unet` and answers the final latent. Guidance: LCM models
+/// take it as an embedding (one UNet call per step); standard models with a negative prompt
+/// and `guidance > 1` run classifier-free guidance, unconditional and conditional in one
+/// batched UNet call, then `rescale` ([`rescaled`]). `noise(k)` is step `k`'s fresh noise;
+/// `progress(k, total)` after each step may stop the run with `Break`.
+#[allow(clippy::too_many_arguments)]
+pub fn sample_unet<B: Backend>(
+    unet: &Unet<B>,
+    text: &TextConditioning<B>,
+    init: Tensor<B, 4>,
+    plan: &Plan,
+    guidance: f32,
+    rescale: f32,
+    noise: impl FnMut(usize) -> Tensor<B, 4>,
+    progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+) -> Result<Tensor<B, 4>> {
+    let device = init.device();
+    // The guidance embedding of guidance-distilled UNets feeds LCM sampling only; any other
+    // sampler guides by CFG (as diffusers, which skips the projection without one).
+    let cond = unet
+        .config()
+        .time_cond_proj_dim
+        .filter(|_| plan.sampler() == Sampler::Lcm)
+        .map(|d| guidance_embedding::<B>(guidance - 1.0, d, &device));
+    let added = |p: &Prompt<B>| {
+        p.pooled.clone().map(|text_embeds| AddedCond {
+            text_embeds,
+            time_ids: text.time_ids,
+        })
+    };
+    let single = added(&text.prompt);
+    // Classifier-free guidance: [unconditional, conditional] as one batch of two.
+    let pair = match (&text.negative, &cond) {
+        (Some(neg), None) if guidance > 1.0 => {
+            let context = Tensor::cat(vec![neg.context.clone(), text.prompt.context.clone()], 0);
+            let added = match (&neg.pooled, &text.prompt.pooled) {
+                (Some(u), Some(c)) => Some(AddedCond {
+                    text_embeds: Tensor::cat(vec![u.clone(), c.clone()], 0),
+                    time_ids: text.time_ids,
+                }),
+                _ => None,
+            };
+            Some((context, added))
+        }
+        _ => None,
+    };
+    let model = |x: Tensor<B, 4>, t: f32| match &pair {
+        Some((context, added)) => {
+            let out = unet.forward(
+                Tensor::cat(vec![x.clone(), x], 0),
+                t,
+                context,
+                None,
+                added.as_ref(),
+            )?;
+            let [un, c] = out
+                .chunk(2, 0)
+                .try_into()
+                .map_err(|_| NodeError::Render("the UNet answered the wrong batch size".into()))?;
+            Ok(rescaled(guided(un, c.clone(), guidance), &c, rescale))
+        }
+        None => unet.forward(x, t, &text.prompt.context, cond.as_ref(), single.as_ref()),
+    };
+    plan.run(init, model, noise, progress)
 }
 
 impl<B: Backend> Pipeline<B> {
@@ -435,7 +497,7 @@ impl<B: Backend> Pipeline<B> {
             text2: parts.text2,
             unet: parts.unet,
             vae: parts.vae,
-            lcm: parts.lcm,
+            schedule: parts.schedule,
             loras: loras.to_vec(),
         })
     }
@@ -469,9 +531,67 @@ impl<B: Backend> Pipeline<B> {
         self.vae.config().upscale()
     }
 
-    /// The scheduler.
-    pub fn scheduler(&self) -> &Lcm {
-        &self.lcm
+    /// The model's noise schedule.
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    /// Whether the UNet is guidance-distilled (an LCM model: it takes a guidance embedding and
+    /// only the LCM sampler).
+    pub fn is_lcm(&self) -> bool {
+        self.unet.config().time_cond_proj_dim.is_some()
+    }
+
+    /// The sampler a job that names none runs with: LCM on LCM models, DPM++ 2M (Karras) on
+    /// standard ones.
+    pub fn default_sampler(&self) -> Sampler {
+        if self.is_lcm() {
+            Sampler::Lcm
+        } else {
+            Sampler::Dpmpp2m
+        }
+    }
+
+    /// The samplers this model runs, its default first.
+    pub fn samplers(&self) -> Vec<Sampler> {
+        if self.is_lcm() {
+            vec![Sampler::Lcm]
+        } else {
+            let mut all = vec![Sampler::Dpmpp2m];
+            all.extend(
+                Sampler::ALL
+                    .into_iter()
+                    .filter(|s| !matches!(s, Sampler::Dpmpp2m | Sampler::Lcm)),
+            );
+            all
+        }
+    }
+
+    /// Plans a run of `sampler` (the model's default when `None`), refusing what this model
+    /// cannot do: standard samplers on a guidance-distilled (LCM) UNet, LCM on a standard one.
+    pub fn plan(
+        &self,
+        sampler: Option<Sampler>,
+        sigmas: SigmaSchedule,
+        steps: usize,
+    ) -> Result<Plan> {
+        let sampler = sampler.unwrap_or_else(|| self.default_sampler());
+        match (self.is_lcm(), sampler == Sampler::Lcm) {
+            (true, false) => {
+                return Err(NodeError::InvalidJob(format!(
+                    "this node's model is an LCM model: sampler lcm only, not {}",
+                    sampler.a1111_name()
+                )));
+            }
+            (false, true) => {
+                return Err(NodeError::InvalidJob(
+                    "the lcm sampler needs an LCM model (this node's model is a standard one)"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
+        Plan::new(&self.schedule, sampler, sigmas, steps)
     }
 
     /// The dtypes of its weights.
@@ -527,57 +647,21 @@ impl<B: Backend> Pipeline<B> {
             .forward(sample, timestep, context, timestep_cond, added)
     }
 
-    /// Runs the LCM loop from `init` and returns the last denoised latent. `noise(k)` gives the
-    /// noise that re-noises after step `k`; `progress(k, total)` is called after each step and
-    /// stops the loop with `Break`.
+    /// Runs `plan` from unit noise `init` on this pipeline's UNet ([`sample_unet`]).
+    #[allow(clippy::too_many_arguments)]
     pub fn denoise(
         &self,
         text: &TextConditioning<B>,
         init: Tensor<B, 4>,
-        steps: usize,
+        plan: &Plan,
         guidance: f32,
+        rescale: f32,
         noise: impl FnMut(usize) -> Tensor<B, 4>,
         progress: impl FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Tensor<B, 4>> {
-        let cond = self
-            .unet
-            .config()
-            .time_cond_proj_dim
-            .map(|d| guidance_embedding::<B>(guidance - 1.0, d, &self.device));
-        let added = |p: &Prompt<B>| {
-            p.pooled.clone().map(|text_embeds| AddedCond {
-                text_embeds,
-                time_ids: text.time_ids,
-            })
-        };
-        let (prompt_added, negative_added) =
-            (added(&text.prompt), text.negative.as_ref().and_then(added));
-        let eps = |x: Tensor<B, 4>, t: usize| {
-            let t_f = t as f32;
-            match (&text.negative, &cond) {
-                (Some(neg), None) if guidance > 1.0 => {
-                    let c = self.unet.forward(
-                        x.clone(),
-                        t_f,
-                        &text.prompt.context,
-                        None,
-                        prompt_added.as_ref(),
-                    )?;
-                    let un =
-                        self.unet
-                            .forward(x, t_f, &neg.context, None, negative_added.as_ref())?;
-                    Ok(guided(un, c, guidance))
-                }
-                _ => self.unet.forward(
-                    x,
-                    t_f,
-                    &text.prompt.context,
-                    cond.as_ref(),
-                    prompt_added.as_ref(),
-                ),
-            }
-        };
-        self.lcm.sample(init, steps, eps, noise, progress)
+        sample_unet(
+            &self.unet, text, init, plan, guidance, rescale, noise, progress,
+        )
     }
 
     /// Decodes a latent to an image tensor in `[-1, 1]`.
@@ -600,6 +684,7 @@ impl<B: Backend> Pipeline<B> {
                 params.width, params.height
             )));
         }
+        let plan = self.plan(params.sampler, params.schedule, params.steps)?;
         let (prompt, tokens) = self.encode_prompt(&params.prompt)?;
         let negative = if self.unet.config().time_cond_proj_dim.is_none() && params.guidance > 1.0 {
             Some(self.encode_prompt(&params.negative_prompt)?.0)
@@ -627,8 +712,9 @@ impl<B: Backend> Pipeline<B> {
         let denoised = self.denoise(
             &text,
             init,
-            params.steps,
+            &plan,
             params.guidance,
+            params.guidance_rescale,
             |k| latent(step_noise_seed(params.seed, k)),
             progress,
         )?;

@@ -9,7 +9,6 @@ use ::burn::tensor::backend::Backend;
 use actix::Addr;
 use drover_shared::detect::{Inspection, Layout};
 
-use super::lcm::check_steps;
 use super::pipeline::{LoraSpec, ModelSource, Pipeline, Precision};
 use crate::error::{NodeError, Result};
 use crate::render::{Image, Lora, Params, Renderer, Worker};
@@ -71,6 +70,9 @@ pub fn warm_up<B: Backend>(
         height,
         steps: 1,
         guidance: 1.0,
+        guidance_rescale: 0.0,
+        sampler: None,
+        schedule: crate::sampling::SigmaSchedule::Automatic,
         seed: 0,
         loras: Vec::new(),
     };
@@ -147,7 +149,9 @@ impl<B: Backend> Renderer for BurnRenderer<B> {
         params: &Params,
         step: impl FnMut(usize, usize) -> std::ops::ControlFlow<()>,
     ) -> Result<Image> {
-        check_steps(params.steps)?;
+        // Sampler, steps and model kind are checked before any LoRA is loaded.
+        self.pipeline
+            .plan(params.sampler, params.schedule, params.steps)?;
         let loras = self.lora_files(&params.loras)?;
         self.pipeline.set_loras(&loras).map_err(|e| match e {
             NodeError::Lora(m) => NodeError::InvalidJob(format!("lora {m}")),

@@ -31,9 +31,9 @@ use actix::Addr;
 use api::{CoreMask, RknnApi};
 use pipeline::RknnPipeline;
 
-use crate::burn::lcm::check_steps;
 use crate::error::{NodeError, Result};
 use crate::render::{Image, Params, Renderer, Worker};
+use crate::sampling::lcm::check_steps;
 
 /// Largest `NUM_WORKERS` for an rknn node (three per NPU core; each holds its own contexts).
 pub const MAX_WORKERS: u32 = 9;
@@ -67,6 +67,15 @@ impl Renderer for RknnRenderer {
             return Err(NodeError::InvalidJob(format!(
                 "an rknn node runs a compiled model and cannot merge LoRAs (asked for {})",
                 names.join(", ")
+            )));
+        }
+        if let Some(sampler) = params
+            .sampler
+            .filter(|s| *s != crate::sampling::Sampler::Lcm)
+        {
+            return Err(NodeError::InvalidJob(format!(
+                "this RKNN node runs LCM models with the lcm sampler only, not {}",
+                sampler.a1111_name()
             )));
         }
         check_steps(params.steps)?;

@@ -19,12 +19,13 @@ use serde::Deserialize;
 use super::api::{CoreMask, RknnApi};
 use super::model::{HostData, HostTensor, RknnModel};
 use crate::burn::Cpu;
-use crate::burn::lcm::Lcm;
-use crate::burn::pipeline::{guided, read_config, scheduler_config};
+use crate::burn::pipeline::{read_config, scheduler_config};
 use crate::burn::tokenizer::ClipTokenizer;
 use crate::burn::unet::guidance_embedding;
 use crate::error::{NodeError, Result};
 use crate::render::{Image, Params, gaussian, rgb_from_chw, step_noise_seed};
+use crate::sampling::guidance::guided;
+use crate::sampling::lcm::Lcm;
 
 /// What the pipeline reads from `unet/config.json`.
 #[derive(Clone, Debug, Deserialize)]

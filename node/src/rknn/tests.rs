@@ -10,11 +10,12 @@ use super::model::{nchw_to_nhwc, nhwc_to_nchw};
 use super::pipeline::RknnPipeline;
 use super::start_workers;
 use crate::burn::Cpu;
-use crate::burn::lcm::{Lcm, LcmConfig};
 use crate::burn::tokenizer::ClipTokenizer;
 use crate::burn::unet::guidance_embedding;
 use crate::error::NodeError;
 use crate::render::{CancelFlag, Lora, Params, Progress, RunJob, gaussian, step_noise_seed};
+use crate::sampling::SchedulerConfig;
+use crate::sampling::lcm::Lcm;
 
 fn params(size: usize) -> Params {
     Params {
@@ -24,6 +25,9 @@ fn params(size: usize) -> Params {
         height: size,
         steps: 4,
         guidance: 8.0,
+        guidance_rescale: 0.0,
+        sampler: None,
+        schedule: crate::sampling::SigmaSchedule::Automatic,
         seed: 42,
         loras: Vec::new(),
     }
@@ -62,7 +66,7 @@ fn as_f32(v: &[f64]) -> Vec<f32> {
 /// The same render computed independently, in plain scalar code, from the fake's definitions:
 /// the latent the VAE decoder must receive (NCHW, already divided by the scaling factor).
 fn reference_latent(p: &Params, context_mean: f64, cond_mean: f64) -> Vec<f64> {
-    let lcm = Lcm::new(LcmConfig::default());
+    let lcm = Lcm::new(SchedulerConfig::default());
     let (c, h, w) = (4, p.height / 8, p.width / 8);
     let n = c * h * w;
     let mut x: Vec<f64> = gaussian(p.seed, n).iter().map(|&v| f64::from(v)).collect();
@@ -392,6 +396,9 @@ fn job(loras: Vec<Lora>) -> (RunJob, tokio::sync::mpsc::UnboundedReceiver<Progre
         height: 64,
         steps: 2,
         guidance: 8.0,
+        guidance_rescale: 0.0,
+        sampler: None,
+        schedule: crate::sampling::SigmaSchedule::Automatic,
         seed: 7,
         loras,
     };

@@ -15,6 +15,7 @@ use drover_node::burn::pipeline::{ModelSource, Pipeline, Precision, Prompt, Text
 use drover_node::burn::tensor_file::{HostTensor, TensorFile};
 use drover_node::burn::unet::{Unet, UnetConfig};
 use drover_node::burn::weights::Loader;
+use drover_node::sampling::SigmaSchedule;
 
 use crate::{Expected, fixtures, model_dir, prompt_ids, read_config, values};
 
@@ -90,8 +91,9 @@ fn lcm_pipeline_in_f16_with_an_f32_vae_tracks_the_reference_image() {
         .denoise(
             &text,
             want.tensor("lcm.init"),
-            4,
+            &pipe.plan(None, SigmaSchedule::Automatic, 4).unwrap(),
             8.0,
+            0.0,
             |k| want.tensor(&format!("lcm.noise.{k}")),
             |_, _| std::ops::ControlFlow::Continue(()),
         )

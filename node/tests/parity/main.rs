@@ -11,6 +11,7 @@
 //!   LoRAs fail naming what is wrong.
 //! - `half`: the f16/bf16 path of GPU workers (weights and compute in half precision, the VAE in
 //!   f32), run on the CPU, within tolerances derived from the formats.
+//! - `samplers`: Euler, Euler a, Heun, DPM++ 2M (SDE, Karras), DDIM with CFG against diffusers.
 //! - `sdxl`: both text encoders, the text_time UNet, the LCM loop and LoRAs in every naming.
 //!
 //! This file holds what they share: the fixtures, the expected tensors and [`check`].
@@ -22,6 +23,7 @@ mod components;
 mod half;
 mod layouts;
 mod pipeline;
+mod samplers;
 mod sdxl;
 
 use std::path::{Path, PathBuf};

@@ -6,6 +6,7 @@ use drover_node::burn::Cpu;
 use drover_node::burn::pipeline::{ModelSource, Pipeline, Precision, Prompt, TextConditioning};
 use drover_node::error::NodeError;
 use drover_node::render::Params;
+use drover_node::sampling::SigmaSchedule;
 
 use crate::{Expected, check, model_dir, prompt_ids};
 
@@ -25,7 +26,14 @@ fn full_lcm_loop_matches_diffusers() {
         .iter()
         .map(|&v| v as usize)
         .collect();
-    assert_eq!(pipe.scheduler().timesteps(4).unwrap(), timesteps);
+    let planned: Vec<usize> = pipe
+        .plan(None, SigmaSchedule::Automatic, 4)
+        .unwrap()
+        .timesteps()
+        .iter()
+        .map(|&t| t as usize)
+        .collect();
+    assert_eq!(planned, timesteps);
     let ids = prompt_ids(&want);
     let ctx = pipe.encode_ids(&ids, None).unwrap().context;
     let mut seen = Vec::new();
@@ -40,8 +48,9 @@ fn full_lcm_loop_matches_diffusers() {
                 time_ids: [0.0; 6],
             },
             want.tensor("lcm.init"),
-            4,
+            &pipe.plan(None, SigmaSchedule::Automatic, 4).unwrap(),
             8.0,
+            0.0,
             |k| want.tensor(&format!("lcm.noise.{k}")),
             |k, total| {
                 seen.push((k, total));
@@ -74,6 +83,9 @@ fn generate_renders_deterministic_images_and_stops_on_cancel() {
         height: 16,
         steps: 3,
         guidance: 8.0,
+        guidance_rescale: 0.0,
+        sampler: None,
+        schedule: SigmaSchedule::Automatic,
         seed: 42,
         loras: Vec::new(),
     };

@@ -9,6 +9,7 @@ use drover_node::burn::Cpu;
 use drover_node::burn::pipeline::{LoraSpec, ModelSource, Pipeline, Precision, TextConditioning};
 use drover_node::burn::tensor_file::TensorFile;
 use drover_node::burn::unet::{AddedCond, UnetConfig};
+use drover_node::sampling::SigmaSchedule;
 use drover_shared::safetensors::build::f32_file;
 
 use crate::{Expected, check, fixtures, prompt_ids, read_config, sdxl_dir};
@@ -95,8 +96,9 @@ fn sdxl_full_lcm_loop_matches_diffusers() {
         .denoise(
             &text,
             want.tensor("sdxl.lcm.init"),
-            4,
+            &pipe.plan(None, SigmaSchedule::Automatic, 4).unwrap(),
             8.0,
+            0.0,
             |k| want.tensor(&format!("sdxl.lcm.noise.{k}")),
             |_, _| ControlFlow::Continue(()),
         )

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::FieldError;
 use crate::family::ModelFamily;
+use crate::sampler::{Sampler, SamplerName, SigmaSchedule};
 
 /// Longest accepted prompt (and negative prompt), in characters.
 pub const MAX_PROMPT_CHARS: usize = 2000;
@@ -20,8 +21,10 @@ pub const MIN_SIDE: u32 = 64;
 pub const MAX_SIDE: u32 = 2048;
 /// Image sides must be a multiple of this (the VAE downsamples by 8).
 pub const SIDE_MULTIPLE: u32 = 8;
-/// Most denoising steps a job may ask for.
-pub const MAX_STEPS: u32 = 50;
+/// Most denoising steps a job may ask for (each sampler has its own range; LCM: 1..=8).
+pub const MAX_STEPS: u32 = 150;
+/// Largest guidance rescale accepted.
+pub const MAX_GUIDANCE_RESCALE: f32 = 1.0;
 /// Steps used when a request does not say (LCM models need few).
 pub const DEFAULT_STEPS: u32 = 4;
 /// Largest classifier-free guidance scale accepted.
@@ -72,10 +75,26 @@ pub struct JobRequest {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(schema_with = openapi::size))]
     pub size: Option<String>,
-    /// Denoising steps, 1..=50; 4 when absent.
+    /// Denoising steps, 1..=150 (the sampler's own range: LCM 1..=8); 4 when absent.
     #[serde(default, deserialize_with = "whole::option")]
-    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 50))]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 150))]
     pub steps: Option<u32>,
+    /// Sampler, as AUTOMATIC1111 or diffusers name it, in any case: `Euler`, `Euler a`, `Heun`,
+    /// `DPM++ 2M`, `DPM++ 2M SDE`, `DDIM`, `LCM` (or `euler_a`, `dpmpp_2m`, ...; a ` Karras`
+    /// suffix asks for Karras sigmas); the serving model's default when absent (LCM on LCM
+    /// models, DPM++ 2M Karras on standard ones).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(example = "Euler a"))]
+    pub sampler: Option<String>,
+    /// Sigma schedule: `automatic` (the sampler's default), `normal` or `karras`.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(example = "karras"))]
+    pub scheduler: Option<String>,
+    /// Guidance rescale φ in 0..=1 (0, off, when absent): classifier-free guidance's output
+    /// scaled back toward the conditional output's standard deviation.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1))]
+    pub guidance_rescale: Option<f32>,
     /// Guidance scale, 0..=20; 1.5 when absent.
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 20))]
@@ -286,6 +305,15 @@ pub struct JobSpec {
     pub steps: u32,
     /// Guidance scale.
     pub guidance_scale: f32,
+    /// Sampler; `None`: the serving model's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampler: Option<Sampler>,
+    /// Sigma schedule.
+    #[serde(default, skip_serializing_if = "is_automatic")]
+    pub scheduler: SigmaSchedule,
+    /// Guidance rescale φ (0: off).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub guidance_rescale: f32,
     /// Seed (chosen at submission when the request had none).
     pub seed: u64,
     /// LoRAs to merge.
@@ -309,28 +337,6 @@ impl JobSpec {
                 _ => default,
             }
         })
-    }
-
-    /// The job as sent to a node of `family` that renders `sizes` (see [`JobSpec::size_on`]).
-    pub fn to_proto(&self, family: ModelFamily, sizes: &[Size]) -> crate::proto::JobSpec {
-        let size = self.size_on(family, sizes);
-        crate::proto::JobSpec {
-            prompt: self.prompt.clone(),
-            negative_prompt: self.negative_prompt.clone(),
-            width: size.width,
-            height: size.height,
-            steps: self.steps,
-            guidance_scale: self.guidance_scale,
-            seed: self.seed,
-            loras: self
-                .loras
-                .iter()
-                .map(|l| crate::proto::LoraRequest {
-                    name: l.name.clone(),
-                    strength: l.strength,
-                })
-                .collect(),
-        }
     }
 }
 
@@ -386,6 +392,38 @@ impl JobRequest {
             return Err(FieldError::new(
                 "guidance_scale",
                 format!("{guidance_scale} is outside 0..={MAX_GUIDANCE}"),
+            ));
+        }
+        let (sampler, mut scheduler) = match self.sampler.as_deref().map(str::trim) {
+            None | Some("") => (None, SigmaSchedule::Automatic),
+            Some(name) => {
+                let name: SamplerName = name.parse().map_err(|m| FieldError::new("sampler", m))?;
+                (Some(name.sampler), name.schedule)
+            }
+        };
+        if let Some(raw) = self.scheduler.as_deref() {
+            let asked: SigmaSchedule = raw.parse().map_err(|m| FieldError::new("scheduler", m))?;
+            if asked != SigmaSchedule::Automatic {
+                scheduler = asked;
+            }
+        }
+        if sampler == Some(Sampler::Lcm) && scheduler == SigmaSchedule::Karras {
+            return Err(FieldError::new(
+                "scheduler",
+                "LCM has its own timesteps: no Karras schedule",
+            ));
+        }
+        if sampler == Some(Sampler::Ddim) && scheduler == SigmaSchedule::Karras {
+            return Err(FieldError::new(
+                "scheduler",
+                "DDIM walks the model's timesteps: no Karras schedule",
+            ));
+        }
+        let guidance_rescale = self.guidance_rescale.unwrap_or(0.0);
+        if !(0.0..=MAX_GUIDANCE_RESCALE).contains(&guidance_rescale) {
+            return Err(FieldError::new(
+                "guidance_rescale",
+                format!("{guidance_rescale} is outside 0..={MAX_GUIDANCE_RESCALE}"),
             ));
         }
         let seed = match self.seed {
@@ -447,12 +485,23 @@ impl JobRequest {
             size,
             steps,
             guidance_scale,
+            sampler,
+            scheduler,
+            guidance_rescale,
             seed,
             loras: self.loras,
             style,
             priority,
         })
     }
+}
+
+fn is_automatic(s: &SigmaSchedule) -> bool {
+    *s == SigmaSchedule::Automatic
+}
+
+fn is_zero(x: &f32) -> bool {
+    *x == 0.0
 }
 
 /// A random seed in 0..=[`MAX_SEED`].

@@ -110,7 +110,19 @@ fn bad_values_name_their_field() {
         (r#"{"prompt":"x","bogus":1}"#, "bogus"),
         (r#"{"prompt":"x","steps":"many"}"#, "steps"),
         (r#"{"prompt":"x","steps":0}"#, "steps"),
-        (r#"{"prompt":"x","steps":51}"#, "steps"),
+        (r#"{"prompt":"x","steps":151}"#, "steps"),
+        (r#"{"prompt":"x","sampler":"DPM adaptive"}"#, "sampler"),
+        (r#"{"prompt":"x","sampler":7}"#, "sampler"),
+        (r#"{"prompt":"x","scheduler":"exponential"}"#, "scheduler"),
+        (
+            r#"{"prompt":"x","sampler":"LCM","scheduler":"karras"}"#,
+            "scheduler",
+        ),
+        (r#"{"prompt":"x","sampler":"DDIM Karras"}"#, "scheduler"),
+        (
+            r#"{"prompt":"x","guidance_rescale":1.5}"#,
+            "guidance_rescale",
+        ),
         (r#"{"prompt":"x","size":"512"}"#, "size"),
         (r#"{"prompt":"x","size":"513x512"}"#, "size"),
         (r#"{"prompt":"x","size":"4096x512"}"#, "size"),
@@ -154,7 +166,7 @@ fn bad_values_name_their_field() {
 fn edges_of_ranges_are_accepted() {
     for json in [
         r#"{"prompt":"x","size":"64x2048","steps":1,"guidance_scale":0,"seed":0}"#,
-        r#"{"prompt":"x","size":"2048x64","steps":50,"guidance_scale":20,"seed":2147483647}"#,
+        r#"{"prompt":"x","size":"2048x64","steps":150,"guidance_scale":20,"seed":2147483647}"#,
         r#"{"prompt":"x","model":"0123abcd"}"#,
         r#"{"prompt":"x","style_lora":{"style":"ink","level":0}}"#,
     ] {

@@ -278,6 +278,7 @@ pub fn sample_farm(n: usize) -> Vec<NodeView<'static>> {
                 model_id: "abcd",
                 max_pixels: 4 << 20,
                 sizes: &[],
+                samplers: &[],
                 loras: &[],
                 online: i % 7 != 0,
                 suspect: false,

@@ -19,6 +19,7 @@
 use drover_shared::family::ModelFamily;
 use drover_shared::ids::NodeId;
 use drover_shared::job::{JobSpec, ModelSelector, Size};
+use drover_shared::sampler::Sampler;
 use serde::Serialize;
 
 use crate::records::LoraAdvert;
@@ -38,6 +39,8 @@ pub struct NodeView<'a> {
     pub max_pixels: u64,
     /// The only sizes rendered (fixed-shape models); empty: any size up to `max_pixels`.
     pub sizes: &'a [Size],
+    /// Samplers it runs, its default first (empty: not stated, any accepted).
+    pub samplers: &'a [Sampler],
     /// LoRAs available on the node.
     pub loras: &'a [LoraAdvert],
     /// Session open and heartbeats on time.
@@ -93,6 +96,23 @@ pub enum SkipReason {
         size: Size,
         /// The sizes the node renders.
         sizes: Vec<Size>,
+    },
+    /// The node's model does not run the sampler asked for (LCM models run only `lcm`;
+    /// standard ones every sampler but `lcm`).
+    SamplerNotServed {
+        /// Sampler asked for.
+        sampler: Sampler,
+        /// The samplers the node runs.
+        samplers: Vec<Sampler>,
+    },
+    /// More steps than the sampler the job would run with on this node allows.
+    TooManySteps {
+        /// The sampler (asked for, or the node's default).
+        sampler: Sampler,
+        /// Steps asked for.
+        steps: u32,
+        /// The most it runs.
+        max_steps: u32,
     },
     /// The node does not have a requested LoRA.
     MissingLora {
@@ -163,6 +183,25 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
             pixels,
             max_pixels: node.max_pixels,
         });
+    }
+    if let Some(&default) = node.samplers.first() {
+        let sampler = match job.sampler {
+            Some(s) if !node.samplers.contains(&s) => {
+                return Err(SkipReason::SamplerNotServed {
+                    sampler: s,
+                    samplers: node.samplers.to_vec(),
+                });
+            }
+            Some(s) => s,
+            None => default,
+        };
+        if job.steps > sampler.max_steps() {
+            return Err(SkipReason::TooManySteps {
+                sampler,
+                steps: job.steps,
+                max_steps: sampler.max_steps(),
+            });
+        }
     }
     for lora in &job.loras {
         match node.loras.iter().find(|l| l.name == lora.name) {

@@ -17,6 +17,7 @@ fn node(i: u8, family: ModelFamily) -> NodeView<'static> {
         model_id: "abcd",
         max_pixels: 1024 * 1024,
         sizes: &[],
+        samplers: &[],
         loras: &[],
         online: true,
         suspect: false,
@@ -26,6 +27,58 @@ fn node(i: u8, family: ModelFamily) -> NodeView<'static> {
         loaded: &[0],
         pixel_steps_per_second: 0.0,
     }
+}
+
+#[test]
+fn samplers_and_their_step_ranges_are_named() {
+    const LCM: &[Sampler] = &[Sampler::Lcm];
+    const STANDARD: &[Sampler] = &[Sampler::Dpmpp2m, Sampler::Euler, Sampler::EulerA];
+    let lcm = NodeView {
+        samplers: LCM,
+        ..node(1, ModelFamily::Sd15)
+    };
+    let standard = NodeView {
+        samplers: STANDARD,
+        ..node(2, ModelFamily::Sd15)
+    };
+    let unstated = node(3, ModelFamily::Sd15);
+    let check = |json: &str, n: &NodeView<'_>| capability(&job(json), n).err();
+    // An A1111 client's ordinary request: refused by the LCM node, with the reason.
+    let a1111 = r#"{"prompt":"x","sampler":"Euler a","steps":20,"guidance_scale":7}"#;
+    assert_eq!(
+        check(a1111, &lcm),
+        Some(SkipReason::SamplerNotServed {
+            sampler: Sampler::EulerA,
+            samplers: LCM.to_vec()
+        })
+    );
+    assert_eq!(check(a1111, &standard), None);
+    assert_eq!(check(a1111, &unstated), None);
+    // No sampler named: the node's default decides the step range.
+    assert_eq!(
+        check(r#"{"prompt":"x","steps":20}"#, &lcm),
+        Some(SkipReason::TooManySteps {
+            sampler: Sampler::Lcm,
+            steps: 20,
+            max_steps: 8
+        })
+    );
+    assert_eq!(check(r#"{"prompt":"x","steps":8}"#, &lcm), None);
+    assert_eq!(check(r#"{"prompt":"x","steps":150}"#, &standard), None);
+    assert_eq!(
+        check(r#"{"prompt":"x","sampler":"lcm"}"#, &standard),
+        Some(SkipReason::SamplerNotServed {
+            sampler: Sampler::Lcm,
+            samplers: STANDARD.to_vec()
+        })
+    );
+    assert_eq!(
+        check(
+            r#"{"prompt":"x","sampler":"DPM++ 2M Karras","steps":30}"#,
+            &standard
+        ),
+        None
+    );
 }
 
 #[test]
@@ -77,6 +130,7 @@ fn family_and_size_and_liveness_are_named() {
     // A fixed-shape (RKNN) node renders its sizes only; a job without a size gets one.
     let npu = NodeView {
         sizes: FIXED_SIZES[2],
+        samplers: &[],
         ..sd15.clone()
     };
     assert_eq!(check(r#"{"prompt":"x"}"#, &npu), None);
@@ -277,6 +331,7 @@ proptest! {
             online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
             max_pixels: [512 * 512, 768 * 768, 1024 * 1024, 2048 * 2048][s.5 as usize],
             sizes: FIXED_SIZES[s.6],
+            samplers: &[],
             ..node(i as u8, s.0)
         }).collect();
         let mut spec = job(r#"{"prompt":"x"}"#);
@@ -404,6 +459,7 @@ proptest! {
             online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
             max_pixels: [512 * 512, 768 * 768, 1024 * 1024, 2048 * 2048][s.5 as usize],
             sizes: FIXED_SIZES[s.6],
+            samplers: &[],
             loras: if *has { adverts } else { &[] },
             ..node(i as u8, s.0)
         }).collect();

@@ -175,12 +175,8 @@ impl<B: Backend> Unet<B> {
         .repeat_dim(0, n);
         let t = match (&self.cond_proj, timestep_cond) {
             (Some(p), Some(cond)) => t + p.forward(cond.clone().cast(dtype)),
-            (Some(_), None) => {
-                return Err(NodeError::InvalidJob(
-                    "this UNet is guidance-distilled (time_cond_proj_dim) and needs a guidance embedding"
-                        .into(),
-                ));
-            }
+            // As diffusers: without a guidance embedding the projection is skipped (the pipeline
+            // only samples guidance-distilled UNets with LCM, which always passes one).
             _ => t,
         };
         let mut temb = self
