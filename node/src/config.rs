@@ -133,6 +133,37 @@ pub enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Render one image on the CPU from a diffusers model folder, without a coordinator, and
+    /// print how long each part took (JSON).
+    Render {
+        /// The model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt.
+        #[arg(long, default_value = "a lighthouse at dusk")]
+        prompt: String,
+        /// Negative prompt (classifier-free guidance on standard models).
+        #[arg(long, default_value = "")]
+        negative_prompt: String,
+        /// Sampler (A1111 name or id); the model's default when absent.
+        #[arg(long)]
+        sampler: Option<String>,
+        /// Steps.
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// Guidance scale.
+        #[arg(long, default_value_t = 7.0)]
+        guidance: f32,
+        /// Image side in pixels.
+        #[arg(long, default_value_t = 512)]
+        size: usize,
+        /// Seed.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Settings of one node process.

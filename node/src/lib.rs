@@ -93,6 +93,28 @@ pub fn cli_main() -> ExitCode {
                 tools::bench_cli(&shape, size, runs, warmup, &device),
             );
         }
+        Some(config::Command::Render {
+            model,
+            prompt,
+            negative_prompt,
+            sampler,
+            steps,
+            guidance,
+            size,
+            seed,
+            out,
+        }) => {
+            let params = tools::RenderArgs {
+                prompt,
+                negative_prompt,
+                sampler,
+                steps,
+                guidance,
+                size,
+                seed,
+            };
+            return report("render", tools::render_cli(&model, params, &out));
+        }
         _ => {}
     }
     let config = cli.node;

@@ -141,6 +141,7 @@ pub fn make_model(out: &Path, seed: u64, family: ModelFamily, lcm: bool) -> Resu
     let vae_cfg = json!({
         "_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "latent_channels": 4,
         "block_out_channels": [32, 64, 64, 64], "layers_per_block": 1, "norm_num_groups": 32,
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D", "DownEncoderBlock2D"], "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D", "UpDecoderBlock2D"],
         "scaling_factor": if sdxl { 0.13025 } else { 0.18215 }
     });
     let unet_json = demo_unet(family, lcm);
@@ -613,4 +614,75 @@ pub fn bench_cli(
         )?,
     };
     Ok(summary(shape, size, device, &timing))
+}
+
+/// What `drover-node render` draws.
+pub struct RenderArgs {
+    /// Prompt.
+    pub prompt: String,
+    /// Negative prompt.
+    pub negative_prompt: String,
+    /// Sampler name; the model's default when `None`.
+    pub sampler: Option<String>,
+    /// Steps.
+    pub steps: usize,
+    /// Guidance scale.
+    pub guidance: f32,
+    /// Square side in pixels.
+    pub size: usize,
+    /// Seed.
+    pub seed: u64,
+}
+
+/// `drover-node render`: loads a diffusers folder on the CPU, renders one image to `out` and
+/// answers one JSON line with the load and render times.
+pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> {
+    use crate::burn::pipeline::{ModelSource, Pipeline, Precision};
+    use drover_shared::sampler::SamplerName;
+    let (sampler, schedule) = match args.sampler.as_deref() {
+        None => (None, crate::sampling::SigmaSchedule::Automatic),
+        Some(name) => {
+            let n: SamplerName = name.parse().map_err(NodeError::InvalidJob)?;
+            (Some(n.sampler), n.schedule)
+        }
+    };
+    let started = Instant::now();
+    let pipeline = Pipeline::<crate::burn::Cpu>::load(
+        ModelSource::Diffusers(model.to_path_buf()),
+        &Default::default(),
+        Precision::F32,
+        &[],
+    )?;
+    let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let params = crate::render::Params {
+        prompt: args.prompt,
+        negative_prompt: args.negative_prompt,
+        width: args.size,
+        height: args.size,
+        steps: args.steps,
+        guidance: args.guidance,
+        guidance_rescale: 0.0,
+        sampler,
+        schedule,
+        seed: args.seed,
+        loras: Vec::new(),
+    };
+    let started = Instant::now();
+    let image = pipeline.generate(&params, |_, _| std::ops::ControlFlow::Continue(()))?;
+    let render_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let origin = crate::render::Origin {
+        backend: "cpu",
+        model_id: model.display().to_string(),
+        simulated: false,
+    };
+    let png = crate::render::encode_png(&image, &params, &origin)?;
+    std::fs::write(out, png).map_err(|e| io(out, e))?;
+    let plan = pipeline.plan(params.sampler, params.schedule, params.steps)?;
+    Ok(format!(
+        "{}\n",
+        json!({"model": model.display().to_string(), "sampler": plan.sampler().id(),
+               "steps": params.steps, "unet_calls": plan.timesteps().len(), "size": args.size,
+               "guidance": args.guidance, "load_ms": load_ms, "render_ms": render_ms,
+               "out": out.display().to_string()})
+    ))
 }
