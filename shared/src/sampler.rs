@@ -80,6 +80,23 @@ impl Sampler {
         }
     }
 
+    /// Steps a job that names none runs: 4 for LCM, 20 for the others.
+    pub fn default_steps(self) -> u32 {
+        match self {
+            Sampler::Lcm => 4,
+            _ => 20,
+        }
+    }
+
+    /// Guidance a job that names none runs with: 1.5 for LCM (its guidance embedding), 7 (CFG)
+    /// for the others.
+    pub fn default_guidance(self) -> f32 {
+        match self {
+            Sampler::Lcm => 1.5,
+            _ => 7.0,
+        }
+    }
+
     /// UNet evaluations per step (Heun's last step is a single Euler step).
     pub fn calls_per_step(self) -> u32 {
         match self {

@@ -187,6 +187,32 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
     );
     assert_eq!(reply.header("x-node-id"), Some(std_id.as_str()));
 
+    // Steps and guidance left out take the serving sampler's defaults: 20 and CFG 7 for Euler,
+    // 4 and 1.5 for LCM.
+    for (sampler, steps, guidance) in [("Euler", "20", "7"), ("lcm", "4", "1.5")] {
+        let reply = cluster.post(
+            "/v1/generate",
+            &json!({"prompt": "x", "model": "sd15", "size": "64x64", "sampler": sampler}),
+        )?;
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let text = png_text(&reply.body);
+        let get = |k: &str| {
+            text.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.as_str())
+        };
+        assert_eq!(
+            (get("steps"), get("guidance")),
+            (Some(steps), Some(guidance)),
+            "{text:?}"
+        );
+    }
+
     // What no node can run is refused at submit with each node's reason, not failed later.
     let reply = cluster.post(
         "/v1/jobs",

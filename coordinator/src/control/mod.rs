@@ -371,15 +371,18 @@ impl ControlPlane {
         }
     }
 
-    /// A lease of `job_id` on `node_id` granted at `now_ms`: a fresh id, the size the node
-    /// renders, a deadline of the floor plus four times the node's estimated time.
+    /// A lease of `job_id` on `node_id` granted at `now_ms`: a fresh id, the size, steps and
+    /// guidance the node renders with (the model's defaults for what the job left out), a deadline of the floor plus four times the node's estimated time.
     fn grant(&self, job_id: JobId, node_id: NodeId, now_ms: u64) -> Option<Grant> {
         let record = &self.nodes.get(&node_id)?.record;
         let spec = &self.jobs.get(&job_id)?.spec;
         let size = spec.size_on(record.family, &record.sizes);
+        let default_sampler = record.samplers.first().copied();
+        let steps = spec.steps_with(default_sampler);
+        let guidance_scale = spec.guidance_with(default_sampler);
         let floor = Duration::from_millis(self.config.lease_floor_ms);
         let duration = if record.pixel_steps_per_second > 0.0 {
-            let work = size.pixels() as f64 * f64::from(spec.steps);
+            let work = size.pixels() as f64 * f64::from(steps);
             floor + Duration::from_secs_f64(4.0 * work / record.pixel_steps_per_second)
         } else {
             floor
@@ -388,6 +391,8 @@ impl ControlPlane {
             node_id,
             lease_id: LeaseId::random(),
             size,
+            steps,
+            guidance_scale,
             deadline_ms: now_ms + duration.as_millis() as u64,
         })
     }

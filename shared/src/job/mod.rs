@@ -75,7 +75,8 @@ pub struct JobRequest {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(schema_with = openapi::size))]
     pub size: Option<String>,
-    /// Denoising steps, 1..=150 (the sampler's own range: LCM 1..=8); 4 when absent.
+    /// Denoising steps, 1..=150 (the sampler's own range: LCM 1..=8); the sampler's default
+    /// when absent (LCM 4, the others 20).
     #[serde(default, deserialize_with = "whole::option")]
     #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 150))]
     pub steps: Option<u32>,
@@ -95,7 +96,7 @@ pub struct JobRequest {
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 1))]
     pub guidance_rescale: Option<f32>,
-    /// Guidance scale, 0..=20; 1.5 when absent.
+    /// Guidance scale, 0..=20; the sampler's default when absent (LCM 1.5, the others 7).
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 20))]
     pub guidance_scale: Option<f32>,
@@ -314,6 +315,11 @@ pub struct JobSpec {
     /// Guidance rescale φ (0: off).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub guidance_rescale: f32,
+    /// What the request left to the serving model (`steps`, `guidance_scale` then hold the
+    /// LCM defaults and are replaced at dispatch by [`JobSpec::steps_with`] and
+    /// [`JobSpec::guidance_with`]).
+    #[serde(default, skip_serializing_if = "ModelDefaults::is_empty")]
+    pub model_defaults: ModelDefaults,
     /// Seed (chosen at submission when the request had none).
     pub seed: u64,
     /// LoRAs to merge.
@@ -324,7 +330,43 @@ pub struct JobSpec {
     pub priority: i32,
 }
 
+/// The fields of a job left to the serving model's defaults.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ModelDefaults {
+    /// `steps` was not given.
+    #[serde(default)]
+    pub steps: bool,
+    /// `guidance_scale` was not given.
+    #[serde(default)]
+    pub guidance_scale: bool,
+}
+
+impl ModelDefaults {
+    /// Nothing left to the model.
+    pub fn is_empty(&self) -> bool {
+        !self.steps && !self.guidance_scale
+    }
+}
+
 impl JobSpec {
+    /// The steps this job runs when `sampler` (the one it names, else the node's default; `None`
+    /// when unknown) serves it: the steps asked for, else that sampler's default.
+    pub fn steps_with(&self, sampler: Option<Sampler>) -> u32 {
+        match self.sampler.or(sampler) {
+            Some(s) if self.model_defaults.steps => s.default_steps(),
+            _ => self.steps,
+        }
+    }
+
+    /// The guidance this job runs with under `sampler` (as [`JobSpec::steps_with`]).
+    pub fn guidance_with(&self, sampler: Option<Sampler>) -> f32 {
+        match self.sampler.or(sampler) {
+            Some(s) if self.model_defaults.guidance_scale => s.default_guidance(),
+            _ => self.guidance_scale,
+        }
+    }
+
     /// The size this job renders at on a node of `family` that renders only `sizes` (empty:
     /// any size): the size asked for; else the family's default; else, when the node cannot
     /// render that default (a model compiled for fixed shapes), the node's first size.
@@ -379,6 +421,10 @@ impl JobRequest {
         let size = match self.size.as_deref() {
             None => None,
             Some(s) => Some(s.parse::<Size>().map_err(|m| FieldError::new("size", m))?),
+        };
+        let model_defaults = ModelDefaults {
+            steps: self.steps.is_none(),
+            guidance_scale: self.guidance_scale.is_none(),
         };
         let steps = self.steps.unwrap_or(DEFAULT_STEPS);
         if !(1..=MAX_STEPS).contains(&steps) {
@@ -488,6 +534,7 @@ impl JobRequest {
             sampler,
             scheduler,
             guidance_rescale,
+            model_defaults,
             seed,
             loras: self.loras,
             style,

@@ -196,3 +196,46 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn left_out_steps_and_guidance_take_the_serving_samplers_defaults() {
+    use crate::sampler::Sampler;
+    let spec = |json: &str| {
+        JobRequest::from_json(json.as_bytes())
+            .unwrap()
+            .validate(|| 1)
+            .unwrap()
+    };
+    let bare = spec(r#"{"prompt":"x"}"#);
+    assert_eq!(
+        (
+            bare.steps_with(Some(Sampler::Lcm)),
+            bare.guidance_with(Some(Sampler::Lcm))
+        ),
+        (4, 1.5)
+    );
+    assert_eq!(
+        (
+            bare.steps_with(Some(Sampler::Dpmpp2m)),
+            bare.guidance_with(Some(Sampler::Dpmpp2m))
+        ),
+        (20, 7.0)
+    );
+    // A node that states no samplers gets the request defaults.
+    assert_eq!(
+        (bare.steps_with(None), bare.guidance_with(None)),
+        (DEFAULT_STEPS, DEFAULT_GUIDANCE)
+    );
+    // A named sampler decides, whatever the node's default.
+    let euler = spec(r#"{"prompt":"x","sampler":"Euler a"}"#);
+    assert_eq!(euler.steps_with(Some(Sampler::Lcm)), 20);
+    // Values given are kept.
+    let given = spec(r#"{"prompt":"x","steps":6,"guidance_scale":2}"#);
+    assert_eq!(
+        (
+            given.steps_with(Some(Sampler::Euler)),
+            given.guidance_with(Some(Sampler::Euler))
+        ),
+        (6, 2.0)
+    );
+}

@@ -115,6 +115,10 @@ pub struct Grant {
     pub lease_id: LeaseId,
     /// The size the node renders the job at.
     pub size: Size,
+    /// The steps it runs ([`drover_shared::job::JobSpec::steps_with`] the node's default sampler).
+    pub steps: u32,
+    /// The guidance it runs with.
+    pub guidance_scale: f32,
     /// When the lease expires (ms since epoch).
     pub deadline_ms: u64,
 }

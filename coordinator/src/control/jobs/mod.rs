@@ -220,7 +220,11 @@ impl Jobs {
             job_id,
             lease_id: lease.id,
             attempt: lease.attempt,
-            spec: job.spec.clone(),
+            spec: JobSpec {
+                steps: grant.steps,
+                guidance_scale: grant.guidance_scale,
+                ..job.spec.clone()
+            },
             size: grant.size,
             deadline_ms: lease.deadline_ms,
             trace_id: job.trace_id.clone(),
@@ -280,7 +284,10 @@ impl Jobs {
                 if let Some((_, total)) = job.progress {
                     job.progress = Some((total, total));
                 }
-                let work = job.size.map_or(0, |s| s.pixels()) as f64 * f64::from(job.spec.steps);
+                // The steps the node ran are its progress reports' total (the model's default
+                // when the job named none).
+                let steps = job.progress.map_or(job.spec.steps, |(_, total)| total);
+                let work = job.size.map_or(0, |s| s.pixels()) as f64 * f64::from(steps);
                 if work > 0.0 {
                     out.push(Effect::Measured {
                         node_id: node,

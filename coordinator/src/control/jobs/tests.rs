@@ -258,6 +258,8 @@ impl World {
                         width: 64,
                         height: 64,
                     },
+                    steps: 4,
+                    guidance_scale: 1.5,
                     deadline_ms: now + 10_000,
                 };
                 let was_queued = self

@@ -195,10 +195,11 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
             Some(s) => s,
             None => default,
         };
-        if job.steps > sampler.max_steps() {
+        let steps = job.steps_with(Some(sampler));
+        if steps > sampler.max_steps() {
             return Err(SkipReason::TooManySteps {
                 sampler,
-                steps: job.steps,
+                steps,
                 max_steps: sampler.max_steps(),
             });
         }
