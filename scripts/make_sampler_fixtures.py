@@ -35,6 +35,7 @@ from diffusers import (
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
     UNet2DConditionModel,
+    UniPCMultistepScheduler,
 )
 from diffusers.schedulers import scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete
 from safetensors.torch import save_file
@@ -66,6 +67,8 @@ CLASSES = {
     "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler,
                             dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")),
     "ddim": (DDIMScheduler, {}),
+    "unipc": (UniPCMultistepScheduler, {}),
+    "unipc_karras": (UniPCMultistepScheduler, dict(use_karras_sigmas=True)),
 }
 
 # (name, sampler, model, steps, guidance, rescale, config overrides)
@@ -88,6 +91,10 @@ CASES = [
     ("euler_v", "euler", "sd15", 6, 7.0, 0.0, dict(prediction_type="v_prediction")),
     ("ddim_v", "ddim", "sd15", 6, 7.0, 0.7, dict(prediction_type="v_prediction", timestep_spacing="trailing")),
     ("dpmpp_2m_karras_v", "dpmpp_2m_karras", "sd15", 8, 7.0, 0.0, dict(prediction_type="v_prediction")),
+    ("unipc", "unipc", "sd15", 8, 7.0, 0.0, {}),
+    ("unipc_karras_20", "unipc_karras", "sd15", 20, 5.0, 0.0, {}),
+    ("unipc_v", "unipc", "sd15", 6, 7.0, 0.0, dict(prediction_type="v_prediction", timestep_spacing="trailing")),
+    ("sdxl_unipc", "unipc", "sdxl", 6, 6.0, 0.0, {}),
     ("sdxl_euler_a", "euler_a", "sdxl", 6, 6.0, 0.0, {}),
     ("sdxl_dpmpp_2m_karras", "dpmpp_2m_karras", "sdxl", 8, 6.0, 0.0, {}),
 ]

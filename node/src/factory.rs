@@ -57,7 +57,7 @@ pub struct WorkerPool {
 }
 
 /// What a simulated node advertises: every sampler, a standard one first.
-const SIM_SAMPLERS: [Sampler; 7] = Sampler::ALL;
+const SIM_SAMPLERS: [Sampler; 8] = Sampler::ALL;
 
 /// Largest image accepted for `family`: four times the family's native area.
 pub fn default_max_pixels(family: ModelFamily) -> u64 {

@@ -31,16 +31,20 @@ pub enum Sampler {
     Dpmpp2mSde,
     /// DDIM, deterministic (eta 0).
     Ddim,
+    /// UniPC (`UniPCMultistepScheduler`: order 2, bh2, predictor-corrector).
+    #[serde(rename = "unipc")]
+    UniPc,
 }
 
 impl Sampler {
     /// Every sampler, in the order listings show them.
-    pub const ALL: [Sampler; 7] = [
+    pub const ALL: [Sampler; 8] = [
         Sampler::Euler,
         Sampler::EulerA,
         Sampler::Heun,
         Sampler::Dpmpp2m,
         Sampler::Dpmpp2mSde,
+        Sampler::UniPc,
         Sampler::Ddim,
         Sampler::Lcm,
     ];
@@ -55,6 +59,7 @@ impl Sampler {
             Sampler::Dpmpp2m => "dpmpp_2m",
             Sampler::Dpmpp2mSde => "dpmpp_2m_sde",
             Sampler::Ddim => "ddim",
+            Sampler::UniPc => "unipc",
         }
     }
 
@@ -68,6 +73,7 @@ impl Sampler {
             Sampler::Dpmpp2m => "DPM++ 2M",
             Sampler::Dpmpp2mSde => "DPM++ 2M SDE",
             Sampler::Ddim => "DDIM",
+            Sampler::UniPc => "UniPC",
         }
     }
 
@@ -215,6 +221,7 @@ impl FromStr for SamplerName {
             "dpmpp_2m" | "dpmpp2m" => Sampler::Dpmpp2m,
             "dpmpp_2m_sde" | "dpmpp2m_sde" => Sampler::Dpmpp2mSde,
             "ddim" => Sampler::Ddim,
+            "unipc" | "uni_pc" => Sampler::UniPc,
             _ => {
                 let known: Vec<&str> = Sampler::ALL.iter().map(|s| s.a1111_name()).collect();
                 return Err(format!(

@@ -6,7 +6,8 @@
 //! - [`Plan`]: one run — sampler, steps, the timesteps and sigmas it walks — and [`Plan::run`],
 //!   the loop: scale the input, call the model, turn its output into x₀, step.
 //! - `kdiff`: Euler, Euler ancestral, Heun (k-diffusion form, x in σ-space).
-//! - `dpm`: DPM-Solver++ 2M and 2M SDE; `ddim`: DDIM (x in variance-preserving form).
+//! - `dpm`: DPM-Solver++ 2M and 2M SDE; `unipc`: UniPC; `ddim`: DDIM (x in
+//!   variance-preserving form).
 //! - [`lcm`]: the LCM scheduler (guidance-distilled models, or an LCM LoRA).
 //! - [`guidance`]: classifier-free guidance and guidance rescale.
 
@@ -16,6 +17,7 @@ pub mod guidance;
 mod kdiff;
 pub mod lcm;
 pub mod schedule;
+mod unipc;
 
 use std::ops::ControlFlow;
 
@@ -98,7 +100,9 @@ impl Plan {
                 Walk::Lcm(Lcm::new(schedule.config().clone()))
             }
             Sampler::Euler | Sampler::EulerA | Sampler::Heun => k_sigmas(schedule, steps, karras),
-            Sampler::Dpmpp2m | Sampler::Dpmpp2mSde => dpm_sigmas(schedule, steps, karras),
+            Sampler::Dpmpp2m | Sampler::Dpmpp2mSde | Sampler::UniPc => {
+                dpm_sigmas(schedule, steps, karras)
+            }
             Sampler::Ddim => {
                 if karras {
                     return Err(NodeError::InvalidJob(
@@ -191,6 +195,14 @@ impl Plan {
                 init.mul_scalar(*init_sigma as f32),
                 &mut model,
                 &mut noise,
+                &mut report,
+            ),
+            Walk::Dpm { sigmas, timesteps } if self.sampler == Sampler::UniPc => unipc::run(
+                self.prediction,
+                sigmas,
+                timesteps,
+                init,
+                &mut model,
                 &mut report,
             ),
             Walk::Dpm { sigmas, timesteps } => dpm::run(

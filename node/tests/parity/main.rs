@@ -11,7 +11,8 @@
 //!   LoRAs fail naming what is wrong.
 //! - `half`: the f16/bf16 path of GPU workers (weights and compute in half precision, the VAE in
 //!   f32), run on the CPU, within tolerances derived from the formats.
-//! - `samplers`: Euler, Euler a, Heun, DPM++ 2M (SDE, Karras), DDIM with CFG against diffusers.
+//! - `samplers`: Euler, Euler a, Heun, DPM++ 2M (SDE, Karras), UniPC, DDIM with CFG against
+//!   diffusers.
 //! - `sdxl`: both text encoders, the text_time UNet, the LCM loop and LoRAs in every naming.
 //!
 //! This file holds what they share: the fixtures, the expected tensors and [`check`].

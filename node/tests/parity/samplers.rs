@@ -48,6 +48,8 @@ fn sampler(id: &str) -> (Sampler, SigmaSchedule) {
         "dpmpp_2m_karras" => (Sampler::Dpmpp2m, SigmaSchedule::Karras),
         "dpmpp_2m_sde_karras" => (Sampler::Dpmpp2mSde, SigmaSchedule::Karras),
         "ddim" => (Sampler::Ddim, SigmaSchedule::Normal),
+        "unipc" => (Sampler::UniPc, SigmaSchedule::Normal),
+        "unipc_karras" => (Sampler::UniPc, SigmaSchedule::Karras),
         other => panic!("fixture sampler {other} has no counterpart here"),
     }
 }
