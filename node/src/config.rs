@@ -192,6 +192,10 @@ pub struct NodeConfig {
     /// decodes in f32 whenever this is f16 or bf16.
     #[arg(long, env = "PRECISION", value_enum)]
     pub precision: Option<PrecisionKind>,
+    /// What the model predicts, overriding its scheduler config: `epsilon` or `v_prediction`
+    /// (single-file SD2 768-v checkpoints, which cannot say so themselves).
+    #[arg(long, env = "PREDICTION", value_parser = ["epsilon", "v_prediction"])]
+    pub prediction: Option<String>,
     /// Folder for compiled GPU kernels, kept across restarts (default: `drover-node` under the
     /// user's cache folder).
     #[arg(long, env = "DROVER_NODE_CACHE_DIR")]

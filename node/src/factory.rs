@@ -125,12 +125,17 @@ pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
                 )));
             }
             let started = std::time::Instant::now();
-            let pipelines = crate::burn::renderer::load_pipelines::<crate::burn::Cpu>(
+            let mut pipelines = crate::burn::renderer::load_pipelines::<crate::burn::Cpu>(
                 &model,
                 &Default::default(),
                 precision(config, PrecisionKind::F32),
                 workers as usize,
             )?;
+            if let Some(prediction) = &config.prediction {
+                for p in &mut pipelines {
+                    p.set_prediction(prediction)?;
+                }
+            }
             tracing::info!(
                 workers,
                 ms = started.elapsed().as_millis() as u64,
@@ -309,6 +314,7 @@ fn build_cuda(
     let plan = gpus::plan_workers(visible, chosen.as_deref(), config.num_workers.unwrap_or(1))?;
     let precision = precision(config, PrecisionKind::F16);
     let (w, h) = model.family.default_size();
+    let prediction_override = config.prediction.as_deref();
     let started = std::time::Instant::now();
     let loaded: Vec<Result<crate::burn::pipeline::Pipeline<crate::burn::Gpu>>> =
         std::thread::scope(|scope| {
@@ -319,9 +325,12 @@ fn build_cuda(
                         cuda::on_device(index, "loading the model", || {
                             let device = ::burn::backend::cuda::CudaDevice::new(index);
                             let mut one = renderer::load_pipelines(model, &device, precision, 1)?;
-                            let pipeline = one.pop().ok_or_else(|| {
+                            let mut pipeline = one.pop().ok_or_else(|| {
                                 NodeError::Render("no pipeline was loaded".into())
                             })?;
+                            if let Some(prediction) = prediction_override {
+                                pipeline.set_prediction(prediction)?;
+                            }
                             let took = renderer::warm_up(&pipeline, (w as usize, h as usize))?;
                             tracing::info!(
                                 device = index,

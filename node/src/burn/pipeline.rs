@@ -536,6 +536,15 @@ impl<B: Backend> Pipeline<B> {
         &self.schedule
     }
 
+    /// Overrides what the model predicts (`epsilon` or `v_prediction`; `PREDICTION`), for single
+    /// files that cannot say (SD2 768-v).
+    pub fn set_prediction(&mut self, prediction: &str) -> Result<()> {
+        let mut config = self.schedule.config().clone();
+        config.prediction_type = prediction.to_string();
+        self.schedule = NoiseSchedule::new(config)?;
+        Ok(())
+    }
+
     /// Whether the UNet is guidance-distilled (an LCM model: it takes a guidance embedding and
     /// only the LCM sampler).
     pub fn is_lcm(&self) -> bool {

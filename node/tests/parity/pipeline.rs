@@ -129,3 +129,20 @@ fn generate_renders_deterministic_images_and_stops_on_cancel() {
         .unwrap();
     assert!(err.to_string().contains("not a multiple of 4"), "{err}");
 }
+
+#[test]
+fn a_prediction_override_reaches_the_schedule_and_bad_ones_are_refused() {
+    use drover_node::sampling::Prediction;
+    let mut pipe = Pipeline::<Cpu>::load(
+        ModelSource::Diffusers(model_dir()),
+        &Default::default(),
+        Precision::F32,
+        &[],
+    )
+    .unwrap();
+    assert_eq!(pipe.schedule().prediction(), Prediction::Epsilon);
+    pipe.set_prediction("v_prediction").unwrap();
+    assert_eq!(pipe.schedule().prediction(), Prediction::V);
+    let err = pipe.set_prediction("sample").unwrap_err().to_string();
+    assert!(err.contains("prediction_type"), "{err}");
+}
