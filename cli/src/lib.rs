@@ -67,6 +67,10 @@ pub enum Command {
         /// Guidance scale.
         #[arg(long)]
         guidance: Option<f32>,
+        /// Sampler (`Euler a`, `DPM++ 2M Karras`, `UniPC`, `lcm`, ...); the serving model's
+        /// default when absent.
+        #[arg(long)]
+        sampler: Option<String>,
         /// Seed.
         #[arg(long)]
         seed: Option<i64>,
@@ -299,6 +303,7 @@ fn generate(api: &Api, command: &Command) -> Result<()> {
         size,
         steps,
         guidance,
+        sampler,
         seed,
         negative,
         style,
@@ -317,6 +322,7 @@ fn generate(api: &Api, command: &Command) -> Result<()> {
     set(&mut body, "size", json!(size));
     set(&mut body, "steps", json!(steps));
     set(&mut body, "guidance_scale", json!(guidance));
+    set(&mut body, "sampler", json!(sampler));
     set(&mut body, "seed", json!(seed));
     set(&mut body, "negative_prompt", json!(negative));
     if let Some(s) = style {

@@ -286,6 +286,8 @@ fn the_drover_cli_generates_with_progress_and_manages_nodes() -> anyhow::Result<
         "3",
         "--seed",
         "9",
+        "--sampler",
+        "Euler a",
         "-o",
         out.to_str().expect("utf-8 path"),
     ]);
@@ -296,6 +298,10 @@ fn the_drover_cli_generates_with_progress_and_manages_nodes() -> anyhow::Result<
     assert!(stderr.contains("step 3/3"), "{stderr}");
     assert!(stdout.contains("seed 9"), "{stdout}");
     assert_eq!(png_size(&std::fs::read(&out)?), (128, 64));
+    let refused = cli(&["generate", "a red fox", "--sampler", "DPM adaptive"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("unknown sampler"), "{stderr}");
 
     let nodes = cli(&["nodes"]);
     assert!(String::from_utf8_lossy(&nodes.stdout).contains("painter"));
