@@ -667,6 +667,7 @@ pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> 
         seed: args.seed,
         loras: Vec::new(),
     };
+    let plan = pipeline.plan(params.sampler, params.schedule, params.steps)?;
     let started = Instant::now();
     let image = pipeline.generate(&params, |_, _| std::ops::ControlFlow::Continue(()))?;
     let render_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -677,7 +678,6 @@ pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> 
     };
     let png = crate::render::encode_png(&image, &params, &origin)?;
     std::fs::write(out, png).map_err(|e| io(out, e))?;
-    let plan = pipeline.plan(params.sampler, params.schedule, params.steps)?;
     Ok(format!(
         "{}\n",
         json!({"model": model.display().to_string(), "sampler": plan.sampler().id(),

@@ -103,14 +103,6 @@ impl Sampler {
         }
     }
 
-    /// UNet evaluations per step (Heun's last step is a single Euler step).
-    pub fn calls_per_step(self) -> u32 {
-        match self {
-            Sampler::Heun => 2,
-            _ => 1,
-        }
-    }
-
     /// The sigma schedule `Automatic` means for this sampler: Karras for the DPM++ family (as
     /// AUTOMATIC1111 defaults them), the model's own spacing for the others.
     pub fn automatic_schedule(self) -> SigmaSchedule {
@@ -120,10 +112,20 @@ impl Sampler {
         }
     }
 
-    /// Whether the sampler draws fresh noise at every step (its result then depends on the seed's
-    /// step noise as well as the initial latent).
-    pub fn is_stochastic(self) -> bool {
-        matches!(self, Sampler::EulerA | Sampler::Dpmpp2mSde | Sampler::Lcm)
+    /// Whether it can walk Karras sigmas (LCM and DDIM walk their own timesteps).
+    pub fn takes_karras(self) -> bool {
+        !matches!(self, Sampler::Lcm | Sampler::Ddim)
+    }
+
+    /// Refuses a sigma schedule the sampler cannot walk, saying why.
+    pub fn check_schedule(self, schedule: SigmaSchedule) -> Result<(), String> {
+        if schedule == SigmaSchedule::Karras && !self.takes_karras() {
+            return Err(format!(
+                "{} walks its own timesteps: no Karras schedule",
+                self.a1111_name()
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -231,8 +233,10 @@ impl FromStr for SamplerName {
                 ));
             }
         };
-        if sampler == Sampler::Lcm && schedule == SigmaSchedule::Karras {
-            return Err("LCM has its own timesteps: no Karras schedule".into());
+        // "LCM Karras" names no sampler at all; other samplers refuse a schedule in
+        // `check_schedule`, where the job's validation names the `scheduler` field.
+        if sampler == Sampler::Lcm {
+            sampler.check_schedule(schedule)?;
         }
         Ok(SamplerName { sampler, schedule })
     }

@@ -329,23 +329,12 @@ pub fn txt2img_request(body: &[u8]) -> Result<Txt2Img> {
     }
     let steps = steps(&map, "steps")?;
     let guidance_scale = number(&map, "cfg_scale")?.map(|g| g as f32);
-    let sampler = match string(&map, "sampler_name")? {
-        Some(name) if !name.trim().is_empty() => {
-            let parsed: SamplerName = name
-                .parse()
-                .map_err(|m| FieldError::new("sampler_name", m))?;
-            Some(format!(
-                "{}{}",
-                parsed.sampler.id(),
-                if parsed.schedule == SigmaSchedule::Karras {
-                    "_karras"
-                } else {
-                    ""
-                }
-            ))
-        }
-        _ => None,
-    };
+    // Checked here so errors name A1111's fields; the native validation reads them again.
+    let sampler = string(&map, "sampler_name")?.filter(|n| !n.trim().is_empty());
+    if let Some(name) = &sampler {
+        name.parse::<SamplerName>()
+            .map_err(|m| FieldError::new("sampler_name", m))?;
+    }
     let scheduler = match string(&map, "scheduler")? {
         Some(raw) => {
             raw.parse::<SigmaSchedule>()
@@ -482,7 +471,7 @@ pub fn a1111_samplers() -> Vec<A1111Sampler> {
             aliases: vec![s.id().into()],
             options: BTreeMap::new(),
         });
-        if !matches!(s, Sampler::Lcm | Sampler::Ddim) {
+        if s.takes_karras() {
             out.push(A1111Sampler {
                 name: format!("{} Karras", s.a1111_name()),
                 aliases: vec![format!("{}_karras", s.id())],

@@ -15,6 +15,7 @@
 pub mod clip;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod denoise;
 pub mod gpus;
 pub mod lora;
 pub mod nn;

@@ -6,14 +6,8 @@
 use ::burn::tensor::Tensor;
 use ::burn::tensor::backend::Backend;
 
-use super::Prediction;
+use super::{Prediction, alpha_sigma, x0_vp};
 use crate::error::Result;
-
-/// (αₜ, σₜ) of the variance-preserving form at k-diffusion noise level `sigma`.
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha, sigma * alpha)
-}
 
 /// Runs the solver over `sigmas` (n + 1 levels, the last 0) from `x`; `report(k)` after each
 /// step. `sde` adds the stochastic term with `noise(k)`.
@@ -32,14 +26,9 @@ pub(super) fn run<B: Backend>(
     let mut previous: Option<Tensor<B, 4>> = None;
     for (k, &t) in timesteps.iter().enumerate() {
         let (s, next) = (sigmas[k], sigmas[k + 1]);
-        let (alpha_s, sigma_s) = alpha_sigma(s);
+        let (_, sigma_s) = alpha_sigma(s);
         let out = model(x.clone(), t)?;
-        let x0 = match prediction {
-            Prediction::Epsilon => {
-                (x.clone() - out.mul_scalar(sigma_s as f32)).div_scalar(alpha_s as f32)
-            }
-            Prediction::V => x.clone().mul_scalar(alpha_s as f32) - out.mul_scalar(sigma_s as f32),
-        };
+        let x0 = x0_vp(prediction, &x, out, s);
         if next == 0.0 {
             // σ = 0: the solution is the model's x₀ (first order, any variant).
             x = x0.clone();

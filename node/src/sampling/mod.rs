@@ -71,14 +71,14 @@ impl Plan {
         sigmas: SigmaSchedule,
         steps: usize,
     ) -> Result<Self> {
-        let karras = match sigmas {
-            SigmaSchedule::Automatic => {
-                schedule.config().use_karras_sigmas
-                    || sampler.automatic_schedule() == SigmaSchedule::Karras
-            }
-            SigmaSchedule::Karras => true,
-            SigmaSchedule::Normal => false,
-        };
+        sampler
+            .check_schedule(sigmas)
+            .map_err(NodeError::InvalidJob)?;
+        // `Automatic` also honours a model config that asks for Karras sigmas.
+        let karras = sigmas.resolve(sampler) == SigmaSchedule::Karras
+            || (sigmas == SigmaSchedule::Automatic
+                && schedule.config().use_karras_sigmas
+                && sampler.takes_karras());
         let max = if sampler == Sampler::Lcm {
             lcm::MAX_STEPS.min(schedule.config().original_inference_steps)
         } else {
@@ -91,26 +91,12 @@ impl Plan {
             )));
         }
         let walk = match sampler {
-            Sampler::Lcm => {
-                if karras && sigmas == SigmaSchedule::Karras {
-                    return Err(NodeError::InvalidJob(
-                        "LCM has its own timesteps: no Karras schedule".into(),
-                    ));
-                }
-                Walk::Lcm(Lcm::new(schedule.config().clone()))
-            }
+            Sampler::Lcm => Walk::Lcm(Lcm::new(schedule.config().clone())),
             Sampler::Euler | Sampler::EulerA | Sampler::Heun => k_sigmas(schedule, steps, karras),
             Sampler::Dpmpp2m | Sampler::Dpmpp2mSde | Sampler::UniPc => {
                 dpm_sigmas(schedule, steps, karras)
             }
-            Sampler::Ddim => {
-                if karras {
-                    return Err(NodeError::InvalidJob(
-                        "DDIM walks the model's timesteps: no Karras schedule".into(),
-                    ));
-                }
-                Walk::Ddim(ddim_steps(schedule, steps))
-            }
+            Sampler::Ddim => Walk::Ddim(ddim_steps(schedule, steps)),
         };
         Ok(Self {
             sampler,
@@ -162,6 +148,10 @@ impl Plan {
         mut noise: impl FnMut(usize) -> Tensor<B, 4>,
         mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Tensor<B, 4>> {
+        if let Walk::Lcm(lcm) = &self.walk {
+            // LCM reports progress itself, as (step, steps).
+            return lcm.sample(init, self.steps, |x, t| model(x, t as f32), noise, progress);
+        }
         let mut report = |k: usize| {
             if progress(k + 1, self.steps).is_break() {
                 Err(NodeError::Cancelled)
@@ -170,19 +160,7 @@ impl Plan {
             }
         };
         match &self.walk {
-            Walk::Lcm(lcm) => lcm.sample(
-                init,
-                self.steps,
-                |x, t| model(x, t as f32),
-                noise,
-                |k, _| {
-                    if report(k - 1).is_err() {
-                        ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
-                    }
-                },
-            ),
+            Walk::Lcm(_) => unreachable!("sampled above"),
             Walk::Sigmas {
                 sigmas,
                 timesteps,
@@ -349,6 +327,28 @@ fn ddim_steps(schedule: &NoiseSchedule, n: usize) -> Vec<(f32, f64, f64)> {
             (s as f32, a, a_prev)
         })
         .collect()
+}
+
+/// (αₜ, σₜ) of the variance-preserving form at k-diffusion noise level `sigma`.
+fn alpha_sigma(sigma: f64) -> (f64, f64) {
+    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
+    (alpha, sigma * alpha)
+}
+
+/// x₀ from a model output at noise level `sigma` for `x` in variance-preserving form.
+fn x0_vp<B: Backend>(
+    prediction: Prediction,
+    x: &Tensor<B, 4>,
+    out: Tensor<B, 4>,
+    sigma: f64,
+) -> Tensor<B, 4> {
+    let (alpha, sigma_vp) = alpha_sigma(sigma);
+    match prediction {
+        Prediction::Epsilon => {
+            (x.clone() - out.mul_scalar(sigma_vp as f32)).div_scalar(alpha as f32)
+        }
+        Prediction::V => x.clone().mul_scalar(alpha as f32) - out.mul_scalar(sigma_vp as f32),
+    }
 }
 
 /// x₀ from a σ-space model output at noise level `sigma` (input `x`).

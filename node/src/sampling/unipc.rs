@@ -6,14 +6,8 @@
 use ::burn::tensor::Tensor;
 use ::burn::tensor::backend::Backend;
 
-use super::Prediction;
+use super::{Prediction, alpha_sigma, x0_vp};
 use crate::error::Result;
-
-/// (αₜ, σₜ) of the variance-preserving form at k-diffusion noise level `sigma`.
-fn alpha_sigma(sigma: f64) -> (f64, f64) {
-    let alpha = 1.0 / (sigma * sigma + 1.0).sqrt();
-    (alpha, sigma * alpha)
-}
 
 /// x₀ estimates with the noise level each was made at, newest last.
 struct History<B: Backend> {
@@ -114,14 +108,8 @@ pub(super) fn run<B: Backend>(
     let mut last: Option<(Tensor<B, 4>, usize)> = None;
     for (k, &t) in timesteps.iter().enumerate() {
         let s = sigmas[k];
-        let (alpha_s, sigma_s) = alpha_sigma(s);
         let out = model(x.clone(), t)?;
-        let m = match prediction {
-            Prediction::Epsilon => {
-                (x.clone() - out.mul_scalar(sigma_s as f32)).div_scalar(alpha_s as f32)
-            }
-            Prediction::V => x.clone().mul_scalar(alpha_s as f32) - out.mul_scalar(sigma_s as f32),
-        };
+        let m = x0_vp(prediction, &x, out, s);
         if let Some((start, order)) = last.take() {
             let len = history.outputs.len();
             let m0 = &history.outputs[len - 1];

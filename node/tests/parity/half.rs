@@ -11,7 +11,9 @@
 
 use burn::tensor::{DType, Tensor};
 use drover_node::burn::Cpu;
-use drover_node::burn::pipeline::{ModelSource, Pipeline, Precision, Prompt, TextConditioning};
+use drover_node::burn::denoise::Prompt;
+use drover_node::burn::denoise::TextConditioning;
+use drover_node::burn::pipeline::{ModelSource, Pipeline, Precision};
 use drover_node::burn::tensor_file::{HostTensor, TensorFile};
 use drover_node::burn::unet::{Unet, UnetConfig};
 use drover_node::burn::weights::Loader;

@@ -3,7 +3,9 @@
 use std::ops::ControlFlow;
 
 use drover_node::burn::Cpu;
-use drover_node::burn::pipeline::{ModelSource, Pipeline, Precision, Prompt, TextConditioning};
+use drover_node::burn::denoise::Prompt;
+use drover_node::burn::denoise::TextConditioning;
+use drover_node::burn::pipeline::{ModelSource, Pipeline, Precision};
 use drover_node::error::NodeError;
 use drover_node::render::Params;
 use drover_node::sampling::SigmaSchedule;

@@ -10,7 +10,7 @@ use std::ops::ControlFlow;
 
 use burn::tensor::{Tensor, TensorData};
 use drover_node::burn::Cpu;
-use drover_node::burn::pipeline::{Prompt, TextConditioning, sample_unet};
+use drover_node::burn::denoise::{Prompt, TextConditioning, sample_unet};
 use drover_node::burn::tensor_file::TensorFile;
 use drover_node::burn::unet::Unet;
 use drover_node::sampling::{NoiseSchedule, Plan, Sampler, SchedulerConfig, SigmaSchedule};

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use burn::tensor::Tensor;
 use drover_node::burn::Cpu;
-use drover_node::burn::pipeline::{LoraSpec, ModelSource, Pipeline, Precision, TextConditioning};
+use drover_node::burn::denoise::TextConditioning;
+use drover_node::burn::pipeline::{LoraSpec, ModelSource, Pipeline, Precision};
 use drover_node::burn::tensor_file::TensorFile;
 use drover_node::burn::unet::{AddedCond, UnetConfig};
 use drover_node::sampling::SigmaSchedule;

@@ -453,17 +453,9 @@ impl JobRequest {
                 scheduler = asked;
             }
         }
-        if sampler == Some(Sampler::Lcm) && scheduler == SigmaSchedule::Karras {
-            return Err(FieldError::new(
-                "scheduler",
-                "LCM has its own timesteps: no Karras schedule",
-            ));
-        }
-        if sampler == Some(Sampler::Ddim) && scheduler == SigmaSchedule::Karras {
-            return Err(FieldError::new(
-                "scheduler",
-                "DDIM walks the model's timesteps: no Karras schedule",
-            ));
+        if let Some(s) = sampler {
+            s.check_schedule(scheduler)
+                .map_err(|m| FieldError::new("scheduler", m))?;
         }
         let guidance_rescale = self.guidance_rescale.unwrap_or(0.0);
         if !(0.0..=MAX_GUIDANCE_RESCALE).contains(&guidance_rescale) {
