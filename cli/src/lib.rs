@@ -45,6 +45,50 @@ pub struct Cli {
     pub command: Command,
 }
 
+/// What `generate` and `img2img` render.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RenderArgs {
+    /// Output file.
+    #[arg(short, long, default_value = "out.png")]
+    pub output: PathBuf,
+    /// Model family (`sd15`, `sd2`, `sdxl`) or model id.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Size `WxH` (from a source image: its own, rounded to multiples of 8, when absent).
+    #[arg(long)]
+    pub size: Option<String>,
+    /// Denoising steps (a source's strength runs a fraction of them).
+    #[arg(long)]
+    pub steps: Option<u32>,
+    /// Guidance scale.
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// Sampler (`Euler a`, `DPM++ 2M Karras`, `UniPC`, `lcm`, ...); the serving model's
+    /// default when absent.
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// Seed.
+    #[arg(long)]
+    pub seed: Option<i64>,
+    /// Negative prompt.
+    #[arg(long)]
+    pub negative: Option<String>,
+}
+
+/// How a source image is used.
+#[derive(clap::Args, Debug, Clone)]
+pub struct SourceArgs {
+    /// Inpainting mask (PNG or JPEG, the source's size; white repaints).
+    #[arg(long)]
+    pub mask: Option<PathBuf>,
+    /// How far from the source to go, in (0, 1] (0.75; 1 with a mask).
+    #[arg(long)]
+    pub strength: Option<f64>,
+    /// How the source is fitted to `--size`: resize, crop, fill.
+    #[arg(long)]
+    pub resize_mode: Option<String>,
+}
+
 /// `drover` subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum Command {
@@ -52,37 +96,34 @@ pub enum Command {
     Generate {
         /// The prompt.
         prompt: String,
-        /// Output file.
-        #[arg(short, long, default_value = "out.png")]
-        output: PathBuf,
-        /// Model family (`sd15`, `sd2`, `sdxl`) or model id.
-        #[arg(long)]
-        model: Option<String>,
-        /// Size `WxH`.
-        #[arg(long)]
-        size: Option<String>,
-        /// Denoising steps.
-        #[arg(long)]
-        steps: Option<u32>,
-        /// Guidance scale.
-        #[arg(long)]
-        guidance: Option<f32>,
-        /// Sampler (`Euler a`, `DPM++ 2M Karras`, `UniPC`, `lcm`, ...); the serving model's
-        /// default when absent.
-        #[arg(long)]
-        sampler: Option<String>,
-        /// Seed.
-        #[arg(long)]
-        seed: Option<i64>,
-        /// Negative prompt.
-        #[arg(long)]
-        negative: Option<String>,
+        /// What to render.
+        #[command(flatten)]
+        render: RenderArgs,
         /// A catalog style, `STYLE` or `STYLE:LEVEL` (level 1 when absent).
         #[arg(long)]
         style: Option<String>,
         /// A LoRA, `NAME` or `NAME:STRENGTH` (1.0 when absent); repeatable.
         #[arg(long)]
         lora: Vec<String>,
+        /// Start from this image (PNG or JPEG): image-to-image.
+        #[arg(long)]
+        init_image: Option<PathBuf>,
+        /// The source's mask and strength (with `--init-image`).
+        #[command(flatten)]
+        source: SourceArgs,
+    },
+    /// Render from an image (image-to-image; inpainting with `--mask`) and write a PNG.
+    Img2img {
+        /// The source image (PNG or JPEG).
+        input: PathBuf,
+        /// The prompt.
+        prompt: String,
+        /// What to render.
+        #[command(flatten)]
+        render: RenderArgs,
+        /// The source's mask and strength.
+        #[command(flatten)]
+        source: SourceArgs,
     },
     /// Unfinished jobs.
     Jobs,
@@ -295,9 +336,17 @@ impl Display {
     }
 }
 
-fn generate(api: &Api, command: &Command) -> Result<()> {
-    let Command::Generate {
-        prompt,
+/// Submits one job and follows it to its PNG: `generate` and `img2img`.
+fn generate(
+    api: &Api,
+    prompt: &str,
+    render: &RenderArgs,
+    extras: (&Option<String>, &[String]),
+    init_image: Option<&PathBuf>,
+    source: &SourceArgs,
+) -> Result<()> {
+    let (style, lora) = extras;
+    let RenderArgs {
         output,
         model,
         size,
@@ -306,12 +355,10 @@ fn generate(api: &Api, command: &Command) -> Result<()> {
         sampler,
         seed,
         negative,
-        style,
-        lora,
-    } = command
-    else {
-        return Ok(());
-    };
+    } = render;
+    if init_image.is_none() && (source.mask.is_some() || source.strength.is_some()) {
+        bail!("--mask and --strength need --init-image");
+    }
     let mut body = json!({ "prompt": prompt });
     let set = |body: &mut Value, k: &str, v: Value| {
         if !v.is_null() {
@@ -325,6 +372,22 @@ fn generate(api: &Api, command: &Command) -> Result<()> {
     set(&mut body, "sampler", json!(sampler));
     set(&mut body, "seed", json!(seed));
     set(&mut body, "negative_prompt", json!(negative));
+    let encoded = |path: &PathBuf| -> Result<Value> {
+        use base64::Engine;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(json!(
+            base64::engine::general_purpose::STANDARD.encode(bytes)
+        ))
+    };
+    if let Some(path) = init_image {
+        body["init_image"] = encoded(path)?;
+    }
+    if let Some(path) = &source.mask {
+        body["mask"] = encoded(path)?;
+    }
+    set(&mut body, "strength", json!(source.strength));
+    set(&mut body, "resize_mode", json!(source.resize_mode));
     if let Some(s) = style {
         let (name, level) = split_pair(s, 1.0)?;
         body["style_lora"] = json!({"style": name, "level": level as u32});
@@ -403,7 +466,27 @@ fn generate(api: &Api, command: &Command) -> Result<()> {
 fn run(cli: Cli) -> Result<()> {
     let api = Api::new(&cli)?;
     match &cli.command {
-        Command::Generate { .. } => generate(&api, &cli.command)?,
+        Command::Generate {
+            prompt,
+            render,
+            style,
+            lora,
+            init_image,
+            source,
+        } => generate(
+            &api,
+            prompt,
+            render,
+            (style, lora),
+            init_image.as_ref(),
+            source,
+        )?,
+        Command::Img2img {
+            input,
+            prompt,
+            render,
+            source,
+        } => generate(&api, prompt, render, (&None, &[]), Some(input), source)?,
         Command::Jobs => {
             let jobs = api.get("/v1/jobs")?;
             println!("{:<38} {:<10} {:<8} prompt", "id", "state", "progress");

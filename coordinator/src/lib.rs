@@ -94,7 +94,11 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         })
     };
     let grpc = grpc
-        .add_service(CoordinatorServer::new(service))
+        .add_service(
+            CoordinatorServer::new(service)
+                .max_decoding_message_size(drover_shared::MAX_GRPC_MESSAGE_BYTES)
+                .max_encoding_message_size(drover_shared::MAX_GRPC_MESSAGE_BYTES),
+        )
         .serve_with_incoming(incoming);
     actix_web::rt::spawn(async move {
         if let Err(e) = grpc.await {

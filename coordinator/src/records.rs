@@ -61,6 +61,12 @@ pub struct NodeRecord {
     /// stated (a node from before samplers), any accepted.
     #[serde(default)]
     pub samplers: Vec<Sampler>,
+    /// Whether the node starts jobs from a source image (image-to-image).
+    #[serde(default)]
+    pub img2img: bool,
+    /// Whether the node inpaints (jobs with a mask).
+    #[serde(default)]
+    pub inpaint: bool,
 }
 
 /// Where a job is in its life.
@@ -170,6 +176,15 @@ pub struct JobRecord {
 }
 
 impl JobRecord {
+    /// The record as API answers show it: a source image's bytes left out (its size and
+    /// byte counts stay).
+    pub fn public(mut self) -> Self {
+        if let Some(source) = &mut self.spec.source {
+            **source = source.stripped();
+        }
+        self
+    }
+
     /// A freshly accepted job.
     pub fn new(id: JobId, spec: JobSpec) -> Self {
         let now = now_ms();

@@ -7,10 +7,11 @@
 
 use drover_shared::error::InvalidId;
 use drover_shared::ids::{JobId, LeaseId};
+use drover_shared::image::{self, ResizeMode};
 use drover_shared::proto;
 use drover_shared::sampler::{SamplerName, SigmaSchedule};
 
-use crate::render::{Lora, Params};
+use crate::render::{Lora, Params, Source};
 
 /// A job leased to this node, as the session runs it.
 #[derive(Clone, Debug, PartialEq)]
@@ -56,6 +57,7 @@ impl TryFrom<proto::Assignment> for Assignment {
             name => Some(name.parse::<SamplerName>().map_err(&refuse)?.sampler),
         };
         let schedule = spec.scheduler.parse::<SigmaSchedule>().map_err(&refuse)?;
+        let source = source(&spec).map_err(&refuse)?;
         Ok(Self {
             job_id,
             lease_id,
@@ -64,10 +66,45 @@ impl TryFrom<proto::Assignment> for Assignment {
             params: Params {
                 sampler,
                 schedule,
+                source,
                 ..spec.into()
             },
         })
     }
+}
+
+/// A job's source image (and mask), decoded and fitted to the job's size; `None` for
+/// text-to-image. Anything unusable is refused with what is wrong.
+fn source(spec: &proto::JobSpec) -> Result<Option<Source>, String> {
+    if spec.init_image.is_empty() {
+        if !spec.mask.is_empty() {
+            return Err("a mask needs an init_image to inpaint".into());
+        }
+        return Ok(None);
+    }
+    if !(spec.strength > 0.0 && spec.strength <= 1.0) {
+        return Err(format!("strength must be in (0, 1], not {}", spec.strength));
+    }
+    let mode: ResizeMode = spec.resize_mode.parse()?;
+    let (w, h) = (spec.width as usize, spec.height as usize);
+    let image = image::decode(&spec.init_image).map_err(|e| format!("init_image: {e}"))?;
+    let mask = if spec.mask.is_empty() {
+        None
+    } else {
+        let mask = image::decode(&spec.mask).map_err(|e| format!("mask: {e}"))?;
+        if (mask.width, mask.height) != (image.width, image.height) {
+            return Err(format!(
+                "the mask is {}×{} but the init_image {}×{}",
+                mask.width, mask.height, image.width, image.height
+            ));
+        }
+        Some(image::resize(&mask, w, h, mode).luma())
+    };
+    Ok(Some(Source {
+        rgb: image::resize(&image, w, h, mode).pixels,
+        mask,
+        strength: spec.strength,
+    }))
 }
 
 /// The job's parameters; sizes and step counts are checked by the backend that renders them.
@@ -85,6 +122,7 @@ impl From<proto::JobSpec> for Params {
             sampler: None,
             schedule: SigmaSchedule::Automatic,
             seed: spec.seed,
+            source: None,
             loras: spec
                 .loras
                 .into_iter()
@@ -133,6 +171,71 @@ mod tests {
                 name: "ink".into(),
                 strength: 0.75,
             }],
+            ..Default::default()
+        }
+    }
+
+    fn png(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, width, height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(rgb).unwrap();
+        w.finish().unwrap();
+        out
+    }
+
+    #[test]
+    fn a_source_image_is_decoded_and_fitted_to_the_job() {
+        let (job, lease) = (JobId::time_ordered(), LeaseId::random());
+        let with = |image: Vec<u8>, mask: Vec<u8>, strength: f64| {
+            Assignment::try_from(assignment(
+                &job.to_string(),
+                &lease.to_string(),
+                Some(proto::JobSpec {
+                    width: 16,
+                    height: 8,
+                    init_image: image,
+                    mask,
+                    strength,
+                    resize_mode: "crop".into(),
+                    ..spec()
+                }),
+            ))
+        };
+        let a = with(png(4, 4, &[200; 48]), png(4, 4, &[255; 48]), 0.5).unwrap();
+        let source = a.params.source.unwrap();
+        assert_eq!(
+            source.rgb,
+            vec![200; 16 * 8 * 3],
+            "4×4 cropped to cover 16×8"
+        );
+        assert_eq!(source.mask, Some(vec![255; 16 * 8]));
+        assert_eq!(source.strength, 0.5);
+        for (image, mask, strength, reason) in [
+            (
+                png(4, 4, &[1; 48]),
+                png(2, 2, &[1; 12]),
+                0.5,
+                "the mask is 2×2",
+            ),
+            (
+                png(4, 4, &[1; 48]),
+                Vec::new(),
+                0.0,
+                "strength must be in (0, 1]",
+            ),
+            (b"GIF8".to_vec(), Vec::new(), 0.5, "init_image: not a PNG"),
+            (
+                Vec::new(),
+                png(2, 2, &[1; 12]),
+                0.5,
+                "a mask needs an init_image",
+            ),
+        ] {
+            let refused = with(image, mask, strength).unwrap_err();
+            assert!(refused.reason.contains(reason), "{}", refused.reason);
         }
     }
 
@@ -167,6 +270,7 @@ mod tests {
                     name: "ink".into(),
                     strength: 0.75,
                 }],
+                source: None,
             },
         };
         assert_eq!(a, want);

@@ -46,6 +46,10 @@ pub struct Capabilities {
     pub sizes: Vec<(u32, u32)>,
     /// Samplers the workers run, the default for jobs that name none first.
     pub samplers: Vec<Sampler>,
+    /// Whether jobs may start from a source image (the model's VAE has an encoder).
+    pub img2img: bool,
+    /// Whether jobs may carry an inpainting mask.
+    pub inpaint: bool,
 }
 
 /// The workers of a node and what they can do.
@@ -142,6 +146,7 @@ pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
                 "cpu pipelines loaded"
             );
             let samplers = pipelines.first().map(|p| p.samplers()).unwrap_or_default();
+            let encodes = pipelines.first().is_some_and(|p| p.can_encode());
             let addr = crate::burn::renderer::start_pool(
                 pipelines,
                 "cpu",
@@ -157,6 +162,8 @@ pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
                 addr.recipient(),
             );
             pool.capabilities.samplers = samplers;
+            pool.capabilities.img2img = encodes;
+            pool.capabilities.inpaint = encodes;
             Ok(pool)
         }
         BackendKind::Cuda => build_cuda(config, &model, loras),
@@ -276,6 +283,8 @@ fn pool(
             pixel_steps_per_second: 0.0,
             sizes: Vec::new(),
             samplers: vec![Sampler::Lcm],
+            img2img: false,
+            inpaint: false,
         },
     }
 }
@@ -366,6 +375,7 @@ fn build_cuda(
         "cuda pipelines loaded and warmed up"
     );
     let samplers = pipelines.first().map(|p| p.samplers()).unwrap_or_default();
+    let encodes = pipelines.first().is_some_and(|p| p.can_encode());
     let addr = renderer::start_pool(pipelines, "cuda", &model.model_id, config.lora_root.clone());
     let mut pool = pool(
         config,
@@ -376,6 +386,8 @@ fn build_cuda(
         addr.recipient(),
     );
     pool.capabilities.samplers = samplers;
+    pool.capabilities.img2img = encodes;
+    pool.capabilities.inpaint = encodes;
     Ok(pool)
 }
 
@@ -515,6 +527,9 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
             // A simulation renders any sampler alike; standard first, so jobs that name none
             // may ask for up to 150 steps as on a standard model.
             samplers: SIM_SAMPLERS.to_vec(),
+            // The simulation blends a job's source image into what it draws.
+            img2img: true,
+            inpaint: true,
         },
     })
 }

@@ -59,6 +59,20 @@ pub struct Params {
     pub seed: u64,
     /// LoRAs to merge, in order.
     pub loras: Vec<Lora>,
+    /// img2img and inpainting: the source image (and mask) the job starts from.
+    pub source: Option<Source>,
+}
+
+/// An img2img or inpainting job's source, decoded and fitted to the job's size.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Source {
+    /// Interleaved RGB bytes, `width × height × 3`.
+    pub rgb: Vec<u8>,
+    /// Inpainting: one luma byte per pixel, white (≥ 128) where the model repaints.
+    pub mask: Option<Vec<u8>>,
+    /// How far from the source the result may go, in (0, 1]: the fraction of the noise
+    /// schedule run (1 with a mask: the masked part starts from pure noise).
+    pub strength: f64,
 }
 
 /// A rendered image.
@@ -366,6 +380,15 @@ pub fn encode_png(image: &Image, params: &Params, origin: &Origin) -> Result<Vec
     if !params.negative_prompt.is_empty() {
         text.push(("negative_prompt", params.negative_prompt.clone()));
     }
+    if let Some(source) = &params.source {
+        let mode = if source.mask.is_some() {
+            "inpaint"
+        } else {
+            "img2img"
+        };
+        text.push(("mode", mode.to_string()));
+        text.push(("strength", source.strength.to_string()));
+    }
     if !params.loras.is_empty() {
         let list: Vec<String> = params
             .loras
@@ -453,6 +476,7 @@ mod tests {
                 name: "ink".into(),
                 strength: 0.5,
             }],
+            source: None,
         }
     }
 

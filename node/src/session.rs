@@ -124,6 +124,8 @@ impl NodeLink {
                 .map(|&(width, height)| proto::ImageSize { width, height })
                 .collect(),
             samplers: caps.samplers.iter().map(|s| s.id().to_string()).collect(),
+            img2img: caps.img2img,
+            inpaint: caps.inpaint,
         }
     }
 
@@ -146,7 +148,9 @@ impl NodeLink {
                 .map_err(|e| NodeError::Config(format!("TLS settings: {e}")))?,
             None => endpoint,
         };
-        Ok(CoordinatorClient::new(endpoint.connect().await?))
+        Ok(CoordinatorClient::new(endpoint.connect().await?)
+            .max_decoding_message_size(drover_shared::MAX_GRPC_MESSAGE_BYTES)
+            .max_encoding_message_size(drover_shared::MAX_GRPC_MESSAGE_BYTES))
     }
 
     /// TLS for an `https://` COORDINATOR_URL: the public roots plus `DROVER_CA_CERT`.

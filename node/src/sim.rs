@@ -1,7 +1,8 @@
 //! `BACKEND=sim`: a simulated [`Renderer`] for scheduler tests, demos and load benchmarks.
 //!
 //! It runs no model. Each step sleeps `SIM_STEP_MS`; the image is a deterministic pattern derived
-//! from the prompt and seed (same prompt + seed + size → same bytes), and its PNG metadata says it is
+//! from the prompt and seed (same prompt + seed + size → same bytes; a source image is blended
+//! in at the job's strength, where its mask is white), and its PNG metadata says it is
 //! simulated. The factory never picks it on its own: it runs only when `BACKEND=sim` is set.
 
 use std::ops::ControlFlow;
@@ -36,7 +37,10 @@ impl Renderer for SimRenderer {
         params: &Params,
         mut step: impl FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Image> {
-        let rgb = pattern(params)?;
+        let mut rgb = pattern(params)?;
+        if let Some(source) = &params.source {
+            blend_source(&mut rgb, source);
+        }
         for k in 1..=params.steps {
             std::thread::sleep(self.step);
             if step(k, params.steps).is_break() {
@@ -49,6 +53,22 @@ impl Renderer for SimRenderer {
             rgb,
             truncated_tokens: 0,
         })
+    }
+}
+
+/// What a simulated img2img job draws: the pattern over the source image at `strength`
+/// (0 keeps the source), only where the mask is white when there is one.
+fn blend_source(rgb: &mut [u8], source: &crate::render::Source) {
+    let s = source.strength.clamp(0.0, 1.0) as f32;
+    for (i, (out, src)) in rgb.chunks_mut(3).zip(source.rgb.chunks(3)).enumerate() {
+        let repaint = source
+            .mask
+            .as_ref()
+            .is_none_or(|m| m.get(i).is_some_and(|&v| v >= 128));
+        let k = if repaint { s } else { 0.0 };
+        for (o, &v) in out.iter_mut().zip(src) {
+            *o = (f32::from(*o) * k + f32::from(v) * (1.0 - k)).round() as u8;
+        }
     }
 }
 
@@ -175,6 +195,7 @@ mod tests {
             schedule: crate::sampling::SigmaSchedule::Automatic,
             seed,
             loras: Vec::new(),
+            source: None,
         }
     }
 

@@ -16,7 +16,7 @@ use crate::burn::clip::{ClipConfig, ClipText};
 use crate::burn::lora::LoraSet;
 use crate::burn::tensor_file::{HostTensor, TensorFile};
 use crate::burn::unet::{AddedCond, Unet, UnetConfig, guidance_embedding};
-use crate::burn::vae::{VaeConfig, VaeDecoder};
+use crate::burn::vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use crate::burn::weights::{Loader, NameMap, RandomWeights, upload};
 use crate::error::{NodeError, Result};
 use crate::render::gaussian;
@@ -186,6 +186,7 @@ pub fn make_model(out: &Path, seed: u64, family: ModelFamily, lcm: bool) -> Resu
         &source.take(),
     )?;
     VaeDecoder::<crate::burn::Cpu>::load(&mut Loader::prefixed(&source, "", &device), &vae)?;
+    VaeEncoder::<crate::burn::Cpu>::load(&mut Loader::prefixed(&source, "", &device), &vae)?;
     write_f16(
         &out.join("vae/diffusion_pytorch_model.safetensors"),
         &source.take(),
@@ -666,6 +667,7 @@ pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> 
         schedule,
         seed: args.seed,
         loras: Vec::new(),
+        source: None,
     };
     let plan = pipeline.plan(params.sampler, params.schedule, params.steps)?;
     let started = Instant::now();

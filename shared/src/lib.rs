@@ -19,6 +19,7 @@ pub mod detect;
 pub mod error;
 pub mod family;
 pub mod ids;
+pub mod image;
 pub mod job;
 pub mod safetensors;
 pub mod sampler;
@@ -30,6 +31,11 @@ pub mod telemetry;
 pub mod proto {
     tonic::include_proto!("drover.v1");
 }
+
+/// Largest gRPC message either side sends or accepts: an assignment carries a job's source
+/// image and mask (16 MiB each at most), a result a PNG of up to 2048×2048 (12 MiB raw).
+/// tonic's default of 4 MiB would cut both.
+pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
 
 /// Metadata key under which a node presents `DROVER_NODE_TOKEN` on every gRPC call.
 pub const NODE_TOKEN_METADATA: &str = "x-drover-node-token";

@@ -5,22 +5,10 @@
 use std::process::Command;
 use std::time::Duration;
 
-use drover_tests::{ClusterSandbox, NodeSpec, binaries};
+use drover_tests::{ClusterSandbox, NodeSpec, binaries, png_text};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(120);
-
-fn png_text(png: &[u8]) -> Vec<(String, String)> {
-    let reader = png::Decoder::new(std::io::Cursor::new(png.to_vec()))
-        .read_info()
-        .expect("a PNG");
-    reader
-        .info()
-        .utf8_text
-        .iter()
-        .map(|t| (t.keyword.clone(), t.get_text().unwrap_or_default()))
-        .collect()
-}
 
 #[test]
 fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {

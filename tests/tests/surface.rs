@@ -303,6 +303,45 @@ fn the_drover_cli_generates_with_progress_and_manages_nodes() -> anyhow::Result<
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("unknown sampler"), "{stderr}");
 
+    // img2img from a file, with a mask: the result has the source's size and says so.
+    let source = dir.path().join("source.png");
+    let mask = dir.path().join("mask.png");
+    std::fs::write(
+        &source,
+        drover_tests::png_of(96, 64, |x, _| [x as u8, 90, 200]),
+    )?;
+    std::fs::write(
+        &mask,
+        drover_tests::png_of(96, 64, |x, _| [if x < 48 { 255 } else { 0 }; 3]),
+    )?;
+    let edited = dir.path().join("edited.png");
+    let run = cli(&[
+        "img2img",
+        source.to_str().expect("utf-8 path"),
+        "a blue fox",
+        "--strength",
+        "0.6",
+        "--mask",
+        mask.to_str().expect("utf-8 path"),
+        "--steps",
+        "2",
+        "-o",
+        edited.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let png = std::fs::read(&edited)?;
+    assert_eq!(png_size(&png), (96, 64));
+    let rgb = drover_tests::png_rgb(&png);
+    assert_eq!(
+        &rgb[(10 * 96 + 80) * 3..(10 * 96 + 80) * 3 + 3],
+        [80, 90, 200],
+        "kept"
+    );
+
     let nodes = cli(&["nodes"]);
     assert!(String::from_utf8_lossy(&nodes.stdout).contains("painter"));
     let drain = cli(&["drain", "painter"]);
@@ -364,7 +403,7 @@ fn openapi_documents_every_route_the_server_answers() -> anyhow::Result<()> {
             checked += 1;
         }
     }
-    assert_eq!(checked, 23, "{checked} operations");
+    assert_eq!(checked, 24, "{checked} operations");
     Ok(())
 }
 

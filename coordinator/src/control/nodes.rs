@@ -160,6 +160,8 @@ impl NodeEntry {
             max_pixels: self.record.max_pixels,
             sizes: &self.record.sizes,
             samplers: &self.record.samplers,
+            img2img: self.record.img2img,
+            inpaint: self.record.inpaint,
             loras: &self.record.loras,
             online,
             suspect,
@@ -199,6 +201,10 @@ pub struct NodeRegistration {
     pub pixel_steps_per_second: f64,
     /// Samplers it runs, its default first (empty: not stated).
     pub samplers: Vec<Sampler>,
+    /// Whether it starts jobs from a source image.
+    pub img2img: bool,
+    /// Whether it inpaints.
+    pub inpaint: bool,
 }
 
 impl NodeRegistration {
@@ -221,6 +227,8 @@ impl NodeRegistration {
             draining: existing.is_some_and(|r| r.draining),
             sizes: self.sizes,
             samplers: self.samplers,
+            img2img: self.img2img,
+            inpaint: self.inpaint,
         }
     }
 }

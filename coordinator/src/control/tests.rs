@@ -32,6 +32,8 @@ fn register(name: &str) -> RegisterNode {
         pixel_steps_per_second: 1_024_000.0,
         sizes: Vec::new(),
         samplers: Vec::new(),
+        img2img: true,
+        inpaint: true,
     })
 }
 

@@ -70,6 +70,8 @@ pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
     }
     Ok(NodeRegistration {
         samplers,
+        img2img: req.img2img,
+        inpaint: req.inpaint,
         name,
         backend: req.backend,
         family,
@@ -164,6 +166,26 @@ pub fn to_node(message: ToNode) -> proto::CoordinatorMessage {
                         .unwrap_or_default(),
                     scheduler: a.spec.scheduler.id().to_string(),
                     guidance_rescale: a.spec.guidance_rescale,
+                    init_image: a
+                        .spec
+                        .source
+                        .as_ref()
+                        .map(|s| s.image.to_vec())
+                        .unwrap_or_default(),
+                    mask: a
+                        .spec
+                        .source
+                        .as_ref()
+                        .and_then(|s| s.mask.as_ref())
+                        .map(|m| m.to_vec())
+                        .unwrap_or_default(),
+                    strength: a.spec.source.as_ref().map_or(0.0, |s| s.strength),
+                    resize_mode: a
+                        .spec
+                        .source
+                        .as_ref()
+                        .map(|s| s.resize_mode.as_str().to_string())
+                        .unwrap_or_default(),
                     seed: a.spec.seed,
                     loras: a
                         .spec

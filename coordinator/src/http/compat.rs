@@ -6,6 +6,9 @@
 //!   `cfg_scale`, `sampler_name`, `scheduler`, `width`, `height`, `seed`, `batch_size`,
 //!   `n_iter`), answered with base64 PNGs, the parameters and an `info` JSON string;
 //!   `GET /sdapi/v1/samplers` and `GET /sdapi/v1/schedulers` list what those two accept.
+//! - `POST /sdapi/v1/img2img`: txt2img's subset plus `init_images`, `denoising_strength`, `mask`,
+//!   `resize_mode` (and `inpainting_fill`, `mask_blur`, `inpainting_mask_invert` checked),
+//!   answered as txt2img (the echoed parameters without the images).
 //!
 //! Unlike the strict native API, these accept whole bodies real clients send: fields they do not
 //! use are ignored, and seed −1 means random. Fields they do use are validated like native ones,
@@ -15,6 +18,7 @@ use std::collections::BTreeMap;
 
 use actix_web::{HttpResponse, get, post, web};
 use drover_shared::error::FieldError;
+use drover_shared::image::ResizeMode;
 use drover_shared::job::{JobRequest, MAX_SEED, StyleRef, random_seed};
 use drover_shared::sampler::{Sampler, SamplerName, SigmaSchedule};
 use serde::Serialize;
@@ -27,10 +31,11 @@ use super::responses::{
     BadRequest, Internal, JobFailed, NotFound, PayloadTooLarge, Timeout, TooManyRequests,
     Unauthorized, Unavailable, Unprocessable,
 };
-use super::state::{MAX_BODY, read_body};
+use super::state::{MAX_BODY, MAX_IMAGE_BODY, read_body};
 use crate::error::Result;
 use crate::http::jobs::{Png, accept_request, accept_requests, wait_image};
 use crate::http::{AppState, Client};
+use crate::limits::ClientId;
 
 /// Most images one txt2img call may ask for (`batch_size × n_iter`).
 pub const MAX_BATCH: u64 = 8;
@@ -98,6 +103,71 @@ pub struct Txt2ImgRequest {
     pub height: Option<u32>,
     /// Seed of the first image, 0..=2^31-1 (image i gets seed + i, from 0 again past
     /// 2^31-1); -1 (or absent) for a random one.
+    #[schema(minimum = -1, maximum = 2147483647)]
+    pub seed: Option<i64>,
+    /// Images per iteration; `batch_size × n_iter` is at most 8.
+    #[schema(minimum = 1, maximum = 8, default = 1)]
+    pub batch_size: Option<u32>,
+    /// Iterations; `batch_size × n_iter` is at most 8.
+    #[schema(minimum = 1, maximum = 8, default = 1)]
+    pub n_iter: Option<u32>,
+}
+
+/// The body of `POST /sdapi/v1/img2img` (the AUTOMATIC1111 subset): txt2img's fields and the
+/// source image's. Other fields are ignored (and echoed in `parameters`, without the images).
+// Read by `img2img_request`; a test holds the two together.
+#[derive(ToSchema)]
+pub struct Img2ImgRequest {
+    /// What to draw: at most 2000 characters, not only white space.
+    #[schema(max_length = 2000, pattern = r"[^\s\u0085]")]
+    pub prompt: String,
+    /// What not to draw: at most 2000 characters; empty for nothing.
+    #[schema(max_length = 2000)]
+    pub negative_prompt: Option<String>,
+    /// The source images, base64 PNG or JPEG (a data-URL prefix is accepted), each at most
+    /// 16 MiB and 4096×4096 pixels; image i of the batch starts from `init_images[i mod len]`.
+    #[schema(min_items = 1)]
+    pub init_images: Vec<String>,
+    /// How far from the source the result may go, in (0, 1]; 0.75 when absent (1.0 with a
+    /// mask).
+    #[schema(exclusive_minimum = 0, maximum = 1, default = 0.75)]
+    pub denoising_strength: Option<f64>,
+    /// Inpainting mask, base64 PNG or JPEG, the source's size: white repaints, black keeps.
+    pub mask: Option<String>,
+    /// How the source is fitted to width × height: 0 just resize, 1 crop and resize, 2 resize
+    /// and fill (3, latent upscale, is not served).
+    #[schema(minimum = 0, maximum = 2, default = 0)]
+    pub resize_mode: Option<i64>,
+    /// Read and checked (0..=3); Drover's masked content is the source below strength 1 and
+    /// noise at strength 1 (A1111's "original" and "latent noise").
+    #[schema(minimum = 0, maximum = 3)]
+    pub inpainting_fill: Option<i64>,
+    /// Read and checked (0..=64); the mask is binarised at the latent's resolution, as
+    /// diffusers does, so it is not blurred.
+    #[schema(minimum = 0, maximum = 64)]
+    pub mask_blur: Option<i64>,
+    /// Only 0: an inverted mask is refused.
+    #[schema(minimum = 0, maximum = 0)]
+    pub inpainting_mask_invert: Option<i64>,
+    /// Denoising steps, 1..=150 (the sampler's own range: LCM 1..=8).
+    #[schema(minimum = 1, maximum = 150)]
+    pub steps: Option<u32>,
+    /// Guidance scale, 0..=20.
+    #[schema(minimum = 0, maximum = 20)]
+    pub cfg_scale: Option<f64>,
+    /// Sampler, as `GET /sdapi/v1/samplers` lists it.
+    #[schema(example = "Euler a")]
+    pub sampler_name: Option<String>,
+    /// Sigma schedule: `Automatic`, `Normal`, `Karras`.
+    #[schema(example = "Karras")]
+    pub scheduler: Option<String>,
+    /// Image width: a multiple of 8 in 64..=2048; 512 when absent.
+    #[schema(minimum = 64, maximum = 2048, multiple_of = 8, default = 512)]
+    pub width: Option<u32>,
+    /// Image height: a multiple of 8 in 64..=2048; 512 when absent.
+    #[schema(minimum = 64, maximum = 2048, multiple_of = 8, default = 512)]
+    pub height: Option<u32>,
+    /// Seed of the first image, 0..=2^31-1; -1 (or absent) for a random one.
     #[schema(minimum = -1, maximum = 2147483647)]
     pub seed: Option<i64>,
     /// Images per iteration; `batch_size × n_iter` is at most 8.
@@ -307,7 +377,79 @@ pub struct Txt2Img {
 
 /// The jobs a `POST /sdapi/v1/txt2img` body asks for ([`Txt2ImgRequest`]).
 pub fn txt2img_request(body: &[u8]) -> Result<Txt2Img> {
+    txt2img_from(object(body)?)
+}
+
+/// The jobs a `POST /sdapi/v1/img2img` body asks for ([`Img2ImgRequest`]): txt2img's, each
+/// starting from an init image (image i of the batch from `init_images[i mod len]`, as A1111
+/// does), with the mask, strength and resize mode.
+pub fn img2img_request(body: &[u8]) -> Result<Txt2Img> {
     let map = object(body)?;
+    let images = match map.get("init_images") {
+        Some(Value::Array(items)) if !items.is_empty() => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s.clone()),
+                _ => Err(FieldError::new(
+                    format!("init_images[{i}]"),
+                    "expected a base64 image string",
+                )
+                .into()),
+            })
+            .collect::<Result<Vec<String>>>()?,
+        Some(Value::Array(_)) | None | Some(Value::Null) => {
+            return Err(
+                FieldError::new("init_images", "is required: one or more base64 images").into(),
+            );
+        }
+        Some(_) => {
+            return Err(
+                FieldError::new("init_images", "expected an array of base64 images").into(),
+            );
+        }
+    };
+    let mask = string(&map, "mask")?.filter(|m| !m.is_empty());
+    let strength = number(&map, "denoising_strength")?;
+    let resize_mode = match whole(&map, "resize_mode")? {
+        None => None,
+        Some(m) => Some(ResizeMode::from_a1111(m).ok_or_else(|| {
+            FieldError::new(
+                "resize_mode",
+                format!(
+                    "{m} is not served: 0 (just resize), 1 (crop and resize) or 2 (resize and fill)"
+                ),
+            )
+        })?),
+    };
+    if let Some(fill) = whole(&map, "inpainting_fill")?
+        && !(0..=3).contains(&fill)
+    {
+        return Err(FieldError::new("inpainting_fill", format!("{fill} is outside 0..=3")).into());
+    }
+    if let Some(blur) = whole(&map, "mask_blur")?
+        && !(0..=64).contains(&blur)
+    {
+        return Err(FieldError::new("mask_blur", format!("{blur} is outside 0..=64")).into());
+    }
+    if whole(&map, "inpainting_mask_invert")?.unwrap_or(0) != 0 {
+        return Err(FieldError::new(
+            "inpainting_mask_invert",
+            "an inverted mask is not served: send the mask with white where to repaint",
+        )
+        .into());
+    }
+    let mut call = txt2img_from(map)?;
+    for (i, request) in call.requests.iter_mut().enumerate() {
+        request.init_image = Some(images[i % images.len()].clone());
+        request.mask = mask.clone();
+        request.strength = strength;
+        request.resize_mode = resize_mode;
+    }
+    Ok(call)
+}
+
+fn txt2img_from(map: Map<String, Value>) -> Result<Txt2Img> {
     let prompt = required_prompt(&map)?;
     let negative = string(&map, "negative_prompt")?.filter(|s| !s.is_empty());
     let width = whole(&map, "width")?.unwrap_or(512);
@@ -376,6 +518,38 @@ pub fn txt2img_request(body: &[u8]) -> Result<Txt2Img> {
     })
 }
 
+/// AUTOMATIC1111 img2img compatibility
+///
+/// The AUTOMATIC1111 img2img subset (txt2img's fields plus `init_images`, `denoising_strength`,
+/// `mask`, `resize_mode`): every image as base64 PNG, the parameters, and `info`.
+#[utoipa::path(
+    tag = "compat",
+    request_body = Img2ImgRequest,
+    responses(
+        (status = 200, description = "The images", body = Txt2ImgResponse),
+        (status = 400, response = BadRequest),
+        (status = 401, response = Unauthorized),
+        (status = 404, response = NotFound),
+        (status = 413, response = PayloadTooLarge),
+        (status = 422, response = Unprocessable),
+        (status = 429, response = TooManyRequests),
+        (status = 500, response = Internal),
+        (status = 502, response = JobFailed),
+        (status = 503, response = Unavailable),
+        (status = 504, response = Timeout),
+    ),
+    security((), ("apiKey" = []), ("bearerKey" = []))
+)]
+#[post("/sdapi/v1/img2img")]
+pub(crate) async fn img2img(
+    Client(client): Client,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse> {
+    let call = img2img_request(&read_body(payload, MAX_IMAGE_BODY).await?)?;
+    answer_a1111(&state, &client, call).await
+}
+
 /// AUTOMATIC1111 txt2img compatibility
 ///
 /// The AUTOMATIC1111 subset: every image as base64 PNG, the parameters, and `info`.
@@ -404,13 +578,28 @@ pub(crate) async fn txt2img(
     payload: web::Payload,
 ) -> Result<HttpResponse> {
     let call = txt2img_request(&read_body(payload, MAX_BODY).await?)?;
+    answer_a1111(&state, &client, call).await
+}
+
+/// Submits an A1111 call's jobs and answers its images, parameters and `info`.
+async fn answer_a1111(
+    state: &AppState,
+    client: &ClientId,
+    mut call: Txt2Img,
+) -> Result<HttpResponse> {
+    // The answer echoes the body, less the images it carried.
+    for key in ["init_images", "mask"] {
+        if call.parameters.contains_key(key) {
+            call.parameters.insert(key.into(), Value::Null);
+        }
+    }
     // All or nothing: the batch is accepted as one submission, with one wait for the disk.
-    let jobs = accept_requests(&state, &client, call.requests, true).await?;
+    let jobs = accept_requests(state, client, call.requests, true).await?;
     let mut images = Vec::new();
     let mut all_seeds = Vec::new();
     let mut job_ids = Vec::new();
     for job in jobs {
-        let (done, png) = wait_image(&state, job).await?;
+        let (done, png) = wait_image(state, job).await?;
         images.push(base64(&png));
         all_seeds.push(done.spec.seed);
         job_ids.push(done.id.to_string());
@@ -565,9 +754,17 @@ mod tests {
     #[test]
     fn every_documented_field_is_read() {
         let doc: Value = serde_json::from_str(crate::http::openapi::json()).expect("json");
-        for schema in ["LcmRequest", "Txt2ImgRequest"] {
+        for schema in ["LcmRequest", "Txt2ImgRequest", "Img2ImgRequest"] {
             let parse = |body: &[u8]| match schema {
                 "LcmRequest" => lcm_request(body).map(drop),
+                "Img2ImgRequest" => {
+                    // img2img reads txt2img's fields after its own required `init_images`.
+                    let mut with: Value = serde_json::from_slice(body).expect("json");
+                    if with.get("init_images").is_none() {
+                        with["init_images"] = serde_json::json!(["iVBORw0KGgo="]);
+                    }
+                    img2img_request(&serde_json::to_vec(&with).expect("json")).map(drop)
+                }
                 _ => txt2img_request(body).map(drop),
             };
             let schema_of = &doc["components"]["schemas"][schema];

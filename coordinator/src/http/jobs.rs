@@ -18,7 +18,7 @@ use super::responses::{
     BadRequest, Conflict, Internal, JobFailed, NotFound, PayloadTooLarge, Timeout, TooManyRequests,
     Unauthorized, Unavailable, Unprocessable,
 };
-use super::state::{AppState, MAX_BATCH_BODY, MAX_BATCH_JOBS, MAX_BODY, read_body};
+use super::state::{AppState, MAX_BATCH_BODY, MAX_BATCH_JOBS, MAX_IMAGE_BODY, read_body};
 use crate::control::{CancelJob, Finished, JobEvent, SubmitJobs, Submitted, WaitJob};
 use crate::error::{CoordinatorError, Result};
 use crate::limits::ClientId;
@@ -60,7 +60,9 @@ pub struct BatchAccepted {
 }
 
 pub(crate) async fn read_job_request(payload: web::Payload) -> Result<JobRequest> {
-    Ok(JobRequest::from_json(&read_body(payload, MAX_BODY).await?)?)
+    Ok(JobRequest::from_json(
+        &read_body(payload, MAX_IMAGE_BODY).await?,
+    )?)
 }
 
 pub(crate) async fn accept(
@@ -119,9 +121,15 @@ pub(crate) async fn accept_checked(
     let of = requests.len();
     let mut specs = Vec::with_capacity(requests.len());
     for (index, request) in requests.into_iter().enumerate() {
-        let spec = request
-            .validate(random_seed)
-            .map_err(|e| CoordinatorError::from(e).in_batch(index, of))?;
+        // Decoding a source image takes milliseconds to a second: off the server's threads.
+        let validated = if request.init_image.is_some() {
+            web::block(move || request.validate(random_seed))
+                .await
+                .map_err(|e| CoordinatorError::Unavailable(format!("validating: {e}")))?
+        } else {
+            request.validate(random_seed)
+        };
+        let spec = validated.map_err(|e| CoordinatorError::from(e).in_batch(index, of))?;
         let spec = state.styles.apply(spec).map_err(|e| {
             match e {
                 ApplyError::Field(f) => CoordinatorError::InvalidField(f),
@@ -425,7 +433,10 @@ pub(crate) async fn get_job(
         .await?
         .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
     let image_url = (job.state == JobState::Succeeded).then(|| format!("/v1/jobs/{id}/image"));
-    Ok(HttpResponse::Ok().json(JobView { job, image_url }))
+    Ok(HttpResponse::Ok().json(JobView {
+        job: job.public(),
+        image_url,
+    }))
 }
 
 /// The PNG of a finished job
@@ -599,7 +610,14 @@ pub(crate) async fn job_events(
 )]
 #[get("/v1/jobs")]
 pub(crate) async fn list_jobs(_: Client, state: web::Data<AppState>) -> Result<HttpResponse> {
-    Ok(HttpResponse::Ok().json(state.control.send(crate::control::ListJobs).await?))
+    let jobs: Vec<JobRecord> = state
+        .control
+        .send(crate::control::ListJobs)
+        .await?
+        .into_iter()
+        .map(JobRecord::public)
+        .collect();
+    Ok(HttpResponse::Ok().json(jobs))
 }
 
 /// Cancel a job

@@ -49,6 +49,7 @@ pub fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(nodes::metrics)
         .service(compat::lcm_generate)
         .service(compat::txt2img)
+        .service(compat::img2img)
         .service(compat::samplers)
         .service(compat::schedulers)
         .service(dashboard::index)

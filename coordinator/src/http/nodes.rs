@@ -342,6 +342,8 @@ mod tests {
                 draining: false,
                 sizes: Vec::new(),
                 samplers: Vec::new(),
+                img2img: false,
+                inpaint: false,
             },
             state,
             suspect: false,

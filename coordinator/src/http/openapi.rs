@@ -46,11 +46,12 @@ pub fn document() -> OpenApi {
         .split_for_parts();
     doc.info.version = drover_shared::VERSION.to_string();
     let components = doc.components.get_or_insert_with(Default::default);
-    if let Some(schema) = components.schemas.remove("Txt2ImgRequest") {
-        components.schemas.insert(
-            "Txt2ImgRequest".into(),
-            super::compat::txt2img_request_schema(schema),
-        );
+    for name in ["Txt2ImgRequest", "Img2ImgRequest"] {
+        if let Some(schema) = components.schemas.remove(name) {
+            components
+                .schemas
+                .insert(name.into(), super::compat::txt2img_request_schema(schema));
+        }
     }
     for (name, response) in error_components() {
         components.responses.insert(name.to_string(), response);
@@ -151,12 +152,13 @@ mod tests {
             "get /v1/styles",
             "post /generate",
             "post /sdapi/v1/txt2img",
+            "post /sdapi/v1/img2img",
             "get /sdapi/v1/samplers",
             "get /sdapi/v1/schedulers",
         ] {
             assert!(listed.contains(expected), "{expected} is not documented");
         }
-        assert_eq!(listed.len(), 23, "{listed:?}");
+        assert_eq!(listed.len(), 24, "{listed:?}");
         let names: BTreeSet<&str> = ERROR_RESPONSES.iter().map(|(n, _)| *n).collect();
         for (name, code) in ERROR_RESPONSES {
             assert_eq!(component_of(*code), *name);
@@ -284,6 +286,10 @@ mod tests {
                 level: 1,
             }),
             priority: Some(1),
+            init_image: Some("iVBORw0KGgo=".into()),
+            mask: Some("iVBORw0KGgo=".into()),
+            strength: Some(0.5),
+            resize_mode: Some(drover_shared::image::ResizeMode::Crop),
         };
         let sent = serde_json::to_value(&full).expect("json");
         let fields: BTreeSet<&String> = sent.as_object().expect("an object").keys().collect();

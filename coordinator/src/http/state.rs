@@ -17,6 +17,11 @@ use crate::store::Store;
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 64 * 1024;
 
+/// Largest accepted body of a request that may carry images (a job with a source image and a
+/// mask, each up to [`drover_shared::job::source::MAX_SOURCE_BYTES`], base64 in JSON).
+pub const MAX_IMAGE_BODY: usize =
+    MAX_BODY + 2 * (drover_shared::job::source::MAX_SOURCE_BYTES / 3 + 1) * 4;
+
 /// Most jobs one `POST /v1/jobs/batch` may carry.
 pub const MAX_BATCH_JOBS: usize = 256;
 

@@ -11,7 +11,7 @@ use ::burn::tensor::backend::Backend;
 use super::unet::{AddedCond, Unet, guidance_embedding};
 use crate::error::{NodeError, Result};
 use crate::sampling::guidance::{guided, rescaled};
-use crate::sampling::{Plan, Sampler};
+use crate::sampling::{Keep, Plan, Sampler};
 
 /// One encoded prompt.
 pub struct Prompt<B: Backend> {
@@ -49,7 +49,27 @@ pub fn sample_unet<B: Backend>(
     noise: impl FnMut(usize) -> Tensor<B, 4>,
     progress: impl FnMut(usize, usize) -> ControlFlow<()>,
 ) -> Result<Tensor<B, 4>> {
-    let device = init.device();
+    let x = plan.initial(init, None);
+    sample_unet_from(
+        unet, text, x, None, plan, guidance, rescale, noise, progress,
+    )
+}
+
+/// [`sample_unet`] from a sample `x` already at the plan's first level ([`Plan::initial`]:
+/// image-to-image starts from the noised image), keeping `keep`'s unmasked part (inpainting).
+#[allow(clippy::too_many_arguments)]
+pub fn sample_unet_from<B: Backend>(
+    unet: &Unet<B>,
+    text: &TextConditioning<B>,
+    x: Tensor<B, 4>,
+    keep: Option<&Keep<B>>,
+    plan: &Plan,
+    guidance: f32,
+    rescale: f32,
+    noise: impl FnMut(usize) -> Tensor<B, 4>,
+    progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+) -> Result<Tensor<B, 4>> {
+    let device = x.device();
     // The guidance embedding of guidance-distilled UNets feeds LCM sampling only; any other
     // sampler guides by CFG (as diffusers, which skips the projection without one).
     let cond = unet
@@ -96,5 +116,5 @@ pub fn sample_unet<B: Backend>(
         }
         None => unet.forward(x, t, &text.prompt.context, cond.as_ref(), single.as_ref()),
     };
-    plan.run(init, model, noise, progress)
+    plan.run_from(x, model, noise, progress, keep)
 }

@@ -11,16 +11,16 @@ use drover_shared::family::ModelFamily;
 use serde::de::DeserializeOwned;
 
 use super::clip::{ClipConfig, ClipText, clip_prefix};
-use super::denoise::{Prompt, TextConditioning, sample_unet};
+use super::denoise::{Prompt, TextConditioning, sample_unet, sample_unet_from};
 use super::lora::LoraSet;
 use super::tensor_file::TensorFile;
 use super::tokenizer::{ClipTokenizer, Tokens};
 use super::unet::{AddedCond, Unet, UnetConfig};
-use super::vae::{VaeConfig, VaeDecoder};
+use super::vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use super::weights::{Loader, NameMap, OpenClipSource};
 use crate::error::{NodeError, Result};
-use crate::render::{Image, Params, gaussian, rgb_from_chw, step_noise_seed};
-use crate::sampling::{NoiseSchedule, Plan, Sampler, SchedulerConfig, SigmaSchedule};
+use crate::render::{Image, Params, Source, gaussian, rgb_from_chw, step_noise_seed};
+use crate::sampling::{Keep, NoiseSchedule, Plan, Sampler, SchedulerConfig, SigmaSchedule};
 
 /// Where a model's parts live.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,6 +83,7 @@ pub struct Pipeline<B: Backend> {
     text2: Option<(ClipTokenizer, ClipText<B>)>,
     unet: Unet<B>,
     vae: VaeDecoder<B>,
+    encoder: Option<VaeEncoder<B>>,
     schedule: NoiseSchedule,
     loras: Vec<LoraSpec>,
 }
@@ -125,40 +126,59 @@ fn component_file(dir: &Path, names: &[&str]) -> Result<TensorFile> {
     }
 }
 
-/// Maps a diffusers VAE decoder name to the LDM single-file name (without `first_stage_model.`).
+/// Maps a diffusers VAE name (encoder, decoder, `quant_conv`s) to the LDM single-file name
+/// (without `first_stage_model.`).
 pub fn vae_diffusers_to_ldm(name: &str, levels: usize) -> String {
     let resnet_tail = |t: &str| t.replacen("conv_shortcut", "nin_shortcut", 1);
-    if let Some(rest) = name.strip_prefix("decoder.mid_block.") {
-        if let Some(t) = rest.strip_prefix("resnets.0.") {
-            return format!("decoder.mid.block_1.{}", resnet_tail(t));
+    for half in ["encoder", "decoder"] {
+        let Some(inner) = name
+            .strip_prefix(half)
+            .and_then(|rest| rest.strip_prefix('.'))
+        else {
+            continue;
+        };
+        if let Some(rest) = inner.strip_prefix("mid_block.") {
+            if let Some(t) = rest.strip_prefix("resnets.0.") {
+                return format!("{half}.mid.block_1.{}", resnet_tail(t));
+            }
+            if let Some(t) = rest.strip_prefix("resnets.1.") {
+                return format!("{half}.mid.block_2.{}", resnet_tail(t));
+            }
+            if let Some(t) = rest.strip_prefix("attentions.0.") {
+                let t = t
+                    .replacen("group_norm", "norm", 1)
+                    .replacen("to_q", "q", 1)
+                    .replacen("to_k", "k", 1)
+                    .replacen("to_v", "v", 1)
+                    .replacen("to_out.0", "proj_out", 1);
+                return format!("{half}.mid.attn_1.{t}");
+            }
         }
-        if let Some(t) = rest.strip_prefix("resnets.1.") {
-            return format!("decoder.mid.block_2.{}", resnet_tail(t));
+        // Decoder levels count up from the bottom in LDM files, encoder levels down from the top.
+        let (blocks, ldm_blocks, sampler, ldm_sampler) = if half == "decoder" {
+            ("up_blocks.", "up", "upsamplers.0.", "upsample")
+        } else {
+            ("down_blocks.", "down", "downsamplers.0.", "downsample")
+        };
+        if let Some(rest) = inner.strip_prefix(blocks) {
+            let mut parts = rest.splitn(2, '.');
+            let i: usize = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            let tail = parts.next().unwrap_or("");
+            let level = if half == "decoder" {
+                levels.saturating_sub(1 + i)
+            } else {
+                i
+            };
+            if let Some(t) = tail.strip_prefix("resnets.") {
+                return format!("{half}.{ldm_blocks}.{level}.block.{}", resnet_tail(t));
+            }
+            if let Some(t) = tail.strip_prefix(sampler) {
+                return format!("{half}.{ldm_blocks}.{level}.{ldm_sampler}.{t}");
+            }
         }
-        if let Some(t) = rest.strip_prefix("attentions.0.") {
-            let t = t
-                .replacen("group_norm", "norm", 1)
-                .replacen("to_q", "q", 1)
-                .replacen("to_k", "k", 1)
-                .replacen("to_v", "v", 1)
-                .replacen("to_out.0", "proj_out", 1);
-            return format!("decoder.mid.attn_1.{t}");
+        if let Some(t) = inner.strip_prefix("conv_norm_out.") {
+            return format!("{half}.norm_out.{t}");
         }
-    }
-    if let Some(rest) = name.strip_prefix("decoder.up_blocks.") {
-        let mut parts = rest.splitn(2, '.');
-        let i: usize = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-        let tail = parts.next().unwrap_or("");
-        let level = levels.saturating_sub(1 + i);
-        if let Some(t) = tail.strip_prefix("resnets.") {
-            return format!("decoder.up.{level}.block.{}", resnet_tail(t));
-        }
-        if let Some(t) = tail.strip_prefix("upsamplers.0.") {
-            return format!("decoder.up.{level}.upsample.{t}");
-        }
-    }
-    if let Some(t) = name.strip_prefix("decoder.conv_norm_out.") {
-        return format!("decoder.norm_out.{t}");
     }
     name.to_string()
 }
@@ -169,7 +189,20 @@ struct Parts<B: Backend> {
     text2: Option<(ClipTokenizer, ClipText<B>)>,
     unet: Unet<B>,
     vae: VaeDecoder<B>,
+    encoder: Option<VaeEncoder<B>>,
     schedule: NoiseSchedule,
+}
+
+/// The VAE encoder when the weights have one (decoder-only VAE files serve text-to-image only).
+fn load_encoder<B: Backend>(
+    l: &mut Loader<B>,
+    config: &VaeConfig,
+) -> Result<Option<VaeEncoder<B>>> {
+    if l.has("encoder.conv_in.weight") {
+        VaeEncoder::load(l, config).map(Some)
+    } else {
+        Ok(None)
+    }
 }
 
 fn load_parts<B: Backend>(
@@ -236,6 +269,10 @@ fn load_parts<B: Backend>(
                 &mut Loader::<B>::prefixed(&vae_file, "", device).with_dtype(precision.vae),
                 &vae_cfg,
             )?;
+            let encoder = load_encoder(
+                &mut Loader::<B>::prefixed(&vae_file, "", device).with_dtype(precision.vae),
+                &vae_cfg,
+            )?;
             let schedule = NoiseSchedule::new(scheduler_config(dir)?)?;
             Parts {
                 tokenizer,
@@ -243,6 +280,7 @@ fn load_parts<B: Backend>(
                 text2,
                 unet,
                 vae,
+                encoder,
                 schedule,
             }
         }
@@ -349,10 +387,15 @@ fn load_parts<B: Backend>(
                 ..VaeConfig::sd()
             };
             let levels = vae_cfg.block_out_channels.len();
-            let map: NameMap =
-                Box::new(move |n| format!("first_stage_model.{}", vae_diffusers_to_ldm(n, levels)));
+            let map = move || -> NameMap {
+                Box::new(move |n| format!("first_stage_model.{}", vae_diffusers_to_ldm(n, levels)))
+            };
             let vae = VaeDecoder::load(
-                &mut Loader::<B>::new(&file, map, device).with_dtype(precision.vae),
+                &mut Loader::<B>::new(&file, map(), device).with_dtype(precision.vae),
+                &vae_cfg,
+            )?;
+            let encoder = load_encoder(
+                &mut Loader::<B>::new(&file, map(), device).with_dtype(precision.vae),
                 &vae_cfg,
             )?;
             Parts {
@@ -361,6 +404,7 @@ fn load_parts<B: Backend>(
                 text2,
                 unet,
                 vae,
+                encoder,
                 schedule: NoiseSchedule::new(SchedulerConfig::default())?,
             }
         }
@@ -411,6 +455,7 @@ impl<B: Backend> Pipeline<B> {
             text2: parts.text2,
             unet: parts.unet,
             vae: parts.vae,
+            encoder: parts.encoder,
             schedule: parts.schedule,
             loras: loras.to_vec(),
         })
@@ -587,6 +632,25 @@ impl<B: Backend> Pipeline<B> {
         )
     }
 
+    /// Whether the model can start from an image (its VAE has an encoder): img2img and
+    /// inpainting.
+    pub fn can_encode(&self) -> bool {
+        self.encoder.is_some()
+    }
+
+    /// Encodes images in `[-1, 1]` to latents scaled for the UNet (the latent distribution's
+    /// mean times the scaling factor).
+    pub fn encode(&self, image: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
+        let encoder = self.encoder.as_ref().ok_or_else(|| {
+            NodeError::InvalidJob(
+                "this node's VAE has no encoder: it serves text-to-image only".into(),
+            )
+        })?;
+        Ok(encoder
+            .forward(image)
+            .mul_scalar(self.vae.config().scaling_factor))
+    }
+
     /// Decodes a latent to an image tensor in `[-1, 1]`.
     pub fn decode(&self, latent: Tensor<B, 4>) -> Tensor<B, 4> {
         let scale = self.vae.config().scaling_factor;
@@ -600,44 +664,16 @@ impl<B: Backend> Pipeline<B> {
         params: &Params,
         progress: impl FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Image> {
-        let scale = self.vae_scale() * self.unet.config().downscale();
-        if !params.width.is_multiple_of(scale) || !params.height.is_multiple_of(scale) {
-            return Err(NodeError::InvalidJob(format!(
-                "{}×{} is not a multiple of {scale} on both sides, which this model needs",
-                params.width, params.height
-            )));
-        }
-        let plan = self.plan(params.sampler, params.schedule, params.steps)?;
-        let (prompt, tokens) = self.encode_prompt(&params.prompt)?;
-        let negative = if self.unet.config().time_cond_proj_dim.is_none() && params.guidance > 1.0 {
-            Some(self.encode_prompt(&params.negative_prompt)?.0)
-        } else {
-            None
-        };
-        let (hh, ww) = (params.height as f32, params.width as f32);
-        let (h, w) = (
-            params.height / self.vae_scale(),
-            params.width / self.vae_scale(),
-        );
-        let c = self.unet.config().in_channels;
+        let shape = self.latent_shape(params)?;
         let latent = |seed: u64| {
             Tensor::<B, 4>::from_data(
-                TensorData::new(gaussian(seed, c * h * w), [1, c, h, w]),
+                TensorData::new(gaussian(seed, shape.iter().product()), shape),
                 &self.device,
             )
         };
-        let init = latent(params.seed);
-        let text = TextConditioning {
-            prompt,
-            negative,
-            time_ids: [hh, ww, 0.0, 0.0, hh, ww],
-        };
-        let denoised = self.denoise(
-            &text,
-            init,
-            &plan,
-            params.guidance,
-            params.guidance_rescale,
+        let (denoised, truncated_tokens) = self.sample(
+            params,
+            latent(params.seed),
             |k| latent(step_noise_seed(params.seed, k)),
             progress,
         )?;
@@ -652,7 +688,142 @@ impl<B: Backend> Pipeline<B> {
             width: iw,
             height: ih,
             rgb,
-            truncated_tokens: tokens.truncated,
+            truncated_tokens,
         })
+    }
+
+    /// The shape of a job's latent, `[1, channels, h, w]`; refuses sizes the model cannot
+    /// render.
+    pub fn latent_shape(&self, params: &Params) -> Result<[usize; 4]> {
+        let scale = self.vae_scale() * self.unet.config().downscale();
+        if !params.width.is_multiple_of(scale) || !params.height.is_multiple_of(scale) {
+            return Err(NodeError::InvalidJob(format!(
+                "{}×{} is not a multiple of {scale} on both sides, which this model needs",
+                params.width, params.height
+            )));
+        }
+        Ok([
+            1,
+            self.unet.config().in_channels,
+            params.height / self.vae_scale(),
+            params.width / self.vae_scale(),
+        ])
+    }
+
+    /// Samples a job's final latent from the given noise: `init` (unit Gaussian, the latent's
+    /// shape) and `noise(k)` for step `k`. Text-to-image starts from `init`; a job with a source
+    /// image starts from the image's latent noised with `init` to where its strength cuts the
+    /// schedule (image-to-image), and with a mask keeps the unmasked part of the image at every
+    /// step (inpainting; strength 1 starts the masked part from pure noise, as diffusers).
+    /// Answers the latent and how many prompt tokens were dropped.
+    pub fn sample(
+        &self,
+        params: &Params,
+        init: Tensor<B, 4>,
+        noise: impl FnMut(usize) -> Tensor<B, 4>,
+        progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<(Tensor<B, 4>, usize)> {
+        let [_, _, h, w] = self.latent_shape(params)?;
+        let mut plan = self.plan(params.sampler, params.schedule, params.steps)?;
+        let source = match &params.source {
+            Some(source) => {
+                plan = plan.with_strength(source.strength)?;
+                Some(self.source_latents(source, params.width, params.height, h, w)?)
+            }
+            None => None,
+        };
+        let (prompt, tokens) = self.encode_prompt(&params.prompt)?;
+        let negative = if self.unet.config().time_cond_proj_dim.is_none() && params.guidance > 1.0 {
+            Some(self.encode_prompt(&params.negative_prompt)?.0)
+        } else {
+            None
+        };
+        let (hh, ww) = (params.height as f32, params.width as f32);
+        let text = TextConditioning {
+            prompt,
+            negative,
+            time_ids: [hh, ww, 0.0, 0.0, hh, ww],
+        };
+        let (x, keep) = match source {
+            None => (plan.initial(init, None), None),
+            Some((image, None)) => (plan.initial(init, Some(&image)), None),
+            Some((image, Some(mask))) => {
+                let pure = params.source.as_ref().is_some_and(|s| s.strength >= 1.0);
+                let x = plan.initial(init.clone(), (!pure).then_some(&image));
+                let keep = Keep {
+                    image,
+                    mask,
+                    noise: init,
+                };
+                (x, Some(keep))
+            }
+        };
+        let denoised = sample_unet_from(
+            &self.unet,
+            &text,
+            x,
+            keep.as_ref(),
+            &plan,
+            params.guidance,
+            params.guidance_rescale,
+            noise,
+            progress,
+        )?;
+        Ok((denoised, tokens.truncated))
+    }
+
+    /// A source's latent and, for inpainting, its mask at latent size (`[1, 1, h, w]`,
+    /// binarised at half, nearest-neighbour as diffusers).
+    #[allow(clippy::type_complexity)]
+    fn source_latents(
+        &self,
+        source: &Source,
+        width: usize,
+        height: usize,
+        h: usize,
+        w: usize,
+    ) -> Result<(Tensor<B, 4>, Option<Tensor<B, 4>>)> {
+        if source.rgb.len() != width * height * 3 {
+            return Err(NodeError::InvalidJob(format!(
+                "the source image has {} bytes, not {width}×{height} RGB",
+                source.rgb.len()
+            )));
+        }
+        let mut chw = vec![0f32; source.rgb.len()];
+        for (i, px) in source.rgb.chunks(3).enumerate() {
+            for (c, &v) in px.iter().enumerate() {
+                chw[c * width * height + i] = (f32::from(v) / 255.0) * 2.0 - 1.0;
+            }
+        }
+        let image =
+            Tensor::<B, 4>::from_data(TensorData::new(chw, [1, 3, height, width]), &self.device);
+        let latent = self.encode(image)?;
+        let mask = match &source.mask {
+            None => None,
+            Some(luma) if luma.len() == width * height => {
+                let (sy, sx) = (height / h, width / w);
+                let cells: Vec<f32> = (0..h * w)
+                    .map(|i| {
+                        let (y, x) = (i / w, i % w);
+                        if f32::from(luma[y * sy * width + x * sx]) / 255.0 >= 0.5 {
+                            1.0
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                Some(Tensor::from_data(
+                    TensorData::new(cells, [1, 1, h, w]),
+                    &self.device,
+                ))
+            }
+            Some(luma) => {
+                return Err(NodeError::InvalidJob(format!(
+                    "the mask has {} pixels, not {width}×{height}",
+                    luma.len()
+                )));
+            }
+        };
+        Ok((latent, mask))
     }
 }

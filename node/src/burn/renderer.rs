@@ -75,6 +75,7 @@ pub fn warm_up<B: Backend>(
         schedule: crate::sampling::SigmaSchedule::Automatic,
         seed: 0,
         loras: Vec::new(),
+        source: None,
     };
     pipeline.generate(&params, |_, _| std::ops::ControlFlow::Continue(()))?;
     Ok(started.elapsed())

@@ -1,7 +1,9 @@
-//! The decoder half of diffusers' `AutoencoderKL` (KL-f8 for real SD models): latents → RGB.
+//! diffusers' `AutoencoderKL` (KL-f8 for real SD models): the decoder (latents → RGB) and the
+//! encoder (RGB → the latent distribution's mean, for img2img and inpainting).
 
 use ::burn::tensor::Tensor;
 use ::burn::tensor::backend::Backend;
+use ::burn::tensor::ops::PadMode;
 use serde::Deserialize;
 
 use super::nn::{
@@ -13,6 +15,9 @@ use crate::error::{NodeError, Result};
 /// The fields of a VAE `config.json` this implementation reads.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 pub struct VaeConfig {
+    /// Image channels in.
+    #[serde(default = "three")]
+    pub in_channels: usize,
     /// Image channels out.
     #[serde(default = "three")]
     pub out_channels: usize,
@@ -58,6 +63,7 @@ impl VaeConfig {
     /// The SD1/SD2 VAE.
     pub fn sd() -> Self {
         Self {
+            in_channels: 3,
             out_channels: 3,
             block_out_channels: vec![128, 256, 512, 512],
             layers_per_block: 2,
@@ -132,6 +138,21 @@ impl<B: Backend> MidAttention<B> {
     }
 }
 
+fn mid_attention<B: Backend>(
+    l: &mut Loader<B>,
+    p: &str,
+    c: usize,
+    groups: usize,
+) -> Result<MidAttention<B>> {
+    Ok(MidAttention {
+        norm: l.group_norm(&format!("{p}.group_norm"), c, groups, EPS)?,
+        q: l.linear(&format!("{p}.to_q"), c, c, true)?,
+        k: l.linear(&format!("{p}.to_k"), c, c, true)?,
+        v: l.linear(&format!("{p}.to_v"), c, c, true)?,
+        out: l.linear(&format!("{p}.to_out.0"), c, c, true)?,
+    })
+}
+
 /// One decoder level: its resnets and the upsampler after them.
 type UpLevel<B> = (Vec<Resnet<B>>, Option<Conv2d<B>>);
 
@@ -166,14 +187,7 @@ impl<B: Backend> VaeDecoder<B> {
             Resnet::load(l, "decoder.mid_block.resnets.1", top, top, g)?,
         ];
         let mid_attention = if config.mid_block_add_attention {
-            let p = "decoder.mid_block.attentions.0";
-            Some(MidAttention {
-                norm: l.group_norm(&format!("{p}.group_norm"), top, g, EPS)?,
-                q: l.linear(&format!("{p}.to_q"), top, top, true)?,
-                k: l.linear(&format!("{p}.to_k"), top, top, true)?,
-                v: l.linear(&format!("{p}.to_v"), top, top, true)?,
-                out: l.linear(&format!("{p}.to_out.0"), top, top, true)?,
-            })
+            Some(mid_attention(l, "decoder.mid_block.attentions.0", top, g)?)
         } else {
             None
         };
@@ -247,5 +261,109 @@ impl<B: Backend> VaeDecoder<B> {
         self.conv_out
             .forward(silu(self.norm_out.forward(x)))
             .cast(answer)
+    }
+}
+
+/// One encoder level: its resnets and the stride-2 downsampler after them (all but the last).
+type DownLevel<B> = (Vec<Resnet<B>>, Option<Conv2d<B>>);
+
+/// A loaded VAE encoder (with `quant_conv`).
+pub struct VaeEncoder<B: Backend> {
+    config: VaeConfig,
+    conv_in: Conv2d<B>,
+    down: Vec<DownLevel<B>>,
+    mid: [Resnet<B>; 2],
+    mid_attention: Option<MidAttention<B>>,
+    norm_out: GroupNorm<B>,
+    conv_out: Conv2d<B>,
+    quant_conv: Conv2d<B>,
+}
+
+impl<B: Backend> VaeEncoder<B> {
+    /// Loads the encoder (diffusers names: `encoder.*`, `quant_conv`).
+    pub fn load(l: &mut Loader<B>, config: &VaeConfig) -> Result<Self> {
+        let c = &config.block_out_channels;
+        if c.is_empty() {
+            return Err(NodeError::ModelConfig(
+                "vae config: no block_out_channels".into(),
+            ));
+        }
+        let g = config.norm_num_groups;
+        let z = config.latent_channels;
+        let top = c[c.len() - 1];
+        let conv_in = l.conv2d("encoder.conv_in", config.in_channels, c[0], 3, 1, 1)?;
+        let mut down = Vec::new();
+        let mut prev = c[0];
+        for (i, &cout) in c.iter().enumerate() {
+            let mut resnets = Vec::new();
+            for j in 0..config.layers_per_block {
+                let cin = if j == 0 { prev } else { cout };
+                let p = format!("encoder.down_blocks.{i}.resnets.{j}");
+                resnets.push(Resnet::load(l, &p, cin, cout, g)?);
+            }
+            let downsample = if i + 1 < c.len() {
+                let p = format!("encoder.down_blocks.{i}.downsamplers.0.conv");
+                Some(l.conv2d(&p, cout, cout, 3, 2, 0)?)
+            } else {
+                None
+            };
+            down.push((resnets, downsample));
+            prev = cout;
+        }
+        let mid = [
+            Resnet::load(l, "encoder.mid_block.resnets.0", top, top, g)?,
+            Resnet::load(l, "encoder.mid_block.resnets.1", top, top, g)?,
+        ];
+        let mid_attention = if config.mid_block_add_attention {
+            Some(mid_attention(l, "encoder.mid_block.attentions.0", top, g)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            config: config.clone(),
+            conv_in,
+            down,
+            mid,
+            mid_attention,
+            norm_out: l.group_norm("encoder.conv_norm_out", top, g, EPS)?,
+            conv_out: l.conv2d("encoder.conv_out", top, 2 * z, 3, 1, 1)?,
+            quant_conv: l.conv2d("quant_conv", 2 * z, 2 * z, 1, 1, 0)?,
+        })
+    }
+
+    /// The config the encoder was built from.
+    pub fn config(&self) -> &VaeConfig {
+        &self.config
+    }
+
+    /// Encodes images in `[-1, 1]` (`[n, 3, h, w]`, sides multiples of
+    /// [`VaeConfig::upscale`]) to the mean of the latent distribution (unscaled: multiply by
+    /// the scaling factor for the UNet), computed in the weights' dtype and answered in the
+    /// images'. The mean, not a sample: the posterior's spread is far below a latent step
+    /// (its log-variance sits near −20 on SD VAEs), so sampling only adds seed-dependence.
+    pub fn forward(&self, image: Tensor<B, 4>) -> Tensor<B, 4> {
+        let answer = image.dtype();
+        let mut x = self
+            .conv_in
+            .forward(image.cast(self.conv_in.weight.dtype()));
+        for (resnets, downsample) in &self.down {
+            for r in resnets {
+                x = r.forward(x);
+            }
+            if let Some(conv) = downsample {
+                // diffusers pads right and bottom by one, then convolves with stride 2.
+                x = conv.forward(x.pad((0, 1, 0, 1), PadMode::Constant(0.0)));
+            }
+        }
+        x = self.mid[0].forward(x);
+        if let Some(a) = &self.mid_attention {
+            x = a.forward(x);
+        }
+        x = self.mid[1].forward(x);
+        let moments = self
+            .quant_conv
+            .forward(self.conv_out.forward(silu(self.norm_out.forward(x))));
+        let z = self.config.latent_channels;
+        moments.narrow(1, 0, z).cast(answer)
     }
 }

@@ -30,6 +30,7 @@ fn params(size: usize) -> Params {
         schedule: crate::sampling::SigmaSchedule::Automatic,
         seed: 42,
         loras: Vec::new(),
+        source: None,
     }
 }
 
@@ -401,6 +402,7 @@ fn job(loras: Vec<Lora>) -> (RunJob, tokio::sync::mpsc::UnboundedReceiver<Progre
         schedule: crate::sampling::SigmaSchedule::Automatic,
         seed: 7,
         loras,
+        source: None,
     };
     (
         RunJob {

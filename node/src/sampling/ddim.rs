@@ -7,13 +7,15 @@ use ::burn::tensor::backend::Backend;
 use super::Prediction;
 use crate::error::Result;
 
-/// Runs the DDIM steps `(t, ᾱₜ, ᾱ_prev)` from `x`; `report(k)` after each step.
+/// Runs the DDIM steps `(t, ᾱₜ, ᾱ_prev)` from `x`; `report(k)` after each step,
+/// `blend(k + 1, x)` on each step's result.
 pub(super) fn run<B: Backend>(
     prediction: Prediction,
     steps: &[(f32, f64, f64)],
     mut x: Tensor<B, 4>,
     model: &mut impl FnMut(Tensor<B, 4>, f32) -> Result<Tensor<B, 4>>,
     report: &mut impl FnMut(usize) -> Result<()>,
+    blend: &mut impl FnMut(usize, Tensor<B, 4>) -> Tensor<B, 4>,
 ) -> Result<Tensor<B, 4>> {
     for (k, &(t, a, a_prev)) in steps.iter().enumerate() {
         let out = model(x.clone(), t)?;
@@ -26,6 +28,7 @@ pub(super) fn run<B: Backend>(
             ),
         };
         x = x0.mul_scalar(a_prev.sqrt() as f32) + eps.mul_scalar((1.0 - a_prev).sqrt() as f32);
+        x = blend(k + 1, x);
         report(k)?;
     }
     Ok(x)

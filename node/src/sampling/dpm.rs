@@ -21,6 +21,7 @@ pub(super) fn run<B: Backend>(
     model: &mut impl FnMut(Tensor<B, 4>, f32) -> Result<Tensor<B, 4>>,
     noise: &mut impl FnMut(usize) -> Tensor<B, 4>,
     report: &mut impl FnMut(usize) -> Result<()>,
+    blend: &mut impl FnMut(usize, Tensor<B, 4>) -> Tensor<B, 4>,
 ) -> Result<Tensor<B, 4>> {
     let n = timesteps.len();
     let mut previous: Option<Tensor<B, 4>> = None;
@@ -56,6 +57,7 @@ pub(super) fn run<B: Backend>(
             };
         }
         previous = Some(x0);
+        x = blend(k + 1, x);
         report(k)?;
     }
     Ok(x)

@@ -22,7 +22,7 @@ fn denoise<B: Backend>(
 }
 
 /// Runs `sampler` over `sigmas` (n + 1 levels, the last 0) from `x` (already scaled to the first
-/// level); `report(k)` after each step.
+/// level); `report(k)` after each step, `blend(level, x)` on each result.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run<B: Backend>(
     sampler: Sampler,
@@ -33,6 +33,7 @@ pub(super) fn run<B: Backend>(
     model: &mut impl FnMut(Tensor<B, 4>, f32) -> Result<Tensor<B, 4>>,
     noise: &mut impl FnMut(usize) -> Tensor<B, 4>,
     report: &mut impl FnMut(usize) -> Result<()>,
+    blend: &mut impl FnMut(usize, Tensor<B, 4>) -> Tensor<B, 4>,
 ) -> Result<Tensor<B, 4>> {
     for (k, &t) in timesteps.iter().enumerate() {
         let (sigma, next) = (sigmas[k], sigmas[k + 1]);
@@ -46,13 +47,15 @@ pub(super) fn run<B: Backend>(
             }
             Sampler::Heun if next > 0.0 => {
                 let dt = (next - sigma) as f32;
-                let predicted = x.clone() + d.clone().mul_scalar(dt);
+                // diffusers runs Heun as two scheduler steps; inpainting blends after each.
+                let predicted = blend(k + 1, x.clone() + d.clone().mul_scalar(dt));
                 let x0 = denoise(model, prediction, &predicted, next, timesteps[k + 1])?;
                 let d2 = (predicted - x0).div_scalar(next as f32);
                 x + (d + d2).mul_scalar(0.5 * dt)
             }
             _ => x + d.mul_scalar((next - sigma) as f32),
         };
+        x = blend(k + 1, x);
         report(k)?;
     }
     Ok(x)

@@ -59,6 +59,14 @@ impl Lcm {
 
     /// The timesteps of an `n`-step run, highest first.
     pub fn timesteps(&self, n: usize) -> Result<Vec<usize>> {
+        self.timesteps_with_strength(n, 1.0)
+    }
+
+    /// The timesteps of an `n`-step img2img run at `strength` (diffusers' `LCMScheduler`
+    /// `set_timesteps(strength=…)`): the distillation schedule is cut to its noisiest
+    /// `⌊original · strength⌋` entries, then `n` are picked evenly from what is left. All `n`
+    /// steps run; a strength too low to leave `n` timesteps is refused.
+    pub fn timesteps_with_strength(&self, n: usize, strength: f64) -> Result<Vec<usize>> {
         let original = self.config.original_inference_steps;
         if n == 0 || n > original.min(MAX_STEPS) {
             return Err(NodeError::InvalidJob(format!(
@@ -67,9 +75,16 @@ impl Lcm {
             )));
         }
         let c = self.config.num_train_timesteps / original;
-        let origin: Vec<usize> = (1..=original).rev().map(|i| i * c - 1).collect();
+        let kept = (original as f64 * strength) as usize;
+        if kept < n {
+            return Err(NodeError::InvalidJob(format!(
+                "strength {strength} leaves {kept} of the LCM schedule's {original} timesteps, \
+                 fewer than the {n} steps asked for: raise strength or lower steps"
+            )));
+        }
+        let origin: Vec<usize> = (1..=kept).rev().map(|i| i * c - 1).collect();
         Ok((0..n)
-            .map(|k| origin[(k as f64 * original as f64 / n as f64).floor() as usize])
+            .map(|k| origin[(k as f64 * kept as f64 / n as f64).floor() as usize])
             .collect())
     }
 
@@ -113,19 +128,40 @@ impl Lcm {
         &self,
         init: Tensor<B, 4>,
         steps: usize,
+        eps: impl FnMut(Tensor<B, 4>, usize) -> Result<Tensor<B, 4>>,
+        noise: impl FnMut(usize) -> Tensor<B, 4>,
+        progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Tensor<B, 4>> {
+        let timesteps = self.timesteps(steps)?;
+        self.sample_over(&timesteps, init, eps, noise, progress, |_, x| x)
+    }
+
+    /// [`Lcm::sample`] over given `timesteps`; `blend(k + 1, x)` rewrites each step's result
+    /// (the re-noised sample, the denoised latent after the last step) before it goes on —
+    /// inpainting puts the kept part of the image back there.
+    pub fn sample_over<B: Backend>(
+        &self,
+        timesteps: &[usize],
+        init: Tensor<B, 4>,
         mut eps: impl FnMut(Tensor<B, 4>, usize) -> Result<Tensor<B, 4>>,
         mut noise: impl FnMut(usize) -> Tensor<B, 4>,
         mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+        mut blend: impl FnMut(usize, Tensor<B, 4>) -> Tensor<B, 4>,
     ) -> Result<Tensor<B, 4>> {
-        let timesteps = self.timesteps(steps)?;
         let mut x = init;
         let mut denoised = x.clone();
         for (k, &t) in timesteps.iter().enumerate() {
             let e = eps(x.clone(), t)?;
             let next = timesteps.get(k + 1).map(|&tp| (tp, noise(k)));
+            let last = next.is_none();
             let (nx, d) = self.step(e, t, x, next);
-            x = nx;
-            denoised = d;
+            if last {
+                denoised = blend(k + 1, d);
+                x = nx;
+            } else {
+                x = blend(k + 1, nx);
+                denoised = d;
+            }
             if progress(k + 1, timesteps.len()).is_break() {
                 return Err(NodeError::Cancelled);
             }
@@ -148,6 +184,14 @@ mod tests {
         );
         assert_eq!(lcm.timesteps(1).unwrap(), vec![999]);
         assert!(lcm.timesteps(0).is_err());
+        // diffusers' LCMScheduler.set_timesteps(4, strength=0.5) and (2, strength=0.3).
+        assert_eq!(
+            lcm.timesteps_with_strength(4, 0.5).unwrap(),
+            vec![499, 379, 259, 139]
+        );
+        assert_eq!(lcm.timesteps_with_strength(2, 0.3).unwrap(), vec![299, 159]);
+        let err = lcm.timesteps_with_strength(4, 0.05).unwrap_err();
+        assert!(err.to_string().contains("raise strength"), "{err}");
         assert!(lcm.timesteps(9).is_err());
     }
 

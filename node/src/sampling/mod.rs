@@ -50,7 +50,7 @@ enum Walk {
     /// DDIM: each step's timestep, ᾱ there and ᾱ at the step it goes to.
     Ddim(Vec<(f32, f64, f64)>),
     /// LCM's own timesteps.
-    Lcm(Lcm),
+    Lcm(Lcm, Vec<usize>),
 }
 
 /// One sampling run, planned: its sampler, steps and what they walk.
@@ -91,7 +91,11 @@ impl Plan {
             )));
         }
         let walk = match sampler {
-            Sampler::Lcm => Walk::Lcm(Lcm::new(schedule.config().clone())),
+            Sampler::Lcm => {
+                let lcm = Lcm::new(schedule.config().clone());
+                let timesteps = lcm.timesteps(steps)?;
+                Walk::Lcm(lcm, timesteps)
+            }
             Sampler::Euler | Sampler::EulerA | Sampler::Heun => k_sigmas(schedule, steps, karras),
             Sampler::Dpmpp2m | Sampler::Dpmpp2mSde | Sampler::UniPc => {
                 dpm_sigmas(schedule, steps, karras)
@@ -128,12 +132,88 @@ impl Plan {
             }
             Walk::Sigmas { timesteps, .. } | Walk::Dpm { timesteps, .. } => timesteps.clone(),
             Walk::Ddim(steps) => steps.iter().map(|s| s.0).collect(),
-            Walk::Lcm(lcm) => lcm
-                .timesteps(self.steps)
-                .unwrap_or_default()
-                .into_iter()
-                .map(|t| t as f32)
-                .collect(),
+            Walk::Lcm(_, timesteps) => timesteps.iter().map(|&t| t as f32).collect(),
+        }
+    }
+
+    /// Cuts the plan for image-to-image at `strength` (0 < s ≤ 1), as diffusers' img2img
+    /// pipelines do: a standard sampler runs only the last `⌊steps · s⌋` (at least one) of its
+    /// steps, starting from the source image noised to that level; LCM runs all its steps over
+    /// the noisiest `s` of its distillation schedule (`LCMScheduler`'s `strength`).
+    pub fn with_strength(mut self, strength: f64) -> Result<Self> {
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(NodeError::InvalidJob(format!(
+                "strength must be in (0, 1], not {strength}"
+            )));
+        }
+        let n = self.steps;
+        let run = ((n as f64 * strength) as usize).clamp(1, n);
+        let skip = n - run;
+        match &mut self.walk {
+            Walk::Lcm(lcm, timesteps) => *timesteps = lcm.timesteps_with_strength(n, strength)?,
+            Walk::Sigmas {
+                sigmas, timesteps, ..
+            }
+            | Walk::Dpm { sigmas, timesteps } => {
+                sigmas.drain(..skip);
+                timesteps.drain(..skip);
+            }
+            Walk::Ddim(steps) => {
+                steps.drain(..skip);
+            }
+        }
+        if self.sampler != Sampler::Lcm {
+            self.steps = run;
+        }
+        Ok(self)
+    }
+
+    /// `image` (a scaled latent) noised with `noise` to the noise level the run is at after
+    /// `level` steps (0: where it starts; `steps()`: clean, `image` itself), in the form the
+    /// sampler keeps its sample in: what img2img starts from and what inpainting puts back.
+    pub fn noised<B: Backend>(
+        &self,
+        image: &Tensor<B, 4>,
+        noise: &Tensor<B, 4>,
+        level: usize,
+    ) -> Tensor<B, 4> {
+        let by_alpha_bar = |a: f64| {
+            image.clone().mul_scalar(a.sqrt() as f32)
+                + noise.clone().mul_scalar((1.0 - a).sqrt() as f32)
+        };
+        match &self.walk {
+            Walk::Sigmas { sigmas, .. } => match sigmas.get(level) {
+                Some(&s) if s > 0.0 => image.clone() + noise.clone().mul_scalar(s as f32),
+                _ => image.clone(),
+            },
+            Walk::Dpm { sigmas, .. } => match sigmas.get(level) {
+                Some(&s) if s > 0.0 => {
+                    let (alpha, sigma) = alpha_sigma(s);
+                    image.clone().mul_scalar(alpha as f32) + noise.clone().mul_scalar(sigma as f32)
+                }
+                _ => image.clone(),
+            },
+            Walk::Ddim(steps) => steps
+                .get(level)
+                .map_or_else(|| image.clone(), |s| by_alpha_bar(s.1)),
+            Walk::Lcm(lcm, timesteps) => timesteps.get(level).map_or_else(
+                || image.clone(),
+                |&t| by_alpha_bar(f64::from(lcm.alpha_cumprod(t))),
+            ),
+        }
+    }
+
+    /// The sample a run starts from: unit Gaussian `noise` scaled to the first noise level
+    /// (text-to-image), or `image` noised to it (image-to-image, [`Plan::noised`]).
+    pub fn initial<B: Backend>(
+        &self,
+        noise: Tensor<B, 4>,
+        image: Option<&Tensor<B, 4>>,
+    ) -> Tensor<B, 4> {
+        match (image, &self.walk) {
+            (Some(image), _) => self.noised(image, &noise, 0),
+            (None, Walk::Sigmas { init_sigma, .. }) => noise.mul_scalar(*init_sigma as f32),
+            (None, _) => noise,
         }
     }
 
@@ -144,13 +224,42 @@ impl Plan {
     pub fn run<B: Backend>(
         &self,
         init: Tensor<B, 4>,
+        model: impl FnMut(Tensor<B, 4>, f32) -> Result<Tensor<B, 4>>,
+        noise: impl FnMut(usize) -> Tensor<B, 4>,
+        progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Tensor<B, 4>> {
+        self.run_from(self.initial(init, None), model, noise, progress, None)
+    }
+
+    /// [`Plan::run`] from a sample `x` already at the first level ([`Plan::initial`]); with
+    /// `keep`, after every step (and Heun's half steps) the part of the sample outside the mask
+    /// is replaced by the kept image noised to the level reached, as diffusers' inpaint pipeline
+    /// does for UNets without mask inputs.
+    pub fn run_from<B: Backend>(
+        &self,
+        x: Tensor<B, 4>,
         mut model: impl FnMut(Tensor<B, 4>, f32) -> Result<Tensor<B, 4>>,
         mut noise: impl FnMut(usize) -> Tensor<B, 4>,
         mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+        keep: Option<&Keep<B>>,
     ) -> Result<Tensor<B, 4>> {
-        if let Walk::Lcm(lcm) = &self.walk {
+        let mut blend = |level: usize, x: Tensor<B, 4>| match keep {
+            Some(k) => {
+                let proper = self.noised(&k.image, &k.noise, level);
+                proper.clone() + (x - proper).mul(k.mask.clone())
+            }
+            None => x,
+        };
+        if let Walk::Lcm(lcm, timesteps) = &self.walk {
             // LCM reports progress itself, as (step, steps).
-            return lcm.sample(init, self.steps, |x, t| model(x, t as f32), noise, progress);
+            return lcm.sample_over(
+                timesteps,
+                x,
+                |x, t| model(x, t as f32),
+                noise,
+                progress,
+                blend,
+            );
         }
         let mut report = |k: usize| {
             if progress(k + 1, self.steps).is_break() {
@@ -160,42 +269,61 @@ impl Plan {
             }
         };
         match &self.walk {
-            Walk::Lcm(_) => unreachable!("sampled above"),
+            Walk::Lcm(..) => unreachable!("sampled above"),
             Walk::Sigmas {
-                sigmas,
-                timesteps,
-                init_sigma,
+                sigmas, timesteps, ..
             } => kdiff::run(
                 self.sampler,
                 self.prediction,
                 sigmas,
                 timesteps,
-                init.mul_scalar(*init_sigma as f32),
+                x,
                 &mut model,
                 &mut noise,
                 &mut report,
+                &mut blend,
             ),
             Walk::Dpm { sigmas, timesteps } if self.sampler == Sampler::UniPc => unipc::run(
                 self.prediction,
                 sigmas,
                 timesteps,
-                init,
+                x,
                 &mut model,
                 &mut report,
+                &mut blend,
             ),
             Walk::Dpm { sigmas, timesteps } => dpm::run(
                 self.sampler == Sampler::Dpmpp2mSde,
                 self.prediction,
                 sigmas,
                 timesteps,
-                init,
+                x,
                 &mut model,
                 &mut noise,
                 &mut report,
+                &mut blend,
             ),
-            Walk::Ddim(steps) => ddim::run(self.prediction, steps, init, &mut model, &mut report),
+            Walk::Ddim(steps) => ddim::run(
+                self.prediction,
+                steps,
+                x,
+                &mut model,
+                &mut report,
+                &mut blend,
+            ),
         }
     }
+}
+
+/// What inpainting keeps of its source image (UNets without mask inputs): after every step
+/// the sample becomes `mask · sample + (1 − mask) · image noised to the level reached`.
+pub struct Keep<B: Backend> {
+    /// The source image's latent, scaled for the UNet.
+    pub image: Tensor<B, 4>,
+    /// `[1, 1, h, w]` at latent size: 1 where the model repaints, 0 where the image stays.
+    pub mask: Tensor<B, 4>,
+    /// The noise the image is noised with (the run's initial noise, as diffusers).
+    pub noise: Tensor<B, 4>,
 }
 
 /// The timesteps of an `n`-step run of a σ-space sampler (diffusers' Euler/Heun `set_timesteps`),

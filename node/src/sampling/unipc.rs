@@ -92,7 +92,8 @@ fn predict<B: Backend>(
     out
 }
 
-/// Runs UniPC over `sigmas` (n + 1 levels, the last 0) from `x`; `report(k)` after each step.
+/// Runs UniPC over `sigmas` (n + 1 levels, the last 0) from `x`; `report(k)` after each step,
+/// `blend(k + 1, x)` on each step's result.
 pub(super) fn run<B: Backend>(
     prediction: Prediction,
     sigmas: &[f64],
@@ -100,6 +101,7 @@ pub(super) fn run<B: Backend>(
     mut x: Tensor<B, 4>,
     model: &mut impl FnMut(Tensor<B, 4>, f32) -> Result<Tensor<B, 4>>,
     report: &mut impl FnMut(usize) -> Result<()>,
+    blend: &mut impl FnMut(usize, Tensor<B, 4>) -> Tensor<B, 4>,
 ) -> Result<Tensor<B, 4>> {
     let n = timesteps.len();
     let mut history = History {
@@ -128,6 +130,7 @@ pub(super) fn run<B: Backend>(
         let next = predict(x.clone(), m0, prev, sigmas[k + 1], order);
         last = Some((x, order));
         x = next;
+        x = blend(k + 1, x);
         report(k)?;
     }
     Ok(x)

@@ -11,6 +11,7 @@
 //!   LoRAs fail naming what is wrong.
 //! - `half`: the f16/bf16 path of GPU workers (weights and compute in half precision, the VAE in
 //!   f32), run on the CPU, within tolerances derived from the formats.
+//! - `img2img`: the VAE encoder, and img2img and inpainting runs against diffusers' pipelines.
 //! - `samplers`: Euler, Euler a, Heun, DPM++ 2M (SDE, Karras), UniPC, DDIM with CFG against
 //!   diffusers.
 //! - `sdxl`: both text encoders, the text_time UNet, the LCM loop and LoRAs in every naming.
@@ -22,6 +23,7 @@
 
 mod components;
 mod half;
+mod img2img;
 mod layouts;
 mod pipeline;
 mod samplers;

@@ -90,6 +90,7 @@ fn generate_renders_deterministic_images_and_stops_on_cancel() {
         schedule: SigmaSchedule::Automatic,
         seed: 42,
         loras: Vec::new(),
+        source: None,
     };
     let a = pipe
         .generate(&params, |_, _| ControlFlow::Continue(()))

@@ -38,7 +38,7 @@ struct Case {
 }
 
 /// The fixture's sampler ids as Drover's sampler and sigma schedule.
-fn sampler(id: &str) -> (Sampler, SigmaSchedule) {
+pub(crate) fn sampler(id: &str) -> (Sampler, SigmaSchedule) {
     match id {
         "euler" => (Sampler::Euler, SigmaSchedule::Normal),
         "euler_karras" => (Sampler::Euler, SigmaSchedule::Karras),

@@ -11,7 +11,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::FieldError;
 use crate::family::ModelFamily;
+use crate::image::ResizeMode;
 use crate::sampler::{Sampler, SamplerName, SigmaSchedule};
+
+pub mod source;
+
+pub use source::SourceSpec;
 
 /// Longest accepted prompt (and negative prompt), in characters.
 pub const MAX_PROMPT_CHARS: usize = 2000;
@@ -115,6 +120,28 @@ pub struct JobRequest {
     #[serde(default, deserialize_with = "whole::option")]
     #[cfg_attr(feature = "openapi", schema(minimum = -10, maximum = 10))]
     pub priority: Option<i32>,
+    /// Image-to-image: the source image, base64 PNG or JPEG (a `data:image/…;base64,` prefix
+    /// is accepted), at most 16 MiB and 4096×4096 pixels. Without `size` the job takes the
+    /// source's own size (rounded down to multiples of 8).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(format = Byte))]
+    pub init_image: Option<String>,
+    /// Inpainting: the mask, base64 PNG or JPEG, the source's size; white repaints, black keeps.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(format = Byte))]
+    pub mask: Option<String>,
+    /// How far from the source the result may go, in (0, 1]: the fraction of the noise schedule
+    /// run. 0.75 when absent; 1.0 with a mask (the masked part starts from pure noise).
+    #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(exclusive_minimum = 0, maximum = 1, example = 0.75)
+    )]
+    pub strength: Option<f64>,
+    /// How the source is fitted to `size`: `resize` (stretch, the default), `crop` (cover and
+    /// crop the centre) or `fill` (fit inside, extend the edges).
+    #[serde(default)]
+    pub resize_mode: Option<ResizeMode>,
 }
 
 /// Integer fields read numbers as JSON (and JSON Schema) does: `5` and `5.0` are the same
@@ -328,6 +355,9 @@ pub struct JobSpec {
     pub style: Option<StyleRef>,
     /// Scheduling priority.
     pub priority: i32,
+    /// Image-to-image and inpainting: the source image, mask and strength.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<Box<SourceSpec>>,
 }
 
 /// The fields of a job left to the serving model's defaults.
@@ -418,8 +448,15 @@ impl JobRequest {
             None | Some("") => None,
             Some(m) => Some(parse_model(m)?),
         };
+        let source = SourceSpec::from_request(
+            self.init_image.as_deref(),
+            self.mask.as_deref(),
+            self.strength,
+            self.resize_mode,
+        )?
+        .map(Box::new);
         let size = match self.size.as_deref() {
-            None => None,
+            None => source.as_deref().map(SourceSpec::default_size),
             Some(s) => Some(s.parse::<Size>().map_err(|m| FieldError::new("size", m))?),
         };
         let model_defaults = ModelDefaults {
@@ -531,6 +568,7 @@ impl JobRequest {
             loras: self.loras,
             style,
             priority,
+            source,
         })
     }
 }

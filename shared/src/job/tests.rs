@@ -239,3 +239,145 @@ fn left_out_steps_and_guidance_take_the_serving_samplers_defaults() {
         (6, 2.0)
     );
 }
+
+fn png_b64(width: u32, height: u32, value: u8) -> String {
+    use base64::Engine;
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, width, height);
+        enc.set_color(png::ColorType::Rgb);
+        enc.set_depth(png::BitDepth::Eight);
+        let mut w = enc.write_header().unwrap();
+        w.write_image_data(&vec![value; (width * height * 3) as usize])
+            .unwrap();
+    }
+    base64::engine::general_purpose::STANDARD.encode(out)
+}
+
+#[test]
+fn a_source_image_makes_an_img2img_job_and_a_mask_an_inpainting_one() {
+    let image = png_b64(100, 70, 9);
+    let spec = parse(&format!(r#"{{"prompt":"x","init_image":"{image}"}}"#)).unwrap();
+    let source = spec.source.unwrap();
+    assert_eq!((source.width, source.height), (100, 70));
+    assert_eq!(source.strength, source::DEFAULT_STRENGTH);
+    assert_eq!(source.mask, None);
+    // No size given: the source's, rounded down to multiples of 8.
+    assert_eq!(
+        spec.size,
+        Some(Size {
+            width: 96,
+            height: 64
+        })
+    );
+    let mask = png_b64(100, 70, 255);
+    let spec = parse(&format!(
+        r#"{{"prompt":"x","init_image":"data:image/png;base64,{image}","mask":"{mask}","size":"512x512","resize_mode":"crop"}}"#
+    ))
+    .unwrap();
+    let source = spec.source.unwrap();
+    assert_eq!(source.strength, source::DEFAULT_INPAINT_STRENGTH);
+    assert_eq!(source.resize_mode, ResizeMode::Crop);
+    assert!(source.mask.is_some());
+    assert_eq!(spec.size.map(|s| s.width), Some(512));
+    // The stored record keeps the bytes; the API view does not.
+    let stored = serde_json::to_value(&source).unwrap();
+    assert!(stored["image"].as_str().is_some_and(|s| s.len() > 10));
+    let public = serde_json::to_value(source.stripped()).unwrap();
+    assert!(public.get("image").is_none() && public.get("mask").is_none());
+    assert_eq!(public["image_bytes"], stored["image_bytes"]);
+    let back: SourceSpec = serde_json::from_value(stored).unwrap();
+    assert_eq!(back, *source);
+}
+
+#[test]
+fn bad_sources_name_their_field() {
+    let image = png_b64(16, 16, 1);
+    let small = png_b64(8, 8, 1);
+    for (body, field, words) in [
+        (
+            r#""init_image":"@@@""#.to_string(),
+            "init_image",
+            "not valid base64",
+        ),
+        (
+            r#""init_image":"R0lGODlh""#.to_string(),
+            "init_image",
+            "not a PNG or JPEG",
+        ),
+        (
+            format!(r#""init_image":"{image}","mask":"{small}""#),
+            "mask",
+            "the mask is 8×8",
+        ),
+        (
+            format!(r#""mask":"{image}""#),
+            "mask",
+            "needs an init_image",
+        ),
+        (r#""strength":0.5"#.to_string(), "strength", "there is none"),
+        (
+            format!(r#""init_image":"{image}","strength":0"#),
+            "strength",
+            "outside (0, 1]",
+        ),
+        (
+            format!(r#""init_image":"{image}","strength":1.5"#),
+            "strength",
+            "outside (0, 1]",
+        ),
+        (
+            format!(r#""init_image":"{image}","resize_mode":"zoom""#),
+            "resize_mode",
+            "unknown variant",
+        ),
+    ] {
+        let err = parse(&format!(r#"{{"prompt":"x",{body}}}"#)).unwrap_err();
+        assert_eq!(err.field, field, "{body}: {err:?}");
+        assert!(err.message.contains(words), "{body}: {}", err.message);
+    }
+    let truncated = {
+        use base64::Engine;
+        let e = base64::engine::general_purpose::STANDARD;
+        let bytes = e.decode(&image).unwrap();
+        e.encode(&bytes[..bytes.len() - 20])
+    };
+    let err = parse(&format!(r#"{{"prompt":"x","init_image":"{truncated}"}}"#)).unwrap_err();
+    assert!(err.message.contains("broken PNG"), "{}", err.message);
+}
+
+proptest! {
+    /// Any bytes as a source image: refused naming `init_image` (or decoded), never a panic;
+    /// a valid PNG cut anywhere is always "broken", never taken for something else.
+    #[test]
+    fn source_images_from_random_or_cut_bytes_are_refused_by_field(
+        bytes in proptest::collection::vec(any::<u8>(), 0..300),
+        cut in 0usize..1000,
+    ) {
+        use base64::Engine;
+        let e = base64::engine::general_purpose::STANDARD;
+        let mut png_like = b"\x89PNG\r\n\x1a\n".to_vec();
+        png_like.extend(&bytes);
+        for raw in [bytes.clone(), png_like] {
+            let body = format!(r#"{{"prompt":"x","init_image":"{}"}}"#, e.encode(&raw));
+            if let Err(err) = parse(&body) {
+                prop_assert_eq!(err.field, "init_image");
+            }
+        }
+        let valid = e.decode(png_b64(5, 3, 7)).unwrap();
+        let cut = cut % valid.len();
+        let body = format!(r#"{{"prompt":"x","init_image":"{}"}}"#, e.encode(&valid[..cut]));
+        // Cut inside the trailing IEND chunk (12 bytes), every pixel is there: it may decode.
+        match parse(&body) {
+            Ok(spec) => {
+                prop_assert!(cut >= valid.len() - 12, "cut {} decoded", cut);
+                prop_assert_eq!(spec.source.map(|s| (s.width, s.height)), Some((5, 3)));
+            }
+            Err(err) => {
+                prop_assert_eq!(err.field, "init_image");
+                let kind = if cut < 8 { "not a PNG or JPEG" } else { "broken PNG" };
+                prop_assert!(err.message.contains(kind), "cut {}: {}", cut, err.message);
+            }
+        }
+    }
+}

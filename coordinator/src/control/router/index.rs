@@ -279,6 +279,8 @@ pub fn sample_farm(n: usize) -> Vec<NodeView<'static>> {
                 max_pixels: 4 << 20,
                 sizes: &[],
                 samplers: &[],
+                img2img: true,
+                inpaint: true,
                 loras: &[],
                 online: i % 7 != 0,
                 suspect: false,

@@ -41,6 +41,10 @@ pub struct NodeView<'a> {
     pub sizes: &'a [Size],
     /// Samplers it runs, its default first (empty: not stated, any accepted).
     pub samplers: &'a [Sampler],
+    /// Starts jobs from a source image (image-to-image).
+    pub img2img: bool,
+    /// Inpaints (jobs with a mask).
+    pub inpaint: bool,
     /// LoRAs available on the node.
     pub loras: &'a [LoraAdvert],
     /// Session open and heartbeats on time.
@@ -114,6 +118,12 @@ pub enum SkipReason {
         /// The most it runs.
         max_steps: u32,
     },
+    /// The job starts from a source image and the node's model cannot encode one (an RKNN
+    /// model without `vae_encoder/`, a VAE without its encoder).
+    #[serde(rename = "img2img_not_served")]
+    Img2ImgNotServed,
+    /// The job has an inpainting mask and the node does not inpaint.
+    InpaintingNotServed,
     /// The node does not have a requested LoRA.
     MissingLora {
         /// The LoRA.
@@ -202,6 +212,14 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
                 steps,
                 max_steps: sampler.max_steps(),
             });
+        }
+    }
+    if let Some(source) = &job.source {
+        if !node.img2img {
+            return Err(SkipReason::Img2ImgNotServed);
+        }
+        if source.mask.is_some() && !node.inpaint {
+            return Err(SkipReason::InpaintingNotServed);
         }
     }
     for lora in &job.loras {

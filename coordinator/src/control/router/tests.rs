@@ -18,6 +18,8 @@ fn node(i: u8, family: ModelFamily) -> NodeView<'static> {
         max_pixels: 1024 * 1024,
         sizes: &[],
         samplers: &[],
+        img2img: false,
+        inpaint: false,
         loras: &[],
         online: true,
         suspect: false,
@@ -534,4 +536,52 @@ fn a_node_keeps_its_workers_recent_lora_sets() {
     let mut stronger = ink.clone();
     stronger[0].strength = 0.5;
     assert_ne!(lora_set_key(&ink), lora_set_key(&stronger), "strength does");
+}
+
+#[test]
+fn source_images_go_only_to_nodes_that_can_encode_them() {
+    let source = drover_shared::job::SourceSpec {
+        image: std::sync::Arc::from(vec![1u8]),
+        mask: None,
+        strength: 0.5,
+        resize_mode: Default::default(),
+        width: 64,
+        height: 64,
+        image_bytes: 1,
+        mask_bytes: 0,
+    };
+    let img2img = JobSpec {
+        source: Some(Box::new(source.clone())),
+        ..job(r#"{"prompt":"x"}"#)
+    };
+    let inpaint = JobSpec {
+        source: Some(Box::new(drover_shared::job::SourceSpec {
+            mask: Some(std::sync::Arc::from(vec![2u8])),
+            ..source
+        })),
+        ..job(r#"{"prompt":"x"}"#)
+    };
+    let text_only = node(1, ModelFamily::Sd15);
+    let encodes = NodeView {
+        img2img: true,
+        ..node(2, ModelFamily::Sd15)
+    };
+    let both = NodeView {
+        img2img: true,
+        inpaint: true,
+        ..node(3, ModelFamily::Sd15)
+    };
+    assert_eq!(
+        capability(&img2img, &text_only),
+        Err(SkipReason::Img2ImgNotServed)
+    );
+    assert_eq!(capability(&img2img, &encodes), Ok(()));
+    assert_eq!(
+        capability(&inpaint, &encodes),
+        Err(SkipReason::InpaintingNotServed)
+    );
+    assert_eq!(capability(&inpaint, &both), Ok(()));
+    assert_eq!(capability(&job(r#"{"prompt":"x"}"#), &text_only), Ok(()));
+    let reason = serde_json::to_value(SkipReason::Img2ImgNotServed).unwrap();
+    assert_eq!(reason["reason"], "img2img_not_served");
 }

@@ -1,0 +1,213 @@
+//! The source of an image-to-image or inpainting job: the image (and mask) as the client sent
+//! them, checked once at submission ([`SourceSpec::from_request`]) and carried as bytes from
+//! then on — base64 only in JSON (the request, the stored record), raw bytes on the wire to the
+//! node.
+
+use std::sync::Arc;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD;
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+use crate::error::FieldError;
+use crate::image::{self, ImageError, ResizeMode};
+
+/// Default strength of an image-to-image job (AUTOMATIC1111's `denoising_strength`).
+pub const DEFAULT_STRENGTH: f64 = 0.75;
+/// Default strength of an inpainting job: the masked part starts from pure noise (diffusers).
+pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
+/// Largest source image or mask accepted, in bytes (before base64).
+pub const MAX_SOURCE_BYTES: usize = 16 * 1024 * 1024;
+
+/// A job's source image, checked: what the coordinator stores and sends to the node.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct SourceSpec {
+    /// The image as sent (PNG or JPEG). Kept in the job's record; left out of API answers.
+    #[serde(default, with = "base64_bytes", skip_serializing_if = "is_stripped")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = Byte))]
+    pub image: Arc<[u8]>,
+    /// The inpainting mask as sent (PNG or JPEG; white = repaint).
+    #[serde(default, with = "base64_opt", skip_serializing_if = "Option::is_none")]
+    #[cfg_attr(feature = "openapi", schema(value_type = Option<String>, format = Byte))]
+    pub mask: Option<Arc<[u8]>>,
+    /// Denoising strength in (0, 1].
+    pub strength: f64,
+    /// How the image is fitted to the job's size.
+    #[serde(default)]
+    pub resize_mode: ResizeMode,
+    /// The source image's width.
+    pub width: u32,
+    /// The source image's height.
+    pub height: u32,
+    /// Bytes of the image as sent.
+    pub image_bytes: u64,
+    /// Bytes of the mask as sent (0: no mask).
+    #[serde(default)]
+    pub mask_bytes: u64,
+}
+
+fn is_stripped(bytes: &Arc<[u8]>) -> bool {
+    bytes.is_empty()
+}
+
+impl SourceSpec {
+    /// Decodes and checks a request's `init_image`, `mask`, `strength` and `resize_mode`
+    /// (base64, an optional `data:image/...;base64,` prefix): images that decode, within
+    /// [`MAX_SOURCE_BYTES`] and [`crate::image::MAX_PIXELS`], a mask the image's size, a
+    /// strength in (0, 1]. Each failure names its field.
+    pub fn from_request(
+        init_image: Option<&str>,
+        mask: Option<&str>,
+        strength: Option<f64>,
+        resize_mode: Option<ResizeMode>,
+    ) -> Result<Option<Self>, FieldError> {
+        let Some(init_image) = init_image else {
+            if mask.is_some() {
+                return Err(FieldError::new(
+                    "mask",
+                    "a mask needs an init_image to inpaint",
+                ));
+            }
+            if strength.is_some() {
+                return Err(FieldError::new(
+                    "strength",
+                    "strength applies to an init_image, and there is none",
+                ));
+            }
+            return Ok(None);
+        };
+        let image_bytes = decode_base64("init_image", init_image)?;
+        let decoded = check_image("init_image", &image_bytes)?;
+        let mask_bytes = match mask {
+            None => None,
+            Some(m) => {
+                let bytes = decode_base64("mask", m)?;
+                let mask = check_image("mask", &bytes)?;
+                if (mask.width, mask.height) != (decoded.width, decoded.height) {
+                    return Err(FieldError::new(
+                        "mask",
+                        format!(
+                            "the mask is {}×{} but the init_image is {}×{}",
+                            mask.width, mask.height, decoded.width, decoded.height
+                        ),
+                    ));
+                }
+                Some(bytes)
+            }
+        };
+        let default = if mask_bytes.is_some() {
+            DEFAULT_INPAINT_STRENGTH
+        } else {
+            DEFAULT_STRENGTH
+        };
+        let strength = strength.unwrap_or(default);
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(FieldError::new(
+                "strength",
+                format!("{strength} is outside (0, 1]"),
+            ));
+        }
+        Ok(Some(Self {
+            image_bytes: image_bytes.len() as u64,
+            mask_bytes: mask_bytes.as_ref().map_or(0, |m| m.len() as u64),
+            image: image_bytes.into(),
+            mask: mask_bytes.map(Into::into),
+            strength,
+            resize_mode: resize_mode.unwrap_or_default(),
+            width: decoded.width as u32,
+            height: decoded.height as u32,
+        }))
+    }
+
+    /// The same source without its bytes, for API answers.
+    pub fn stripped(&self) -> Self {
+        Self {
+            image: Arc::from(Vec::new()),
+            mask: None,
+            ..self.clone()
+        }
+    }
+
+    /// The job size a source implies when the request names none: its own, each side rounded
+    /// down to a multiple of 8 within 64..=2048.
+    pub fn default_size(&self) -> super::Size {
+        let side = |v: u32| {
+            (v / super::SIDE_MULTIPLE * super::SIDE_MULTIPLE)
+                .clamp(super::MIN_SIDE, super::MAX_SIDE)
+        };
+        super::Size {
+            width: side(self.width),
+            height: side(self.height),
+        }
+    }
+}
+
+/// Base64 (standard alphabet, padding optional) after an optional data-URL prefix.
+fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, FieldError> {
+    let body = match text.trim().split_once(";base64,") {
+        Some((prefix, body)) if prefix.starts_with("data:") => body,
+        _ => text.trim(),
+    };
+    if body.len() / 4 * 3 > MAX_SOURCE_BYTES + 3 {
+        return Err(FieldError::new(
+            field,
+            format!("over the limit of {MAX_SOURCE_BYTES} bytes"),
+        ));
+    }
+    let engine = base64::engine::GeneralPurpose::new(
+        &base64::alphabet::STANDARD,
+        base64::engine::GeneralPurposeConfig::new()
+            .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+    );
+    engine
+        .decode(body.as_bytes())
+        .map_err(|e| FieldError::new(field, format!("not valid base64: {e}")))
+}
+
+fn check_image(field: &str, bytes: &[u8]) -> Result<image::Rgb, FieldError> {
+    if bytes.len() > MAX_SOURCE_BYTES {
+        return Err(FieldError::new(
+            field,
+            format!("over the limit of {MAX_SOURCE_BYTES} bytes"),
+        ));
+    }
+    image::decode(bytes).map_err(|e: ImageError| FieldError::new(field, e.to_string()))
+}
+
+mod base64_bytes {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(bytes: &Arc<[u8]>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(bytes))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Arc<[u8]>, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD
+            .decode(text)
+            .map(Into::into)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+mod base64_opt {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(bytes: &Option<Arc<[u8]>>, s: S) -> Result<S::Ok, S::Error> {
+        match bytes {
+            Some(b) => s.serialize_str(&STANDARD.encode(b)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Arc<[u8]>>, D::Error> {
+        match Option::<String>::deserialize(d)? {
+            Some(text) => STANDARD
+                .decode(text)
+                .map(|b| Some(b.into()))
+                .map_err(serde::de::Error::custom),
+            None => Ok(None),
+        }
+    }
+}
