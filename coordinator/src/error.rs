@@ -266,3 +266,50 @@ mod tests {
         assert_eq!(gone.code(), ErrorCode::NotFound);
     }
 }
+
+impl CoordinatorError {
+    /// The error in OpenAI's shape, `{"error": {"message", "type", "param", "code"}}`, for the
+    /// OpenAI-compatible routes: the same status as [`CoordinatorError::body`], `param` the
+    /// offending field, `code` the [`ErrorCode`].
+    pub fn openai_body(&self) -> Value {
+        let kind = match self.code() {
+            ErrorCode::Unauthorized | ErrorCode::Forbidden => "authentication_error",
+            ErrorCode::TooManyRequests => "rate_limit_error",
+            ErrorCode::Internal
+            | ErrorCode::Unavailable
+            | ErrorCode::JobFailed
+            | ErrorCode::Timeout => "server_error",
+            _ => "invalid_request_error",
+        };
+        let param = match self.details().get("field") {
+            Some(Value::String(f)) => Value::String(f.clone()),
+            _ => Value::Null,
+        };
+        json!({"error": {
+            "message": self.to_string(),
+            "type": kind,
+            "param": param,
+            "code": serde_json::to_value(self.code()).unwrap_or(Value::Null),
+        }})
+    }
+}
+
+/// A [`CoordinatorError`] answered in OpenAI's error shape ([`CoordinatorError::openai_body`]).
+#[derive(Debug, thiserror::Error)]
+#[error(transparent)]
+pub struct OpenAiError(#[from] pub CoordinatorError);
+
+impl ResponseError for OpenAiError {
+    fn status_code(&self) -> StatusCode {
+        self.0.status_code()
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let usual = self.0.error_response();
+        let mut answer = HttpResponse::build(usual.status());
+        if let Some(retry) = usual.headers().get("retry-after") {
+            answer.insert_header(("Retry-After", retry.clone()));
+        }
+        answer.json(self.0.openai_body())
+    }
+}

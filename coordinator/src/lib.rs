@@ -113,6 +113,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         config: config.clone(),
         styles: Arc::new(styles),
         rates: Arc::new(limits::RateLimiter::default()),
+        a1111: Arc::default(),
     };
     let server = HttpServer::new(move || {
         App::new()

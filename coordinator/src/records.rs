@@ -67,6 +67,9 @@ pub struct NodeRecord {
     /// Whether the node inpaints (jobs with a mask).
     #[serde(default)]
     pub inpaint: bool,
+    /// The model's name as its operator gave it (`MODEL`); empty from older nodes.
+    #[serde(default)]
+    pub model_name: String,
 }
 
 /// Where a job is in its life.

@@ -7,7 +7,6 @@
 
 use drover_shared::error::InvalidId;
 use drover_shared::ids::{JobId, LeaseId};
-use drover_shared::image::{self, ResizeMode};
 use drover_shared::proto;
 use drover_shared::sampler::{SamplerName, SigmaSchedule};
 
@@ -73,8 +72,8 @@ impl TryFrom<proto::Assignment> for Assignment {
     }
 }
 
-/// A job's source image (and mask), decoded and fitted to the job's size; `None` for
-/// text-to-image. Anything unusable is refused with what is wrong.
+/// A job's source image (and mask) as sent; `None` for text-to-image. A mask without an image,
+/// a strength outside (0, 1] or an unknown resize mode is refused with what is wrong.
 fn source(spec: &proto::JobSpec) -> Result<Option<Source>, String> {
     if spec.init_image.is_empty() {
         if !spec.mask.is_empty() {
@@ -85,25 +84,12 @@ fn source(spec: &proto::JobSpec) -> Result<Option<Source>, String> {
     if !(spec.strength > 0.0 && spec.strength <= 1.0) {
         return Err(format!("strength must be in (0, 1], not {}", spec.strength));
     }
-    let mode: ResizeMode = spec.resize_mode.parse()?;
-    let (w, h) = (spec.width as usize, spec.height as usize);
-    let image = image::decode(&spec.init_image).map_err(|e| format!("init_image: {e}"))?;
-    let mask = if spec.mask.is_empty() {
-        None
-    } else {
-        let mask = image::decode(&spec.mask).map_err(|e| format!("mask: {e}"))?;
-        if (mask.width, mask.height) != (image.width, image.height) {
-            return Err(format!(
-                "the mask is {}×{} but the init_image {}×{}",
-                mask.width, mask.height, image.width, image.height
-            ));
-        }
-        Some(image::resize(&mask, w, h, mode).luma())
-    };
+    // Decoding waits for the worker ([`Source::fit`]): a large image would hold up the session.
     Ok(Some(Source {
-        rgb: image::resize(&image, w, h, mode).pixels,
-        mask,
+        image: spec.init_image.as_slice().into(),
+        mask: (!spec.mask.is_empty()).then(|| spec.mask.as_slice().into()),
         strength: spec.strength,
+        resize_mode: spec.resize_mode.parse()?,
     }))
 }
 
@@ -175,6 +161,8 @@ mod tests {
         }
     }
 
+    use drover_shared::sampler::Sampler;
+
     fn png(width: u32, height: u32, rgb: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
         let mut enc = png::Encoder::new(&mut out, width, height);
@@ -187,9 +175,9 @@ mod tests {
     }
 
     #[test]
-    fn a_source_image_is_decoded_and_fitted_to_the_job() {
+    fn a_source_image_travels_as_sent_and_is_fitted_by_the_worker() {
         let (job, lease) = (JobId::time_ordered(), LeaseId::random());
-        let with = |image: Vec<u8>, mask: Vec<u8>, strength: f64| {
+        let with = |image: Vec<u8>, mask: Vec<u8>, strength: f64, resize_mode: &str| {
             Assignment::try_from(assignment(
                 &job.to_string(),
                 &lease.to_string(),
@@ -199,47 +187,60 @@ mod tests {
                     init_image: image,
                     mask,
                     strength,
-                    resize_mode: "crop".into(),
+                    resize_mode: resize_mode.into(),
                     ..spec()
                 }),
             ))
         };
-        let a = with(png(4, 4, &[200; 48]), png(4, 4, &[255; 48]), 0.5).unwrap();
+        let a = with(png(4, 4, &[200; 48]), png(4, 4, &[255; 48]), 0.5, "crop").unwrap();
         let source = a.params.source.unwrap();
+        assert_eq!(source.strength, 0.5);
+        let fitted = source.fit(16, 8).unwrap();
         assert_eq!(
-            source.rgb,
+            fitted.rgb,
             vec![200; 16 * 8 * 3],
             "4×4 cropped to cover 16×8"
         );
-        assert_eq!(source.mask, Some(vec![255; 16 * 8]));
-        assert_eq!(source.strength, 0.5);
-        for (image, mask, strength, reason) in [
-            (
-                png(4, 4, &[1; 48]),
-                png(2, 2, &[1; 12]),
-                0.5,
-                "the mask is 2×2",
-            ),
+        assert_eq!(fitted.mask, Some(vec![255; 16 * 8]));
+        for (image, mask, strength, mode, reason) in [
             (
                 png(4, 4, &[1; 48]),
                 Vec::new(),
                 0.0,
+                "crop",
                 "strength must be in (0, 1]",
             ),
-            (b"GIF8".to_vec(), Vec::new(), 0.5, "init_image: not a PNG"),
+            (
+                png(4, 4, &[1; 48]),
+                Vec::new(),
+                0.5,
+                "zoom",
+                "unknown resize_mode `zoom`",
+            ),
             (
                 Vec::new(),
                 png(2, 2, &[1; 12]),
                 0.5,
+                "",
                 "a mask needs an init_image",
             ),
         ] {
-            let refused = with(image, mask, strength).unwrap_err();
+            let refused = with(image, mask, strength, mode).unwrap_err();
             assert!(refused.reason.contains(reason), "{}", refused.reason);
         }
+        // What only decoding finds is refused by the worker, for good, with the reason.
+        for (image, mask, reason) in [
+            (png(4, 4, &[1; 48]), png(2, 2, &[1; 12]), "the mask is 2×2"),
+            (b"GIF8".to_vec(), Vec::new(), "init_image: not a PNG"),
+        ] {
+            let source = with(image, mask, 0.5, "").unwrap().params.source.unwrap();
+            let err = source.fit(16, 8).unwrap_err();
+            assert!(
+                err.is_permanent() && err.to_string().contains(reason),
+                "{err}"
+            );
+        }
     }
-
-    use drover_shared::sampler::Sampler;
 
     #[test]
     fn an_assignment_becomes_typed_ids_and_params() {

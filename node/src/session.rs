@@ -106,6 +106,11 @@ impl NodeLink {
             family: caps.family.to_string(),
             cross_attention_dim: caps.family.cross_attention_dim(),
             model_id: caps.model_id.clone(),
+            model_name: self
+                .config
+                .model
+                .clone()
+                .unwrap_or_else(|| caps.model_id.clone()),
             workers: caps.workers,
             max_pixels: caps.max_pixels,
             loras: caps

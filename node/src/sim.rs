@@ -39,7 +39,11 @@ impl Renderer for SimRenderer {
     ) -> Result<Image> {
         let mut rgb = pattern(params)?;
         if let Some(source) = &params.source {
-            blend_source(&mut rgb, source);
+            blend_source(
+                &mut rgb,
+                &source.fit(params.width, params.height)?,
+                source.strength,
+            );
         }
         for k in 1..=params.steps {
             std::thread::sleep(self.step);
@@ -58,8 +62,8 @@ impl Renderer for SimRenderer {
 
 /// What a simulated img2img job draws: the pattern over the source image at `strength`
 /// (0 keeps the source), only where the mask is white when there is one.
-fn blend_source(rgb: &mut [u8], source: &crate::render::Source) {
-    let s = source.strength.clamp(0.0, 1.0) as f32;
+fn blend_source(rgb: &mut [u8], source: &crate::render::Fitted, strength: f64) {
+    let s = strength.clamp(0.0, 1.0) as f32;
     for (i, (out, src)) in rgb.chunks_mut(3).zip(source.rgb.chunks(3)).enumerate() {
         let repaint = source
             .mask

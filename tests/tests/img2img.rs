@@ -188,11 +188,9 @@ fn source_images_survive_a_coordinator_kill_and_shape_what_nodes_draw() -> anyho
     assert!(big.len() > 8_000_000, "{} bytes", big.len());
     let id = cluster.submit(&json!({"prompt": "static", "init_image": base64(&big),
                                     "size": "64x64", "strength": 0.5}))?;
-    assert_eq!(cluster.wait_for_job(&id, T)?["state"], "succeeded");
-    assert_eq!(
-        cluster.job(&id)?["spec"]["source"]["image_bytes"],
-        big.len()
-    );
+    let done = cluster.wait_for_job(&id, T)?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["spec"]["source"]["image_bytes"], big.len());
     let huge = noise(3000, 3000);
     assert!(huge.len() > 16 << 20, "{} bytes", huge.len());
     let reply = cluster.post(
@@ -236,6 +234,18 @@ fn cpu_nodes_run_img2img_and_inpainting_through_the_burn_pipeline() -> anyhow::R
         assert_eq!(n["img2img"], true, "{n}");
         assert_eq!(n["inpaint"], true, "{n}");
     }
+    // A1111 UIs list the models by the names their operators gave them.
+    let titles = cluster.get("/sdapi/v1/sd-models")?.json()?;
+    let titles: Vec<&str> = titles
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|m| m["title"].as_str())
+        .collect();
+    assert!(
+        titles.iter().any(|t| t.starts_with("demo-sd15-standard [")),
+        "{titles:?}"
+    );
     let sunset = base64(&png_of(128, 64, |x, y| [(x * 2) as u8, (y * 3) as u8, 120]));
     let night = base64(&png_of(128, 64, |x, _| [10, 10, (x * 2) as u8]));
 

@@ -136,6 +136,145 @@ fn unbase64(text: &str) -> Vec<u8> {
     out
 }
 
+/// What an A1111 UI does when it connects: lists models, sets a checkpoint, renders, polls
+/// progress; the checkpoint it picks is the model its calls render with.
+#[test]
+fn a1111_discovery_calls_list_models_and_pick_the_checkpoint() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("small", "sd15"))?;
+    cluster.add_node(NodeSpec::sim("large", "sdxl"))?;
+    cluster.wait_for_online(&["small", "large"], T)?;
+    let listed = cluster.get("/sdapi/v1/sd-models")?.json()?;
+    let listed = listed.as_array().expect("a list").clone();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let title_of = |family: &str| {
+        listed
+            .iter()
+            .find(|m| m["family"] == family)
+            .and_then(|m| m["title"].as_str())
+            .map(String::from)
+            .expect("a title")
+    };
+    let (sd15, sdxl) = (title_of("sd15"), title_of("sdxl"));
+
+    let ran_on = |body: serde_json::Value| -> anyhow::Result<String> {
+        let reply = cluster.post("/sdapi/v1/txt2img", &body)?;
+        assert_eq!(
+            reply.status,
+            200,
+            "{}",
+            String::from_utf8_lossy(&reply.body)
+        );
+        let info: serde_json::Value =
+            serde_json::from_str(reply.json()?["info"].as_str().expect("info"))?;
+        let job = cluster.job(info["job_ids"][0].as_str().expect("a job id"))?;
+        Ok(job["node_id"].as_str().unwrap_or_default().to_string())
+    };
+    let (small, large) = (
+        cluster.node_id("small")?.expect("id"),
+        cluster.node_id("large")?.expect("id"),
+    );
+    let reply = cluster.post(
+        "/sdapi/v1/options",
+        &json!({"sd_model_checkpoint": sdxl, "CLIP_stop_at_last_layers": 2}),
+    )?;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(
+        cluster.get("/sdapi/v1/options")?.json()?["sd_model_checkpoint"],
+        sdxl
+    );
+    let body = json!({"prompt": "a fox", "steps": 2, "width": 64, "height": 64});
+    assert_eq!(
+        ran_on(body.clone())?,
+        large,
+        "the checkpoint set in options"
+    );
+    let mut overridden = body;
+    overridden["override_settings"] = json!({"sd_model_checkpoint": sd15});
+    assert_eq!(ran_on(overridden)?, small, "override_settings wins");
+    let progress = cluster.get("/sdapi/v1/progress")?.json()?;
+    assert_eq!(progress["progress"], 1.0, "{progress}");
+    assert_eq!(
+        (
+            progress["state"]["job_count"].as_u64(),
+            progress["state"]["job_no"].as_u64()
+        ),
+        (Some(1), Some(1))
+    );
+
+    let reply = cluster.post(
+        "/sdapi/v1/options",
+        &json!({"sd_model_checkpoint": "gone [0000000000]"}),
+    )?;
+    assert_eq!(reply.status, 400);
+    assert_eq!(
+        reply.json()?["error"]["details"]["field"],
+        "sd_model_checkpoint"
+    );
+    for path in ["/sdapi/v1/loras", "/sdapi/v1/upscalers"] {
+        assert!(cluster.get(path)?.json()?.is_array(), "{path}");
+    }
+    assert_eq!(cluster.get("/sdapi/v1/cmd-flags")?.json()?["api"], true);
+
+    // OpenAI's image generations: base64 or URLs on this coordinator, errors in OpenAI's shape.
+    let reply = cluster.post(
+        "/v1/images/generations",
+        &json!({"prompt": "a fox", "n": 2, "size": "64x64", "model": "dall-e-3",
+                "response_format": "b64_json", "seed": 3, "quality": "hd", "steps": 2}),
+    )?;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let body = reply.json()?;
+    assert!(body["created"].as_u64().is_some_and(|t| t > 1_700_000_000));
+    let data = body["data"].as_array().expect("data");
+    assert_eq!(data.len(), 2);
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(data[1]["b64_json"].as_str().expect("b64_json"))?;
+    assert_eq!(png_size(&png), (64, 64));
+    let reply = cluster.post(
+        "/v1/images/generations",
+        &json!({"prompt": "a fox", "size": "64x64", "steps": 2}),
+    )?;
+    let url = reply.json()?["data"][0]["url"]
+        .as_str()
+        .expect("a url by default")
+        .to_string();
+    let path = url
+        .strip_prefix(&cluster.base_url())
+        .expect("on this coordinator");
+    assert_eq!(png_size(&cluster.get(path)?.body), (64, 64));
+    let reply = cluster.post(
+        "/v1/images/generations",
+        &json!({"prompt": "a fox", "n": 9}),
+    )?;
+    assert_eq!(reply.status, 400);
+    let error = reply.json()?;
+    assert_eq!(
+        (
+            &error["error"]["type"],
+            &error["error"]["param"],
+            &error["error"]["code"]
+        ),
+        (
+            &json!("invalid_request_error"),
+            &json!("n"),
+            &json!("invalid_request")
+        ),
+        "{error}"
+    );
+    Ok(())
+}
+
 #[test]
 fn compatibility_endpoints_serve_lcm_server_and_a1111_clients() -> anyhow::Result<()> {
     let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
@@ -403,7 +542,7 @@ fn openapi_documents_every_route_the_server_answers() -> anyhow::Result<()> {
             checked += 1;
         }
     }
-    assert_eq!(checked, 24, "{checked} operations");
+    assert_eq!(checked, 32, "{checked} operations");
     Ok(())
 }
 

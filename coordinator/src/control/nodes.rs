@@ -205,6 +205,8 @@ pub struct NodeRegistration {
     pub img2img: bool,
     /// Whether it inpaints.
     pub inpaint: bool,
+    /// The model's name (its file or folder name).
+    pub model_name: String,
 }
 
 impl NodeRegistration {
@@ -229,6 +231,7 @@ impl NodeRegistration {
             samplers: self.samplers,
             img2img: self.img2img,
             inpaint: self.inpaint,
+            model_name: self.model_name,
         }
     }
 }

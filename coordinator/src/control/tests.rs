@@ -34,6 +34,7 @@ fn register(name: &str) -> RegisterNode {
         samplers: Vec::new(),
         img2img: true,
         inpaint: true,
+        model_name: "demo".into(),
     })
 }
 

@@ -72,6 +72,7 @@ pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
         samplers,
         img2img: req.img2img,
         inpaint: req.inpaint,
+        model_name: req.model_name.chars().take(256).collect(),
         name,
         backend: req.backend,
         family,

@@ -593,8 +593,21 @@ async fn answer_a1111(
             call.parameters.insert(key.into(), Value::Null);
         }
     }
+    // The checkpoint it overrides or set with /sdapi/v1/options picks the model.
+    if let Some(name) = super::a1111::checkpoint_of(state, &client.label, &call.parameters)? {
+        let nodes = state.control.send(crate::control::ListNodes).await?;
+        let model = super::a1111::resolve_checkpoint(&super::nodes::models(&nodes), &name)?;
+        for request in &mut call.requests {
+            request.model = Some(model.clone());
+        }
+    }
     // All or nothing: the batch is accepted as one submission, with one wait for the disk.
     let jobs = accept_requests(state, client, call.requests, true).await?;
+    super::a1111::remember_jobs(
+        state,
+        &client.label,
+        jobs.iter().map(|j| j.job.id).collect(),
+    );
     let mut images = Vec::new();
     let mut all_seeds = Vec::new();
     let mut job_ids = Vec::new();

@@ -10,14 +10,18 @@
 //! Submodules: [`state`] (what handlers reach), [`auth`] (client and admin checks, request ids),
 //! [`jobs`] (submission, waiting, job reads, cancel, events), [`nodes`] (registry reads,
 //! drain/resume, models, styles, health, metrics), [`compat`] (the Python LCM server's and
-//! AUTOMATIC1111's endpoints), [`dashboard`], [`docs`] and [`openapi`].
+//! AUTOMATIC1111's endpoints), [`a1111`] (A1111's discovery calls: models, options, progress),
+//! [`openai`] (OpenAI's image generations, with its error shape), [`dashboard`], [`docs`] and
+//! [`openapi`].
 
+pub mod a1111;
 pub mod auth;
 pub mod compat;
 pub mod dashboard;
 pub mod docs;
 pub mod jobs;
 pub mod nodes;
+pub mod openai;
 pub mod openapi;
 pub mod responses;
 pub mod state;
@@ -52,6 +56,14 @@ pub fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(compat::img2img)
         .service(compat::samplers)
         .service(compat::schedulers)
+        .service(a1111::sd_models)
+        .service(a1111::get_options)
+        .service(a1111::set_options)
+        .service(a1111::loras)
+        .service(a1111::upscalers)
+        .service(a1111::progress)
+        .service(a1111::cmd_flags)
+        .service(openai::generations)
         .service(dashboard::index)
         .service(dashboard::live_part)
         .service(docs::api_page)

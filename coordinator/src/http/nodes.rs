@@ -164,6 +164,8 @@ pub struct ModelView {
     pub sizes: Vec<drover_shared::job::Size>,
     /// LoRAs some node of it offers.
     pub loras: Vec<String>,
+    /// Its name as its nodes' operators gave it (`MODEL`), the first one registered.
+    pub model_name: String,
 }
 
 /// The models of the registry, one entry per model id, by family then id.
@@ -192,6 +194,11 @@ pub fn models(nodes: &[crate::control::NodeStatus]) -> Vec<ModelView> {
                 BTreeSet::new()
             };
             ModelView {
+                model_name: group
+                    .iter()
+                    .map(|n| n.record.model_name.clone())
+                    .find(|n| !n.is_empty())
+                    .unwrap_or_else(|| first.model_id.clone()),
                 model_id: first.model_id.clone(),
                 family: first.family,
                 backends: group
@@ -344,6 +351,7 @@ mod tests {
                 samplers: Vec::new(),
                 img2img: false,
                 inpaint: false,
+                model_name: format!("{model}.safetensors"),
             },
             state,
             suspect: false,

@@ -153,12 +153,20 @@ mod tests {
             "post /generate",
             "post /sdapi/v1/txt2img",
             "post /sdapi/v1/img2img",
+            "get /sdapi/v1/sd-models",
+            "get /sdapi/v1/options",
+            "post /sdapi/v1/options",
+            "get /sdapi/v1/loras",
+            "get /sdapi/v1/upscalers",
+            "get /sdapi/v1/progress",
+            "get /sdapi/v1/cmd-flags",
+            "post /v1/images/generations",
             "get /sdapi/v1/samplers",
             "get /sdapi/v1/schedulers",
         ] {
             assert!(listed.contains(expected), "{expected} is not documented");
         }
-        assert_eq!(listed.len(), 24, "{listed:?}");
+        assert_eq!(listed.len(), 32, "{listed:?}");
         let names: BTreeSet<&str> = ERROR_RESPONSES.iter().map(|(n, _)| *n).collect();
         for (name, code) in ERROR_RESPONSES {
             assert_eq!(component_of(*code), *name);

@@ -43,6 +43,8 @@ pub struct AppState {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Per-client submission rates.
     pub rates: Arc<RateLimiter>,
+    /// AUTOMATIC1111 callers' checkpoints and latest calls (in memory).
+    pub a1111: super::a1111::A1111Clients,
 }
 
 /// The request body, refused (`413`) past `limit` bytes.
@@ -73,6 +75,7 @@ impl AppState {
             styles: Arc::default(),
             metrics,
             rates: Arc::default(),
+            a1111: Arc::default(),
         }
     }
 

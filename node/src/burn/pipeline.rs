@@ -19,7 +19,7 @@ use super::unet::{AddedCond, Unet, UnetConfig};
 use super::vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use super::weights::{Loader, NameMap, OpenClipSource};
 use crate::error::{NodeError, Result};
-use crate::render::{Image, Params, Source, gaussian, rgb_from_chw, step_noise_seed};
+use crate::render::{Fitted, Image, Params, gaussian, rgb_from_chw, step_noise_seed};
 use crate::sampling::{Keep, NoiseSchedule, Plan, Sampler, SchedulerConfig, SigmaSchedule};
 
 /// Where a model's parts live.
@@ -728,7 +728,8 @@ impl<B: Backend> Pipeline<B> {
         let source = match &params.source {
             Some(source) => {
                 plan = plan.with_strength(source.strength)?;
-                Some(self.source_latents(source, params.width, params.height, h, w)?)
+                let fitted = source.fit(params.width, params.height)?;
+                Some(self.source_latents(&fitted, params.width, params.height, h, w)?)
             }
             None => None,
         };
@@ -777,7 +778,7 @@ impl<B: Backend> Pipeline<B> {
     #[allow(clippy::type_complexity)]
     fn source_latents(
         &self,
-        source: &Source,
+        source: &Fitted,
         width: usize,
         height: usize,
         h: usize,

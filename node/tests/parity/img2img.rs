@@ -142,6 +142,18 @@ fn the_vae_encoder_loads_from_ldm_names() {
     );
 }
 
+/// A 16×16 PNG of `data`.
+fn png(color: png::ColorType, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, 16, 16);
+    encoder.set_color(color);
+    encoder.set_depth(png::BitDepth::Eight);
+    let mut writer = encoder.write_header().unwrap();
+    writer.write_image_data(data).unwrap();
+    writer.finish().unwrap();
+    out
+}
+
 /// A diffusers folder for the standard SD1.5 cases: tiny-sd15-lcm's tokenizer, text encoder and
 /// VAE with the standard tiny UNet and Stable Diffusion's scheduler settings.
 fn standard_sd15(tmp: &Path) -> PathBuf {
@@ -207,10 +219,14 @@ fn img2img_and_inpainting_match_diffusers_pipelines() {
             schedule,
             seed: 0,
             loras: Vec::new(),
+            // As a client sends them: PNGs (16×16, the job's size: nothing is resampled).
             source: Some(Source {
-                rgb: want.bytes("source.rgb"),
-                mask: case.mask.then(|| want.bytes("source.mask")),
+                image: png(png::ColorType::Rgb, &want.bytes("source.rgb")).into(),
+                mask: case
+                    .mask
+                    .then(|| png(png::ColorType::Grayscale, &want.bytes("source.mask")).into()),
                 strength: case.strength,
+                resize_mode: Default::default(),
             }),
         };
         let mut drawn = 0;
