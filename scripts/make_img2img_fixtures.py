@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Builds the img2img and inpainting parity fixtures: diffusers' own pipelines
 (StableDiffusionImg2ImgPipeline, LatentConsistencyModelImg2ImgPipeline, StableDiffusionInpaintPipeline,
-StableDiffusionXLImg2ImgPipeline) run end to end on the committed tiny models, and what they made is
+StableDiffusionXLImg2ImgPipeline; the inpaint pipeline also with a 9-channel inpainting UNet) run end to end on the committed tiny models, and what they made is
 recorded.
 
 Reads (made by `scripts/make_fixtures.py`):
@@ -10,6 +10,7 @@ Reads (made by `scripts/make_fixtures.py`):
   node/tests/fixtures/tiny-sdxl-lcm/   the SDXL-shaped LCM model
 
 Writes:
+  node/tests/fixtures/tiny-unet-inpaint/    a 9-channel inpainting UNet (tiny-unet's shape, f16)
   node/tests/fixtures/img2img.json         one entry per case: pipeline, model, sampler, steps,
                                            strength, guidance, prompt, whether it has a mask, and how
                                            many noise draws its scheduler made
@@ -99,7 +100,31 @@ CASES = [
     ("inpaint_heun", "inpaint", "sd15", "heun", 4, 0.75, 7.0),
     ("inpaint_lcm_full", "inpaint", "sd15_lcm", "lcm", 4, 1.0, 8.0),
     ("sdxl_img2img_lcm_full", "sdxl_img2img", "sdxl_lcm", "lcm", 4, 1.0, 8.0),
+    ("inpaint9_euler_full", "inpaint", "sd15_inpaint", "euler", 6, 1.0, 7.0),
+    ("inpaint9_dpmpp_2m", "inpaint", "sd15_inpaint", "dpmpp_2m", 8, 0.75, 7.0),
 ]
+
+
+def make_inpaint_unet():
+    """A 9-channel inpainting UNet (latents + mask + masked-image latents in), tiny-unet's shape
+    otherwise, weights rounded to f16 and stored so; written to tiny-unet-inpaint/."""
+    with open(os.path.join(ROOT, "tiny-unet", "config.json")) as f:
+        config = json.load(f)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    config["in_channels"] = 9
+    torch.manual_seed(19)
+    unet = UNet2DConditionModel.from_config(config).eval()
+    for p in unet.parameters():
+        p.data = p.data.to(torch.float16).to(torch.float32)
+    folder = os.path.join(ROOT, "tiny-unet-inpaint")
+    os.makedirs(folder, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}
+    save_file(state, os.path.join(folder, "diffusion_pytorch_model.safetensors"))
+    saved = dict(unet.config)
+    saved.pop("_use_default_values", None)
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(saved, f, indent=1, sort_keys=True)
+    return unet
 
 
 class Recorder:
@@ -166,6 +191,7 @@ def main():
     tok, te, vae = sd_parts()
     unet_std = UNet2DConditionModel.from_pretrained(os.path.join(ROOT, "tiny-unet"), torch_dtype=torch.float32).eval()
     unet_lcm = UNet2DConditionModel.from_pretrained(os.path.join(SD, "unet"), torch_dtype=torch.float32).eval()
+    unet_inpaint = make_inpaint_unet()
     sdxl_vae = AutoencoderKL.from_pretrained(os.path.join(SDXL, "vae"), torch_dtype=torch.float32).eval()
 
     # The encoder alone: the latent mean of the source image in [-1, 1].
@@ -182,7 +208,7 @@ def main():
             cls, extra = SCHEDULERS[sampler]
             sched = cls.from_config(dict(BASE, **extra))
         common = dict(vae=vae, text_encoder=te, tokenizer=tok, scheduler=sched)
-        unet = unet_lcm if model == "sd15_lcm" else unet_std
+        unet = {"sd15_lcm": unet_lcm, "sd15_inpaint": unet_inpaint}.get(model, unet_std)
         if kind == "img2img":
             pipe = StableDiffusionImg2ImgPipeline(unet=unet, safety_checker=None, feature_extractor=None,
                                                   requires_safety_checker=False, **common)

@@ -83,9 +83,10 @@ pub enum Command {
         /// `sd15` or `sdxl`.
         #[arg(long, default_value = "sd15")]
         family: ModelFamily,
-        /// `lcm` (a guidance embedding; the lcm sampler, 1..=8 steps) or `standard` (no guidance
-        /// embedding; Euler, DPM++ 2M, ... with classifier-free guidance).
-        #[arg(long, default_value = "lcm", value_parser = ["lcm", "standard"])]
+        /// `lcm` (a guidance embedding; the lcm sampler, 1..=8 steps), `standard` (no guidance
+        /// embedding; Euler, DPM++ 2M, ... with classifier-free guidance) or `inpaint` (standard,
+        /// with a 9-channel inpainting UNet).
+        #[arg(long, default_value = "lcm", value_parser = ["lcm", "standard", "inpaint"])]
         variant: String,
     },
     /// Run one UNet forward on tensors from a file and write tensor `out` (f32).

@@ -63,5 +63,11 @@ pub fn table(found: &Inspection) -> String {
     if let Some(rank) = found.lora_rank {
         rows.push(("lora rank", rank.to_string()));
     }
+    if found.inpainting {
+        rows.push((
+            "inpainting",
+            "yes (9-channel UNet: latent, mask, masked image)".into(),
+        ));
+    }
     rows.iter().map(|(k, v)| format!("{k:<20} {v}\n")).collect()
 }

@@ -56,7 +56,7 @@ pub fn cli_main() -> ExitCode {
         }) => {
             return report(
                 "make-model",
-                tools::make_model(&out, seed, family, variant == "lcm").map(|()| {
+                tools::make_model(&out, seed, family, &variant).map(|()| {
                     format!("demo model (random weights) written to {}\n", out.display())
                 }),
             );

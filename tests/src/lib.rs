@@ -82,6 +82,18 @@ pub struct Reply {
 }
 
 impl Reply {
+    /// Panics unless the status is `status`, showing the body (the error) when it is not.
+    #[track_caller]
+    pub fn expect_status(&self, status: u16) -> &Self {
+        assert_eq!(
+            self.status,
+            status,
+            "{}",
+            String::from_utf8_lossy(&self.body)
+        );
+        self
+    }
+
     /// The body as JSON.
     pub fn json(&self) -> Result<Value> {
         serde_json::from_slice(&self.body)

@@ -40,12 +40,7 @@ fn source_images_survive_a_coordinator_kill_and_shape_what_nodes_draw() -> anyho
         "/v1/generate",
         &json!({"prompt": "a pond", "init_image": source, "strength": 0.02, "seed": 5}),
     )?;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.expect_status(200);
     assert_eq!(png_size(&reply.body), (64, 64), "the source's own size");
     assert_eq!(text(&reply.body, "mode"), "img2img");
     let rgb = png_rgb(&reply.body);
@@ -96,12 +91,7 @@ fn source_images_survive_a_coordinator_kill_and_shape_what_nodes_draw() -> anyho
                 "batch_size": 2, "seed": 40, "steps": 3, "sampler_name": "Euler a",
                 "mask_blur": 4, "inpainting_fill": 1, "unknown_field": true}),
     )?;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.expect_status(200);
     let body = reply.json()?;
     let images = body["images"].as_array().expect("images");
     assert_eq!(images.len(), 2);
@@ -140,12 +130,7 @@ fn source_images_survive_a_coordinator_kill_and_shape_what_nodes_draw() -> anyho
         (json!({"prompt": "x", "mask": source}), "mask"),
     ] {
         let reply = cluster.post("/v1/jobs", &body)?;
-        assert_eq!(
-            reply.status,
-            400,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.expect_status(400);
         assert_eq!(reply.json()?["error"]["details"]["field"], field, "{body}");
     }
     for (body, field) in [
@@ -161,12 +146,7 @@ fn source_images_survive_a_coordinator_kill_and_shape_what_nodes_draw() -> anyho
         (json!({"prompt": "x", "init_images": [7]}), "init_images[0]"),
     ] {
         let reply = cluster.post("/sdapi/v1/img2img", &body)?;
-        assert_eq!(
-            reply.status,
-            400,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.expect_status(400);
         assert_eq!(reply.json()?["error"]["details"]["field"], field, "{body}");
     }
     assert_eq!(
@@ -197,12 +177,7 @@ fn source_images_survive_a_coordinator_kill_and_shape_what_nodes_draw() -> anyho
         "/v1/jobs",
         &json!({"prompt": "x", "init_image": base64(&huge)}),
     )?;
-    assert_eq!(
-        reply.status,
-        400,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.expect_status(400);
     assert_eq!(reply.json()?["error"]["details"]["field"], "init_image");
     Ok(())
 }
@@ -210,7 +185,11 @@ fn source_images_survive_a_coordinator_kill_and_shape_what_nodes_draw() -> anyho
 #[test]
 fn cpu_nodes_run_img2img_and_inpainting_through_the_burn_pipeline() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    for (name, variant) in [("demo-sd15", "lcm"), ("demo-sd15-standard", "standard")] {
+    for (name, variant) in [
+        ("demo-sd15", "lcm"),
+        ("demo-sd15-standard", "standard"),
+        ("demo-sd15-inpaint", "inpaint"),
+    ] {
         let status = Command::new(binaries!().node)
             .args(["make-model", "--variant", variant, "--out"])
             .arg(dir.path().join(name))
@@ -219,7 +198,11 @@ fn cpu_nodes_run_img2img_and_inpainting_through_the_burn_pipeline() -> anyhow::R
     }
     let root = dir.path().to_string_lossy().into_owned();
     let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
-    for (name, model) in [("cpu-lcm", "demo-sd15"), ("cpu-std", "demo-sd15-standard")] {
+    for (name, model) in [
+        ("cpu-lcm", "demo-sd15"),
+        ("cpu-std", "demo-sd15-standard"),
+        ("cpu-inpaint", "demo-sd15-inpaint"),
+    ] {
         cluster.add_node(NodeSpec {
             name: name.into(),
             env: vec![
@@ -229,7 +212,7 @@ fn cpu_nodes_run_img2img_and_inpainting_through_the_burn_pipeline() -> anyhow::R
             ],
         })?;
     }
-    cluster.wait_for_online(&["cpu-lcm", "cpu-std"], T)?;
+    cluster.wait_for_online(&["cpu-lcm", "cpu-std", "cpu-inpaint"], T)?;
     for n in cluster.nodes()? {
         assert_eq!(n["img2img"], true, "{n}");
         assert_eq!(n["inpaint"], true, "{n}");
@@ -246,6 +229,16 @@ fn cpu_nodes_run_img2img_and_inpainting_through_the_burn_pipeline() -> anyhow::R
         titles.iter().any(|t| t.starts_with("demo-sd15-standard [")),
         "{titles:?}"
     );
+    // Two nodes run standard samplers: jobs name the model to pin theirs.
+    let model_of = |name: &str| -> anyhow::Result<String> {
+        Ok(cluster
+            .nodes()?
+            .into_iter()
+            .find(|n| n["name"] == name)
+            .and_then(|n| n["model_id"].as_str().map(String::from))
+            .expect("a model id"))
+    };
+    let standard = model_of("cpu-std")?;
     let sunset = base64(&png_of(128, 64, |x, y| [(x * 2) as u8, (y * 3) as u8, 120]));
     let night = base64(&png_of(128, 64, |x, _| [10, 10, (x * 2) as u8]));
 
@@ -253,12 +246,12 @@ fn cpu_nodes_run_img2img_and_inpainting_through_the_burn_pipeline() -> anyhow::R
     let run = |source: &str, seed: u64| {
         cluster.post(
             "/v1/generate",
-            &json!({"prompt": "a harbour", "model": "sd15", "init_image": source,
+            &json!({"prompt": "a harbour", "model": standard, "init_image": source,
                     "strength": 0.5, "sampler": "Euler a", "steps": 4, "seed": seed}),
         )
     };
     let a = run(&sunset, 3)?;
-    assert_eq!(a.status, 200, "{}", String::from_utf8_lossy(&a.body));
+    a.expect_status(200);
     assert_eq!(png_size(&a.body), (128, 64));
     assert_eq!(
         a.header("x-node-id"),
@@ -297,12 +290,7 @@ fn cpu_nodes_run_img2img_and_inpainting_through_the_burn_pipeline() -> anyhow::R
                 "init_image": sunset, "mask": mask, "size": "64x64", "resize_mode": "crop",
                 "seed": 8}),
     )?;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.expect_status(200);
     assert_eq!(
         reply.header("x-node-id"),
         cluster.node_id("cpu-lcm")?.as_deref()
@@ -310,6 +298,25 @@ fn cpu_nodes_run_img2img_and_inpainting_through_the_burn_pipeline() -> anyhow::R
     assert_eq!(png_size(&reply.body), (64, 64));
     assert_eq!(text(&reply.body, "mode"), "inpaint");
     assert_eq!(text(&reply.body, "strength"), "1");
+
+    // A 9-channel inpainting model: the mask and the masked source are UNet inputs.
+    let inpaint = cluster.node_id("cpu-inpaint")?.expect("an id");
+    let model = model_of("cpu-inpaint")?;
+    let reply = cluster.post(
+        "/v1/generate",
+        &json!({"prompt": "a boat", "model": model, "steps": 3, "sampler": "Euler",
+                "init_image": sunset, "mask": mask, "seed": 4}),
+    )?;
+    reply.expect_status(200);
+    assert_eq!(reply.header("x-node-id"), Some(inpaint.as_str()));
+    assert_eq!(png_size(&reply.body), (128, 64));
+    assert_eq!(text(&reply.body, "mode"), "inpaint");
+    // The same model renders text-to-image too (everything masked).
+    let reply = cluster.post(
+        "/v1/generate",
+        &json!({"prompt": "a boat", "model": model, "steps": 2, "size": "64x64"}),
+    )?;
+    reply.expect_status(200);
 
     // LCM img2img: a strength too low to leave the asked steps is refused by the node, with
     // the reason, and the job fails for good.

@@ -159,12 +159,7 @@ fn a1111_discovery_calls_list_models_and_pick_the_checkpoint() -> anyhow::Result
 
     let ran_on = |body: serde_json::Value| -> anyhow::Result<String> {
         let reply = cluster.post("/sdapi/v1/txt2img", &body)?;
-        assert_eq!(
-            reply.status,
-            200,
-            "{}",
-            String::from_utf8_lossy(&reply.body)
-        );
+        reply.expect_status(200);
         let info: serde_json::Value =
             serde_json::from_str(reply.json()?["info"].as_str().expect("info"))?;
         let job = cluster.job(info["job_ids"][0].as_str().expect("a job id"))?;
@@ -178,12 +173,7 @@ fn a1111_discovery_calls_list_models_and_pick_the_checkpoint() -> anyhow::Result
         "/sdapi/v1/options",
         &json!({"sd_model_checkpoint": sdxl, "CLIP_stop_at_last_layers": 2}),
     )?;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.expect_status(200);
     assert_eq!(
         cluster.get("/sdapi/v1/options")?.json()?["sd_model_checkpoint"],
         sdxl
@@ -227,12 +217,7 @@ fn a1111_discovery_calls_list_models_and_pick_the_checkpoint() -> anyhow::Result
         &json!({"prompt": "a fox", "n": 2, "size": "64x64", "model": "dall-e-3",
                 "response_format": "b64_json", "seed": 3, "quality": "hd", "steps": 2}),
     )?;
-    assert_eq!(
-        reply.status,
-        200,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
+    reply.expect_status(200);
     let body = reply.json()?;
     assert!(body["created"].as_u64().is_some_and(|t| t > 1_700_000_000));
     let data = body["data"].as_array().expect("data");

@@ -51,18 +51,21 @@ pub fn sample_unet<B: Backend>(
 ) -> Result<Tensor<B, 4>> {
     let x = plan.initial(init, None);
     sample_unet_from(
-        unet, text, x, None, plan, guidance, rescale, noise, progress,
+        unet, text, x, None, None, plan, guidance, rescale, noise, progress,
     )
 }
 
 /// [`sample_unet`] from a sample `x` already at the plan's first level ([`Plan::initial`]:
-/// image-to-image starts from the noised image), keeping `keep`'s unmasked part (inpainting).
+/// image-to-image starts from the noised image), keeping `keep`'s unmasked part (inpainting
+/// with a 4-channel UNet), and with `extra` channels after the scaled sample in every UNet
+/// input (a 9-channel inpainting UNet's mask and masked-image latents).
 #[allow(clippy::too_many_arguments)]
 pub fn sample_unet_from<B: Backend>(
     unet: &Unet<B>,
     text: &TextConditioning<B>,
     x: Tensor<B, 4>,
     keep: Option<&Keep<B>>,
+    extra: Option<&Tensor<B, 4>>,
     plan: &Plan,
     guidance: f32,
     rescale: f32,
@@ -99,10 +102,18 @@ pub fn sample_unet_from<B: Backend>(
         }
         _ => None,
     };
+    // The extra input channels, once per batch item.
+    let with_extra = |x: Tensor<B, 4>| match extra {
+        Some(e) => {
+            let n = x.dims()[0];
+            Tensor::cat(vec![x, Tensor::cat(vec![e.clone(); n], 0)], 1)
+        }
+        None => x,
+    };
     let model = |x: Tensor<B, 4>, t: f32| match &pair {
         Some((context, added)) => {
             let out = unet.forward(
-                Tensor::cat(vec![x.clone(), x], 0),
+                with_extra(Tensor::cat(vec![x.clone(), x], 0)),
                 t,
                 context,
                 None,
@@ -114,7 +125,13 @@ pub fn sample_unet_from<B: Backend>(
                 .map_err(|_| NodeError::Render("the UNet answered the wrong batch size".into()))?;
             Ok(rescaled(guided(un, c.clone(), guidance), &c, rescale))
         }
-        None => unet.forward(x, t, &text.prompt.context, cond.as_ref(), single.as_ref()),
+        None => unet.forward(
+            with_extra(x),
+            t,
+            &text.prompt.context,
+            cond.as_ref(),
+            single.as_ref(),
+        ),
     };
     plan.run_from(x, model, noise, progress, keep)
 }

@@ -289,7 +289,7 @@ fn load_parts<B: Backend>(
             let cond_dim = file
                 .shape("model.diffusion_model.time_embed.cond_proj.weight")
                 .map(|s| s[1]);
-            let unet_cfg = match family {
+            let mut unet_cfg = match family {
                 ModelFamily::Sd15 => UnetConfig::sd15(cond_dim),
                 ModelFamily::Sd2 => UnetConfig::sd2(cond_dim),
                 ModelFamily::Sdxl => UnetConfig::sdxl(cond_dim),
@@ -300,6 +300,10 @@ fn load_parts<B: Backend>(
                     )));
                 }
             };
+            // Inpainting checkpoints take 9 input channels (latent, mask, masked-image latent).
+            if let Some(shape) = file.shape("model.diffusion_model.input_blocks.0.0.weight") {
+                unet_cfg.in_channels = shape.get(1).copied().unwrap_or(unet_cfg.in_channels);
+            }
             let beside = |name: &str| {
                 path.parent()
                     .map(|p| p.join(name))
@@ -704,7 +708,7 @@ impl<B: Backend> Pipeline<B> {
         }
         Ok([
             1,
-            self.unet.config().in_channels,
+            self.vae.config().latent_channels,
             params.height / self.vae_scale(),
             params.width / self.vae_scale(),
         ])
@@ -728,11 +732,11 @@ impl<B: Backend> Pipeline<B> {
         let source = match &params.source {
             Some(source) => {
                 plan = plan.with_strength(source.strength)?;
-                let fitted = source.fit(params.width, params.height)?;
-                Some(self.source_latents(&fitted, params.width, params.height, h, w)?)
+                Some(source.fit(params.width, params.height)?)
             }
             None => None,
         };
+        let latents = self.source_latents(source.as_ref(), params, h, w)?;
         let (prompt, tokens) = self.encode_prompt(&params.prompt)?;
         let negative = if self.unet.config().time_cond_proj_dim.is_none() && params.guidance > 1.0 {
             Some(self.encode_prompt(&params.negative_prompt)?.0)
@@ -745,25 +749,30 @@ impl<B: Backend> Pipeline<B> {
             negative,
             time_ids: [hh, ww, 0.0, 0.0, hh, ww],
         };
-        let (x, keep) = match source {
+        let pure = params.source.as_ref().is_some_and(|s| s.strength >= 1.0);
+        let (x, keep) = match latents.image {
             None => (plan.initial(init, None), None),
-            Some((image, None)) => (plan.initial(init, Some(&image)), None),
-            Some((image, Some(mask))) => {
-                let pure = params.source.as_ref().is_some_and(|s| s.strength >= 1.0);
-                let x = plan.initial(init.clone(), (!pure).then_some(&image));
-                let keep = Keep {
-                    image,
-                    mask,
-                    noise: init,
-                };
-                (x, Some(keep))
-            }
+            Some(image) => match (latents.mask, &latents.extra) {
+                // A 4-channel UNet inpaints by putting the unmasked source back every step.
+                (Some(mask), None) => {
+                    let x = plan.initial(init.clone(), (!pure).then_some(&image));
+                    let keep = Keep {
+                        image,
+                        mask,
+                        noise: init,
+                    };
+                    (x, Some(keep))
+                }
+                (Some(_), Some(_)) => (plan.initial(init, (!pure).then_some(&image)), None),
+                (None, _) => (plan.initial(init, Some(&image)), None),
+            },
         };
         let denoised = sample_unet_from(
             &self.unet,
             &text,
             x,
             keep.as_ref(),
+            latents.extra.as_ref(),
             &plan,
             params.guidance,
             params.guidance_rescale,
@@ -773,58 +782,95 @@ impl<B: Backend> Pipeline<B> {
         Ok((denoised, tokens.truncated))
     }
 
-    /// A source's latent and, for inpainting, its mask at latent size (`[1, 1, h, w]`,
-    /// binarised at half, nearest-neighbour as diffusers).
-    #[allow(clippy::type_complexity)]
+    /// Whether the UNet is an inpainting one: it takes the mask and the masked image's
+    /// latents besides the sample (9 input channels for a 4-channel VAE).
+    pub fn is_inpainting(&self) -> bool {
+        self.unet.config().in_channels == 2 * self.vae.config().latent_channels + 1
+    }
+
+    /// What a job's source gives the sampler: the image's latent, the mask at latent size
+    /// (`[1, 1, h, w]`, binarised at half, nearest-neighbour, as diffusers) and, for an
+    /// inpainting UNet, its extra input channels — the mask and the latents of the image with
+    /// the masked part blanked (all masked, from a blank image, without a source or mask).
     fn source_latents(
         &self,
-        source: &Fitted,
-        width: usize,
-        height: usize,
+        source: Option<&Fitted>,
+        params: &Params,
         h: usize,
         w: usize,
-    ) -> Result<(Tensor<B, 4>, Option<Tensor<B, 4>>)> {
-        if source.rgb.len() != width * height * 3 {
-            return Err(NodeError::InvalidJob(format!(
-                "the source image has {} bytes, not {width}×{height} RGB",
-                source.rgb.len()
-            )));
-        }
-        let mut chw = vec![0f32; source.rgb.len()];
-        for (i, px) in source.rgb.chunks(3).enumerate() {
-            for (c, &v) in px.iter().enumerate() {
-                chw[c * width * height + i] = (f32::from(v) / 255.0) * 2.0 - 1.0;
+    ) -> Result<SourceLatents<B>> {
+        let (width, height) = (params.width, params.height);
+        let pixels = |rgb: &[u8]| {
+            let mut chw = vec![0f32; rgb.len()];
+            for (i, px) in rgb.chunks(3).enumerate() {
+                for (c, &v) in px.iter().enumerate() {
+                    chw[c * width * height + i] = (f32::from(v) / 255.0) * 2.0 - 1.0;
+                }
             }
-        }
-        let image =
-            Tensor::<B, 4>::from_data(TensorData::new(chw, [1, 3, height, width]), &self.device);
-        let latent = self.encode(image)?;
-        let mask = match &source.mask {
-            None => None,
-            Some(luma) if luma.len() == width * height => {
-                let (sy, sx) = (height / h, width / w);
-                let cells: Vec<f32> = (0..h * w)
-                    .map(|i| {
-                        let (y, x) = (i / w, i % w);
-                        if f32::from(luma[y * sy * width + x * sx]) / 255.0 >= 0.5 {
-                            1.0
-                        } else {
-                            0.0
-                        }
-                    })
-                    .collect();
-                Some(Tensor::from_data(
-                    TensorData::new(cells, [1, 1, h, w]),
-                    &self.device,
-                ))
-            }
-            Some(luma) => {
+            Tensor::<B, 4>::from_data(TensorData::new(chw, [1, 3, height, width]), &self.device)
+        };
+        if let Some(s) = source {
+            if s.rgb.len() != width * height * 3 {
                 return Err(NodeError::InvalidJob(format!(
-                    "the mask has {} pixels, not {width}×{height}",
-                    luma.len()
+                    "the source image has {} bytes, not {width}×{height} RGB",
+                    s.rgb.len()
                 )));
             }
+            if s.mask.as_ref().is_some_and(|m| m.len() != width * height) {
+                return Err(NodeError::InvalidJob(format!(
+                    "the mask is not {width}×{height}"
+                )));
+            }
+        }
+        let binary = |luma: &[u8]| -> Vec<f32> {
+            luma.iter()
+                .map(|&v| {
+                    if f32::from(v) / 255.0 >= 0.5 {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
         };
-        Ok((latent, mask))
+        let mask_px = source.and_then(|s| s.mask.as_deref()).map(binary);
+        let mask = mask_px.as_ref().map(|m| {
+            let (sy, sx) = (height / h, width / w);
+            let cells: Vec<f32> = (0..h * w)
+                .map(|i| m[(i / w) * sy * width + (i % w) * sx])
+                .collect();
+            Tensor::<B, 4>::from_data(TensorData::new(cells, [1, 1, h, w]), &self.device)
+        });
+        let image_px = source.map(|s| pixels(&s.rgb));
+        let image = image_px.clone().map(|p| self.encode(p)).transpose()?;
+        let extra = if self.is_inpainting() {
+            let keep = match &mask_px {
+                // diffusers: the source times (mask < 0.5).
+                Some(m) => Tensor::<B, 4>::from_data(
+                    TensorData::new(m.iter().map(|v| 1.0 - v).collect(), [1, 1, height, width]),
+                    &self.device,
+                ),
+                None => Tensor::zeros([1, 1, height, width], &self.device),
+            };
+            let blank = Tensor::zeros([1, 3, height, width], &self.device);
+            let masked = self.encode(image_px.unwrap_or(blank) * keep)?;
+            let mask = mask
+                .clone()
+                .unwrap_or_else(|| Tensor::ones([1, 1, h, w], &self.device));
+            Some(Tensor::cat(vec![mask, masked], 1))
+        } else {
+            None
+        };
+        Ok(SourceLatents { image, mask, extra })
     }
+}
+
+/// What a job's source gives the sampler ([`Pipeline::source_latents`]).
+struct SourceLatents<B: Backend> {
+    /// The source's latent, scaled for the UNet.
+    image: Option<Tensor<B, 4>>,
+    /// The mask at latent size.
+    mask: Option<Tensor<B, 4>>,
+    /// An inpainting UNet's extra input channels.
+    extra: Option<Tensor<B, 4>>,
 }

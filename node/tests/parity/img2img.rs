@@ -2,7 +2,8 @@
 //! (`scripts/make_img2img_fixtures.py`): the VAE encoder alone, then whole runs of
 //! StableDiffusionImg2ImgPipeline (DPM++ 2M Karras, Euler a, Heun, DDIM, UniPC),
 //! LatentConsistencyModelImg2ImgPipeline, StableDiffusionInpaintPipeline (a UNet without mask
-//! inputs: Euler at strength 1, DPM++ 2M, Heun, LCM) and StableDiffusionXLImg2ImgPipeline (LCM)
+//! inputs: Euler at strength 1, DPM++ 2M, Heun, LCM; a 9-channel inpainting UNet: Euler at
+//! strength 1, DPM++ 2M) and StableDiffusionXLImg2ImgPipeline (LCM)
 //! on the tiny models, from the same source image, mask and noise. Final latents and decoded
 //! images agree within the sampler tests' tolerance.
 
@@ -156,13 +157,13 @@ fn png(color: png::ColorType, data: &[u8]) -> Vec<u8> {
 
 /// A diffusers folder for the standard SD1.5 cases: tiny-sd15-lcm's tokenizer, text encoder and
 /// VAE with the standard tiny UNet and Stable Diffusion's scheduler settings.
-fn standard_sd15(tmp: &Path) -> PathBuf {
-    let dir = tmp.join("tiny-sd15");
+fn standard_sd15(tmp: &Path, unet: &str) -> PathBuf {
+    let dir = tmp.join(unet);
     std::fs::create_dir_all(dir.join("scheduler")).unwrap();
     for part in ["tokenizer", "text_encoder", "vae"] {
         std::os::unix::fs::symlink(model_dir().join(part), dir.join(part)).unwrap();
     }
-    std::os::unix::fs::symlink(fixtures().join("tiny-unet"), dir.join("unet")).unwrap();
+    std::os::unix::fs::symlink(fixtures().join(unet), dir.join("unet")).unwrap();
     std::fs::write(
         dir.join("scheduler/scheduler_config.json"),
         r#"{"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -187,16 +188,19 @@ fn img2img_and_inpainting_match_diffusers_pipelines() {
         )
         .unwrap()
     };
-    let sd15 = load(standard_sd15(tmp.path()));
+    let sd15 = load(standard_sd15(tmp.path(), "tiny-unet"));
+    let sd15_inpaint = load(standard_sd15(tmp.path(), "tiny-unet-inpaint"));
+    assert!(sd15_inpaint.is_inpainting() && !sd15.is_inpainting());
     let sd15_lcm = load(model_dir());
     let sdxl_lcm = load(sdxl_dir());
     assert!(cases.cases.len() >= 10, "the fixture lost cases");
     let mut failed = Vec::new();
-    let mut covered = (false, false, false);
+    let mut covered = (false, false, false, false);
     for case in &cases.cases {
         let pipe = match case.model.as_str() {
             "sd15" => &sd15,
             "sd15_lcm" => &sd15_lcm,
+            "sd15_inpaint" => &sd15_inpaint,
             "sdxl_lcm" => &sdxl_lcm,
             other => panic!("fixture model {other}"),
         };
@@ -207,6 +211,7 @@ fn img2img_and_inpainting_match_diffusers_pipelines() {
         covered.0 |= case.mask;
         covered.1 |= !case.mask && case.strength < 1.0;
         covered.2 |= case.model == "sdxl_lcm";
+        covered.3 |= case.model == "sd15_inpaint";
         let params = Params {
             prompt: case.prompt.clone(),
             negative_prompt: case.negative_prompt.clone(),
@@ -272,5 +277,9 @@ fn img2img_and_inpainting_match_diffusers_pipelines() {
         }
     }
     assert!(failed.is_empty(), "{failed:#?}");
-    assert_eq!(covered, (true, true, true), "inpainting, img2img, SDXL");
+    assert_eq!(
+        covered,
+        (true, true, true, true),
+        "inpainting, img2img, SDXL, 9-channel inpainting"
+    );
 }

@@ -68,6 +68,9 @@ pub struct Inspection {
     pub components: Vec<String>,
     /// LoRA rank (largest), for LoRAs.
     pub lora_rank: Option<u64>,
+    /// An inpainting UNet: its first convolution takes 9 channels (the latent, the mask and
+    /// the masked image's latent) instead of 4.
+    pub inpainting: bool,
     /// The safetensors files read.
     pub files: Vec<PathBuf>,
 }
@@ -171,8 +174,21 @@ fn finish(
             .unwrap_or_default(),
         components,
         lora_rank: c.lora_rank,
+        inpainting: headers.iter().any(|(h, _)| unet_in_channels(h) == Some(9)),
         files: headers.iter().map(|(_, p)| p.to_path_buf()).collect(),
     }
+}
+
+/// The input channels of a UNet's first convolution (diffusers or LDM names), from its shape.
+pub fn unet_in_channels(h: &Header) -> Option<u64> {
+    [
+        "conv_in.weight",
+        "model.diffusion_model.input_blocks.0.0.weight",
+    ]
+    .iter()
+    .find_map(|name| h.shape(name))
+    .filter(|s| s.len() == 4)
+    .map(|s| s[1])
 }
 
 fn inconsistent(path: &Path, reason: String) -> DetectError {

@@ -274,3 +274,40 @@ fn rknn_folders_are_read_from_their_configs() {
     let err = inspect(&odd).unwrap_err().to_string();
     assert!(err.contains("cross_attention_dim 512"), "{err}");
 }
+
+#[test]
+fn inpainting_unets_are_told_by_their_nine_input_channels() {
+    let dir = tempfile::tempdir().unwrap();
+    let unet = UnetConfig::for_family(ModelFamily::Sd15);
+    for (ldm, prefix, conv_in) in [
+        (false, "", "conv_in.weight"),
+        (true, "model.diffusion_model.", "input_blocks.0.0.weight"),
+    ] {
+        let tensors = if ldm {
+            unet.ldm_tensors()
+        } else {
+            unet.diffusers_tensors()
+        };
+        for channels in [4u64, 9] {
+            let list: Vec<arch::Tensor> = tensors
+                .iter()
+                .map(|(n, s)| {
+                    let mut shape = s.clone();
+                    if n == conv_in {
+                        shape[1] = channels;
+                    }
+                    (format!("{prefix}{n}"), shape)
+                })
+                .collect();
+            let path = dir.path().join(format!("{ldm}-{channels}.safetensors"));
+            write(&path, list, Dtype::F16);
+            let layout = if ldm {
+                Layout::LdmSingleFile
+            } else {
+                Layout::Diffusers
+            };
+            let found = check(&path, ModelFamily::Sd15, ModelKind::Unet, layout);
+            assert_eq!(found.inpainting, channels == 9, "{}", path.display());
+        }
+    }
+}
