@@ -161,6 +161,15 @@ pub enum Command {
         /// Seed.
         #[arg(long, default_value_t = 1)]
         seed: u64,
+        /// Start from this image (PNG or JPEG): image-to-image.
+        #[arg(long)]
+        init_image: Option<PathBuf>,
+        /// Inpainting mask (PNG or JPEG, white repaints), with `--init-image`.
+        #[arg(long, requires = "init_image")]
+        mask: Option<PathBuf>,
+        /// Strength in (0, 1], with `--init-image` (0.75; 1 with a mask).
+        #[arg(long, requires = "init_image")]
+        strength: Option<f64>,
         /// PNG to write.
         #[arg(long)]
         out: PathBuf,

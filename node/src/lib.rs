@@ -102,6 +102,9 @@ pub fn cli_main() -> ExitCode {
             guidance,
             size,
             seed,
+            init_image,
+            mask,
+            strength,
             out,
         }) => {
             let params = tools::RenderArgs {
@@ -112,6 +115,9 @@ pub fn cli_main() -> ExitCode {
                 guidance,
                 size,
                 seed,
+                init_image,
+                mask,
+                strength,
             };
             return report("render", tools::render_cli(&model, params, &out));
         }

@@ -639,6 +639,12 @@ pub struct RenderArgs {
     pub size: usize,
     /// Seed.
     pub seed: u64,
+    /// Image-to-image: the source image file.
+    pub init_image: Option<std::path::PathBuf>,
+    /// Inpainting: the mask file.
+    pub mask: Option<std::path::PathBuf>,
+    /// Strength (0.75; 1 with a mask).
+    pub strength: Option<f64>,
 }
 
 /// `drover-node render`: loads a diffusers folder on the CPU, renders one image to `out` and
@@ -661,6 +667,18 @@ pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> 
         &[],
     )?;
     let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let read = |path: &Path| std::fs::read(path).map_err(|e| io(path, e));
+    let source = match &args.init_image {
+        None => None,
+        Some(path) => Some(crate::render::Source {
+            image: read(path)?.into(),
+            mask: args.mask.as_deref().map(read).transpose()?.map(Into::into),
+            strength: args
+                .strength
+                .unwrap_or(if args.mask.is_some() { 1.0 } else { 0.75 }),
+            resize_mode: Default::default(),
+        }),
+    };
     let params = crate::render::Params {
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
@@ -673,9 +691,12 @@ pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> 
         schedule,
         seed: args.seed,
         loras: Vec::new(),
-        source: None,
+        source,
     };
-    let plan = pipeline.plan(params.sampler, params.schedule, params.steps)?;
+    let mut plan = pipeline.plan(params.sampler, params.schedule, params.steps)?;
+    if let Some(source) = &params.source {
+        plan = plan.with_strength(source.strength)?;
+    }
     let started = Instant::now();
     let image = pipeline.generate(&params, |_, _| std::ops::ControlFlow::Continue(()))?;
     let render_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -691,6 +712,8 @@ pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> 
         json!({"model": model.display().to_string(), "sampler": plan.sampler().id(),
                "steps": params.steps, "unet_calls": plan.timesteps().len(), "size": args.size,
                "guidance": args.guidance, "load_ms": load_ms, "render_ms": render_ms,
+               "mode": params.source.as_ref().map_or("txt2img", |s| if s.mask.is_some() { "inpaint" } else { "img2img" }),
+               "strength": params.source.as_ref().map(|s| s.strength),
                "out": out.display().to_string()})
     ))
 }
