@@ -174,12 +174,86 @@ fn edges_of_ranges_are_accepted() {
     }
 }
 
+/// The size rule stated independently of the constants: sides 64..=2048, multiples of 8.
+fn side_ok(v: u32) -> bool {
+    (64..=2048).contains(&v) && v % 8 == 0
+}
+
+/// The seed rule stated independently: 0..=2^31 − 1.
+fn seed_ok(seed: i64) -> bool {
+    (0..=2_147_483_647).contains(&seed)
+}
+
+/// Sides near the edges of the rule, on and off the grid, and multiples of 8 across the range.
+fn side() -> impl Strategy<Value = u32> {
+    prop_oneof![
+        prop::sample::select(vec![
+            0, 1, 7, 8, 56, 63, 64, 65, 72, 2040, 2047, 2048, 2049, 2056, 4096
+        ]),
+        (0u32..=270).prop_map(|k| k * 8),
+        0u32..3000,
+    ]
+}
+
+/// Seeds at and around the ends of the range, inside it, and anywhere.
+fn seed() -> impl Strategy<Value = i64> {
+    prop_oneof![
+        prop::sample::select(vec![
+            i64::MIN,
+            -2_147_483_648,
+            -1,
+            0,
+            1,
+            2_147_483_646,
+            2_147_483_647,
+            2_147_483_648,
+            4_294_967_295,
+            i64::MAX,
+        ]),
+        0i64..=2_147_483_647,
+        any::<i64>(),
+    ]
+}
+
+#[test]
+fn every_width_up_to_2100_is_judged_against_each_edge_height() {
+    let mut accepted = 0;
+    for w in 0..=2100u32 {
+        for h in [0, 63, 64, 512, 2048, 2049] {
+            let parsed = format!("{w}x{h}").parse::<Size>();
+            assert_eq!(parsed.is_ok(), side_ok(w) && side_ok(h), "{w}x{h}");
+            accepted += usize::from(parsed.is_ok());
+        }
+    }
+    // 249 good widths (64, 72, ..., 2048) × 3 good heights.
+    assert_eq!(accepted, 249 * 3);
+}
+
+#[test]
+fn seeds_at_the_edges_of_the_range() {
+    for (seed, ok) in [
+        (-1, false),
+        (0, true),
+        (2_147_483_647, true),
+        (2_147_483_648, false),
+    ] {
+        let req = JobRequest {
+            prompt: "x".into(),
+            seed: Some(seed),
+            ..Default::default()
+        };
+        assert_eq!(req.validate(|| 0).is_ok(), ok, "{seed}");
+    }
+}
+
 proptest! {
     #[test]
-    fn sizes_are_accepted_exactly_when_in_range(w in 0u32..3000, h in 0u32..3000) {
-        let ok = |v: u32| (MIN_SIDE..=MAX_SIDE).contains(&v) && v.is_multiple_of(SIDE_MULTIPLE);
+    fn sizes_are_accepted_exactly_when_in_range(w in side(), h in side()) {
         let parsed = format!("{w}x{h}").parse::<Size>();
-        prop_assert_eq!(parsed.is_ok(), ok(w) && ok(h));
+        prop_assert_eq!(parsed.is_ok(), side_ok(w) && side_ok(h));
+        if let Ok(size) = parsed {
+            prop_assert_eq!((size.width, size.height), (w, h));
+        }
     }
 
     #[test]
@@ -188,11 +262,17 @@ proptest! {
     }
 
     #[test]
-    fn validated_seeds_are_in_range(seed in any::<i64>()) {
+    fn validated_seeds_are_in_range(seed in seed()) {
         let req = JobRequest { prompt: "x".into(), seed: Some(seed), ..Default::default() };
         match req.validate(|| 0) {
-            Ok(spec) => prop_assert!(spec.seed <= MAX_SEED && spec.seed as i64 == seed),
-            Err(e) => prop_assert_eq!(e.field, "seed"),
+            Ok(spec) => {
+                prop_assert!(seed_ok(seed), "{} accepted", seed);
+                prop_assert_eq!(spec.seed as i64, seed);
+            }
+            Err(e) => {
+                prop_assert!(!seed_ok(seed), "{} refused", seed);
+                prop_assert_eq!(e.field, "seed");
+            }
         }
     }
 }
