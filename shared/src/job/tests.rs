@@ -176,7 +176,7 @@ fn edges_of_ranges_are_accepted() {
 
 /// The size rule stated independently of the constants: sides 64..=2048, multiples of 8.
 fn side_ok(v: u32) -> bool {
-    (64..=2048).contains(&v) && v % 8 == 0
+    (64..=2048).contains(&v) && v.is_multiple_of(8)
 }
 
 /// The seed rule stated independently: 0..=2^31 − 1.
