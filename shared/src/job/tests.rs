@@ -258,7 +258,85 @@ proptest! {
 
     #[test]
     fn arbitrary_bodies_never_panic(body in proptest::collection::vec(any::<u8>(), 0..256)) {
-        let _ = JobRequest::from_json(&body).and_then(|r| r.validate(|| 1));
+        // Random bytes are almost never a JSON object: refused as a whole body, never a field.
+        match JobRequest::from_json(&body).and_then(|r| r.validate(|| 1)) {
+            Ok(spec) => prop_assert!(!spec.prompt.trim().is_empty()),
+            Err(e) => prop_assert!(!e.field.is_empty() && !e.message.is_empty()),
+        }
+    }
+
+}
+
+proptest! {
+    // Cheap cases (microseconds each): enough of them that every field's edge meets a body
+    // that is otherwise valid.
+    #![proptest_config(ProptestConfig::with_cases(4096))]
+
+    /// JSON objects of the request's own fields with values at the edges of each field's limits
+    /// (and of the wrong type): accepted ones obey the limits; a refusal names a field the body has (or `body`), never a panic.
+    #[test]
+    fn json_bodies_are_accepted_within_limits_or_refused_by_a_field_they_have(
+        fields in proptest::collection::btree_map(
+            prop::sample::select(vec![
+                "negative_prompt", "model", "size", "steps", "sampler", "scheduler",
+                "guidance_rescale", "guidance_scale", "seed", "loras", "priority", "strength",
+                "resize_mode", "colour",
+            ]),
+            // Each draw picks a kind; the body's key decides below which values make sense.
+            0usize..1000,
+            0..4,
+        ),
+        prompt in prop_oneof![
+            8 => Just(serde_json::json!("a cat")),
+            1 => Just(serde_json::json!(" ")),
+            1 => Just(serde_json::json!(null)),
+        ],
+    ) {
+        let mut body = serde_json::Map::new();
+        if !prompt.is_null() {
+            body.insert("prompt".into(), prompt);
+        }
+        // Values at the edges of each field's limits, on both sides, and of the wrong type.
+        let edges = |key: &str| -> Vec<serde_json::Value> {
+            use serde_json::json;
+            match key {
+                "steps" => vec![json!(0), json!(1), json!(150), json!(151), json!(-1), json!(2.5)],
+                "guidance_scale" => vec![json!(-0.01), json!(0.0), json!(20.0), json!(20.01)],
+                "guidance_rescale" => vec![json!(-0.01), json!(0.0), json!(1.0), json!(1.01)],
+                "seed" => vec![json!(-1), json!(0), json!(2_147_483_647u64), json!(2_147_483_648u64)],
+                "priority" => vec![json!(-11), json!(-10), json!(10), json!(11)],
+                "strength" => vec![json!(0.0), json!(0.5), json!(1.0), json!(1.01)],
+                "size" => vec![json!("64x64"), json!("56x64"), json!("2048x2048"), json!("2056x64"), json!("65x64")],
+                "model" => vec![json!("sd15"), json!("sdxl_refiner"), json!("abc123"), json!("zz")],
+                "sampler" => vec![json!("Euler a"), json!("DPM adaptive"), json!("lcm")],
+                "scheduler" => vec![json!("karras"), json!("exponential"), json!(null)],
+                "loras" => vec![json!([{"name": "ink", "strength": 4.0}]), json!([{"name": "ink", "strength": 4.5}]), json!([{"name": ".x"}])],
+                "resize_mode" => vec![json!("crop"), json!("zoom")],
+                _ => vec![json!("x"), json!(1), json!(null), json!({"a": 1})],
+            }
+        };
+        for (key, pick) in &fields {
+            let values = edges(key);
+            body.insert((*key).to_string(), values[*pick % values.len()].clone());
+        }
+        let bytes = serde_json::to_vec(&body).unwrap();
+        match JobRequest::from_json(&bytes).and_then(|r| r.validate(|| 1)) {
+            Ok(spec) => {
+                prop_assert!(!spec.prompt.trim().is_empty());
+                prop_assert!((1..=150).contains(&spec.steps));
+                prop_assert!((0.0..=20.0).contains(&spec.guidance_scale));
+                prop_assert!((-10..=10).contains(&spec.priority));
+                prop_assert!(spec.seed <= 2_147_483_647);
+                prop_assert!(spec.size.is_none_or(|s| side_ok(s.width) && side_ok(s.height)));
+            }
+            Err(e) => {
+                let root = e.field.split(['[', '.']).next().unwrap_or_default();
+                prop_assert!(
+                    root == "body" || root == "prompt" || fields.contains_key(root),
+                    "refused naming `{}`, not in {:?}: {}", e.field, fields.keys(), e.message
+                );
+            }
+        }
     }
 
     #[test]
