@@ -140,40 +140,48 @@ pub enum Command {
         /// The model folder.
         #[arg(long)]
         model: PathBuf,
-        /// Prompt.
-        #[arg(long, default_value = "a lighthouse at dusk")]
-        prompt: String,
-        /// Negative prompt (classifier-free guidance on standard models).
-        #[arg(long, default_value = "")]
-        negative_prompt: String,
-        /// Sampler (A1111 name or id); the model's default when absent.
-        #[arg(long)]
-        sampler: Option<String>,
-        /// Steps.
-        #[arg(long, default_value_t = 20)]
-        steps: usize,
-        /// Guidance scale.
-        #[arg(long, default_value_t = 7.0)]
-        guidance: f32,
-        /// Image side in pixels.
-        #[arg(long, default_value_t = 512)]
-        size: usize,
-        /// Seed.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Start from this image (PNG or JPEG): image-to-image.
-        #[arg(long)]
-        init_image: Option<PathBuf>,
-        /// Inpainting mask (PNG or JPEG, white repaints), with `--init-image`.
-        #[arg(long, requires = "init_image")]
-        mask: Option<PathBuf>,
-        /// Strength in (0, 1], with `--init-image` (0.75; 1 with a mask).
-        #[arg(long, requires = "init_image")]
-        strength: Option<f64>,
+        /// What to render.
+        #[command(flatten)]
+        args: RenderArgs,
         /// PNG to write.
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// What `drover-node render` renders.
+#[derive(clap::Args, Clone, Debug)]
+pub struct RenderArgs {
+    /// Prompt.
+    #[arg(long, default_value = "a lighthouse at dusk")]
+    pub prompt: String,
+    /// Negative prompt (classifier-free guidance on standard models).
+    #[arg(long, default_value = "")]
+    pub negative_prompt: String,
+    /// Sampler (A1111 name or id); the model's default when absent.
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// Steps.
+    #[arg(long, default_value_t = 20)]
+    pub steps: usize,
+    /// Guidance scale.
+    #[arg(long, default_value_t = 7.0)]
+    pub guidance: f32,
+    /// Image side in pixels.
+    #[arg(long, default_value_t = 512)]
+    pub size: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Start from this image (PNG or JPEG): image-to-image.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// Inpainting mask (PNG or JPEG, white repaints), with `--init-image`.
+    #[arg(long, requires = "init_image")]
+    pub mask: Option<PathBuf>,
+    /// Strength in (0, 1], with `--init-image` (0.75; 1 with a mask).
+    #[arg(long, requires = "init_image")]
+    pub strength: Option<f64>,
 }
 
 /// Settings of one node process.

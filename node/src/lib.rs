@@ -93,33 +93,8 @@ pub fn cli_main() -> ExitCode {
                 tools::bench_cli(&shape, size, runs, warmup, &device),
             );
         }
-        Some(config::Command::Render {
-            model,
-            prompt,
-            negative_prompt,
-            sampler,
-            steps,
-            guidance,
-            size,
-            seed,
-            init_image,
-            mask,
-            strength,
-            out,
-        }) => {
-            let params = tools::RenderArgs {
-                prompt,
-                negative_prompt,
-                sampler,
-                steps,
-                guidance,
-                size,
-                seed,
-                init_image,
-                mask,
-                strength,
-            };
-            return report("render", tools::render_cli(&model, params, &out));
+        Some(config::Command::Render { model, args, out }) => {
+            return report("render", tools::render_cli(&model, args, &out));
         }
         _ => {}
     }

@@ -623,29 +623,7 @@ pub fn bench_cli(
     Ok(summary(shape, size, device, &timing))
 }
 
-/// What `drover-node render` draws.
-pub struct RenderArgs {
-    /// Prompt.
-    pub prompt: String,
-    /// Negative prompt.
-    pub negative_prompt: String,
-    /// Sampler name; the model's default when `None`.
-    pub sampler: Option<String>,
-    /// Steps.
-    pub steps: usize,
-    /// Guidance scale.
-    pub guidance: f32,
-    /// Square side in pixels.
-    pub size: usize,
-    /// Seed.
-    pub seed: u64,
-    /// Image-to-image: the source image file.
-    pub init_image: Option<std::path::PathBuf>,
-    /// Inpainting: the mask file.
-    pub mask: Option<std::path::PathBuf>,
-    /// Strength (0.75; 1 with a mask).
-    pub strength: Option<f64>,
-}
+pub use crate::config::RenderArgs;
 
 /// `drover-node render`: loads a diffusers folder on the CPU, renders one image to `out` and
 /// answers one JSON line with the load and render times.

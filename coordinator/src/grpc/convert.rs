@@ -149,6 +149,7 @@ pub fn to_node(message: ToNode) -> proto::CoordinatorMessage {
     let kind = match message {
         ToNode::Assign(a) => {
             let a = *a;
+            let source = a.spec.source.as_deref();
             coordinator_message::Kind::Assignment(proto::Assignment {
                 job_id: a.job_id.to_string(),
                 lease_id: a.lease_id.to_string(),
@@ -167,24 +168,13 @@ pub fn to_node(message: ToNode) -> proto::CoordinatorMessage {
                         .unwrap_or_default(),
                     scheduler: a.spec.scheduler.id().to_string(),
                     guidance_rescale: a.spec.guidance_rescale,
-                    init_image: a
-                        .spec
-                        .source
-                        .as_ref()
-                        .map(|s| s.image.to_vec())
-                        .unwrap_or_default(),
-                    mask: a
-                        .spec
-                        .source
-                        .as_ref()
+                    init_image: source.map(|s| s.image.to_vec()).unwrap_or_default(),
+                    mask: source
                         .and_then(|s| s.mask.as_ref())
                         .map(|m| m.to_vec())
                         .unwrap_or_default(),
-                    strength: a.spec.source.as_ref().map_or(0.0, |s| s.strength),
-                    resize_mode: a
-                        .spec
-                        .source
-                        .as_ref()
+                    strength: source.map_or(0.0, |s| s.strength),
+                    resize_mode: source
                         .map(|s| s.resize_mode.as_str().to_string())
                         .unwrap_or_default(),
                     seed: a.spec.seed,

@@ -80,6 +80,63 @@ impl VaeConfig {
     }
 }
 
+/// Maps a diffusers VAE name (encoder, decoder, `quant_conv`s) to the LDM single-file name
+/// (without `first_stage_model.`).
+pub fn vae_diffusers_to_ldm(name: &str, levels: usize) -> String {
+    let resnet_tail = |t: &str| t.replacen("conv_shortcut", "nin_shortcut", 1);
+    for half in ["encoder", "decoder"] {
+        let Some(inner) = name
+            .strip_prefix(half)
+            .and_then(|rest| rest.strip_prefix('.'))
+        else {
+            continue;
+        };
+        if let Some(rest) = inner.strip_prefix("mid_block.") {
+            if let Some(t) = rest.strip_prefix("resnets.0.") {
+                return format!("{half}.mid.block_1.{}", resnet_tail(t));
+            }
+            if let Some(t) = rest.strip_prefix("resnets.1.") {
+                return format!("{half}.mid.block_2.{}", resnet_tail(t));
+            }
+            if let Some(t) = rest.strip_prefix("attentions.0.") {
+                let t = t
+                    .replacen("group_norm", "norm", 1)
+                    .replacen("to_q", "q", 1)
+                    .replacen("to_k", "k", 1)
+                    .replacen("to_v", "v", 1)
+                    .replacen("to_out.0", "proj_out", 1);
+                return format!("{half}.mid.attn_1.{t}");
+            }
+        }
+        // Decoder levels count up from the bottom in LDM files, encoder levels down from the top.
+        let (blocks, ldm_blocks, sampler, ldm_sampler) = if half == "decoder" {
+            ("up_blocks.", "up", "upsamplers.0.", "upsample")
+        } else {
+            ("down_blocks.", "down", "downsamplers.0.", "downsample")
+        };
+        if let Some(rest) = inner.strip_prefix(blocks) {
+            let mut parts = rest.splitn(2, '.');
+            let i: usize = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+            let tail = parts.next().unwrap_or("");
+            let level = if half == "decoder" {
+                levels.saturating_sub(1 + i)
+            } else {
+                i
+            };
+            if let Some(t) = tail.strip_prefix("resnets.") {
+                return format!("{half}.{ldm_blocks}.{level}.block.{}", resnet_tail(t));
+            }
+            if let Some(t) = tail.strip_prefix(sampler) {
+                return format!("{half}.{ldm_blocks}.{level}.{ldm_sampler}.{t}");
+            }
+        }
+        if let Some(t) = inner.strip_prefix("conv_norm_out.") {
+            return format!("{half}.norm_out.{t}");
+        }
+    }
+    name.to_string()
+}
+
 const EPS: f64 = 1e-6;
 
 struct Resnet<B: Backend> {

@@ -2,6 +2,8 @@
 //! merge LoRAs, tokenize → encode → sample ([`crate::sampling`]: LCM or a standard sampler with
 //! classifier-free guidance) → decode.
 
+mod source;
+
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
@@ -16,10 +18,11 @@ use super::lora::LoraSet;
 use super::tensor_file::TensorFile;
 use super::tokenizer::{ClipTokenizer, Tokens};
 use super::unet::{AddedCond, Unet, UnetConfig};
+pub use super::vae::vae_diffusers_to_ldm;
 use super::vae::{VaeConfig, VaeDecoder, VaeEncoder};
 use super::weights::{Loader, NameMap, OpenClipSource};
 use crate::error::{NodeError, Result};
-use crate::render::{Fitted, Image, Params, gaussian, rgb_from_chw, step_noise_seed};
+use crate::render::{Image, Params, gaussian, rgb_from_chw, step_noise_seed};
 use crate::sampling::{Keep, NoiseSchedule, Plan, Sampler, SchedulerConfig, SigmaSchedule};
 
 /// Where a model's parts live.
@@ -124,63 +127,6 @@ fn component_file(dir: &Path, names: &[&str]) -> Result<TensorFile> {
             name: format!("weights file (one of {})", names.join(", ")),
         }),
     }
-}
-
-/// Maps a diffusers VAE name (encoder, decoder, `quant_conv`s) to the LDM single-file name
-/// (without `first_stage_model.`).
-pub fn vae_diffusers_to_ldm(name: &str, levels: usize) -> String {
-    let resnet_tail = |t: &str| t.replacen("conv_shortcut", "nin_shortcut", 1);
-    for half in ["encoder", "decoder"] {
-        let Some(inner) = name
-            .strip_prefix(half)
-            .and_then(|rest| rest.strip_prefix('.'))
-        else {
-            continue;
-        };
-        if let Some(rest) = inner.strip_prefix("mid_block.") {
-            if let Some(t) = rest.strip_prefix("resnets.0.") {
-                return format!("{half}.mid.block_1.{}", resnet_tail(t));
-            }
-            if let Some(t) = rest.strip_prefix("resnets.1.") {
-                return format!("{half}.mid.block_2.{}", resnet_tail(t));
-            }
-            if let Some(t) = rest.strip_prefix("attentions.0.") {
-                let t = t
-                    .replacen("group_norm", "norm", 1)
-                    .replacen("to_q", "q", 1)
-                    .replacen("to_k", "k", 1)
-                    .replacen("to_v", "v", 1)
-                    .replacen("to_out.0", "proj_out", 1);
-                return format!("{half}.mid.attn_1.{t}");
-            }
-        }
-        // Decoder levels count up from the bottom in LDM files, encoder levels down from the top.
-        let (blocks, ldm_blocks, sampler, ldm_sampler) = if half == "decoder" {
-            ("up_blocks.", "up", "upsamplers.0.", "upsample")
-        } else {
-            ("down_blocks.", "down", "downsamplers.0.", "downsample")
-        };
-        if let Some(rest) = inner.strip_prefix(blocks) {
-            let mut parts = rest.splitn(2, '.');
-            let i: usize = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
-            let tail = parts.next().unwrap_or("");
-            let level = if half == "decoder" {
-                levels.saturating_sub(1 + i)
-            } else {
-                i
-            };
-            if let Some(t) = tail.strip_prefix("resnets.") {
-                return format!("{half}.{ldm_blocks}.{level}.block.{}", resnet_tail(t));
-            }
-            if let Some(t) = tail.strip_prefix(sampler) {
-                return format!("{half}.{ldm_blocks}.{level}.{ldm_sampler}.{t}");
-            }
-        }
-        if let Some(t) = inner.strip_prefix("conv_norm_out.") {
-            return format!("{half}.norm_out.{t}");
-        }
-    }
-    name.to_string()
 }
 
 struct Parts<B: Backend> {
@@ -781,96 +727,4 @@ impl<B: Backend> Pipeline<B> {
         )?;
         Ok((denoised, tokens.truncated))
     }
-
-    /// Whether the UNet is an inpainting one: it takes the mask and the masked image's
-    /// latents besides the sample (9 input channels for a 4-channel VAE).
-    pub fn is_inpainting(&self) -> bool {
-        self.unet.config().in_channels == 2 * self.vae.config().latent_channels + 1
-    }
-
-    /// What a job's source gives the sampler: the image's latent, the mask at latent size
-    /// (`[1, 1, h, w]`, binarised at half, nearest-neighbour, as diffusers) and, for an
-    /// inpainting UNet, its extra input channels — the mask and the latents of the image with
-    /// the masked part blanked (all masked, from a blank image, without a source or mask).
-    fn source_latents(
-        &self,
-        source: Option<&Fitted>,
-        params: &Params,
-        h: usize,
-        w: usize,
-    ) -> Result<SourceLatents<B>> {
-        let (width, height) = (params.width, params.height);
-        let pixels = |rgb: &[u8]| {
-            let mut chw = vec![0f32; rgb.len()];
-            for (i, px) in rgb.chunks(3).enumerate() {
-                for (c, &v) in px.iter().enumerate() {
-                    chw[c * width * height + i] = (f32::from(v) / 255.0) * 2.0 - 1.0;
-                }
-            }
-            Tensor::<B, 4>::from_data(TensorData::new(chw, [1, 3, height, width]), &self.device)
-        };
-        if let Some(s) = source {
-            if s.rgb.len() != width * height * 3 {
-                return Err(NodeError::InvalidJob(format!(
-                    "the source image has {} bytes, not {width}×{height} RGB",
-                    s.rgb.len()
-                )));
-            }
-            if s.mask.as_ref().is_some_and(|m| m.len() != width * height) {
-                return Err(NodeError::InvalidJob(format!(
-                    "the mask is not {width}×{height}"
-                )));
-            }
-        }
-        let binary = |luma: &[u8]| -> Vec<f32> {
-            luma.iter()
-                .map(|&v| {
-                    if f32::from(v) / 255.0 >= 0.5 {
-                        1.0
-                    } else {
-                        0.0
-                    }
-                })
-                .collect()
-        };
-        let mask_px = source.and_then(|s| s.mask.as_deref()).map(binary);
-        let mask = mask_px.as_ref().map(|m| {
-            let (sy, sx) = (height / h, width / w);
-            let cells: Vec<f32> = (0..h * w)
-                .map(|i| m[(i / w) * sy * width + (i % w) * sx])
-                .collect();
-            Tensor::<B, 4>::from_data(TensorData::new(cells, [1, 1, h, w]), &self.device)
-        });
-        let image_px = source.map(|s| pixels(&s.rgb));
-        let image = image_px.clone().map(|p| self.encode(p)).transpose()?;
-        let extra = if self.is_inpainting() {
-            let keep = match &mask_px {
-                // diffusers: the source times (mask < 0.5).
-                Some(m) => Tensor::<B, 4>::from_data(
-                    TensorData::new(m.iter().map(|v| 1.0 - v).collect(), [1, 1, height, width]),
-                    &self.device,
-                ),
-                None => Tensor::zeros([1, 1, height, width], &self.device),
-            };
-            let blank = Tensor::zeros([1, 3, height, width], &self.device);
-            let masked = self.encode(image_px.unwrap_or(blank) * keep)?;
-            let mask = mask
-                .clone()
-                .unwrap_or_else(|| Tensor::ones([1, 1, h, w], &self.device));
-            Some(Tensor::cat(vec![mask, masked], 1))
-        } else {
-            None
-        };
-        Ok(SourceLatents { image, mask, extra })
-    }
-}
-
-/// What a job's source gives the sampler ([`Pipeline::source_latents`]).
-struct SourceLatents<B: Backend> {
-    /// The source's latent, scaled for the UNet.
-    image: Option<Tensor<B, 4>>,
-    /// The mask at latent size.
-    mask: Option<Tensor<B, 4>>,
-    /// An inpainting UNet's extra input channels.
-    extra: Option<Tensor<B, 4>>,
 }

@@ -1,0 +1,103 @@
+//! What a job's source image gives the sampler: its latent, the mask at latent size and, for a
+//! 9-channel inpainting UNet, the extra input channels (mask and masked-image latents).
+
+use ::burn::tensor::backend::Backend;
+use ::burn::tensor::{Tensor, TensorData};
+
+use super::Pipeline;
+use crate::error::{NodeError, Result};
+use crate::render::{Fitted, Params};
+
+impl<B: Backend> Pipeline<B> {
+    /// Whether the UNet is an inpainting one: it takes the mask and the masked image's
+    /// latents besides the sample (9 input channels for a 4-channel VAE).
+    pub fn is_inpainting(&self) -> bool {
+        self.unet.config().in_channels == 2 * self.vae.config().latent_channels + 1
+    }
+
+    /// What a job's source gives the sampler: the image's latent, the mask at latent size
+    /// (`[1, 1, h, w]`, binarised at half, nearest-neighbour, as diffusers) and, for an
+    /// inpainting UNet, its extra input channels — the mask and the latents of the image with
+    /// the masked part blanked (all masked, from a blank image, without a source or mask).
+    pub(super) fn source_latents(
+        &self,
+        source: Option<&Fitted>,
+        params: &Params,
+        h: usize,
+        w: usize,
+    ) -> Result<SourceLatents<B>> {
+        let (width, height) = (params.width, params.height);
+        let pixels = |rgb: &[u8]| {
+            let mut chw = vec![0f32; rgb.len()];
+            for (i, px) in rgb.chunks(3).enumerate() {
+                for (c, &v) in px.iter().enumerate() {
+                    chw[c * width * height + i] = (f32::from(v) / 255.0) * 2.0 - 1.0;
+                }
+            }
+            Tensor::<B, 4>::from_data(TensorData::new(chw, [1, 3, height, width]), &self.device)
+        };
+        if let Some(s) = source {
+            if s.rgb.len() != width * height * 3 {
+                return Err(NodeError::InvalidJob(format!(
+                    "the source image has {} bytes, not {width}×{height} RGB",
+                    s.rgb.len()
+                )));
+            }
+            if s.mask.as_ref().is_some_and(|m| m.len() != width * height) {
+                return Err(NodeError::InvalidJob(format!(
+                    "the mask is not {width}×{height}"
+                )));
+            }
+        }
+        let binary = |luma: &[u8]| -> Vec<f32> {
+            luma.iter()
+                .map(|&v| {
+                    if f32::from(v) / 255.0 >= 0.5 {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect()
+        };
+        let mask_px = source.and_then(|s| s.mask.as_deref()).map(binary);
+        let mask = mask_px.as_ref().map(|m| {
+            let (sy, sx) = (height / h, width / w);
+            let cells: Vec<f32> = (0..h * w)
+                .map(|i| m[(i / w) * sy * width + (i % w) * sx])
+                .collect();
+            Tensor::<B, 4>::from_data(TensorData::new(cells, [1, 1, h, w]), &self.device)
+        });
+        let image_px = source.map(|s| pixels(&s.rgb));
+        let image = image_px.clone().map(|p| self.encode(p)).transpose()?;
+        let extra = if self.is_inpainting() {
+            let keep = match &mask_px {
+                // diffusers: the source times (mask < 0.5).
+                Some(m) => Tensor::<B, 4>::from_data(
+                    TensorData::new(m.iter().map(|v| 1.0 - v).collect(), [1, 1, height, width]),
+                    &self.device,
+                ),
+                None => Tensor::zeros([1, 1, height, width], &self.device),
+            };
+            let blank = Tensor::zeros([1, 3, height, width], &self.device);
+            let masked = self.encode(image_px.unwrap_or(blank) * keep)?;
+            let mask = mask
+                .clone()
+                .unwrap_or_else(|| Tensor::ones([1, 1, h, w], &self.device));
+            Some(Tensor::cat(vec![mask, masked], 1))
+        } else {
+            None
+        };
+        Ok(SourceLatents { image, mask, extra })
+    }
+}
+
+/// What a job's source gives the sampler ([`Pipeline::source_latents`]).
+pub(super) struct SourceLatents<B: Backend> {
+    /// The source's latent, scaled for the UNet.
+    pub(super) image: Option<Tensor<B, 4>>,
+    /// The mask at latent size.
+    pub(super) mask: Option<Tensor<B, 4>>,
+    /// An inpainting UNet's extra input channels.
+    pub(super) extra: Option<Tensor<B, 4>>,
+}
