@@ -9,7 +9,7 @@
 //!
 //! Module graph, leaves first: [`tensor_file`] (safetensors files → f32 host tensors), [`nn`],
 //! [`lora`], [`weights`] (the loader), [`tokenizer`], [`gpus`] (device placement); then
-//! [`clip`], [`unet`], [`vae`];
+//! [`clip`], [`unet`], [`vae`], [`upscale`] (super-resolution networks, on their own);
 //! then [`pipeline`]; then [`renderer`]. Nothing here depends on the session or the protocol.
 
 pub mod clip;
@@ -24,6 +24,7 @@ pub mod renderer;
 pub mod tensor_file;
 pub mod tokenizer;
 pub mod unet;
+pub mod upscale;
 pub mod vae;
 pub mod weights;
 

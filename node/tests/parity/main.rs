@@ -15,6 +15,8 @@
 //! - `samplers`: Euler, Euler a, Heun, DPM++ 2M (SDE, Karras), UniPC, DDIM with CFG against
 //!   diffusers.
 //! - `sdxl`: both text encoders, the text_time UNet, the LCM loop and LoRAs in every naming.
+//! - `upscale`: super-resolution networks (RRDBNet in three namings, compact SRVGGNet) against
+//!   spandrel (`scripts/make_upscaler_fixtures.py`), and tiled against untiled images.
 //!
 //! This file holds what they share: the fixtures, the expected tensors and [`check`].
 
@@ -28,6 +30,7 @@ mod layouts;
 mod pipeline;
 mod samplers;
 mod sdxl;
+mod upscale;
 
 use std::path::{Path, PathBuf};
 

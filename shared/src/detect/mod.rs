@@ -303,7 +303,9 @@ fn classify(path: &Path, h: &Header) -> Result<Classified, DetectError> {
             lora_rank: None,
         });
     }
-    let hint = if any(&|k| k.starts_with("text_model.")) {
+    let hint = if upscaler::upscaler_from_header(path, h).is_ok_and(|u| u.is_some()) {
+        "it holds a super-resolution upscaler (name it with UPSCALER, not MODEL)"
+    } else if any(&|k| k.starts_with("text_model.")) {
         "it holds a text encoder"
     } else if any(&|k| k.starts_with("encoder.") || k.starts_with("decoder.")) {
         "it holds a VAE"
@@ -626,6 +628,7 @@ fn inspect_dir(dir: &Path) -> Result<Inspection, DetectError> {
 }
 
 mod rknn;
+pub mod upscaler;
 
 use rknn::inspect_rknn_dir;
 pub use rknn::{RKNN_COMPONENTS, RKNN_MODEL_FILE};
