@@ -3,7 +3,8 @@
 # embedded sled under .local-cluster/) and three nodes:
 #   sd15-cpu-a              BACKEND=cpu: the real Burn SD1.5 LCM pipeline on this CPU, running a
 #                           small SD1.5-shaped model with RANDOM weights generated at first start
-#                           (`drover-node make-model`): real computation, noise images.
+#                           (`drover-node make-model`): real computation, noise images; it also
+#                           holds a small random-weight ×4 upscaler (`make-model --upscaler x4`).
 #   sd15-cpu-b              the same with a standard (non-LCM) SD1.5-shaped model: Euler, DPM++ 2M,
 #                           ... with classifier-free guidance (`make-model --variant standard`).
 #   sdxl-cpu                BACKEND=cpu: the Burn SDXL LCM pipeline (two text encoders, text_time
@@ -31,6 +32,11 @@ if [ ! -f "$MODELS/demo-sd15-standard/RANDOM_WEIGHTS.txt" ]; then
         --out "$MODELS/demo-sd15-standard"
 fi
 
+if [ ! -f "$MODELS/demo-x4.safetensors" ]; then
+    target/debug/drover-node make-model --upscaler x4 --features 32 --depth 8 \
+        --out "$MODELS/demo-x4.safetensors"
+fi
+
 pids=()
 cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; }
 trap cleanup EXIT INT TERM
@@ -45,12 +51,12 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 
-start_cpu_node() { # name model
+start_cpu_node() { # name model [upscalers]
     COORDINATOR_URL="http://127.0.0.1:$GRPC_PORT" NODE_NAME="$1" BACKEND=cpu NUM_WORKERS=1 \
-    MODEL_ROOT="$MODELS" MODEL="$2" target/debug/drover-node >"$DIR/$1.log" 2>&1 &
+    MODEL_ROOT="$MODELS" MODEL="$2" UPSCALER="${3:-}" target/debug/drover-node >"$DIR/$1.log" 2>&1 &
     pids+=($!)
 }
-start_cpu_node sd15-cpu-a demo-sd15
+start_cpu_node sd15-cpu-a demo-sd15 demo-x4
 start_cpu_node sd15-cpu-b demo-sd15-standard
 start_cpu_node sdxl-cpu demo-sdxl
 
@@ -63,6 +69,9 @@ with a random-weight demo model: their images are noise, by design.
   make an image: curl -s -X POST localhost:$HTTP_PORT/v1/generate \\
                       -H 'content-type: application/json' \\
                       -d '{"prompt":"a lighthouse at dusk","model":"sd15","seed":7}' -o lighthouse.png
+  upscaled ×4 (512² → 2048², on sd15-cpu-a, the node holding the upscaler):
+                 curl -s -X POST localhost:$HTTP_PORT/v1/generate -H 'content-type: application/json' \
+                      -d '{"prompt":"a lighthouse at dusk","upscale":{}}' -o big.png
   AUTOMATIC1111-style (Euler a, 20 steps, CFG 7: runs on the standard node):
                  curl -s -X POST localhost:$HTTP_PORT/sdapi/v1/txt2img -H 'content-type: application/json' \
                       -d '{"prompt":"a red fox","sampler_name":"Euler a","steps":20,"cfg_scale":7,"width":256,"height":256}'

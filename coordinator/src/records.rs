@@ -23,6 +23,17 @@ pub struct LoraAdvert {
     pub family: ModelFamily,
 }
 
+/// A super-resolution network a node runs after generation (`UPSCALER`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct UpscalerAdvert {
+    /// Name (the file's stem).
+    pub name: String,
+    /// Output pixels per input pixel on each side.
+    pub scale: u32,
+    /// The network, e.g. `RRDBNet ×4 (64 features, 23 blocks)`.
+    pub network: String,
+}
+
 /// A registered node, as persisted in the registry.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeRecord {
@@ -70,6 +81,9 @@ pub struct NodeRecord {
     /// The model's name as its operator gave it (`MODEL`); empty from older nodes.
     #[serde(default)]
     pub model_name: String,
+    /// Upscalers it runs after generation, its default (for jobs naming none) first.
+    #[serde(default)]
+    pub upscalers: Vec<UpscalerAdvert>,
 }
 
 /// Where a job is in its life.

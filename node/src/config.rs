@@ -88,6 +88,48 @@ pub enum Command {
         /// with a 9-channel inpainting UNet).
         #[arg(long, default_value = "lcm", value_parser = ["lcm", "standard", "inpaint"])]
         variant: String,
+        /// Write a random-weight upscaler instead, of this scale (`x1`, `x2`, `x4`), as one
+        /// `.safetensors` file at `--out`.
+        #[arg(long, value_parser = ["x1", "x2", "x4"])]
+        upscaler: Option<String>,
+        /// The upscaler's network: `compact` (Real-ESRGAN's SRVGGNet, realesr-general's shape)
+        /// or `rrdb` (Real-ESRGAN's RRDBNet, RealESRGAN_x4plus's shape).
+        #[arg(long, default_value = "compact", value_parser = ["compact", "rrdb"], requires = "upscaler")]
+        arch: String,
+        /// Upscaler feature channels (default 64, as released).
+        #[arg(long, requires = "upscaler")]
+        features: Option<usize>,
+        /// Upscaler depth: body convolutions (compact, default 32) or RRDB blocks (rrdb, 23).
+        #[arg(long, requires = "upscaler")]
+        depth: Option<usize>,
+    },
+    /// Upscale one image with a super-resolution file, without a coordinator, and print how
+    /// long it took (JSON).
+    Upscale {
+        /// The upscaler (.safetensors).
+        #[arg(long)]
+        model: PathBuf,
+        /// Image to upscale (PNG or JPEG).
+        #[arg(long)]
+        image: PathBuf,
+        /// PNG to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Passes (default: the fewest that reach `--scale`, else 1).
+        #[arg(long)]
+        passes: Option<u32>,
+        /// Final scale (the last pass's output resized down to it).
+        #[arg(long)]
+        scale: Option<f64>,
+        /// Tile side in input pixels (0: the whole image at once); default: UPSCALE_MEMORY's.
+        #[arg(long)]
+        tile: Option<usize>,
+        /// Context around each tile in input pixels.
+        #[arg(long, default_value_t = crate::burn::upscale::DEFAULT_TILE_PAD)]
+        pad: usize,
+        /// Untimed runs before the timed one.
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
     },
     /// Run one UNet forward on tensors from a file and write tensor `out` (f32).
     UnetEval {
@@ -218,6 +260,21 @@ pub struct NodeConfig {
     /// user's cache folder).
     #[arg(long, env = "DROVER_NODE_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
+    /// Upscalers run after generation on jobs that ask (`upscale`): comma-separated
+    /// super-resolution files under MODEL_ROOT (`x4` or `x4.safetensors`) or paths; named in the
+    /// farm by file stem.
+    #[arg(long, env = "UPSCALER")]
+    pub upscaler: Option<String>,
+    /// Upscaler tile side in input pixels (0: whole images in one call); default: the largest
+    /// that fits UPSCALE_MEMORY.
+    #[arg(long, env = "UPSCALE_TILE")]
+    pub upscale_tile: Option<usize>,
+    /// Real image context around each upscaler tile, in input pixels (default 32).
+    #[arg(long, env = "UPSCALE_TILE_PAD")]
+    pub upscale_tile_pad: Option<usize>,
+    /// Working memory one upscaler tile may use, in bytes (sets the default tile size).
+    #[arg(long, env = "UPSCALE_MEMORY", default_value_t = NodeConfig::default_upscale_memory())]
+    pub upscale_memory: u64,
     /// Folder of LoRA files (`NAME.safetensors`).
     #[arg(long, env = "LORA_ROOT")]
     pub lora_root: Option<PathBuf>,
@@ -250,6 +307,11 @@ pub struct NodeConfig {
 }
 
 impl NodeConfig {
+    /// `UPSCALE_MEMORY`'s default: 1 GiB.
+    pub const fn default_upscale_memory() -> u64 {
+        1 << 30
+    }
+
     /// The model path: `MODEL` joined to `MODEL_ROOT` (or `MODEL` alone when absolute or when
     /// `MODEL_ROOT` is unset).
     pub fn model_path(&self) -> Option<PathBuf> {

@@ -7,6 +7,7 @@
 
 use drover_shared::error::InvalidId;
 use drover_shared::ids::{JobId, LeaseId};
+use drover_shared::job::{UpscaleRequest, UpscaleSpec};
 use drover_shared::proto;
 use drover_shared::sampler::{SamplerName, SigmaSchedule};
 
@@ -25,6 +26,8 @@ pub struct Assignment {
     pub trace_id: String,
     /// What to render.
     pub params: Params,
+    /// Super-resolution after rendering.
+    pub upscale: Option<UpscaleSpec>,
 }
 
 /// An assignment refused at the edge: its ids as sent, to report the failure under, and why.
@@ -57,6 +60,7 @@ impl TryFrom<proto::Assignment> for Assignment {
         };
         let schedule = spec.scheduler.parse::<SigmaSchedule>().map_err(&refuse)?;
         let source = source(&spec).map_err(&refuse)?;
+        let upscale = upscale(spec.upscale.as_ref()).map_err(&refuse)?;
         Ok(Self {
             job_id,
             lease_id,
@@ -68,8 +72,24 @@ impl TryFrom<proto::Assignment> for Assignment {
                 source,
                 ..spec.into()
             },
+            upscale,
         })
     }
+}
+
+/// A job's upscale as sent (zeros and empty strings meaning absent), checked by the rules the
+/// coordinator applied to the request.
+fn upscale(spec: Option<&proto::UpscaleSpec>) -> Result<Option<UpscaleSpec>, String> {
+    spec.map(|u| {
+        UpscaleRequest {
+            model: (!u.model.is_empty()).then(|| u.model.clone()),
+            passes: (u.passes > 0).then_some(u.passes),
+            scale: (u.scale > 0.0).then_some(u.scale),
+        }
+        .validate()
+        .map_err(|e| format!("{}: {}", e.field, e.message))
+    })
+    .transpose()
 }
 
 /// A job's source image (and mask) as sent; `None` for text-to-image. A mask without an image,
@@ -273,8 +293,30 @@ mod tests {
                 }],
                 source: None,
             },
+            upscale: None,
         };
         assert_eq!(a, want);
+        let upscaled = Assignment::try_from(assignment(
+            &job.to_string(),
+            &lease.to_string(),
+            Some(proto::JobSpec {
+                upscale: Some(proto::UpscaleSpec {
+                    model: "x4".into(),
+                    passes: 0,
+                    scale: 2.0,
+                }),
+                ..spec()
+            }),
+        ))
+        .unwrap();
+        assert_eq!(
+            upscaled.upscale,
+            Some(UpscaleSpec {
+                model: Some("x4".into()),
+                passes: None,
+                scale: Some(2.0),
+            })
+        );
     }
 
     #[test]
@@ -305,6 +347,19 @@ mod tests {
                     ..spec()
                 }),
                 "unknown scheduler",
+            ),
+            (
+                job.as_str(),
+                lease.as_str(),
+                Some(proto::JobSpec {
+                    upscale: Some(proto::UpscaleSpec {
+                        model: String::new(),
+                        passes: 5,
+                        scale: 0.0,
+                    }),
+                    ..spec()
+                }),
+                "upscale.passes: 5 is outside 1..=3",
             ),
             (
                 job.as_str(),

@@ -10,6 +10,7 @@
 //! only the pool's `Recipient<RunJob>`, whatever the backend.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ::burn::tensor::DType;
@@ -23,6 +24,7 @@ use crate::error::{NodeError, Result};
 use crate::render::{RunJob, Worker};
 use crate::sampling::Sampler;
 use crate::sim::SimRenderer;
+use crate::upscaling::{self, PostProcess, UpscalerEntry};
 
 /// What the node tells the coordinator it can do.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,6 +52,8 @@ pub struct Capabilities {
     pub img2img: bool,
     /// Whether jobs may carry an inpainting mask.
     pub inpaint: bool,
+    /// Super-resolution networks run after generation (`UPSCALER`).
+    pub upscalers: Vec<UpscalerEntry>,
 }
 
 /// The workers of a node and what they can do.
@@ -58,6 +62,8 @@ pub struct WorkerPool {
     pub runner: Recipient<RunJob>,
     /// What the workers can do.
     pub capabilities: Capabilities,
+    /// The upscalers jobs' `upscale` runs on (shared by every worker); `None` without any.
+    pub post: Option<Arc<dyn PostProcess>>,
 }
 
 /// What a simulated node advertises: every sampler, a standard one first.
@@ -69,8 +75,20 @@ pub fn default_max_pixels(family: ModelFamily) -> u64 {
     4 * u64::from(w) * u64::from(h)
 }
 
-/// Creates the node's workers. Must run inside an actix system.
+/// Creates the node's workers and loads its upscalers. Must run inside an actix system.
 pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
+    let upscalers = upscaling::configured(config)?;
+    let mut pool = build_workers(config)?;
+    pool.post = upscaling::load(
+        config,
+        &upscalers,
+        pool.capabilities.backend == BackendKind::Cuda,
+    )?;
+    pool.capabilities.upscalers = upscalers;
+    Ok(pool)
+}
+
+fn build_workers(config: &NodeConfig) -> Result<WorkerPool> {
     if config.backend == BackendKind::Sim {
         return build_sim(config);
     }
@@ -285,7 +303,9 @@ fn pool(
             samplers: vec![Sampler::Lcm],
             img2img: false,
             inpaint: false,
+            upscalers: Vec::new(),
         },
+        post: None,
     }
 }
 
@@ -530,7 +550,9 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
             // The simulation blends a job's source image into what it draws.
             img2img: true,
             inpaint: true,
+            upscalers: Vec::new(),
         },
+        post: None,
     })
 }
 

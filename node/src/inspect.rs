@@ -1,12 +1,27 @@
-//! `drover-node inspect PATH [--json]`: prints what a model path is.
+//! `drover-node inspect PATH [--json]`: prints what a model path is (a Stable Diffusion model
+//! or LoRA, or a super-resolution upscaler).
 
 use std::path::Path;
 
-use drover_shared::detect::{Inspection, inspect};
+use drover_shared::detect::upscaler::{UpscalerSpec, inspect_upscaler};
+use drover_shared::detect::{DetectError, Inspection, inspect};
 
 /// Runs the tool; answers the text to print.
-pub fn run(path: &Path, json: bool) -> Result<String, drover_shared::detect::DetectError> {
-    let found = inspect(path)?;
+pub fn run(path: &Path, json: bool) -> Result<String, DetectError> {
+    let found = match inspect(path) {
+        Ok(found) => found,
+        Err(e @ DetectError::Unrecognised { .. }) => {
+            let Ok(upscaler) = inspect_upscaler(path) else {
+                return Err(e);
+            };
+            return Ok(if json {
+                serde_json::to_string_pretty(&upscaler).unwrap_or_default()
+            } else {
+                upscaler_table(&upscaler)
+            });
+        }
+        Err(e) => return Err(e),
+    };
     Ok(if json {
         serde_json::to_string_pretty(&found).unwrap_or_default()
     } else {
@@ -69,5 +84,26 @@ pub fn table(found: &Inspection) -> String {
             "yes (9-channel UNet: latent, mask, masked image)".into(),
         ));
     }
+    rows.iter().map(|(k, v)| format!("{k:<20} {v}\n")).collect()
+}
+
+/// The human table of an upscaler.
+pub fn upscaler_table(found: &UpscalerSpec) -> String {
+    let rows = [
+        ("path", found.path.display().to_string()),
+        ("kind", "upscaler (super-resolution)".to_string()),
+        ("network", found.label()),
+        ("scale", format!("×{}", found.scale)),
+        (
+            "dtype",
+            found
+                .dtype
+                .map(|d| d.to_string())
+                .unwrap_or_else(|| "-".into()),
+        ),
+        ("parameters", human_count(found.parameters, "")),
+        ("weights", human_count(found.weights_bytes, "B")),
+        ("model id", found.model_id.clone()),
+    ];
     rows.iter().map(|(k, v)| format!("{k:<20} {v}\n")).collect()
 }

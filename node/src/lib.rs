@@ -6,7 +6,8 @@
 //! [`render::Renderer`] and the one worker actor every backend runs in), the backends
 //! ([`mod@burn`]: cpu and cuda; `rknn`: the RK3588 NPU; [`sim`]: simulated), [`session`]
 //! (registration, heartbeats, assignments, reconnects) with [`convert`] (protocol messages into
-//! the node's types), [`inspect`] and [`tools`] (the CLI tools), [`error`].
+//! the node's types), [`upscaling`] (the `UPSCALER` networks run after generation), [`inspect`]
+//! and [`tools`] (the CLI tools), [`error`].
 
 pub mod burn;
 pub mod config;
@@ -21,6 +22,7 @@ pub mod sampling;
 pub mod session;
 pub mod sim;
 pub mod tools;
+pub mod upscaling;
 
 use std::process::ExitCode;
 
@@ -51,8 +53,53 @@ pub fn cli_main() -> ExitCode {
         Some(config::Command::MakeModel {
             out,
             seed,
+            upscaler: Some(scale),
+            arch,
+            features,
+            depth,
+            ..
+        }) => {
+            return report(
+                "make-model",
+                upscaling::make_upscaler(&out, seed, &scale, &arch, features, depth).map(|label| {
+                    format!(
+                        "demo upscaler (random weights), {label}, written to {}\n",
+                        out.display()
+                    )
+                }),
+            );
+        }
+        Some(config::Command::Upscale {
+            model,
+            image,
+            out,
+            passes,
+            scale,
+            tile,
+            pad,
+            warmup,
+        }) => {
+            let run = upscaling::UpscaleRun {
+                model: &model,
+                image: &image,
+                out: &out,
+                spec: drover_shared::job::UpscaleSpec {
+                    model: None,
+                    passes,
+                    scale,
+                },
+                tile,
+                pad,
+                warmup,
+            };
+            return report("upscale", upscaling::upscale_cli(&run));
+        }
+        Some(config::Command::MakeModel {
+            out,
+            seed,
             family,
             variant,
+            ..
         }) => {
             return report(
                 "make-model",

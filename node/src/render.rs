@@ -6,8 +6,8 @@
 //! [`Worker`] is the one actor every backend runs in: an actix actor on a `SyncArbiter` thread
 //! (the factory closure runs on that thread, so backend handles — CUDA contexts, RKNN contexts —
 //! never cross threads) that handles [`RunJob`] once for all of them: it enters the job's span,
-//! refuses a job cancelled before it started, times the render, logs the image and encodes the
-//! PNG with its text chunks ([`encode_png`]).
+//! refuses a job cancelled before it started, times the render, logs the image, runs the job's
+//! upscale ([`PostJob`]) and encodes the PNG with its text chunks ([`encode_png`]).
 //!
 //! Also here, because every backend starts from the same numbers: the seeded noise
 //! ([`gaussian`], [`step_noise_seed`]) and the conversion of a decoded image to RGB bytes
@@ -23,9 +23,11 @@ use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
 use tokio::sync::mpsc;
 
 use drover_shared::image::{self, ResizeMode};
+use drover_shared::job::UpscaleSpec;
 
 use crate::error::{NodeError, Result};
 use crate::sampling::{Sampler, SigmaSchedule};
+use crate::upscaling::{PostProcess, Upscaled};
 
 /// A LoRA a job asks for: its catalog name and strength.
 #[derive(Clone, Debug, PartialEq)]
@@ -239,7 +241,8 @@ impl From<mpsc::UnboundedSender<Progress>> for ProgressSink {
 pub struct Rendered {
     /// PNG bytes.
     pub png: Vec<u8>,
-    /// Time spent rendering.
+    /// Time spent rendering (not upscaling: the coordinator derives the node's diffusion speed
+    /// from it).
     pub elapsed: Duration,
 }
 
@@ -283,6 +286,17 @@ pub struct RunJob {
     pub cancel: CancelFlag,
     /// The job's span (job id, lease, trace id): the worker thread logs inside it.
     pub span: tracing::Span,
+    /// Super-resolution after rendering, and the upscalers that run it.
+    pub upscale: Option<PostJob>,
+}
+
+/// A job's upscale and the node's upscalers.
+#[derive(Clone)]
+pub struct PostJob {
+    /// What the job asks for.
+    pub spec: UpscaleSpec,
+    /// The node's upscalers.
+    pub with: Arc<dyn PostProcess>,
 }
 
 impl RunJob {
@@ -376,16 +390,45 @@ impl<R: Renderer> Handler<RunJob> for Worker<R> {
             ms = elapsed.as_millis() as u64,
             "image rendered"
         );
-        let png = encode_png(&image, &job.params, &self.origin)?;
+        let (image, upscaled) = match &job.upscale {
+            None => (image, None),
+            Some(post) => {
+                let started = Instant::now();
+                let mut go_on = |_: usize, _: usize| {
+                    if job.cancel.is_cancelled() {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                };
+                let (image, upscaled) = post.with.upscale(image, &post.spec, &mut go_on)?;
+                tracing::info!(
+                    upscaler = %upscaled.upscaler,
+                    passes = upscaled.passes,
+                    width = image.width,
+                    height = image.height,
+                    ms = started.elapsed().as_millis() as u64,
+                    "image upscaled"
+                );
+                (image, Some(upscaled))
+            }
+        };
+        let png = encode_png(&image, &job.params, &self.origin, upscaled.as_ref())?;
         Ok(Rendered { png, elapsed })
     }
 }
 
 /// PNG-encodes an image with text chunks naming the software and backend, prompt, seed, steps,
 /// guidance, model and size (and the negative prompt, LoRAs and truncated prompt tokens when
-/// there are any). A simulated image says so in `Software` and is compressed fast (its mosaic
-/// compresses well either way; load tests encode thousands a second).
-pub fn encode_png(image: &Image, params: &Params, origin: &Origin) -> Result<Vec<u8>> {
+/// there are any; the upscaler, its passes and the final scale for upscaled images). A
+/// simulated image says so in `Software` and is compressed fast (its mosaic compresses well
+/// either way; load tests encode thousands a second).
+pub fn encode_png(
+    image: &Image,
+    params: &Params,
+    origin: &Origin,
+    upscaled: Option<&Upscaled>,
+) -> Result<Vec<u8>> {
     let render = |e: png::EncodingError| NodeError::Render(e.to_string());
     let mut out = Vec::new();
     let mut encoder = png::Encoder::new(&mut out, image.width as u32, image.height as u32);
@@ -437,6 +480,15 @@ pub fn encode_png(image: &Image, params: &Params, origin: &Origin) -> Result<Vec
             .map(|l| format!("{}:{}", l.name, l.strength))
             .collect();
         text.push(("loras", list.join(",")));
+    }
+    if let Some(u) = upscaled {
+        text.push(("upscaler", u.upscaler.clone()));
+        text.push(("upscale_passes", u.passes.to_string()));
+        text.push(("upscale", u.factor.to_string()));
+        text.push((
+            "generated_size",
+            format!("{}x{}", params.width, params.height),
+        ));
     }
     if image.truncated_tokens > 0 {
         text.push((
@@ -547,6 +599,7 @@ mod tests {
                     progress: tx.into(),
                     cancel,
                     span: tracing::Span::none(),
+                    upscale: None,
                 })
                 .await
                 .unwrap_or_else(|e| Err(NodeError::Render(e.to_string())))

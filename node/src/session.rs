@@ -25,7 +25,7 @@ use crate::config::NodeConfig;
 use crate::convert::{self, Assignment, Refused};
 use crate::error::{NodeError, Result};
 use crate::factory::WorkerPool;
-use crate::render::{CancelFlag, Progress, ProgressSink, RunJob};
+use crate::render::{CancelFlag, PostJob, Progress, ProgressSink, RunJob};
 
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -131,6 +131,15 @@ impl NodeLink {
             samplers: caps.samplers.iter().map(|s| s.id().to_string()).collect(),
             img2img: caps.img2img,
             inpaint: caps.inpaint,
+            upscalers: caps
+                .upscalers
+                .iter()
+                .map(|u| proto::UpscalerInfo {
+                    name: u.name.clone(),
+                    scale: u.spec.scale as u32,
+                    network: u.spec.label(),
+                })
+                .collect(),
         }
     }
 
@@ -298,12 +307,34 @@ impl NodeLink {
             attempt = assignment.attempt
         );
         let _entered = span.enter();
-        let Assignment {
-            job_id,
-            lease_id,
-            params,
-            ..
-        } = match Assignment::try_from(assignment) {
+        let converted = Assignment::try_from(assignment).and_then(|a| {
+            let upscale = match (a.upscale.clone(), &self.pool.post) {
+                (None, _) => None,
+                (Some(spec), Some(with)) => Some(PostJob {
+                    spec,
+                    with: with.clone(),
+                }),
+                (Some(_), None) => {
+                    return Err(Refused {
+                        job_id: a.job_id.to_string(),
+                        lease_id: a.lease_id.to_string(),
+                        reason: "the job asks for an upscale and this node has no upscaler \
+                                 (UPSCALER)"
+                            .into(),
+                    });
+                }
+            };
+            Ok((a, upscale))
+        });
+        let (
+            Assignment {
+                job_id,
+                lease_id,
+                params,
+                ..
+            },
+            upscale,
+        ) = match converted {
             Ok(a) => a,
             Err(Refused {
                 job_id,
@@ -342,6 +373,7 @@ impl NodeLink {
                         progress,
                         cancel,
                         span: job_span,
+                        upscale,
                     })
                     .await
                     .unwrap_or_else(|e| Err(NodeError::Render(format!("worker unavailable: {e}"))));

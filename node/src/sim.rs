@@ -213,6 +213,7 @@ mod tests {
                 progress: tx.into(),
                 cancel: CancelFlag::default(),
                 span: tracing::Span::none(),
+                upscale: None,
             };
             addr.send(job)
                 .await

@@ -683,7 +683,7 @@ pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> 
         model_id: model.display().to_string(),
         simulated: false,
     };
-    let png = crate::render::encode_png(&image, &params, &origin)?;
+    let png = crate::render::encode_png(&image, &params, &origin, None)?;
     std::fs::write(out, png).map_err(|e| io(out, e))?;
     Ok(format!(
         "{}\n",

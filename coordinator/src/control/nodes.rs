@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 use super::jobs::Assignment;
 use super::router::NodeView;
 use crate::config::Config;
-use crate::records::{LoraAdvert, NodeRecord};
+use crate::records::{LoraAdvert, NodeRecord, UpscalerAdvert};
 
 /// Weight of the newest result in a node's measured speed.
 const SPEED_EWMA: f64 = 0.3;
@@ -163,6 +163,7 @@ impl NodeEntry {
             img2img: self.record.img2img,
             inpaint: self.record.inpaint,
             loras: &self.record.loras,
+            upscalers: &self.record.upscalers,
             online,
             suspect,
             draining: self.record.draining,
@@ -207,6 +208,8 @@ pub struct NodeRegistration {
     pub inpaint: bool,
     /// The model's name (its file or folder name).
     pub model_name: String,
+    /// Its upscalers, its default first.
+    pub upscalers: Vec<UpscalerAdvert>,
 }
 
 impl NodeRegistration {
@@ -232,6 +235,7 @@ impl NodeRegistration {
             img2img: self.img2img,
             inpaint: self.inpaint,
             model_name: self.model_name,
+            upscalers: self.upscalers,
         }
     }
 }

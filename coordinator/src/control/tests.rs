@@ -35,6 +35,7 @@ fn register(name: &str) -> RegisterNode {
         img2img: true,
         inpaint: true,
         model_name: "demo".into(),
+        upscalers: Vec::new(),
     })
 }
 

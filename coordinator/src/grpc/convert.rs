@@ -10,7 +10,7 @@ use drover_shared::sampler::SamplerName;
 
 use crate::control::{NodeRegistration, NodeReport, ToNode};
 use crate::error::{CoordinatorError, Result};
-use crate::records::LoraAdvert;
+use crate::records::{LoraAdvert, UpscalerAdvert};
 
 /// A node's registration, checked: a name of 1 to 128 characters, a known family, at least one
 /// worker, sizes with pixels, LoRAs of known families.
@@ -68,8 +68,30 @@ pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
             }
         }
     }
+    let mut upscalers: Vec<UpscalerAdvert> = Vec::new();
+    for u in req.upscalers {
+        if u.name.is_empty() || u.name.len() > 128 || u.scale == 0 || u.scale > 16 {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "upscaler `{}` (scale {}): names are 1 to 128 characters, scales 1 to 16",
+                u.name.chars().take(64).collect::<String>(),
+                u.scale
+            )));
+        }
+        if upscalers.iter().any(|have| have.name == u.name) {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "upscaler `{}` advertised twice",
+                u.name
+            )));
+        }
+        upscalers.push(UpscalerAdvert {
+            name: u.name,
+            scale: u.scale,
+            network: u.network.chars().take(256).collect(),
+        });
+    }
     Ok(NodeRegistration {
         samplers,
+        upscalers,
         img2img: req.img2img,
         inpaint: req.inpaint,
         model_name: req.model_name.chars().take(256).collect(),
@@ -178,6 +200,11 @@ pub fn to_node(message: ToNode) -> proto::CoordinatorMessage {
                         .map(|s| s.resize_mode.as_str().to_string())
                         .unwrap_or_default(),
                     seed: a.spec.seed,
+                    upscale: a.spec.upscale.as_ref().map(|u| proto::UpscaleSpec {
+                        model: u.model.clone().unwrap_or_default(),
+                        passes: u.passes.unwrap_or(0),
+                        scale: u.scale.unwrap_or(0.0),
+                    }),
                     loras: a
                         .spec
                         .loras

@@ -317,9 +317,10 @@ pub struct A1111Upscaler {
     pub scale: f64,
 }
 
-/// Upscalers (none yet but `None`)
+/// Upscalers: A1111's `None`, then the farm's
 ///
-/// Drover does not upscale yet; the list holds A1111's `None`, so UIs that read it work.
+/// `None` first (A1111 lists it, and UIs offer it as "no upscaling"), then every upscaler some
+/// node runs (`GET /v1/upscalers`), `model_name` its network.
 #[utoipa::path(
     tag = "compat",
     responses(
@@ -329,14 +330,26 @@ pub struct A1111Upscaler {
     security((), ("apiKey" = []), ("bearerKey" = []))
 )]
 #[get("/sdapi/v1/upscalers")]
-pub(crate) async fn upscalers(_: Client) -> HttpResponse {
-    HttpResponse::Ok().json([A1111Upscaler {
+pub(crate) async fn upscalers(state: web::Data<AppState>, _: Client) -> Result<HttpResponse> {
+    let nodes = state.control.send(ListNodes).await?;
+    let none = A1111Upscaler {
         name: "None".into(),
         model_name: None,
         model_path: None,
         model_url: None,
         scale: 4.0,
-    }])
+    };
+    let farm = super::nodes::upscalers(&nodes)
+        .into_iter()
+        .map(|u| A1111Upscaler {
+            name: u.name,
+            model_name: Some(u.network),
+            model_path: None,
+            model_url: None,
+            scale: f64::from(u.scale),
+        });
+    let list: Vec<A1111Upscaler> = std::iter::once(none).chain(farm).collect();
+    Ok(HttpResponse::Ok().json(list))
 }
 
 /// Where a caller's latest call stands, as A1111's `state` reports it.
@@ -477,6 +490,7 @@ mod tests {
             max_pixels: 1 << 20,
             sizes: Vec::new(),
             loras: Vec::new(),
+            upscalers: Vec::new(),
         }
     }
 

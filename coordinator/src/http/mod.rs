@@ -46,6 +46,7 @@ pub fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(jobs::job_events)
         .service(nodes::list_nodes)
         .service(nodes::list_models)
+        .service(nodes::list_upscalers)
         .service(nodes::list_styles)
         .service(nodes::drain_node)
         .service(nodes::resume_node)

@@ -164,6 +164,8 @@ pub struct ModelView {
     pub sizes: Vec<drover_shared::job::Size>,
     /// LoRAs some node of it offers.
     pub loras: Vec<String>,
+    /// Upscalers some node of it runs after generation (a job's `upscale.model`).
+    pub upscalers: Vec<String>,
     /// Its name as its nodes' operators gave it (`MODEL`), the first one registered.
     pub model_name: String,
 }
@@ -221,9 +223,79 @@ pub fn models(nodes: &[crate::control::NodeStatus]) -> Vec<ModelView> {
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect(),
+                upscalers: group
+                    .iter()
+                    .flat_map(|n| n.record.upscalers.iter().map(|u| u.name.clone()))
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect(),
             }
         })
         .collect()
+}
+
+/// One upscaler the farm runs, as `GET /v1/upscalers` lists it.
+#[derive(Debug, PartialEq, Serialize, ToSchema)]
+pub struct UpscalerView {
+    /// Its name (a job's `upscale.model`).
+    pub name: String,
+    /// Output pixels per input pixel on each side.
+    pub scale: u32,
+    /// The network, as the first node holding it describes it.
+    pub network: String,
+    /// Nodes registered with it.
+    pub nodes: usize,
+    /// Of those, online now.
+    pub nodes_online: usize,
+    /// Models of the nodes holding it: jobs for these may ask for it.
+    pub model_ids: Vec<String>,
+}
+
+/// The upscalers of the registry, one entry per name and scale, by name.
+pub fn upscalers(nodes: &[crate::control::NodeStatus]) -> Vec<UpscalerView> {
+    use std::collections::{BTreeMap, BTreeSet};
+    let mut by_name: BTreeMap<(String, u32), (String, Vec<&crate::control::NodeStatus>)> =
+        BTreeMap::new();
+    for n in nodes {
+        for u in &n.record.upscalers {
+            by_name
+                .entry((u.name.clone(), u.scale))
+                .or_insert_with(|| (u.network.clone(), Vec::new()))
+                .1
+                .push(n);
+        }
+    }
+    by_name
+        .into_iter()
+        .map(|((name, scale), (network, group))| UpscalerView {
+            name,
+            scale,
+            network,
+            nodes: group.len(),
+            nodes_online: group.iter().filter(|n| n.state.is_connected()).count(),
+            model_ids: group
+                .iter()
+                .map(|n| n.record.model_id.clone())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect(),
+        })
+        .collect()
+}
+
+/// Upscalers the farm runs after generation: name, scale, network, nodes
+#[utoipa::path(
+    tag = "farm",
+    responses(
+        (status = 200, description = "One entry per upscaler name and scale, by name",
+            body = Vec<UpscalerView>),
+        (status = 503, response = Unavailable),
+    )
+)]
+#[get("/v1/upscalers")]
+pub(crate) async fn list_upscalers(state: web::Data<AppState>) -> Result<HttpResponse> {
+    let nodes = state.control.send(ListNodes).await?;
+    Ok(HttpResponse::Ok().json(upscalers(&nodes)))
 }
 
 /// Models the farm serves: family, nodes, sizes, LoRAs
@@ -352,6 +424,7 @@ mod tests {
                 img2img: false,
                 inpaint: false,
                 model_name: format!("{model}.safetensors"),
+                upscalers: Vec::new(),
             },
             state,
             suspect: false,

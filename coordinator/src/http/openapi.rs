@@ -147,6 +147,7 @@ mod tests {
             "get /v1/jobs/{id}/events",
             "get /v1/nodes",
             "get /v1/models",
+            "get /v1/upscalers",
             "post /v1/nodes/{id}/drain",
             "post /v1/nodes/{id}/resume",
             "get /v1/styles",
@@ -166,7 +167,7 @@ mod tests {
         ] {
             assert!(listed.contains(expected), "{expected} is not documented");
         }
-        assert_eq!(listed.len(), 32, "{listed:?}");
+        assert_eq!(listed.len(), 33, "{listed:?}");
         let names: BTreeSet<&str> = ERROR_RESPONSES.iter().map(|(n, _)| *n).collect();
         for (name, code) in ERROR_RESPONSES {
             assert_eq!(component_of(*code), *name);
@@ -298,6 +299,11 @@ mod tests {
             mask: Some("iVBORw0KGgo=".into()),
             strength: Some(0.5),
             resize_mode: Some(drover_shared::image::ResizeMode::Crop),
+            upscale: Some(drover_shared::job::UpscaleRequest {
+                model: Some("x4".into()),
+                passes: Some(1),
+                scale: Some(2.0),
+            }),
         };
         let sent = serde_json::to_value(&full).expect("json");
         let fields: BTreeSet<&String> = sent.as_object().expect("an object").keys().collect();

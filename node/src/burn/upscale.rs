@@ -11,6 +11,8 @@
 //! beyond it (23-block RRDBNets see further than any practical pad) the difference is the
 //! tile border's missing far context, which Real-ESRGAN accepts at its default pad of 10.
 
+use std::ops::ControlFlow;
+
 use ::burn::tensor::backend::Backend;
 use ::burn::tensor::ops::PadMode;
 use ::burn::tensor::{DType, Tensor, TensorData, activation};
@@ -313,26 +315,31 @@ impl<B: Backend> Upscaler<B> {
     }
 
     /// Upscales a `[1, 3, h, w]` image in `[0, 1]` tile by tile (see the module docs), the
-    /// output clamped to `[0, 1]`. `progress` hears (tiles done, tiles in all).
+    /// output clamped to `[0, 1]`. `progress` hears (tiles done, tiles in all) before the first
+    /// tile and after each; its `Break` stops the upscale with [`NodeError::Cancelled`].
     pub fn upscale(
         &self,
         image: Tensor<B, 4>,
         tiling: Tiling,
-        mut progress: impl FnMut(usize, usize),
-    ) -> Tensor<B, 4> {
+        mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Tensor<B, 4>> {
+        let mut report = |done, all| match progress(done, all) {
+            ControlFlow::Continue(()) => Ok(()),
+            ControlFlow::Break(()) => Err(NodeError::Cancelled),
+        };
         let [_, _, h, w] = image.dims();
         let s = self.scale();
         let tile = tiling.tile.div_ceil(GRID) * GRID;
         if tile == 0 || (h <= tile && w <= tile) {
-            progress(0, 1);
+            report(0, 1)?;
             let out = self.forward(image).clamp(0.0, 1.0);
-            progress(1, 1);
-            return out;
+            report(1, 1)?;
+            return Ok(out);
         }
         let pad = tiling.pad.div_ceil(GRID) * GRID;
         let (rows, cols) = (h.div_ceil(tile), w.div_ceil(tile));
         let mut done = 0;
-        progress(done, rows * cols);
+        report(done, rows * cols)?;
         let mut bands = Vec::with_capacity(rows);
         for ty in 0..rows {
             let (y0, y1) = (ty * tile, ((ty + 1) * tile).min(h));
@@ -346,11 +353,11 @@ impl<B: Backend> Upscaler<B> {
                 let (oy, ox) = ((y0 - cy0) * s, (x0 - cx0) * s);
                 band.push(out.slice([0..1, 0..3, oy..oy + (y1 - y0) * s, ox..ox + (x1 - x0) * s]));
                 done += 1;
-                progress(done, rows * cols);
+                report(done, rows * cols)?;
             }
             bands.push(Tensor::cat(band, 3));
         }
-        Tensor::cat(bands, 2).clamp(0.0, 1.0)
+        Ok(Tensor::cat(bands, 2).clamp(0.0, 1.0))
     }
 
     /// Upscales RGB8 pixels (`width·height·3` bytes) to RGB8 pixels of `scale`× the sides.
@@ -360,7 +367,7 @@ impl<B: Backend> Upscaler<B> {
         width: usize,
         height: usize,
         tiling: Tiling,
-        progress: impl FnMut(usize, usize),
+        progress: impl FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Vec<u8>> {
         if rgb.len() != width * height * 3 {
             return Err(NodeError::Render(format!(
@@ -369,8 +376,7 @@ impl<B: Backend> Upscaler<B> {
             )));
         }
         let image = rgb8_to_tensor::<B>(rgb, width, height, &self.device);
-        let out = self.upscale(image, tiling, progress);
-        tensor_to_rgb8(out)
+        tensor_to_rgb8(self.upscale(image, tiling, progress)?)
     }
 }
 

@@ -410,6 +410,7 @@ fn job(loras: Vec<Lora>) -> (RunJob, tokio::sync::mpsc::UnboundedReceiver<Progre
             progress: tx.into(),
             cancel: CancelFlag::default(),
             span: tracing::Span::none(),
+            upscale: None,
         },
         rx,
     )

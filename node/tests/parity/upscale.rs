@@ -2,6 +2,8 @@
 //! of every naming from the header, the network's output within 1e-4, and tiled against untiled
 //! images within one step per channel byte.
 
+use std::ops::ControlFlow;
+
 use burn::tensor::{Tensor, TensorData};
 use drover_node::burn::Cpu;
 use drover_node::burn::tensor_file::TensorFile;
@@ -119,17 +121,24 @@ fn card(w: usize, h: usize) -> Tensor<Cpu, 4> {
     Tensor::from_data(TensorData::new(chw, [1, 3, h, w]), &Default::default())
 }
 
+fn go(_: usize, _: usize) -> ControlFlow<()> {
+    ControlFlow::Continue(())
+}
+
 #[test]
 fn tiled_images_match_untiled_ones() {
     let (w, h) = (70, 45);
     for case in cases() {
         let net = load(&case);
-        let whole = tensor_to_rgb8(net.upscale(card(w, h), Tiling::whole(), |_, _| {})).unwrap();
+        let whole = tensor_to_rgb8(net.upscale(card(w, h), Tiling::whole(), go).unwrap()).unwrap();
         assert_eq!(whole.len(), 3 * w * h * case.scale * case.scale);
         let mut seen = Vec::new();
-        let tiled = net.upscale(card(w, h), Tiling { tile: 24, pad: 40 }, |done, all| {
-            seen.push((done, all))
-        });
+        let tiled = net
+            .upscale(card(w, h), Tiling { tile: 24, pad: 40 }, |done, all| {
+                seen.push((done, all));
+                ControlFlow::Continue(())
+            })
+            .unwrap();
         assert_eq!(tiled.dims(), [1, 3, h * case.scale, w * case.scale]);
         let tiled = tensor_to_rgb8(tiled).unwrap();
         // 70×45 in 24-pixel tiles: 3 columns, 2 rows; progress from 0 of 6 to 6 of 6.
@@ -161,9 +170,12 @@ fn a_small_pad_leaves_seams_that_the_comparison_sees() {
     let case = cases().into_iter().find(|c| c.name == "esrgan-x4").unwrap();
     let net = load(&case);
     let (w, h) = (70, 45);
-    let whole = tensor_to_rgb8(net.upscale(card(w, h), Tiling::whole(), |_, _| {})).unwrap();
-    let tiled =
-        tensor_to_rgb8(net.upscale(card(w, h), Tiling { tile: 24, pad: 0 }, |_, _| {})).unwrap();
+    let whole = tensor_to_rgb8(net.upscale(card(w, h), Tiling::whole(), go).unwrap()).unwrap();
+    let tiled = tensor_to_rgb8(
+        net.upscale(card(w, h), Tiling { tile: 24, pad: 0 }, go)
+            .unwrap(),
+    )
+    .unwrap();
     let worst = whole
         .iter()
         .zip(&tiled)
@@ -183,4 +195,29 @@ fn files_that_are_not_upscalers_are_refused_with_the_reason() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("UPSCALER"), "{err}");
+}
+
+#[test]
+fn a_cancelled_upscale_stops_between_tiles() {
+    let case = cases()
+        .into_iter()
+        .find(|c| c.name == "compact-x2")
+        .unwrap();
+    let net = load(&case);
+    let mut calls = 0;
+    let err = net
+        .upscale(card(70, 45), Tiling { tile: 24, pad: 8 }, |done, _| {
+            calls += 1;
+            if done == 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap_err();
+    assert!(
+        matches!(err, drover_node::error::NodeError::Cancelled),
+        "{err}"
+    );
+    assert_eq!(calls, 3, "stopped after the second of six tiles");
 }

@@ -15,8 +15,10 @@ use crate::image::ResizeMode;
 use crate::sampler::{Sampler, SamplerName, SigmaSchedule};
 
 pub mod source;
+pub mod upscale;
 
 pub use source::SourceSpec;
+pub use upscale::{UpscaleRequest, UpscaleSpec};
 
 /// Longest accepted prompt (and negative prompt), in characters.
 pub const MAX_PROMPT_CHARS: usize = 2000;
@@ -142,6 +144,10 @@ pub struct JobRequest {
     /// crop the centre) or `fill` (fit inside, extend the edges).
     #[serde(default)]
     pub resize_mode: Option<ResizeMode>,
+    /// Super-resolution of the generated image on a node that holds the upscaler (1 to 3
+    /// passes, the result at most 4096×4096 pixels).
+    #[serde(default)]
+    pub upscale: Option<UpscaleRequest>,
 }
 
 /// Integer fields read numbers as JSON (and JSON Schema) does: `5` and `5.0` are the same
@@ -358,6 +364,9 @@ pub struct JobSpec {
     /// Image-to-image and inpainting: the source image, mask and strength.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Box<SourceSpec>>,
+    /// Super-resolution after generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upscale: Option<UpscaleSpec>,
 }
 
 /// The fields of a job left to the serving model's defaults.
@@ -569,6 +578,7 @@ impl JobRequest {
             style,
             priority,
             source,
+            upscale: self.upscale.map(UpscaleRequest::validate).transpose()?,
         })
     }
 }

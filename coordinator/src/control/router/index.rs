@@ -282,6 +282,7 @@ pub fn sample_farm(n: usize) -> Vec<NodeView<'static>> {
                 img2img: true,
                 inpaint: true,
                 loras: &[],
+                upscalers: &[],
                 online: i % 7 != 0,
                 suspect: false,
                 draining: i % 11 == 0,

@@ -18,11 +18,12 @@
 
 use drover_shared::family::ModelFamily;
 use drover_shared::ids::NodeId;
-use drover_shared::job::{JobSpec, ModelSelector, Size};
+use drover_shared::job::upscale::MAX_UPSCALED_PIXELS;
+use drover_shared::job::{JobSpec, ModelSelector, Size, UpscaleSpec};
 use drover_shared::sampler::Sampler;
 use serde::Serialize;
 
-use crate::records::LoraAdvert;
+use crate::records::{LoraAdvert, UpscalerAdvert};
 
 /// What the router knows about one node at decision time.
 #[derive(Clone, Debug)]
@@ -47,6 +48,8 @@ pub struct NodeView<'a> {
     pub inpaint: bool,
     /// LoRAs available on the node.
     pub loras: &'a [LoraAdvert],
+    /// Upscalers it runs after generation, its default first.
+    pub upscalers: &'a [UpscalerAdvert],
     /// Session open and heartbeats on time.
     pub online: bool,
     /// Heartbeats late (not yet offline): gets no new work.
@@ -124,6 +127,27 @@ pub enum SkipReason {
     Img2ImgNotServed,
     /// The job has an inpainting mask and the node does not inpaint.
     InpaintingNotServed,
+    /// The job asks for an upscale and the node has no upscaler (of that name).
+    UpscalerNotServed {
+        /// The upscaler asked for (`None`: any).
+        upscaler: Option<String>,
+        /// The upscalers the node has.
+        upscalers: Vec<String>,
+    },
+    /// The node's upscaler cannot do what the job asks (too many passes for the scale).
+    UpscaleNotReached {
+        /// The upscaler.
+        upscaler: String,
+        /// Why.
+        detail: String,
+    },
+    /// The upscaled image would be larger than the farm's limit.
+    UpscaleTooLarge {
+        /// Pixels of the upscaled image.
+        pixels: u64,
+        /// The limit.
+        max_pixels: u64,
+    },
     /// The node does not have a requested LoRA.
     MissingLora {
         /// The LoRA.
@@ -222,6 +246,9 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
             return Err(SkipReason::InpaintingNotServed);
         }
     }
+    if let Some(upscale) = &job.upscale {
+        upscale_capability(upscale, size, node.upscalers)?;
+    }
     for lora in &job.loras {
         match node.loras.iter().find(|l| l.name == lora.name) {
             None => {
@@ -238,6 +265,40 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
             }
             Some(_) => {}
         }
+    }
+    Ok(())
+}
+
+/// Whether a node with `upscalers` can upscale an image of `size` as `upscale` asks: it has the
+/// upscaler (the named one; any, its first, when none is named), the passes reach the scale,
+/// and the result stays within [`MAX_UPSCALED_PIXELS`].
+fn upscale_capability(
+    upscale: &UpscaleSpec,
+    size: Size,
+    upscalers: &[UpscalerAdvert],
+) -> Result<(), SkipReason> {
+    let found = match &upscale.model {
+        Some(name) => upscalers.iter().find(|u| &u.name == name),
+        None => upscalers.first(),
+    };
+    let Some(upscaler) = found else {
+        return Err(SkipReason::UpscalerNotServed {
+            upscaler: upscale.model.clone(),
+            upscalers: upscalers.iter().map(|u| u.name.clone()).collect(),
+        });
+    };
+    let plan = upscale
+        .plan(upscaler.scale)
+        .map_err(|detail| SkipReason::UpscaleNotReached {
+            upscaler: upscaler.name.clone(),
+            detail,
+        })?;
+    let (w, h) = plan.output(size);
+    if w * h > MAX_UPSCALED_PIXELS {
+        return Err(SkipReason::UpscaleTooLarge {
+            pixels: w * h,
+            max_pixels: MAX_UPSCALED_PIXELS,
+        });
     }
     Ok(())
 }

@@ -1,4 +1,5 @@
 use super::*;
+use crate::records::UpscalerAdvert;
 use drover_shared::job::{JobRequest, LoraRef};
 use proptest::prelude::*;
 
@@ -21,6 +22,7 @@ fn node(i: u8, family: ModelFamily) -> NodeView<'static> {
         img2img: false,
         inpaint: false,
         loras: &[],
+        upscalers: &[],
         online: true,
         suspect: false,
         draining: false,
@@ -613,4 +615,64 @@ fn source_images_go_only_to_nodes_that_can_encode_them() {
     assert_eq!(capability(&job(r#"{"prompt":"x"}"#), &text_only), Ok(()));
     let reason = serde_json::to_value(SkipReason::Img2ImgNotServed).unwrap();
     assert_eq!(reason["reason"], "img2img_not_served");
+}
+
+#[test]
+fn upscale_jobs_go_only_to_nodes_holding_an_upscaler_that_reaches_the_scale() {
+    let upscalers: &'static [UpscalerAdvert] = Box::leak(Box::new([
+        UpscalerAdvert {
+            name: "x4".into(),
+            scale: 4,
+            network: "SRVGGNetCompact ×4".into(),
+        },
+        UpscalerAdvert {
+            name: "x2".into(),
+            scale: 2,
+            network: "RRDBNet ×2".into(),
+        },
+    ]));
+    let plain = node(1, ModelFamily::Sd15);
+    let holder = NodeView {
+        upscalers,
+        max_pixels: 2 << 20,
+        ..node(2, ModelFamily::Sd15)
+    };
+    let any = job(r#"{"prompt":"x","size":"512x512","upscale":{}}"#);
+    assert_eq!(
+        capability(&any, &plain),
+        Err(SkipReason::UpscalerNotServed {
+            upscaler: None,
+            upscalers: Vec::new()
+        })
+    );
+    assert_eq!(capability(&any, &holder), Ok(()));
+    let named = job(r#"{"prompt":"x","upscale":{"model":"x8"}}"#);
+    assert_eq!(
+        capability(&named, &holder),
+        Err(SkipReason::UpscalerNotServed {
+            upscaler: Some("x8".into()),
+            upscalers: vec!["x4".into(), "x2".into()]
+        })
+    );
+    // The default (first) upscaler is ×4: 1024² reaches exactly 4096², one row more does not.
+    let edge = job(r#"{"prompt":"x","size":"1024x1024","upscale":{}}"#);
+    assert_eq!(capability(&edge, &holder), Ok(()));
+    let over = job(r#"{"prompt":"x","size":"1024x1032","upscale":{}}"#);
+    assert_eq!(
+        capability(&over, &holder),
+        Err(SkipReason::UpscaleTooLarge {
+            pixels: 4096 * 4128,
+            max_pixels: 4096 * 4096
+        })
+    );
+    // Two passes of the ×2 reach ×3 (then resized down); one pass does not.
+    let three = job(r#"{"prompt":"x","size":"512x512","upscale":{"model":"x2","scale":3}}"#);
+    assert_eq!(capability(&three, &holder), Ok(()));
+    let short = job(r#"{"prompt":"x","upscale":{"model":"x2","passes":1,"scale":3}}"#);
+    assert!(matches!(
+        capability(&short, &holder),
+        Err(SkipReason::UpscaleNotReached { .. })
+    ));
+    let reason = serde_json::to_value(capability(&any, &plain).unwrap_err()).unwrap();
+    assert_eq!(reason["reason"], "upscaler_not_served");
 }

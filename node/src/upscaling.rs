@@ -1,0 +1,444 @@
+//! The node's upscalers: `UPSCALER` names super-resolution files (ESRGAN-family and compact
+//! Real-ESRGAN networks, [`crate::burn::upscale`]); the factory loads them once, and every worker
+//! runs a job's `upscale` on its rendered image through [`PostProcess`] before encoding it.
+//!
+//! Upscalers run on Burn whatever renders the images: on the GPU of a cuda node, on the CPU
+//! otherwise (rknn and sim nodes included; an RKNN super-resolution model is not supported yet).
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ::burn::tensor::backend::Backend;
+use drover_shared::detect::upscaler::{UpscalerArch, UpscalerSpec, inspect_upscaler};
+use drover_shared::image::{ResizeMode, Rgb, resize};
+use drover_shared::job::UpscaleSpec;
+use drover_shared::job::upscale::MAX_UPSCALED_PIXELS;
+
+use crate::burn::upscale::{DEFAULT_TILE_PAD, Tiling, Upscaler};
+use crate::config::NodeConfig;
+use crate::error::{NodeError, Result};
+use crate::render::Image;
+
+/// An upscaler the node was configured with.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UpscalerEntry {
+    /// Its name in the farm: the file's stem.
+    pub name: String,
+    /// What the header says it is.
+    pub spec: UpscalerSpec,
+}
+
+/// What an upscale did, for the PNG's text chunks.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Upscaled {
+    /// Upscaler name.
+    pub upscaler: String,
+    /// Passes run.
+    pub passes: u32,
+    /// Final size relative to the generated image.
+    pub factor: f64,
+}
+
+/// Runs a job's `upscale` on its rendered image. Shared by every worker of the node.
+pub trait PostProcess: Send + Sync {
+    /// Upscales `image` as `spec` asks. `progress(done, all)` is called before the first tile
+    /// and after every tile of every pass; its `Break` cancels. Requests this node cannot serve
+    /// (an unknown upscaler, too many passes, a result past the pixel limit) are refused with
+    /// [`NodeError::InvalidJob`].
+    fn upscale(
+        &self,
+        image: Image,
+        spec: &UpscaleSpec,
+        progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<(Image, Upscaled)>;
+}
+
+/// The upscalers `UPSCALER` names, in order: each a `.safetensors` file under `MODEL_ROOT`
+/// (`x4` or `x4.safetensors`), or a path. Names must be unique; files that are not upscalers
+/// are refused with the reason.
+pub fn configured(config: &NodeConfig) -> Result<Vec<UpscalerEntry>> {
+    let Some(list) = config.upscaler.as_deref() else {
+        return Ok(Vec::new());
+    };
+    let mut entries: Vec<UpscalerEntry> = Vec::new();
+    for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let path = locate(config.model_root.as_deref(), item)?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if entries.iter().any(|e| e.name == name) {
+            return Err(NodeError::Config(format!(
+                "UPSCALER names `{name}` twice; upscaler names (file stems) must be unique"
+            )));
+        }
+        let spec = inspect_upscaler(&path)
+            .map_err(|e| NodeError::Config(format!("UPSCALER `{item}`: {e}")))?;
+        tracing::info!(upscaler = %name, network = %spec.label(), path = %path.display(), "upscaler found");
+        entries.push(UpscalerEntry { name, spec });
+    }
+    Ok(entries)
+}
+
+fn locate(root: Option<&Path>, item: &str) -> Result<PathBuf> {
+    let given = PathBuf::from(item);
+    let mut candidates = Vec::new();
+    if given.is_absolute() || item.contains('/') {
+        candidates.push(given.clone());
+    }
+    if let Some(root) = root {
+        candidates.push(root.join(item));
+        candidates.push(root.join(format!("{item}.safetensors")));
+    }
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        NodeError::Config(match root {
+            Some(root) => format!(
+                "UPSCALER `{item}`: no {item} or {item}.safetensors under MODEL_ROOT {}",
+                root.display()
+            ),
+            None => format!(
+                "UPSCALER `{item}`: not a file (set MODEL_ROOT, or give the upscaler's path)"
+            ),
+        })
+    })
+}
+
+/// The tile size (`UPSCALE_TILE`, input pixels, 0: whole images) or, when unset, the largest
+/// that keeps the working set within `UPSCALE_MEMORY` bytes for the widest of `entries`.
+pub fn tiling(config: &NodeConfig, entries: &[UpscalerEntry]) -> Tiling {
+    let pad = config.upscale_tile_pad.unwrap_or(DEFAULT_TILE_PAD);
+    if let Some(tile) = config.upscale_tile {
+        return Tiling { tile, pad };
+    }
+    entries
+        .iter()
+        .map(|e| tiling_for(e, config.upscale_memory, pad))
+        .min_by_key(|t| t.tile)
+        .unwrap_or_default()
+}
+
+/// Loaded upscalers on one Burn backend.
+pub struct Upscalers<B: Backend> {
+    nets: Vec<(String, Upscaler<B>)>,
+    tiling: Tiling,
+}
+
+impl<B: Backend> Upscalers<B> {
+    /// Loads every entry on `device` (f32).
+    pub fn load(entries: &[UpscalerEntry], device: &B::Device, tiling: Tiling) -> Result<Self> {
+        let nets = entries
+            .iter()
+            .map(|e| Ok((e.name.clone(), Upscaler::open(&e.spec, device)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self { nets, tiling })
+    }
+
+    fn find(&self, name: Option<&str>) -> Result<&(String, Upscaler<B>)> {
+        let found = match name {
+            Some(n) => self.nets.iter().find(|(have, _)| have == n),
+            None => self.nets.first(),
+        };
+        found.ok_or_else(|| {
+            let have: Vec<&str> = self.nets.iter().map(|(n, _)| n.as_str()).collect();
+            NodeError::InvalidJob(format!(
+                "upscaler `{}` is not on this node (it has: {})",
+                name.unwrap_or("any"),
+                if have.is_empty() {
+                    "none".to_string()
+                } else {
+                    have.join(", ")
+                }
+            ))
+        })
+    }
+}
+
+impl<B: Backend> PostProcess for Upscalers<B>
+where
+    Upscaler<B>: Send + Sync,
+{
+    fn upscale(
+        &self,
+        image: Image,
+        spec: &UpscaleSpec,
+        progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<(Image, Upscaled)> {
+        let (name, net) = self.find(spec.model.as_deref())?;
+        let plan = spec
+            .plan(net.scale() as u32)
+            .map_err(|m| NodeError::InvalidJob(format!("upscale with `{name}`: {m}")))?;
+        let size = drover_shared::job::Size {
+            width: image.width as u32,
+            height: image.height as u32,
+        };
+        let (w, h) = plan.output(size);
+        if w * h > MAX_UPSCALED_PIXELS {
+            return Err(NodeError::InvalidJob(format!(
+                "upscaled image {w}x{h} is over the limit of {MAX_UPSCALED_PIXELS} pixels"
+            )));
+        }
+        let passes = plan.passes as usize;
+        let mut rgb = Rgb {
+            width: image.width,
+            height: image.height,
+            pixels: image.rgb,
+        };
+        for pass in 0..passes {
+            let pixels = net.upscale_rgb8(
+                &rgb.pixels,
+                rgb.width,
+                rgb.height,
+                self.tiling,
+                |done, all| progress(pass * all + done, passes * all),
+            )?;
+            rgb = Rgb {
+                width: rgb.width * net.scale(),
+                height: rgb.height * net.scale(),
+                pixels,
+            };
+        }
+        let (w, h) = (w as usize, h as usize);
+        if (rgb.width, rgb.height) != (w, h) {
+            rgb = resize(&rgb, w, h, ResizeMode::Resize);
+        }
+        let upscaled = Upscaled {
+            upscaler: name.clone(),
+            passes: plan.passes,
+            factor: plan.factor,
+        };
+        Ok((
+            Image {
+                width: rgb.width,
+                height: rgb.height,
+                rgb: rgb.pixels,
+                truncated_tokens: image.truncated_tokens,
+            },
+            upscaled,
+        ))
+    }
+}
+
+/// Loads the configured upscalers for a node of `backend`: on the first CUDA device for cuda
+/// nodes (with the `cuda` feature), on the CPU otherwise. `None` when `UPSCALER` names none.
+pub fn load(
+    config: &NodeConfig,
+    entries: &[UpscalerEntry],
+    cuda: bool,
+) -> Result<Option<Arc<dyn PostProcess>>> {
+    if entries.is_empty() {
+        return Ok(None);
+    }
+    let tiling = tiling(config, entries);
+    tracing::info!(
+        upscalers = entries.len(),
+        tile = tiling.tile,
+        pad = tiling.pad,
+        "upscalers loading"
+    );
+    #[cfg(feature = "cuda")]
+    if cuda {
+        let set = Upscalers::<crate::burn::Gpu>::load(entries, &Default::default(), tiling)?;
+        return Ok(Some(Arc::new(set)));
+    }
+    let _ = cuda;
+    let set = Upscalers::<crate::burn::Cpu>::load(entries, &Default::default(), tiling)?;
+    Ok(Some(Arc::new(set)))
+}
+
+/// Writes a random-weight upscaler of `scale` (`x1`, `x2`, `x4`) to `out`: a compact SRVGGNet
+/// (`arch` `compact`, realesr-general-x4v3's shape by default) or an RRDBNet (`rrdb`,
+/// RealESRGAN_x4plus's), Real-ESRGAN names, f16. The compact one's residual is scaled down so
+/// its output is the nearest-upscaled input plus faint noise; neither restores anything. Returns
+/// the network's label, read back from the written header.
+pub fn make_upscaler(
+    out: &Path,
+    seed: u64,
+    scale: &str,
+    arch: &str,
+    features: Option<usize>,
+    depth: Option<usize>,
+) -> Result<String> {
+    let scale: usize = match scale {
+        "x1" => 1,
+        "x2" => 2,
+        "x4" => 4,
+        other => {
+            return Err(NodeError::Config(format!(
+                "upscaler scale {other}: x1, x2 or x4"
+            )));
+        }
+    };
+    let features = features.unwrap_or(64);
+    let network = match arch {
+        "compact" => UpscalerArch::Compact {
+            features,
+            convs: depth.unwrap_or(32),
+            scale,
+        },
+        "rrdb" => UpscalerArch::Rrdb {
+            features,
+            blocks: depth.unwrap_or(23),
+            growth: 32,
+            upsamples: 2,
+            unshuffle: 4 / scale,
+            naming: drover_shared::detect::upscaler::RrdbNaming::RealEsrgan,
+        },
+        other => {
+            return Err(NodeError::Config(format!(
+                "upscaler network {other}: compact or rrdb"
+            )));
+        }
+    };
+    if features == 0 || features > 256 {
+        return Err(NodeError::Config(format!("{features} features: 1..=256")));
+    }
+    let spec = UpscalerSpec {
+        path: out.to_path_buf(),
+        network,
+        scale,
+        dtype: None,
+        parameters: 0,
+        weights_bytes: 0,
+        model_id: String::new(),
+    };
+    let random = crate::burn::weights::RandomWeights::new(seed);
+    Upscaler::<crate::burn::Cpu>::load(&spec, &random, &Default::default())?;
+    let last = match spec.network {
+        UpscalerArch::Compact { convs, .. } => format!("body.{}", 2 * convs + 2),
+        UpscalerArch::Rrdb { .. } => "conv_last".to_string(),
+    };
+    let mut tensors = random.take();
+    for (name, t) in &mut tensors {
+        if t.shape.len() == 1 && name.ends_with(".weight") {
+            // PReLU slopes: PyTorch's initial 0.25 (the generator's 1.0 would make the body
+            // linear).
+            t.data.iter_mut().for_each(|v| *v = 0.25);
+        } else if name == &format!("{last}.weight") {
+            t.data.iter_mut().for_each(|v| *v *= 0.1);
+        } else if name == &format!("{last}.bias")
+            && matches!(spec.network, UpscalerArch::Rrdb { .. })
+        {
+            t.data.iter_mut().for_each(|v| *v = 0.5);
+        }
+    }
+    crate::tools::write_f16(out, &tensors)?;
+    let written = inspect_upscaler(out)?;
+    if written.network != spec.network {
+        return Err(NodeError::Weights(format!(
+            "{} reads back as {}, not the network written",
+            out.display(),
+            written.label()
+        )));
+    }
+    Ok(written.label())
+}
+
+/// What `drover-node upscale` runs.
+pub struct UpscaleRun<'a> {
+    /// The upscaler file.
+    pub model: &'a Path,
+    /// The image to upscale.
+    pub image: &'a Path,
+    /// The PNG to write.
+    pub out: &'a Path,
+    /// Passes and scale.
+    pub spec: UpscaleSpec,
+    /// Tile side (`None`: the memory budget's).
+    pub tile: Option<usize>,
+    /// Context around each tile.
+    pub pad: usize,
+    /// Untimed runs first.
+    pub warmup: usize,
+}
+
+/// Upscales one image on the CPU and reports the time per input megapixel (one JSON line).
+pub fn upscale_cli(run: &UpscaleRun<'_>) -> Result<String> {
+    let io = |p: &Path, e: std::io::Error| NodeError::Config(format!("{}: {e}", p.display()));
+    let spec = inspect_upscaler(run.model)?;
+    let entry = UpscalerEntry {
+        name: run
+            .model
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        spec,
+    };
+    let bytes = std::fs::read(run.image).map_err(|e| io(run.image, e))?;
+    let rgb = drover_shared::image::decode(&bytes)
+        .map_err(|e| NodeError::InvalidJob(format!("{}: {e}", run.image.display())))?;
+    let tiling = match run.tile {
+        Some(tile) => Tiling { tile, pad: run.pad },
+        None => {
+            let budget = NodeConfig::default_upscale_memory();
+            let mut t = tiling_for(&entry, budget, run.pad);
+            t.pad = run.pad;
+            t
+        }
+    };
+    let started = std::time::Instant::now();
+    let set = Upscalers::<crate::burn::Cpu>::load(
+        std::slice::from_ref(&entry),
+        &Default::default(),
+        tiling,
+    )?;
+    let load_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let image = || Image {
+        width: rgb.width,
+        height: rgb.height,
+        rgb: rgb.pixels.clone(),
+        truncated_tokens: 0,
+    };
+    let mut go = |_: usize, _: usize| ControlFlow::Continue(());
+    for _ in 0..run.warmup {
+        set.upscale(image(), &run.spec, &mut go)?;
+    }
+    let started = std::time::Instant::now();
+    let (out, done) = set.upscale(image(), &run.spec, &mut go)?;
+    let upscale_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let png = png_of(&out, &done)?;
+    std::fs::write(run.out, png).map_err(|e| io(run.out, e))?;
+    let megapixels = (rgb.width * rgb.height) as f64 / 1e6;
+    Ok(format!(
+        "{}\n",
+        serde_json::json!({
+            "model": run.model.display().to_string(), "network": entry.spec.label(),
+            "input": format!("{}x{}", rgb.width, rgb.height),
+            "output": format!("{}x{}", out.width, out.height),
+            "passes": done.passes, "tile": tiling.tile, "pad": tiling.pad,
+            "load_ms": load_ms, "upscale_ms": upscale_ms,
+            "ms_per_input_megapixel": upscale_ms / megapixels / f64::from(done.passes),
+            "out": run.out.display().to_string(),
+        })
+    ))
+}
+
+fn tiling_for(entry: &UpscalerEntry, budget: u64, pad: usize) -> Tiling {
+    let features = match entry.spec.network {
+        UpscalerArch::Rrdb { features, .. } | UpscalerArch::Compact { features, .. } => features,
+    };
+    Tiling::for_budget(budget, features, entry.spec.scale, pad)
+}
+
+/// A PNG of an upscaled image with text chunks naming the upscaler.
+fn png_of(image: &Image, done: &Upscaled) -> Result<Vec<u8>> {
+    let render = |e: png::EncodingError| NodeError::Render(e.to_string());
+    let mut out = Vec::new();
+    let mut encoder = png::Encoder::new(&mut out, image.width as u32, image.height as u32);
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    for (key, value) in [
+        ("Software", format!("drover {}", drover_shared::VERSION)),
+        ("upscaler", done.upscaler.clone()),
+        ("upscale_passes", done.passes.to_string()),
+        ("upscale", done.factor.to_string()),
+    ] {
+        encoder
+            .add_itxt_chunk(key.to_string(), value)
+            .map_err(render)?;
+    }
+    let mut writer = encoder.write_header().map_err(render)?;
+    writer.write_image_data(&image.rgb).map_err(render)?;
+    writer.finish().map_err(render)?;
+    Ok(out)
+}

@@ -1,0 +1,213 @@
+//! Upscaling after generation: what a job asks for ([`UpscaleRequest`]), its validated form
+//! ([`UpscaleSpec`]) and how it runs on an upscaler of a given scale ([`UpscaleSpec::plan`], the
+//! one rule the coordinator's router and the node both apply).
+
+use serde::{Deserialize, Serialize};
+
+use super::{Size, check_name};
+use crate::error::FieldError;
+
+/// Most upscaler passes one job may ask for.
+pub const MAX_UPSCALE_PASSES: u32 = 3;
+/// Largest final scale a job may ask for.
+pub const MAX_UPSCALE_FACTOR: f64 = 16.0;
+/// Largest upscaled image, in pixels (4096×4096).
+pub const MAX_UPSCALED_PIXELS: u64 = 4096 * 4096;
+
+/// Super-resolution after generation, as a client asks for it (`upscale` on a job).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UpscaleRequest {
+    /// Upscaler name (its file's stem under the node's `MODEL_ROOT`, as `GET /v1/upscalers`
+    /// lists it); when absent, the first upscaler of the serving node.
+    #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+    )]
+    pub model: Option<String>,
+    /// Passes of the upscaler, 1..=3; when absent, the fewest that reach `scale` (1 without
+    /// `scale`).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3))]
+    pub passes: Option<u32>,
+    /// Final size relative to the generated image, in 1..=16: the last pass's output is
+    /// resized down to it (a ×4 upscaler and `scale` 2 give twice the sides). When absent,
+    /// the upscaler's own scale to the power of `passes`.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 16))]
+    pub scale: Option<f64>,
+}
+
+/// Validated upscaling of a job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct UpscaleSpec {
+    /// Upscaler name; `None`: the serving node's first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// Passes asked for; `None`: derived from `scale`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub passes: Option<u32>,
+    /// Final scale asked for; `None`: the upscaler's scale to the power of the passes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f64>,
+}
+
+/// How an upscale runs on an upscaler of a given scale.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UpscalePlan {
+    /// Passes of the network.
+    pub passes: u32,
+    /// Final size relative to the generated image.
+    pub factor: f64,
+}
+
+impl UpscalePlan {
+    /// The final image size for a generated image of `size` (sides rounded to the nearest
+    /// pixel).
+    pub fn output(&self, size: Size) -> (u64, u64) {
+        let side = |s: u32| (f64::from(s) * self.factor).round() as u64;
+        (side(size.width), side(size.height))
+    }
+}
+
+impl UpscaleRequest {
+    /// Checks every value, naming the field (under `upscale.`) on error.
+    pub fn validate(self) -> Result<UpscaleSpec, FieldError> {
+        let model = match self.model.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(name) => {
+                check_name("upscale.model", name)?;
+                Some(name.to_string())
+            }
+        };
+        if let Some(p) = self.passes
+            && !(1..=MAX_UPSCALE_PASSES).contains(&p)
+        {
+            return Err(FieldError::new(
+                "upscale.passes",
+                format!("{p} is outside 1..={MAX_UPSCALE_PASSES}"),
+            ));
+        }
+        if let Some(s) = self.scale
+            && !(1.0..=MAX_UPSCALE_FACTOR).contains(&s)
+        {
+            return Err(FieldError::new(
+                "upscale.scale",
+                format!("{s} is outside 1..={MAX_UPSCALE_FACTOR}"),
+            ));
+        }
+        Ok(UpscaleSpec {
+            model,
+            passes: self.passes,
+            scale: self.scale,
+        })
+    }
+}
+
+impl UpscaleSpec {
+    /// The passes and final scale on an upscaler of scale `net` (its output sides per input
+    /// side), or why it cannot reach what was asked: more than [`MAX_UPSCALE_PASSES`] passes,
+    /// or fewer passes than `scale` needs.
+    pub fn plan(&self, net: u32) -> Result<UpscalePlan, String> {
+        let net = f64::from(net.max(1));
+        let reach = |p: u32| net.powi(p as i32);
+        let passes = match (self.passes, self.scale) {
+            (Some(p), _) => p,
+            (None, None) => 1,
+            (None, Some(s)) => (1..=MAX_UPSCALE_PASSES)
+                .find(|&p| reach(p) >= s - 1e-9)
+                .ok_or_else(|| {
+                    format!(
+                        "scale {s} needs more than {MAX_UPSCALE_PASSES} passes of a ×{net} upscaler"
+                    )
+                })?,
+        };
+        if !(1..=MAX_UPSCALE_PASSES).contains(&passes) {
+            return Err(format!("{passes} passes: 1..={MAX_UPSCALE_PASSES} run"));
+        }
+        let factor = match self.scale {
+            Some(s) if reach(passes) < s - 1e-9 => {
+                return Err(format!(
+                    "{passes} pass(es) of a ×{net} upscaler reach ×{}, less than scale {s}",
+                    reach(passes)
+                ));
+            }
+            Some(s) => s,
+            None => reach(passes),
+        };
+        Ok(UpscalePlan { passes, factor })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(passes: Option<u32>, scale: Option<f64>) -> UpscaleSpec {
+        UpscaleSpec {
+            model: None,
+            passes,
+            scale,
+        }
+    }
+
+    #[test]
+    fn plans_take_the_fewest_passes_that_reach_the_scale() {
+        let p = spec(None, None).plan(4).unwrap();
+        assert_eq!((p.passes, p.factor), (1, 4.0));
+        let p = spec(Some(2), None).plan(2).unwrap();
+        assert_eq!((p.passes, p.factor), (2, 4.0));
+        let p = spec(None, Some(2.0)).plan(4).unwrap();
+        assert_eq!((p.passes, p.factor), (1, 2.0));
+        let p = spec(None, Some(6.0)).plan(2).unwrap();
+        assert_eq!((p.passes, p.factor), (3, 6.0));
+        assert_eq!(
+            p.output(Size {
+                width: 64,
+                height: 72
+            }),
+            (384, 432)
+        );
+        let err = spec(None, Some(9.0)).plan(2).unwrap_err();
+        assert!(err.contains("more than 3 passes"), "{err}");
+        let err = spec(Some(1), Some(8.0)).plan(4).unwrap_err();
+        assert!(err.contains("less than scale 8"), "{err}");
+    }
+
+    #[test]
+    fn requests_are_checked_field_by_field() {
+        let bad = |r: UpscaleRequest| r.validate().unwrap_err().field;
+        assert_eq!(
+            bad(UpscaleRequest {
+                passes: Some(4),
+                ..Default::default()
+            }),
+            "upscale.passes"
+        );
+        assert_eq!(
+            bad(UpscaleRequest {
+                scale: Some(0.5),
+                ..Default::default()
+            }),
+            "upscale.scale"
+        );
+        assert_eq!(
+            bad(UpscaleRequest {
+                model: Some("../x".into()),
+                ..Default::default()
+            }),
+            "upscale.model"
+        );
+        let ok = UpscaleRequest {
+            model: Some(" x4 ".into()),
+            passes: Some(3),
+            scale: Some(16.0),
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(ok.model.as_deref(), Some("x4"));
+    }
+}

@@ -1,0 +1,225 @@
+//! Upscaling end to end: a cpu node holding two random-weight upscalers (a compact SRVGGNet ×4
+//! and an RRDBNet ×2) next to a simulated node holding none; jobs that ask for `upscale` go only
+//! to the holder, come back at the upscaled size with the upscaler named in the PNG, and equal
+//! what `drover-node upscale` makes of the same render; requests no node can serve are refused
+//! with each node's reason.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use drover_tests::{ClusterSandbox, NodeSpec, binaries, png_rgb, png_size, png_text};
+use serde_json::json;
+
+const T: Duration = Duration::from_secs(120);
+
+fn text(png: &[u8], key: &str) -> String {
+    png_text(png)
+        .into_iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v)
+        .unwrap_or_default()
+}
+
+fn node_tool(args: &[&str], dir: &Path) -> anyhow::Result<String> {
+    let out = Command::new(binaries!().node)
+        .args(args)
+        .current_dir(dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "drover-node {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn jobs_upscale_on_the_node_holding_the_upscaler() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let root = dir.path();
+    node_tool(&["make-model", "--out", "demo-sd15"], root)?;
+    node_tool(
+        &[
+            "make-model",
+            "--upscaler",
+            "x4",
+            "--features",
+            "16",
+            "--depth",
+            "4",
+            "--out",
+            "general-x4.safetensors",
+        ],
+        root,
+    )?;
+    node_tool(
+        &[
+            "make-model",
+            "--upscaler",
+            "x2",
+            "--arch",
+            "rrdb",
+            "--features",
+            "8",
+            "--depth",
+            "1",
+            "--out",
+            "rrdb-x2.safetensors",
+        ],
+        root,
+    )?;
+    // A misnamed upscaler stops the node at start with the reason.
+    let refused = Command::new(binaries!().node)
+        .env("BACKEND", "cpu")
+        .env("MODEL_ROOT", root)
+        .env("MODEL", "demo-sd15")
+        .env("UPSCALER", "missing-x8")
+        .env("COORDINATOR_URL", "http://127.0.0.1:9")
+        .output()?;
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("UPSCALER `missing-x8`"), "{stderr}");
+
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec {
+        name: "cpu-up".into(),
+        env: vec![
+            ("BACKEND".into(), "cpu".into()),
+            ("MODEL_ROOT".into(), root.to_string_lossy().into_owned()),
+            ("MODEL".into(), "demo-sd15".into()),
+            ("UPSCALER".into(), "general-x4,rrdb-x2.safetensors".into()),
+            ("UPSCALE_TILE".into(), "24".into()),
+        ],
+    })?;
+    cluster.add_node(NodeSpec::sim("plain", "sd15"))?;
+    cluster.wait_for_online(&["cpu-up", "plain"], T)?;
+    let holder = cluster.node_id("cpu-up")?;
+
+    // The farm lists its upscalers, natively and as A1111 does.
+    let listed = cluster.get("/v1/upscalers")?.json()?;
+    assert_eq!(listed.as_array().map(Vec::len), Some(2), "{listed}");
+    assert_eq!(listed[0]["name"], "general-x4");
+    assert_eq!(listed[0]["scale"], 4);
+    assert!(
+        listed[0]["network"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("SRVGGNetCompact ×4")),
+        "{listed}"
+    );
+    assert_eq!(listed[1]["name"], "rrdb-x2");
+    assert_eq!(listed[1]["scale"], 2);
+    let a1111 = cluster.get("/sdapi/v1/upscalers")?.json()?;
+    let names: Vec<&str> = a1111
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|u| u["name"].as_str())
+        .collect();
+    assert_eq!(names, ["None", "general-x4", "rrdb-x2"]);
+
+    // The default upscaler (the node's first, ×4) on a 64×64 render.
+    let base = json!({"prompt": "a harbour", "size": "64x64", "steps": 2, "seed": 11});
+    let mut job = base.clone();
+    job["upscale"] = json!({});
+    let reply = cluster.post("/v1/generate", &job)?;
+    reply.expect_status(200);
+    assert_eq!(reply.header("x-node-id"), holder.as_deref());
+    assert_eq!(png_size(&reply.body), (256, 256));
+    assert_eq!(text(&reply.body, "upscaler"), "general-x4");
+    assert_eq!(text(&reply.body, "upscale_passes"), "1");
+    assert_eq!(text(&reply.body, "generated_size"), "64x64");
+    assert_eq!(text(&reply.body, "size"), "256x256");
+
+    // The same render without upscaling, pinned to the holder's model, upscaled by the tool:
+    // the same bytes.
+    let model = cluster
+        .nodes()?
+        .into_iter()
+        .find(|n| n["name"] == "cpu-up")
+        .and_then(|n| n["model_id"].as_str().map(String::from))
+        .expect("a model id");
+    let mut plain = base.clone();
+    plain["model"] = json!(model);
+    let render = cluster.post("/v1/generate", &plain)?;
+    render.expect_status(200);
+    assert_eq!(png_size(&render.body), (64, 64));
+    std::fs::write(root.join("render.png"), &render.body)?;
+    node_tool(
+        &[
+            "upscale",
+            "--model",
+            "general-x4.safetensors",
+            "--image",
+            "render.png",
+            "--out",
+            "tool.png",
+            "--tile",
+            "24",
+        ],
+        root,
+    )?;
+    let tool = std::fs::read(root.join("tool.png"))?;
+    assert_eq!(
+        png_rgb(&reply.body),
+        png_rgb(&tool),
+        "the job's upscale is the tool's"
+    );
+
+    // Two passes of the RRDBNet ×2, and ×3 from the ×4 (one pass, resized down).
+    let mut twice = base.clone();
+    twice["upscale"] = json!({"model": "rrdb-x2", "passes": 2});
+    let reply = cluster.post("/v1/generate", &twice)?;
+    reply.expect_status(200);
+    assert_eq!(png_size(&reply.body), (256, 256));
+    assert_eq!(text(&reply.body, "upscaler"), "rrdb-x2");
+    assert_eq!(text(&reply.body, "upscale_passes"), "2");
+    let mut three = base.clone();
+    three["upscale"] = json!({"scale": 3});
+    let reply = cluster.post("/v1/generate", &three)?;
+    reply.expect_status(200);
+    assert_eq!(png_size(&reply.body), (192, 192));
+    assert_eq!(text(&reply.body, "upscale"), "3");
+
+    // What no node can do is refused at once, with each node's reason.
+    let mut unknown = base.clone();
+    unknown["upscale"] = json!({"model": "x8"});
+    let reply = cluster.post("/v1/jobs", &unknown)?;
+    reply.expect_status(422);
+    let error = reply.json()?;
+    let reasons = error["error"]["details"]["nodes"]
+        .as_array()
+        .expect("per-node reasons")
+        .clone();
+    assert_eq!(reasons.len(), 2, "{error}");
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r["reason"] == "upscaler_not_served" && r["upscaler"] == "x8"),
+        "{error}"
+    );
+    let mut huge = json!({"prompt": "x", "size": "768x768"});
+    huge["upscale"] = json!({"model": "rrdb-x2", "passes": 3});
+    let reply = cluster.post("/v1/jobs", &huge)?;
+    reply.expect_status(422);
+    let error = reply.json()?;
+    assert!(
+        error["error"]["details"]["nodes"]
+            .as_array()
+            .expect("reasons")
+            .iter()
+            .any(|r| r["reason"] == "upscale_too_large" && r["pixels"] == 6144u64 * 6144),
+        "{error}"
+    );
+    let mut bad = base.clone();
+    bad["upscale"] = json!({"passes": 4});
+    let reply = cluster.post("/v1/jobs", &bad)?;
+    reply.expect_status(400);
+    assert_eq!(reply.json()?["error"]["details"]["field"], "upscale.passes");
+    let mut bad = base;
+    bad["upscale"] = json!({"factor": 2});
+    let reply = cluster.post("/v1/jobs", &bad)?;
+    reply.expect_status(400);
+    assert_eq!(reply.json()?["error"]["details"]["field"], "factor");
+    Ok(())
+}
