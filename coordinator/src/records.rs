@@ -24,7 +24,7 @@ pub struct LoraAdvert {
 }
 
 /// A super-resolution network a node runs after generation (`UPSCALER`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct UpscalerAdvert {
     /// Name (the file's stem).
     pub name: String,
@@ -32,6 +32,10 @@ pub struct UpscalerAdvert {
     pub scale: u32,
     /// The network, e.g. `RRDBNet ×4 (64 features, 23 blocks)`.
     pub network: String,
+    /// Measured by the node at start: milliseconds per input megapixel of one pass (0:
+    /// unknown). Leases of jobs that upscale are lengthened by it.
+    #[serde(default)]
+    pub ms_per_megapixel: f64,
 }
 
 /// A registered node, as persisted in the registry.

@@ -7,7 +7,7 @@
 
 use drover_shared::error::InvalidId;
 use drover_shared::ids::{JobId, LeaseId};
-use drover_shared::job::{UpscaleRequest, UpscaleSpec};
+use drover_shared::job::{JobTask, UpscaleRequest, UpscaleSpec};
 use drover_shared::proto;
 use drover_shared::sampler::{SamplerName, SigmaSchedule};
 
@@ -26,8 +26,10 @@ pub struct Assignment {
     pub trace_id: String,
     /// What to render.
     pub params: Params,
-    /// Super-resolution after rendering.
+    /// Super-resolution after rendering, or of the source alone.
     pub upscale: Option<UpscaleSpec>,
+    /// What the job does.
+    pub task: JobTask,
 }
 
 /// An assignment refused at the edge: its ids as sent, to report the failure under, and why.
@@ -61,6 +63,17 @@ impl TryFrom<proto::Assignment> for Assignment {
         let schedule = spec.scheduler.parse::<SigmaSchedule>().map_err(&refuse)?;
         let source = source(&spec).map_err(&refuse)?;
         let upscale = upscale(spec.upscale.as_ref()).map_err(&refuse)?;
+        let task = match spec.task.as_str() {
+            "" | "generate" => JobTask::Generate,
+            "upscale" if source.is_none() => {
+                return Err(refuse("an upscale job without an image".into()));
+            }
+            "upscale" if upscale.is_none() => {
+                return Err(refuse("an upscale job without its upscale".into()));
+            }
+            "upscale" => JobTask::Upscale,
+            other => return Err(refuse(format!("unknown task `{other}`"))),
+        };
         Ok(Self {
             job_id,
             lease_id,
@@ -73,6 +86,7 @@ impl TryFrom<proto::Assignment> for Assignment {
                 ..spec.into()
             },
             upscale,
+            task,
         })
     }
 }
@@ -294,6 +308,7 @@ mod tests {
                 source: None,
             },
             upscale: None,
+            task: JobTask::Generate,
         };
         assert_eq!(a, want);
         let upscaled = Assignment::try_from(assignment(

@@ -77,13 +77,18 @@ pub fn default_max_pixels(family: ModelFamily) -> u64 {
 
 /// Creates the node's workers and loads its upscalers. Must run inside an actix system.
 pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
-    let upscalers = upscaling::configured(config)?;
+    let mut upscalers = upscaling::configured(config)?;
     let mut pool = build_workers(config)?;
     pool.post = upscaling::load(
         config,
         &upscalers,
         pool.capabilities.backend == BackendKind::Cuda,
     )?;
+    if let Some(post) = &pool.post {
+        for u in &mut upscalers {
+            u.ms_per_megapixel = post.ms_per_megapixel(&u.name);
+        }
+    }
     pool.capabilities.upscalers = upscalers;
     Ok(pool)
 }

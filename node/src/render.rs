@@ -297,6 +297,8 @@ pub struct PostJob {
     pub spec: UpscaleSpec,
     /// The node's upscalers.
     pub with: Arc<dyn PostProcess>,
+    /// The job is the upscale alone: its source image, no rendering.
+    pub only: bool,
 }
 
 impl RunJob {
@@ -370,6 +372,50 @@ impl<R: Renderer> Handler<RunJob> for Worker<R> {
         if job.cancel.is_cancelled() {
             return Err(NodeError::Cancelled);
         }
+        let only = job.upscale.as_ref().is_some_and(|p| p.only);
+        let (image, elapsed) = if only {
+            (source_image(&job.params)?, Duration::ZERO)
+        } else {
+            self.render(&job)?
+        };
+        let (image, upscaled) = match &job.upscale {
+            None => (image, None),
+            Some(post) => {
+                let started = Instant::now();
+                // A stand-alone upscale reports its tiles as its steps; after a render the
+                // steps are the render's, and the tiles only check for a cancel.
+                let mut go_on = |done: usize, all: usize| {
+                    if only {
+                        job.step_done(done, all)
+                    } else if job.cancel.is_cancelled() {
+                        ControlFlow::Break(())
+                    } else {
+                        ControlFlow::Continue(())
+                    }
+                };
+                let (image, upscaled) = post.with.upscale(image, &post.spec, &mut go_on)?;
+                tracing::info!(
+                    upscaler = %upscaled.upscaler,
+                    passes = upscaled.passes,
+                    width = image.width,
+                    height = image.height,
+                    ms = started.elapsed().as_millis() as u64,
+                    "image upscaled"
+                );
+                (image, Some(upscaled))
+            }
+        };
+        let png = match &upscaled {
+            Some(done) if only => crate::upscaling::png_of(&image, done, self.origin.backend)?,
+            _ => encode_png(&image, &job.params, &self.origin, upscaled.as_ref())?,
+        };
+        Ok(Rendered { png, elapsed })
+    }
+}
+
+impl<R: Renderer> Worker<R> {
+    /// Renders the job's image, logging it; the time it took.
+    fn render(&mut self, job: &RunJob) -> Result<(Image, Duration)> {
         let started = Instant::now();
         let image = self
             .renderer
@@ -390,32 +436,24 @@ impl<R: Renderer> Handler<RunJob> for Worker<R> {
             ms = elapsed.as_millis() as u64,
             "image rendered"
         );
-        let (image, upscaled) = match &job.upscale {
-            None => (image, None),
-            Some(post) => {
-                let started = Instant::now();
-                let mut go_on = |_: usize, _: usize| {
-                    if job.cancel.is_cancelled() {
-                        ControlFlow::Break(())
-                    } else {
-                        ControlFlow::Continue(())
-                    }
-                };
-                let (image, upscaled) = post.with.upscale(image, &post.spec, &mut go_on)?;
-                tracing::info!(
-                    upscaler = %upscaled.upscaler,
-                    passes = upscaled.passes,
-                    width = image.width,
-                    height = image.height,
-                    ms = started.elapsed().as_millis() as u64,
-                    "image upscaled"
-                );
-                (image, Some(upscaled))
-            }
-        };
-        let png = encode_png(&image, &job.params, &self.origin, upscaled.as_ref())?;
-        Ok(Rendered { png, elapsed })
+        Ok((image, elapsed))
     }
+}
+
+/// The source image of a stand-alone upscale, decoded at its own size.
+fn source_image(params: &Params) -> Result<Image> {
+    let source = params
+        .source
+        .as_ref()
+        .ok_or_else(|| NodeError::InvalidJob("an upscale job without an image".into()))?;
+    let rgb =
+        image::decode(&source.image).map_err(|e| NodeError::InvalidJob(format!("image: {e}")))?;
+    Ok(Image {
+        width: rgb.width,
+        height: rgb.height,
+        rgb: rgb.pixels,
+        truncated_tokens: 0,
+    })
 }
 
 /// PNG-encodes an image with text chunks naming the software and backend, prompt, seed, steps,

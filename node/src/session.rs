@@ -26,6 +26,7 @@ use crate::convert::{self, Assignment, Refused};
 use crate::error::{NodeError, Result};
 use crate::factory::WorkerPool;
 use crate::render::{CancelFlag, PostJob, Progress, ProgressSink, RunJob};
+use drover_shared::job::JobTask;
 
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -138,6 +139,7 @@ impl NodeLink {
                     name: u.name.clone(),
                     scale: u.spec.scale as u32,
                     network: u.spec.label(),
+                    ms_per_megapixel: u.ms_per_megapixel,
                 })
                 .collect(),
         }
@@ -313,6 +315,7 @@ impl NodeLink {
                 (Some(spec), Some(with)) => Some(PostJob {
                     spec,
                     with: with.clone(),
+                    only: a.task == JobTask::Upscale,
                 }),
                 (Some(_), None) => {
                     return Err(Refused {

@@ -27,6 +27,8 @@ pub struct UpscalerEntry {
     pub name: String,
     /// What the header says it is.
     pub spec: UpscalerSpec,
+    /// Measured once loaded: milliseconds per input megapixel of one pass (0 before).
+    pub ms_per_megapixel: f64,
 }
 
 /// What an upscale did, for the PNG's text chunks.
@@ -38,6 +40,8 @@ pub struct Upscaled {
     pub passes: u32,
     /// Final size relative to the generated image.
     pub factor: f64,
+    /// The upscaled image's size.
+    pub source_size: (u32, u32),
 }
 
 /// Runs a job's `upscale` on its rendered image. Shared by every worker of the node.
@@ -52,6 +56,9 @@ pub trait PostProcess: Send + Sync {
         spec: &UpscaleSpec,
         progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<(Image, Upscaled)>;
+
+    /// Milliseconds per input megapixel of one pass of upscaler `name`, measured at load.
+    fn ms_per_megapixel(&self, name: &str) -> f64;
 }
 
 /// The upscalers `UPSCALER` names, in order: each a `.safetensors` file under `MODEL_ROOT`
@@ -76,7 +83,11 @@ pub fn configured(config: &NodeConfig) -> Result<Vec<UpscalerEntry>> {
         let spec = inspect_upscaler(&path)
             .map_err(|e| NodeError::Config(format!("UPSCALER `{item}`: {e}")))?;
         tracing::info!(upscaler = %name, network = %spec.label(), path = %path.display(), "upscaler found");
-        entries.push(UpscalerEntry { name, spec });
+        entries.push(UpscalerEntry {
+            name,
+            spec,
+            ms_per_megapixel: 0.0,
+        });
     }
     Ok(entries)
 }
@@ -118,29 +129,45 @@ pub fn tiling(config: &NodeConfig, entries: &[UpscalerEntry]) -> Tiling {
         .unwrap_or_default()
 }
 
+/// Side of the image an upscaler's speed is measured on at load.
+const MEASURE_SIDE: usize = 64;
+
 /// Loaded upscalers on one Burn backend.
 pub struct Upscalers<B: Backend> {
-    nets: Vec<(String, Upscaler<B>)>,
+    nets: Vec<(String, Upscaler<B>, f64)>,
     tiling: Tiling,
 }
 
 impl<B: Backend> Upscalers<B> {
-    /// Loads every entry on `device` (f32).
+    /// Loads every entry on `device` (f32) and measures each: a 64×64 image twice (the first
+    /// compiles kernels on GPUs), the second timed.
     pub fn load(entries: &[UpscalerEntry], device: &B::Device, tiling: Tiling) -> Result<Self> {
+        let grey = vec![128u8; MEASURE_SIDE * MEASURE_SIDE * 3];
         let nets = entries
             .iter()
-            .map(|e| Ok((e.name.clone(), Upscaler::open(&e.spec, device)?)))
+            .map(|e| {
+                let net = Upscaler::open(&e.spec, device)?;
+                let go = |_: usize, _: usize| ControlFlow::Continue(());
+                let whole = Tiling::whole();
+                net.upscale_rgb8(&grey, MEASURE_SIDE, MEASURE_SIDE, whole, go)?;
+                let started = std::time::Instant::now();
+                net.upscale_rgb8(&grey, MEASURE_SIDE, MEASURE_SIDE, whole, go)?;
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                let ms_per_megapixel = ms / ((MEASURE_SIDE * MEASURE_SIDE) as f64 / 1e6);
+                tracing::info!(upscaler = %e.name, ms_per_megapixel = ms_per_megapixel as u64, "upscaler loaded and measured");
+                Ok((e.name.clone(), net, ms_per_megapixel))
+            })
             .collect::<Result<_>>()?;
         Ok(Self { nets, tiling })
     }
 
-    fn find(&self, name: Option<&str>) -> Result<&(String, Upscaler<B>)> {
+    fn find(&self, name: Option<&str>) -> Result<(&String, &Upscaler<B>)> {
         let found = match name {
-            Some(n) => self.nets.iter().find(|(have, _)| have == n),
+            Some(n) => self.nets.iter().find(|(have, _, _)| have == n),
             None => self.nets.first(),
         };
-        found.ok_or_else(|| {
-            let have: Vec<&str> = self.nets.iter().map(|(n, _)| n.as_str()).collect();
+        found.map(|(n, net, _)| (n, net)).ok_or_else(|| {
+            let have: Vec<&str> = self.nets.iter().map(|(n, _, _)| n.as_str()).collect();
             NodeError::InvalidJob(format!(
                 "upscaler `{}` is not on this node (it has: {})",
                 name.unwrap_or("any"),
@@ -206,6 +233,7 @@ where
             upscaler: name.clone(),
             passes: plan.passes,
             factor: plan.factor,
+            source_size: (size.width, size.height),
         };
         Ok((
             Image {
@@ -216,6 +244,13 @@ where
             },
             upscaled,
         ))
+    }
+
+    fn ms_per_megapixel(&self, name: &str) -> f64 {
+        self.nets
+            .iter()
+            .find(|(n, _, _)| n == name)
+            .map_or(0.0, |(_, _, ms)| *ms)
     }
 }
 
@@ -357,6 +392,7 @@ pub fn upscale_cli(run: &UpscaleRun<'_>) -> Result<String> {
     let io = |p: &Path, e: std::io::Error| NodeError::Config(format!("{}: {e}", p.display()));
     let spec = inspect_upscaler(run.model)?;
     let entry = UpscalerEntry {
+        ms_per_megapixel: 0.0,
         name: run
             .model
             .file_stem()
@@ -396,7 +432,7 @@ pub fn upscale_cli(run: &UpscaleRun<'_>) -> Result<String> {
     let started = std::time::Instant::now();
     let (out, done) = set.upscale(image(), &run.spec, &mut go)?;
     let upscale_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let png = png_of(&out, &done)?;
+    let png = png_of(&out, &done, "cpu")?;
     std::fs::write(run.out, png).map_err(|e| io(run.out, e))?;
     let megapixels = (rgb.width * rgb.height) as f64 / 1e6;
     Ok(format!(
@@ -420,18 +456,28 @@ fn tiling_for(entry: &UpscalerEntry, budget: u64, pad: usize) -> Tiling {
     Tiling::for_budget(budget, features, entry.spec.scale, pad)
 }
 
-/// A PNG of an upscaled image with text chunks naming the upscaler.
-fn png_of(image: &Image, done: &Upscaled) -> Result<Vec<u8>> {
+/// A PNG of a stand-alone upscale: text chunks naming the software (and `backend`), the
+/// upscaler, its passes, the final scale and the source's size.
+pub fn png_of(image: &Image, done: &Upscaled, backend: &str) -> Result<Vec<u8>> {
     let render = |e: png::EncodingError| NodeError::Render(e.to_string());
     let mut out = Vec::new();
     let mut encoder = png::Encoder::new(&mut out, image.width as u32, image.height as u32);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     for (key, value) in [
-        ("Software", format!("drover {}", drover_shared::VERSION)),
+        (
+            "Software",
+            format!("drover {} ({backend} backend)", drover_shared::VERSION),
+        ),
+        ("mode", "upscale".to_string()),
         ("upscaler", done.upscaler.clone()),
         ("upscale_passes", done.passes.to_string()),
         ("upscale", done.factor.to_string()),
+        (
+            "source_size",
+            format!("{}x{}", done.source_size.0, done.source_size.1),
+        ),
+        ("size", format!("{}x{}", image.width, image.height)),
     ] {
         encoder
             .add_itxt_chunk(key.to_string(), value)

@@ -1,14 +1,15 @@
 //! Upscaling end to end: a cpu node holding two random-weight upscalers (a compact SRVGGNet ×4
 //! and an RRDBNet ×2) next to a simulated node holding none; jobs that ask for `upscale` go only
 //! to the holder, come back at the upscaled size with the upscaler named in the PNG, and equal
-//! what `drover-node upscale` makes of the same render; requests no node can serve are refused
-//! with each node's reason.
+//! what `drover-node upscale` makes of the same render; stand-alone upscales (native,
+//! AUTOMATIC1111's extras, the LCM server's `superres`) run there too; requests no node can serve
+//! are refused with each node's reason.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use drover_tests::{ClusterSandbox, NodeSpec, binaries, png_rgb, png_size, png_text};
+use drover_tests::{ClusterSandbox, NodeSpec, base64, binaries, png_rgb, png_size, png_text};
 use serde_json::json;
 
 const T: Duration = Duration::from_secs(120);
@@ -19,6 +20,11 @@ fn text(png: &[u8], key: &str) -> String {
         .find(|(k, _)| k == key)
         .map(|(_, v)| v)
         .unwrap_or_default()
+}
+
+fn decode64(text: &str) -> anyhow::Result<Vec<u8>> {
+    use base64::Engine;
+    Ok(base64::engine::general_purpose::STANDARD.decode(text)?)
 }
 
 fn node_tool(args: &[&str], dir: &Path) -> anyhow::Result<String> {
@@ -180,6 +186,100 @@ fn jobs_upscale_on_the_node_holding_the_upscaler() -> anyhow::Result<()> {
     reply.expect_status(200);
     assert_eq!(png_size(&reply.body), (192, 192));
     assert_eq!(text(&reply.body, "upscale"), "3");
+
+    // Stand-alone upscales of that render, through each door: the native one equals the tool.
+    let image = base64(&render.body);
+    let reply = cluster.post(
+        "/v1/upscale",
+        &json!({"image": image, "model": "general-x4"}),
+    )?;
+    reply.expect_status(200);
+    assert_eq!(reply.header("x-node-id"), holder.as_deref());
+    assert_eq!(png_size(&reply.body), (256, 256));
+    assert_eq!(text(&reply.body, "mode"), "upscale");
+    assert_eq!(text(&reply.body, "source_size"), "64x64");
+    assert_eq!(png_rgb(&reply.body), png_rgb(&tool), "the same upscale");
+    let job = reply.header("x-job-id").expect("a job id").to_string();
+    let record = cluster.job(&job)?;
+    assert_eq!(record["state"], "succeeded", "{record}");
+    assert_eq!(record["spec"]["task"], "upscale", "{record}");
+    assert!(record["spec"]["source"].get("image").is_none(), "{record}");
+    let extras = cluster.post(
+        "/sdapi/v1/extra-single-image",
+        &json!({"image": format!("data:image/png;base64,{image}"), "upscaler_1": "rrdb-x2",
+                "resize_mode": 1, "upscaling_resize_w": 96, "upscaling_resize_h": 96,
+                "gfpgan_visibility": 0, "show_extras_results": true}),
+    )?;
+    extras.expect_status(200);
+    let body = extras.json()?;
+    let png = decode64(body["image"].as_str().expect("image"))?;
+    assert_eq!(png_size(&png), (96, 96), "one ×2 pass resized to 96");
+    assert_eq!(text(&png, "upscaler"), "rrdb-x2");
+    assert!(
+        body["html_info"]
+            .as_str()
+            .is_some_and(|h| h.contains("rrdb-x2")),
+        "{body}"
+    );
+    let superres = cluster.post("/superres", &json!({"image": image, "superres": 2}))?;
+    superres.expect_status(200);
+    assert_eq!(png_size(&superres.body), (1024, 1024), "two ×4 passes");
+    let generated = cluster.post(
+        "/generate",
+        &json!({"prompt": "a harbour", "size": "64x64", "num_inference_steps": 2,
+                "seed": 11, "superres": true}),
+    )?;
+    generated.expect_status(200);
+    assert_eq!(png_size(&generated.body), (256, 256));
+    assert_eq!(text(&generated.body, "upscaler"), "general-x4");
+    for (path, body, field) in [
+        (
+            "/v1/upscale",
+            json!({"image": image, "passes": 0}),
+            "passes",
+        ),
+        ("/v1/upscale", json!({"image": "####"}), "image"),
+        ("/v1/upscale", json!({"picture": image}), "picture"),
+        (
+            "/sdapi/v1/extra-single-image",
+            json!({"image": image, "codeformer_visibility": 1}),
+            "codeformer_visibility",
+        ),
+        (
+            "/superres",
+            json!({"image": image, "superres": 9}),
+            "superres",
+        ),
+        (
+            "/generate",
+            json!({"prompt": "x", "superres": "yes"}),
+            "superres",
+        ),
+    ] {
+        let reply = cluster.post(path, &body)?;
+        reply.expect_status(400);
+        assert_eq!(
+            reply.json()?["error"]["details"]["field"],
+            field,
+            "{path} {body}"
+        );
+    }
+    // An upscale one pass cannot reach, or with an upscaler nobody has: 422 with the reasons.
+    let reply = cluster.post(
+        "/v1/upscale",
+        &json!({"image": image, "model": "rrdb-x2", "passes": 1, "scale": 8}),
+    )?;
+    reply.expect_status(422);
+    assert!(
+        reply.json()?["error"]["details"]["nodes"]
+            .as_array()
+            .expect("reasons")
+            .iter()
+            .any(|r| r["reason"] == "upscale_not_reached"),
+        "one ×2 pass does not reach ×8"
+    );
+    let reply = cluster.post("/v1/upscale", &json!({"image": image, "model": "x8"}))?;
+    reply.expect_status(422);
 
     // What no node can do is refused at once, with each node's reason.
     let mut unknown = base.clone();

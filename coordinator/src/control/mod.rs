@@ -381,12 +381,15 @@ impl ControlPlane {
         let steps = spec.steps_with(default_sampler);
         let guidance_scale = spec.guidance_with(default_sampler);
         let floor = Duration::from_millis(self.config.lease_floor_ms);
-        let duration = if record.pixel_steps_per_second > 0.0 {
+        let mut duration = if record.pixel_steps_per_second > 0.0 {
             let work = size.pixels() as f64 * f64::from(steps);
             floor + Duration::from_secs_f64(4.0 * work / record.pixel_steps_per_second)
         } else {
             floor
         };
+        if let Some(upscale) = &spec.upscale {
+            duration += upscale_allowance(upscale, size, &record.upscalers, floor);
+        }
         Some(Grant {
             node_id,
             lease_id: LeaseId::random(),
@@ -489,4 +492,33 @@ impl Actor for ControlPlane {
     fn started(&mut self, ctx: &mut Self::Context) {
         ctx.run_interval(LOOP_INTERVAL, |plane, _| plane.tick());
     }
+}
+
+/// The extra lease time a job's upscale gets on a node with `upscalers`: four times its
+/// estimate from the upscaler's measured speed (every pass's input pixels), or the floor again
+/// when the node measured none.
+fn upscale_allowance(
+    upscale: &drover_shared::job::UpscaleSpec,
+    size: drover_shared::job::Size,
+    upscalers: &[crate::records::UpscalerAdvert],
+    floor: Duration,
+) -> Duration {
+    let found = match &upscale.model {
+        Some(name) => upscalers.iter().find(|u| &u.name == name),
+        None => upscalers.first(),
+    };
+    let Some(upscaler) = found else {
+        return floor;
+    };
+    let Ok(plan) = upscale.plan(upscaler.scale) else {
+        return floor;
+    };
+    if upscaler.ms_per_megapixel <= 0.0 {
+        return floor;
+    }
+    let growth = f64::from(upscaler.scale * upscaler.scale);
+    let megapixels: f64 = (0..plan.passes)
+        .map(|k| size.pixels() as f64 / 1e6 * growth.powi(k as i32))
+        .sum();
+    Duration::from_secs_f64(4.0 * megapixels * upscaler.ms_per_megapixel / 1000.0)
 }

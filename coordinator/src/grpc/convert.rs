@@ -87,6 +87,11 @@ pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
             name: u.name,
             scale: u.scale,
             network: u.network.chars().take(256).collect(),
+            ms_per_megapixel: if u.ms_per_megapixel.is_finite() {
+                u.ms_per_megapixel.max(0.0)
+            } else {
+                0.0
+            },
         });
     }
     Ok(NodeRegistration {
@@ -200,6 +205,7 @@ pub fn to_node(message: ToNode) -> proto::CoordinatorMessage {
                         .map(|s| s.resize_mode.as_str().to_string())
                         .unwrap_or_default(),
                     seed: a.spec.seed,
+                    task: a.spec.task.as_str().to_string(),
                     upscale: a.spec.upscale.as_ref().map(|u| proto::UpscaleSpec {
                         model: u.model.clone().unwrap_or_default(),
                         passes: u.passes.unwrap_or(0),

@@ -1,7 +1,8 @@
 //! Compatibility endpoints, so existing clients work unchanged:
 //! - `POST /generate`: the Python LCM server's body (`prompt`, `negative_prompt`, `model`, `size`
-//!   "WxH", `num_inference_steps`, `guidance_scale`, `seed`, `style_lora {style, level}`),
-//!   answered as it did: PNG bytes with `X-Seed`.
+//!   "WxH", `num_inference_steps`, `guidance_scale`, `seed`, `style_lora {style, level}`,
+//!   `superres` passes), answered as it did: PNG bytes with `X-Seed`. (Its `POST /superres` is
+//!   in [`super::upscale`].)
 //! - `POST /sdapi/v1/txt2img`: the AUTOMATIC1111 subset (`prompt`, `negative_prompt`, `steps`,
 //!   `cfg_scale`, `sampler_name`, `scheduler`, `width`, `height`, `seed`, `batch_size`,
 //!   `n_iter`), answered with base64 PNGs, the parameters and an `info` JSON string;
@@ -68,6 +69,10 @@ pub struct LcmRequest {
     pub seed: Option<i64>,
     /// A style from the style catalog, at a strength level.
     pub style_lora: Option<StyleRef>,
+    /// Super-resolution passes after generation, 0..=3 (`true` is 1): the job's `upscale`
+    /// with the serving node's first upscaler.
+    #[schema(value_type = Option<u32>, minimum = 0, maximum = 3)]
+    pub superres: Option<Value>,
 }
 
 /// The body of `POST /sdapi/v1/txt2img` (the AUTOMATIC1111 subset). Other fields are ignored
@@ -242,7 +247,7 @@ pub struct Txt2ImgInfo {
     pub sd_model_name: String,
 }
 
-fn object(body: &[u8]) -> Result<Map<String, Value>> {
+pub(crate) fn object(body: &[u8]) -> Result<Map<String, Value>> {
     match serde_json::from_slice::<Value>(body) {
         Ok(Value::Object(map)) => Ok(map),
         Ok(_) => Err(FieldError::new("body", "expected a JSON object").into()),
@@ -250,7 +255,7 @@ fn object(body: &[u8]) -> Result<Map<String, Value>> {
     }
 }
 
-fn string(map: &Map<String, Value>, key: &str) -> Result<Option<String>> {
+pub(crate) fn string(map: &Map<String, Value>, key: &str) -> Result<Option<String>> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -258,7 +263,7 @@ fn string(map: &Map<String, Value>, key: &str) -> Result<Option<String>> {
     }
 }
 
-fn number(map: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
+pub(crate) fn number(map: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
     match map.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Number(n)) => Ok(n.as_f64()),
@@ -310,8 +315,26 @@ pub fn lcm_request(body: &[u8]) -> Result<JobRequest> {
         guidance_scale: number(&map, "guidance_scale")?.map(|g| g as f32),
         seed: seed(&map, "seed")?,
         style_lora,
+        upscale: superres(&map)?,
         ..JobRequest::default()
     })
+}
+
+/// The Python LCM server's `superres` (passes, or `true` for one) as a job's `upscale`.
+fn superres(map: &Map<String, Value>) -> Result<Option<drover_shared::job::UpscaleRequest>> {
+    let passes = match map.get("superres") {
+        None | Some(Value::Null) | Some(Value::Bool(false)) => 0,
+        Some(Value::Bool(true)) => 1,
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .filter(|&p| p <= 3)
+            .ok_or_else(|| FieldError::new("superres", format!("{n}: 0 to 3 passes")))?,
+        Some(_) => return Err(FieldError::new("superres", "expected 0 to 3 passes").into()),
+    };
+    Ok((passes > 0).then(|| drover_shared::job::UpscaleRequest {
+        passes: Some(passes as u32),
+        ..Default::default()
+    }))
 }
 
 /// Python LCM server compatibility

@@ -157,7 +157,7 @@ fn job_row(
         id = j.id,
         state = j.state,
         node = esc(&node),
-        prompt = esc(&short(&j.spec.prompt, 60)),
+        prompt = esc(&short(&title(&j.spec), 60)),
         attempts = if attempts.is_empty() {
             "–".into()
         } else {
@@ -202,8 +202,25 @@ fn recent_card(j: &JobRecord, names: &HashMap<String, String>, keys: bool) -> St
         state = j.state,
         id = j.id,
         node = esc(&node),
-        prompt = esc(&short(&j.spec.prompt, 80)),
+        prompt = esc(&short(&title(&j.spec), 80)),
     )
+}
+
+/// What a job is, in a line: its prompt, or for a stand-alone upscale what it upscales.
+fn title(spec: &drover_shared::job::JobSpec) -> String {
+    if spec.task != drover_shared::job::JobTask::Upscale {
+        return spec.prompt.clone();
+    }
+    let size = spec
+        .size
+        .map(|s| s.to_string())
+        .unwrap_or_else(|| "?".into());
+    let with = spec
+        .upscale
+        .as_ref()
+        .and_then(|u| u.model.clone())
+        .unwrap_or_else(|| "the node's upscaler".into());
+    format!("upscale of a {size} image with {with}")
 }
 
 const COLORS: [&str; 8] = [

@@ -98,18 +98,24 @@ pub(crate) async fn accept_requests(
 ) -> Result<Vec<Submitted>> {
     let result = accept_checked(state, client, requests, wait).await;
     if let Err(e) = &result {
-        let reason = match e.unbatched() {
-            CoordinatorError::InvalidField(_) | CoordinatorError::InvalidRequest(_) => {
-                Some("invalid_request")
-            }
-            CoordinatorError::Unprocessable(_) => Some("unprocessable"),
-            _ => None,
-        };
-        if let Some(reason) = reason {
-            state.metrics.reject(reason);
-        }
+        count_rejection(state, e);
     }
     result
+}
+
+/// Counts a refused submission in the rejection metric, by reason (client mistakes and jobs
+/// no node can serve; rate limits and full disks are counted where they happen).
+pub(crate) fn count_rejection(state: &AppState, e: &CoordinatorError) {
+    let reason = match e.unbatched() {
+        CoordinatorError::InvalidField(_) | CoordinatorError::InvalidRequest(_) => {
+            Some("invalid_request")
+        }
+        CoordinatorError::Unprocessable(_) => Some("unprocessable"),
+        _ => None,
+    };
+    if let Some(reason) = reason {
+        state.metrics.reject(reason);
+    }
 }
 
 pub(crate) async fn accept_checked(
@@ -139,6 +145,17 @@ pub(crate) async fn accept_checked(
         })?;
         specs.push(spec);
     }
+    accept_specs(state, client, specs, wait).await
+}
+
+/// Takes validated jobs from `client`'s rate, submits them (all or none) and waits until they
+/// are on disk; a refusal after submission revokes them.
+pub(crate) async fn accept_specs(
+    state: &AppState,
+    client: &ClientId,
+    specs: Vec<drover_shared::job::JobSpec>,
+    wait: bool,
+) -> Result<Vec<Submitted>> {
     let count = u32::try_from(specs.len()).unwrap_or(u32::MAX);
     state
         .rates

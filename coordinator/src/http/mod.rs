@@ -11,8 +11,9 @@
 //! [`jobs`] (submission, waiting, job reads, cancel, events), [`nodes`] (registry reads,
 //! drain/resume, models, styles, health, metrics), [`compat`] (the Python LCM server's and
 //! AUTOMATIC1111's endpoints), [`a1111`] (A1111's discovery calls: models, options, progress),
-//! [`openai`] (OpenAI's image generations, with its error shape), [`dashboard`], [`docs`] and
-//! [`openapi`].
+//! [`openai`] (OpenAI's image generations, with its error shape), [`upscale`] (stand-alone
+//! upscale jobs: native, A1111's extras, the LCM server's `superres`), [`dashboard`], [`docs`]
+//! and [`openapi`].
 
 pub mod a1111;
 pub mod auth;
@@ -25,6 +26,7 @@ pub mod openai;
 pub mod openapi;
 pub mod responses;
 pub mod state;
+pub mod upscale;
 
 use actix_web::{HttpRequest, HttpResponse, get, web};
 use utoipa_actix_web::service_config::ServiceConfig;
@@ -47,6 +49,9 @@ pub fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(nodes::list_nodes)
         .service(nodes::list_models)
         .service(nodes::list_upscalers)
+        .service(upscale::upscale)
+        .service(upscale::extra_single_image)
+        .service(upscale::superres)
         .service(nodes::list_styles)
         .service(nodes::drain_node)
         .service(nodes::resume_node)

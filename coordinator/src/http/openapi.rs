@@ -148,6 +148,9 @@ mod tests {
             "get /v1/nodes",
             "get /v1/models",
             "get /v1/upscalers",
+            "post /v1/upscale",
+            "post /sdapi/v1/extra-single-image",
+            "post /superres",
             "post /v1/nodes/{id}/drain",
             "post /v1/nodes/{id}/resume",
             "get /v1/styles",
@@ -167,7 +170,7 @@ mod tests {
         ] {
             assert!(listed.contains(expected), "{expected} is not documented");
         }
-        assert_eq!(listed.len(), 33, "{listed:?}");
+        assert_eq!(listed.len(), 36, "{listed:?}");
         let names: BTreeSet<&str> = ERROR_RESPONSES.iter().map(|(n, _)| *n).collect();
         for (name, code) in ERROR_RESPONSES {
             assert_eq!(component_of(*code), *name);

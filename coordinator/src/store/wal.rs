@@ -289,16 +289,27 @@ impl Wal {
     /// records are written from there.
     pub fn rewind_to(&mut self, offset: u64) {
         let offset = offset.max(self.synced);
+        // A failed write may have put any part of the buffer on the file past `written`.
+        let reached = self.written + self.buffer.len() as u64;
         if offset >= self.written {
             self.buffer
                 .truncate(usize::try_from(offset - self.written).unwrap_or(usize::MAX));
             self.len = offset.min(self.len);
+            // What is kept of the buffer is written again over its own bytes; what follows
+            // it on the file is cleared.
+            self.clear_file(offset, reached);
             return;
         }
-        let reached = self.written + self.buffer.len() as u64;
         self.buffer.clear();
-        let on_file = self.file.metadata().map(|m| m.len()).unwrap_or(reached);
-        let end = reached.min(on_file);
+        self.clear_file(offset, reached);
+        self.written = offset;
+        self.len = offset;
+    }
+
+    /// Writes zeros over the file's bytes in `from..to` that it holds (best effort).
+    fn clear_file(&mut self, from: u64, to: u64) {
+        let on_file = self.file.metadata().map(|m| m.len()).unwrap_or(to);
+        let (offset, end) = (from, to.min(on_file));
         if end > offset {
             // Zeros over bytes the file already has need no new blocks, even on a full disk.
             let zeros = vec![0u8; (end - offset).min(1024 * 1024) as usize];
@@ -313,8 +324,6 @@ impl Wal {
             }
             self.unsynced = true;
         }
-        self.written = offset;
-        self.len = offset;
     }
 
     /// Starts the next generation (after a [`Wal::sync`]: a flush after the rotation syncs only

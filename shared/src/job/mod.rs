@@ -18,7 +18,7 @@ pub mod source;
 pub mod upscale;
 
 pub use source::SourceSpec;
-pub use upscale::{UpscaleRequest, UpscaleSpec};
+pub use upscale::{UpscaleJobRequest, UpscaleRequest, UpscaleSpec};
 
 /// Longest accepted prompt (and negative prompt), in characters.
 pub const MAX_PROMPT_CHARS: usize = 2000;
@@ -364,9 +364,39 @@ pub struct JobSpec {
     /// Image-to-image and inpainting: the source image, mask and strength.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<Box<SourceSpec>>,
-    /// Super-resolution after generation.
+    /// Super-resolution after generation (or, for [`JobTask::Upscale`], of the source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upscale: Option<UpscaleSpec>,
+    /// What the job does: generate an image (the default), or only upscale its source.
+    #[serde(default, skip_serializing_if = "JobTask::is_generate")]
+    pub task: JobTask,
+}
+
+/// What a job does.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum JobTask {
+    /// Text-to-image, image-to-image or inpainting (then `upscale` if asked).
+    #[default]
+    Generate,
+    /// Super-resolution of `source` alone: no model, no prompt (`POST /v1/upscale`).
+    Upscale,
+}
+
+impl JobTask {
+    /// Whether this is [`JobTask::Generate`].
+    pub fn is_generate(&self) -> bool {
+        *self == Self::Generate
+    }
+
+    /// The task's wire name (`generate`, `upscale`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Generate => "generate",
+            Self::Upscale => "upscale",
+        }
+    }
 }
 
 /// The fields of a job left to the serving model's defaults.
@@ -424,24 +454,7 @@ impl JobSpec {
 impl JobRequest {
     /// Parses a JSON body strictly, naming the offending field on error.
     pub fn from_json(body: &[u8]) -> Result<Self, FieldError> {
-        if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
-            return Err(FieldError::new("body", "expected a JSON object"));
-        }
-        let de = &mut serde_json::Deserializer::from_slice(body);
-        serde_path_to_error::deserialize(de).map_err(|err| {
-            let path = err.path().to_string();
-            let inner = err.into_inner();
-            let message = inner.to_string();
-            if inner.is_syntax() || inner.is_eof() {
-                return FieldError::new("body", format!("malformed json: {message}"));
-            }
-            let field = match message.strip_prefix("unknown field `") {
-                Some(rest) => rest.split('`').next().unwrap_or_default().to_string(),
-                None if path == "." => "body".to_string(),
-                None => path,
-            };
-            FieldError::new(field, message)
-        })
+        from_json(body)
     }
 
     /// Checks every value and fills defaults; `random_seed` is called only when no seed was given.
@@ -579,8 +592,32 @@ impl JobRequest {
             priority,
             source,
             upscale: self.upscale.map(UpscaleRequest::validate).transpose()?,
+            task: JobTask::Generate,
         })
     }
+}
+
+/// Parses a JSON body strictly into `T` (a request type that refuses unknown fields), naming
+/// the offending field on error: `body` for a body that is not a JSON object.
+pub fn from_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, FieldError> {
+    if body.iter().find(|b| !b.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(FieldError::new("body", "expected a JSON object"));
+    }
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let message = inner.to_string();
+        if inner.is_syntax() || inner.is_eof() {
+            return FieldError::new("body", format!("malformed json: {message}"));
+        }
+        let field = match message.strip_prefix("unknown field `") {
+            Some(rest) => rest.split('`').next().unwrap_or_default().to_string(),
+            None if path == "." => "body".to_string(),
+            None => path,
+        };
+        FieldError::new(field, message)
+    })
 }
 
 fn is_automatic(s: &SigmaSchedule) -> bool {

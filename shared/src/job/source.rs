@@ -120,6 +120,23 @@ impl SourceSpec {
         }))
     }
 
+    /// An image alone (a stand-alone upscale's), as base64 in field `field`: decoded and
+    /// checked as `init_image` is.
+    pub fn image_only(field: &str, base64: &str) -> Result<Self, FieldError> {
+        let image_bytes = decode_base64(field, base64)?;
+        let decoded = check_image(field, &image_bytes)?;
+        Ok(Self {
+            image_bytes: image_bytes.len() as u64,
+            mask_bytes: 0,
+            image: image_bytes.into(),
+            mask: None,
+            strength: 1.0,
+            resize_mode: ResizeMode::default(),
+            width: decoded.width as u32,
+            height: decoded.height as u32,
+        })
+    }
+
     /// The same source without its bytes, for API answers.
     pub fn stripped(&self) -> Self {
         Self {

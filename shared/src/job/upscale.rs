@@ -4,8 +4,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Size, check_name};
+use super::{JobSpec, JobTask, ModelDefaults, PRIORITY_RANGE, Size, SourceSpec, check_name};
 use crate::error::FieldError;
+use crate::sampler::SigmaSchedule;
 
 /// Most upscaler passes one job may ask for.
 pub const MAX_UPSCALE_PASSES: u32 = 3;
@@ -104,6 +105,95 @@ impl UpscaleRequest {
             passes: self.passes,
             scale: self.scale,
         })
+    }
+}
+
+/// A stand-alone upscale as a client submits it (`POST /v1/upscale`): an image and how to
+/// upscale it, no model, no prompt.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct UpscaleJobRequest {
+    /// The image, base64 PNG or JPEG (a `data:image/…;base64,` prefix is accepted), at most
+    /// 16 MiB and 4096×4096 pixels.
+    #[cfg_attr(feature = "openapi", schema(format = Byte))]
+    pub image: String,
+    /// Upscaler name (`GET /v1/upscalers`); when absent, the first upscaler of the node that
+    /// takes the job.
+    #[serde(default)]
+    #[cfg_attr(
+        feature = "openapi",
+        schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}$")
+    )]
+    pub model: Option<String>,
+    /// Passes, 1..=3; when absent, the fewest that reach `scale` (1 without `scale`).
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 3))]
+    pub passes: Option<u32>,
+    /// Final scale, 1..=16 (the last pass's output resized down to it); when absent, the
+    /// upscaler's scale to the power of `passes`.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = 1, maximum = 16))]
+    pub scale: Option<f64>,
+    /// Scheduling priority, -10..=10 (higher first); 0 when absent.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(minimum = -10, maximum = 10))]
+    pub priority: Option<i32>,
+}
+
+impl UpscaleJobRequest {
+    /// Decodes and checks the image and the upscale, naming the field on error: the job to
+    /// store (its size the image's own).
+    pub fn validate(self) -> Result<JobSpec, FieldError> {
+        let upscale = UpscaleRequest {
+            model: self.model,
+            passes: self.passes,
+            scale: self.scale,
+        }
+        .validate()
+        .map_err(|e| FieldError {
+            field: e.field.trim_start_matches("upscale.").to_string(),
+            message: e.message,
+        })?;
+        let priority = self.priority.unwrap_or(0);
+        if !PRIORITY_RANGE.contains(&priority) {
+            return Err(FieldError::new(
+                "priority",
+                format!(
+                    "{priority} is outside {}..={}",
+                    PRIORITY_RANGE.start(),
+                    PRIORITY_RANGE.end()
+                ),
+            ));
+        }
+        let source = SourceSpec::image_only("image", &self.image)?;
+        Ok(upscale_job(source, upscale, priority))
+    }
+}
+
+/// The job that upscales `source` alone.
+pub fn upscale_job(source: SourceSpec, upscale: UpscaleSpec, priority: i32) -> JobSpec {
+    JobSpec {
+        prompt: String::new(),
+        negative_prompt: String::new(),
+        model: None,
+        size: Some(Size {
+            width: source.width,
+            height: source.height,
+        }),
+        steps: 0,
+        guidance_scale: 0.0,
+        sampler: None,
+        scheduler: SigmaSchedule::Automatic,
+        guidance_rescale: 0.0,
+        model_defaults: ModelDefaults::default(),
+        seed: 0,
+        loras: Vec::new(),
+        style: None,
+        priority,
+        source: Some(Box::new(source)),
+        upscale: Some(upscale),
+        task: JobTask::Upscale,
     }
 }
 

@@ -287,7 +287,12 @@ impl Jobs {
                 // The steps the node ran are its progress reports' total (the model's default
                 // when the job named none).
                 let steps = job.progress.map_or(job.spec.steps, |(_, total)| total);
-                let work = job.size.map_or(0, |s| s.pixels()) as f64 * f64::from(steps);
+                // A stand-alone upscale runs no diffusion steps: it says nothing of the speed.
+                let work = if job.spec.task == drover_shared::job::JobTask::Upscale {
+                    0.0
+                } else {
+                    job.size.map_or(0, |s| s.pixels()) as f64 * f64::from(steps)
+                };
                 if work > 0.0 {
                     out.push(Effect::Measured {
                         node_id: node,

@@ -19,7 +19,7 @@
 use drover_shared::family::ModelFamily;
 use drover_shared::ids::NodeId;
 use drover_shared::job::upscale::MAX_UPSCALED_PIXELS;
-use drover_shared::job::{JobSpec, ModelSelector, Size, UpscaleSpec};
+use drover_shared::job::{JobSpec, JobTask, ModelSelector, Size, UpscaleSpec};
 use drover_shared::sampler::Sampler;
 use serde::Serialize;
 
@@ -186,6 +186,20 @@ pub struct NodeSkip {
 
 /// Whether `node`'s model and LoRAs can serve `job` at all, whatever its load or liveness.
 pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> {
+    if job.task == JobTask::Upscale {
+        // No model runs: only the upscaler matters.
+        let size = job.size.unwrap_or(Size {
+            width: 0,
+            height: 0,
+        });
+        return match &job.upscale {
+            Some(upscale) => upscale_capability(upscale, size, node.upscalers),
+            None => Err(SkipReason::UpscalerNotServed {
+                upscaler: None,
+                upscalers: node.upscalers.iter().map(|u| u.name.clone()).collect(),
+            }),
+        };
+    }
     if !node.family.is_text_to_image() {
         return Err(SkipReason::NotTextToImage { has: node.family });
     }

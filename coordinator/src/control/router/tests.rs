@@ -624,11 +624,13 @@ fn upscale_jobs_go_only_to_nodes_holding_an_upscaler_that_reaches_the_scale() {
             name: "x4".into(),
             scale: 4,
             network: "SRVGGNetCompact ×4".into(),
+            ms_per_megapixel: 0.0,
         },
         UpscalerAdvert {
             name: "x2".into(),
             scale: 2,
             network: "RRDBNet ×2".into(),
+            ms_per_megapixel: 0.0,
         },
     ]));
     let plain = node(1, ModelFamily::Sd15);

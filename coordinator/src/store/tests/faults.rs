@@ -101,6 +101,34 @@ fn a_failed_round_is_lost_whole_with_the_unsynced_rounds_before_it() {
 }
 
 #[test]
+fn a_write_failing_right_after_a_sync_leaves_nothing_to_replay() {
+    let (dir, store) = failing_store();
+    store
+        .shared
+        .faults
+        .hold_checkpoints
+        .store(true, Ordering::SeqCst);
+    // Everything before the failing write is synced: the write starts where the durable part
+    // ends, and all its bytes reach the file before it fails (ENOSPC on the last block).
+    let kept = job();
+    store.put_job(&kept).unwrap();
+    flush(&store).unwrap();
+    let refused: Vec<JobRecord> = (0..8).map(|_| job()).collect();
+    *lock(&store.shared.faults.log) = Some(usize::MAX);
+    store.shared.faults.disk_full.store(true, Ordering::SeqCst);
+    for j in &refused {
+        store.put_job(j).unwrap();
+    }
+    let err = flush(&store).unwrap_err().to_string();
+    assert!(err.contains("the disk is full"), "{err}");
+    assert_eq!(
+        after_a_crash(dir.path()),
+        vec![kept.id],
+        "a refused job came back from the log"
+    );
+}
+
+#[test]
 fn a_flush_answers_only_for_the_jobs_before_it() {
     let (_dir, store) = failing_store();
     // A round whose write fails with nothing new before the flush (a lease): the flush holds.
