@@ -330,6 +330,7 @@ mod tests {
                 model: Some("x4".into()),
                 passes: None,
                 scale: Some(2.0),
+                elsewhere: false,
             })
         );
     }

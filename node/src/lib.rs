@@ -87,6 +87,7 @@ pub fn cli_main() -> ExitCode {
                     model: None,
                     passes,
                     scale,
+                    elsewhere: false,
                 },
                 tile,
                 pad,

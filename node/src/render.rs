@@ -244,6 +244,9 @@ pub struct Rendered {
     /// Time spent rendering (not upscaling: the coordinator derives the node's diffusion speed
     /// from it).
     pub elapsed: Duration,
+    /// Whether the job's upscale ran (false without one, or when this node lacks the
+    /// upscaler: the coordinator then has another node upscale the image).
+    pub upscaled: bool,
 }
 
 /// A backend: renders one job into one image on the thread it was created on.
@@ -380,6 +383,13 @@ impl<R: Renderer> Handler<RunJob> for Worker<R> {
         };
         let (image, upscaled) = match &job.upscale {
             None => (image, None),
+            Some(post) if !only && !post.with.holds(post.spec.model.as_deref()) => {
+                tracing::info!(
+                    upscaler = post.spec.model.as_deref().unwrap_or("any"),
+                    "upscaler not on this node: the image goes back for another node to upscale"
+                );
+                (image, None)
+            }
             Some(post) => {
                 let started = Instant::now();
                 // A stand-alone upscale reports its tiles as its steps; after a render the
@@ -406,10 +416,22 @@ impl<R: Renderer> Handler<RunJob> for Worker<R> {
             }
         };
         let png = match &upscaled {
-            Some(done) if only => crate::upscaling::png_of(&image, done, self.origin.backend)?,
+            Some(done) if only => {
+                let carried = job
+                    .params
+                    .source
+                    .as_ref()
+                    .map(|s| crate::upscaling::text_chunks(&s.image))
+                    .unwrap_or_default();
+                crate::upscaling::png_of(&image, done, self.origin.backend, &carried)?
+            }
             _ => encode_png(&image, &job.params, &self.origin, upscaled.as_ref())?,
         };
-        Ok(Rendered { png, elapsed })
+        Ok(Rendered {
+            png,
+            elapsed,
+            upscaled: upscaled.is_some(),
+        })
     }
 }
 

@@ -317,13 +317,13 @@ impl NodeLink {
                     with: with.clone(),
                     only: a.task == JobTask::Upscale,
                 }),
+                // Rendered here, upscaled on a node with the upscaler (the result says so).
+                (Some(_), None) if a.task == JobTask::Generate => None,
                 (Some(_), None) => {
                     return Err(Refused {
                         job_id: a.job_id.to_string(),
                         lease_id: a.lease_id.to_string(),
-                        reason: "the job asks for an upscale and this node has no upscaler \
-                                 (UPSCALER)"
-                            .into(),
+                        reason: "an upscale job, and this node has no upscaler (UPSCALER)".into(),
                     });
                 }
             };
@@ -396,6 +396,7 @@ impl NodeLink {
                             lease_id,
                             png: rendered.png,
                             elapsed_ms: rendered.elapsed.as_millis() as u64,
+                            upscaled: rendered.upscaled,
                         })
                     }
                     Err(e) => {
@@ -517,6 +518,7 @@ mod tests {
             lease_id: "l".into(),
             png: vec![1],
             elapsed_ms: 1,
+            upscaled: false,
         }))
     }
 

@@ -59,6 +59,9 @@ pub trait PostProcess: Send + Sync {
 
     /// Milliseconds per input megapixel of one pass of upscaler `name`, measured at load.
     fn ms_per_megapixel(&self, name: &str) -> f64;
+
+    /// Whether it holds upscaler `name` (`None`: any).
+    fn holds(&self, name: Option<&str>) -> bool;
 }
 
 /// The upscalers `UPSCALER` names, in order: each a `.safetensors` file under `MODEL_ROOT`
@@ -244,6 +247,10 @@ where
             },
             upscaled,
         ))
+    }
+
+    fn holds(&self, name: Option<&str>) -> bool {
+        self.find(name).is_ok()
     }
 
     fn ms_per_megapixel(&self, name: &str) -> f64 {
@@ -432,7 +439,7 @@ pub fn upscale_cli(run: &UpscaleRun<'_>) -> Result<String> {
     let started = std::time::Instant::now();
     let (out, done) = set.upscale(image(), &run.spec, &mut go)?;
     let upscale_ms = started.elapsed().as_secs_f64() * 1000.0;
-    let png = png_of(&out, &done, "cpu")?;
+    let png = png_of(&out, &done, "cpu", &text_chunks(&bytes))?;
     std::fs::write(run.out, png).map_err(|e| io(run.out, e))?;
     let megapixels = (rgb.width * rgb.height) as f64 / 1e6;
     Ok(format!(
@@ -456,14 +463,64 @@ fn tiling_for(entry: &UpscalerEntry, budget: u64, pad: usize) -> Tiling {
     Tiling::for_budget(budget, features, entry.spec.scale, pad)
 }
 
-/// A PNG of a stand-alone upscale: text chunks naming the software (and `backend`), the
-/// upscaler, its passes, the final scale and the source's size.
-pub fn png_of(image: &Image, done: &Upscaled, backend: &str) -> Result<Vec<u8>> {
+/// The text chunks of a PNG (`tEXt`, `zTXt`, `iTXt` before its image data), in order; none
+/// for other formats or unreadable ones.
+pub fn text_chunks(bytes: &[u8]) -> Vec<(String, String)> {
+    let Ok(reader) = png::Decoder::new(std::io::Cursor::new(bytes)).read_info() else {
+        return Vec::new();
+    };
+    let info = reader.info();
+    let mut out: Vec<(String, String)> = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    out.extend(
+        info.compressed_latin1_text
+            .iter()
+            .filter_map(|t| Some((t.keyword.clone(), t.get_text().ok()?))),
+    );
+    out.extend(
+        info.utf8_text
+            .iter()
+            .filter_map(|t| Some((t.keyword.clone(), t.get_text().ok()?))),
+    );
+    out
+}
+
+/// Text chunks a stand-alone upscale writes itself (a source's own are not carried over).
+const UPSCALE_KEYS: [&str; 7] = [
+    "Software",
+    "mode",
+    "upscaler",
+    "upscale_passes",
+    "upscale",
+    "source_size",
+    "size",
+];
+
+/// A PNG of a stand-alone upscale: the source's text chunks (`carried`: a render's prompt,
+/// seed, ... when the upscale follows it), then chunks naming the software (and `backend`),
+/// the upscaler, its passes, the final scale and the source's size.
+pub fn png_of(
+    image: &Image,
+    done: &Upscaled,
+    backend: &str,
+    carried: &[(String, String)],
+) -> Result<Vec<u8>> {
     let render = |e: png::EncodingError| NodeError::Render(e.to_string());
     let mut out = Vec::new();
     let mut encoder = png::Encoder::new(&mut out, image.width as u32, image.height as u32);
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
+    for (key, value) in carried
+        .iter()
+        .filter(|(k, _)| !UPSCALE_KEYS.contains(&k.as_str()))
+    {
+        encoder
+            .add_itxt_chunk(key.clone(), value.clone())
+            .map_err(render)?;
+    }
     for (key, value) in [
         (
             "Software",

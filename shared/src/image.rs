@@ -59,6 +59,17 @@ pub fn sniff(bytes: &[u8]) -> Option<&'static str> {
     }
 }
 
+/// A PNG's width and height from its header (`IHDR`, the first chunk), without decoding it;
+/// `None` when the bytes do not start like a PNG.
+pub fn png_size(bytes: &[u8]) -> Option<(u32, u32)> {
+    let ihdr = bytes.strip_prefix(PNG_SIGNATURE)?;
+    if ihdr.get(4..8)? != b"IHDR" {
+        return None;
+    }
+    let word = |at: usize| Some(u32::from_be_bytes(ihdr.get(at..at + 4)?.try_into().ok()?));
+    Some((word(8)?, word(12)?))
+}
+
 fn check_size(width: u64, height: u64) -> Result<(), ImageError> {
     if width == 0 || height == 0 {
         return Err(ImageError::Empty);

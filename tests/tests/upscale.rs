@@ -1,7 +1,8 @@
-//! Upscaling end to end: a cpu node holding two random-weight upscalers (a compact SRVGGNet ×4
-//! and an RRDBNet ×2) next to a simulated node holding none; jobs that ask for `upscale` go only
-//! to the holder, come back at the upscaled size with the upscaler named in the PNG, and equal
-//! what `drover-node upscale` makes of the same render; stand-alone upscales (native,
+//! Upscaling end to end: a cpu SD1.5 node holding two random-weight upscalers (a compact
+//! SRVGGNet ×4 and an RRDBNet ×2) next to a simulated SDXL node holding none; jobs that ask for
+//! `upscale` go to the holder, come back at the upscaled size with the upscaler named in the
+//! PNG, and equal what `drover-node upscale` makes of the same render; an SDXL job is rendered
+//! by the simulated node and upscaled by the cpu node (one job, one image); stand-alone upscales (native,
 //! AUTOMATIC1111's extras, the LCM server's `superres`) run there too; requests no node can serve
 //! are refused with each node's reason.
 
@@ -98,7 +99,7 @@ fn jobs_upscale_on_the_node_holding_the_upscaler() -> anyhow::Result<()> {
             ("UPSCALE_TILE".into(), "24".into()),
         ],
     })?;
-    cluster.add_node(NodeSpec::sim("plain", "sd15"))?;
+    cluster.add_node(NodeSpec::sim("plain", "sdxl"))?;
     cluster.wait_for_online(&["cpu-up", "plain"], T)?;
     let holder = cluster.node_id("cpu-up")?;
 
@@ -280,6 +281,39 @@ fn jobs_upscale_on_the_node_holding_the_upscaler() -> anyhow::Result<()> {
     );
     let reply = cluster.post("/v1/upscale", &json!({"image": image, "model": "x8"}))?;
     reply.expect_status(422);
+
+    // No node both renders SDXL and holds an upscaler: the simulated SDXL node renders, the
+    // cpu node upscales what it rendered; one job, one image, the render's text kept.
+    let split = cluster.post(
+        "/v1/generate",
+        &json!({"prompt": "a split job", "model": "sdxl", "size": "64x64", "steps": 2,
+                "seed": 3, "upscale": {}}),
+    )?;
+    split.expect_status(200);
+    assert_eq!(png_size(&split.body), (256, 256));
+    assert_eq!(
+        split.header("x-node-id"),
+        holder.as_deref(),
+        "the upscaling node"
+    );
+    assert_eq!(text(&split.body, "prompt"), "a split job");
+    assert_eq!(text(&split.body, "seed"), "3");
+    assert_eq!(text(&split.body, "upscaler"), "general-x4");
+    assert_eq!(text(&split.body, "source_size"), "64x64");
+    let id = split.header("x-job-id").expect("a job id").to_string();
+    let record = cluster.job(&id)?;
+    let attempts = record["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 2, "{record}");
+    assert_eq!(
+        attempts[0]["node_id"].as_str(),
+        cluster.node_id("plain")?.as_deref()
+    );
+    assert!(
+        attempts[0]["outcome"]
+            .as_str()
+            .is_some_and(|o| o.contains("upscale follows")),
+        "{record}"
+    );
 
     // What no node can do is refused at once, with each node's reason.
     let mut unknown = base.clone();

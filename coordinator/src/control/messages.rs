@@ -224,12 +224,21 @@ impl ControlPlane {
         let reject = |plane: &Self, reason: &'static str| plane.metrics.reject(reason);
         let of = specs.len();
         let now = Instant::now();
-        for (index, spec) in specs.iter().enumerate() {
+        let mut specs = specs;
+        for (index, spec) in specs.iter_mut().enumerate() {
             if let Err(e) = self.check_lora_bases(spec) {
                 reject(self, "lora_family_mismatch");
                 return Err(e.in_batch(index, of));
             }
             if let Err(e) = self.check_feasible(spec, now) {
+                // No node both renders and upscales it: split, when one renders and one
+                // upscales.
+                if router::follow_up_feasible(spec, &self.views(now))
+                    && let Some(upscale) = spec.upscale.as_mut()
+                {
+                    upscale.elsewhere = true;
+                    continue;
+                }
                 reject(self, "infeasible");
                 return Err(e.in_batch(index, of));
             }

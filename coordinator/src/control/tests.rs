@@ -115,6 +115,7 @@ fn jobs_go_where_their_lora_set_is_already_merged() {
                     session_id: *session_id,
                     report: Some(NodeReport::Succeeded {
                         job_id: job,
+                        upscaled: false,
                         lease_id: lease,
                         png: Arc::from(vec![1u8, 2, 3]),
                         elapsed_ms: 4,

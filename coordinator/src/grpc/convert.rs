@@ -157,6 +157,7 @@ pub fn report(message: node_message::Kind) -> Option<NodeReport> {
                 lease_id,
                 png: r.png.into(),
                 elapsed_ms: r.elapsed_ms,
+                upscaled: r.upscaled,
             })
         }
         node_message::Kind::Failed(f) => {
@@ -244,6 +245,7 @@ mod tests {
             lease_id: LeaseId::random().to_string(),
             png: vec![1],
             elapsed_ms: 1,
+            upscaled: false,
         });
         assert_eq!(report(bad), None);
         let (job, lease) = (JobId::random(), LeaseId::random());

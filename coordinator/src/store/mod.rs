@@ -464,7 +464,7 @@ impl Store {
 
     /// Queues a node record (insert or replace).
     pub fn put_node(&self, node: &NodeRecord) -> Result<()> {
-        self.queue(Write::Node(node.clone()))
+        self.queue(Write::Node(Box::new(node.clone())))
     }
 
     /// Every registered node (read at start, after the log's replay).
@@ -494,7 +494,7 @@ impl Store {
             !job.state.is_terminal(),
             "finished jobs go through finish_job"
         );
-        self.queue(Write::Job(job.clone()))
+        self.queue(Write::Job(Box::new(job.clone())))
     }
 
     /// Queues a finished job with its image: the image goes to the image log and the record,

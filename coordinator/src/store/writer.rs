@@ -36,9 +36,9 @@ pub const LOST_HOLD: Duration = Duration::from_secs(10);
 
 /// One queued change (or request) for the writer thread.
 pub(super) enum Write {
-    Node(NodeRecord),
+    Node(Box<NodeRecord>),
     /// An unfinished job's new state.
-    Job(JobRecord),
+    Job(Box<JobRecord>),
     /// A job ended; its record and image wait in `Shared::pending`.
     Finish(JobId),
     /// Retention: finished jobs that ended before `before_ms` (at most `limit`), and image

@@ -137,6 +137,22 @@ impl SourceSpec {
         })
     }
 
+    /// A node's render as the source of the upscale that follows it on another node; `None`
+    /// when the bytes are not a PNG with a header.
+    pub fn rendered(png: Arc<[u8]>) -> Option<Self> {
+        let (width, height) = image::png_size(&png)?;
+        Some(Self {
+            image_bytes: png.len() as u64,
+            mask_bytes: 0,
+            image: png,
+            mask: None,
+            strength: 1.0,
+            resize_mode: ResizeMode::default(),
+            width,
+            height,
+        })
+    }
+
     /// The same source without its bytes, for API answers.
     pub fn stripped(&self) -> Self {
         Self {

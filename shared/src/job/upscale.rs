@@ -54,6 +54,14 @@ pub struct UpscaleSpec {
     /// Final scale asked for; `None`: the upscaler's scale to the power of the passes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scale: Option<f64>,
+    /// Set at submission when no node both renders the job and holds the upscaler: the render
+    /// goes to any node that can make it, and the upscale follows on one that holds it.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub elsewhere: bool,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// How an upscale runs on an upscaler of a given scale.
@@ -104,6 +112,7 @@ impl UpscaleRequest {
             model,
             passes: self.passes,
             scale: self.scale,
+            elsewhere: false,
         })
     }
 }
@@ -241,6 +250,7 @@ mod tests {
             model: None,
             passes,
             scale,
+            elsewhere: false,
         }
     }
 

@@ -147,6 +147,9 @@ pub enum NodeReport {
         png: Arc<[u8]>,
         /// Rendering time.
         elapsed_ms: u64,
+        /// Whether the node ran the job's upscale (a job that asks for one and comes back
+        /// without it is upscaled next on another node).
+        upscaled: bool,
     },
     /// The attempt failed.
     Failed {

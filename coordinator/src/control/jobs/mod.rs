@@ -23,7 +23,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use drover_shared::ids::{JobId, LeaseId, NodeId};
-use drover_shared::job::JobSpec;
+use drover_shared::job::{JobSpec, JobTask, SourceSpec};
 
 use super::router;
 use crate::error::{CoordinatorError, Result};
@@ -279,7 +279,10 @@ impl Jobs {
                 });
             }
             NodeReport::Succeeded {
-                png, elapsed_ms, ..
+                png,
+                elapsed_ms,
+                upscaled,
+                ..
             } => {
                 if let Some((_, total)) = job.progress {
                     job.progress = Some((total, total));
@@ -298,6 +301,12 @@ impl Jobs {
                         node_id: node,
                         pixel_steps_per_second: work * 1000.0 / elapsed_ms.max(1) as f64,
                     });
+                }
+                let follow_up =
+                    job.spec.task == JobTask::Generate && job.spec.upscale.is_some() && !upscaled;
+                if follow_up {
+                    self.hand_off(job_id, node, png, now_ms, &mut out);
+                    return out;
                 }
                 tracing::info!(job_id = %job_id, node_id = %node, elapsed_ms, bytes = png.len(), "job succeeded");
                 self.finish(
@@ -328,6 +337,49 @@ impl Jobs {
             }
         }
         out
+    }
+
+    /// A job rendered by `node` without its upscale (the node has no such upscaler): it goes
+    /// back to the queue as the upscale of that render ([`JobTask::Upscale`], the render its
+    /// source), for a node that holds the upscaler; its id, waiters and attempts stay. A
+    /// result that is not a PNG fails the job.
+    fn hand_off(
+        &mut self,
+        job_id: JobId,
+        node: NodeId,
+        png: Arc<[u8]>,
+        now_ms: u64,
+        out: &mut Effects,
+    ) {
+        let Some(source) = SourceSpec::rendered(png) else {
+            let error = "the node's result is not a PNG".to_string();
+            self.finish(job_id, JobState::Failed, Some(error), None, now_ms, out);
+            return;
+        };
+        let Some(job) = self.active.get_mut(&job_id) else {
+            return;
+        };
+        let outcome = "rendered; the upscale follows on a node with the upscaler".to_string();
+        end_attempt(&mut self.leases, job, outcome, now_ms, out);
+        job.spec.size = Some(drover_shared::job::Size {
+            width: source.width,
+            height: source.height,
+        });
+        job.spec.source = Some(Box::new(source));
+        job.spec.task = JobTask::Upscale;
+        job.size = None;
+        job.progress = None;
+        job.state = JobState::Queued;
+        job.updated_ms = now_ms;
+        self.queue.insert(queue_entry(job));
+        tracing::info!(job_id = %job_id, node_id = %node, "job rendered; its upscale is queued for another node");
+        out.push(Effect::Persist(job.clone()));
+        out.push(Effect::Event {
+            job_id,
+            event: JobEvent::Requeued {
+                reason: "rendered; the upscale follows on a node with the upscaler".into(),
+            },
+        });
     }
 
     /// Ends the current attempt of leased job `job_id` for `reason`: the job is queued again, or

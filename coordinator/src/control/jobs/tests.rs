@@ -295,6 +295,7 @@ impl World {
                 *carries,
                 &|job_id, lease_id| NodeReport::Succeeded {
                     job_id,
+                    upscaled: false,
                     lease_id,
                     png: Arc::from(vec![1u8, 2, 3]),
                     elapsed_ms: 40,
@@ -550,6 +551,7 @@ fn a_result_counts_once_and_only_under_the_current_lease() {
     world.step(&Command::Lease { job: 0, node: 1 });
     let late = NodeReport::Succeeded {
         job_id: world.ids[0],
+        upscaled: false,
         lease_id: first.id,
         png: Arc::from(vec![9u8]),
         elapsed_ms: 1,
@@ -685,4 +687,98 @@ fn limits_refuse_whole_submissions() {
     });
     assert!(effects.is_empty(), "the queue is full");
     assert_eq!(world.jobs.len(), 8);
+}
+
+/// A 2×1 PNG header (signature and IHDR), all a hand-off reads of a render.
+fn png_header(width: u32, height: u32) -> Arc<[u8]> {
+    let mut png = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13];
+    png.extend_from_slice(b"IHDR");
+    png.extend_from_slice(&width.to_be_bytes());
+    png.extend_from_slice(&height.to_be_bytes());
+    png.extend_from_slice(&[8, 2, 0, 0, 0]);
+    Arc::from(png)
+}
+
+/// A job rendered by a node that lacks its upscaler goes back to the queue as the upscale of
+/// the render (same id, the render its source, the attempt recorded); its next success ends
+/// it with the upscaled image. A result that is no PNG fails it instead.
+#[test]
+fn a_render_without_its_upscale_is_queued_again_as_the_upscale() {
+    let body = r#"{"prompt":"x","size":"64x64","steps":2,"upscale":{"model":"x4"}}"#;
+    let spec = JobRequest::from_json(body.as_bytes())
+        .and_then(|r| r.validate(|| 1))
+        .expect("a valid job");
+    let mut jobs = Jobs::restore(Vec::new(), MAX_ATTEMPTS);
+    let (a, b) = (JobId::time_ordered(), JobId::time_ordered());
+    let records = [a, b].map(|id| JobRecord::new(id, spec.clone())).to_vec();
+    jobs.submit(records, QUEUE_LIMIT, CLIENT_CAP)
+        .expect("queued");
+    let mut next = 0u128;
+    let mut lease = |jobs: &mut Jobs, id: JobId, n: usize| {
+        next += 1;
+        let grant = Grant {
+            node_id: node(n),
+            lease_id: LeaseId::from_bytes(next.to_be_bytes()),
+            size: Size {
+                width: 64,
+                height: 64,
+            },
+            steps: 2,
+            guidance_scale: 1.5,
+            deadline_ms: 10_000,
+        };
+        jobs.lease(id, grant, 1);
+        grant.lease_id
+    };
+    let succeed =
+        |id: JobId, lease_id: LeaseId, png: Arc<[u8]>, upscaled: bool| NodeReport::Succeeded {
+            job_id: id,
+            lease_id,
+            png,
+            elapsed_ms: 5,
+            upscaled,
+        };
+    let first = lease(&mut jobs, a, 0);
+    let effects = jobs.report(node(0), succeed(a, first, png_header(64, 64), false), 2);
+    assert!(
+        !effects.iter().any(|e| matches!(e, Effect::Ended(_))),
+        "not finished"
+    );
+    let job = jobs.get(&a).expect("still unfinished").clone();
+    assert_eq!(job.state, JobState::Queued);
+    assert_eq!(job.spec.task, JobTask::Upscale);
+    let source = job
+        .spec
+        .source
+        .as_deref()
+        .expect("the render is the source");
+    assert_eq!((source.width, source.height), (64, 64));
+    assert_eq!(job.attempts.len(), 1);
+    assert!(job.attempts[0].outcome.contains("upscale follows"));
+    assert!(
+        effects
+            .iter()
+            .any(|e| matches!(e, Effect::Persist(j) if j.spec.task == JobTask::Upscale)),
+        "the hand-off is stored"
+    );
+    let second = lease(&mut jobs, a, 1);
+    let big = png_header(256, 256);
+    let effects = jobs.report(node(1), succeed(a, second, big.clone(), true), 3);
+    let ended: Vec<_> = effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Ended(f) => Some(f.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].job.state, JobState::Succeeded);
+    assert_eq!(ended[0].png.as_deref(), Some(&big[..]));
+    assert_eq!(ended[0].job.node_id, Some(node(1)));
+    // A render that is not a PNG cannot be upscaled: the job fails, saying so.
+    let third = lease(&mut jobs, b, 2);
+    let effects = jobs.report(node(2), succeed(b, third, Arc::from(vec![1u8]), false), 4);
+    assert!(effects.iter().any(|e| matches!(e,
+        Effect::Ended(f) if f.job.state == JobState::Failed
+            && f.job.error.as_deref() == Some("the node's result is not a PNG"))));
 }

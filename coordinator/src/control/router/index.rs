@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::Hash;
 
 use drover_shared::family::ModelFamily;
-use drover_shared::job::{JobSpec, ModelSelector};
+use drover_shared::job::{JobSpec, JobTask, ModelSelector};
 
 use drover_shared::ids::NodeId;
 
@@ -216,9 +216,10 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
     }
 }
 
-/// The job's families: the one it asks for, or all.
+/// The job's families: the one it asks for, or all (an upscale runs on a node of any family).
 fn job_families(job: &JobSpec) -> &[ModelFamily] {
     match &job.model {
+        _ if job.task == JobTask::Upscale => &ModelFamily::ALL,
         Some(ModelSelector::Family(f)) => std::slice::from_ref(f),
         _ => &ModelFamily::ALL,
     }

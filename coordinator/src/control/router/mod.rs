@@ -260,7 +260,9 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
             return Err(SkipReason::InpaintingNotServed);
         }
     }
-    if let Some(upscale) = &job.upscale {
+    if let Some(upscale) = &job.upscale
+        && !upscale.elsewhere
+    {
         upscale_capability(upscale, size, node.upscalers)?;
     }
     for lora in &job.loras {
@@ -351,6 +353,29 @@ pub fn feasibility(job: &JobSpec, nodes: &[NodeView<'_>]) -> Result<(), Vec<Node
         }
     }
     Err(reasons)
+}
+
+/// Whether a job that asks for an upscale, which no node can both render and upscale
+/// ([`feasibility`] refused it), can be split: some node renders it without the upscale, and
+/// some node (maybe another) upscales what that node renders. The control plane then marks
+/// the upscale `elsewhere`.
+pub fn follow_up_feasible(job: &JobSpec, nodes: &[NodeView<'_>]) -> bool {
+    let Some(upscale) = &job.upscale else {
+        return false;
+    };
+    let render_only = JobSpec {
+        upscale: None,
+        ..job.clone()
+    };
+    nodes
+        .iter()
+        .filter(|n| capability(&render_only, n).is_ok())
+        .any(|renderer| {
+            let size = render_only.size_on(renderer.family, renderer.sizes);
+            nodes
+                .iter()
+                .any(|n| upscale_capability(upscale, size, n.upscalers).is_ok())
+        })
 }
 
 /// The LoRA set of a job as one key (the empty set, base weights, is 0): which LoRAs at which

@@ -678,3 +678,43 @@ fn upscale_jobs_go_only_to_nodes_holding_an_upscaler_that_reaches_the_scale() {
     let reason = serde_json::to_value(capability(&any, &plain).unwrap_err()).unwrap();
     assert_eq!(reason["reason"], "upscaler_not_served");
 }
+
+#[test]
+fn an_upscale_no_renderer_holds_follows_on_another_node() {
+    let upscalers: &'static [UpscalerAdvert] = Box::leak(Box::new([UpscalerAdvert {
+        name: "x4".into(),
+        scale: 4,
+        network: "SRVGGNetCompact ×4".into(),
+        ms_per_megapixel: 0.0,
+    }]));
+    let renderer = NodeView {
+        max_pixels: 8 << 20,
+        ..node(1, ModelFamily::Sdxl)
+    };
+    // An SD1.5 node holding the upscaler cannot render an SDXL job.
+    let upscaler = NodeView {
+        upscalers,
+        ..node(2, ModelFamily::Sd15)
+    };
+    let nodes = [renderer.clone(), upscaler.clone()];
+    let mut sdxl = job(r#"{"prompt":"x","model":"sdxl","size":"512x512","upscale":{}}"#);
+    assert!(feasibility(&sdxl, &nodes).is_err(), "no node does both");
+    assert!(follow_up_feasible(&sdxl, &nodes));
+    sdxl.upscale.as_mut().expect("an upscale").elsewhere = true;
+    assert_eq!(capability(&sdxl, &renderer), Ok(()), "renders without it");
+    // Once rendered, the upscale goes to the node that holds it, whatever its family.
+    let mut then = sdxl.clone();
+    then.task = drover_shared::job::JobTask::Upscale;
+    assert_eq!(capability(&then, &upscaler), Ok(()));
+    assert!(capability(&then, &renderer).is_err());
+    // The index looks past the SDXL job's family for it, as the scan does.
+    assert_eq!(RoutingIndex::new(&nodes).pick(&then, &nodes, 0), Some(1));
+    assert_eq!(pick(&then, &nodes, 0), Ok(upscaler.id));
+    // Not split when the upscale could not run on the render anywhere (past the limit), or
+    // when nobody holds the upscaler.
+    let huge = job(r#"{"prompt":"x","model":"sdxl","size":"2048x2048","upscale":{}}"#);
+    assert!(!follow_up_feasible(&huge, &nodes));
+    let unknown = job(r#"{"prompt":"x","model":"sdxl","upscale":{"model":"x8"}}"#);
+    assert!(!follow_up_feasible(&unknown, &nodes));
+    assert!(!follow_up_feasible(&job(r#"{"prompt":"x"}"#), &nodes));
+}
