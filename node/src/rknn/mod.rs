@@ -15,6 +15,7 @@ pub mod api;
 pub mod ffi;
 pub mod model;
 pub mod pipeline;
+pub mod upscale;
 
 #[cfg(test)]
 mod fake;

@@ -501,3 +501,108 @@ fn a_worker_that_cannot_load_fails_the_start_with_its_reason() {
         assert!(err.contains("NUM_WORKERS=12"), "{err}");
     });
 }
+
+/// The fake `sr` network's rule applied to a whole image at once (zeros outside it): what a
+/// tiled run must give where its context covers the 3×3 window.
+fn sr_reference(rgb: &[u8], w: usize, h: usize, s: usize) -> Vec<u8> {
+    let at = |c: usize, y: isize, x: isize| {
+        if y < 0 || x < 0 || y >= h as isize || x >= w as isize {
+            0.0
+        } else {
+            f64::from(rgb[(y as usize * w + x as usize) * 3 + c]) / 255.0
+        }
+    };
+    let mut out = vec![0u8; w * s * h * s * 3];
+    for oy in 0..h * s {
+        for ox in 0..w * s {
+            for c in 0..3 {
+                let (y, x) = ((oy / s) as isize, (ox / s) as isize);
+                let sum: f64 = (-1..=1)
+                    .flat_map(|dy| (-1..=1).map(move |dx| (dy, dx)))
+                    .map(|(dy, dx)| at(c, y + dy, x + dx))
+                    .sum();
+                let v = (0.5 * at(c, y, x) + 0.5 * sum / 9.0) as f32;
+                out[(oy * w * s + ox) * 3 + c] = (v.clamp(0.0, 1.0) * 255.0).round() as u8;
+            }
+        }
+    }
+    out
+}
+
+fn write_sr(path: &Path, tile: usize, out: (usize, usize)) {
+    super::fake::write_net(
+        path,
+        serde_json::json!({"kind": "sr",
+            "inputs": [{"name": "input", "dims": [1, tile, tile, 3], "format": "nhwc", "dtype": "f16"}],
+            "outputs": [{"name": "output", "dims": [1, 3, out.0, out.1], "format": "nchw", "dtype": "f16"}]}),
+    );
+}
+
+#[test]
+fn the_npu_upscaler_tiles_images_through_its_fixed_input() {
+    use super::upscale::RknnUpscaler;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("x2.rknn");
+    write_sr(&path, 16, (32, 32));
+    let api = Arc::new(FakeRknn::default());
+    let mut up = RknnUpscaler::load(api.clone(), &path, CoreMask::Core1).unwrap();
+    assert_eq!((up.scale(), up.tile()), (2, (16, 16)));
+    let (w, h) = (50, 37);
+    let rgb: Vec<u8> = (0..w * h * 3)
+        .map(|i| ((i * 37 + (i / 150) * 11) % 256) as u8)
+        .collect();
+    let mut seen = Vec::new();
+    let out = up
+        .upscale_rgb8(&rgb, w, h, 2, |done, all| {
+            seen.push((done, all));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    // Cores of 12 pixels: 5 columns, 4 rows.
+    assert_eq!(seen.first(), Some(&(0, 20)));
+    assert_eq!(seen.last(), Some(&(20, 20)));
+    let want = sr_reference(&rgb, w, h, 2);
+    let worst = out
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(worst <= 1, "tiled differs from whole by {worst}");
+    assert!(
+        api.calls()
+            .contains(&Call::SetCoreMask("sr".into(), CoreMask::Core1)),
+        "{:?}",
+        api.calls()
+    );
+    // Without context the tile borders see zeros: the comparison sees the seams.
+    let seams = up
+        .upscale_rgb8(&rgb, w, h, 0, |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    assert!(seams.iter().zip(&want).any(|(a, b)| a.abs_diff(*b) > 1));
+    // An image smaller than a tile is extended to one; a cancel stops between tiles.
+    let small = up
+        .upscale_rgb8(&rgb[..10 * 7 * 3], 10, 7, 2, |_, _| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(small.len(), 20 * 14 * 3);
+    let err = up
+        .upscale_rgb8(&rgb, w, h, 2, |done, _| {
+            if done == 3 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(err, NodeError::Cancelled), "{err}");
+    // A network whose output is no whole multiple of its input is refused, naming the shapes.
+    let odd = dir.path().join("odd.rknn");
+    write_sr(&odd, 16, (33, 32));
+    let err = RknnUpscaler::load(api, &odd, CoreMask::Auto)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(err.contains("[1, 3, 33, 32]"), "{err}");
+}
