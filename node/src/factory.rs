@@ -81,14 +81,9 @@ pub fn build(config: &NodeConfig) -> Result<WorkerPool> {
     let mut pool = build_workers(config)?;
     pool.post = upscaling::load(
         config,
-        &upscalers,
+        &mut upscalers,
         pool.capabilities.backend == BackendKind::Cuda,
     )?;
-    if let Some(post) = &pool.post {
-        for u in &mut upscalers {
-            u.ms_per_megapixel = post.ms_per_megapixel(&u.name);
-        }
-    }
     pool.capabilities.upscalers = upscalers;
     Ok(pool)
 }

@@ -137,8 +137,8 @@ impl NodeLink {
                 .iter()
                 .map(|u| proto::UpscalerInfo {
                     name: u.name.clone(),
-                    scale: u.spec.scale as u32,
-                    network: u.spec.label(),
+                    scale: u.scale as u32,
+                    network: u.network.clone(),
                     ms_per_megapixel: u.ms_per_megapixel,
                 })
                 .collect(),

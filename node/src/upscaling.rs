@@ -25,10 +25,23 @@ use crate::render::Image;
 pub struct UpscalerEntry {
     /// Its name in the farm: the file's stem.
     pub name: String,
-    /// What the header says it is.
-    pub spec: UpscalerSpec,
+    /// The file and what runs it.
+    pub file: UpscalerFile,
+    /// Output pixels per input pixel on each side (an `.rknn` file's once loaded).
+    pub scale: usize,
+    /// The network, in a few words.
+    pub network: String,
     /// Measured once loaded: milliseconds per input megapixel of one pass (0 before).
     pub ms_per_megapixel: f64,
+}
+
+/// What an upscaler file is.
+#[derive(Clone, Debug, PartialEq)]
+pub enum UpscalerFile {
+    /// A safetensors network Burn runs (its header's reading).
+    Burn(UpscalerSpec),
+    /// An `.rknn` network the NPU runs (its shapes are read when it loads).
+    Rknn(PathBuf),
 }
 
 /// What an upscale did, for the PNG's text chunks.
@@ -64,8 +77,8 @@ pub trait PostProcess: Send + Sync {
     fn holds(&self, name: Option<&str>) -> bool;
 }
 
-/// The upscalers `UPSCALER` names, in order: each a `.safetensors` file under `MODEL_ROOT`
-/// (`x4` or `x4.safetensors`), or a path. Names must be unique; files that are not upscalers
+/// The upscalers `UPSCALER` names, in order: each a `.safetensors` (Burn) or `.rknn` (NPU) file
+/// under `MODEL_ROOT` (`x4`, `x4.safetensors`, `x4.rknn`), or a path. Names must be unique; files that are not upscalers
 /// are refused with the reason.
 pub fn configured(config: &NodeConfig) -> Result<Vec<UpscalerEntry>> {
     let Some(list) = config.upscaler.as_deref() else {
@@ -83,12 +96,25 @@ pub fn configured(config: &NodeConfig) -> Result<Vec<UpscalerEntry>> {
                 "UPSCALER names `{name}` twice; upscaler names (file stems) must be unique"
             )));
         }
+        if path.extension().is_some_and(|e| e == "rknn") {
+            tracing::info!(upscaler = %name, path = %path.display(), "npu upscaler found");
+            entries.push(UpscalerEntry {
+                name,
+                file: UpscalerFile::Rknn(path),
+                scale: 0,
+                network: "RKNN network".into(),
+                ms_per_megapixel: 0.0,
+            });
+            continue;
+        }
         let spec = inspect_upscaler(&path)
             .map_err(|e| NodeError::Config(format!("UPSCALER `{item}`: {e}")))?;
         tracing::info!(upscaler = %name, network = %spec.label(), path = %path.display(), "upscaler found");
         entries.push(UpscalerEntry {
             name,
-            spec,
+            scale: spec.scale,
+            network: spec.label(),
+            file: UpscalerFile::Burn(spec),
             ms_per_megapixel: 0.0,
         });
     }
@@ -104,11 +130,12 @@ fn locate(root: Option<&Path>, item: &str) -> Result<PathBuf> {
     if let Some(root) = root {
         candidates.push(root.join(item));
         candidates.push(root.join(format!("{item}.safetensors")));
+        candidates.push(root.join(format!("{item}.rknn")));
     }
     candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
         NodeError::Config(match root {
             Some(root) => format!(
-                "UPSCALER `{item}`: no {item} or {item}.safetensors under MODEL_ROOT {}",
+                "UPSCALER `{item}`: no {item}, {item}.safetensors or {item}.rknn under MODEL_ROOT {}",
                 root.display()
             ),
             None => format!(
@@ -148,8 +175,12 @@ impl<B: Backend> Upscalers<B> {
         let grey = vec![128u8; MEASURE_SIDE * MEASURE_SIDE * 3];
         let nets = entries
             .iter()
-            .map(|e| {
-                let net = Upscaler::open(&e.spec, device)?;
+            .filter_map(|e| match &e.file {
+                UpscalerFile::Burn(spec) => Some((e, spec)),
+                UpscalerFile::Rknn(_) => None,
+            })
+            .map(|(e, spec)| {
+                let net = Upscaler::open(spec, device)?;
                 let go = |_: usize, _: usize| ControlFlow::Continue(());
                 let whole = Tiling::whole();
                 net.upscale_rgb8(&grey, MEASURE_SIDE, MEASURE_SIDE, whole, go)?;
@@ -195,58 +226,16 @@ where
         progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<(Image, Upscaled)> {
         let (name, net) = self.find(spec.model.as_deref())?;
-        let plan = spec
-            .plan(net.scale() as u32)
-            .map_err(|m| NodeError::InvalidJob(format!("upscale with `{name}`: {m}")))?;
-        let size = drover_shared::job::Size {
-            width: image.width as u32,
-            height: image.height as u32,
-        };
-        let (w, h) = plan.output(size);
-        if w * h > MAX_UPSCALED_PIXELS {
-            return Err(NodeError::InvalidJob(format!(
-                "upscaled image {w}x{h} is over the limit of {MAX_UPSCALED_PIXELS} pixels"
-            )));
-        }
-        let passes = plan.passes as usize;
-        let mut rgb = Rgb {
-            width: image.width,
-            height: image.height,
-            pixels: image.rgb,
-        };
-        for pass in 0..passes {
-            let pixels = net.upscale_rgb8(
-                &rgb.pixels,
-                rgb.width,
-                rgb.height,
-                self.tiling,
-                |done, all| progress(pass * all + done, passes * all),
-            )?;
-            rgb = Rgb {
-                width: rgb.width * net.scale(),
-                height: rgb.height * net.scale(),
-                pixels,
-            };
-        }
-        let (w, h) = (w as usize, h as usize);
-        if (rgb.width, rgb.height) != (w, h) {
-            rgb = resize(&rgb, w, h, ResizeMode::Resize);
-        }
-        let upscaled = Upscaled {
-            upscaler: name.clone(),
-            passes: plan.passes,
-            factor: plan.factor,
-            source_size: (size.width, size.height),
-        };
-        Ok((
-            Image {
-                width: rgb.width,
-                height: rgb.height,
-                rgb: rgb.pixels,
-                truncated_tokens: image.truncated_tokens,
+        run_plan(
+            image,
+            spec,
+            name,
+            net.scale(),
+            progress,
+            &mut |rgb, tiles| {
+                net.upscale_rgb8(&rgb.pixels, rgb.width, rgb.height, self.tiling, tiles)
             },
-            upscaled,
-        ))
+        )
     }
 
     fn holds(&self, name: Option<&str>) -> bool {
@@ -261,16 +250,216 @@ where
     }
 }
 
+/// One pass of an upscaler over an image; its tiles reported as (done, all).
+pub type Pass<'a> =
+    dyn FnMut(&Rgb, &mut dyn FnMut(usize, usize) -> ControlFlow<()>) -> Result<Vec<u8>> + 'a;
+
+/// Runs `spec` on `image` with upscaler `name` of `scale`, whose one pass is `pass`: plans the
+/// passes, refuses a result past [`MAX_UPSCALED_PIXELS`], reports every pass's tiles as one
+/// count, resizes the last output down to a fractional scale. Shared by every backend.
+pub fn run_plan(
+    image: Image,
+    spec: &UpscaleSpec,
+    name: &str,
+    scale: usize,
+    progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    pass: &mut Pass<'_>,
+) -> Result<(Image, Upscaled)> {
+    let plan = spec
+        .plan(scale as u32)
+        .map_err(|m| NodeError::InvalidJob(format!("upscale with `{name}`: {m}")))?;
+    let size = drover_shared::job::Size {
+        width: image.width as u32,
+        height: image.height as u32,
+    };
+    let (w, h) = plan.output(size);
+    if w * h > MAX_UPSCALED_PIXELS {
+        return Err(NodeError::InvalidJob(format!(
+            "upscaled image {w}x{h} is over the limit of {MAX_UPSCALED_PIXELS} pixels"
+        )));
+    }
+    let passes = plan.passes as usize;
+    let mut rgb = Rgb {
+        width: image.width,
+        height: image.height,
+        pixels: image.rgb,
+    };
+    for k in 0..passes {
+        let pixels = pass(&rgb, &mut |done, all| {
+            progress(k * all + done, passes * all)
+        })?;
+        rgb = Rgb {
+            width: rgb.width * scale,
+            height: rgb.height * scale,
+            pixels,
+        };
+    }
+    let (w, h) = (w as usize, h as usize);
+    if (rgb.width, rgb.height) != (w, h) {
+        rgb = resize(&rgb, w, h, ResizeMode::Resize);
+    }
+    let upscaled = Upscaled {
+        upscaler: name.to_string(),
+        passes: plan.passes,
+        factor: plan.factor,
+        source_size: (size.width, size.height),
+    };
+    Ok((
+        Image {
+            width: rgb.width,
+            height: rgb.height,
+            rgb: rgb.pixels,
+            truncated_tokens: image.truncated_tokens,
+        },
+        upscaled,
+    ))
+}
+
+/// Several post-processors as one (Burn's and the NPU's): each request goes to the one that
+/// holds the upscaler; `default` is the node's first upscaler, for requests naming none.
+pub struct Combined {
+    parts: Vec<Arc<dyn PostProcess>>,
+    default: String,
+}
+
+impl PostProcess for Combined {
+    fn upscale(
+        &self,
+        image: Image,
+        spec: &UpscaleSpec,
+        progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<(Image, Upscaled)> {
+        let name = spec.model.as_deref().unwrap_or(&self.default);
+        let named = UpscaleSpec {
+            model: Some(name.to_string()),
+            ..spec.clone()
+        };
+        match self.parts.iter().find(|p| p.holds(Some(name))) {
+            Some(part) => part.upscale(image, &named, progress),
+            None => Err(NodeError::InvalidJob(format!(
+                "upscaler `{name}` is not on this node"
+            ))),
+        }
+    }
+
+    fn ms_per_megapixel(&self, name: &str) -> f64 {
+        self.parts
+            .iter()
+            .find(|p| p.holds(Some(name)))
+            .map_or(0.0, |p| p.ms_per_megapixel(name))
+    }
+
+    fn holds(&self, name: Option<&str>) -> bool {
+        self.parts.iter().any(|p| p.holds(name))
+    }
+}
+
 /// Loads the configured upscalers for a node of `backend`: on the first CUDA device for cuda
 /// nodes (with the `cuda` feature), on the CPU otherwise. `None` when `UPSCALER` names none.
 pub fn load(
     config: &NodeConfig,
+    entries: &mut [UpscalerEntry],
+    cuda: bool,
+) -> Result<Option<Arc<dyn PostProcess>>> {
+    let Some(first) = entries.first() else {
+        return Ok(None);
+    };
+    let default = first.name.clone();
+    let mut parts = Vec::new();
+    if let Some(burn) = load_burn(config, entries, cuda)? {
+        parts.push(burn);
+    }
+    let npu: Vec<(String, PathBuf)> = entries
+        .iter()
+        .filter_map(|e| match &e.file {
+            UpscalerFile::Rknn(path) => Some((e.name.clone(), path.clone())),
+            UpscalerFile::Burn(_) => None,
+        })
+        .collect();
+    if !npu.is_empty() {
+        let pad = config.upscale_tile_pad.unwrap_or(DEFAULT_TILE_PAD);
+        let npu = load_npu(config, &npu, pad)?;
+        for e in entries.iter_mut() {
+            if let Some((scale, tile)) = npu.shape(&e.name) {
+                e.scale = scale;
+                e.network = format!("RKNN network ×{scale} ({}×{} tiles)", tile.0, tile.1);
+            }
+        }
+        parts.push(Arc::new(npu));
+    }
+    for e in entries.iter_mut() {
+        e.ms_per_megapixel = parts
+            .iter()
+            .find(|p| p.holds(Some(&e.name)))
+            .map_or(0.0, |p| p.ms_per_megapixel(&e.name));
+    }
+    Ok(Some(Arc::new(Combined { parts, default })))
+}
+
+#[cfg(feature = "rknn")]
+fn load_npu(
+    config: &NodeConfig,
+    npu: &[(String, PathBuf)],
+    pad: usize,
+) -> Result<crate::rknn::upscale::NpuUpscalers> {
+    let api = crate::rknn::ffi::RknnLibrary::open(config.rknn_library.as_deref())?;
+    crate::rknn::upscale::NpuUpscalers::start(api, npu, pad)
+}
+
+#[cfg(not(feature = "rknn"))]
+fn load_npu(_: &NodeConfig, npu: &[(String, PathBuf)], _: usize) -> Result<NoNpu> {
+    Err(NodeError::Config(format!(
+        "UPSCALER names the .rknn file {}, and this drover-node was built without the `rknn` feature",
+        npu[0].1.display()
+    )))
+}
+
+/// Stands in for the NPU's upscalers in builds without `rknn` (never made).
+#[cfg(not(feature = "rknn"))]
+enum NoNpu {}
+
+#[cfg(not(feature = "rknn"))]
+impl NoNpu {
+    fn shape(&self, _: &str) -> Option<(usize, (usize, usize))> {
+        match *self {}
+    }
+}
+
+#[cfg(not(feature = "rknn"))]
+impl PostProcess for NoNpu {
+    fn upscale(
+        &self,
+        _: Image,
+        _: &UpscaleSpec,
+        _: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<(Image, Upscaled)> {
+        match *self {}
+    }
+
+    fn ms_per_megapixel(&self, _: &str) -> f64 {
+        match *self {}
+    }
+
+    fn holds(&self, _: Option<&str>) -> bool {
+        match *self {}
+    }
+}
+
+/// The Burn upscalers among `entries`, on the cuda node's GPU or the CPU.
+fn load_burn(
+    config: &NodeConfig,
     entries: &[UpscalerEntry],
     cuda: bool,
 ) -> Result<Option<Arc<dyn PostProcess>>> {
-    if entries.is_empty() {
+    let burn: Vec<UpscalerEntry> = entries
+        .iter()
+        .filter(|e| matches!(e.file, UpscalerFile::Burn(_)))
+        .cloned()
+        .collect();
+    if burn.is_empty() {
         return Ok(None);
     }
+    let entries = &burn[..];
     let tiling = tiling(config, entries);
     tracing::info!(
         upscalers = entries.len(),
@@ -400,12 +589,14 @@ pub fn upscale_cli(run: &UpscaleRun<'_>) -> Result<String> {
     let spec = inspect_upscaler(run.model)?;
     let entry = UpscalerEntry {
         ms_per_megapixel: 0.0,
+        scale: spec.scale,
+        network: spec.label(),
         name: run
             .model
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        spec,
+        file: UpscalerFile::Burn(spec),
     };
     let bytes = std::fs::read(run.image).map_err(|e| io(run.image, e))?;
     let rgb = drover_shared::image::decode(&bytes)
@@ -445,7 +636,7 @@ pub fn upscale_cli(run: &UpscaleRun<'_>) -> Result<String> {
     Ok(format!(
         "{}\n",
         serde_json::json!({
-            "model": run.model.display().to_string(), "network": entry.spec.label(),
+            "model": run.model.display().to_string(), "network": entry.network,
             "input": format!("{}x{}", rgb.width, rgb.height),
             "output": format!("{}x{}", out.width, out.height),
             "passes": done.passes, "tile": tiling.tile, "pad": tiling.pad,
@@ -457,10 +648,15 @@ pub fn upscale_cli(run: &UpscaleRun<'_>) -> Result<String> {
 }
 
 fn tiling_for(entry: &UpscalerEntry, budget: u64, pad: usize) -> Tiling {
-    let features = match entry.spec.network {
-        UpscalerArch::Rrdb { features, .. } | UpscalerArch::Compact { features, .. } => features,
+    let features = match &entry.file {
+        UpscalerFile::Burn(spec) => match spec.network {
+            UpscalerArch::Rrdb { features, .. } | UpscalerArch::Compact { features, .. } => {
+                features
+            }
+        },
+        UpscalerFile::Rknn(_) => 64,
     };
-    Tiling::for_budget(budget, features, entry.spec.scale, pad)
+    Tiling::for_budget(budget, features, entry.scale.max(1), pad)
 }
 
 /// The text chunks of a PNG (`tEXt`, `zTXt`, `iTXt` before its image data), in order; none

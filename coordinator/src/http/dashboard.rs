@@ -51,6 +51,12 @@ fn speed(v: f64) -> String {
 
 fn node_row(n: &NodeStatus, admin: bool) -> String {
     let loras: Vec<String> = n.record.loras.iter().map(|l| esc(&l.name)).collect();
+    let upscalers: Vec<String> = n
+        .record
+        .upscalers
+        .iter()
+        .map(|u| format!("{} ×{}", esc(&u.name), u.scale))
+        .collect();
     let sizes: Vec<String> = n.record.sizes.iter().map(|s| s.to_string()).collect();
     let measured = n
         .measured_pixel_steps_per_second
@@ -72,7 +78,7 @@ fn node_row(n: &NodeStatus, admin: bool) -> String {
     format!(
         "<tr class=\"{state}\" data-node=\"{id}\"><td>{name}</td><td>{state}{suspect}</td><td>{backend}</td>\
          <td>{family}</td><td>{busy}/{workers}</td><td>{measured}</td><td>{advertised}</td><td>{sizes}</td>\
-         <td>{loras}</td><td>{seen:.1} s ago</td><td>{button}</td></tr>",
+         <td>{loras}</td><td>{upscalers}</td><td>{seen:.1} s ago</td><td>{button}</td></tr>",
         name = esc(&n.record.name),
         state = n.state,
         suspect = if n.suspect && n.state != NodeState::Suspect {
@@ -94,6 +100,11 @@ fn node_row(n: &NodeStatus, admin: bool) -> String {
             "–".into()
         } else {
             loras.join(", ")
+        },
+        upscalers = if upscalers.is_empty() {
+            "–".into()
+        } else {
+            upscalers.join(", ")
         },
         seen = n.last_seen_ms_ago as f64 / 1000.0,
         id = n.record.id,
@@ -394,7 +405,7 @@ pub fn render_live(d: &DashboardData, access: Access) -> String {
          <span>unfinished jobs: <b id=\"unfinished\">{unfinished}</b></span>\
          <span>images in the last hour: <b>{done_hour}</b></span></p>{charts}\
          <h2>Nodes</h2><table id=\"nodes\"><tr><th>name</th><th>state</th><th>backend</th><th>family</th>\
-         <th>busy/workers</th><th>measured speed</th><th>advertised</th><th>sizes</th><th>LoRAs</th>\
+         <th>busy/workers</th><th>measured speed</th><th>advertised</th><th>sizes</th><th>LoRAs</th><th>upscalers</th>\
          <th>last heard</th><th></th></tr>{node_rows}</table>",
         total = d.nodes.len(),
         drain_note = if draining > 0 {

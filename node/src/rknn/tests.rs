@@ -606,3 +606,79 @@ fn the_npu_upscaler_tiles_images_through_its_fixed_input() {
         .to_string();
     assert!(err.contains("[1, 3, 33, 32]"), "{err}");
 }
+
+#[test]
+fn npu_upscalers_serve_workers_from_their_own_thread() {
+    use super::upscale::NpuUpscalers;
+    use crate::render::Image;
+    use crate::upscaling::PostProcess;
+    use drover_shared::job::UpscaleSpec;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("npu-x2.rknn");
+    write_sr(&path, 16, (32, 32));
+    let api = Arc::new(FakeRknn::default());
+    let npu = NpuUpscalers::start(api.clone(), &[("npu-x2".into(), path)], 2).unwrap();
+    assert_eq!(npu.shape("npu-x2"), Some((2, (16, 16))));
+    assert!(npu.holds(None) && npu.holds(Some("npu-x2")) && !npu.holds(Some("x4")));
+    assert!(npu.ms_per_megapixel("npu-x2") > 0.0, "measured at start");
+    let (w, h) = (50, 37);
+    let rgb: Vec<u8> = (0..w * h * 3).map(|i| ((i * 53) % 256) as u8).collect();
+    let image = || Image {
+        width: w,
+        height: h,
+        rgb: rgb.clone(),
+        truncated_tokens: 0,
+    };
+    let spec = |passes, scale| UpscaleSpec {
+        model: Some("npu-x2".into()),
+        passes,
+        scale,
+        elsewhere: false,
+    };
+    let mut tiles = Vec::new();
+    let (out, done) = npu
+        .upscale(image(), &spec(Some(1), None), &mut |d, a| {
+            tiles.push((d, a));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!((out.width, out.height, done.passes), (100, 74, 1));
+    assert_eq!(
+        tiles.last(),
+        Some(&(20, 20)),
+        "its tiles came back as progress"
+    );
+    let want = sr_reference(&rgb, w, h, 2);
+    assert!(out.rgb.iter().zip(&want).all(|(a, b)| a.abs_diff(*b) <= 1));
+    // ×3 from a ×2 network: two passes, resized down.
+    let (three, done) = npu
+        .upscale(image(), &spec(None, Some(3.0)), &mut |_, _| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!((three.width, three.height, done.passes), (150, 111, 2));
+    // Every context call ran on the NPU thread, never this one.
+    let here = std::thread::current().id();
+    let calls = api.calls_with_threads();
+    assert!(!calls.is_empty() && calls.iter().all(|(t, _)| *t != here));
+    // A cancel from the worker stops the NPU between tiles.
+    let err = npu
+        .upscale(image(), &spec(Some(1), None), &mut |d, _| {
+            if d >= 2 {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(())
+            }
+        })
+        .unwrap_err();
+    assert!(matches!(err, NodeError::Cancelled), "{err}");
+    // A missing file stops the start, naming it.
+    let missing = NpuUpscalers::start(api, &[("gone".into(), dir.path().join("gone.rknn"))], 2);
+    assert!(
+        missing
+            .err()
+            .expect("refused")
+            .to_string()
+            .contains("gone.rknn")
+    );
+}

@@ -5,14 +5,23 @@
 //! network's zero padding applies as it would untiled); only each core's output is kept.
 //! Images smaller than a tile are extended by repeating their edges. Where `pad` covers the
 //! network's receptive field the result equals an untiled run.
+//!
+//! [`NpuUpscalers`] is the node's post-processor for `.rknn` files named in `UPSCALER`: one
+//! thread owns their contexts and serves every worker's requests in turn.
 
 use std::ops::ControlFlow;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+
+use drover_shared::job::UpscaleSpec;
 
 use super::api::{CoreMask, RknnApi};
 use super::model::{HostTensor, RknnModel, logical_dims};
 use crate::error::{NodeError, Result};
+use crate::render::Image;
+use crate::upscaling::{PostProcess, Upscaled, run_plan};
 
 /// An `.rknn` super-resolution network on one NPU context (not `Send`: it stays on the thread
 /// that loaded it).
@@ -138,5 +147,158 @@ impl RknnUpscaler {
             }
         }
         Ok(out)
+    }
+}
+
+/// A request to the NPU upscaling thread.
+struct Request {
+    image: Image,
+    spec: UpscaleSpec,
+    cancel: Arc<AtomicBool>,
+    reply: mpsc::Sender<Reply>,
+}
+
+/// What the NPU upscaling thread answers: tiles as they finish, then the result.
+enum Reply {
+    Progress(usize, usize),
+    Done(Result<(Image, Upscaled)>),
+}
+
+/// An upscaler's name, scale, tile and measured speed.
+type Loaded = (String, usize, (usize, usize), f64);
+
+/// The node's `.rknn` upscalers, each on its own NPU context, all on one thread of their own
+/// (contexts never cross threads); workers hand it images through a channel and hear its
+/// tiles back, so a cancel stops it between tiles.
+pub struct NpuUpscalers {
+    requests: mpsc::Sender<Request>,
+    loaded: Vec<Loaded>,
+}
+
+impl NpuUpscalers {
+    /// Loads every `(name, path)` on the thread it starts (the runtime picks the cores),
+    /// measures each on a 64×64 image, and answers once all are ready (or the first failure).
+    pub fn start(api: Arc<dyn RknnApi>, files: &[(String, PathBuf)], pad: usize) -> Result<Self> {
+        let (ready_tx, ready_rx) = mpsc::channel::<Result<Vec<Loaded>>>();
+        let (requests, inbox) = mpsc::channel::<Request>();
+        let files = files.to_vec();
+        std::thread::Builder::new()
+            .name("npu-upscale".into())
+            .spawn(move || {
+                let mut nets = Vec::new();
+                let loaded = files
+                    .iter()
+                    .map(|(name, path)| {
+                        let mut net = RknnUpscaler::load(api.clone(), path, CoreMask::Auto)?;
+                        let grey = vec![128u8; 64 * 64 * 3];
+                        let started = std::time::Instant::now();
+                        net.upscale_rgb8(&grey, 64, 64, pad, |_, _| ControlFlow::Continue(()))?;
+                        let ms = started.elapsed().as_secs_f64() * 1000.0 / (64.0 * 64.0 / 1e6);
+                        let info = (name.clone(), net.scale(), net.tile(), ms);
+                        nets.push((name.clone(), net));
+                        Ok(info)
+                    })
+                    .collect::<Result<Vec<Loaded>>>();
+                let ok = loaded.is_ok();
+                let _ = ready_tx.send(loaded);
+                if !ok {
+                    return;
+                }
+                for r in inbox {
+                    let at = match r.spec.model.as_deref() {
+                        Some(n) => nets.iter().position(|(have, _)| have == n),
+                        None => (!nets.is_empty()).then_some(0),
+                    };
+                    let found = at.and_then(|i| nets.get_mut(i));
+                    let result = match found {
+                        None => Err(NodeError::InvalidJob(format!(
+                            "upscaler `{}` is not on this node's NPU",
+                            r.spec.model.as_deref().unwrap_or("any")
+                        ))),
+                        Some((name, net)) => {
+                            let scale = net.scale();
+                            let (reply, cancel) = (&r.reply, &r.cancel);
+                            let mut tiles = |done: usize, all: usize| {
+                                let _ = reply.send(Reply::Progress(done, all));
+                                if cancel.load(Ordering::SeqCst) {
+                                    ControlFlow::Break(())
+                                } else {
+                                    ControlFlow::Continue(())
+                                }
+                            };
+                            run_plan(r.image, &r.spec, name, scale, &mut tiles, &mut |rgb, t| {
+                                net.upscale_rgb8(&rgb.pixels, rgb.width, rgb.height, pad, t)
+                            })
+                        }
+                    };
+                    let _ = r.reply.send(Reply::Done(result));
+                }
+            })
+            .map_err(|e| NodeError::Backend {
+                backend: "rknn",
+                message: format!("starting the npu upscaling thread: {e}"),
+            })?;
+        let loaded = ready_rx.recv().map_err(|_| NodeError::Backend {
+            backend: "rknn",
+            message: "the npu upscaling thread stopped while loading".into(),
+        })??;
+        for (name, scale, tile, ms) in &loaded {
+            tracing::info!(upscaler = %name, scale, tile = ?tile, ms_per_megapixel = *ms as u64, "npu upscaler loaded and measured");
+        }
+        Ok(Self { requests, loaded })
+    }
+
+    /// Upscaler `name`'s scale and tile (height, width), when it is here.
+    pub fn shape(&self, name: &str) -> Option<(usize, (usize, usize))> {
+        self.loaded
+            .iter()
+            .find(|(n, ..)| n == name)
+            .map(|(_, s, t, _)| (*s, *t))
+    }
+}
+
+impl PostProcess for NpuUpscalers {
+    fn upscale(
+        &self,
+        image: Image,
+        spec: &UpscaleSpec,
+        progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<(Image, Upscaled)> {
+        let gone = || NodeError::Render("the npu upscaling thread stopped".into());
+        let (reply, answers) = mpsc::channel();
+        let cancel = Arc::new(AtomicBool::new(false));
+        self.requests
+            .send(Request {
+                image,
+                spec: spec.clone(),
+                cancel: cancel.clone(),
+                reply,
+            })
+            .map_err(|_| gone())?;
+        for answer in answers {
+            match answer {
+                Reply::Progress(done, all) => {
+                    if progress(done, all).is_break() {
+                        cancel.store(true, Ordering::SeqCst);
+                    }
+                }
+                Reply::Done(result) => return result,
+            }
+        }
+        Err(gone())
+    }
+
+    fn ms_per_megapixel(&self, name: &str) -> f64 {
+        self.loaded
+            .iter()
+            .find(|(n, ..)| n == name)
+            .map_or(0.0, |(.., ms)| *ms)
+    }
+
+    fn holds(&self, name: Option<&str>) -> bool {
+        match name {
+            Some(n) => self.loaded.iter().any(|(have, ..)| have == n),
+            None => !self.loaded.is_empty(),
+        }
     }
 }
