@@ -277,6 +277,39 @@ mod tests {
         assert!(err.contains("less than scale 8"), "{err}");
     }
 
+    proptest::proptest! {
+        /// The plan's rule, stated without its code: passes in 1..=3; the final scale is the
+        /// one asked for, else the network's to the power of the passes; never more than the
+        /// passes reach; without `passes`, the fewest that reach `scale`; refused exactly when
+        /// the passes asked for (or 3) fall short.
+        #[test]
+        fn plans_follow_the_rule(
+            net in 1u32..=8,
+            passes in proptest::option::of(1u32..=3),
+            scale in proptest::option::of(1.0f64..=16.0),
+        ) {
+            let reach = |p: u32| f64::from(net).powi(p as i32);
+            match spec(passes, scale).plan(net) {
+                Ok(plan) => {
+                    proptest::prop_assert!((1..=3).contains(&plan.passes));
+                    proptest::prop_assert!(plan.factor <= reach(plan.passes) + 1e-9);
+                    proptest::prop_assert_eq!(plan.factor, scale.unwrap_or(reach(plan.passes)));
+                    if let Some(p) = passes {
+                        proptest::prop_assert_eq!(plan.passes, p);
+                    } else if let Some(s) = scale {
+                        proptest::prop_assert!(plan.passes == 1 || reach(plan.passes - 1) < s - 1e-9);
+                    } else {
+                        proptest::prop_assert_eq!(plan.passes, 1);
+                    }
+                }
+                Err(_) => {
+                    let s = scale.expect("only a scale can be out of reach");
+                    proptest::prop_assert!(reach(passes.unwrap_or(3)) < s - 1e-9);
+                }
+            }
+        }
+    }
+
     #[test]
     fn requests_are_checked_field_by_field() {
         let bad = |r: UpscaleRequest| r.validate().unwrap_err().field;

@@ -19,8 +19,15 @@ fn node(i: usize) -> NodeId {
     NodeId::from_bytes([i as u8 + 1; 16])
 }
 
+/// A job; those of odd priority ask for an upscale (rendered by nodes that may lack it).
 fn spec(priority: i32) -> JobSpec {
-    let body = format!(r#"{{"prompt":"x","size":"64x64","steps":2,"priority":{priority}}}"#);
+    let upscale = if priority % 2 != 0 {
+        r#","upscale":{}"#
+    } else {
+        ""
+    };
+    let body =
+        format!(r#"{{"prompt":"x","size":"64x64","steps":2,"priority":{priority}{upscale}}}"#);
     JobRequest::from_json(body.as_bytes())
         .and_then(|r| r.validate(|| 1))
         .expect("a valid job")
@@ -57,6 +64,10 @@ enum Command {
     Succeed {
         job: usize,
         carries: Carries,
+        /// The node ran the job's upscale.
+        upscaled: bool,
+        /// The result is a PNG.
+        png: bool,
     },
     Fail {
         job: usize,
@@ -98,7 +109,7 @@ fn command() -> impl Strategy<Value = Command> {
         3 => (1..4usize, 0..2u8, -2..3i32).prop_map(|(n, client, priority)| Command::Submit { n, client, priority }),
         5 => (any::<usize>(), 0..NODES).prop_map(|(job, node)| Command::Lease { job, node }),
         2 => (any::<usize>(), carries()).prop_map(|(job, carries)| Command::Progress { job, carries }),
-        3 => (any::<usize>(), carries()).prop_map(|(job, carries)| Command::Succeed { job, carries }),
+        3 => (any::<usize>(), carries(), any::<bool>(), prop::bool::weighted(0.9)).prop_map(|(job, carries, upscaled, png)| Command::Succeed { job, carries, upscaled, png }),
         2 => (any::<usize>(), carries(), any::<bool>()).prop_map(|(job, carries, permanent)| Command::Fail { job, carries, permanent }),
         1 => (0..NODES).prop_map(|node| Command::NodeLost { node }),
         1 => (0..NODES, any::<u8>()).prop_map(|(node, keep)| Command::Reconcile { node, keep }),
@@ -289,19 +300,50 @@ impl World {
                 },
                 &mut fenced,
             ),
-            Command::Succeed { job, carries } => report(
-                self,
-                *job,
-                *carries,
-                &|job_id, lease_id| NodeReport::Succeeded {
-                    job_id,
-                    upscaled: false,
-                    lease_id,
-                    png: Arc::from(vec![1u8, 2, 3]),
-                    elapsed_ms: 40,
-                },
-                &mut fenced,
-            ),
+            Command::Succeed {
+                job,
+                carries,
+                upscaled,
+                png,
+            } => {
+                let was = self.pick(*job).and_then(|id| self.jobs.get(&id).cloned());
+                let effects = report(
+                    self,
+                    *job,
+                    *carries,
+                    &|job_id, lease_id| NodeReport::Succeeded {
+                        job_id,
+                        upscaled: *upscaled,
+                        lease_id,
+                        png: if *png {
+                            png_header(64, 64)
+                        } else {
+                            Arc::from(vec![1u8, 2, 3])
+                        },
+                        elapsed_ms: 40,
+                    },
+                    &mut fenced,
+                );
+                if let (false, Some(was)) = (fenced, was) {
+                    // A render that skipped its upscale goes back to the queue as the upscale
+                    // (one attempt more); every other success, or a result that is no PNG,
+                    // ends the job.
+                    let now = self.jobs.get(&was.id);
+                    let follows = was.spec.task == JobTask::Generate
+                        && was.spec.upscale.is_some()
+                        && !*upscaled;
+                    if follows && *png {
+                        let job = now.expect("handed off, not ended");
+                        assert_eq!(job.state, JobState::Queued);
+                        assert_eq!(job.spec.task, JobTask::Upscale);
+                        assert_eq!(job.attempts.len(), was.attempts.len() + 1);
+                        assert_eq!(job.spec.source.as_ref().map(|s| s.width), Some(64));
+                    } else {
+                        assert!(now.is_none(), "a success ended the job");
+                    }
+                }
+                effects
+            }
             Command::Fail {
                 job,
                 carries,
@@ -563,6 +605,8 @@ fn a_result_counts_once_and_only_under_the_current_lease() {
     let (effects, fenced) = world.step(&Command::Succeed {
         job: 0,
         carries: Carries::Current,
+        upscaled: true,
+        png: true,
     });
     assert!(!fenced);
     let ended: Vec<_> = effects
@@ -586,6 +630,8 @@ fn a_result_counts_once_and_only_under_the_current_lease() {
     let (again, _) = world.step(&Command::Succeed {
         job: 0,
         carries: Carries::Current,
+        upscaled: true,
+        png: true,
     });
     assert!(again.is_empty(), "a finished job takes no second result");
 }
