@@ -113,6 +113,12 @@ pub struct Config {
     /// Most queued jobs; further submissions get 429 with Retry-After.
     #[arg(long, env = "DROVER_QUEUE_LIMIT", default_value_t = 10_000)]
     pub queue_limit: usize,
+    /// How long an image `POST /v1/uploads` took is kept (in memory), in seconds.
+    #[arg(long, env = "DROVER_UPLOAD_TTL_S", default_value_t = 3600)]
+    pub upload_ttl_s: u64,
+    /// Memory all uploads may take, in MiB (the oldest are dropped first).
+    #[arg(long, env = "DROVER_UPLOAD_MEMORY_MB", default_value_t = 512)]
+    pub upload_memory_mb: usize,
     /// A queued job that no node takes within this many seconds fails as expired.
     #[arg(long, env = "DROVER_QUEUE_EXPIRY_S", default_value_t = 1200)]
     pub queue_expiry_s: u64,

@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod records;
 pub mod store;
 pub mod tls;
+pub mod uploads;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -114,6 +115,10 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         styles: Arc::new(styles),
         rates: Arc::new(limits::RateLimiter::default()),
         a1111: Arc::default(),
+        uploads: Arc::new(uploads::UploadStore::new(
+            std::time::Duration::from_secs(config.upload_ttl_s),
+            config.upload_memory_mb.saturating_mul(1 << 20),
+        )),
     };
     let server = HttpServer::new(move || {
         App::new()

@@ -205,6 +205,47 @@ fn jobs_upscale_on_the_node_holding_the_upscaler() -> anyhow::Result<()> {
     assert_eq!(record["state"], "succeeded", "{record}");
     assert_eq!(record["spec"]["task"], "upscale", "{record}");
     assert!(record["spec"]["source"].get("image").is_none(), "{record}");
+    // The same image uploaded once and named by id: the same upscale.
+    let uploaded = cluster.post_raw("/v1/uploads", &render.body)?;
+    uploaded.expect_status(201);
+    let upload = uploaded.json()?;
+    assert_eq!(
+        (upload["width"].clone(), upload["format"].clone()),
+        (json!(64), json!("png"))
+    );
+    let reference = upload["reference"]
+        .as_str()
+        .expect("a reference")
+        .to_string();
+    let by_id = cluster.post(
+        "/v1/upscale",
+        &json!({"image": reference, "model": "general-x4"}),
+    )?;
+    by_id.expect_status(200);
+    assert_eq!(
+        png_rgb(&by_id.body),
+        png_rgb(&tool),
+        "the upload is the image"
+    );
+    let id = upload["id"].as_str().expect("an id");
+    let forgotten = cluster.delete(&format!("/v1/uploads/{id}"))?;
+    forgotten.expect_status(204);
+    for (path, body) in [
+        ("/v1/upscale", json!({"image": reference})),
+        ("/v1/jobs", json!({"prompt": "x", "init_image": reference})),
+    ] {
+        let reply = cluster.post(path, &body)?;
+        reply.expect_status(400);
+        let error = reply.json()?;
+        assert!(
+            error["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("unknown or expired")),
+            "{error}"
+        );
+    }
+    let junk = cluster.post_raw("/v1/uploads", b"not an image")?;
+    junk.expect_status(400);
     let extras = cluster.post(
         "/sdapi/v1/extra-single-image",
         &json!({"image": format!("data:image/png;base64,{image}"), "upscaler_1": "rrdb-x2",

@@ -129,7 +129,8 @@ pub(crate) async fn accept_checked(
     for (index, request) in requests.into_iter().enumerate() {
         // Decoding a source image takes milliseconds to a second: off the server's threads.
         let validated = if request.init_image.is_some() {
-            web::block(move || request.validate(random_seed))
+            let uploads = state.uploads.of(&client.label);
+            web::block(move || request.validate_with(random_seed, &uploads))
                 .await
                 .map_err(|e| CoordinatorError::Unavailable(format!("validating: {e}")))?
         } else {

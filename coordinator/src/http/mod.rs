@@ -11,7 +11,8 @@
 //! [`jobs`] (submission, waiting, job reads, cancel, events), [`nodes`] (registry reads,
 //! drain/resume, models, styles, health, metrics), [`compat`] (the Python LCM server's and
 //! AUTOMATIC1111's endpoints), [`a1111`] (A1111's discovery calls: models, options, progress),
-//! [`openai`] (OpenAI's image generations, with its error shape), [`upscale`] (stand-alone
+//! [`openai`] (OpenAI's image generations, with its error shape), [`uploads`] (images sent once,
+//! named by id in later jobs), [`upscale`] (stand-alone
 //! upscale jobs: native, A1111's extras, the LCM server's `superres`), [`dashboard`], [`docs`]
 //! and [`openapi`].
 
@@ -26,6 +27,7 @@ pub mod openai;
 pub mod openapi;
 pub mod responses;
 pub mod state;
+pub mod uploads;
 pub mod upscale;
 
 use actix_web::{HttpRequest, HttpResponse, get, web};
@@ -49,6 +51,8 @@ pub fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(nodes::list_nodes)
         .service(nodes::list_models)
         .service(nodes::list_upscalers)
+        .service(uploads::upload)
+        .service(uploads::forget)
         .service(upscale::upscale)
         .service(upscale::extra_single_image)
         .service(upscale::superres)

@@ -149,6 +149,8 @@ mod tests {
             "get /v1/models",
             "get /v1/upscalers",
             "post /v1/upscale",
+            "post /v1/uploads",
+            "delete /v1/uploads/{id}",
             "post /sdapi/v1/extra-single-image",
             "post /superres",
             "post /v1/nodes/{id}/drain",
@@ -170,7 +172,7 @@ mod tests {
         ] {
             assert!(listed.contains(expected), "{expected} is not documented");
         }
-        assert_eq!(listed.len(), 36, "{listed:?}");
+        assert_eq!(listed.len(), 38, "{listed:?}");
         let names: BTreeSet<&str> = ERROR_RESPONSES.iter().map(|(n, _)| *n).collect();
         for (name, code) in ERROR_RESPONSES {
             assert_eq!(component_of(*code), *name);

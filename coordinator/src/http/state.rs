@@ -45,6 +45,8 @@ pub struct AppState {
     pub rates: Arc<RateLimiter>,
     /// AUTOMATIC1111 callers' checkpoints and latest calls (in memory).
     pub a1111: super::a1111::A1111Clients,
+    /// Images uploaded for later jobs (in memory).
+    pub uploads: Arc<crate::uploads::UploadStore>,
 }
 
 /// The request body, refused (`413`) past `limit` bytes.
@@ -76,6 +78,10 @@ impl AppState {
             metrics,
             rates: Arc::default(),
             a1111: Arc::default(),
+            uploads: Arc::new(crate::uploads::UploadStore::new(
+                std::time::Duration::from_secs(60),
+                1 << 20,
+            )),
         }
     }
 

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use actix_web::{HttpResponse, post, web};
 use base64::Engine;
 use drover_shared::error::FieldError;
+use drover_shared::job::source::Uploads;
 use drover_shared::job::upscale::upscale_job;
 use drover_shared::job::{JobSpec, JobTask, SourceSpec, UpscaleJobRequest, UpscaleRequest};
 use serde::Serialize;
@@ -102,7 +103,8 @@ pub(crate) async fn upscale(
 ) -> Result<HttpResponse> {
     let body = read_body(payload, MAX_IMAGE_BODY).await?;
     let request: UpscaleJobRequest = drover_shared::job::from_json(&body)?;
-    let spec = validated(move || Ok(request.validate()?)).await?;
+    let uploads = state.uploads.of(&client.label);
+    let spec = validated(move || Ok(request.validate_with(&uploads)?)).await?;
     let (done, png) = run(&state, &client, spec).await?;
     Ok(png_response(&done, png))
 }
@@ -155,7 +157,7 @@ fn bad(field: &str, message: impl Into<String>) -> CoordinatorError {
 }
 
 /// The upscale job an extras body asks for ([`ExtrasRequest`]), decoding the image.
-pub fn extras_request(body: &[u8]) -> Result<JobSpec> {
+pub fn extras_request(body: &[u8], uploads: &dyn Uploads) -> Result<JobSpec> {
     let map = object(body)?;
     for key in [
         "gfpgan_visibility",
@@ -186,7 +188,7 @@ pub fn extras_request(body: &[u8]) -> Result<JobSpec> {
     let to_w = number(&map, "upscaling_resize_w")?;
     let to_h = number(&map, "upscaling_resize_h")?;
     let image = string(&map, "image")?.ok_or_else(|| bad("image", "is required"))?;
-    let source = SourceSpec::image_only("image", &image)?;
+    let source = SourceSpec::image_only("image", &image, uploads)?;
     let scale = match mode {
         None | Some(0.0) => resize.unwrap_or(2.0),
         Some(1.0) => {
@@ -262,7 +264,8 @@ pub(crate) async fn extra_single_image(
     payload: web::Payload,
 ) -> Result<HttpResponse> {
     let body = read_body(payload, MAX_IMAGE_BODY).await?;
-    let spec = validated(move || extras_request(&body)).await?;
+    let uploads = state.uploads.of(&client.label);
+    let spec = validated(move || extras_request(&body, &uploads)).await?;
     let (done, png) = run(&state, &client, spec).await?;
     let asked = done.spec.upscale.as_ref();
     let html_info = format!(
@@ -294,7 +297,7 @@ pub struct SuperresRequest {
 }
 
 /// The upscale job a `POST /superres` body asks for ([`SuperresRequest`]).
-pub fn superres_request(body: &[u8]) -> Result<JobSpec> {
+pub fn superres_request(body: &[u8], uploads: &dyn Uploads) -> Result<JobSpec> {
     let map = object(body)?;
     let passes = match map.get("superres") {
         None | Some(Value::Null) => None,
@@ -320,7 +323,7 @@ pub fn superres_request(body: &[u8]) -> Result<JobSpec> {
         };
         bad(field, e.message)
     })?;
-    let source = SourceSpec::image_only("image", &image)?;
+    let source = SourceSpec::image_only("image", &image, uploads)?;
     Ok(upscale_job(source, wanted, 0))
 }
 
@@ -353,7 +356,8 @@ pub(crate) async fn superres(
     payload: web::Payload,
 ) -> Result<HttpResponse> {
     let body = read_body(payload, MAX_IMAGE_BODY).await?;
-    let spec = validated(move || superres_request(&body)).await?;
+    let uploads = state.uploads.of(&client.label);
+    let spec = validated(move || superres_request(&body, &uploads)).await?;
     debug_assert_eq!(spec.task, JobTask::Upscale);
     let (done, png) = run(&state, &client, spec).await?;
     Ok(png_response(&done, png))
@@ -362,6 +366,7 @@ pub(crate) async fn superres(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use drover_shared::job::source::NoUploads;
 
     /// The field a refusal names.
     fn field_of(e: CoordinatorError) -> String {
@@ -392,8 +397,8 @@ mod tests {
         let image = png(8, 6);
         for schema in ["ExtrasRequest", "SuperresRequest"] {
             let parse = |body: &[u8]| match schema {
-                "ExtrasRequest" => extras_request(body),
-                _ => superres_request(body),
+                "ExtrasRequest" => extras_request(body, &NoUploads),
+                _ => superres_request(body, &NoUploads),
             };
             let properties = doc["components"]["schemas"][schema]["properties"]
                 .as_object()
@@ -416,6 +421,7 @@ mod tests {
         let job = extras_request(
             format!(r#"{{"image": "{image}", "upscaler_1": "x4", "upscaling_resize": 3}}"#)
                 .as_bytes(),
+            &NoUploads,
         )
         .unwrap();
         assert_eq!(job.task, JobTask::Upscale);
@@ -427,6 +433,7 @@ mod tests {
                 r#"{{"image": "{image}", "resize_mode": 1, "upscaling_resize_w": 100, "upscaling_resize_h": 75}}"#
             )
             .as_bytes(),
+            &NoUploads,
         )
         .unwrap();
         assert_eq!(to.upscale.unwrap().scale, Some(2.5));
@@ -452,11 +459,14 @@ mod tests {
             (r#"{"upscaler_1": "x4"}"#.to_string(), "image"),
             (r#"{"image": "not base64 !"}"#.to_string(), "image"),
         ] {
-            let err = extras_request(body.as_bytes()).unwrap_err();
+            let err = extras_request(body.as_bytes(), &NoUploads).unwrap_err();
             assert_eq!(field_of(err), field, "{body}");
         }
-        let err = superres_request(format!(r#"{{"image": "{image}", "superres": 4}}"#).as_bytes())
-            .unwrap_err();
+        let err = superres_request(
+            format!(r#"{{"image": "{image}", "superres": 4}}"#).as_bytes(),
+            &NoUploads,
+        )
+        .unwrap_err();
         assert_eq!(field_of(err), "superres");
     }
 }

@@ -123,12 +123,13 @@ pub struct JobRequest {
     #[cfg_attr(feature = "openapi", schema(minimum = -10, maximum = 10))]
     pub priority: Option<i32>,
     /// Image-to-image: the source image, base64 PNG or JPEG (a `data:image/…;base64,` prefix
-    /// is accepted), at most 16 MiB and 4096×4096 pixels. Without `size` the job takes the
+    /// is accepted), at most 16 MiB and 4096×4096 pixels; or `upload:<id>` (`POST /v1/uploads`). Without `size` the job takes the
     /// source's own size (rounded down to multiples of 8).
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(format = Byte))]
     pub init_image: Option<String>,
-    /// Inpainting: the mask, base64 PNG or JPEG, the source's size; white repaints, black keeps.
+    /// Inpainting: the mask, base64 PNG or JPEG (or `upload:<id>`), the source's size; white
+    /// repaints, black keeps.
     #[serde(default)]
     #[cfg_attr(feature = "openapi", schema(format = Byte))]
     pub mask: Option<String>,
@@ -459,6 +460,15 @@ impl JobRequest {
 
     /// Checks every value and fills defaults; `random_seed` is called only when no seed was given.
     pub fn validate(self, random_seed: impl FnOnce() -> u64) -> Result<JobSpec, FieldError> {
+        self.validate_with(random_seed, &source::NoUploads)
+    }
+
+    /// [`JobRequest::validate`], image fields naming `upload:<id>` looked up in `uploads`.
+    pub fn validate_with(
+        self,
+        random_seed: impl FnOnce() -> u64,
+        uploads: &dyn source::Uploads,
+    ) -> Result<JobSpec, FieldError> {
         check_prompt("prompt", &self.prompt)?;
         if self.prompt.trim().is_empty() {
             return Err(FieldError::new("prompt", "must not be empty"));
@@ -475,6 +485,7 @@ impl JobRequest {
             self.mask.as_deref(),
             self.strength,
             self.resize_mode,
+            uploads,
         )?
         .map(Box::new);
         let size = match self.size.as_deref() {

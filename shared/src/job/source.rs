@@ -18,6 +18,24 @@ pub const DEFAULT_STRENGTH: f64 = 0.75;
 pub const DEFAULT_INPAINT_STRENGTH: f64 = 1.0;
 /// Largest source image or mask accepted, in bytes (before base64).
 pub const MAX_SOURCE_BYTES: usize = 16 * 1024 * 1024;
+/// How an image field names an upload instead of carrying base64: `upload:<id>`.
+pub const UPLOAD_PREFIX: &str = "upload:";
+
+/// Images clients uploaded before (`POST /v1/uploads`), which image fields may name as
+/// `upload:<id>`.
+pub trait Uploads {
+    /// The bytes of upload `id`, when it exists and has not expired.
+    fn get(&self, id: &str) -> Option<Arc<[u8]>>;
+}
+
+/// No uploads: every `upload:` reference is refused.
+pub struct NoUploads;
+
+impl Uploads for NoUploads {
+    fn get(&self, _: &str) -> Option<Arc<[u8]>> {
+        None
+    }
+}
 
 /// A job's source image, checked: what the coordinator stores and sends to the node.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -61,6 +79,7 @@ impl SourceSpec {
         mask: Option<&str>,
         strength: Option<f64>,
         resize_mode: Option<ResizeMode>,
+        uploads: &dyn Uploads,
     ) -> Result<Option<Self>, FieldError> {
         let Some(init_image) = init_image else {
             if mask.is_some() {
@@ -77,12 +96,12 @@ impl SourceSpec {
             }
             return Ok(None);
         };
-        let image_bytes = decode_base64("init_image", init_image)?;
+        let image_bytes = field_bytes("init_image", init_image, uploads)?;
         let decoded = check_image("init_image", &image_bytes)?;
         let mask_bytes = match mask {
             None => None,
             Some(m) => {
-                let bytes = decode_base64("mask", m)?;
+                let bytes = field_bytes("mask", m, uploads)?;
                 let mask = check_image("mask", &bytes)?;
                 if (mask.width, mask.height) != (decoded.width, decoded.height) {
                     return Err(FieldError::new(
@@ -122,8 +141,12 @@ impl SourceSpec {
 
     /// An image alone (a stand-alone upscale's), as base64 in field `field`: decoded and
     /// checked as `init_image` is.
-    pub fn image_only(field: &str, base64: &str) -> Result<Self, FieldError> {
-        let image_bytes = decode_base64(field, base64)?;
+    pub fn image_only(
+        field: &str,
+        base64: &str,
+        uploads: &dyn Uploads,
+    ) -> Result<Self, FieldError> {
+        let image_bytes = field_bytes(field, base64, uploads)?;
         let decoded = check_image(field, &image_bytes)?;
         Ok(Self {
             image_bytes: image_bytes.len() as u64,
@@ -177,6 +200,23 @@ impl SourceSpec {
 }
 
 /// Base64 (standard alphabet, padding optional) after an optional data-URL prefix.
+/// An image field's bytes: an upload it names (`upload:<id>`), else its base64.
+fn field_bytes(field: &str, text: &str, uploads: &dyn Uploads) -> Result<Vec<u8>, FieldError> {
+    match text.trim().strip_prefix(UPLOAD_PREFIX) {
+        Some(id) => uploads.get(id.trim()).map(|b| b.to_vec()).ok_or_else(|| {
+            FieldError::new(
+                field,
+                format!(
+                    "upload `{}` is unknown or expired (POST /v1/uploads answers an id; uploads \
+                     are kept in memory for a while, not across restarts)",
+                    id.chars().take(64).collect::<String>()
+                ),
+            )
+        }),
+        None => decode_base64(field, text),
+    }
+}
+
 fn decode_base64(field: &str, text: &str) -> Result<Vec<u8>, FieldError> {
     let body = match text.trim().split_once(";base64,") {
         Some((prefix, body)) if prefix.starts_with("data:") => body,

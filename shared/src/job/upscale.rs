@@ -124,7 +124,7 @@ impl UpscaleRequest {
 #[serde(deny_unknown_fields)]
 pub struct UpscaleJobRequest {
     /// The image, base64 PNG or JPEG (a `data:image/…;base64,` prefix is accepted), at most
-    /// 16 MiB and 4096×4096 pixels.
+    /// 16 MiB and 4096×4096 pixels; or `upload:<id>`, an image `POST /v1/uploads` took.
     #[cfg_attr(feature = "openapi", schema(format = Byte))]
     pub image: String,
     /// Upscaler name (`GET /v1/upscalers`); when absent, the first upscaler of the node that
@@ -154,6 +154,14 @@ impl UpscaleJobRequest {
     /// Decodes and checks the image and the upscale, naming the field on error: the job to
     /// store (its size the image's own).
     pub fn validate(self) -> Result<JobSpec, FieldError> {
+        self.validate_with(&super::source::NoUploads)
+    }
+
+    /// [`UpscaleJobRequest::validate`], `image` naming `upload:<id>` looked up in `uploads`.
+    pub fn validate_with(
+        self,
+        uploads: &dyn super::source::Uploads,
+    ) -> Result<JobSpec, FieldError> {
         let upscale = UpscaleRequest {
             model: self.model,
             passes: self.passes,
@@ -175,7 +183,7 @@ impl UpscaleJobRequest {
                 ),
             ));
         }
-        let source = SourceSpec::image_only("image", &self.image)?;
+        let source = SourceSpec::image_only("image", &self.image, uploads)?;
         Ok(upscale_job(source, upscale, priority))
     }
 }
