@@ -141,6 +141,53 @@ fn decode_png(bytes: &[u8]) -> Result<Rgb, ImageError> {
     })
 }
 
+/// OpenAI's mask convention turned into Drover's: for a PNG with an alpha channel, a
+/// greyscale PNG of its size, white (repaint) where it is transparent (alpha below half) and
+/// black elsewhere; `None` for an image without alpha (a JPEG, an opaque PNG).
+pub fn mask_from_alpha(bytes: &[u8]) -> Result<Option<Vec<u8>>, ImageError> {
+    if sniff(bytes) != Some("png") {
+        return Ok(None);
+    }
+    let mut decoder = png::Decoder::new(Cursor::new(bytes));
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    let mut reader = decoder.read_info().map_err(broken_png)?;
+    let (width, height) = {
+        let info = reader.info();
+        (info.width, info.height)
+    };
+    check_size(u64::from(width), u64::from(height))?;
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| broken_png("no output size"))?;
+    let mut buf = vec![0u8; size];
+    let frame = reader.next_frame(&mut buf).map_err(broken_png)?;
+    let channels = match frame.color_type {
+        png::ColorType::GrayscaleAlpha => 2,
+        png::ColorType::Rgba => 4,
+        _ => return Ok(None),
+    };
+    let (w, h) = (frame.width as usize, frame.height as usize);
+    let mut mask = Vec::with_capacity(w * h);
+    for row in buf.chunks(frame.line_size).take(h) {
+        for px in row.chunks(channels).take(w) {
+            mask.push(if px[channels - 1] < 128 { 255 } else { 0 });
+        }
+    }
+    if mask.len() != w * h {
+        return Err(broken_png("short frame"));
+    }
+    let mut out = Vec::new();
+    {
+        let mut encoder = png::Encoder::new(&mut out, width, height);
+        encoder.set_color(png::ColorType::Grayscale);
+        encoder.set_depth(png::BitDepth::Eight);
+        let mut writer = encoder.write_header().map_err(broken_png)?;
+        writer.write_image_data(&mask).map_err(broken_png)?;
+        writer.finish().map_err(broken_png)?;
+    }
+    Ok(Some(out))
+}
+
 fn decode_jpeg(bytes: &[u8]) -> Result<Rgb, ImageError> {
     use zune_jpeg::zune_core::bytestream::ZCursor;
     use zune_jpeg::zune_core::colorspace::ColorSpace;

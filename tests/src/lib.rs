@@ -431,6 +431,22 @@ impl ClusterSandbox {
         body: Option<&[u8]>,
         token: Option<&str>,
     ) -> Result<Reply> {
+        self.send(method, path, body, token, "application/json")
+    }
+
+    /// `POST path` with a raw body of `content_type` (a multipart form, an image).
+    pub fn post_typed(&self, path: &str, content_type: &str, body: &[u8]) -> Result<Reply> {
+        self.send("POST", path, Some(body), None, content_type)
+    }
+
+    fn send(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        token: Option<&str>,
+        content_type: &str,
+    ) -> Result<Reply> {
         let url = format!("{}{path}", self.base_url());
         let auth = token.map(|t| format!("Bearer {t}"));
         let with_auth = |r: ureq::RequestBuilder<ureq::typestate::WithoutBody>| match &auth {
@@ -441,10 +457,7 @@ impl ClusterSandbox {
             ("GET", _) => with_auth(self.agent.get(&url)).call(),
             ("DELETE", _) => with_auth(self.agent.delete(&url)).call(),
             ("POST", Some(body)) => {
-                let r = self
-                    .agent
-                    .post(&url)
-                    .header("content-type", "application/json");
+                let r = self.agent.post(&url).header("content-type", content_type);
                 match &auth {
                     Some(a) => r.header("authorization", a).send(body),
                     None => r.send(body),

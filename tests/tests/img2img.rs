@@ -330,3 +330,123 @@ fn cpu_nodes_run_img2img_and_inpainting_through_the_burn_pipeline() -> anyhow::R
     );
     Ok(())
 }
+
+/// An RGBA PNG: `alpha(x, y)` over a flat colour.
+fn rgba_png(w: u32, h: u32, rgb: [u8; 3], alpha: impl Fn(u32, u32) -> u8) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut e = png::Encoder::new(&mut out, w, h);
+        e.set_color(png::ColorType::Rgba);
+        e.set_depth(png::BitDepth::Eight);
+        let mut writer = e.write_header().expect("header");
+        let mut data = Vec::with_capacity((w * h * 4) as usize);
+        for y in 0..h {
+            for x in 0..w {
+                data.extend(rgb);
+                data.push(alpha(x, y));
+            }
+        }
+        writer.write_image_data(&data).expect("data");
+    }
+    out
+}
+
+fn form(parts: &[(&str, Option<&str>, &[u8])]) -> Vec<u8> {
+    let mut body = Vec::new();
+    for (name, filename, data) in parts {
+        body.extend(b"--drover-test\r\nContent-Disposition: form-data; name=\"");
+        body.extend(name.as_bytes());
+        body.extend(b"\"");
+        if let Some(f) = filename {
+            body.extend(b"; filename=\"");
+            body.extend(f.as_bytes());
+            body.extend(b"\"\r\nContent-Type: image/png");
+        }
+        body.extend(b"\r\n\r\n");
+        body.extend(*data);
+        body.extend(b"\r\n");
+    }
+    body.extend(b"--drover-test--\r\n");
+    body
+}
+
+#[test]
+fn openai_edits_repaint_where_the_image_is_transparent() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("painter", "sd15"))?;
+    cluster.wait_for_online(&["painter"], T)?;
+    let teal = [30, 200, 90];
+    // Left half transparent: OpenAI's "edit here".
+    let image = rgba_png(64, 64, teal, |x, _| if x < 32 { 0 } else { 255 });
+    let multipart = "multipart/form-data; boundary=drover-test";
+    let reply = cluster.post_typed(
+        "/v1/images/edits",
+        multipart,
+        &form(&[
+            ("image", Some("in.png"), &image),
+            ("prompt", None, b"a boat"),
+            ("n", None, b"2"),
+            ("response_format", None, b"b64_json"),
+            ("model", None, b"gpt-image-1"),
+            ("seed", None, b"4"),
+        ]),
+    )?;
+    reply.expect_status(200);
+    let body = reply.json()?;
+    let data = body["data"].as_array().expect("data");
+    assert_eq!(data.len(), 2);
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(data[0]["b64_json"].as_str().expect("b64"))?;
+    assert_eq!(png_size(&png), (64, 64), "the image's own size");
+    assert_eq!(text(&png, "mode"), "inpaint");
+    let rgb = png_rgb(&png);
+    let px = |x: usize, y: usize| &rgb[(y * 64 + x) * 3..(y * 64 + x) * 3 + 3];
+    for y in [0, 31, 63] {
+        assert_eq!(px(48, y), teal, "the opaque half is kept");
+        assert_ne!(px(8, y), teal, "the transparent half is repainted");
+    }
+    // A separate mask, transparent on the right: the other half is repainted.
+    let mask = rgba_png(64, 64, [0, 0, 0], |x, _| if x >= 32 { 0 } else { 255 });
+    let opaque = rgba_png(64, 64, teal, |_, _| 255);
+    let reply = cluster.post_typed(
+        "/v1/images/edits",
+        multipart,
+        &form(&[
+            ("image", Some("in.png"), &opaque),
+            ("mask", Some("mask.png"), &mask),
+            ("prompt", None, b"a boat"),
+            ("response_format", None, b"b64_json"),
+        ]),
+    )?;
+    reply.expect_status(200);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(reply.json()?["data"][0]["b64_json"].as_str().expect("b64"))?;
+    let rgb = png_rgb(&png);
+    assert_eq!(&rgb[(10 * 64 + 8) * 3..(10 * 64 + 8) * 3 + 3], teal);
+    assert_ne!(&rgb[(10 * 64 + 48) * 3..(10 * 64 + 48) * 3 + 3], teal);
+    // Broken forms: OpenAI's error shape, naming the param.
+    for (content_type, body, param) in [
+        (multipart, form(&[("prompt", None, b"x")]), "image"),
+        (
+            multipart,
+            form(&[("image", Some("a.png"), b"GIF89a"), ("prompt", None, b"x")]),
+            "init_image",
+        ),
+        ("application/json", b"{}".to_vec(), "body"),
+        (
+            multipart,
+            form(&[
+                ("image", Some("in.png"), &image),
+                ("prompt", None, b"x"),
+                ("n", None, b"many"),
+            ]),
+            "n",
+        ),
+    ] {
+        let reply = cluster.post_typed("/v1/images/edits", content_type, &body)?;
+        reply.expect_status(400);
+        assert_eq!(reply.json()?["error"]["param"], param);
+    }
+    Ok(())
+}

@@ -22,6 +22,7 @@ pub mod compat;
 pub mod dashboard;
 pub mod docs;
 pub mod jobs;
+pub mod multipart;
 pub mod nodes;
 pub mod openai;
 pub mod openapi;
@@ -51,6 +52,7 @@ pub fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(nodes::list_nodes)
         .service(nodes::list_models)
         .service(nodes::list_upscalers)
+        .service(openai::edits)
         .service(uploads::upload)
         .service(uploads::forget)
         .service(upscale::upscale)

@@ -17,6 +17,7 @@ use super::jobs::{accept_requests, wait_image};
 use super::state::{MAX_BODY, read_body};
 use crate::error::{CoordinatorError, OpenAiError};
 use crate::http::{AppState, Client};
+use drover_shared::job::source::MAX_SOURCE_BYTES;
 
 /// Most images one call may ask for.
 pub const MAX_IMAGES: u64 = 8;
@@ -243,12 +244,22 @@ pub(crate) async fn generations(
 ) -> Result<HttpResponse, OpenAiError> {
     let Client(client) = Client::extract(&req).await?;
     let call = generations_request(&read_body(payload, MAX_BODY).await?)?;
-    // All or nothing, as every batch: one submission, one wait for the disk.
-    let jobs = accept_requests(&state, &client, call.requests, true).await?;
+    answer(&req, &state, &client, call).await
+}
+
+/// Submits a call's jobs (all or nothing, as every batch: one submission, one wait for the
+/// disk), waits for them, and answers OpenAI's images response.
+async fn answer(
+    req: &HttpRequest,
+    state: &AppState,
+    client: &crate::limits::ClientId,
+    call: Generations,
+) -> Result<HttpResponse, OpenAiError> {
+    let jobs = accept_requests(state, client, call.requests, true).await?;
     let info = req.connection_info().clone();
     let mut data = Vec::with_capacity(jobs.len());
     for job in jobs {
-        let (done, png) = wait_image(&state, job).await?;
+        let (done, png) = wait_image(state, job).await?;
         data.push(if call.b64 {
             ImageData {
                 url: None,
@@ -270,6 +281,129 @@ pub(crate) async fn generations(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
     Ok(HttpResponse::Ok().json(ImagesResponse { created, data }))
+}
+
+/// The form of `POST /v1/images/edits` (OpenAI's): the image, an optional mask, and the
+/// generation fields of [`ImageGenerationRequest`] as text fields.
+// Read by `edits_request`.
+#[derive(ToSchema)]
+pub struct ImageEditRequest {
+    /// The image to edit (PNG or JPEG file, at most 16 MiB and 4096×4096 pixels). Without a
+    /// mask, its transparent pixels are what is repainted; an opaque image without a mask is
+    /// redrawn whole (image-to-image).
+    #[schema(value_type = String, format = Binary)]
+    pub image: Vec<u8>,
+    /// Where to edit, the image's size: as OpenAI's, its transparent pixels (alpha below half)
+    /// are repainted; a mask without alpha is read as Drover's (white repaints).
+    #[schema(value_type = Option<String>, format = Binary)]
+    pub mask: Option<Vec<u8>>,
+    /// What to draw.
+    pub prompt: String,
+    /// Images, 1..=8.
+    pub n: Option<u32>,
+    /// `WxH` or `auto` (the image's own size).
+    pub size: Option<String>,
+    /// `url` or `b64_json`.
+    pub response_format: Option<String>,
+    /// OpenAI model names mean any model; else a Drover family or model id.
+    pub model: Option<String>,
+    /// Drover: how far from the image the result may go, in (0, 1] (0.75; 1 with a mask).
+    pub strength: Option<f64>,
+}
+
+/// The jobs an edits form asks for ([`ImageEditRequest`]): the text fields read as
+/// [`generations_request`] reads JSON, the image (and mask, OpenAI's transparency made
+/// Drover's white-repaints) set on every job.
+pub fn edits_request(content_type: &str, body: &[u8]) -> Result<Generations, CoordinatorError> {
+    let parts = super::multipart::parse(content_type, body).map_err(field)?;
+    let mut map = Map::new();
+    let (mut image, mut mask) = (None, None);
+    for part in parts {
+        match part.name.as_str() {
+            "image" | "image[]" => {
+                image.get_or_insert(part.data);
+            }
+            "mask" => mask = Some(part.data),
+            name => {
+                let text = String::from_utf8(part.data)
+                    .map_err(|_| field(FieldError::new(name, "is not UTF-8 text")))?;
+                let value = match name {
+                    "n" | "seed" | "steps" | "guidance_scale" | "strength" => {
+                        match text.trim().parse::<f64>() {
+                            Ok(v) => serde_json::Number::from_f64(v)
+                                .map(Value::Number)
+                                .ok_or_else(|| field(FieldError::new(name, "is not a number")))?,
+                            Err(_) => return Err(field(FieldError::new(name, "is not a number"))),
+                        }
+                    }
+                    _ => Value::String(text),
+                };
+                map.insert(name.to_string(), value);
+            }
+        }
+    }
+    let image = image.ok_or_else(|| field(FieldError::new("image", "is required")))?;
+    let strength = map.remove("strength").and_then(|v| v.as_f64());
+    let mut call =
+        generations_request(&serde_json::to_vec(&Value::Object(map)).unwrap_or_default())?;
+    let alpha = |bytes: &[u8], name: &str| {
+        drover_shared::image::mask_from_alpha(bytes)
+            .map_err(|e| field(FieldError::new(name, e.to_string())))
+    };
+    let mask = match mask {
+        Some(m) => Some(alpha(&m, "mask")?.unwrap_or(m)),
+        None => alpha(&image, "image")?,
+    };
+    let (image, mask) = (base64(&image), mask.map(|m| base64(&m)));
+    for request in &mut call.requests {
+        request.init_image = Some(image.clone());
+        request.mask = mask.clone();
+        request.strength = strength;
+    }
+    Ok(call)
+}
+
+/// OpenAI image edits compatibility
+///
+/// OpenAI's `POST /v1/images/edits` (multipart form): the image repainted where the mask (or
+/// the image itself) is transparent, as URLs on this coordinator or base64 PNGs. Errors come
+/// in OpenAI's shape.
+#[utoipa::path(
+    tag = "compat",
+    request_body(content = ImageEditRequest, content_type = "multipart/form-data"),
+    responses(
+        (status = 200, description = "The images", body = ImagesResponse),
+        (status = 400, description = "A field is wrong (`param` names it)", body = OpenAiErrorBody),
+        (status = 401, description = "A missing or unknown API key", body = OpenAiErrorBody),
+        (status = 413, description = "The body is over the limit", body = OpenAiErrorBody),
+        (status = 422, description = "No registered node could serve the job", body = OpenAiErrorBody),
+        (status = 429, description = "The queue is full or the caller over its rate", body = OpenAiErrorBody),
+        (status = 500, description = "A fault of the coordinator", body = OpenAiErrorBody),
+        (status = 502, description = "A job failed", body = OpenAiErrorBody),
+        (status = 503, description = "The coordinator cannot take work now", body = OpenAiErrorBody),
+        (status = 504, description = "A job did not finish in time", body = OpenAiErrorBody),
+    ),
+    security((), ("apiKey" = []), ("bearerKey" = []))
+)]
+#[post("/v1/images/edits")]
+pub(crate) async fn edits(
+    req: HttpRequest,
+    state: web::Data<AppState>,
+    payload: web::Payload,
+) -> Result<HttpResponse, OpenAiError> {
+    let Client(client) = Client::extract(&req).await?;
+    let content_type = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = read_body(payload, 2 * MAX_SOURCE_BYTES + MAX_BODY).await?;
+    // Parsing and re-encoding megabytes of images: off the server's threads.
+    let call = web::block(move || edits_request(&content_type, &body))
+        .await
+        .map_err(|e| CoordinatorError::Unavailable(format!("reading the form: {e}")))??;
+    answer(&req, &state, &client, call).await
 }
 
 #[cfg(test)]

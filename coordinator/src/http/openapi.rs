@@ -150,6 +150,7 @@ mod tests {
             "get /v1/upscalers",
             "post /v1/upscale",
             "post /v1/uploads",
+            "post /v1/images/edits",
             "delete /v1/uploads/{id}",
             "post /sdapi/v1/extra-single-image",
             "post /superres",
@@ -172,7 +173,7 @@ mod tests {
         ] {
             assert!(listed.contains(expected), "{expected} is not documented");
         }
-        assert_eq!(listed.len(), 38, "{listed:?}");
+        assert_eq!(listed.len(), 39, "{listed:?}");
         let names: BTreeSet<&str> = ERROR_RESPONSES.iter().map(|(n, _)| *n).collect();
         for (name, code) in ERROR_RESPONSES {
             assert_eq!(component_of(*code), *name);
