@@ -176,16 +176,29 @@ pub fn mask_from_alpha(bytes: &[u8]) -> Result<Option<Vec<u8>>, ImageError> {
     if mask.len() != w * h {
         return Err(broken_png("short frame"));
     }
+    grey_png(width, height, &mask).map(Some)
+}
+
+/// A mask with black and white swapped (AUTOMATIC1111's `inpainting_mask_invert`), as a
+/// greyscale PNG of its luma.
+pub fn inverted_mask(bytes: &[u8]) -> Result<Vec<u8>, ImageError> {
+    let mask = decode(bytes)?;
+    let inverted: Vec<u8> = mask.luma().into_iter().map(|l| 255 - l).collect();
+    grey_png(mask.width as u32, mask.height as u32, &inverted)
+}
+
+/// An 8-bit greyscale PNG of `pixels`.
+fn grey_png(width: u32, height: u32, pixels: &[u8]) -> Result<Vec<u8>, ImageError> {
     let mut out = Vec::new();
     {
         let mut encoder = png::Encoder::new(&mut out, width, height);
         encoder.set_color(png::ColorType::Grayscale);
         encoder.set_depth(png::BitDepth::Eight);
         let mut writer = encoder.write_header().map_err(broken_png)?;
-        writer.write_image_data(&mask).map_err(broken_png)?;
+        writer.write_image_data(pixels).map_err(broken_png)?;
         writer.finish().map_err(broken_png)?;
     }
-    Ok(Some(out))
+    Ok(out)
 }
 
 fn decode_jpeg(bytes: &[u8]) -> Result<Rgb, ImageError> {

@@ -107,6 +107,23 @@ fn source_images_survive_a_coordinator_kill_and_shape_what_nodes_draw() -> anyho
     assert_eq!(png_size(&first), (64, 128));
     assert_eq!(text(&first, "strength"), "0.3");
 
+    // An inverted mask (black repaints): the left half is kept this time.
+    let reply = cluster.post(
+        "/sdapi/v1/img2img",
+        &json!({"prompt": "a boat", "init_images": [source], "mask": mask,
+                "inpainting_mask_invert": 1, "seed": 9, "width": 64, "height": 64}),
+    )?;
+    reply.expect_status(200);
+    let body = reply.json()?;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(body["images"][0].as_str().expect("b64"))?;
+    let rgb = png_rgb(&png);
+    let px = |x: usize, y: usize| &rgb[(y * 64 + x) * 3..(y * 64 + x) * 3 + 3];
+    for y in [0, 20, 63] {
+        assert_eq!(px(10, y), teal, "the black half is kept once inverted");
+        assert_ne!(px(40, y), teal, "the white half is repainted once inverted");
+    }
+
     // Broken input: 400 with the field, nothing accepted.
     let before = cluster.get("/v1/jobs")?.json()?;
     let small = base64(&png_of(8, 8, |_, _| [0; 3]));
@@ -140,7 +157,7 @@ fn source_images_survive_a_coordinator_kill_and_shape_what_nodes_draw() -> anyho
             "resize_mode",
         ),
         (
-            json!({"prompt": "x", "init_images": [source], "inpainting_mask_invert": 1}),
+            json!({"prompt": "x", "init_images": [source], "inpainting_mask_invert": 2}),
             "inpainting_mask_invert",
         ),
         (json!({"prompt": "x", "init_images": [7]}), "init_images[0]"),

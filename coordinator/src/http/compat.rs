@@ -8,7 +8,7 @@
 //!   `n_iter`), answered with base64 PNGs, the parameters and an `info` JSON string;
 //!   `GET /sdapi/v1/samplers` and `GET /sdapi/v1/schedulers` list what those two accept.
 //! - `POST /sdapi/v1/img2img`: txt2img's subset plus `init_images`, `denoising_strength`, `mask`,
-//!   `resize_mode` (and `inpainting_fill`, `mask_blur`, `inpainting_mask_invert` checked),
+//!   `resize_mode`, `inpainting_mask_invert` (and `inpainting_fill`, `mask_blur` checked),
 //!   answered as txt2img (the echoed parameters without the images).
 //!
 //! Unlike the strict native API, these accept whole bodies real clients send: fields they do not
@@ -151,8 +151,8 @@ pub struct Img2ImgRequest {
     /// diffusers does, so it is not blurred.
     #[schema(minimum = 0, maximum = 64)]
     pub mask_blur: Option<i64>,
-    /// Only 0: an inverted mask is refused.
-    #[schema(minimum = 0, maximum = 0)]
+    /// 0: white repaints (the default); 1: black repaints (the mask is inverted).
+    #[schema(minimum = 0, maximum = 1)]
     pub inpainting_mask_invert: Option<i64>,
     /// Denoising steps, 1..=150 (the sampler's own range: LCM 1..=8).
     #[schema(minimum = 1, maximum = 150)]
@@ -455,13 +455,20 @@ pub fn img2img_request(body: &[u8]) -> Result<Txt2Img> {
     {
         return Err(FieldError::new("mask_blur", format!("{blur} is outside 0..=64")).into());
     }
-    if whole(&map, "inpainting_mask_invert")?.unwrap_or(0) != 0 {
-        return Err(FieldError::new(
-            "inpainting_mask_invert",
-            "an inverted mask is not served: send the mask with white where to repaint",
-        )
-        .into());
-    }
+    let mask = match (whole(&map, "inpainting_mask_invert")?.unwrap_or(0), mask) {
+        (0, mask) => mask,
+        (1, Some(m)) => Some(drover_shared::job::source::inverted_mask_base64(
+            "mask", &m,
+        )?),
+        (1, None) => None,
+        (other, _) => {
+            return Err(FieldError::new(
+                "inpainting_mask_invert",
+                format!("{other}: 0 (white repaints) or 1 (black repaints)"),
+            )
+            .into());
+        }
+    };
     let mut call = txt2img_from(map)?;
     for (i, request) in call.requests.iter_mut().enumerate() {
         request.init_image = Some(images[i % images.len()].clone());

@@ -200,6 +200,21 @@ impl SourceSpec {
 }
 
 /// Base64 (standard alphabet, padding optional) after an optional data-URL prefix.
+/// A base64 mask (field `field`) with black and white swapped, as base64 PNG again; an upload
+/// reference cannot be inverted here (it is refused, naming the field).
+pub fn inverted_mask_base64(field: &str, text: &str) -> Result<String, FieldError> {
+    if text.trim().starts_with(UPLOAD_PREFIX) {
+        return Err(FieldError::new(
+            field,
+            "an uploaded mask cannot be inverted: send it inverted, or inline",
+        ));
+    }
+    let bytes = decode_base64(field, text)?;
+    let inverted =
+        image::inverted_mask(&bytes).map_err(|e| FieldError::new(field, e.to_string()))?;
+    Ok(STANDARD.encode(inverted))
+}
+
 /// An image field's bytes: an upload it names (`upload:<id>`), else its base64.
 fn field_bytes(field: &str, text: &str, uploads: &dyn Uploads) -> Result<Vec<u8>, FieldError> {
     match text.trim().strip_prefix(UPLOAD_PREFIX) {
