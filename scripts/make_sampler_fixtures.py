@@ -18,7 +18,7 @@ Writes:
 The loop is the one of diffusers' StableDiffusion(XL)Pipeline: latents = noise * init_noise_sigma;
 per timestep, [uncond, cond] in one UNet call on `scale_model_input`, guidance, optional
 `rescale_noise_cfg`, `scheduler.step`. Ancestral/SDE samplers draw their noise through
-`randn_tensor`, which is wrapped here to record each draw, so the Rust side replays them exactly.
+`randn_tensor`, which is wrapped here (LCM's noise between steps too) to record each draw, so the Rust side replays them exactly.
 
 Run from the repository root: `python3 scripts/make_sampler_fixtures.py` (torch, diffusers,
 safetensors from PyPI). Nothing is downloaded.
@@ -34,10 +34,15 @@ from diffusers import (
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
+    LCMScheduler,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
 )
-from diffusers.schedulers import scheduling_dpmsolver_multistep, scheduling_euler_ancestral_discrete
+from diffusers.schedulers import (
+    scheduling_dpmsolver_multistep,
+    scheduling_euler_ancestral_discrete,
+    scheduling_lcm,
+)
 from safetensors.torch import save_file
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "node", "tests", "fixtures")
@@ -69,6 +74,8 @@ CLASSES = {
     "ddim": (DDIMScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
     "unipc_karras": (UniPCMultistepScheduler, dict(use_karras_sigmas=True)),
+    # LCM on a standard UNet (what an LCM-LoRA makes of it): no guidance embedding, so CFG.
+    "lcm": (LCMScheduler, {}),
 }
 
 # (name, sampler, model, steps, guidance, rescale, config overrides)
@@ -97,6 +104,9 @@ CASES = [
     ("sdxl_unipc", "unipc", "sdxl", 6, 6.0, 0.0, {}),
     ("sdxl_euler_a", "euler_a", "sdxl", 6, 6.0, 0.0, {}),
     ("sdxl_dpmpp_2m_karras", "dpmpp_2m_karras", "sdxl", 8, 6.0, 0.0, {}),
+    # (Not on the SDXL UNet: it has an LCM guidance embedding, which Drover's LCM feeds.)
+    ("lcm_cfg", "lcm", "sd15", 4, 1.5, 0.0, {}),
+    ("lcm_no_cfg", "lcm", "sd15", 4, 1.0, 0.0, {}),
 ]
 
 
@@ -135,6 +145,7 @@ def main():
     recorder = NoiseRecorder()
     scheduling_euler_ancestral_discrete.randn_tensor = recorder
     scheduling_dpmsolver_multistep.randn_tensor = recorder
+    scheduling_lcm.randn_tensor = recorder
 
     gen = torch.Generator().manual_seed(31)
     tensors = {}
