@@ -262,6 +262,8 @@ pub fn start_rknn(
     pool.capabilities.max_pixels = config.max_pixels.unwrap_or(largest).min(largest);
     pool.capabilities.sizes = rknn.sizes;
     pool.capabilities.pixel_steps_per_second = rknn.pixel_steps_per_second;
+    pool.capabilities.img2img = rknn.img2img;
+    pool.capabilities.inpaint = rknn.img2img;
     Ok(pool)
 }
 

@@ -286,6 +286,36 @@ impl Context {
                 }
                 vec![from_nchw(img, out, on)]
             }
+            "vae_encoder" => {
+                // Moments: each latent channel the mean of an image channel over its f×f cell,
+                // then log-variances of -20.
+                let name = self.inputs[0].name.clone();
+                let (ia, values) = self.input(&name);
+                let x = to_nchw(values, ia);
+                let [_, _, h, w] = expected_nchw(ia);
+                let on = expected_nchw(out);
+                let (c, lh, lw) = (on[1], on[2], on[3]);
+                let f = h / lh;
+                let mut z = Vec::with_capacity(c * lh * lw);
+                for k in 0..c {
+                    for y in 0..lh {
+                        for xx in 0..lw {
+                            if k >= c / 2 {
+                                z.push(-20.0);
+                                continue;
+                            }
+                            let mut sum = 0.0;
+                            for dy in 0..f {
+                                for dx in 0..f {
+                                    sum += x[((k % 3) * h + y * f + dy) * w + xx * f + dx];
+                                }
+                            }
+                            z.push((sum / (f * f) as f64) as f32);
+                        }
+                    }
+                }
+                vec![from_nchw(z, out, on)]
+            }
             "sr" => {
                 // Nearest upscaling blended with each input pixel's 3×3 mean (zeros outside the
                 // tile, as a convolution pads): context matters, as in a real network.
@@ -539,6 +569,18 @@ impl RknnApi for FakeRknn {
 pub fn write_net(path: &Path, spec: serde_json::Value) {
     std::fs::create_dir_all(path.parent().expect("a folder")).unwrap();
     std::fs::write(path, serde_json::to_vec(&spec).unwrap()).unwrap();
+}
+
+/// Adds a fake VAE encoder (`vae_encoder/model.rknn`, NCHW f16 image in, 8 moment channels
+/// out) for square images of `size` to a model folder.
+pub fn write_vae_encoder(dir: &Path, size: usize) {
+    let l = size / 8;
+    write_net(
+        &dir.join("vae_encoder/model.rknn"),
+        json!({"kind": "vae_encoder",
+            "inputs": [{"name": "sample", "dims": [1, 3, size, size], "format": "nchw", "dtype": "f16"}],
+            "outputs": [{"name": "latent", "dims": [1, 8, l, l], "format": "nchw", "dtype": "f16"}]}),
+    );
 }
 
 /// A fake RK3588 SD1.5-LCM model folder as published: NHWC UNet and VAE inputs, an int64

@@ -92,6 +92,8 @@ pub struct Started {
     pub sizes: Vec<(u32, u32)>,
     /// Mean measured speed of one worker, pixel-steps per second.
     pub pixel_steps_per_second: f64,
+    /// Whether the model folder has a VAE encoder: jobs may start from an image (and inpaint).
+    pub img2img: bool,
 }
 
 /// Starts `workers` RKNN worker actors on the model folder `dir`: worker i loads its own
@@ -125,7 +127,7 @@ pub fn start_workers(
                     pixel_steps_per_second = speed,
                     "rknn worker ready"
                 );
-                let _ = tx.send(Ok((p.sizes().to_vec(), speed)));
+                let _ = tx.send(Ok((p.sizes().to_vec(), speed, p.can_encode())));
                 Ok(p)
             }
             Err(e) => {
@@ -138,11 +140,13 @@ pub fn start_workers(
     });
     let mut sizes = Vec::new();
     let mut speeds = Vec::new();
+    let mut img2img = true;
     for _ in 0..workers {
         match rx.recv() {
-            Ok(Ok((s, speed))) => {
+            Ok(Ok((s, speed, encodes))) => {
                 sizes = s;
                 speeds.push(speed);
+                img2img &= encodes;
             }
             Ok(Err(message)) => {
                 return Err(NodeError::Backend {
@@ -160,6 +164,7 @@ pub fn start_workers(
     }
     Ok(Started {
         addr,
+        img2img,
         sizes,
         pixel_steps_per_second: speeds.iter().sum::<f64>() / speeds.len().max(1) as f64,
     })

@@ -1,7 +1,11 @@
 //! The RKNN SD1.x/SD2.x LCM pipeline, for a model folder as published for RK3588
 //! (`text_encoder/`, `unet/`, `vae_decoder/`, each a `model.rknn` with its diffusers
 //! `config.json`; `scheduler/scheduler_config.json`; `tokenizer/`):
-//! tokenize → text encoder → LCM loop on the UNet → VAE decoder → RGB.
+//! tokenize → text encoder → LCM loop on the UNet → VAE decoder → RGB. With
+//! `vae_encoder/model.rknn` too (image `[1, 3, H, W]` in [-1, 1] → the latent distribution's
+//! moments or mean), jobs may start from a source image: image-to-image over the noisiest
+//! `strength` of the LCM schedule and inpainting (the unmasked source put back after every
+//! step), through the same [`crate::sampling::Plan`] the Burn pipeline runs.
 //!
 //! The tokenizer, the LCM scheduler and its sampling loop and the guidance embedding are the Burn
 //! pipeline's own code, the seeded noise and the image conversion [`crate::render`]'s: only the
@@ -26,6 +30,7 @@ use crate::error::{NodeError, Result};
 use crate::render::{Image, Params, gaussian, rgb_from_chw, step_noise_seed};
 use crate::sampling::guidance::guided;
 use crate::sampling::lcm::Lcm;
+use crate::sampling::{Keep, NoiseSchedule, Plan, Sampler, SigmaSchedule};
 
 /// What the pipeline reads from `unet/config.json`.
 #[derive(Clone, Debug, Deserialize)]
@@ -60,13 +65,19 @@ struct UnetInputs {
     cond: Option<usize>,
 }
 
+/// A source's latent and, for inpainting, its mask at latent size.
+type SourceLatents = (Tensor<Cpu, 4>, Option<Tensor<Cpu, 4>>);
+
 /// A loaded RKNN pipeline: three contexts on one NPU core, owned by one worker thread.
 pub struct RknnPipeline {
     tokenizer: ClipTokenizer,
     text: RknnModel,
     unet: RknnModel,
     vae: RknnModel,
+    /// The VAE encoder, when the folder has one (img2img and inpainting).
+    encoder: Option<RknnModel>,
     lcm: Lcm,
+    schedule: NoiseSchedule,
     io: UnetInputs,
     ids_input: usize,
     latent_input: usize,
@@ -103,7 +114,9 @@ impl RknnPipeline {
                  (vocab.json + merges.txt, or tokenizer.json): Drover never downloads it"
             ))
         })?;
-        let lcm = Lcm::new(scheduler_config(dir)?);
+        let scheduler = scheduler_config(dir)?;
+        let lcm = Lcm::new(scheduler.clone());
+        let schedule = NoiseSchedule::new(scheduler)?;
         let unet_cfg: UnetConfig = read_config(&dir.join("unet").join("config.json"))?;
         let vae_cfg: VaeConfig = {
             let path = dir.join("vae_decoder").join("config.json");
@@ -120,6 +133,11 @@ impl RknnPipeline {
         let text = load("text_encoder")?;
         let unet = load("unet")?;
         let vae = load("vae_decoder")?;
+        let encoder = if dir.join("vae_encoder").join(RKNN_MODEL_FILE).is_file() {
+            Some(load("vae_encoder")?)
+        } else {
+            None
+        };
 
         let ids_input = text.input_index("input_ids", 0)?;
         let ids_dims = super::model::logical_dims(&text.inputs()[ids_input]);
@@ -246,12 +264,41 @@ impl RknnPipeline {
         }
         sizes.sort_unstable();
         sizes.dedup();
+        if let Some(enc) = &encoder {
+            let input = enc
+                .inputs()
+                .first()
+                .map(super::model::logical_dims)
+                .unwrap_or_default();
+            let output = enc
+                .outputs()
+                .first()
+                .map(super::model::logical_dims)
+                .unwrap_or_default();
+            let c = unet_cfg.in_channels;
+            let fits = input.len() == 4
+                && output.len() == 4
+                && input[1] == 3
+                && (output[1] == c || output[1] == 2 * c)
+                && output[2] * vae_factor == input[2];
+            if !fits {
+                return Err(config_error(
+                    dir,
+                    format!(
+                        "the VAE encoder maps {input:?} to {output:?}, expected [1, 3, H, W] to [1, {c} or {}, H/{vae_factor}, W/{vae_factor}]",
+                        2 * c
+                    ),
+                ));
+            }
+        }
         Ok(Self {
             tokenizer,
             text,
             unet,
             vae,
+            encoder,
             lcm,
+            schedule,
             io,
             ids_input,
             latent_input,
@@ -262,6 +309,65 @@ impl RknnPipeline {
             vae_factor,
             sizes,
         })
+    }
+
+    /// Whether jobs may start from a source image (the folder has `vae_encoder/`).
+    pub fn can_encode(&self) -> bool {
+        self.encoder.is_some()
+    }
+
+    /// The source's latent (the encoder's mean, scaled for the UNet) and, with a mask, the
+    /// mask at latent size (binarised at half, nearest-neighbour, as the Burn pipeline).
+    fn source_latents(
+        &mut self,
+        params: &Params,
+        latent: [usize; 4],
+    ) -> Result<Option<SourceLatents>> {
+        let Some(source) = &params.source else {
+            return Ok(None);
+        };
+        let Some(encoder) = self.encoder.as_mut() else {
+            return Err(NodeError::InvalidJob(
+                "this RKNN model folder has no vae_encoder/: it cannot start from an image".into(),
+            ));
+        };
+        let (width, height) = (params.width, params.height);
+        let fitted = source.fit(width, height)?;
+        let plane = width * height;
+        let mut chw = vec![0f32; 3 * plane];
+        for (i, px) in fitted.rgb.chunks(3).enumerate() {
+            for (c, &v) in px.iter().enumerate() {
+                chw[c * plane + i] = (f32::from(v) / 255.0) * 2.0 - 1.0;
+            }
+        }
+        let input = [1, 3, height, width];
+        encoder.select_shape(0, &input)?;
+        let out = encoder
+            .run(&[HostTensor::f32(&input, chw)])?
+            .swap_remove(0)
+            .into_f32("vae encoder output")?;
+        let [_, c, h, w] = latent;
+        let mean: Vec<f32> = out[..c * h * w]
+            .iter()
+            .map(|v| v * self.scaling_factor)
+            .collect();
+        let device = Default::default();
+        let image = Tensor::<Cpu, 4>::from_data(TensorData::new(mean, latent), &device);
+        let mask = fitted.mask.map(|m| {
+            let (sy, sx) = (height / h, width / w);
+            let cells: Vec<f32> = (0..h * w)
+                .map(|i| {
+                    let v = m[(i / w) * sy * width + (i % w) * sx];
+                    if f32::from(v) / 255.0 >= 0.5 {
+                        1.0
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            Tensor::<Cpu, 4>::from_data(TensorData::new(cells, [1, 1, h, w]), &device)
+        });
+        Ok(Some((image, mask)))
     }
 
     /// The image sizes (width, height) this model renders; RKNN shapes are fixed at conversion.
@@ -368,24 +474,53 @@ impl RknnPipeline {
         let init = tensor(gaussian(params.seed, n));
         let lcm = self.lcm.clone();
         let guidance = params.guidance;
-        let denoised = lcm.sample(
-            init,
-            params.steps,
-            |x, t| {
-                let x = host(x)?;
-                let eps = match &negative {
-                    Some(neg) => {
-                        let c = self.predict(x.clone(), &latent, t, &context, None)?;
-                        let u = self.predict(x, &latent, t, neg, None)?;
-                        guided(tensor(u), tensor(c), guidance)
-                    }
-                    None => tensor(self.predict(x, &latent, t, &context, cond.as_ref())?),
-                };
-                Ok(eps)
-            },
-            |k| tensor(gaussian(step_noise_seed(params.seed, k), n)),
-            progress,
-        )?;
+        let source = self.source_latents(params, latent)?;
+        let plan = match &params.source {
+            Some(s) => Some(
+                Plan::new(
+                    &self.schedule,
+                    Sampler::Lcm,
+                    SigmaSchedule::Automatic,
+                    params.steps,
+                )?
+                .with_strength(s.strength)?,
+            ),
+            None => None,
+        };
+        let mut eps = |x: Tensor<Cpu, 4>, t: usize| -> Result<Tensor<Cpu, 4>> {
+            let x = host(x)?;
+            Ok(match &negative {
+                Some(neg) => {
+                    let c = self.predict(x.clone(), &latent, t, &context, None)?;
+                    let u = self.predict(x, &latent, t, neg, None)?;
+                    guided(tensor(u), tensor(c), guidance)
+                }
+                None => tensor(self.predict(x, &latent, t, &context, cond.as_ref())?),
+            })
+        };
+        let noise = |k| tensor(gaussian(step_noise_seed(params.seed, k), n));
+        let denoised = match (source, plan) {
+            (Some((image, mask)), Some(plan)) => {
+                let strength = params.source.as_ref().map_or(1.0, |s| s.strength);
+                // As the Burn pipeline: strength 1 with a mask starts the masked part from
+                // pure noise; otherwise the source noised to the plan's first level.
+                let pure = strength >= 1.0 && mask.is_some();
+                let x = plan.initial(init.clone(), (!pure).then_some(&image));
+                let keep = mask.map(|mask| Keep {
+                    image,
+                    mask,
+                    noise: init,
+                });
+                plan.run_from(
+                    x,
+                    |x, t| eps(x, t.round() as usize),
+                    noise,
+                    progress,
+                    keep.as_ref(),
+                )?
+            }
+            _ => lcm.sample(init, params.steps, &mut eps, noise, progress)?,
+        };
         let scaled = host(denoised.div_scalar(self.scaling_factor))?;
         let mut out = self.vae.run(&[HostTensor::f32(&latent, scaled)])?;
         let image = out.swap_remove(0);

@@ -13,7 +13,7 @@ use crate::burn::Cpu;
 use crate::burn::tokenizer::ClipTokenizer;
 use crate::burn::unet::guidance_embedding;
 use crate::error::NodeError;
-use crate::render::{CancelFlag, Lora, Params, Progress, RunJob, gaussian, step_noise_seed};
+use crate::render::{CancelFlag, Image, Lora, Params, Progress, RunJob, gaussian, step_noise_seed};
 use crate::sampling::SchedulerConfig;
 use crate::sampling::lcm::Lcm;
 
@@ -681,4 +681,105 @@ fn npu_upscalers_serve_workers_from_their_own_thread() {
             .to_string()
             .contains("gone.rknn")
     );
+}
+
+fn png_bytes(size: u32, pixel: impl Fn(u32, u32) -> [u8; 3]) -> Arc<[u8]> {
+    let mut out = Vec::new();
+    {
+        let mut e = png::Encoder::new(&mut out, size, size);
+        e.set_color(png::ColorType::Rgb);
+        let mut writer = e.write_header().unwrap();
+        let mut data = Vec::new();
+        for y in 0..size {
+            for x in 0..size {
+                data.extend(pixel(x, y));
+            }
+        }
+        writer.write_image_data(&data).unwrap();
+    }
+    Arc::from(out)
+}
+
+#[test]
+fn with_a_vae_encoder_the_npu_pipeline_starts_from_images_and_inpaints() {
+    use crate::render::Source;
+    let dir = tempfile::tempdir().unwrap();
+    write_model_folder(dir.path(), &[64]);
+    let api = Arc::new(FakeRknn::default());
+    // Without an encoder: a job from an image is refused, saying why.
+    let mut plain = RknnPipeline::load(api.clone(), dir.path(), CoreMask::Core0).unwrap();
+    assert!(!plain.can_encode());
+    let sunset = png_bytes(64, |x, y| [(x * 4) as u8, (y * 4) as u8, 90]);
+    let night = png_bytes(64, |x, _| [10, 10, (x * 4) as u8]);
+    let from = |image: &Arc<[u8]>, mask: Option<Arc<[u8]>>, strength: f64, seed: u64| Params {
+        source: Some(Source {
+            image: image.clone(),
+            mask,
+            strength,
+            resize_mode: Default::default(),
+        }),
+        seed,
+        ..params(64)
+    };
+    let go = |_: usize, _: usize| ControlFlow::Continue(());
+    let err = plain
+        .generate(&from(&sunset, None, 0.5, 1), go)
+        .unwrap_err();
+    assert!(err.to_string().contains("no vae_encoder"), "{err}");
+
+    super::fake::write_vae_encoder(dir.path(), 64);
+    let mut pipeline = RknnPipeline::load(api.clone(), dir.path(), CoreMask::Core1).unwrap();
+    assert!(pipeline.can_encode());
+    let before = api.calls().len();
+    let a = pipeline.generate(&from(&sunset, None, 0.5, 1), go).unwrap();
+    let encoder_runs = api.calls()[before..]
+        .iter()
+        .filter(|c| **c == Call::Run("vae_encoder".into()))
+        .count();
+    assert_eq!(encoder_runs, 1, "the source is encoded once");
+    assert_eq!(
+        a.rgb,
+        pipeline
+            .generate(&from(&sunset, None, 0.5, 1), go)
+            .unwrap()
+            .rgb
+    );
+    let b = pipeline.generate(&from(&night, None, 0.5, 1), go).unwrap();
+    assert_ne!(a.rgb, b.rgb, "the source shapes the image");
+    let text = pipeline
+        .generate(
+            &Params {
+                seed: 1,
+                ..params(64)
+            },
+            go,
+        )
+        .unwrap();
+    assert_ne!(a.rgb, text.rgb, "not text-to-image");
+
+    // Inpainting the right half: the left half is the source's whatever the seed.
+    let mask = png_bytes(64, |x, _| if x >= 32 { [255; 3] } else { [0; 3] });
+    let one = pipeline
+        .generate(&from(&sunset, Some(mask.clone()), 1.0, 3), go)
+        .unwrap();
+    let two = pipeline
+        .generate(&from(&sunset, Some(mask), 1.0, 4), go)
+        .unwrap();
+    let half = |img: &Image, right: bool| -> Vec<u8> {
+        img.rgb
+            .chunks(64 * 3)
+            .flat_map(|row| {
+                let (l, r) = row.split_at(32 * 3);
+                if right { r.to_vec() } else { l.to_vec() }
+            })
+            .collect()
+    };
+    assert_eq!(half(&one, false), half(&two, false), "the kept half");
+    assert_ne!(half(&one, true), half(&two, true), "the repainted half");
+
+    // A worker pool over this folder advertises image-to-image.
+    let img2img = actix_rt::System::new()
+        .block_on(async { start(api, dir.path(), 1).map(|s| s.img2img) })
+        .unwrap();
+    assert!(img2img);
 }
