@@ -149,3 +149,52 @@ fn a_prediction_override_reaches_the_schedule_and_bad_ones_are_refused() {
     let err = pipe.set_prediction("sample").unwrap_err().to_string();
     assert!(err.contains("prediction_type"), "{err}");
 }
+
+/// A LoRA switch reloads what LoRAs touch and nothing else, exactly: switching a LoRA on gives
+/// what a pipeline loaded with it gives, switching it off gives back the base images.
+#[test]
+fn lora_switches_equal_fresh_loads_both_ways() {
+    use drover_node::burn::pipeline::LoraSpec;
+    let lora = [LoraSpec {
+        name: "kohya".into(),
+        path: crate::fixtures().join("lora-kohya.safetensors"),
+        strength: 0.8,
+    }];
+    let load = |loras: &[LoraSpec]| {
+        Pipeline::<Cpu>::load(
+            ModelSource::Diffusers(model_dir()),
+            &Default::default(),
+            Precision::F32,
+            loras,
+        )
+        .unwrap()
+    };
+    let params = Params {
+        prompt: "a lighthouse at dusk".into(),
+        negative_prompt: String::new(),
+        width: 32,
+        height: 32,
+        steps: 2,
+        guidance: 8.0,
+        guidance_rescale: 0.0,
+        sampler: None,
+        schedule: SigmaSchedule::Automatic,
+        seed: 7,
+        loras: Vec::new(),
+        source: None,
+    };
+    let go = |_: usize, _: usize| ControlFlow::Continue(());
+    let mut pipe = load(&[]);
+    let base = pipe.generate(&params, go).unwrap();
+    pipe.set_loras(&lora).unwrap();
+    let switched = pipe.generate(&params, go).unwrap();
+    let fresh = load(&lora).generate(&params, go).unwrap();
+    assert_ne!(base.rgb, switched.rgb, "the LoRA changes the image");
+    assert_eq!(switched, fresh, "switched on = loaded with it");
+    pipe.set_loras(&[]).unwrap();
+    assert_eq!(
+        pipe.generate(&params, go).unwrap(),
+        base,
+        "switched off = base"
+    );
+}

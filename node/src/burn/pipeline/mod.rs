@@ -134,8 +134,9 @@ struct Parts<B: Backend> {
     text: ClipText<B>,
     text2: Option<(ClipTokenizer, ClipText<B>)>,
     unet: Unet<B>,
-    vae: VaeDecoder<B>,
-    encoder: Option<VaeEncoder<B>>,
+    /// The VAE (decoder, and encoder when the weights have one); `None` when only the
+    /// LoRA-bearing parts were loaded.
+    vae: Option<(VaeDecoder<B>, Option<VaeEncoder<B>>)>,
     schedule: NoiseSchedule,
 }
 
@@ -151,11 +152,14 @@ fn load_encoder<B: Backend>(
     }
 }
 
+/// Loads a model's parts with `loras` merged; the VAE too when `with_vae` (LoRAs never touch
+/// it, so a LoRA switch leaves it loaded).
 fn load_parts<B: Backend>(
     source: &ModelSource,
     device: &B::Device,
     precision: Precision,
     loras: &[LoraSpec],
+    with_vae: bool,
 ) -> Result<Parts<B>> {
     let mut set = LoraSet::new();
     for l in loras {
@@ -208,17 +212,19 @@ fn load_parts<B: Backend>(
                     .with_lora_alias(Box::new(move |p| ldm.diffusers_to_ldm(p)));
                 Unet::load(&mut l, &unet_cfg)?
             };
-            let vae_dir = dir.join("vae");
-            let vae_cfg: VaeConfig = read_config(&vae_dir.join("config.json"))?;
-            let vae_file = component_file(&vae_dir, MODEL_FILES)?;
-            let vae = VaeDecoder::load(
-                &mut Loader::<B>::prefixed(&vae_file, "", device).with_dtype(precision.vae),
-                &vae_cfg,
-            )?;
-            let encoder = load_encoder(
-                &mut Loader::<B>::prefixed(&vae_file, "", device).with_dtype(precision.vae),
-                &vae_cfg,
-            )?;
+            let vae = if with_vae {
+                let vae_dir = dir.join("vae");
+                let vae_cfg: VaeConfig = read_config(&vae_dir.join("config.json"))?;
+                let vae_file = component_file(&vae_dir, MODEL_FILES)?;
+                let loader =
+                    || Loader::<B>::prefixed(&vae_file, "", device).with_dtype(precision.vae);
+                Some((
+                    VaeDecoder::load(&mut loader(), &vae_cfg)?,
+                    load_encoder(&mut loader(), &vae_cfg)?,
+                ))
+            } else {
+                None
+            };
             let schedule = NoiseSchedule::new(scheduler_config(dir)?)?;
             Parts {
                 tokenizer,
@@ -226,7 +232,6 @@ fn load_parts<B: Backend>(
                 text2,
                 unet,
                 vae,
-                encoder,
                 schedule,
             }
         }
@@ -340,21 +345,21 @@ fn load_parts<B: Backend>(
             let map = move || -> NameMap {
                 Box::new(move |n| format!("first_stage_model.{}", vae_diffusers_to_ldm(n, levels)))
             };
-            let vae = VaeDecoder::load(
-                &mut Loader::<B>::new(&file, map(), device).with_dtype(precision.vae),
-                &vae_cfg,
-            )?;
-            let encoder = load_encoder(
-                &mut Loader::<B>::new(&file, map(), device).with_dtype(precision.vae),
-                &vae_cfg,
-            )?;
+            let vae = if with_vae {
+                let loader = || Loader::<B>::new(&file, map(), device).with_dtype(precision.vae);
+                Some((
+                    VaeDecoder::load(&mut loader(), &vae_cfg)?,
+                    load_encoder(&mut loader(), &vae_cfg)?,
+                ))
+            } else {
+                None
+            };
             Parts {
                 tokenizer,
                 text,
                 text2,
                 unet,
                 vae,
-                encoder,
                 schedule: NoiseSchedule::new(SchedulerConfig::default())?,
             }
         }
@@ -395,7 +400,10 @@ impl<B: Backend> Pipeline<B> {
         precision: Precision,
         loras: &[LoraSpec],
     ) -> Result<Self> {
-        let parts = load_parts::<B>(&source, device, precision, loras)?;
+        let parts = load_parts::<B>(&source, device, precision, loras, true)?;
+        let (vae, encoder) = parts
+            .vae
+            .ok_or_else(|| NodeError::ModelConfig("the VAE was not loaded".into()))?;
         Ok(Self {
             source,
             device: device.clone(),
@@ -404,20 +412,21 @@ impl<B: Backend> Pipeline<B> {
             text: parts.text,
             text2: parts.text2,
             unet: parts.unet,
-            vae: parts.vae,
-            encoder: parts.encoder,
+            vae,
+            encoder,
             schedule: parts.schedule,
             loras: loras.to_vec(),
         })
     }
 
-    /// Switches the merged LoRAs: a no-op when unchanged, else the weights are reloaded from the
-    /// model files with the new set (exact; no drift from repeated merge/unmerge).
+    /// Switches the merged LoRAs: a no-op when unchanged, else the text encoders and the UNet
+    /// are reloaded from the model files with the new set (exact; no drift from repeated
+    /// merge/unmerge); the VAE, which LoRAs never touch, stays.
     pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
         if self.loras == loras {
             return Ok(());
         }
-        let parts = load_parts::<B>(&self.source, &self.device, self.precision, loras)?;
+        let parts = load_parts::<B>(&self.source, &self.device, self.precision, loras, false)?;
         self.text = parts.text;
         self.text2 = parts.text2;
         self.unet = parts.unet;
