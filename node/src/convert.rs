@@ -124,6 +124,7 @@ fn source(spec: &proto::JobSpec) -> Result<Option<Source>, String> {
         mask: (!spec.mask.is_empty()).then(|| spec.mask.as_slice().into()),
         strength: spec.strength,
         resize_mode: spec.resize_mode.parse()?,
+        mask_blur: spec.mask_blur,
     }))
 }
 

@@ -80,6 +80,8 @@ pub struct Source {
     pub strength: f64,
     /// How the image is fitted to the job's size.
     pub resize_mode: ResizeMode,
+    /// The mask's blur radius in pixels (0: a hard mask).
+    pub mask_blur: u32,
 }
 
 /// A source decoded and fitted to a job's size.
@@ -89,6 +91,8 @@ pub struct Fitted {
     pub rgb: Vec<u8>,
     /// Inpainting: one luma byte per pixel, white (≥ 128) where the model repaints.
     pub mask: Option<Vec<u8>>,
+    /// The mask is blurred: read it as a weight (luma / 255), not binarised.
+    pub soft: bool,
 }
 
 impl Source {
@@ -108,11 +112,18 @@ impl Source {
                         mask.width, mask.height, decoded.width, decoded.height
                     )));
                 }
-                Some(image::resize(&mask, width, height, self.resize_mode).luma())
+                let luma = image::resize(&mask, width, height, self.resize_mode).luma();
+                Some(image::blur_luma(
+                    &luma,
+                    width,
+                    height,
+                    self.mask_blur as f32,
+                ))
             }
         };
         Ok(Fitted {
             rgb: image::resize(&decoded, width, height, self.resize_mode).pixels,
+            soft: mask.is_some() && self.mask_blur > 0,
             mask,
         })
     }

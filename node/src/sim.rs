@@ -65,11 +65,18 @@ impl Renderer for SimRenderer {
 fn blend_source(rgb: &mut [u8], source: &crate::render::Fitted, strength: f64) {
     let s = strength.clamp(0.0, 1.0) as f32;
     for (i, (out, src)) in rgb.chunks_mut(3).zip(source.rgb.chunks(3)).enumerate() {
-        let repaint = source
-            .mask
-            .as_ref()
-            .is_none_or(|m| m.get(i).is_some_and(|&v| v >= 128));
-        let k = if repaint { s } else { 0.0 };
+        let weight = match &source.mask {
+            None => 1.0,
+            Some(m) if source.soft => m.get(i).map_or(0.0, |&v| f32::from(v) / 255.0),
+            Some(m) => {
+                if m.get(i).is_some_and(|&v| v >= 128) {
+                    1.0
+                } else {
+                    0.0
+                }
+            }
+        };
+        let k = s * weight;
         for (o, &v) in out.iter_mut().zip(src) {
             *o = (f32::from(*o) * k + f32::from(v) * (1.0 - k)).round() as u8;
         }

@@ -655,6 +655,7 @@ pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> 
                 .strength
                 .unwrap_or(if args.mask.is_some() { 1.0 } else { 0.75 }),
             resize_mode: Default::default(),
+            mask_blur: 0,
         }),
     };
     let params = crate::render::Params {

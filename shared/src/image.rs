@@ -179,6 +179,43 @@ pub fn mask_from_alpha(bytes: &[u8]) -> Result<Option<Vec<u8>>, ImageError> {
     grey_png(width, height, &mask).map(Some)
 }
 
+/// A Gaussian blur of one 8-bit channel (`width × height`) with standard deviation `sigma`
+/// pixels (PIL's `GaussianBlur(radius)`, which A1111's `mask_blur` uses), edges clamped.
+pub fn blur_luma(luma: &[u8], width: usize, height: usize, sigma: f32) -> Vec<u8> {
+    if sigma <= 0.0 || luma.len() != width * height {
+        return luma.to_vec();
+    }
+    let reach = (3.0 * sigma).ceil() as isize;
+    let taps: Vec<f32> = (-reach..=reach)
+        .map(|d| (-(d * d) as f32 / (2.0 * sigma * sigma)).exp())
+        .collect();
+    let total: f32 = taps.iter().sum();
+    let pass = |src: &[f32], along_x: bool| -> Vec<f32> {
+        let mut out = vec![0f32; src.len()];
+        for y in 0..height {
+            for x in 0..width {
+                let mut acc = 0.0;
+                for (k, w) in taps.iter().enumerate() {
+                    let d = k as isize - reach;
+                    let (sx, sy) = if along_x {
+                        ((x as isize + d).clamp(0, width as isize - 1) as usize, y)
+                    } else {
+                        (x, (y as isize + d).clamp(0, height as isize - 1) as usize)
+                    };
+                    acc += src[sy * width + sx] * w;
+                }
+                out[y * width + x] = acc / total;
+            }
+        }
+        out
+    };
+    let values: Vec<f32> = luma.iter().map(|&v| f32::from(v)).collect();
+    pass(&pass(&values, true), false)
+        .into_iter()
+        .map(|v| v.round().clamp(0.0, 255.0) as u8)
+        .collect()
+}
+
 /// A mask with black and white swapped (AUTOMATIC1111's `inpainting_mask_invert`), as a
 /// greyscale PNG of its luma.
 pub fn inverted_mask(bytes: &[u8]) -> Result<Vec<u8>, ImageError> {
@@ -388,6 +425,46 @@ impl Rgb {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_blurred_edge_ramps_and_a_zero_blur_changes_nothing() {
+        // Left half black, right half white, 16 wide.
+        let edge: Vec<u8> = (0..16 * 4)
+            .map(|i| if i % 16 >= 8 { 255 } else { 0 })
+            .collect();
+        assert_eq!(blur_luma(&edge, 16, 4, 0.0), edge);
+        let soft = blur_luma(&edge, 16, 4, 2.0);
+        let row = &soft[..16];
+        assert!(row.windows(2).all(|p| p[0] <= p[1]), "a ramp: {row:?}");
+        assert_eq!((row[0], row[15]), (0, 255), "far from the edge, unchanged");
+        assert!(
+            row[7] > 40 && row[8] < 215 && row[7] < 128 && row[8] > 128,
+            "{row:?}"
+        );
+        assert_eq!(
+            u16::from(row[7]) + u16::from(row[8]),
+            255,
+            "symmetric about the edge"
+        );
+    }
+
+    #[test]
+    fn masks_invert_and_alpha_becomes_white_where_transparent() {
+        let mut out = Vec::new();
+        {
+            let mut e = png::Encoder::new(&mut out, 2, 1);
+            e.set_color(png::ColorType::Rgba);
+            let mut w = e.write_header().unwrap();
+            w.write_image_data(&[9, 9, 9, 0, 9, 9, 9, 255]).unwrap();
+        }
+        let mask = decode(&mask_from_alpha(&out).unwrap().unwrap()).unwrap();
+        assert_eq!(mask.luma(), vec![255, 0], "transparent repaints");
+        let inverted =
+            decode(&inverted_mask(&grey_png(2, 1, &[255, 0]).unwrap()).unwrap()).unwrap();
+        assert_eq!(inverted.luma(), vec![0, 255]);
+        let opaque = grey_png(1, 1, &[7]).unwrap();
+        assert_eq!(mask_from_alpha(&opaque).unwrap(), None, "no alpha, no mask");
+    }
     use super::*;
 
     pub(crate) fn png(width: u32, height: u32, color: png::ColorType, data: &[u8]) -> Vec<u8> {

@@ -124,6 +124,31 @@ fn source_images_survive_a_coordinator_kill_and_shape_what_nodes_draw() -> anyho
         assert_ne!(px(40, y), teal, "the white half is repainted once inverted");
     }
 
+    // A blurred mask (A1111's mask_blur): far from the edge the halves are as before, at the
+    // edge the repaint fades into the source.
+    let reply = cluster.post(
+        "/sdapi/v1/img2img",
+        &json!({"prompt": "a boat", "init_images": [source], "mask": mask, "mask_blur": 8,
+                "seed": 9, "width": 64, "height": 64}),
+    )?;
+    reply.expect_status(200);
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(reply.json()?["images"][0].as_str().expect("b64"))?;
+    let rgb = png_rgb(&png);
+    let px = |x: usize, y: usize| &rgb[(y * 64 + x) * 3..(y * 64 + x) * 3 + 3];
+    assert_eq!(px(63, 20), teal, "far on the kept side: the source");
+    let distance = |p: &[u8]| -> u32 {
+        p.iter()
+            .zip(teal)
+            .map(|(a, b)| u32::from(a.abs_diff(b)))
+            .sum()
+    };
+    let (far, edge) = (distance(px(0, 20)), distance(px(33, 20)));
+    assert!(
+        edge > 0 && edge < far,
+        "at the edge a blend: {edge} vs {far} far inside"
+    );
+
     // Broken input: 400 with the field, nothing accepted.
     let before = cluster.get("/v1/jobs")?.json()?;
     let small = base64(&png_of(8, 8, |_, _| [0; 3]));

@@ -205,6 +205,7 @@ pub fn to_node(message: ToNode) -> proto::CoordinatorMessage {
                     resize_mode: source
                         .map(|s| s.resize_mode.as_str().to_string())
                         .unwrap_or_default(),
+                    mask_blur: source.map_or(0, |s| s.mask_blur),
                     seed: a.spec.seed,
                     task: a.spec.task.as_str().to_string(),
                     upscale: a.spec.upscale.as_ref().map(|u| proto::UpscaleSpec {

@@ -147,8 +147,8 @@ pub struct Img2ImgRequest {
     /// noise at strength 1 (A1111's "original" and "latent noise").
     #[schema(minimum = 0, maximum = 3)]
     pub inpainting_fill: Option<i64>,
-    /// Read and checked (0..=64); the mask is binarised at the latent's resolution, as
-    /// diffusers does, so it is not blurred.
+    /// The mask's blur radius in pixels, 0..=64: the repainted part's edge blends into the
+    /// kept one (used with a mask).
     #[schema(minimum = 0, maximum = 64)]
     pub mask_blur: Option<i64>,
     /// 0: white repaints (the default); 1: black repaints (the mask is inverted).
@@ -450,7 +450,8 @@ pub fn img2img_request(body: &[u8]) -> Result<Txt2Img> {
     {
         return Err(FieldError::new("inpainting_fill", format!("{fill} is outside 0..=3")).into());
     }
-    if let Some(blur) = whole(&map, "mask_blur")?
+    let blur = whole(&map, "mask_blur")?;
+    if let Some(blur) = blur
         && !(0..=64).contains(&blur)
     {
         return Err(FieldError::new("mask_blur", format!("{blur} is outside 0..=64")).into());
@@ -475,6 +476,8 @@ pub fn img2img_request(body: &[u8]) -> Result<Txt2Img> {
         request.mask = mask.clone();
         request.strength = strength;
         request.resize_mode = resize_mode;
+        // A1111 sends mask_blur with every img2img call; it means something only with a mask.
+        request.mask_blur = mask.as_ref().and(blur).map(|b| b as u32);
     }
     Ok(call)
 }

@@ -305,6 +305,7 @@ mod tests {
             mask: Some("iVBORw0KGgo=".into()),
             strength: Some(0.5),
             resize_mode: Some(drover_shared::image::ResizeMode::Crop),
+            mask_blur: Some(4),
             upscale: Some(drover_shared::job::UpscaleRequest {
                 model: Some("x4".into()),
                 passes: Some(1),

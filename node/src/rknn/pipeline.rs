@@ -23,7 +23,7 @@ use serde::Deserialize;
 use super::api::{CoreMask, RknnApi};
 use super::model::{HostData, HostTensor, RknnModel};
 use crate::burn::Cpu;
-use crate::burn::pipeline::{read_config, scheduler_config};
+use crate::burn::pipeline::{latent_mask, read_config, scheduler_config};
 use crate::burn::tokenizer::ClipTokenizer;
 use crate::burn::unet::guidance_embedding;
 use crate::error::{NodeError, Result};
@@ -353,18 +353,20 @@ impl RknnPipeline {
             .collect();
         let device = Default::default();
         let image = Tensor::<Cpu, 4>::from_data(TensorData::new(mean, latent), &device);
+        let soft = fitted.soft;
         let mask = fitted.mask.map(|m| {
-            let (sy, sx) = (height / h, width / w);
-            let cells: Vec<f32> = (0..h * w)
-                .map(|i| {
-                    let v = m[(i / w) * sy * width + (i % w) * sx];
-                    if f32::from(v) / 255.0 >= 0.5 {
-                        1.0
-                    } else {
-                        0.0
+            let weights: Vec<f32> = m
+                .iter()
+                .map(|&v| {
+                    let v = f32::from(v) / 255.0;
+                    match (soft, v >= 0.5) {
+                        (true, _) => v,
+                        (false, true) => 1.0,
+                        (false, false) => 0.0,
                     }
                 })
                 .collect();
+            let cells = latent_mask(&weights, width, height, w, h, soft);
             Tensor::<Cpu, 4>::from_data(TensorData::new(cells, [1, 1, h, w]), &device)
         });
         Ok(Some((image, mask)))

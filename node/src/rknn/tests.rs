@@ -717,6 +717,7 @@ fn with_a_vae_encoder_the_npu_pipeline_starts_from_images_and_inpaints() {
             mask,
             strength,
             resize_mode: Default::default(),
+            mask_blur: 0,
         }),
         seed,
         ..params(64)

@@ -232,6 +232,7 @@ fn img2img_and_inpainting_match_diffusers_pipelines() {
                     .then(|| png(png::ColorType::Grayscale, &want.bytes("source.mask")).into()),
                 strength: case.strength,
                 resize_mode: Default::default(),
+                mask_blur: 0,
             }),
         };
         let mut drawn = 0;

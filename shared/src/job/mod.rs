@@ -145,6 +145,11 @@ pub struct JobRequest {
     /// crop the centre) or `fill` (fit inside, extend the edges).
     #[serde(default)]
     pub resize_mode: Option<ResizeMode>,
+    /// Inpainting: blur the mask by this radius in pixels, 0..=64 (0 when absent: a hard
+    /// mask), so the repainted part's edge blends into the kept one.
+    #[serde(default, deserialize_with = "whole::option")]
+    #[cfg_attr(feature = "openapi", schema(minimum = 0, maximum = 64))]
+    pub mask_blur: Option<u32>,
     /// Super-resolution of the generated image on a node that holds the upscaler (1 to 3
     /// passes, the result at most 4096×4096 pixels).
     #[serde(default)]
@@ -488,6 +493,24 @@ impl JobRequest {
             uploads,
         )?
         .map(Box::new);
+        let mut source = source;
+        if let Some(blur) = self.mask_blur.filter(|&b| b > 0) {
+            if blur > source::MAX_MASK_BLUR {
+                return Err(FieldError::new(
+                    "mask_blur",
+                    format!("{blur} is outside 0..={}", source::MAX_MASK_BLUR),
+                ));
+            }
+            match source.as_deref_mut() {
+                Some(s) if s.mask.is_some() => s.mask_blur = blur,
+                _ => {
+                    return Err(FieldError::new(
+                        "mask_blur",
+                        "mask_blur applies to a mask, and there is none",
+                    ));
+                }
+            }
+        }
         let size = match self.size.as_deref() {
             None => source.as_deref().map(SourceSpec::default_size),
             Some(s) => Some(s.parse::<Size>().map_err(|m| FieldError::new("size", m))?),

@@ -63,7 +63,19 @@ pub struct SourceSpec {
     /// Bytes of the mask as sent (0: no mask).
     #[serde(default)]
     pub mask_bytes: u64,
+    /// Blur radius of the mask in pixels (0: a hard mask, binarised as diffusers does;
+    /// above 0: a Gaussian of that radius, the masked part's edge blended softly, as
+    /// AUTOMATIC1111's `mask_blur`).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mask_blur: u32,
 }
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+/// Largest mask blur accepted, in pixels.
+pub const MAX_MASK_BLUR: u32 = 64;
 
 fn is_stripped(bytes: &Arc<[u8]>) -> bool {
     bytes.is_empty()
@@ -136,6 +148,7 @@ impl SourceSpec {
             resize_mode: resize_mode.unwrap_or_default(),
             width: decoded.width as u32,
             height: decoded.height as u32,
+            mask_blur: 0,
         }))
     }
 
@@ -157,6 +170,7 @@ impl SourceSpec {
             resize_mode: ResizeMode::default(),
             width: decoded.width as u32,
             height: decoded.height as u32,
+            mask_blur: 0,
         })
     }
 
@@ -173,6 +187,7 @@ impl SourceSpec {
             resize_mode: ResizeMode::default(),
             width,
             height,
+            mask_blur: 0,
         })
     }
 

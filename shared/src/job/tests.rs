@@ -446,6 +446,18 @@ fn a_source_image_makes_an_img2img_job_and_a_mask_an_inpainting_one() {
     assert_eq!(public["image_bytes"], stored["image_bytes"]);
     let back: SourceSpec = serde_json::from_value(stored).unwrap();
     assert_eq!(back, *source);
+    // A mask blur rides with the mask; without a mask, or past 64, it is refused by name.
+    let blurred = parse(&format!(
+        r#"{{"prompt":"x","init_image":"{image}","mask":"{mask}","mask_blur":8}}"#
+    ))
+    .unwrap();
+    assert_eq!(blurred.source.map(|s| s.mask_blur), Some(8));
+    for body in [
+        format!(r#"{{"prompt":"x","init_image":"{image}","mask_blur":8}}"#),
+        format!(r#"{{"prompt":"x","init_image":"{image}","mask":"{mask}","mask_blur":65}}"#),
+    ] {
+        assert_eq!(field_of(&body), "mask_blur", "{body}");
+    }
 }
 
 #[test]

@@ -580,6 +580,7 @@ fn source_images_go_only_to_nodes_that_can_encode_them() {
         height: 64,
         image_bytes: 1,
         mask_bytes: 0,
+        mask_blur: 0,
     };
     let img2img = JobSpec {
         source: Some(Box::new(source.clone())),

@@ -4,6 +4,8 @@
 
 mod source;
 
+pub use source::latent_mask;
+
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 

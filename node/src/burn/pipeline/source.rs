@@ -60,12 +60,18 @@ impl<B: Backend> Pipeline<B> {
                 })
                 .collect()
         };
-        let mask_px = source.and_then(|s| s.mask.as_deref()).map(binary);
+        // A blurred mask is a weight (its cell's mean at latent size); a hard one is binarised
+        // and sampled nearest, as diffusers does.
+        let soft = source.is_some_and(|s| s.soft);
+        let mask_px = source.and_then(|s| s.mask.as_deref()).map(|m| {
+            if soft {
+                m.iter().map(|&v| f32::from(v) / 255.0).collect()
+            } else {
+                binary(m)
+            }
+        });
         let mask = mask_px.as_ref().map(|m| {
-            let (sy, sx) = (height / h, width / w);
-            let cells: Vec<f32> = (0..h * w)
-                .map(|i| m[(i / w) * sy * width + (i % w) * sx])
-                .collect();
+            let cells = latent_mask(m, width, height, w, h, soft);
             Tensor::<B, 4>::from_data(TensorData::new(cells, [1, 1, h, w]), &self.device)
         });
         let image_px = source.map(|s| pixels(&s.rgb));
@@ -92,6 +98,33 @@ impl<B: Backend> Pipeline<B> {
     }
 }
 
+/// A pixel mask (`width × height` weights) at latent size (`w × h`): each cell's mean when
+/// `soft`, else the value at its top-left pixel (nearest, as diffusers).
+pub fn latent_mask(
+    m: &[f32],
+    width: usize,
+    height: usize,
+    w: usize,
+    h: usize,
+    soft: bool,
+) -> Vec<f32> {
+    let (sy, sx) = (height / h, width / w);
+    (0..h * w)
+        .map(|i| {
+            let (y0, x0) = ((i / w) * sy, (i % w) * sx);
+            if soft {
+                let mut sum = 0.0;
+                for y in y0..y0 + sy {
+                    sum += m[y * width + x0..y * width + x0 + sx].iter().sum::<f32>();
+                }
+                sum / (sy * sx) as f32
+            } else {
+                m[y0 * width + x0]
+            }
+        })
+        .collect()
+}
+
 /// What a job's source gives the sampler ([`Pipeline::source_latents`]).
 pub(super) struct SourceLatents<B: Backend> {
     /// The source's latent, scaled for the UNet.
@@ -100,4 +133,17 @@ pub(super) struct SourceLatents<B: Backend> {
     pub(super) mask: Option<Tensor<B, 4>>,
     /// An inpainting UNet's extra input channels.
     pub(super) extra: Option<Tensor<B, 4>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::latent_mask;
+
+    #[test]
+    fn latent_masks_average_soft_cells_and_sample_hard_ones() {
+        // 4×2 pixels into 2×1 cells: a soft ramp in the left cell, white on the right.
+        let m = [0.0, 0.5, 1.0, 1.0, 0.25, 0.25, 1.0, 1.0];
+        assert_eq!(latent_mask(&m, 4, 2, 2, 1, true), vec![0.25, 1.0]);
+        assert_eq!(latent_mask(&m, 4, 2, 2, 1, false), vec![0.0, 1.0]);
+    }
 }
