@@ -623,6 +623,11 @@ impl Jobs {
         job.state = state;
         job.error = error;
         job.updated_ms = now_ms;
+        // A finished job needs its source no more: its record keeps the sizes, not the bytes
+        // (up to 16 MiB each, kept until retention otherwise).
+        if let Some(source) = job.spec.source.as_mut() {
+            **source = source.stripped();
+        }
         out.push(Effect::PersistFinished {
             job: job.clone(),
             png: png.clone(),
