@@ -821,9 +821,21 @@ fn a_render_without_its_upscale_is_queued_again_as_the_upscale() {
     assert_eq!(ended[0].job.state, JobState::Succeeded);
     assert_eq!(ended[0].png.as_deref(), Some(&big[..]));
     assert_eq!(ended[0].job.node_id, Some(node(1)));
-    let kept = ended[0].job.spec.source.as_deref().expect("the source's record");
-    assert!(kept.image.is_empty(), "a finished record drops the source's bytes");
-    assert_eq!((kept.width, kept.image_bytes), (64, 29), "and keeps what they were");
+    let kept = ended[0]
+        .job
+        .spec
+        .source
+        .as_deref()
+        .expect("the source's record");
+    assert!(
+        kept.image.is_empty(),
+        "a finished record drops the source's bytes"
+    );
+    assert_eq!(
+        (kept.width, kept.image_bytes),
+        (64, 29),
+        "and keeps what they were"
+    );
     // A render that is not a PNG cannot be upscaled: the job fails, saying so.
     let third = lease(&mut jobs, b, 2);
     let effects = jobs.report(node(2), succeed(b, third, Arc::from(vec![1u8]), false), 4);
