@@ -87,7 +87,15 @@ pub fn configured(config: &NodeConfig) -> Result<Vec<UpscalerEntry>> {
     let mut entries: Vec<UpscalerEntry> = Vec::new();
     for item in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
         let path = locate(config.model_root.as_deref(), item)?;
-        let name = path
+        // Named by the file's stem, or by its folder when the item names the folder.
+        let named = if path.file_stem().is_some_and(|s| s == item) {
+            path.clone()
+        } else {
+            path.parent()
+                .filter(|p| p.file_name().is_some_and(|f| f == item) || *p == Path::new(item))
+                .map_or_else(|| path.clone(), Path::to_path_buf)
+        };
+        let name = named
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned())
             .unwrap_or_default();
@@ -131,6 +139,31 @@ fn locate(root: Option<&Path>, item: &str) -> Result<PathBuf> {
         candidates.push(root.join(item));
         candidates.push(root.join(format!("{item}.safetensors")));
         candidates.push(root.join(format!("{item}.rknn")));
+    }
+    if let Some(found) = candidates.iter().find(|p| p.is_file()) {
+        return Ok(found.clone());
+    }
+    // A folder holding one network (named by the folder).
+    if let Some(dir) = candidates.iter().find(|p| p.is_dir()) {
+        let files: Vec<PathBuf> = std::fs::read_dir(dir)
+            .map_err(|e| NodeError::Config(format!("UPSCALER `{item}`: {}: {e}", dir.display())))?
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .is_some_and(|e| e == "safetensors" || e == "rknn")
+            })
+            .collect();
+        return match files.as_slice() {
+            [one] => Ok(one.clone()),
+            _ => Err(NodeError::Config(format!(
+                "UPSCALER `{item}`: the folder {} holds {} .safetensors/.rknn files; an upscaler \
+                 folder holds one",
+                dir.display(),
+                files.len()
+            ))),
+        };
     }
     candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
         NodeError::Config(match root {
@@ -740,4 +773,51 @@ pub fn png_of(
     writer.write_image_data(&image.rgb).map_err(render)?;
     writer.finish().map_err(render)?;
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(root: &Path, upscaler: &str) -> NodeConfig {
+        use clap::Parser;
+        let root = root.to_string_lossy().into_owned();
+        crate::config::Cli::try_parse_from([
+            "drover-node",
+            "--model-root",
+            &root,
+            "--upscaler",
+            upscaler,
+        ])
+        .unwrap()
+        .node
+    }
+
+    #[test]
+    fn upscalers_are_found_as_files_or_folders_and_named_by_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        std::fs::create_dir_all(root.join("realesr")).unwrap();
+        let small = |path: &Path, scale: &str| {
+            make_upscaler(path, 1, scale, "compact", Some(4), Some(1)).unwrap();
+        };
+        small(&root.join("realesr/model.safetensors"), "x4");
+        small(&root.join("x2.safetensors"), "x2");
+        let found = configured(&config(root, "realesr, x2")).unwrap();
+        let named: Vec<(&str, usize)> = found.iter().map(|e| (e.name.as_str(), e.scale)).collect();
+        assert_eq!(named, [("realesr", 4), ("x2", 2)]);
+        assert!(found[1].network.starts_with("SRVGGNetCompact ×2"));
+        // A folder with two networks, a name given twice, a missing one: refused, saying why.
+        std::fs::create_dir_all(root.join("two")).unwrap();
+        small(&root.join("two/a.safetensors"), "x2");
+        small(&root.join("two/b.safetensors"), "x2");
+        for (list, reason) in [
+            ("two", "holds 2"),
+            ("x2,x2.safetensors", "twice"),
+            ("x8", "under MODEL_ROOT"),
+        ] {
+            let err = configured(&config(root, list)).unwrap_err().to_string();
+            assert!(err.contains(reason), "{list}: {err}");
+        }
+    }
 }
