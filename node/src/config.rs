@@ -88,8 +88,8 @@ pub enum Command {
         /// with a 9-channel inpainting UNet).
         #[arg(long, default_value = "lcm", value_parser = ["lcm", "standard", "inpaint"])]
         variant: String,
-        /// Write a random-weight upscaler instead, of this scale (`x1`, `x2`, `x4`), as one
-        /// `.safetensors` file at `--out`.
+        /// Write a random-weight upscaler instead, of this scale (`x1`, `x2`, `x4`): `--out`
+        /// a `.safetensors` file, or a folder (it gets `model.safetensors`).
         #[arg(long, value_parser = ["x1", "x2", "x4"])]
         upscaler: Option<String>,
         /// The upscaler's network: `compact` (Real-ESRGAN's SRVGGNet, realesr-general's shape)

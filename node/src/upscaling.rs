@@ -510,7 +510,8 @@ fn load_burn(
     Ok(Some(Arc::new(set)))
 }
 
-/// Writes a random-weight upscaler of `scale` (`x1`, `x2`, `x4`) to `out`: a compact SRVGGNet
+/// Writes a random-weight upscaler of `scale` (`x1`, `x2`, `x4`) to `out` (a `.safetensors`
+/// file, or a folder that gets `model.safetensors`): a compact SRVGGNet
 /// (`arch` `compact`, realesr-general-x4v3's shape by default) or an RRDBNet (`rrdb`,
 /// RealESRGAN_x4plus's), Real-ESRGAN names, f16. The compact one's residual is scaled down so
 /// its output is the nearest-upscaled input plus faint noise; neither restores anything. Returns
@@ -557,6 +558,13 @@ pub fn make_upscaler(
     if features == 0 || features > 256 {
         return Err(NodeError::Config(format!("{features} features: 1..=256")));
     }
+    // A path without `.safetensors` is a folder for the network (named by the folder).
+    let file = if out.extension().is_some_and(|e| e == "safetensors") {
+        out.to_path_buf()
+    } else {
+        out.join("model.safetensors")
+    };
+    let out = file.as_path();
     let spec = UpscalerSpec {
         path: out.to_path_buf(),
         network,
