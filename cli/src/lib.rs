@@ -111,7 +111,29 @@ pub enum Command {
         /// The source's mask and strength (with `--init-image`).
         #[command(flatten)]
         source: SourceArgs,
+        /// Upscale the result on a node with this upscaler (`any`: the node's first).
+        #[arg(long)]
+        upscale: Option<String>,
     },
+    /// Upscale an image with an upscaler of the farm (no model runs) and write a PNG.
+    Upscale {
+        /// The image (PNG or JPEG).
+        input: PathBuf,
+        /// Output file.
+        #[arg(short, long, default_value = "upscaled.png")]
+        output: PathBuf,
+        /// The upscaler (`drover upscalers` lists them); the node's first when absent.
+        #[arg(long)]
+        upscaler: Option<String>,
+        /// Final scale (the last pass's output resized down to it).
+        #[arg(long)]
+        scale: Option<f64>,
+        /// Passes of the upscaler, 1..=3.
+        #[arg(long)]
+        passes: Option<u32>,
+    },
+    /// The farm's upscalers.
+    Upscalers,
     /// Render from an image (image-to-image; inpainting with `--mask`) and write a PNG.
     Img2img {
         /// The source image (PNG or JPEG).
@@ -341,11 +363,11 @@ fn generate(
     api: &Api,
     prompt: &str,
     render: &RenderArgs,
-    extras: (&Option<String>, &[String]),
+    extras: (&Option<String>, &[String], &Option<String>),
     init_image: Option<&PathBuf>,
     source: &SourceArgs,
 ) -> Result<()> {
-    let (style, lora) = extras;
+    let (style, lora, upscale) = extras;
     let RenderArgs {
         output,
         model,
@@ -398,6 +420,11 @@ fn generate(
             .map(|l| split_pair(l, 1.0).map(|(n, s)| json!({"name": n, "strength": s})))
             .collect::<Result<_>>()?;
         body["loras"] = Value::Array(list);
+    }
+    match upscale.as_deref() {
+        None => {}
+        Some("any") => body["upscale"] = json!({}),
+        Some(name) => body["upscale"] = json!({ "model": name }),
     }
     let job = api.send("POST", "/v1/jobs", Some(&body))?;
     let id = job["id"]
@@ -463,6 +490,59 @@ fn generate(
     Ok(())
 }
 
+/// Upscales one image through `POST /v1/upscale` (the coordinator waits for it) and writes the
+/// PNG.
+fn upscale(
+    api: &Api,
+    input: &PathBuf,
+    output: &PathBuf,
+    upscaler: Option<&str>,
+    scale: Option<f64>,
+    passes: Option<u32>,
+) -> Result<()> {
+    use base64::Engine;
+    let bytes = std::fs::read(input).with_context(|| format!("cannot read {}", input.display()))?;
+    let mut body = json!({ "image": base64::engine::general_purpose::STANDARD.encode(bytes) });
+    if let Some(name) = upscaler {
+        body["model"] = json!(name);
+    }
+    if let Some(s) = scale {
+        body["scale"] = json!(s);
+    }
+    if let Some(p) = passes {
+        body["passes"] = json!(p);
+    }
+    let mut response = api
+        .agent
+        .post(format!("{}/v1/upscale", api.url))
+        .header("x-api-key", api.api_key.clone().unwrap_or_default())
+        .send_json(&body)
+        .with_context(|| format!("cannot reach the coordinator at {}", api.url))?;
+    let status = response.status();
+    let node = response
+        .headers()
+        .get("x-node-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("?")
+        .to_string();
+    if !status.is_success() {
+        return api.json(response).map(drop);
+    }
+    let png = response
+        .body_mut()
+        .with_config()
+        .limit(256 << 20)
+        .read_to_vec()
+        .context("cannot read the image")?;
+    std::fs::write(output, &png).with_context(|| format!("cannot write {}", output.display()))?;
+    println!(
+        "{} written ({} bytes, node {node})",
+        output.display(),
+        png.len()
+    );
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     let api = Api::new(&cli)?;
     match &cli.command {
@@ -473,20 +553,48 @@ fn run(cli: Cli) -> Result<()> {
             lora,
             init_image,
             source,
+            upscale,
         } => generate(
             &api,
             prompt,
             render,
-            (style, lora),
+            (style, lora, upscale),
             init_image.as_ref(),
             source,
         )?,
+        Command::Upscale {
+            input,
+            output,
+            upscaler,
+            scale,
+            passes,
+        } => upscale(&api, input, output, upscaler.as_deref(), *scale, *passes)?,
+        Command::Upscalers => {
+            let list = api.get("/v1/upscalers")?;
+            println!("{:<24} {:<6} {:<7} network", "name", "scale", "nodes");
+            for u in list.as_array().into_iter().flatten() {
+                println!(
+                    "{:<24} ×{:<5} {:<7} {}",
+                    u["name"].as_str().unwrap_or("?"),
+                    u["scale"],
+                    format!("{}/{}", u["nodes_online"], u["nodes"]),
+                    u["network"].as_str().unwrap_or("")
+                );
+            }
+        }
         Command::Img2img {
             input,
             prompt,
             render,
             source,
-        } => generate(&api, prompt, render, (&None, &[]), Some(input), source)?,
+        } => generate(
+            &api,
+            prompt,
+            render,
+            (&None, &[], &None),
+            Some(input),
+            source,
+        )?,
         Command::Jobs => {
             let jobs = api.get("/v1/jobs")?;
             println!("{:<38} {:<10} {:<8} prompt", "id", "state", "progress");

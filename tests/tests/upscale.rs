@@ -205,6 +205,46 @@ fn jobs_upscale_on_the_node_holding_the_upscaler() -> anyhow::Result<()> {
     assert_eq!(record["state"], "succeeded", "{record}");
     assert_eq!(record["spec"]["task"], "upscale", "{record}");
     assert!(record["spec"]["source"].get("image").is_none(), "{record}");
+    // The command-line client: `drover upscale` writes the same image; `drover upscalers` lists.
+    let cli = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_sandbox-cli"))
+            .args(args)
+            .current_dir(root)
+            .env("DROVER_URL", cluster.base_url())
+            .output()
+            .expect("run the cli")
+    };
+    let run = cli(&[
+        "upscale",
+        "render.png",
+        "-o",
+        "cli.png",
+        "--upscaler",
+        "general-x4",
+    ]);
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(
+        png_rgb(&std::fs::read(root.join("cli.png"))?),
+        png_rgb(&tool)
+    );
+    let listed = cli(&["upscalers"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.contains("general-x4") && listed.contains("rrdb-x2"),
+        "{listed}"
+    );
+    let refused = cli(&["upscale", "render.png", "--upscaler", "x8"]);
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("422"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+
     // The same image uploaded once and named by id: the same upscale.
     let uploaded = cluster.post_raw("/v1/uploads", &render.body)?;
     uploaded.expect_status(201);
