@@ -35,8 +35,10 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 /// Timeout of every unary call and of connecting.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Jobs running on this node, by job id: (lease id, cancel flag).
-type Running = Arc<Mutex<HashMap<JobId, (LeaseId, CancelFlag)>>>;
+/// Jobs running on this node, by job and lease: their cancel flags. Keyed by both: a job
+/// leased again while an earlier attempt still runs here (its lease expired) has two entries,
+/// and each attempt stays cancellable until it ends.
+type Running = Arc<Mutex<HashMap<(JobId, LeaseId), CancelFlag>>>;
 
 /// The node's side of the link, alive across sessions.
 pub struct NodeLink {
@@ -202,8 +204,8 @@ impl NodeLink {
     fn running_jobs(&self) -> Vec<proto::RunningJob> {
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
         running
-            .iter()
-            .map(|(job_id, (lease_id, _))| proto::RunningJob {
+            .keys()
+            .map(|(job_id, lease_id)| proto::RunningJob {
                 job_id: job_id.to_string(),
                 lease_id: lease_id.to_string(),
             })
@@ -292,9 +294,7 @@ impl NodeLink {
             }
         };
         let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((lease, flag)) = running.get(&job_id)
-            && *lease == lease_id
-        {
+        if let Some(flag) = running.get(&(job_id, lease_id)) {
             tracing::info!(job_id = %job_id, "cancel requested");
             flag.cancel();
         }
@@ -362,7 +362,7 @@ impl NodeLink {
         self.running
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(job_id, (lease_id, cancel.clone()));
+            .insert((job_id, lease_id), cancel.clone());
         let progress = progress_sink(self.outbox_tx.clone(), job_id, lease_id);
         let runner = self.pool.runner.clone();
         let outbox = self.outbox_tx.clone();
@@ -383,7 +383,7 @@ impl NodeLink {
                 running
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&job_id);
+                    .remove(&(job_id, lease_id));
                 let (job_id, lease_id) = (job_id.to_string(), lease_id.to_string());
                 let reply = match outcome {
                     Ok(rendered) => {

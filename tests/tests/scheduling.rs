@@ -116,6 +116,112 @@ fn a_drained_node_finishes_but_takes_nothing_new() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The queue limit: past it a submission (or a batch) is refused whole with 429 and a
+/// Retry-After, counted in the metrics, and taken again once the queue has room.
+#[test]
+fn a_full_queue_refuses_with_retry_after_and_takes_work_again() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(
+        binaries!(),
+        &[
+            ("DROVER_ADMIN_TOKEN", "admin-secret"),
+            ("DROVER_QUEUE_LIMIT", "3"),
+        ],
+    )?;
+    cluster.add_node(NodeSpec::sim("resting", "sd15"))?;
+    cluster.wait_for_online(&["resting"], T)?;
+    let resting = cluster.node_id("resting")?.expect("resting");
+    let drain = format!("/v1/nodes/{resting}/drain");
+    assert_eq!(cluster.post_with_token(&drain, "admin-secret")?.status, 200);
+    let ids: Vec<String> = (0..3)
+        .map(|i| cluster.submit(&json!({"prompt": format!("q{i}"), "size": "64x64"})))
+        .collect::<anyhow::Result<_>>()?;
+    let full = cluster.post("/v1/jobs", &json!({"prompt": "one more", "size": "64x64"}))?;
+    assert_eq!(full.status, 429);
+    assert!(
+        full.header("retry-after")
+            .is_some_and(|s| s.parse::<u64>().is_ok_and(|v| v > 0)),
+        "a Retry-After in seconds"
+    );
+    let message = full.json()?["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(message.contains('3'), "names the limit: {message}");
+    let batch = cluster.post(
+        "/v1/jobs/batch",
+        &json!({"jobs": [{"prompt": "b1"}, {"prompt": "b2"}]}),
+    )?;
+    assert_eq!(batch.status, 429);
+    let queued = cluster.get("/v1/jobs")?.json()?;
+    assert_eq!(
+        queued.as_array().map(Vec::len),
+        Some(3),
+        "nothing half-taken"
+    );
+    let metrics = String::from_utf8_lossy(&cluster.get("/metrics")?.body).into_owned();
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "drover_rejections_total{reason=\"queue_full\"} 2"),
+        "{metrics}"
+    );
+    // Room again: a cancel frees a place, and the node takes everything once resumed.
+    assert_eq!(cluster.delete(&format!("/v1/jobs/{}", ids[0]))?.status, 200);
+    let again = cluster.submit(&json!({"prompt": "taken", "size": "64x64"}))?;
+    let resume = format!("/v1/nodes/{resting}/resume");
+    assert_eq!(
+        cluster.post_with_token(&resume, "admin-secret")?.status,
+        200
+    );
+    for id in ids[1..].iter().chain([&again]) {
+        assert_eq!(cluster.wait_for_job(id, T)?["state"], "succeeded");
+    }
+    Ok(())
+}
+
+/// A lease that runs past its deadline is taken back (the node told to stop) and the job
+/// re-queued; a job whose every attempt expires fails with every attempt's reason. A job that
+/// fits its lease is untouched. (The simulated node renders 300 ms per step whatever the size,
+/// while its advertised speed gives a 64×64 job a lease of the 3 s floor and a little more:
+/// twenty steps overrun it, two do not. The node's stale attempts must stop when told: the
+/// short job's lease has room for one step of them, not for a whole run.)
+#[test]
+fn leases_expire_and_attempts_run_out_with_every_reason() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(
+        binaries!(),
+        &[
+            ("DROVER_LEASE_FLOOR_MS", "3000"),
+            ("DROVER_MAX_ATTEMPTS", "2"),
+        ],
+    )?;
+    cluster.add_node(
+        NodeSpec::sim("slow", "sd15")
+            .env("SIM_STEP_MS", "300")
+            .env("NUM_WORKERS", "1"),
+    )?;
+    cluster.wait_for_online(&["slow"], T)?;
+    let long = cluster.submit(&json!({"prompt": "too long", "size": "64x64", "steps": 20}))?;
+    let failed = cluster.wait_for_job(&long, T)?;
+    assert_eq!(failed["state"], "failed", "{failed}");
+    let outcomes: Vec<&str> = failed["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .filter_map(|a| a["outcome"].as_str())
+        .collect();
+    assert_eq!(outcomes, ["lease expired", "lease expired"], "{failed}");
+    let error = failed["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("failed after 2 attempts") && error.contains("lease expired"),
+        "{error}"
+    );
+    let short = cluster.submit(&json!({"prompt": "fits", "size": "64x64", "steps": 2}))?;
+    let done = cluster.wait_for_job(&short, T)?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    assert_eq!(done["attempts"].as_array().map(Vec::len), Some(1), "{done}");
+    Ok(())
+}
+
 #[test]
 fn jobs_survive_repeated_node_kills_and_complete_once() -> anyhow::Result<()> {
     let total = fault_jobs(200);
