@@ -222,6 +222,36 @@ fn leases_expire_and_attempts_run_out_with_every_reason() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// A quick coordinator restart (kill -9, start on the same data) leaves a running job where it
+/// is: the node reconnects, says it still runs it, keeps its lease and delivers one result —
+/// one attempt on the coordinator's record, one start in the node's own log.
+#[test]
+fn a_quick_coordinator_restart_keeps_running_jobs_on_their_nodes() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(
+        NodeSpec::sim("steady", "sd15")
+            .env("SIM_STEP_MS", "200")
+            .env("NUM_WORKERS", "1"),
+    )?;
+    cluster.wait_for_online(&["steady"], T)?;
+    let id =
+        cluster.submit(&json!({"prompt": "through a restart", "size": "64x64", "steps": 25}))?;
+    cluster.wait_until(T, "the job runs", |c| Ok(c.job(&id)?["state"] == "running"))?;
+    cluster.kill_coordinator();
+    cluster.start_coordinator()?;
+    let done = cluster.wait_for_job(&id, T)?;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let attempts = done["attempts"].as_array().expect("attempts");
+    assert_eq!(attempts.len(), 1, "no re-run: {done}");
+    let starts = cluster
+        .node_log(0)
+        .lines()
+        .filter(|l| l.contains(&id) && l.contains("job started"))
+        .count();
+    assert_eq!(starts, 1, "the node started it once");
+    Ok(())
+}
+
 #[test]
 fn jobs_survive_repeated_node_kills_and_complete_once() -> anyhow::Result<()> {
     let total = fault_jobs(200);
