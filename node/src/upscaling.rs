@@ -644,12 +644,7 @@ pub fn upscale_cli(run: &UpscaleRun<'_>) -> Result<String> {
         .map_err(|e| NodeError::InvalidJob(format!("{}: {e}", run.image.display())))?;
     let tiling = match run.tile {
         Some(tile) => Tiling { tile, pad: run.pad },
-        None => {
-            let budget = NodeConfig::default_upscale_memory();
-            let mut t = tiling_for(&entry, budget, run.pad);
-            t.pad = run.pad;
-            t
-        }
+        None => tiling_for(&entry, NodeConfig::default_upscale_memory(), run.pad),
     };
     let started = std::time::Instant::now();
     let set = Upscalers::<crate::burn::Cpu>::load(

@@ -97,7 +97,9 @@ fn broken_png(e: impl std::fmt::Display) -> ImageError {
     }
 }
 
-fn decode_png(bytes: &[u8]) -> Result<Rgb, ImageError> {
+/// A PNG's first frame as 8-bit samples (palettes and low depths expanded), within the pixel
+/// limit, and what it holds.
+fn png_frame(bytes: &[u8]) -> Result<(Vec<u8>, png::OutputInfo), ImageError> {
     let mut decoder = png::Decoder::new(Cursor::new(bytes));
     decoder.set_transformations(png::Transformations::normalize_to_color8());
     let mut reader = decoder.read_info().map_err(broken_png)?;
@@ -111,6 +113,11 @@ fn decode_png(bytes: &[u8]) -> Result<Rgb, ImageError> {
         .ok_or_else(|| broken_png("no output size"))?;
     let mut buf = vec![0u8; size];
     let frame = reader.next_frame(&mut buf).map_err(broken_png)?;
+    Ok((buf, frame))
+}
+
+fn decode_png(bytes: &[u8]) -> Result<Rgb, ImageError> {
+    let (buf, frame) = png_frame(bytes)?;
     let channels = match frame.color_type {
         png::ColorType::Grayscale => 1,
         png::ColorType::GrayscaleAlpha => 2,
@@ -148,19 +155,7 @@ pub fn mask_from_alpha(bytes: &[u8]) -> Result<Option<Vec<u8>>, ImageError> {
     if sniff(bytes) != Some("png") {
         return Ok(None);
     }
-    let mut decoder = png::Decoder::new(Cursor::new(bytes));
-    decoder.set_transformations(png::Transformations::normalize_to_color8());
-    let mut reader = decoder.read_info().map_err(broken_png)?;
-    let (width, height) = {
-        let info = reader.info();
-        (info.width, info.height)
-    };
-    check_size(u64::from(width), u64::from(height))?;
-    let size = reader
-        .output_buffer_size()
-        .ok_or_else(|| broken_png("no output size"))?;
-    let mut buf = vec![0u8; size];
-    let frame = reader.next_frame(&mut buf).map_err(broken_png)?;
+    let (buf, frame) = png_frame(bytes)?;
     let channels = match frame.color_type {
         png::ColorType::GrayscaleAlpha => 2,
         png::ColorType::Rgba => 4,
@@ -176,7 +171,7 @@ pub fn mask_from_alpha(bytes: &[u8]) -> Result<Option<Vec<u8>>, ImageError> {
     if mask.len() != w * h {
         return Err(broken_png("short frame"));
     }
-    grey_png(width, height, &mask).map(Some)
+    grey_png(frame.width, frame.height, &mask).map(Some)
 }
 
 /// A Gaussian blur of one 8-bit channel (`width × height`) with standard deviation `sigma`

@@ -503,11 +503,7 @@ fn upscale_allowance(
     upscalers: &[crate::records::UpscalerAdvert],
     floor: Duration,
 ) -> Duration {
-    let found = match &upscale.model {
-        Some(name) => upscalers.iter().find(|u| &u.name == name),
-        None => upscalers.first(),
-    };
-    let Some(upscaler) = found else {
+    let Some(upscaler) = router::upscaler_for(upscale, upscalers) else {
         return floor;
     };
     let Ok(plan) = upscale.plan(upscaler.scale) else {

@@ -28,6 +28,7 @@ use utoipa::ToSchema;
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{AllOfBuilder, AnyOfBuilder, ObjectBuilder, Schema, SchemaType};
 
+use super::lenient::{number, object, seed, steps, string, whole};
 use super::responses::{
     BadRequest, Internal, JobFailed, NotFound, PayloadTooLarge, Timeout, TooManyRequests,
     Unauthorized, Unavailable, Unprocessable,
@@ -245,51 +246,6 @@ pub struct Txt2ImgInfo {
     pub job_ids: Vec<String>,
     /// Always `drover`.
     pub sd_model_name: String,
-}
-
-pub(crate) fn object(body: &[u8]) -> Result<Map<String, Value>> {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(FieldError::new("body", "expected a JSON object").into()),
-        Err(e) => Err(FieldError::new("body", format!("malformed json: {e}")).into()),
-    }
-}
-
-pub(crate) fn string(map: &Map<String, Value>, key: &str) -> Result<Option<String>> {
-    match map.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s.clone())),
-        Some(_) => Err(FieldError::new(key, "expected a string").into()),
-    }
-}
-
-pub(crate) fn number(map: &Map<String, Value>, key: &str) -> Result<Option<f64>> {
-    match map.get(key) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => Ok(n.as_f64()),
-        Some(_) => Err(FieldError::new(key, "expected a number").into()),
-    }
-}
-
-fn whole(map: &Map<String, Value>, key: &str) -> Result<Option<i64>> {
-    match number(map, key)? {
-        None => Ok(None),
-        Some(v) if v.fract() == 0.0 && v.abs() < 1e15 => Ok(Some(v as i64)),
-        Some(_) => Err(FieldError::new(key, "expected a whole number").into()),
-    }
-}
-
-fn steps(map: &Map<String, Value>, key: &str) -> Result<Option<u32>> {
-    whole(map, key)?
-        .map(|v| {
-            u32::try_from(v).map_err(|_| FieldError::new(key, format!("{v} is negative")).into())
-        })
-        .transpose()
-}
-
-/// A seed where −1 (or absent) means random.
-fn seed(map: &Map<String, Value>, key: &str) -> Result<Option<i64>> {
-    Ok(whole(map, key)?.filter(|&s| s != -1))
 }
 
 fn required_prompt(map: &Map<String, Value>) -> Result<String> {

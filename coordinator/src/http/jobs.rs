@@ -342,15 +342,23 @@ pub(crate) async fn generate(
 ) -> Result<HttpResponse> {
     let submitted = accept(&state, &client, payload, true).await?;
     let (done, png) = wait_image(&state, submitted).await?;
+    Ok(png_answer(&done, png, true))
+}
+
+/// A finished job's PNG as the answer of a call that waited for it: `X-Job-Id`, `X-Node-Id`
+/// (the node that made it) and, with `seed`, `X-Seed`.
+pub(crate) fn png_answer(done: &JobRecord, png: Arc<[u8]>, seed: bool) -> HttpResponse {
     let mut response = HttpResponse::Ok();
     response
         .content_type("image/png")
-        .insert_header(("X-Seed", done.spec.seed.to_string()))
         .insert_header(("X-Job-Id", done.id.to_string()));
+    if seed {
+        response.insert_header(("X-Seed", done.spec.seed.to_string()));
+    }
     if let Some(node) = done.node_id {
         response.insert_header(("X-Node-Id", node.to_string()));
     }
-    Ok(response.body(actix_web::web::Bytes::from_owner(png)))
+    response.body(actix_web::web::Bytes::from_owner(png))
 }
 
 /// Waits (up to the generate timeout) for a submitted job to end; its record and image when it

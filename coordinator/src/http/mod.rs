@@ -10,7 +10,7 @@
 //! Submodules: [`state`] (what handlers reach), [`auth`] (client and admin checks, request ids),
 //! [`jobs`] (submission, waiting, job reads, cancel, events), [`nodes`] (registry reads,
 //! drain/resume, models, styles, health, metrics), [`compat`] (the Python LCM server's and
-//! AUTOMATIC1111's endpoints), [`a1111`] (A1111's discovery calls: models, options, progress),
+//! AUTOMATIC1111's endpoints, read through [`lenient`]), [`a1111`] (A1111's discovery calls: models, options, progress),
 //! [`openai`] (OpenAI's image generations, with its error shape), [`uploads`] (images sent once,
 //! named by id in later jobs), [`upscale`] (stand-alone
 //! upscale jobs: native, A1111's extras, the LCM server's `superres`), [`dashboard`], [`docs`]
@@ -22,6 +22,7 @@ pub mod compat;
 pub mod dashboard;
 pub mod docs;
 pub mod jobs;
+pub mod lenient;
 pub mod multipart;
 pub mod nodes;
 pub mod openai;

@@ -20,8 +20,8 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::compat::{number, object, string};
-use super::jobs::{Png, accept_specs, count_rejection, wait_image};
+use super::jobs::{Png, accept_specs, count_rejection, png_answer, wait_image};
+use super::lenient::{number, object, string};
 use super::responses::{
     BadRequest, Internal, JobFailed, PayloadTooLarge, Timeout, TooManyRequests, Unauthorized,
     Unavailable, Unprocessable,
@@ -55,17 +55,6 @@ where
     web::block(check)
         .await
         .map_err(|e| CoordinatorError::Unavailable(format!("validating: {e}")))?
-}
-
-fn png_response(done: &JobRecord, png: Arc<[u8]>) -> HttpResponse {
-    let mut response = HttpResponse::Ok();
-    response
-        .content_type("image/png")
-        .insert_header(("X-Job-Id", done.id.to_string()));
-    if let Some(node) = done.node_id {
-        response.insert_header(("X-Node-Id", node.to_string()));
-    }
-    response.body(web::Bytes::from_owner(png))
 }
 
 /// Upscale an image
@@ -106,7 +95,7 @@ pub(crate) async fn upscale(
     let uploads = state.uploads.of(&client.label);
     let spec = validated(move || Ok(request.validate_with(&uploads)?)).await?;
     let (done, png) = run(&state, &client, spec).await?;
-    Ok(png_response(&done, png))
+    Ok(png_answer(&done, png, false))
 }
 
 /// The body of `POST /sdapi/v1/extra-single-image` (the AUTOMATIC1111 subset). Other fields are
@@ -360,7 +349,7 @@ pub(crate) async fn superres(
     let spec = validated(move || superres_request(&body, &uploads)).await?;
     debug_assert_eq!(spec.task, JobTask::Upscale);
     let (done, png) = run(&state, &client, spec).await?;
-    Ok(png_response(&done, png))
+    Ok(png_answer(&done, png, false))
 }
 
 #[cfg(test)]

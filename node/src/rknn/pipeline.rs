@@ -23,7 +23,9 @@ use serde::Deserialize;
 use super::api::{CoreMask, RknnApi};
 use super::model::{HostData, HostTensor, RknnModel};
 use crate::burn::Cpu;
-use crate::burn::pipeline::{latent_mask, read_config, scheduler_config};
+use crate::burn::pipeline::{
+    latent_mask, mask_weights, read_config, scheduler_config, signed_planes,
+};
 use crate::burn::tokenizer::ClipTokenizer;
 use crate::burn::unet::guidance_embedding;
 use crate::error::{NodeError, Result};
@@ -333,13 +335,7 @@ impl RknnPipeline {
         };
         let (width, height) = (params.width, params.height);
         let fitted = source.fit(width, height)?;
-        let plane = width * height;
-        let mut chw = vec![0f32; 3 * plane];
-        for (i, px) in fitted.rgb.chunks(3).enumerate() {
-            for (c, &v) in px.iter().enumerate() {
-                chw[c * plane + i] = (f32::from(v) / 255.0) * 2.0 - 1.0;
-            }
-        }
+        let chw = signed_planes(&fitted.rgb, width, height);
         let input = [1, 3, height, width];
         encoder.select_shape(0, &input)?;
         let out = encoder
@@ -355,18 +351,7 @@ impl RknnPipeline {
         let image = Tensor::<Cpu, 4>::from_data(TensorData::new(mean, latent), &device);
         let soft = fitted.soft;
         let mask = fitted.mask.map(|m| {
-            let weights: Vec<f32> = m
-                .iter()
-                .map(|&v| {
-                    let v = f32::from(v) / 255.0;
-                    match (soft, v >= 0.5) {
-                        (true, _) => v,
-                        (false, true) => 1.0,
-                        (false, false) => 0.0,
-                    }
-                })
-                .collect();
-            let cells = latent_mask(&weights, width, height, w, h, soft);
+            let cells = latent_mask(&mask_weights(&m, soft), width, height, w, h, soft);
             Tensor::<Cpu, 4>::from_data(TensorData::new(cells, [1, 1, h, w]), &device)
         });
         Ok(Some((image, mask)))

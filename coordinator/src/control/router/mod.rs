@@ -285,6 +285,17 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
     Ok(())
 }
 
+/// The upscaler of `upscalers` an upscale runs on: the one it names, else the node's first.
+pub fn upscaler_for<'a>(
+    upscale: &UpscaleSpec,
+    upscalers: &'a [UpscalerAdvert],
+) -> Option<&'a UpscalerAdvert> {
+    match &upscale.model {
+        Some(name) => upscalers.iter().find(|u| &u.name == name),
+        None => upscalers.first(),
+    }
+}
+
 /// Whether a node with `upscalers` can upscale an image of `size` as `upscale` asks: it has the
 /// upscaler (the named one; any, its first, when none is named), the passes reach the scale,
 /// and the result stays within [`MAX_UPSCALED_PIXELS`].
@@ -293,11 +304,7 @@ fn upscale_capability(
     size: Size,
     upscalers: &[UpscalerAdvert],
 ) -> Result<(), SkipReason> {
-    let found = match &upscale.model {
-        Some(name) => upscalers.iter().find(|u| &u.name == name),
-        None => upscalers.first(),
-    };
-    let Some(upscaler) = found else {
+    let Some(upscaler) = upscaler_for(upscale, upscalers) else {
         return Err(SkipReason::UpscalerNotServed {
             upscaler: upscale.model.clone(),
             upscalers: upscalers.iter().map(|u| u.name.clone()).collect(),

@@ -4,7 +4,7 @@
 
 mod source;
 
-pub use source::latent_mask;
+pub use source::{latent_mask, mask_weights, signed_planes};
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};

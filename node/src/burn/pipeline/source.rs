@@ -28,12 +28,7 @@ impl<B: Backend> Pipeline<B> {
     ) -> Result<SourceLatents<B>> {
         let (width, height) = (params.width, params.height);
         let pixels = |rgb: &[u8]| {
-            let mut chw = vec![0f32; rgb.len()];
-            for (i, px) in rgb.chunks(3).enumerate() {
-                for (c, &v) in px.iter().enumerate() {
-                    chw[c * width * height + i] = (f32::from(v) / 255.0) * 2.0 - 1.0;
-                }
-            }
+            let chw = signed_planes(rgb, width, height);
             Tensor::<B, 4>::from_data(TensorData::new(chw, [1, 3, height, width]), &self.device)
         };
         if let Some(s) = source {
@@ -49,27 +44,12 @@ impl<B: Backend> Pipeline<B> {
                 )));
             }
         }
-        let binary = |luma: &[u8]| -> Vec<f32> {
-            luma.iter()
-                .map(|&v| {
-                    if f32::from(v) / 255.0 >= 0.5 {
-                        1.0
-                    } else {
-                        0.0
-                    }
-                })
-                .collect()
-        };
         // A blurred mask is a weight (its cell's mean at latent size); a hard one is binarised
         // and sampled nearest, as diffusers does.
         let soft = source.is_some_and(|s| s.soft);
-        let mask_px = source.and_then(|s| s.mask.as_deref()).map(|m| {
-            if soft {
-                m.iter().map(|&v| f32::from(v) / 255.0).collect()
-            } else {
-                binary(m)
-            }
-        });
+        let mask_px = source
+            .and_then(|s| s.mask.as_deref())
+            .map(|m| mask_weights(m, soft));
         let mask = mask_px.as_ref().map(|m| {
             let cells = latent_mask(m, width, height, w, h, soft);
             Tensor::<B, 4>::from_data(TensorData::new(cells, [1, 1, h, w]), &self.device)
@@ -96,6 +76,32 @@ impl<B: Backend> Pipeline<B> {
         };
         Ok(SourceLatents { image, mask, extra })
     }
+}
+
+/// Interleaved RGB bytes as planar values in [-1, 1], the VAE encoder's input.
+pub fn signed_planes(rgb: &[u8], width: usize, height: usize) -> Vec<f32> {
+    let plane = width * height;
+    let mut chw = vec![0f32; rgb.len()];
+    for (i, px) in rgb.chunks(3).enumerate() {
+        for (c, &v) in px.iter().enumerate() {
+            chw[c * plane + i] = (f32::from(v) / 255.0) * 2.0 - 1.0;
+        }
+    }
+    chw
+}
+
+/// Mask luma as weights: luma / 255 for a blurred (`soft`) mask, else binarised at half.
+pub fn mask_weights(luma: &[u8], soft: bool) -> Vec<f32> {
+    luma.iter()
+        .map(|&v| {
+            let v = f32::from(v) / 255.0;
+            match (soft, v >= 0.5) {
+                (true, _) => v,
+                (false, true) => 1.0,
+                (false, false) => 0.0,
+            }
+        })
+        .collect()
 }
 
 /// A pixel mask (`width × height` weights) at latent size (`w × h`): each cell's mean when

@@ -11,7 +11,8 @@
 //!
 //! Also here, because every backend starts from the same numbers: the seeded noise
 //! ([`gaussian`], [`step_noise_seed`]) and the conversion of a decoded image to RGB bytes
-//! ([`rgb_from_chw`]).
+//! ([`rgb_from_chw`]). Submodules: `source` ([`Source`], a job's source image decoded and
+//! fitted to its size on the worker's thread) and `encode` ([`encode_png`]).
 
 use std::fmt;
 use std::ops::ControlFlow;
@@ -22,12 +23,18 @@ use std::time::{Duration, Instant};
 use actix::{Actor, Addr, Handler, Message, SyncArbiter, SyncContext};
 use tokio::sync::mpsc;
 
-use drover_shared::image::{self, ResizeMode};
+use drover_shared::image;
 use drover_shared::job::UpscaleSpec;
 
 use crate::error::{NodeError, Result};
 use crate::sampling::{Sampler, SigmaSchedule};
-use crate::upscaling::{PostProcess, Upscaled};
+use crate::upscaling::PostProcess;
+
+mod encode;
+mod source;
+
+pub use encode::encode_png;
+pub use source::{Fitted, Source};
 
 /// A LoRA a job asks for: its catalog name and strength.
 #[derive(Clone, Debug, PartialEq)]
@@ -65,68 +72,6 @@ pub struct Params {
     pub loras: Vec<Lora>,
     /// img2img and inpainting: the source image (and mask) the job starts from.
     pub source: Option<Source>,
-}
-
-/// An img2img or inpainting job's source as the client sent it. [`Source::fit`] decodes it on
-/// the worker's thread (a large image takes a while: never on the session's).
-#[derive(Clone, Debug, PartialEq)]
-pub struct Source {
-    /// The source image (PNG or JPEG bytes).
-    pub image: Arc<[u8]>,
-    /// Inpainting: the mask (PNG or JPEG bytes, the image's size; white repaints).
-    pub mask: Option<Arc<[u8]>>,
-    /// How far from the source the result may go, in (0, 1]: the fraction of the noise
-    /// schedule run (1 with a mask: the masked part starts from pure noise).
-    pub strength: f64,
-    /// How the image is fitted to the job's size.
-    pub resize_mode: ResizeMode,
-    /// The mask's blur radius in pixels (0: a hard mask).
-    pub mask_blur: u32,
-}
-
-/// A source decoded and fitted to a job's size.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Fitted {
-    /// Interleaved RGB bytes, `width × height × 3`.
-    pub rgb: Vec<u8>,
-    /// Inpainting: one luma byte per pixel, white (≥ 128) where the model repaints.
-    pub mask: Option<Vec<u8>>,
-    /// The mask is blurred: read it as a weight (luma / 255), not binarised.
-    pub soft: bool,
-}
-
-impl Source {
-    /// Decodes the image (and mask) and fits them to `width × height`; an unusable one is
-    /// refused for good, naming what is wrong.
-    pub fn fit(&self, width: usize, height: usize) -> Result<Fitted> {
-        let refuse =
-            |what: &str, e: image::ImageError| NodeError::InvalidJob(format!("{what}: {e}"));
-        let decoded = image::decode(&self.image).map_err(|e| refuse("init_image", e))?;
-        let mask = match &self.mask {
-            None => None,
-            Some(bytes) => {
-                let mask = image::decode(bytes).map_err(|e| refuse("mask", e))?;
-                if (mask.width, mask.height) != (decoded.width, decoded.height) {
-                    return Err(NodeError::InvalidJob(format!(
-                        "the mask is {}×{} but the init_image {}×{}",
-                        mask.width, mask.height, decoded.width, decoded.height
-                    )));
-                }
-                let luma = image::resize(&mask, width, height, self.resize_mode).luma();
-                Some(image::blur_luma(
-                    &luma,
-                    width,
-                    height,
-                    self.mask_blur as f32,
-                ))
-            }
-        };
-        Ok(Fitted {
-            rgb: image::resize(&decoded, width, height, self.resize_mode).pixels,
-            soft: mask.is_some() && self.mask_blur > 0,
-            mask,
-        })
-    }
 }
 
 /// A rendered image.
@@ -487,95 +432,6 @@ fn source_image(params: &Params) -> Result<Image> {
         rgb: rgb.pixels,
         truncated_tokens: 0,
     })
-}
-
-/// PNG-encodes an image with text chunks naming the software and backend, prompt, seed, steps,
-/// guidance, model and size (and the negative prompt, LoRAs and truncated prompt tokens when
-/// there are any; the upscaler, its passes and the final scale for upscaled images). A
-/// simulated image says so in `Software` and is compressed fast (its mosaic compresses well
-/// either way; load tests encode thousands a second).
-pub fn encode_png(
-    image: &Image,
-    params: &Params,
-    origin: &Origin,
-    upscaled: Option<&Upscaled>,
-) -> Result<Vec<u8>> {
-    let render = |e: png::EncodingError| NodeError::Render(e.to_string());
-    let mut out = Vec::new();
-    let mut encoder = png::Encoder::new(&mut out, image.width as u32, image.height as u32);
-    encoder.set_color(png::ColorType::Rgb);
-    encoder.set_depth(png::BitDepth::Eight);
-    let mut software = format!(
-        "drover {} ({} backend)",
-        drover_shared::VERSION,
-        origin.backend
-    );
-    if origin.simulated {
-        encoder.set_compression(png::Compression::Fast);
-        software.push_str(": simulated image, no diffusion model was run");
-    }
-    let mut text = vec![
-        ("Software", software),
-        ("prompt", params.prompt.clone()),
-        ("seed", params.seed.to_string()),
-        ("steps", params.steps.to_string()),
-        ("guidance", params.guidance.to_string()),
-        ("model", origin.model_id.clone()),
-        ("size", format!("{}x{}", image.width, image.height)),
-    ];
-    if let Some(sampler) = params.sampler {
-        text.push(("sampler", sampler.id().to_string()));
-    }
-    if params.schedule != SigmaSchedule::Automatic {
-        text.push(("scheduler", params.schedule.id().to_string()));
-    }
-    if params.guidance_rescale > 0.0 {
-        text.push(("guidance_rescale", params.guidance_rescale.to_string()));
-    }
-    if !params.negative_prompt.is_empty() {
-        text.push(("negative_prompt", params.negative_prompt.clone()));
-    }
-    if let Some(source) = &params.source {
-        let mode = if source.mask.is_some() {
-            "inpaint"
-        } else {
-            "img2img"
-        };
-        text.push(("mode", mode.to_string()));
-        text.push(("strength", source.strength.to_string()));
-    }
-    if !params.loras.is_empty() {
-        let list: Vec<String> = params
-            .loras
-            .iter()
-            .map(|l| format!("{}:{}", l.name, l.strength))
-            .collect();
-        text.push(("loras", list.join(",")));
-    }
-    if let Some(u) = upscaled {
-        text.push(("upscaler", u.upscaler.clone()));
-        text.push(("upscale_passes", u.passes.to_string()));
-        text.push(("upscale", u.factor.to_string()));
-        text.push((
-            "generated_size",
-            format!("{}x{}", params.width, params.height),
-        ));
-    }
-    if image.truncated_tokens > 0 {
-        text.push((
-            "prompt_truncated_tokens",
-            image.truncated_tokens.to_string(),
-        ));
-    }
-    for (key, value) in text {
-        encoder
-            .add_itxt_chunk(key.to_string(), value)
-            .map_err(render)?;
-    }
-    let mut writer = encoder.write_header().map_err(render)?;
-    writer.write_image_data(&image.rgb).map_err(render)?;
-    writer.finish().map_err(render)?;
-    Ok(out)
 }
 
 #[cfg(test)]
