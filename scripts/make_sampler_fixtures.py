@@ -18,7 +18,9 @@ Writes:
 The loop is the one of diffusers' StableDiffusion(XL)Pipeline: latents = noise * init_noise_sigma;
 per timestep, [uncond, cond] in one UNet call on `scale_model_input`, guidance, optional
 `rescale_noise_cfg`, `scheduler.step`. Ancestral/SDE samplers draw their noise through
-`randn_tensor`, which is wrapped here (LCM's noise between steps too) to record each draw, so the Rust side replays them exactly.
+`randn_tensor`, which is wrapped here (LCM's noise between steps too) to record each draw, so the
+Rust side replays them exactly. DPM++ SDE's Brownian tree (torchsde) is replaced by `PathNoise`,
+the exactly sampled Brownian path Drover uses, built from recorded unit draws.
 
 Run from the repository root: `python3 scripts/make_sampler_fixtures.py` (torch, diffusers,
 safetensors from PyPI). Nothing is downloaded.
@@ -31,6 +33,7 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DPMSolverMultistepScheduler,
+    DPMSolverSDEScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
     HeunDiscreteScheduler,
@@ -71,6 +74,8 @@ CLASSES = {
     "dpmpp_2m_karras": (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True)),
     "dpmpp_2m_sde_karras": (DPMSolverMultistepScheduler,
                             dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")),
+    "dpmpp_sde": (DPMSolverSDEScheduler, {}),
+    "dpmpp_sde_karras": (DPMSolverSDEScheduler, dict(use_karras_sigmas=True)),
     "ddim": (DDIMScheduler, {}),
     "unipc": (UniPCMultistepScheduler, {}),
     "unipc_karras": (UniPCMultistepScheduler, dict(use_karras_sigmas=True)),
@@ -107,6 +112,10 @@ CASES = [
     # (Not on the SDXL UNet: it has an LCM guidance embedding, which Drover's LCM feeds.)
     ("lcm_cfg", "lcm", "sd15", 4, 1.5, 0.0, {}),
     ("lcm_no_cfg", "lcm", "sd15", 4, 1.0, 0.0, {}),
+    ("dpmpp_sde_karras", "dpmpp_sde_karras", "sd15", 6, 7.0, 0.0, {}),
+    ("dpmpp_sde", "dpmpp_sde", "sd15", 5, 7.0, 0.0, {}),
+    ("dpmpp_sde_karras_v", "dpmpp_sde_karras", "sd15", 5, 7.0, 0.0, dict(prediction_type="v_prediction")),
+    ("sdxl_dpmpp_sde_karras", "dpmpp_sde_karras", "sdxl", 5, 6.0, 0.0, {}),
 ]
 
 
@@ -125,6 +134,30 @@ class NoiseRecorder:
         noise = torch.randn(tuple(shape), generator=self.gen, dtype=torch.float32)
         self.draws.append(noise.clone())
         return noise.to(dtype or torch.float32)
+
+
+class PathNoise:
+    """Stands in for DPMSolverSDEScheduler's Brownian tree (torchsde): one Brownian path over σ
+    sampled exactly at each step's start, midpoint and end, from unit draws taken through the
+    recorder. The scheduler asks, per step, for the increment to the midpoint (σ → σ_mid: the
+    first draw) and then for the whole step's (σ → σ_next: both increments summed), each
+    divided by the square root of its length, as `BrownianTreeNoiseSampler` answers."""
+
+    def __init__(self, recorder):
+        self.recorder = recorder
+        self.pending = None
+
+    def __call__(self, sigma, sigma_next):
+        a, b = float(sigma), float(sigma_next)
+        if self.pending is None:
+            z = self.recorder((1, 4, 8, 8))
+            self.pending = (a, b, z)
+            return z
+        a0, mid, z1 = self.pending
+        assert abs(a0 - a) < 1e-6 * a and b < mid < a, (a0, a, mid, b)
+        self.pending = None
+        z2 = self.recorder((1, 4, 8, 8))
+        return (z1 * (a - mid) ** 0.5 + z2 * (mid - b) ** 0.5) / (a - b) ** 0.5
 
 
 def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
@@ -187,6 +220,8 @@ def main():
         sched.set_timesteps(steps)
         call, prefix = models[model]
         recorder.reset(1000 + index)
+        if isinstance(sched, DPMSolverSDEScheduler):
+            sched.noise_sampler = PathNoise(recorder)
         cfg = guidance > 1.0
         cond, uncond = tensors[f"{prefix}.cond"], tensors[f"{prefix}.uncond"]
         ctx = torch.cat([uncond, cond]) if cfg else cond

@@ -21,6 +21,9 @@ pub struct LoraAdvert {
     pub name: String,
     /// Base family the LoRA was trained for.
     pub family: ModelFamily,
+    /// An LCM-LoRA: with it in a job's `loras`, a standard model runs the `lcm` sampler.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub lcm: bool,
 }
 
 /// A super-resolution network a node runs after generation (`UPSCALER`).

@@ -131,6 +131,23 @@ pub enum Command {
         #[arg(long, default_value_t = 0)]
         warmup: usize,
     },
+    /// Write a random-weight kohya LoRA for a model's UNet attention projections (a demo or a
+    /// test fixture: the demo models have no real LoRAs). Name the file `lcm-*.safetensors` and
+    /// nodes take it for an LCM-LoRA.
+    MakeLora {
+        /// The model folder (diffusers layout, e.g. one `make-model` wrote).
+        #[arg(long)]
+        model: PathBuf,
+        /// The LoRA file to write (`.safetensors`).
+        #[arg(long)]
+        out: PathBuf,
+        /// Rank of every pair.
+        #[arg(long, default_value_t = 4)]
+        rank: usize,
+        /// Seed of the random weights.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Run one UNet forward on tensors from a file and write tensor `out` (f32).
     UnetEval {
         /// UNet weights (.safetensors, diffusers or LDM names).
@@ -278,6 +295,10 @@ pub struct NodeConfig {
     /// Folder of LoRA files (`NAME.safetensors`).
     #[arg(long, env = "LORA_ROOT")]
     pub lora_root: Option<PathBuf>,
+    /// LoRAs under LORA_ROOT that are LCM-LoRAs although neither their file name nor their
+    /// metadata says so (comma-separated names); they let standard models run `lcm`.
+    #[arg(long, env = "LCM_LORAS", value_delimiter = ',')]
+    pub lcm_loras: Vec<String>,
     /// Name of this node in the farm (default: the host name).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,

@@ -40,7 +40,7 @@ pub struct Capabilities {
     /// Largest width*height accepted.
     pub max_pixels: u64,
     /// LoRAs available, with their base families.
-    pub loras: Vec<(String, ModelFamily)>,
+    pub loras: Vec<LoraEntry>,
     /// Expected speed in pixel-steps per second (0 when unknown).
     pub pixel_steps_per_second: f64,
     /// The only sizes (width, height) served, for models with fixed shapes; empty: any size up
@@ -56,6 +56,17 @@ pub struct Capabilities {
     pub upscalers: Vec<UpscalerEntry>,
 }
 
+/// A LoRA under `LORA_ROOT` the node serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoraEntry {
+    /// Name (the file's stem).
+    pub name: String,
+    /// The family it was made for.
+    pub family: ModelFamily,
+    /// An LCM-LoRA (named so, or listed in `LCM_LORAS`): with it a standard model runs `lcm`.
+    pub lcm: bool,
+}
+
 /// The workers of a node and what they can do.
 pub struct WorkerPool {
     /// Sends a job to the next free worker.
@@ -67,7 +78,7 @@ pub struct WorkerPool {
 }
 
 /// What a simulated node advertises: every sampler, a standard one first.
-const SIM_SAMPLERS: [Sampler; 8] = Sampler::ALL;
+const SIM_SAMPLERS: [Sampler; 9] = Sampler::ALL;
 
 /// Largest image accepted for `family`: four times the family's native area.
 pub fn default_max_pixels(family: ModelFamily) -> u64 {
@@ -135,7 +146,7 @@ fn build_workers(config: &NodeConfig) -> Result<WorkerPool> {
         });
     }
     let loras = match &config.lora_root {
-        Some(root) => scan_loras(root, model.family)?,
+        Some(root) => scan_loras(root, model.family, &config.lcm_loras)?,
         None => Vec::new(),
     };
     match backend {
@@ -170,6 +181,7 @@ fn build_workers(config: &NodeConfig) -> Result<WorkerPool> {
                 "cpu",
                 &model.model_id,
                 config.lora_root.clone(),
+                lcm_names(&loras),
             );
             let mut pool = pool(
                 config,
@@ -205,7 +217,7 @@ fn model_description(model: &Inspection) -> String {
 fn build_rknn(
     config: &NodeConfig,
     model: &Inspection,
-    loras: Vec<(String, ModelFamily)>,
+    loras: Vec<LoraEntry>,
 ) -> Result<WorkerPool> {
     if !matches!(model.family, ModelFamily::Sd15 | ModelFamily::Sd2) {
         return Err(NodeError::Backend {
@@ -227,7 +239,7 @@ pub fn start_rknn(
     api: std::sync::Arc<dyn crate::rknn::api::RknnApi>,
     config: &NodeConfig,
     model: &Inspection,
-    loras: Vec<(String, ModelFamily)>,
+    loras: Vec<LoraEntry>,
 ) -> Result<WorkerPool> {
     if !loras.is_empty() {
         tracing::warn!(
@@ -264,6 +276,7 @@ pub fn start_rknn(
     pool.capabilities.pixel_steps_per_second = rknn.pixel_steps_per_second;
     pool.capabilities.img2img = rknn.img2img;
     pool.capabilities.inpaint = rknn.img2img;
+    pool.capabilities.samplers = rknn.samplers;
     Ok(pool)
 }
 
@@ -271,7 +284,7 @@ pub fn start_rknn(
 fn build_rknn(
     _config: &NodeConfig,
     _model: &Inspection,
-    _loras: Vec<(String, ModelFamily)>,
+    _loras: Vec<LoraEntry>,
 ) -> Result<WorkerPool> {
     Err(NodeError::Backend {
         backend: "rknn",
@@ -286,7 +299,7 @@ fn pool(
     model: &Inspection,
     backend: BackendKind,
     workers: u32,
-    loras: Vec<(String, ModelFamily)>,
+    loras: Vec<LoraEntry>,
     runner: Recipient<RunJob>,
 ) -> WorkerPool {
     WorkerPool {
@@ -327,7 +340,7 @@ fn precision(config: &NodeConfig, default: PrecisionKind) -> Precision {
 fn build_cuda(
     config: &NodeConfig,
     model: &Inspection,
-    loras: Vec<(String, ModelFamily)>,
+    loras: Vec<LoraEntry>,
 ) -> Result<WorkerPool> {
     use crate::burn::{cuda, gpus, renderer};
     cuda::preflight()?;
@@ -398,7 +411,13 @@ fn build_cuda(
     );
     let samplers = pipelines.first().map(|p| p.samplers()).unwrap_or_default();
     let encodes = pipelines.first().is_some_and(|p| p.can_encode());
-    let addr = renderer::start_pool(pipelines, "cuda", &model.model_id, config.lora_root.clone());
+    let addr = renderer::start_pool(
+        pipelines,
+        "cuda",
+        &model.model_id,
+        config.lora_root.clone(),
+        lcm_names(&loras),
+    );
     let mut pool = pool(
         config,
         model,
@@ -417,7 +436,7 @@ fn build_cuda(
 fn build_cuda(
     _config: &NodeConfig,
     _model: &Inspection,
-    _loras: Vec<(String, ModelFamily)>,
+    _loras: Vec<LoraEntry>,
 ) -> Result<WorkerPool> {
     Err(NodeError::Backend {
         backend: "cuda",
@@ -468,9 +487,19 @@ fn cuda_driver_present() -> bool {
     .any(|dir| Path::new(dir).join("libcuda.so.1").exists())
 }
 
+/// The names of the LCM-LoRAs among `loras`.
+fn lcm_names(loras: &[LoraEntry]) -> std::collections::BTreeSet<String> {
+    loras
+        .iter()
+        .filter(|l| l.lcm)
+        .map(|l| l.name.clone())
+        .collect()
+}
+
 /// The LoRAs under `root` made for `family`, by name; every other file is logged with the reason
-/// it was skipped.
-pub fn scan_loras(root: &Path, family: ModelFamily) -> Result<Vec<(String, ModelFamily)>> {
+/// it was skipped. LoRAs named in `lcm` are LCM-LoRAs whatever their names say; a name there
+/// that is not served is a start-up error.
+pub fn scan_loras(root: &Path, family: ModelFamily, lcm: &[String]) -> Result<Vec<LoraEntry>> {
     let entries = std::fs::read_dir(root)
         .map_err(|e| NodeError::Config(format!("LORA_ROOT {}: {e}", root.display())))?;
     let mut files: Vec<PathBuf> = entries
@@ -492,11 +521,25 @@ pub fn scan_loras(root: &Path, family: ModelFamily) -> Result<Vec<(String, Model
                 tracing::info!(lora = %name, lora_family = %found.family, node_family = %family, "lora skipped: made for another family");
             }
             Ok(found) => {
-                tracing::info!(lora = %name, family = %found.family, rank = found.lora_rank, "lora available");
-                loras.push((name, found.family));
+                let lcm = found.lcm_lora || lcm.contains(&name);
+                tracing::info!(lora = %name, family = %found.family, rank = found.lora_rank, lcm, "lora available");
+                loras.push(LoraEntry {
+                    name,
+                    family: found.family,
+                    lcm,
+                });
             }
             Err(e) => tracing::warn!(lora = %name, error = %e, "lora skipped: unreadable"),
         }
+    }
+    if let Some(missing) = lcm
+        .iter()
+        .find(|n| !n.is_empty() && !loras.iter().any(|l| &&l.name == n))
+    {
+        return Err(NodeError::Config(format!(
+            "LCM_LORAS names `{missing}`, which is not a {family} lora under LORA_ROOT {}",
+            root.display()
+        )));
     }
     Ok(loras)
 }
@@ -520,7 +563,7 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
         )));
     }
     let loras = match &config.lora_root {
-        Some(root) => scan_loras(root, family)?,
+        Some(root) => scan_loras(root, family, &config.lcm_loras)?,
         None => Vec::new(),
     };
     let step = Duration::from_millis(config.sim_step_ms);
@@ -590,17 +633,35 @@ mod tests {
         put("vae", arch::ldm_vae());
         std::fs::write(dir.path().join("broken.safetensors"), b"nope").unwrap();
         std::fs::write(dir.path().join("notes.txt"), b"not a lora").unwrap();
-        let sd15 = scan_loras(dir.path(), ModelFamily::Sd15).unwrap();
+        put(
+            "lcm-lora-sdv1-5",
+            arch::lora(ModelFamily::Sd15, LoraStyle::Kohya, 4, false),
+        );
+        let entry = |name: &str, family, lcm| LoraEntry {
+            name: name.to_string(),
+            family,
+            lcm,
+        };
+        let sd15 = scan_loras(dir.path(), ModelFamily::Sd15, &[]).unwrap();
         assert_eq!(
             sd15,
             vec![
-                ("ink".to_string(), ModelFamily::Sd15),
-                ("pixels".to_string(), ModelFamily::Sd15)
+                entry("ink", ModelFamily::Sd15, false),
+                entry("lcm-lora-sdv1-5", ModelFamily::Sd15, true),
+                entry("pixels", ModelFamily::Sd15, false),
             ]
         );
-        let sdxl = scan_loras(dir.path(), ModelFamily::Sdxl).unwrap();
-        assert_eq!(sdxl, vec![("xl-ink".to_string(), ModelFamily::Sdxl)]);
-        assert!(scan_loras(&dir.path().join("missing"), ModelFamily::Sd15).is_err());
+        // LCM_LORAS marks a LoRA whose name does not say so; a name not served is refused.
+        let marked = scan_loras(dir.path(), ModelFamily::Sd15, &["pixels".into()]).unwrap();
+        assert!(marked.iter().all(|l| l.lcm == (l.name != "ink")));
+        let err = scan_loras(dir.path(), ModelFamily::Sd15, &["xl-ink".into()]).unwrap_err();
+        assert!(
+            err.to_string().contains("LCM_LORAS names `xl-ink`"),
+            "{err}"
+        );
+        let sdxl = scan_loras(dir.path(), ModelFamily::Sdxl, &[]).unwrap();
+        assert_eq!(sdxl, vec![entry("xl-ink", ModelFamily::Sdxl, false)]);
+        assert!(scan_loras(&dir.path().join("missing"), ModelFamily::Sd15, &[]).is_err());
     }
 
     #[test]

@@ -109,6 +109,22 @@ pub fn cli_main() -> ExitCode {
                 }),
             );
         }
+        Some(config::Command::MakeLora {
+            model,
+            out,
+            rank,
+            seed,
+        }) => {
+            return report(
+                "make-lora",
+                tools::make_lora(&model, &out, rank, seed).map(|pairs| {
+                    format!(
+                        "demo lora (random weights, {pairs} modules) written to {}\n",
+                        out.display()
+                    )
+                }),
+            );
+        }
         Some(config::Command::UnetEval {
             unet,
             inputs,

@@ -119,9 +119,10 @@ impl NodeLink {
             loras: caps
                 .loras
                 .iter()
-                .map(|(name, family)| proto::LoraInfo {
-                    name: name.clone(),
-                    family: family.to_string(),
+                .map(|l| proto::LoraInfo {
+                    name: l.name.clone(),
+                    family: l.family.to_string(),
+                    lcm: l.lcm,
                 })
                 .collect(),
             version: drover_shared::VERSION.to_string(),

@@ -1,4 +1,5 @@
-//! `drover-node` tools: `make-model` (a random-weight demo model), `unet-eval` (one UNet forward
+//! `drover-node` tools: `make-model` (a random-weight demo model), `make-lora` (a random LoRA
+//! for one), `unet-eval` (one UNet forward
 //! on given tensors, for checking against a reference) and `bench-unet` (UNet step timing).
 
 use std::path::Path;
@@ -264,6 +265,78 @@ pub fn make_model(out: &Path, seed: u64, family: ModelFamily, variant: &str) -> 
     )
     .map_err(|e| io(&note, e))?;
     Ok(())
+}
+
+/// The attention projections a LoRA made by [`make_lora`] adapts.
+const LORA_TARGETS: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+
+/// Writes a kohya LoRA of `rank` with random (seeded) weights for every attention projection
+/// of the UNet in the diffusers folder `model`, shaped from its header; answers how many
+/// modules it adapts. A demo and fixture tool: the weights mean nothing.
+pub fn make_lora(model: &Path, out: &Path, rank: usize, seed: u64) -> Result<usize> {
+    let unet = model.join("unet/diffusion_pytorch_model.safetensors");
+    let header = drover_shared::safetensors::read_header(&unet)
+        .map_err(|e| NodeError::Weights(format!("{}: {e}", unet.display())))?;
+    if rank == 0 {
+        return Err(NodeError::Config(
+            "make-lora: --rank must be at least 1".into(),
+        ));
+    }
+    let mut tensors = Vec::new();
+    let mut draw = 0u64;
+    let mut random = |shape: Vec<usize>, scale: f32| {
+        draw += 1;
+        let n = shape.iter().product();
+        let data = gaussian(seed.wrapping_mul(1_000_003).wrapping_add(draw), n)
+            .into_iter()
+            .map(|v| v * scale)
+            .collect();
+        HostTensor { data, shape }
+    };
+    for (name, info) in &header.tensors {
+        let Some(module) = name.strip_suffix(".weight") else {
+            continue;
+        };
+        let targeted = module.contains(".attentions.")
+            && LORA_TARGETS
+                .iter()
+                .any(|t| module.ends_with(&format!(".{t}")));
+        let [out_features, in_features] = info.shape[..] else {
+            continue;
+        };
+        if !targeted {
+            continue;
+        }
+        let key = format!("lora_unet_{}", module.replace('.', "_"));
+        let (o, i) = (out_features as usize, in_features as usize);
+        tensors.push((
+            format!("{key}.lora_down.weight"),
+            random(vec![rank, i], 1.0 / (i as f32).sqrt()),
+        ));
+        tensors.push((
+            format!("{key}.lora_up.weight"),
+            random(vec![o, rank], 0.5 / rank as f32),
+        ));
+        tensors.push((
+            format!("{key}.alpha"),
+            HostTensor {
+                data: vec![rank as f32],
+                shape: vec![],
+            },
+        ));
+    }
+    let modules = tensors.len() / 3;
+    if modules == 0 {
+        return Err(NodeError::Weights(format!(
+            "{}: no attention projections to adapt",
+            unet.display()
+        )));
+    }
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent).map_err(|e| io(parent, e))?;
+    }
+    write_f16(out, &tensors)?;
+    Ok(modules)
 }
 
 fn tensor_from<B: Backend, const D: usize>(

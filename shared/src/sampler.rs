@@ -29,6 +29,10 @@ pub enum Sampler {
     /// DPM-Solver++ 2M SDE (`DPMSolverMultistepScheduler`, `sde-dpmsolver++`).
     #[serde(rename = "dpmpp_2m_sde")]
     Dpmpp2mSde,
+    /// DPM-Solver++ SDE (`DPMSolverSDEScheduler`: second order, two UNet calls per step but the
+    /// last, noise from one Brownian path per job).
+    #[serde(rename = "dpmpp_sde")]
+    DpmppSde,
     /// DDIM, deterministic (eta 0).
     Ddim,
     /// UniPC (`UniPCMultistepScheduler`: order 2, bh2, predictor-corrector).
@@ -38,12 +42,13 @@ pub enum Sampler {
 
 impl Sampler {
     /// Every sampler, in the order listings show them.
-    pub const ALL: [Sampler; 8] = [
+    pub const ALL: [Sampler; 9] = [
         Sampler::Euler,
         Sampler::EulerA,
         Sampler::Heun,
         Sampler::Dpmpp2m,
         Sampler::Dpmpp2mSde,
+        Sampler::DpmppSde,
         Sampler::UniPc,
         Sampler::Ddim,
         Sampler::Lcm,
@@ -58,6 +63,7 @@ impl Sampler {
             Sampler::Heun => "heun",
             Sampler::Dpmpp2m => "dpmpp_2m",
             Sampler::Dpmpp2mSde => "dpmpp_2m_sde",
+            Sampler::DpmppSde => "dpmpp_sde",
             Sampler::Ddim => "ddim",
             Sampler::UniPc => "unipc",
         }
@@ -72,6 +78,7 @@ impl Sampler {
             Sampler::Heun => "Heun",
             Sampler::Dpmpp2m => "DPM++ 2M",
             Sampler::Dpmpp2mSde => "DPM++ 2M SDE",
+            Sampler::DpmppSde => "DPM++ SDE",
             Sampler::Ddim => "DDIM",
             Sampler::UniPc => "UniPC",
         }
@@ -83,6 +90,15 @@ impl Sampler {
         match self {
             Sampler::Lcm => 8,
             _ => MAX_SAMPLER_STEPS,
+        }
+    }
+
+    /// Model calls a run of `steps` steps makes: Heun and DPM++ SDE call the model twice per step
+    /// but the last; the others once. (What a job's cost in time scales with.)
+    pub fn model_calls(self, steps: u32) -> u32 {
+        match self {
+            Sampler::Heun | Sampler::DpmppSde => (2 * steps).saturating_sub(1),
+            _ => steps,
         }
     }
 
@@ -107,7 +123,7 @@ impl Sampler {
     /// AUTOMATIC1111 defaults them), the model's own spacing for the others.
     pub fn automatic_schedule(self) -> SigmaSchedule {
         match self {
-            Sampler::Dpmpp2m | Sampler::Dpmpp2mSde => SigmaSchedule::Karras,
+            Sampler::Dpmpp2m | Sampler::Dpmpp2mSde | Sampler::DpmppSde => SigmaSchedule::Karras,
             _ => SigmaSchedule::Normal,
         }
     }
@@ -222,6 +238,7 @@ impl FromStr for SamplerName {
             "heun" => Sampler::Heun,
             "dpmpp_2m" | "dpmpp2m" => Sampler::Dpmpp2m,
             "dpmpp_2m_sde" | "dpmpp2m_sde" => Sampler::Dpmpp2mSde,
+            "dpmpp_sde" | "dpmppsde" => Sampler::DpmppSde,
             "ddim" => Sampler::Ddim,
             "unipc" | "uni_pc" => Sampler::UniPc,
             _ => {
@@ -261,6 +278,8 @@ mod tests {
                 Sampler::Dpmpp2mSde,
                 SigmaSchedule::Karras,
             ),
+            ("DPM++ SDE Karras", Sampler::DpmppSde, SigmaSchedule::Karras),
+            ("dpmpp_sde", Sampler::DpmppSde, SigmaSchedule::Automatic),
             ("Heun", Sampler::Heun, SigmaSchedule::Automatic),
             (" ddim ", Sampler::Ddim, SigmaSchedule::Automatic),
             ("LCM", Sampler::Lcm, SigmaSchedule::Automatic),
@@ -268,6 +287,15 @@ mod tests {
             let name: SamplerName = raw.parse().unwrap();
             assert_eq!((name.sampler, name.schedule), (sampler, schedule), "{raw}");
         }
+    }
+
+    #[test]
+    fn second_order_samplers_cost_two_calls_per_step_but_the_last() {
+        assert_eq!(Sampler::Heun.model_calls(5), 9);
+        assert_eq!(Sampler::DpmppSde.model_calls(6), 11);
+        assert_eq!(Sampler::DpmppSde.model_calls(1), 1);
+        assert_eq!(Sampler::EulerA.model_calls(20), 20);
+        assert_eq!(Sampler::Lcm.model_calls(4), 4);
     }
 
     #[test]

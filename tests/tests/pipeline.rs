@@ -32,6 +32,14 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
         .arg(dir.path().join("demo-sd15-standard"))
         .status()?;
     assert!(status.success());
+    // A random LoRA for the standard model, named as LCM-LoRAs are: the node takes it for one.
+    let status = Command::new(binaries!().node)
+        .args(["make-lora", "--model"])
+        .arg(dir.path().join("demo-sd15-standard"))
+        .arg("--out")
+        .arg(dir.path().join("loras/lcm-demo.safetensors"))
+        .status()?;
+    assert!(status.success());
     let root = dir.path().to_string_lossy().into_owned();
 
     let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
@@ -59,6 +67,10 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
             ("BACKEND".into(), "cpu".into()),
             ("MODEL_ROOT".into(), root.clone()),
             ("MODEL".into(), "demo-sd15-standard".into()),
+            (
+                "LORA_ROOT".into(),
+                dir.path().join("loras").to_string_lossy().into_owned(),
+            ),
         ],
     };
     cluster.add_node(standard)?;
@@ -200,6 +212,69 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
             "{text:?}"
         );
     }
+
+    // An LCM-LoRA lets the standard model run LCM: 4 steps, CFG 1.5 by default; the node
+    // advertises the LoRA as one.
+    let std_node = nodes
+        .iter()
+        .find(|n| n["name"] == "cpu-std")
+        .expect("standard node");
+    assert_eq!(
+        std_node["loras"],
+        json!([{"name": "lcm-demo", "family": "sd15", "lcm": true}]),
+        "{std_node}"
+    );
+    let lcm_lora = json!({"prompt": "x", "model": "sd15", "size": "64x64", "sampler": "lcm",
+                          "seed": 3, "loras": [{"name": "lcm-demo", "strength": 1.0}]});
+    let reply = cluster.post("/v1/generate", &lcm_lora)?;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.header("x-node-id"), Some(std_id.as_str()));
+    let text = png_text(&reply.body);
+    let get = |k: &str| {
+        text.iter()
+            .find(|(key, _)| key == k)
+            .map(|(_, v)| v.as_str())
+    };
+    assert_eq!(
+        (get("steps"), get("guidance"), get("sampler")),
+        (Some("4"), Some("1.5"), Some("lcm")),
+        "{text:?}"
+    );
+    // Without the LoRA, the standard model names the LoRA that would let it run lcm.
+    let std_model = std_node["model_id"].as_str().unwrap_or_default();
+    let reply = cluster.post(
+        "/v1/jobs",
+        &json!({"prompt": "x", "model": std_model, "size": "64x64", "sampler": "lcm"}),
+    )?;
+    assert_eq!(
+        reply.status,
+        422,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let text = String::from_utf8_lossy(&reply.body);
+    assert!(
+        text.contains("lcm_lora_needed") && text.contains("lcm-demo"),
+        "{text}"
+    );
+    // DPM++ SDE (Karras by default): two UNet calls per step but the last.
+    let reply = cluster.post(
+        "/v1/generate",
+        &json!({"prompt": "x", "model": "sd15", "size": "64x64", "sampler": "DPM++ SDE",
+                "steps": 6, "seed": 4}),
+    )?;
+    assert_eq!(
+        reply.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    assert_eq!(reply.header("x-node-id"), Some(std_id.as_str()));
 
     // What no node can run is refused at submit with each node's reason, not failed later.
     let reply = cluster.post(

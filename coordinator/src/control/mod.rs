@@ -382,7 +382,8 @@ impl ControlPlane {
         let guidance_scale = spec.guidance_with(default_sampler);
         let floor = Duration::from_millis(self.config.lease_floor_ms);
         let mut duration = if record.pixel_steps_per_second > 0.0 {
-            let work = size.pixels() as f64 * f64::from(steps);
+            let calls = spec.model_calls_with(default_sampler, steps);
+            let work = size.pixels() as f64 * f64::from(calls);
             floor + Duration::from_secs_f64(4.0 * work / record.pixel_steps_per_second)
         } else {
             floor

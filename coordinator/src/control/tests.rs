@@ -26,6 +26,7 @@ fn register(name: &str) -> RegisterNode {
         loras: vec![LoraAdvert {
             name: "ink".into(),
             family: ModelFamily::Sd15,
+            lcm: false,
         }],
         version: "test".into(),
         // 64×64 × 1 step in 4 ms: what the results below measure, so speeds stay equal.

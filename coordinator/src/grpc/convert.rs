@@ -54,6 +54,7 @@ pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
             Ok(LoraAdvert {
                 name: l.name,
                 family,
+                lcm: l.lcm,
             })
         })
         .collect::<Result<Vec<_>>>()?;

@@ -414,6 +414,7 @@ mod tests {
                 loras: vec![LoraAdvert {
                     name: format!("{name}-style"),
                     family: ModelFamily::Sd15,
+                    lcm: false,
                 }],
                 version: "test".into(),
                 pixel_steps_per_second: 0.0,

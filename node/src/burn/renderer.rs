@@ -2,8 +2,9 @@
 //! a job asks for (the weights reload when the set changes) and runs the LCM pipeline with the
 //! worker's step callback.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use ::burn::tensor::backend::Backend;
 use actix::Addr;
@@ -18,6 +19,7 @@ pub struct BurnRenderer<B: Backend> {
     pipeline: Box<Pipeline<B>>,
     backend: &'static str,
     lora_root: Option<PathBuf>,
+    lcm_loras: Arc<BTreeSet<String>>,
 }
 
 /// Where the detected model's parts are read from.
@@ -82,22 +84,24 @@ pub fn warm_up<B: Backend>(
 }
 
 /// Starts one worker per pipeline in a `SyncArbiter` (`backend` is `cpu` or `cuda`); LoRAs are
-/// looked up under `lora_root`.
+/// looked up under `lora_root`, those named in `lcm_loras` are LCM-LoRAs.
 pub fn start_pool<B: Backend>(
     pipelines: Vec<Pipeline<B>>,
     backend: &'static str,
     model_id: &str,
     lora_root: Option<PathBuf>,
+    lcm_loras: BTreeSet<String>,
 ) -> Addr<Worker<BurnRenderer<B>>> {
     let n = pipelines.len();
     let pool = Mutex::new(pipelines);
+    let lcm_loras = Arc::new(lcm_loras);
     Worker::start(n, model_id, move |_| {
         let pipeline = pool
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .pop()
             .expect("one pipeline was loaded per worker thread");
-        BurnRenderer::new(pipeline, backend, lora_root.clone())
+        BurnRenderer::new(pipeline, backend, lora_root.clone()).with_lcm_loras(lcm_loras.clone())
     })
 }
 
@@ -108,7 +112,14 @@ impl<B: Backend> BurnRenderer<B> {
             pipeline: Box::new(pipeline),
             backend,
             lora_root,
+            lcm_loras: Arc::default(),
         }
+    }
+
+    /// The same, with the names of the LCM-LoRAs under its `lora_root`.
+    pub fn with_lcm_loras(mut self, names: Arc<BTreeSet<String>>) -> Self {
+        self.lcm_loras = names;
+        self
     }
 
     /// The files of the LoRAs a job asks for; a LoRA this node does not have refuses the job.
@@ -134,6 +145,7 @@ impl<B: Backend> BurnRenderer<B> {
                     name: l.name.clone(),
                     path,
                     strength: l.strength,
+                    lcm: self.lcm_loras.contains(&l.name),
                 })
             })
             .collect()
@@ -151,9 +163,13 @@ impl<B: Backend> Renderer for BurnRenderer<B> {
         step: impl FnMut(usize, usize) -> std::ops::ControlFlow<()>,
     ) -> Result<Image> {
         // Sampler, steps and model kind are checked before any LoRA is loaded.
-        self.pipeline
-            .plan(params.sampler, params.schedule, params.steps)?;
         let loras = self.lora_files(&params.loras)?;
+        self.pipeline.plan_with(
+            params.sampler,
+            params.schedule,
+            params.steps,
+            loras.iter().any(|l| l.lcm),
+        )?;
         self.pipeline.set_loras(&loras).map_err(|e| match e {
             NodeError::Lora(m) => NodeError::InvalidJob(format!("lora {m}")),
             other => other,

@@ -661,3 +661,30 @@ pub fn write_model_folder(dir: &Path, sizes: &[usize]) {
     )
     .unwrap();
 }
+
+/// Turns a folder [`write_model_folder`] wrote for one `size` into a standard (non-LCM) model:
+/// a UNet without `timestep_cond` and Stable Diffusion's own Euler scheduler config.
+pub fn make_standard(dir: &Path, size: usize) {
+    let (l, d) = (size / 8, 768);
+    write_net(
+        &dir.join("unet/model.rknn"),
+        json!({"kind": "unet",
+            "inputs": [
+                {"name": "sample", "dims": [1, l, l, 4], "format": "nhwc", "dtype": "f16"},
+                {"name": "timestep", "dims": [1], "format": "undefined", "dtype": "i64"},
+                {"name": "encoder_hidden_states", "dims": [1, 77, d], "format": "undefined", "dtype": "f16"}],
+            "outputs": [{"name": "out_sample", "dims": [1, 4, l, l], "format": "nchw", "dtype": "f16"}]}),
+    );
+    std::fs::write(
+        dir.join("unet/config.json"),
+        r#"{"in_channels": 4, "cross_attention_dim": 768, "sample_size": 64}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("scheduler/scheduler_config.json"),
+        r#"{"_class_name": "EulerDiscreteScheduler", "num_train_timesteps": 1000,
+            "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "steps_offset": 1, "timestep_spacing": "leading", "prediction_type": "epsilon"}"#,
+    )
+    .unwrap();
+}

@@ -4,7 +4,8 @@
 //! - [`ffi`]: that trait over `librknnrt.so`, loaded at run time (the only `unsafe` in Drover).
 //! - [`model`]: the safe wrapper over one context (load, attributes, core mask, run on NCHW host
 //!   tensors with the layout conversions the model's attributes ask for).
-//! - [`pipeline`]: the SD1.x/SD2.x LCM pipeline over three contexts.
+//! - [`pipeline`]: the SD1.x/SD2.x pipeline (LCM, or the standard samplers with CFG) over
+//!   three contexts.
 //! - [`RknnRenderer`] (the backend's [`Renderer`]) and [`start_workers`]: `NUM_WORKERS` worker
 //!   actors, worker i on `NPU_CORE_{i % 3}`, each loading its own contexts on its own thread
 //!   (contexts never cross threads).
@@ -34,7 +35,7 @@ use pipeline::RknnPipeline;
 
 use crate::error::{NodeError, Result};
 use crate::render::{Image, Params, Renderer, Worker};
-use crate::sampling::lcm::check_steps;
+use crate::sampling::Sampler;
 
 /// Largest `NUM_WORKERS` for an rknn node (three per NPU core; each holds its own contexts).
 pub const MAX_WORKERS: u32 = 9;
@@ -70,16 +71,7 @@ impl Renderer for RknnRenderer {
                 names.join(", ")
             )));
         }
-        if let Some(sampler) = params
-            .sampler
-            .filter(|s| *s != crate::sampling::Sampler::Lcm)
-        {
-            return Err(NodeError::InvalidJob(format!(
-                "this RKNN node runs LCM models with the lcm sampler only, not {}",
-                sampler.a1111_name()
-            )));
-        }
-        check_steps(params.steps)?;
+        // The sampler, its steps and the model kind are checked by the pipeline's plan.
         pipeline.generate(params, step)
     }
 }
@@ -94,6 +86,8 @@ pub struct Started {
     pub pixel_steps_per_second: f64,
     /// Whether the model folder has a VAE encoder: jobs may start from an image (and inpaint).
     pub img2img: bool,
+    /// The samplers the model runs, its default first.
+    pub samplers: Vec<Sampler>,
 }
 
 /// Starts `workers` RKNN worker actors on the model folder `dir`: worker i loads its own
@@ -127,7 +121,12 @@ pub fn start_workers(
                     pixel_steps_per_second = speed,
                     "rknn worker ready"
                 );
-                let _ = tx.send(Ok((p.sizes().to_vec(), speed, p.can_encode())));
+                let _ = tx.send(Ok((
+                    p.sizes().to_vec(),
+                    speed,
+                    p.can_encode(),
+                    p.samplers(),
+                )));
                 Ok(p)
             }
             Err(e) => {
@@ -141,10 +140,12 @@ pub fn start_workers(
     let mut sizes = Vec::new();
     let mut speeds = Vec::new();
     let mut img2img = true;
+    let mut samplers = Vec::new();
     for _ in 0..workers {
         match rx.recv() {
-            Ok(Ok((s, speed, encodes))) => {
+            Ok(Ok((s, speed, encodes, runs))) => {
                 sizes = s;
+                samplers = runs;
                 speeds.push(speed);
                 img2img &= encodes;
             }
@@ -165,6 +166,7 @@ pub fn start_workers(
     Ok(Started {
         addr,
         img2img,
+        samplers,
         sizes,
         pixel_steps_per_second: speeds.iter().sum::<f64>() / speeds.len().max(1) as f64,
     })

@@ -1,13 +1,16 @@
-//! The RKNN SD1.x/SD2.x LCM pipeline, for a model folder as published for RK3588
+//! The RKNN SD1.x/SD2.x pipeline, for a model folder as published for RK3588
 //! (`text_encoder/`, `unet/`, `vae_decoder/`, each a `model.rknn` with its diffusers
 //! `config.json`; `scheduler/scheduler_config.json`; `tokenizer/`):
-//! tokenize → text encoder → LCM loop on the UNet → VAE decoder → RGB. With
+//! tokenize → text encoder → sampling loop on the UNet → VAE decoder → RGB. An LCM model (a
+//! UNet with a `timestep_cond` input, or an `LCMScheduler` config) runs the LCM sampler; a
+//! standard one every other sampler, with classifier-free guidance as two batch-1 UNet calls
+//! per step (the compiled UNet takes one sample). With
 //! `vae_encoder/model.rknn` too (image `[1, 3, H, W]` in [-1, 1] → the latent distribution's
 //! moments or mean), jobs may start from a source image: image-to-image over the noisiest
 //! `strength` of the LCM schedule and inpainting (the unmasked source put back after every
 //! step), through the same [`crate::sampling::Plan`] the Burn pipeline runs.
 //!
-//! The tokenizer, the LCM scheduler and its sampling loop and the guidance embedding are the Burn
+//! The tokenizer, the samplers ([`crate::sampling::Plan`]) and the guidance embedding are the Burn
 //! pipeline's own code, the seeded noise and the image conversion [`crate::render`]'s: only the
 //! three networks run on the NPU. Host-side arithmetic runs on Burn's CPU backend.
 
@@ -31,8 +34,7 @@ use crate::burn::unet::guidance_embedding;
 use crate::error::{NodeError, Result};
 use crate::render::{Image, Params, gaussian, rgb_from_chw, step_noise_seed};
 use crate::sampling::guidance::guided;
-use crate::sampling::lcm::Lcm;
-use crate::sampling::{Keep, NoiseSchedule, Plan, Sampler, SigmaSchedule};
+use crate::sampling::{Keep, NoiseSchedule, Plan, Sampler};
 
 /// What the pipeline reads from `unet/config.json`.
 #[derive(Clone, Debug, Deserialize)]
@@ -42,6 +44,13 @@ struct UnetConfig {
     cross_attention_dim: usize,
     #[serde(default)]
     time_cond_proj_dim: Option<usize>,
+}
+
+/// The scheduler class a folder's `scheduler_config.json` names.
+#[derive(Clone, Debug, Default, Deserialize)]
+struct SchedulerClass {
+    #[serde(rename = "_class_name", default)]
+    class_name: String,
 }
 
 /// What the pipeline reads from `vae_decoder/config.json`.
@@ -78,7 +87,8 @@ pub struct RknnPipeline {
     vae: RknnModel,
     /// The VAE encoder, when the folder has one (img2img and inpainting).
     encoder: Option<RknnModel>,
-    lcm: Lcm,
+    /// An LCM model (runs `lcm` only); else a standard one (every other sampler).
+    lcm_model: bool,
     schedule: NoiseSchedule,
     io: UnetInputs,
     ids_input: usize,
@@ -117,8 +127,13 @@ impl RknnPipeline {
             ))
         })?;
         let scheduler = scheduler_config(dir)?;
-        let lcm = Lcm::new(scheduler.clone());
         let schedule = NoiseSchedule::new(scheduler)?;
+        let class_path = dir.join("scheduler").join("scheduler_config.json");
+        let class: SchedulerClass = if class_path.is_file() {
+            read_config(&class_path)?
+        } else {
+            SchedulerClass::default()
+        };
         let unet_cfg: UnetConfig = read_config(&dir.join("unet").join("config.json"))?;
         let vae_cfg: VaeConfig = {
             let path = dir.join("vae_decoder").join("config.json");
@@ -293,13 +308,14 @@ impl RknnPipeline {
                 ));
             }
         }
+        let lcm_model = cond_dim.is_some() || class.class_name == "LCMScheduler";
         Ok(Self {
             tokenizer,
             text,
             unet,
             vae,
             encoder,
-            lcm,
+            lcm_model,
             schedule,
             io,
             ids_input,
@@ -311,6 +327,47 @@ impl RknnPipeline {
             vae_factor,
             sizes,
         })
+    }
+
+    /// The samplers this model runs, its default first: `lcm` on LCM models; on standard ones
+    /// DPM++ 2M (Karras) and every other sampler but `lcm`.
+    pub fn samplers(&self) -> Vec<Sampler> {
+        if self.lcm_model {
+            vec![Sampler::Lcm]
+        } else {
+            let mut all = vec![Sampler::Dpmpp2m];
+            all.extend(
+                Sampler::ALL
+                    .into_iter()
+                    .filter(|s| !matches!(s, Sampler::Dpmpp2m | Sampler::Lcm)),
+            );
+            all
+        }
+    }
+
+    /// Plans a job's run: its sampler (the model's default when it names none) checked against
+    /// the model kind, its steps against the sampler, cut by its strength when it starts from
+    /// an image.
+    fn plan(&self, params: &Params) -> Result<Plan> {
+        let default = self.samplers()[0];
+        let sampler = params.sampler.unwrap_or(default);
+        if (sampler == Sampler::Lcm) != self.lcm_model {
+            return Err(NodeError::InvalidJob(if self.lcm_model {
+                format!(
+                    "this RKNN model is an LCM model: sampler lcm only, not {}",
+                    sampler.a1111_name()
+                )
+            } else {
+                "this RKNN model is a standard one: the lcm sampler needs an LCM model (an \
+                 rknn node cannot merge an LCM-LoRA)"
+                    .to_string()
+            }));
+        }
+        let plan = Plan::new(&self.schedule, sampler, params.schedule, params.steps)?;
+        match &params.source {
+            Some(s) => plan.with_strength(s.strength),
+            None => Ok(plan),
+        }
     }
 
     /// Whether jobs may start from a source image (the folder has `vae_encoder/`).
@@ -392,21 +449,27 @@ impl RknnPipeline {
         Ok((out.swap_remove(0), tokens.truncated))
     }
 
-    /// Runs the UNet once: the noise prediction for `sample` at timestep `t`.
+    /// Runs the UNet once: the noise prediction for `sample` at timestep `t` (rounded when the
+    /// compiled UNet takes an integer timestep: Karras sigmas fall between training steps).
     fn predict(
         &mut self,
         sample: Vec<f32>,
         latent: &[usize],
-        t: usize,
+        t: f32,
         context: &HostTensor,
         cond: Option<&HostTensor>,
     ) -> Result<Vec<f32>> {
         let attrs = self.unet.inputs();
         let mut feeds: Vec<Option<HostTensor>> = vec![None; attrs.len()];
         feeds[self.io.sample] = Some(HostTensor::f32(latent, sample));
+        let timestep = &attrs[self.io.timestep];
         feeds[self.io.timestep] = Some(HostTensor {
-            dims: super::model::logical_dims(&attrs[self.io.timestep]),
-            data: HostData::I64(vec![t as i64]),
+            dims: super::model::logical_dims(timestep),
+            data: if timestep.dtype.is_integer_input() {
+                HostData::I64(vec![t.round() as i64])
+            } else {
+                HostData::F32(vec![t])
+            },
         });
         feeds[self.io.context] = Some(context.clone());
         if let (Some(i), Some(c)) = (self.io.cond, cond) {
@@ -432,6 +495,8 @@ impl RknnPipeline {
                 params.height
             )));
         }
+        // The sampler, steps and model kind are checked before any NPU call.
+        let plan = self.plan(params)?;
         let (h, w) = (
             params.height / self.vae_factor,
             params.width / self.vae_factor,
@@ -459,22 +524,9 @@ impl RknnPipeline {
         };
         let n = latent.iter().product();
         let init = tensor(gaussian(params.seed, n));
-        let lcm = self.lcm.clone();
         let guidance = params.guidance;
         let source = self.source_latents(params, latent)?;
-        let plan = match &params.source {
-            Some(s) => Some(
-                Plan::new(
-                    &self.schedule,
-                    Sampler::Lcm,
-                    SigmaSchedule::Automatic,
-                    params.steps,
-                )?
-                .with_strength(s.strength)?,
-            ),
-            None => None,
-        };
-        let mut eps = |x: Tensor<Cpu, 4>, t: usize| -> Result<Tensor<Cpu, 4>> {
+        let mut eps = |x: Tensor<Cpu, 4>, t: f32| -> Result<Tensor<Cpu, 4>> {
             let x = host(x)?;
             Ok(match &negative {
                 Some(neg) => {
@@ -486,8 +538,8 @@ impl RknnPipeline {
             })
         };
         let noise = |k| tensor(gaussian(step_noise_seed(params.seed, k), n));
-        let denoised = match (source, plan) {
-            (Some((image, mask)), Some(plan)) => {
+        let denoised = match source {
+            Some((image, mask)) => {
                 let strength = params.source.as_ref().map_or(1.0, |s| s.strength);
                 // As the Burn pipeline: strength 1 with a mask starts the masked part from
                 // pure noise; otherwise the source noised to the plan's first level.
@@ -498,15 +550,9 @@ impl RknnPipeline {
                     mask,
                     noise: init,
                 });
-                plan.run_from(
-                    x,
-                    |x, t| eps(x, t.round() as usize),
-                    noise,
-                    progress,
-                    keep.as_ref(),
-                )?
+                plan.run_from(x, &mut eps, noise, progress, keep.as_ref())?
             }
-            _ => lcm.sample(init, params.steps, &mut eps, noise, progress)?,
+            None => plan.run(init, &mut eps, noise, progress)?,
         };
         let scaled = host(denoised.div_scalar(self.scaling_factor))?;
         let mut out = self.vae.run(&[HostTensor::f32(&latent, scaled)])?;
@@ -546,7 +592,7 @@ impl RknnPipeline {
         self.predict(
             vec![0.0; latent.iter().product()],
             &latent,
-            999,
+            999.0,
             &context,
             cond.as_ref(),
         )?;

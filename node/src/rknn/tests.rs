@@ -5,7 +5,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use super::api::{CoreMask, RknnStatus, TensorFormat, TensorType};
-use super::fake::{Call, FakeRknn, write_model_folder};
+use super::fake::{Call, FakeRknn, make_standard, write_model_folder};
 use super::model::{nchw_to_nhwc, nhwc_to_nchw};
 use super::pipeline::RknnPipeline;
 use super::start_workers;
@@ -783,4 +783,162 @@ fn with_a_vae_encoder_the_npu_pipeline_starts_from_images_and_inpaints() {
         .block_on(async { start(api, dir.path(), 1).map(|s| s.img2img) })
         .unwrap();
     assert!(img2img);
+}
+
+/// Euler with classifier-free guidance on the fake UNet, computed independently in scalar
+/// code from the diffusers definitions (Stable Diffusion's betas, `leading` spacing with
+/// offset 1, x in σ-space): the latent the VAE decoder must receive.
+fn reference_euler_cfg(p: &Params, context_mean: f64, negative_mean: f64) -> Vec<f64> {
+    let (lo, hi) = (0.00085f64.sqrt(), 0.012f64.sqrt());
+    let mut alpha_bar = Vec::with_capacity(1000);
+    let mut product = 1.0;
+    for i in 0..1000 {
+        let beta = (lo + (hi - lo) * i as f64 / 999.0).powi(2);
+        product *= 1.0 - beta;
+        alpha_bar.push(product);
+    }
+    let sigma = |t: usize| ((1.0 - alpha_bar[t]) / alpha_bar[t]).sqrt();
+    let n_steps = p.steps;
+    let ts: Vec<usize> = (0..n_steps)
+        .rev()
+        .map(|k| k * (1000 / n_steps) + 1)
+        .collect();
+    let mut sigmas: Vec<f64> = ts.iter().map(|&t| sigma(t)).collect();
+    sigmas.push(0.0);
+    let (c, h, w) = (4, p.height / 8, p.width / 8);
+    let init = (sigmas[0] * sigmas[0] + 1.0).sqrt();
+    let mut x: Vec<f64> = gaussian(p.seed, c * h * w)
+        .iter()
+        .map(|&v| f64::from(v) * init)
+        .collect();
+    for (k, &t) in ts.iter().enumerate() {
+        let scale = (sigmas[k] * sigmas[k] + 1.0).sqrt();
+        for (i, xi) in x.iter_mut().enumerate() {
+            let input = *xi / scale;
+            let eps = |mean: f64| {
+                0.5 * input + 0.01 * ((i / (h * w)) % c) as f64 + 1e-3 * mean + 1e-6 * t as f64
+            };
+            let (cond, uncond) = (eps(context_mean), eps(negative_mean));
+            let guided = uncond + f64::from(p.guidance) * (cond - uncond);
+            *xi += guided * (sigmas[k + 1] - sigmas[k]);
+        }
+    }
+    x.iter().map(|v| v / 0.18215).collect()
+}
+
+#[test]
+fn a_standard_model_runs_the_standard_samplers_with_two_unet_calls_per_step() {
+    let dir = tempfile::tempdir().unwrap();
+    write_model_folder(dir.path(), &[64]);
+    make_standard(dir.path(), 64);
+    let api = Arc::new(FakeRknn::default());
+    let mut pipeline = RknnPipeline::load(api.clone(), dir.path(), CoreMask::Core0).unwrap();
+    let samplers = pipeline.samplers();
+    assert_eq!(samplers[0], crate::sampling::Sampler::Dpmpp2m);
+    assert!(!samplers.contains(&crate::sampling::Sampler::Lcm));
+
+    let p = Params {
+        sampler: Some(crate::sampling::Sampler::Euler),
+        steps: 5,
+        guidance: 7.0,
+        negative_prompt: "blurry, low quality".into(),
+        ..params(64)
+    };
+    let mut steps = Vec::new();
+    pipeline
+        .generate(&p, |s, t| {
+            steps.push((s, t));
+            ControlFlow::Continue(())
+        })
+        .unwrap();
+    assert_eq!(steps.len(), 5);
+    let fed = api.fed();
+    let input = |kind: &str, name: &str| {
+        fed.iter()
+            .filter(|f| f.kind == kind && f.name == name)
+            .collect::<Vec<_>>()
+    };
+    // Classifier-free guidance: the prompt and the negative prompt, one batch-1 call each.
+    let contexts = input("unet", "encoder_hidden_states");
+    assert_eq!(contexts.len(), 10);
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    let (cond, uncond) = (mean(&contexts[0].values), mean(&contexts[1].values));
+    assert_ne!(cond, uncond);
+    let ts: Vec<f64> = input("unet", "timestep")
+        .iter()
+        .map(|f| f.values[0])
+        .collect();
+    assert_eq!(
+        ts,
+        vec![
+            801.0, 801.0, 601.0, 601.0, 401.0, 401.0, 201.0, 201.0, 1.0, 1.0
+        ]
+    );
+    let vae = input("vae", "latent_sample");
+    let got = nhwc_to_nchw(&vae[0].values, [1, 8, 8, 4]);
+    let want = reference_euler_cfg(&p, cond, uncond);
+    close(
+        &got,
+        &want,
+        1e-4 * want.iter().fold(1.0, |m, v| v.abs().max(m)),
+    );
+
+    // Karras sigmas fall between training steps: an int64 timestep input gets them rounded.
+    let karras = Params {
+        sampler: Some(crate::sampling::Sampler::DpmppSde),
+        schedule: crate::sampling::SigmaSchedule::Karras,
+        steps: 4,
+        ..p.clone()
+    };
+    let before = api.fed().len();
+    pipeline
+        .generate(&karras, |_, _| ControlFlow::Continue(()))
+        .unwrap();
+    let fed = api.fed();
+    let ts: Vec<f64> = fed[before..]
+        .iter()
+        .filter(|f| f.kind == "unet" && f.name == "timestep")
+        .map(|f| f.values[0])
+        .collect();
+    // DPM++ SDE: two calls per step but the last, each guided (two UNet runs).
+    assert_eq!(ts.len(), 2 * 7);
+    assert!(ts.iter().all(|t| t.fract() == 0.0), "{ts:?}");
+
+    // What the model kind cannot run is refused with the reason, before any NPU call.
+    let before = api.calls().len();
+    let err = pipeline
+        .generate(
+            &Params {
+                sampler: Some(crate::sampling::Sampler::Lcm),
+                steps: 4,
+                ..p.clone()
+            },
+            |_, _| ControlFlow::Continue(()),
+        )
+        .unwrap_err();
+    assert!(
+        err.is_permanent() && err.to_string().contains("standard one"),
+        "{err}"
+    );
+    let err = pipeline
+        .generate(
+            &Params {
+                steps: 151,
+                ..p.clone()
+            },
+            |_, _| ControlFlow::Continue(()),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("1..=150"), "{err}");
+    assert_eq!(api.calls().len(), before);
+
+    // The LCM model refuses the standard samplers the same way.
+    let lcm_dir = tempfile::tempdir().unwrap();
+    write_model_folder(lcm_dir.path(), &[64]);
+    let mut lcm = RknnPipeline::load(api.clone(), lcm_dir.path(), CoreMask::Core0).unwrap();
+    assert_eq!(lcm.samplers(), vec![crate::sampling::Sampler::Lcm]);
+    let err = lcm
+        .generate(&p, |_, _| ControlFlow::Continue(()))
+        .unwrap_err();
+    assert!(err.to_string().contains("LCM model"), "{err}");
 }

@@ -1,6 +1,7 @@
-//! Euler, Euler ancestral and Heun in k-diffusion form: x lives in σ-space (x = x₀ + σ·ε), the
-//! model sees x / √(σ² + 1), and each step follows dx/dσ = (x − x₀)/σ (diffusers'
-//! `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`, `HeunDiscreteScheduler`).
+//! Euler, Euler ancestral, Heun and DPM++ SDE in k-diffusion form: x lives in σ-space
+//! (x = x₀ + σ·ε), the model sees x / √(σ² + 1), and each step follows dx/dσ = (x − x₀)/σ
+//! (diffusers' `EulerDiscreteScheduler`, `EulerAncestralDiscreteScheduler`,
+//! `HeunDiscreteScheduler`, `DPMSolverSDEScheduler`).
 
 use ::burn::tensor::Tensor;
 use ::burn::tensor::backend::Backend;
@@ -21,24 +22,59 @@ fn denoise<B: Backend>(
     Ok(x0_sigma(prediction, x, out, sigma))
 }
 
-/// Runs `sampler` over `sigmas` (n + 1 levels, the last 0) from `x` (already scaled to the first
-/// level); `report(k)` after each step, `blend(level, x)` on each result.
+/// The levels a run walks.
+pub(super) struct Levels<'a> {
+    /// n + 1 noise levels, the last 0.
+    pub sigmas: &'a [f64],
+    /// The timestep of each of the first n.
+    pub timesteps: &'a [f32],
+    /// DPM++ SDE: the timestep of each step's midpoint (all steps but the last).
+    pub mids: &'a [f32],
+}
+
+/// One stochastic DPM-Solver++ stage from noise level `from` to `to` with the x₀ estimate
+/// `x0` and the Brownian increment `w` (unit variance): ancestral split of `to` into
+/// σ_down (deterministic) and σ_up (fresh noise), as `DPMSolverSDEScheduler.step`.
+fn sde_stage<B: Backend>(
+    x: &Tensor<B, 4>,
+    x0: &Tensor<B, 4>,
+    from: f64,
+    to: f64,
+    w: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let up = to.min((to * to * (from * from - to * to) / (from * from)).sqrt());
+    let down = (to * to - up * up).sqrt();
+    x0.clone() + (x.clone() - x0.clone()).mul_scalar((down / from) as f32) + w.mul_scalar(up as f32)
+}
+
+/// Runs `sampler` over `levels` from `x` (already scaled to the first level); `report(k)` after
+/// each step, `blend(level, x)` on each result.
+///
+/// DPM++ SDE draws two unit Gaussians per step (`noise(2k)`, `noise(2k + 1)`) as the increments
+/// of one Brownian path over σ, sampled exactly at the step's start, midpoint and end: the
+/// midpoint stage sees the first increment, the full step the sum of both, so the two stages
+/// of a step follow the same path (what `DPMSolverSDEScheduler`'s Brownian tree provides;
+/// the draws differ from torchsde's, the path's law does not).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn run<B: Backend>(
     sampler: Sampler,
     prediction: Prediction,
-    sigmas: &[f64],
-    timesteps: &[f32],
+    levels: Levels<'_>,
     mut x: Tensor<B, 4>,
     model: &mut impl FnMut(Tensor<B, 4>, f32) -> Result<Tensor<B, 4>>,
     noise: &mut impl FnMut(usize) -> Tensor<B, 4>,
     report: &mut impl FnMut(usize) -> Result<()>,
     blend: &mut impl FnMut(usize, Tensor<B, 4>) -> Tensor<B, 4>,
 ) -> Result<Tensor<B, 4>> {
+    let Levels {
+        sigmas,
+        timesteps,
+        mids,
+    } = levels;
     for (k, &t) in timesteps.iter().enumerate() {
         let (sigma, next) = (sigmas[k], sigmas[k + 1]);
         let x0 = denoise(model, prediction, &x, sigma, t)?;
-        let d = (x.clone() - x0).div_scalar(sigma as f32);
+        let d = (x.clone() - x0.clone()).div_scalar(sigma as f32);
         x = match sampler {
             Sampler::EulerA => {
                 let up = (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
@@ -52,6 +88,16 @@ pub(super) fn run<B: Backend>(
                 let x0 = denoise(model, prediction, &predicted, next, timesteps[k + 1])?;
                 let d2 = (predicted - x0).div_scalar(next as f32);
                 x + (d + d2).mul_scalar(0.5 * dt)
+            }
+            Sampler::DpmppSde if next > 0.0 => {
+                let mid = (sigma * next).sqrt();
+                let first = noise(2 * k);
+                let staged = sde_stage(&x, &x0, sigma, mid, first.clone());
+                let x0 = denoise(model, prediction, &staged, mid, mids[k])?;
+                let w = (first.mul_scalar((sigma - mid).sqrt() as f32)
+                    + noise(2 * k + 1).mul_scalar((mid - next).sqrt() as f32))
+                .div_scalar((sigma - next).sqrt() as f32);
+                sde_stage(&x, &x0, sigma, next, w)
             }
             _ => x + d.mul_scalar((next - sigma) as f32),
         };

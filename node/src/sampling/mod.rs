@@ -5,7 +5,7 @@
 //! - [`schedule`]: the model's noise schedule, spacings, Karras sigmas (pure maths).
 //! - [`Plan`]: one run — sampler, steps, the timesteps and sigmas it walks — and [`Plan::run`],
 //!   the loop: scale the input, call the model, turn its output into x₀, step.
-//! - `kdiff`: Euler, Euler ancestral, Heun (k-diffusion form, x in σ-space).
+//! - `kdiff`: Euler, Euler ancestral, Heun, DPM++ SDE (k-diffusion form, x in σ-space).
 //! - `dpm`: DPM-Solver++ 2M and 2M SDE; `unipc`: UniPC; `ddim`: DDIM (x in
 //!   variance-preserving form).
 //! - [`lcm`]: the LCM scheduler (guidance-distilled models, or an LCM LoRA).
@@ -36,10 +36,13 @@ pub const MAX_STEPS: usize = 150;
 /// What a run walks.
 #[derive(Clone, Debug)]
 enum Walk {
-    /// σ-space samplers: `sigmas[0..=n]` (the last 0), the timestep of each of the first `n`.
+    /// σ-space samplers: `sigmas[0..=n]` (the last 0), the timestep of each of the first `n`;
+    /// DPM++ SDE also calls the model between levels `k` and `k + 1` (`mids[k]`, every step but
+    /// the last).
     Sigmas {
         sigmas: Vec<f64>,
         timesteps: Vec<f32>,
+        mids: Vec<f32>,
         init_sigma: f64,
     },
     /// DPM-Solver++: the same, in variance-preserving form (initial noise unscaled).
@@ -96,7 +99,9 @@ impl Plan {
                 let timesteps = lcm.timesteps(steps)?;
                 Walk::Lcm(lcm, timesteps)
             }
-            Sampler::Euler | Sampler::EulerA | Sampler::Heun => k_sigmas(schedule, steps, karras),
+            Sampler::Euler | Sampler::EulerA | Sampler::Heun | Sampler::DpmppSde => {
+                k_sigmas(schedule, steps, karras, sampler == Sampler::DpmppSde)
+            }
             Sampler::Dpmpp2m | Sampler::Dpmpp2mSde | Sampler::UniPc => {
                 dpm_sigmas(schedule, steps, karras)
             }
@@ -120,7 +125,8 @@ impl Plan {
         self.steps
     }
 
-    /// The timestep of every model call, in order (Heun calls twice per step but the last).
+    /// The timestep of every model call, in order (Heun and DPM++ SDE call twice per step but
+    /// the last).
     pub fn timesteps(&self) -> Vec<f32> {
         match &self.walk {
             Walk::Sigmas { timesteps, .. } if self.sampler == Sampler::Heun => {
@@ -130,6 +136,13 @@ impl Plan {
                 }
                 out
             }
+            Walk::Sigmas {
+                timesteps, mids, ..
+            } if self.sampler == Sampler::DpmppSde => timesteps
+                .iter()
+                .enumerate()
+                .flat_map(|(k, &t)| std::iter::once(t).chain(mids.get(k).copied()))
+                .collect(),
             Walk::Sigmas { timesteps, .. } | Walk::Dpm { timesteps, .. } => timesteps.clone(),
             Walk::Ddim(steps) => steps.iter().map(|s| s.0).collect(),
             Walk::Lcm(_, timesteps) => timesteps.iter().map(|&t| t as f32).collect(),
@@ -152,9 +165,16 @@ impl Plan {
         match &mut self.walk {
             Walk::Lcm(lcm, timesteps) => *timesteps = lcm.timesteps_with_strength(n, strength)?,
             Walk::Sigmas {
-                sigmas, timesteps, ..
+                sigmas,
+                timesteps,
+                mids,
+                ..
+            } => {
+                sigmas.drain(..skip);
+                timesteps.drain(..skip);
+                mids.drain(..skip.min(mids.len()));
             }
-            | Walk::Dpm { sigmas, timesteps } => {
+            Walk::Dpm { sigmas, timesteps } => {
                 sigmas.drain(..skip);
                 timesteps.drain(..skip);
             }
@@ -271,12 +291,18 @@ impl Plan {
         match &self.walk {
             Walk::Lcm(..) => unreachable!("sampled above"),
             Walk::Sigmas {
-                sigmas, timesteps, ..
+                sigmas,
+                timesteps,
+                mids,
+                ..
             } => kdiff::run(
                 self.sampler,
                 self.prediction,
-                sigmas,
-                timesteps,
+                kdiff::Levels {
+                    sigmas,
+                    timesteps,
+                    mids,
+                },
                 x,
                 &mut model,
                 &mut noise,
@@ -351,7 +377,9 @@ fn k_timesteps(schedule: &NoiseSchedule, n: usize) -> Vec<f64> {
     }
 }
 
-fn k_sigmas(schedule: &NoiseSchedule, n: usize, karras: bool) -> Walk {
+/// The levels of a σ-space run; with `mids`, also the timestep of each step's midpoint
+/// (σ = √(σₖ·σₖ₊₁), the midpoint in log σ), DPM++ SDE's second model call.
+fn k_sigmas(schedule: &NoiseSchedule, n: usize, karras: bool, mids: bool) -> Walk {
     let spaced = k_timesteps(schedule, n);
     let mut sigmas: Vec<f64> = spaced.iter().map(|&t| schedule.sigma_at(t)).collect();
     let timesteps: Vec<f32> = if karras {
@@ -364,6 +392,14 @@ fn k_sigmas(schedule: &NoiseSchedule, n: usize, karras: bool) -> Walk {
     } else {
         spaced.iter().map(|&t| t as f32).collect()
     };
+    let mids = if mids {
+        sigmas
+            .windows(2)
+            .map(|w| schedule.timestep_of((w[0] * w[1]).sqrt()) as f32)
+            .collect()
+    } else {
+        Vec::new()
+    };
     sigmas.push(0.0);
     let sigmas: Vec<f64> = sigmas.iter().map(|&s| f64::from(s as f32)).collect();
     let max = sigmas.iter().copied().fold(0.0, f64::max);
@@ -374,6 +410,7 @@ fn k_sigmas(schedule: &NoiseSchedule, n: usize, karras: bool) -> Walk {
     Walk::Sigmas {
         sigmas,
         timesteps,
+        mids,
         init_sigma,
     }
 }

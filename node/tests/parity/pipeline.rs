@@ -159,6 +159,7 @@ fn lora_switches_equal_fresh_loads_both_ways() {
         name: "kohya".into(),
         path: crate::fixtures().join("lora-kohya.safetensors"),
         strength: 0.8,
+        lcm: false,
     }];
     let load = |loras: &[LoraSpec]| {
         Pipeline::<Cpu>::load(

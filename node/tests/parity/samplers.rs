@@ -49,6 +49,8 @@ pub(crate) fn sampler(id: &str) -> (Sampler, SigmaSchedule) {
         "dpmpp_2m" => (Sampler::Dpmpp2m, SigmaSchedule::Normal),
         "dpmpp_2m_karras" => (Sampler::Dpmpp2m, SigmaSchedule::Karras),
         "dpmpp_2m_sde_karras" => (Sampler::Dpmpp2mSde, SigmaSchedule::Karras),
+        "dpmpp_sde" => (Sampler::DpmppSde, SigmaSchedule::Normal),
+        "dpmpp_sde_karras" => (Sampler::DpmppSde, SigmaSchedule::Karras),
         "ddim" => (Sampler::Ddim, SigmaSchedule::Normal),
         "unipc" => (Sampler::UniPc, SigmaSchedule::Normal),
         "unipc_karras" => (Sampler::UniPc, SigmaSchedule::Karras),

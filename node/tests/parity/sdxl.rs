@@ -123,6 +123,7 @@ fn sdxl_lora_merges_into_unet_and_both_encoders_in_diffusers_and_ldm_names() {
         name: "xl".into(),
         path,
         strength: 0.7,
+        lcm: false,
     };
     // The same LoRA with its UNet keys in the LDM names SDXL kohya files use.
     let tmp = tempfile::tempdir().unwrap();

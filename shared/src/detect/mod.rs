@@ -68,6 +68,9 @@ pub struct Inspection {
     pub components: Vec<String>,
     /// LoRA rank (largest), for LoRAs.
     pub lora_rank: Option<u64>,
+    /// A LoRA that distils LCM sampling into a standard model (an LCM-LoRA), told by its file
+    /// name or its metadata naming LCM ([`names_lcm`]); false for everything else.
+    pub lcm_lora: bool,
     /// An inpainting UNet: its first convolution takes 9 channels (the latent, the mask and
     /// the masked image's latent) instead of 4.
     pub inpainting: bool,
@@ -148,6 +151,7 @@ struct Classified {
     layout: Layout,
     components: Vec<String>,
     lora_rank: Option<u64>,
+    lcm_lora: bool,
 }
 
 fn finish(
@@ -174,6 +178,7 @@ fn finish(
             .unwrap_or_default(),
         components,
         lora_rank: c.lora_rank,
+        lcm_lora: c.lcm_lora,
         inpainting: headers.iter().any(|(h, _)| unet_in_channels(h) == Some(9)),
         files: headers.iter().map(|(_, p)| p.to_path_buf()).collect(),
     }
@@ -279,6 +284,7 @@ fn classify(path: &Path, h: &Header) -> Result<Classified, DetectError> {
             layout: Layout::LdmSingleFile,
             components,
             lora_rank: None,
+            lcm_lora: false,
         });
     }
     if keys.contains_key("conv_in.weight") && any(&|k| k.starts_with("down_blocks.")) {
@@ -301,6 +307,7 @@ fn classify(path: &Path, h: &Header) -> Result<Classified, DetectError> {
             layout: Layout::Diffusers,
             components: vec!["unet".into()],
             lora_rank: None,
+            lcm_lora: false,
         });
     }
     let hint = if upscaler::upscaler_from_header(path, h).is_ok_and(|u| u.is_some()) {
@@ -406,6 +413,37 @@ fn confirm_text_encoders(
     Ok(())
 }
 
+/// The metadata keys that name a LoRA or describe its training (kohya's `ss_*`, the
+/// ModelSpec `modelspec.*`).
+const NAMING_KEYS: [&str; 6] = [
+    "ss_output_name",
+    "ss_training_comment",
+    "modelspec.title",
+    "modelspec.description",
+    "name",
+    "title",
+];
+
+/// Whether a LoRA file says it is an LCM-LoRA: a word of its file name or of one of its naming
+/// metadata values starts with `lcm` (`lcm-lora-sdv1-5`, `LCM_LoRA_Weights_SD15`,
+/// `lcmlora_sdxl`), or that metadata says "latent consistency". LCM-LoRA files carry no tensor
+/// that tells them apart, so this reads names; `LCM_LORAS` on the node marks the others.
+pub fn names_lcm(path: &Path, metadata: &std::collections::BTreeMap<String, String>) -> bool {
+    let words_lcm = |text: &str| {
+        text.split(|c: char| !c.is_ascii_alphanumeric())
+            .any(|w| w.to_ascii_lowercase().starts_with("lcm"))
+    };
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy())
+        .unwrap_or_default();
+    words_lcm(&stem)
+        || NAMING_KEYS
+            .iter()
+            .filter_map(|k| metadata.get(*k))
+            .any(|v| words_lcm(v) || v.to_ascii_lowercase().contains("latent consistency"))
+}
+
 fn classify_lora(path: &Path, h: &Header) -> Result<Classified, DetectError> {
     let kohya = h
         .tensors
@@ -493,6 +531,7 @@ fn classify_lora(path: &Path, h: &Header) -> Result<Classified, DetectError> {
         layout,
         components,
         lora_rank: rank,
+        lcm_lora: names_lcm(path, &h.metadata),
     })
 }
 

@@ -103,6 +103,7 @@ pub(super) fn inspect_rknn_dir(dir: &Path) -> Result<Inspection, DetectError> {
         model_id,
         components: RKNN_COMPONENTS.iter().map(|c| c.to_string()).collect(),
         lora_rank: None,
+        lcm_lora: false,
         inpainting: false,
         files,
     })

@@ -311,3 +311,52 @@ fn inpainting_unets_are_told_by_their_nine_input_channels() {
         }
     }
 }
+
+#[test]
+fn lcm_loras_are_told_by_their_names() {
+    use std::collections::BTreeMap;
+    let none = BTreeMap::new();
+    for stem in [
+        "lcm-lora-sdv1-5",
+        "LCM_LoRA_Weights_SD15",
+        "lcmlora_sdxl",
+        "sdxl.lcm",
+    ] {
+        assert!(
+            super::names_lcm(Path::new(&format!("/l/{stem}.safetensors")), &none),
+            "{stem}"
+        );
+    }
+    for stem in ["ink-sd15", "pytorch_lora_weights", "flcm", "calcium"] {
+        assert!(
+            !super::names_lcm(Path::new(&format!("/l/{stem}.safetensors")), &none),
+            "{stem}"
+        );
+    }
+    let plain = Path::new("/l/pytorch_lora_weights.safetensors");
+    let meta = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+    assert!(super::names_lcm(plain, &meta("ss_output_name", "lcm_sd15")));
+    assert!(super::names_lcm(
+        plain,
+        &meta("modelspec.description", "Latent Consistency distilled LoRA")
+    ));
+    // Dataset tags say nothing about what the LoRA is.
+    assert!(!super::names_lcm(plain, &meta("ss_tag_frequency", "lcm")));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("lcm-lora-sdv1-5.safetensors");
+    write(
+        &path,
+        arch::lora(ModelFamily::Sd15, LoraStyle::Kohya, 4, false),
+        Dtype::F16,
+    );
+    let found = check(&path, ModelFamily::Sd15, ModelKind::Lora, Layout::Kohya);
+    assert!(found.lcm_lora);
+    let path = dir.path().join("ink-sd15.safetensors");
+    write(
+        &path,
+        arch::lora(ModelFamily::Sd15, LoraStyle::Kohya, 4, false),
+        Dtype::F16,
+    );
+    assert!(!check(&path, ModelFamily::Sd15, ModelKind::Lora, Layout::Kohya).lcm_lora);
+}

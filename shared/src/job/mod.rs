@@ -434,6 +434,14 @@ impl JobSpec {
         }
     }
 
+    /// The model calls `steps` steps of this job make under `sampler` (the job's own sampler
+    /// first, as [`JobSpec::steps_with`]): what its run time scales with.
+    pub fn model_calls_with(&self, sampler: Option<Sampler>, steps: u32) -> u32 {
+        self.sampler
+            .or(sampler)
+            .map_or(steps, |s| s.model_calls(steps))
+    }
+
     /// The guidance this job runs with under `sampler` (as [`JobSpec::steps_with`]).
     pub fn guidance_with(&self, sampler: Option<Sampler>) -> f32 {
         match self.sampler.or(sampler) {

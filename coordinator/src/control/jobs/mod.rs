@@ -288,8 +288,9 @@ impl Jobs {
                     job.progress = Some((total, total));
                 }
                 // The steps the node ran are its progress reports' total (the model's default
-                // when the job named none).
+                // when the job named none); speed counts model calls (a Heun step is two).
                 let steps = job.progress.map_or(job.spec.steps, |(_, total)| total);
+                let steps = job.spec.model_calls_with(None, steps);
                 // A stand-alone upscale runs no diffusion steps: it says nothing of the speed.
                 let work = if job.spec.task == drover_shared::job::JobTask::Upscale {
                     0.0

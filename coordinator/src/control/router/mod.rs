@@ -105,12 +105,18 @@ pub enum SkipReason {
         sizes: Vec<Size>,
     },
     /// The node's model does not run the sampler asked for (LCM models run only `lcm`;
-    /// standard ones every sampler but `lcm`).
+    /// standard ones every sampler but `lcm`, and `lcm` too with an LCM-LoRA).
     SamplerNotServed {
         /// Sampler asked for.
         sampler: Sampler,
         /// The samplers the node runs.
         samplers: Vec<Sampler>,
+    },
+    /// The job asks for `lcm` on a node whose model is a standard one, without one of the
+    /// node's LCM-LoRAs in its `loras` (an LCM-LoRA is what makes a standard model run LCM).
+    LcmLoraNeeded {
+        /// The node's LCM-LoRAs.
+        lcm_loras: Vec<String>,
     },
     /// More steps than the sampler the job would run with on this node allows.
     TooManySteps {
@@ -234,6 +240,24 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
     }
     if let Some(&default) = node.samplers.first() {
         let sampler = match job.sampler {
+            Some(Sampler::Lcm) if !node.samplers.contains(&Sampler::Lcm) => {
+                let lcm_loras: Vec<String> = node
+                    .loras
+                    .iter()
+                    .filter(|l| l.lcm && l.family == node.family)
+                    .map(|l| l.name.clone())
+                    .collect();
+                if lcm_loras.is_empty() {
+                    return Err(SkipReason::SamplerNotServed {
+                        sampler: Sampler::Lcm,
+                        samplers: node.samplers.to_vec(),
+                    });
+                }
+                if !job.loras.iter().any(|r| lcm_loras.contains(&r.name)) {
+                    return Err(SkipReason::LcmLoraNeeded { lcm_loras });
+                }
+                Sampler::Lcm
+            }
             Some(s) if !node.samplers.contains(&s) => {
                 return Err(SkipReason::SamplerNotServed {
                     sampler: s,

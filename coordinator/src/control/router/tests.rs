@@ -86,6 +86,65 @@ fn samplers_and_their_step_ranges_are_named() {
 }
 
 #[test]
+fn lcm_on_a_standard_model_needs_one_of_its_lcm_loras() {
+    const STANDARD: &[Sampler] = &[Sampler::Dpmpp2m, Sampler::Euler];
+    let loras = [
+        LoraAdvert {
+            name: "ink".into(),
+            family: ModelFamily::Sd15,
+            lcm: false,
+        },
+        LoraAdvert {
+            name: "lcm-lora-sdv1-5".into(),
+            family: ModelFamily::Sd15,
+            lcm: true,
+        },
+    ];
+    let with_lcm_lora = NodeView {
+        samplers: STANDARD,
+        loras: &loras,
+        ..node(1, ModelFamily::Sd15)
+    };
+    let lcm_model = NodeView {
+        samplers: &[Sampler::Lcm],
+        ..node(2, ModelFamily::Sd15)
+    };
+    let check = |json: &str, n: &NodeView<'_>| capability(&job(json), n).err();
+    let lcm_with = r#"{"prompt":"x","sampler":"lcm","steps":4,
+        "loras":[{"name":"lcm-lora-sdv1-5","strength":1.0}]}"#;
+    assert_eq!(check(lcm_with, &with_lcm_lora), None);
+    // The LCM step range holds with the LoRA too.
+    let too_many = r#"{"prompt":"x","sampler":"lcm","steps":20,
+        "loras":[{"name":"lcm-lora-sdv1-5","strength":1.0}]}"#;
+    assert_eq!(
+        check(too_many, &with_lcm_lora),
+        Some(SkipReason::TooManySteps {
+            sampler: Sampler::Lcm,
+            steps: 20,
+            max_steps: 8
+        })
+    );
+    // Without it (or with another LoRA only) the node names the LoRA that would do.
+    for json in [
+        r#"{"prompt":"x","sampler":"lcm"}"#,
+        r#"{"prompt":"x","sampler":"lcm","loras":[{"name":"ink","strength":1.0}]}"#,
+    ] {
+        assert_eq!(
+            check(json, &with_lcm_lora),
+            Some(SkipReason::LcmLoraNeeded {
+                lcm_loras: vec!["lcm-lora-sdv1-5".into()]
+            }),
+            "{json}"
+        );
+    }
+    // An LCM-LoRA job with a standard sampler is the client's choice; an LCM model needs none.
+    let euler_with = r#"{"prompt":"x","sampler":"euler",
+        "loras":[{"name":"lcm-lora-sdv1-5","strength":1.0}]}"#;
+    assert_eq!(check(euler_with, &with_lcm_lora), None);
+    assert_eq!(check(r#"{"prompt":"x","sampler":"lcm"}"#, &lcm_model), None);
+}
+
+#[test]
 fn family_and_size_and_liveness_are_named() {
     let sd15 = node(1, ModelFamily::Sd15);
     let check = |json: &str, n: &NodeView<'_>| eligibility(&job(json), n).err();
@@ -154,10 +213,12 @@ fn loras_must_exist_and_match_the_node_family() {
         LoraAdvert {
             name: "ink".into(),
             family: ModelFamily::Sd15,
+            lcm: false,
         },
         LoraAdvert {
             name: "xl-ink".into(),
             family: ModelFamily::Sdxl,
+            lcm: false,
         },
     ];
     let sd15 = NodeView {
@@ -418,8 +479,8 @@ proptest! {
         turn in any::<u64>(),
     ) {
         let adverts: &'static [LoraAdvert] = Box::leak(Box::new([
-            LoraAdvert { name: "ink".into(), family: ModelFamily::Sd15 },
-            LoraAdvert { name: "film".into(), family: ModelFamily::Sd15 },
+            LoraAdvert { name: "ink".into(), family: ModelFamily::Sd15, lcm: false },
+            LoraAdvert { name: "film".into(), family: ModelFamily::Sd15, lcm: false },
         ]));
         let spec = lora_job(set);
         let job_set = lora_set_key(&spec.loras);
@@ -470,7 +531,7 @@ proptest! {
     ) {
         let adverts: &'static [LoraAdvert] = Box::leak(Box::new(
             ModelFamily::ALL.iter().flat_map(|f| ["ink", "film"].map(|n| LoraAdvert {
-                name: n.into(), family: *f,
+                name: n.into(), family: *f, lcm: false,
             })).collect::<Vec<_>>(),
         ));
         let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, (s, has))| NodeView {

@@ -50,6 +50,8 @@ pub struct LoraSpec {
     pub path: PathBuf,
     /// Strength.
     pub strength: f32,
+    /// An LCM-LoRA: merged, it lets a standard model run the `lcm` sampler.
+    pub lcm: bool,
 }
 
 /// The dtypes a pipeline's weights are stored and computed in. The scheduler's latents stay f32
@@ -496,13 +498,27 @@ impl<B: Backend> Pipeline<B> {
         }
     }
 
-    /// Plans a run of `sampler` (the model's default when `None`), refusing what this model
-    /// cannot do: standard samplers on a guidance-distilled (LCM) UNet, LCM on a standard one.
+    /// Plans a run of `sampler` (the model's default when `None`) with the LoRAs merged now
+    /// ([`Pipeline::plan_with`]).
     pub fn plan(
         &self,
         sampler: Option<Sampler>,
         sigmas: SigmaSchedule,
         steps: usize,
+    ) -> Result<Plan> {
+        let lcm_lora = self.loras.iter().any(|l| l.lcm);
+        self.plan_with(sampler, sigmas, steps, lcm_lora)
+    }
+
+    /// Plans a run of `sampler` (the model's default when `None`), refusing what this model
+    /// cannot do: standard samplers on a guidance-distilled (LCM) UNet, LCM on a standard one
+    /// unless an LCM-LoRA is merged (`lcm_lora`).
+    pub fn plan_with(
+        &self,
+        sampler: Option<Sampler>,
+        sigmas: SigmaSchedule,
+        steps: usize,
+        lcm_lora: bool,
     ) -> Result<Plan> {
         let sampler = sampler.unwrap_or_else(|| self.default_sampler());
         match (self.is_lcm(), sampler == Sampler::Lcm) {
@@ -512,9 +528,10 @@ impl<B: Backend> Pipeline<B> {
                     sampler.a1111_name()
                 )));
             }
-            (false, true) => {
+            (false, true) if !lcm_lora => {
                 return Err(NodeError::InvalidJob(
-                    "the lcm sampler needs an LCM model (this node's model is a standard one)"
+                    "the lcm sampler needs an LCM model or an LCM-LoRA in the job's loras \
+                     (this node's model is a standard one)"
                         .into(),
                 ));
             }
