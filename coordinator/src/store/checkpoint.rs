@@ -44,11 +44,14 @@ pub(super) enum Dirty {
 pub(super) struct Changes {
     pub nodes: HashMap<NodeId, Vec<u8>>,
     pub jobs: HashMap<JobId, Dirty>,
+    /// Source images of unfinished jobs (`codec::encode_source`), for `sources`; a finished
+    /// job's goes from `sources` when its end is applied.
+    pub sources: HashMap<JobId, Vec<u8>>,
 }
 
 impl Changes {
     pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty() && self.jobs.is_empty()
+        self.nodes.is_empty() && self.jobs.is_empty() && self.sources.is_empty()
     }
 
     /// Bytes of the values.
@@ -57,7 +60,8 @@ impl Changes {
             Dirty::Unfinished(value) | Dirty::Finished { value, .. } => value.len(),
         });
         let nodes = self.nodes.values().map(Vec::len);
-        jobs.chain(nodes).map(|n| n as u64).sum()
+        let sources = self.sources.values().map(Vec::len);
+        jobs.chain(nodes).chain(sources).map(|n| n as u64).sum()
     }
 
     /// These changes followed by `later` ones: the later value of a key wins. A finished job
@@ -65,7 +69,11 @@ impl Changes {
     /// them), so its removal is kept.
     fn then(mut self, later: Self) -> Self {
         self.nodes.extend(later.nodes);
+        self.sources.extend(later.sources);
         for (id, mut dirty) in later.jobs {
+            if matches!(dirty, Dirty::Finished { .. }) {
+                self.sources.remove(&id);
+            }
             if let Dirty::Finished { in_active, .. } = &mut dirty
                 && self.jobs.contains_key(&id)
             {
@@ -345,6 +353,10 @@ pub(super) fn apply_changes(t: &Trees, changes: &Changes) -> Result<()> {
     for (id, value) in &changes.nodes {
         t.nodes.insert(id.as_bytes(), value.as_slice())?;
     }
+    // A job's source before its record, so no record in sled misses its source.
+    for (id, value) in &changes.sources {
+        t.sources.insert(id.as_bytes(), value.as_slice())?;
+    }
     for (id, dirty) in &changes.jobs {
         match dirty {
             Dirty::Unfinished(value) => {
@@ -354,7 +366,10 @@ pub(super) fn apply_changes(t: &Trees, changes: &Changes) -> Result<()> {
                 value,
                 ended_ms,
                 in_active,
-            } => t.put_finished(*id, *ended_ms, value, *in_active)?,
+            } => {
+                t.put_finished(*id, *ended_ms, value, *in_active)?;
+                t.sources.remove(id.as_bytes())?;
+            }
         }
     }
     t.db.flush()?;

@@ -7,15 +7,19 @@ use super::error::{Result, StoreError};
 use crate::records::JobRecord;
 
 /// The store layout this build writes: 2 = unfinished jobs in `active`, `finished` index; 3 =
-/// images in the image log, their place in front of the finished record; the write-ahead log.
-pub const LAYOUT: u8 = 3;
+/// images in the image log, their place in front of the finished record; the write-ahead log;
+/// 4 = unfinished jobs' source images in `sources`, apart from their records (a store of
+/// layout 3, whose records hold them, reads as 4; an older build refuses a layout-4 store,
+/// whose records it would read without their images).
+pub const LAYOUT: u8 = 4;
 
 /// Checks the layout mark and upgrades an older store (before the log's replay).
 pub(super) fn check(t: &Trees) -> Result<()> {
     match t.meta.get("layout")?.as_deref() {
         Some(&[LAYOUT]) => {}
-        // Layout 2 reads as layout 3: its finished records are bare JSON, its images in sled.
-        Some(&[2]) => {
+        // Layouts 2 and 3 read as layout 4: finished records bare JSON, images in sled (2);
+        // sources inside their records (2, 3).
+        Some(&[2 | 3]) => {
             t.meta.insert("layout", &[LAYOUT])?;
         }
         Some(&[newer]) if newer > LAYOUT => {

@@ -6,7 +6,10 @@
 //! `codec::encode_finished`; job ids are time-ordered, so the retention sweep walks `jobs` from
 //! its start and stops at the first job accepted after the cutoff); `finished` (end time,
 //! big-endian, ++ job id → nothing: the same sweep's index for jobs whose ids are not
-//! time-ordered, those of stores before layout 3); `images` (job id → PNG, written by stores
+//! time-ordered, those of stores before layout 3); `sources` (job id → the source image and
+//! mask of an unfinished img2img job, `codec::encode_source`: kept apart so the record, written
+//! again at every lease and re-queue, stays small — the source is logged once, when the job is
+//! accepted, and goes when it ends); `images` (job id → PNG, written by stores
 //! before layout 3 and still read); `meta` (the layout version, see `migrate`). Result images
 //! go to the `image_log`.
 //!
@@ -119,6 +122,7 @@ struct Trees {
     jobs: sled::Tree,
     images: sled::Tree,
     finished: sled::Tree,
+    sources: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -130,6 +134,7 @@ impl Trees {
             jobs: db.open_tree("jobs")?,
             images: db.open_tree("images")?,
             finished: db.open_tree("finished")?,
+            sources: db.open_tree("sources")?,
             meta: db.open_tree("meta")?,
             db,
         })
@@ -421,6 +426,17 @@ impl Store {
                 ))
             })
             .collect::<Result<HashSet<JobId>>>()?;
+        // Jobs whose source is stored apart already: their records are logged without it.
+        let mut sourced = trees
+            .sources
+            .iter()
+            .keys()
+            .map(|k| {
+                Ok(JobId::from_bytes(
+                    k?.as_ref().try_into().unwrap_or_default(),
+                ))
+            })
+            .collect::<Result<HashSet<JobId>>>()?;
         if let Some(changes) = &replayed {
             in_active.extend(
                 changes
@@ -428,6 +444,7 @@ impl Store {
                     .iter()
                     .filter_map(|(id, d)| matches!(d, Dirty::Unfinished(_)).then_some(*id)),
             );
+            sourced.extend(changes.sources.keys().copied());
         }
         let shared = Arc::new(Shared {
             trees: RwLock::new(Some(trees)),
@@ -447,7 +464,10 @@ impl Store {
             let shared = shared.clone();
             std::thread::Builder::new()
                 .name("drover-store".into())
-                .spawn(move || writer::run(&shared, &queue, log, images, in_active, carried))?
+                .spawn(move || {
+                    let known = writer::Known { in_active, sourced };
+                    writer::run(&shared, &queue, log, images, known, carried)
+                })?
         };
         Ok(Self {
             writes,
@@ -558,7 +578,8 @@ impl Store {
             }
             Ok(out)
         })?;
-        if let Some(replayed) = self.shared.replayed().as_ref() {
+        let replayed = self.shared.replayed();
+        if let Some(replayed) = replayed.as_ref() {
             for (id, dirty) in &replayed.jobs {
                 match dirty {
                     Dirty::Unfinished(value) => {
@@ -570,6 +591,44 @@ impl Store {
                     }
                 }
             }
+        }
+        // Sources kept apart go back into their records; those of no unfinished job (a job
+        // whose end reached sled before its source was removed) are dropped.
+        let from_log = replayed.as_ref().map(|r| &r.sources);
+        let orphans = self.shared.with_trees(|t| {
+            for job in jobs.values_mut() {
+                let value = match from_log.and_then(|s| s.get(&job.id)) {
+                    Some(v) => Some(v.clone()),
+                    None => t.sources.get(job.id.as_bytes())?.map(|v| v.to_vec()),
+                };
+                let stripped = job.spec.source.as_ref().is_some_and(|s| s.is_stripped());
+                match value {
+                    Some(v) => {
+                        codec::rejoin_source(job, &v)?;
+                    }
+                    None if stripped => {
+                        tracing::error!(job_id = %job.id, "an unfinished job's source image is missing from the store; the job will fail");
+                    }
+                    None => {}
+                }
+            }
+            let mut orphans = Vec::new();
+            for key in t.sources.iter().keys() {
+                let key = key?;
+                let id = JobId::from_bytes(key.as_ref().try_into().unwrap_or_default());
+                if !jobs.contains_key(&id) {
+                    orphans.push(key);
+                }
+            }
+            if healthy {
+                for key in &orphans {
+                    t.sources.remove(key)?;
+                }
+            }
+            Ok(orphans.len())
+        })?;
+        if orphans > 0 {
+            tracing::info!(orphans, "sources of finished jobs dropped");
         }
         Ok(jobs.into_values().collect())
     }

@@ -6,7 +6,7 @@ use std::path::Path;
 
 use super::Trees;
 use super::checkpoint::{Changes, Dirty};
-use super::codec::decode_finished;
+use super::codec::{decode_finished, read_source_record};
 use super::error::{Result, StoreError};
 use super::{image_log, wal};
 use crate::records::{JobRecord, NodeRecord};
@@ -43,6 +43,10 @@ pub(super) fn read(t: &Trees, wal_dir: &Path, image_dir: &Path) -> Result<Option
                         serde_json::from_slice(&body).map_err(|e| damaged(e.into()))?;
                     changes.nodes.insert(node.id, body);
                 }
+                wal::Kind::Source => {
+                    let (id, source) = read_source_record(&body).map_err(damaged)?;
+                    changes.sources.insert(id, source.to_vec());
+                }
                 wal::Kind::Job => {
                     let job: JobRecord =
                         serde_json::from_slice(&body).map_err(|e| damaged(e.into()))?;
@@ -59,6 +63,7 @@ pub(super) fn read(t: &Trees, wal_dir: &Path, image_dir: &Path) -> Result<Option
                             in_active: true,
                         };
                         changes.jobs.insert(job.id, finished);
+                        changes.sources.remove(&job.id);
                     } else {
                         // The record reached the disk, its image did not (an OS crash before
                         // the image's checkpoint): the job stays unfinished and runs again.
@@ -77,6 +82,7 @@ pub(super) fn read(t: &Trees, wal_dir: &Path, image_dir: &Path) -> Result<Option
     }
     for id in finished_in_sled {
         changes.jobs.remove(&id);
+        changes.sources.remove(&id);
     }
     tracing::info!(
         generations = generations.len(),

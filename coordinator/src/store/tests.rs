@@ -391,3 +391,119 @@ fn a_job_moves_from_active_to_finished_once_it_ends() {
         .unwrap()));
     assert_eq!(store.prune_finished_now(8, 10).unwrap(), 1);
 }
+
+/// A job that starts from a source image of `bytes` bytes, with a mask.
+fn job_with_source(bytes: usize) -> JobRecord {
+    let mut j = job();
+    let image: Vec<u8> = (0..bytes).map(|i| (i * 7 % 251) as u8).collect();
+    j.spec.source = Some(Box::new(drover_shared::job::SourceSpec {
+        image: image.into(),
+        mask: Some(b"mask bytes"[..].into()),
+        strength: 0.6,
+        resize_mode: Default::default(),
+        width: 64,
+        height: 64,
+        image_bytes: bytes as u64,
+        mask_bytes: 10,
+        mask_blur: 0,
+    }));
+    j
+}
+
+/// The records of the log generation being written.
+fn logged(store: &Store) -> Vec<(wal::Kind, Vec<u8>)> {
+    let generations = wal::generations(&store.shared.wal_dir).unwrap();
+    let last = *generations.last().expect("a generation");
+    wal::read(&store.shared.wal_dir, last).unwrap()
+}
+
+#[test]
+fn a_source_image_is_logged_once_and_kept_apart_from_its_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut j = job_with_source(200_000);
+    let crashed = {
+        let store = Store::open(dir.path(), 0).unwrap();
+        store
+            .shared
+            .faults
+            .hold_checkpoints
+            .store(true, Ordering::SeqCst);
+        // Accepted, leased, re-queued, leased again: four records, one source.
+        for state in [
+            JobState::Queued,
+            JobState::Leased,
+            JobState::Queued,
+            JobState::Leased,
+        ] {
+            j.state = state;
+            store.put_job(&j).unwrap();
+        }
+        flush(&store).unwrap();
+        let records = logged(&store);
+        let sources: Vec<_> = records
+            .iter()
+            .filter(|(k, _)| *k == wal::Kind::Source)
+            .collect();
+        assert_eq!(sources.len(), 1);
+        let jobs: Vec<_> = records
+            .iter()
+            .filter(|(k, _)| *k == wal::Kind::Job)
+            .collect();
+        assert_eq!(jobs.len(), 4);
+        assert!(
+            jobs.iter().all(|(_, body)| body.len() < 4_000),
+            "records carry the source: {:?}",
+            jobs.iter().map(|(_, b)| b.len()).collect::<Vec<_>>()
+        );
+        crash_image(dir.path())
+    };
+    // A crash before any checkpoint: the log gives the job back whole.
+    {
+        let store = Store::open(crashed.path(), 0).unwrap();
+        assert_eq!(store.unfinished_jobs().unwrap(), vec![j.clone()]);
+        // In sled now (the replay was applied): the source apart, the record without it.
+        let (active, source) = trees(&store, |t| {
+            (
+                t.active.get(j.id.as_bytes()).unwrap().unwrap(),
+                t.sources.get(j.id.as_bytes()).unwrap(),
+            )
+        });
+        assert!(active.len() < 4_000);
+        assert!(source.is_some_and(|s| s.len() > 200_000));
+        // Leased again after the restart: the record alone is logged.
+        store.put_job(&j).unwrap();
+        flush(&store).unwrap();
+        assert!(logged(&store).iter().all(|(k, _)| *k != wal::Kind::Source));
+        // Its end takes the source away, and the finished record has none of its bytes.
+        let mut done = j.clone();
+        done.state = JobState::Succeeded;
+        done.spec.source = done.spec.source.map(|s| Box::new(s.stripped()));
+        store.finish_job(&done, None).unwrap();
+        store.checkpoint_blocking().unwrap();
+        assert!(trees(&store, |t| t.sources.is_empty()));
+        assert!(store.unfinished_jobs().unwrap().is_empty());
+    }
+}
+
+#[test]
+fn sources_of_no_unfinished_job_go_and_inline_sources_still_read() {
+    let store = Store::temporary().unwrap();
+    // A layout-3 record, its source inside it; and a source whose job is gone.
+    let inline = job_with_source(1_000);
+    trees(&store, |t| {
+        t.active
+            .insert(inline.id.as_bytes(), serde_json::to_vec(&inline).unwrap())
+            .unwrap();
+        t.sources
+            .insert(JobId::random().as_bytes(), codec::encode_source(b"x", None))
+            .unwrap();
+    });
+    assert_eq!(store.unfinished_jobs().unwrap(), vec![inline.clone()]);
+    assert!(trees(&store, |t| t.sources.is_empty()));
+    // Its next change logs the source apart, once.
+    store.put_job(&inline).unwrap();
+    store.put_job(&inline).unwrap();
+    store.checkpoint_blocking().unwrap();
+    assert_eq!(trees(&store, |t| t.sources.len()), 1);
+    assert_eq!(store.unfinished_jobs().unwrap(), vec![inline]);
+}

@@ -41,6 +41,8 @@ pub enum Kind {
     Job = 2,
     /// A finished job, as it goes into `jobs` (see `encode_finished`).
     Finish = 3,
+    /// A job's source image, logged once, apart from its record (see `codec::source_record`).
+    Source = 4,
 }
 
 impl Kind {
@@ -49,6 +51,7 @@ impl Kind {
             1 => Some(Self::Node),
             2 => Some(Self::Job),
             3 => Some(Self::Finish),
+            4 => Some(Self::Source),
             _ => None,
         }
     }

@@ -170,6 +170,14 @@ impl Schedule {
     }
 }
 
+/// What the store holds at the writer's start.
+pub(super) struct Known {
+    /// Jobs with an `active` entry in sled (or in the replayed log).
+    pub in_active: HashSet<JobId>,
+    /// Jobs whose source is in `sources` (or in the replayed log).
+    pub sourced: HashSet<JobId>,
+}
+
 /// The writer's state.
 struct Writer<'a> {
     s: &'a Shared,
@@ -177,6 +185,8 @@ struct Writer<'a> {
     images: image_log::Appender,
     /// Jobs with an `active` entry in sled, or on their way there in a checkpoint.
     in_active: HashSet<JobId>,
+    /// Unfinished jobs whose source is logged (or in sled): their records go without it.
+    sourced: HashSet<JobId>,
     /// What changed since the last checkpoint.
     changes: Changes,
     /// Jobs first logged after what the log counts durable, with their record's offset (lost
@@ -202,7 +212,7 @@ pub(super) fn run(
     queue: &Receiver<Write>,
     log: wal::Wal,
     images: image_log::Appender,
-    in_active: HashSet<JobId>,
+    known: Known,
     carried: Option<checkpoint::Work>,
 ) {
     let (tasks, task_rx) = crossbeam_channel::unbounded::<Task>();
@@ -236,7 +246,8 @@ pub(super) fn run(
         s,
         log,
         images,
-        in_active,
+        in_active: known.in_active,
+        sourced: known.sourced,
         changes: Changes::default(),
         unsynced_new: Vec::new(),
         group: None,
@@ -384,6 +395,8 @@ impl Writer<'_> {
         if let Some(Dirty::Finished { .. }) = self.changes.jobs.remove(&id) {
             lock(&self.s.pending).remove(&id);
         }
+        self.changes.sources.remove(&id);
+        self.sourced.remove(&id);
         tracing::debug!(job_id = %id, reason, "job not stored");
     }
 
@@ -438,6 +451,31 @@ impl Writer<'_> {
             }
         }
         let at = self.log.len();
+        // The source goes into the log once, on its own; the record, logged again at every
+        // change, without it.
+        let stripped;
+        let job = match job.spec.source.as_deref() {
+            Some(source) if !source.image.is_empty() => {
+                if !self.sourced.contains(&job.id) {
+                    let value = codec::encode_source(&source.image, source.mask.as_deref());
+                    let body = codec::source_record(job.id, &value);
+                    if let Err(e) = self.log.append(wal::Kind::Source, &body) {
+                        if new {
+                            self.lose(job.id, &format!("logging the job's source failed: {e}"));
+                        }
+                        round.fail("logging a job's source", e);
+                        return;
+                    }
+                    self.changes.sources.insert(job.id, value);
+                    self.sourced.insert(job.id);
+                }
+                let mut record = job.clone();
+                record.spec.source = Some(Box::new(source.stripped()));
+                stripped = record;
+                &stripped
+            }
+            _ => job,
+        };
         match log_json(&mut self.log, wal::Kind::Job, job) {
             Ok(value) => {
                 self.changes.jobs.insert(job.id, Dirty::Unfinished(value));
@@ -467,6 +505,9 @@ impl Writer<'_> {
             Ok(None) => {}
             Ok(Some((value, ended_ms))) => match self.log.append(wal::Kind::Finish, &value) {
                 Ok(()) => {
+                    // Its source goes from `sources` when this end is applied.
+                    self.changes.sources.remove(&id);
+                    self.sourced.remove(&id);
                     let previous = self.changes.jobs.insert(
                         id,
                         Dirty::Finished {

@@ -191,7 +191,12 @@ impl SourceSpec {
         })
     }
 
-    /// The same source without its bytes, for API answers.
+    /// Whether this is a [`SourceSpec::stripped`] copy: sizes without the bytes.
+    pub fn is_stripped(&self) -> bool {
+        self.image.is_empty() && self.image_bytes > 0
+    }
+
+    /// The same source without its bytes, for API answers (and records that keep them apart).
     pub fn stripped(&self) -> Self {
         Self {
             image: Arc::from(Vec::new()),
