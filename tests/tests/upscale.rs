@@ -286,6 +286,33 @@ fn jobs_upscale_on_the_node_holding_the_upscaler() -> anyhow::Result<()> {
     }
     let junk = cluster.post_raw("/v1/uploads", b"not an image")?;
     junk.expect_status(400);
+    // A form's file part (curl -F file=@render.png) is the image too; a form without one is
+    // refused naming the field.
+    let form = |name: &str, filename: &str, data: &[u8]| {
+        let mut body = format!(
+            "--XyZ\r\ncontent-disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n\
+             content-type: image/png\r\n\r\n"
+        )
+        .into_bytes();
+        body.extend_from_slice(data);
+        body.extend_from_slice(b"\r\n--XyZ--\r\n");
+        body
+    };
+    let multipart = "multipart/form-data; boundary=XyZ";
+    let as_form = cluster.post_typed(
+        "/v1/uploads",
+        multipart,
+        &form("file", "r.png", &render.body),
+    )?;
+    as_form.expect_status(201);
+    assert_eq!(as_form.json()?["bytes"], json!(render.body.len()));
+    let no_file = cluster.post_typed(
+        "/v1/uploads",
+        multipart,
+        b"--XyZ\r\ncontent-disposition: form-data; name=\"note\"\r\n\r\nhi\r\n--XyZ--\r\n",
+    )?;
+    no_file.expect_status(400);
+    assert!(String::from_utf8_lossy(&no_file.body).contains("file"));
     let extras = cluster.post(
         "/sdapi/v1/extra-single-image",
         &json!({"image": format!("data:image/png;base64,{image}"), "upscaler_1": "rrdb-x2",

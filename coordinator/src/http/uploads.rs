@@ -37,7 +37,8 @@ pub struct UploadView {
 
 /// Upload an image for later jobs
 ///
-/// The body is the image itself (PNG or JPEG, at most 16 MiB and 4096×4096 pixels). Jobs of the
+/// The body is the image itself (PNG or JPEG, at most 16 MiB and 4096×4096 pixels), or a
+/// multipart form whose `file` part is. Jobs of the
 /// same client name it as `upload:<id>` in `init_image`, `mask` or `POST /v1/upscale`'s `image`,
 /// instead of sending its base64 each time. Uploads are kept in memory for a while
 /// (`expires_in_s`), not across restarts; a job that named one keeps its own copy.
@@ -59,10 +60,12 @@ pub struct UploadView {
 pub(crate) async fn upload(
     Client(client): Client,
     state: web::Data<AppState>,
+    req: actix_web::HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse> {
-    let body = read_body(payload, MAX_SOURCE_BYTES).await?;
-    let bytes: std::sync::Arc<[u8]> = body.to_vec().into();
+    // A form's framing on top of the image's limit.
+    let body = read_body(payload, MAX_SOURCE_BYTES + 64 * 1024).await?;
+    let bytes: std::sync::Arc<[u8]> = upload_bytes(&req, &body)?.into();
     let checked = bytes.clone();
     // Decoding a large image takes a while: off the server's threads.
     let decoded = web::block(move || drover_shared::image::decode(&checked))
@@ -91,6 +94,36 @@ pub(crate) async fn upload(
             bytes: size,
             expires_in_s: state.uploads.ttl().as_secs(),
         }))
+}
+
+/// The image an upload's body holds: the body itself, or a multipart form's file part (the one
+/// named `file` or `image`, else the first with a file name), within the 16 MiB limit.
+fn upload_bytes(req: &actix_web::HttpRequest, body: &[u8]) -> Result<Vec<u8>> {
+    let content_type = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let data = if content_type
+        .to_ascii_lowercase()
+        .starts_with("multipart/form-data")
+    {
+        let mut parts = super::multipart::parse(content_type, body)?;
+        let at = parts
+            .iter()
+            .position(|p| p.name == "file" || p.name == "image")
+            .or_else(|| parts.iter().position(|p| p.filename.is_some()))
+            .ok_or_else(|| FieldError::new("file", "the form has no file part (name it `file`)"))?;
+        parts.swap_remove(at).data
+    } else {
+        body.to_vec()
+    };
+    if data.len() > MAX_SOURCE_BYTES {
+        return Err(CoordinatorError::TooLarge {
+            limit: MAX_SOURCE_BYTES,
+        });
+    }
+    Ok(data)
 }
 
 /// Forget an upload
