@@ -166,6 +166,17 @@ pub struct Attempt {
     pub outcome: String,
 }
 
+/// The `Idempotency-Key` a job was submitted with (see `control::idempotency`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Idempotency {
+    /// The key, as the client sent it.
+    pub key: String,
+    /// The submission's fingerprint (its route and body, hashed): a retry must match it.
+    pub fingerprint: String,
+    /// The job's place in its submission (a batch's order).
+    pub index: u32,
+}
+
 /// A job, as persisted in the queue.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct JobRecord {
@@ -197,6 +208,9 @@ pub struct JobRecord {
     /// The REST request that submitted it (`X-Request-Id`); nodes log it with the job.
     #[serde(default)]
     pub trace_id: Option<String>,
+    /// The submission's `Idempotency-Key`, when it had one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency: Option<Idempotency>,
 }
 
 impl JobRecord {
@@ -226,6 +240,7 @@ impl JobRecord {
             error: None,
             client: None,
             trace_id: None,
+            idempotency: None,
         }
     }
 }

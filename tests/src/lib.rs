@@ -439,6 +439,23 @@ impl ClusterSandbox {
         self.send("POST", path, Some(body), None, content_type)
     }
 
+    /// `POST path` with a JSON body and extra request headers (e.g. `Idempotency-Key`).
+    pub fn post_with_headers(
+        &self,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply> {
+        self.send_with(
+            "POST",
+            path,
+            Some(&serde_json::to_vec(body)?),
+            None,
+            "application/json",
+            headers,
+        )
+    }
+
     fn send(
         &self,
         method: &str,
@@ -446,6 +463,18 @@ impl ClusterSandbox {
         body: Option<&[u8]>,
         token: Option<&str>,
         content_type: &str,
+    ) -> Result<Reply> {
+        self.send_with(method, path, body, token, content_type, &[])
+    }
+
+    fn send_with(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&[u8]>,
+        token: Option<&str>,
+        content_type: &str,
+        extra: &[(&str, &str)],
     ) -> Result<Reply> {
         let url = format!("{}{path}", self.base_url());
         let auth = token.map(|t| format!("Bearer {t}"));
@@ -457,7 +486,10 @@ impl ClusterSandbox {
             ("GET", _) => with_auth(self.agent.get(&url)).call(),
             ("DELETE", _) => with_auth(self.agent.delete(&url)).call(),
             ("POST", Some(body)) => {
-                let r = self.agent.post(&url).header("content-type", content_type);
+                let mut r = self.agent.post(&url).header("content-type", content_type);
+                for (name, value) in extra {
+                    r = r.header(*name, *value);
+                }
                 match &auth {
                     Some(a) => r.header("authorization", a).send(body),
                     None => r.send(body),

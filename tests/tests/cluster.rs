@@ -375,3 +375,94 @@ fn a_batch_is_accepted_whole_or_not_at_all() -> anyhow::Result<()> {
     assert_eq!(cluster.get("/v1/jobs")?.json()?, json!([]));
     Ok(())
 }
+
+#[test]
+fn a_retried_submission_with_an_idempotency_key_gets_its_first_jobs_across_a_restart()
+-> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(NodeSpec::sim("once", "sd15"))?;
+    cluster.wait_for_online(&["once"], T)?;
+    let body = json!({"prompt": "a lighthouse", "size": "64x64"});
+    let keyed = |cluster: &ClusterSandbox, path: &str, body: &serde_json::Value, key: &str| {
+        cluster.post_with_headers(path, body, &[("Idempotency-Key", key)])
+    };
+    let first = keyed(&cluster, "/v1/jobs", &body, "order-1")?;
+    assert_eq!(
+        first.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&first.body)
+    );
+    let id = first.json()?["id"].as_str().unwrap_or_default().to_string();
+    assert_eq!(first.header("idempotent-replayed"), None);
+    // The retry (its first answer lost) gets the same job, marked as given again.
+    let again = keyed(&cluster, "/v1/jobs", &body, "order-1")?;
+    assert_eq!(again.status, 202);
+    assert_eq!(again.json()?["id"], id.as_str());
+    assert_eq!(again.header("idempotent-replayed"), Some("true"));
+    // The same key with another body, or a key that is not one, is refused.
+    let other = keyed(
+        &cluster,
+        "/v1/jobs",
+        &json!({"prompt": "a harbour", "size": "64x64"}),
+        "order-1",
+    )?;
+    assert_eq!(
+        other.status,
+        422,
+        "{}",
+        String::from_utf8_lossy(&other.body)
+    );
+    assert!(String::from_utf8_lossy(&other.body).contains("Idempotency-Key"));
+    let long = "k".repeat(256);
+    let bad = keyed(&cluster, "/v1/jobs", &body, &long)?;
+    assert_eq!(bad.status, 400);
+    assert!(String::from_utf8_lossy(&bad.body).contains("Idempotency-Key"));
+    // A batch: the same jobs in the same order.
+    let batch =
+        json!({"jobs": [{"prompt": "one", "size": "64x64"}, {"prompt": "two", "size": "64x64"}]});
+    let ids = |reply: &drover_tests::Reply| -> anyhow::Result<Vec<String>> {
+        Ok(reply.json()?["jobs"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|j| j["id"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default())
+    };
+    let b1 = keyed(&cluster, "/v1/jobs/batch", &batch, "batch-1")?;
+    assert_eq!(b1.status, 202);
+    let batch_ids = ids(&b1)?;
+    assert_eq!(batch_ids.len(), 2);
+    assert_eq!(
+        ids(&keyed(&cluster, "/v1/jobs/batch", &batch, "batch-1")?)?,
+        batch_ids
+    );
+    assert_eq!(cluster.wait_for_job(&id, T)?["state"], "succeeded");
+    let accepted = |cluster: &ClusterSandbox| -> anyhow::Result<String> {
+        let metrics = String::from_utf8(cluster.get("/metrics")?.body)?;
+        Ok(metrics
+            .lines()
+            .find(|l| l.starts_with("drover_jobs_accepted_total"))
+            .unwrap_or("drover_jobs_accepted_total 0")
+            .to_string())
+    };
+    // Three jobs for five submissions.
+    assert_eq!(accepted(&cluster)?, "drover_jobs_accepted_total 3");
+
+    // After a kill -9 and a restart the keys come back from the store: finished or not, the
+    // retry gets the first jobs, and nothing ran twice.
+    cluster.kill_coordinator();
+    cluster.start_coordinator()?;
+    let after = keyed(&cluster, "/v1/jobs", &body, "order-1")?;
+    assert_eq!(after.status, 202);
+    assert_eq!(after.json()?["id"], id.as_str());
+    assert_eq!(after.json()?["state"], "succeeded");
+    assert_eq!(
+        ids(&keyed(&cluster, "/v1/jobs/batch", &batch, "batch-1")?)?,
+        batch_ids
+    );
+    assert_eq!(accepted(&cluster)?, "drover_jobs_accepted_total 0");
+    Ok(())
+}

@@ -159,6 +159,38 @@ pub struct SubmitJobs {
     pub client: ClientId,
     /// Whether the caller waits for the jobs to end (then each `Submitted::done` is set).
     pub wait: bool,
+    /// The submission's `Idempotency-Key` and fingerprint, when it has one.
+    pub key: Option<SubmissionKey>,
+}
+
+/// A submission's `Idempotency-Key` and its fingerprint (`idempotency::fingerprint`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubmissionKey {
+    /// The key, as sent.
+    pub key: String,
+    /// The request's fingerprint.
+    pub fingerprint: String,
+}
+
+/// What `client` already submitted under a key (see [`super::idempotency::Keys::lookup`]).
+#[derive(Message)]
+#[rtype(result = "super::idempotency::Lookup")]
+pub struct LookupKey {
+    /// The client's label.
+    pub client: String,
+    /// The key and fingerprint.
+    pub key: SubmissionKey,
+}
+
+impl Handler<LookupKey> for ControlPlane {
+    type Result = MessageResult<LookupKey>;
+
+    fn handle(&mut self, msg: LookupKey, _: &mut Context<Self>) -> Self::Result {
+        MessageResult(
+            self.keys
+                .lookup(&msg.client, &msg.key.key, &msg.key.fingerprint),
+        )
+    }
 }
 
 /// An accepted job, and, when the submitter waits, where its end arrives.
@@ -220,8 +252,19 @@ impl ControlPlane {
         specs: Vec<JobSpec>,
         client: ClientId,
         wait: bool,
+        key: Option<SubmissionKey>,
     ) -> Result<Vec<Submitted>> {
         let reject = |plane: &Self, reason: &'static str| plane.metrics.reject(reason);
+        // A key taken since the caller looked it up: by a concurrent submission with it.
+        if let Some(k) = &key
+            && self.keys.lookup(&client.label, &k.key, &k.fingerprint)
+                != super::idempotency::Lookup::New
+        {
+            return Err(CoordinatorError::Conflict(
+                "a submission with this Idempotency-Key was accepted meanwhile; send it again to get its jobs"
+                    .into(),
+            ));
+        }
         let of = specs.len();
         let now = Instant::now();
         let mut specs = specs;
@@ -256,6 +299,16 @@ impl ControlPlane {
                 job
             })
             .collect();
+        let mut records = records;
+        if let Some(k) = &key {
+            for (index, job) in records.iter_mut().enumerate() {
+                job.idempotency = Some(crate::records::Idempotency {
+                    key: k.key.clone(),
+                    fingerprint: k.fingerprint.clone(),
+                    index: index as u32,
+                });
+            }
+        }
         let ids: Vec<JobId> = records.iter().map(|j| j.id).collect();
         let effects = match self
             .jobs
@@ -273,6 +326,10 @@ impl ControlPlane {
         };
         for id in &ids {
             tracing::info!(job_id = %id, trace_id = trace_id.as_deref().unwrap_or(""), "job accepted");
+        }
+        if let Some(k) = &key {
+            self.keys
+                .insert(&client.label, &k.key, &k.fingerprint, &ids, now_ms);
         }
         self.stage(effects);
         // Registered before anything leaves: the job may end before the submitter could ask.
@@ -305,7 +362,7 @@ impl Handler<SubmitJobs> for ControlPlane {
     type Result = Result<Vec<Submitted>>;
 
     fn handle(&mut self, msg: SubmitJobs, _: &mut Context<Self>) -> Self::Result {
-        self.submit(msg.specs, msg.client, msg.wait)
+        self.submit(msg.specs, msg.client, msg.wait, msg.key)
     }
 }
 
@@ -325,6 +382,7 @@ impl Handler<RevokeJobs> for ControlPlane {
     type Result = ();
 
     fn handle(&mut self, msg: RevokeJobs, _: &mut Context<Self>) {
+        self.keys.revoke(&msg.ids);
         let effects = self.jobs.revoke(&msg.ids, &msg.reason, now_ms());
         self.stage(effects);
         self.dispatch();

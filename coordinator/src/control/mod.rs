@@ -16,6 +16,7 @@
 //! The actor never reads the store: finished jobs are read by the REST layer.
 
 pub mod history;
+pub mod idempotency;
 pub mod jobs;
 mod messages;
 pub mod nodes;
@@ -88,6 +89,8 @@ pub struct ControlPlane {
     history: History,
     /// The most recently finished jobs, newest last.
     recent: VecDeque<JobRecord>,
+    /// Recent submissions' idempotency keys.
+    keys: idempotency::Keys,
 }
 
 /// Effects waiting for the end of a handler: the durable ones coalesced per job (the latest
@@ -109,7 +112,11 @@ impl ControlPlane {
             .into_iter()
             .map(|record| (record.id, NodeEntry::new(record, now)))
             .collect();
-        let jobs = Jobs::restore(store.unfinished_jobs()?, config.max_attempts);
+        let unfinished = store.unfinished_jobs()?;
+        let since = now_ms().saturating_sub(idempotency::KEY_TTL_MS);
+        let keys =
+            idempotency::Keys::restore(unfinished.iter().chain(&store.finished_with_keys(since)?));
+        let jobs = Jobs::restore(unfinished, config.max_attempts);
         tracing::info!(
             nodes = nodes.len(),
             jobs = jobs.len(),
@@ -135,6 +142,7 @@ impl ControlPlane {
             watchers: HashMap::new(),
             history,
             recent: VecDeque::with_capacity(RECENT_JOBS),
+            keys,
         };
         // Leases whose node is unknown (removed from the registry) cannot complete.
         let registered: HashSet<NodeId> = plane.nodes.keys().copied().collect();
@@ -441,13 +449,16 @@ impl ControlPlane {
         let effects = self.jobs.expire(wall, self.config.queue_expiry_s);
         self.stage(effects);
         let retention_ms = self.config.result_retention_s.saturating_mul(1000);
-        if retention_ms > 0 && now.saturating_duration_since(self.last_prune) >= PRUNE_INTERVAL {
+        if now.saturating_duration_since(self.last_prune) >= PRUNE_INTERVAL {
             self.last_prune = now;
-            // The store's writer runs the sweep, in order with every other write, and logs it.
-            report(
-                self.store
-                    .prune_finished(wall.saturating_sub(retention_ms), PRUNE_BATCH),
-            );
+            self.keys.prune(wall);
+            if retention_ms > 0 {
+                // The store's writer runs the sweep, in order with every other write, and logs it.
+                report(
+                    self.store
+                        .prune_finished(wall.saturating_sub(retention_ms), PRUNE_BATCH),
+                );
+            }
         }
         self.dispatch();
         self.commit();

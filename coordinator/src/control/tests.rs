@@ -99,6 +99,7 @@ fn jobs_go_where_their_lora_set_is_already_merged() {
                 specs: vec![spec(lora)],
                 client: client(),
                 wait: false,
+                key: None,
             })
         };
         // Runs one job to the end; answers the index of the node that ran it.

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::{HttpResponse, delete, get, post, web};
+use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
 use drover_shared::ids::JobId;
 use drover_shared::job::{JobRequest, random_seed};
 use drover_shared::styles::ApplyError;
@@ -19,7 +19,10 @@ use super::responses::{
     Unauthorized, Unavailable, Unprocessable,
 };
 use super::state::{AppState, MAX_BATCH_BODY, MAX_BATCH_JOBS, MAX_IMAGE_BODY, read_body};
-use crate::control::{CancelJob, Finished, JobEvent, SubmitJobs, Submitted, WaitJob};
+use crate::control::idempotency::{self, Lookup};
+use crate::control::{
+    CancelJob, Finished, JobEvent, LookupKey, SubmissionKey, SubmitJobs, Submitted, WaitJob,
+};
 use crate::error::{CoordinatorError, Result};
 use crate::limits::ClientId;
 use crate::records::{JobRecord, JobState};
@@ -96,7 +99,7 @@ pub(crate) async fn accept_requests(
     requests: Vec<JobRequest>,
     wait: bool,
 ) -> Result<Vec<Submitted>> {
-    let result = accept_checked(state, client, requests, wait).await;
+    let result = accept_checked(state, client, requests, wait, None).await;
     if let Err(e) = &result {
         count_rejection(state, e);
     }
@@ -123,6 +126,7 @@ pub(crate) async fn accept_checked(
     client: &ClientId,
     requests: Vec<JobRequest>,
     wait: bool,
+    key: Option<SubmissionKey>,
 ) -> Result<Vec<Submitted>> {
     let of = requests.len();
     let mut specs = Vec::with_capacity(requests.len());
@@ -146,7 +150,7 @@ pub(crate) async fn accept_checked(
         })?;
         specs.push(spec);
     }
-    accept_specs(state, client, specs, wait).await
+    accept_specs(state, client, specs, wait, key).await
 }
 
 /// Takes validated jobs from `client`'s rate, submits them (all or none) and waits until they
@@ -156,6 +160,7 @@ pub(crate) async fn accept_specs(
     client: &ClientId,
     specs: Vec<drover_shared::job::JobSpec>,
     wait: bool,
+    key: Option<SubmissionKey>,
 ) -> Result<Vec<Submitted>> {
     let count = u32::try_from(specs.len()).unwrap_or(u32::MAX);
     state
@@ -177,6 +182,7 @@ pub(crate) async fn accept_specs(
             specs,
             client: client.clone(),
             wait,
+            key,
         })
         .await??;
     for s in &submitted {
@@ -203,9 +209,12 @@ pub(crate) async fn accept_specs(
 #[utoipa::path(
     tag = "jobs",
     request_body = JobRequest,
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "1..=255 visible ASCII characters: a retry with the same key and body gets the first submission's job (`Idempotent-Replayed: true`) instead of a new one, for a day; the same key with another body is a 422")),
     responses(
-        (status = 202, description = "Accepted, on disk and queued", body = JobBrief,
-            headers(("Location" = String, description = "The job's URL")),
+        (status = 202, description = "Accepted, on disk and queued (or accepted before, with the same Idempotency-Key)", body = JobBrief,
+            headers(("Location" = String, description = "The job's URL"),
+                ("Idempotent-Replayed" = String, description = "`true` when the job was accepted before under the request's Idempotency-Key")),
             links(
                 ("GetJob" = (operation_id = "get_job",
                     parameters(("id" = "$response.body#/id")))),
@@ -218,6 +227,7 @@ pub(crate) async fn accept_specs(
             )),
         (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
+        (status = 409, response = Conflict),
         (status = 413, response = PayloadTooLarge),
         (status = 422, response = Unprocessable),
         (status = 429, response = TooManyRequests),
@@ -230,12 +240,91 @@ pub(crate) async fn accept_specs(
 pub(crate) async fn submit(
     Client(client): Client,
     state: web::Data<AppState>,
+    req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse> {
-    let job = accept(&state, &client, payload, false).await?.job;
+    let body = read_body(payload, MAX_IMAGE_BODY).await?;
+    let key = submission_key(&req, "/v1/jobs", &body)?;
+    if let Some(jobs) = replayed(&state, &client, key.as_ref()).await? {
+        let job = jobs.into_iter().next().ok_or_else(|| {
+            CoordinatorError::Unavailable("an idempotency key without its job".into())
+        })?;
+        return Ok(HttpResponse::Accepted()
+            .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
+            .insert_header((REPLAYED, "true"))
+            .json(job));
+    }
+    let request = JobRequest::from_json(&body)?;
+    let result = accept_checked(&state, &client, vec![request], false, key).await;
+    if let Err(e) = &result {
+        count_rejection(&state, e);
+    }
+    let job = result?
+        .pop()
+        .ok_or_else(|| CoordinatorError::Unavailable("a submission answered nothing".into()))?
+        .job;
     Ok(HttpResponse::Accepted()
         .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
         .json(JobBrief::of(&job)))
+}
+
+/// The header that marks an answer given again for an `Idempotency-Key` seen before.
+const REPLAYED: &str = "Idempotent-Replayed";
+
+/// The request's `Idempotency-Key` (checked) with its fingerprint, when it has one.
+fn submission_key(req: &HttpRequest, route: &str, body: &[u8]) -> Result<Option<SubmissionKey>> {
+    let Some(value) = req.headers().get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = value.to_str().map_err(|_| {
+        drover_shared::error::FieldError::new("Idempotency-Key", "must be visible ASCII characters")
+    })?;
+    idempotency::check_key(key)
+        .map_err(|m| drover_shared::error::FieldError::new("Idempotency-Key", m))?;
+    Ok(Some(SubmissionKey {
+        key: key.to_string(),
+        fingerprint: idempotency::fingerprint(route, body),
+    }))
+}
+
+/// The jobs of a submission made before under `key` (their state now), when it was; a key
+/// used for another request is a `422`.
+async fn replayed(
+    state: &AppState,
+    client: &ClientId,
+    key: Option<&SubmissionKey>,
+) -> Result<Option<Vec<JobBrief>>> {
+    let Some(key) = key else {
+        return Ok(None);
+    };
+    let lookup = state
+        .control
+        .send(LookupKey {
+            client: client.label.clone(),
+            key: key.clone(),
+        })
+        .await?;
+    let ids = match lookup {
+        Lookup::New => return Ok(None),
+        Lookup::Conflict => {
+            return Err(CoordinatorError::Unprocessable(
+                "this Idempotency-Key was used for another request; a retry must send the same body to the same route"
+                    .into(),
+            ));
+        }
+        Lookup::Replay(ids) => ids,
+    };
+    let mut jobs = Vec::with_capacity(ids.len());
+    for id in ids {
+        let job = state.job(id).await?.ok_or_else(|| {
+            CoordinatorError::Conflict(format!(
+                "the jobs this Idempotency-Key was used for are gone (job {id}: past the result retention)"
+            ))
+        })?;
+        jobs.push(JobBrief::of(&job));
+    }
+    tracing::info!(client = %client.label, jobs = jobs.len(), "submission replayed for its idempotency key");
+    Ok(Some(jobs))
 }
 
 /// Submit up to 256 jobs at once, all or none
@@ -245,10 +334,14 @@ pub(crate) async fn submit(
 #[utoipa::path(
     tag = "jobs",
     request_body = BatchRequest,
+    params(("Idempotency-Key" = Option<String>, Header,
+        description = "As on `POST /v1/jobs`: a retry with the same key and body gets the first batch's jobs")),
     responses(
-        (status = 202, description = "Every job accepted, in the order given", body = BatchAccepted),
+        (status = 202, description = "Every job accepted, in the order given (or accepted before, with the same Idempotency-Key)", body = BatchAccepted,
+            headers(("Idempotent-Replayed" = String, description = "`true` when the batch was accepted before under the request's Idempotency-Key"))),
         (status = 400, response = BadRequest),
         (status = 401, response = Unauthorized),
+        (status = 409, response = Conflict),
         (status = 413, response = PayloadTooLarge),
         (status = 422, response = Unprocessable),
         (status = 429, response = TooManyRequests),
@@ -261,11 +354,22 @@ pub(crate) async fn submit(
 pub(crate) async fn submit_batch(
     Client(client): Client,
     state: web::Data<AppState>,
+    req: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse> {
-    let requests = batch_requests(&read_body(payload, MAX_BATCH_BODY).await?)?;
-    let submitted = accept_requests(&state, &client, requests, false).await?;
-    let jobs = submitted.iter().map(|s| JobBrief::of(&s.job)).collect();
+    let body = read_body(payload, MAX_BATCH_BODY).await?;
+    let key = submission_key(&req, "/v1/jobs/batch", &body)?;
+    if let Some(jobs) = replayed(&state, &client, key.as_ref()).await? {
+        return Ok(HttpResponse::Accepted()
+            .insert_header((REPLAYED, "true"))
+            .json(BatchAccepted { jobs }));
+    }
+    let requests = batch_requests(&body)?;
+    let result = accept_checked(&state, &client, requests, false, key).await;
+    if let Err(e) = &result {
+        count_rejection(&state, e);
+    }
+    let jobs = result?.iter().map(|s| JobBrief::of(&s.job)).collect();
     Ok(HttpResponse::Accepted().json(BatchAccepted { jobs }))
 }
 

@@ -34,7 +34,7 @@ use crate::records::JobRecord;
 
 /// Submits one upscale job and waits for its image.
 async fn run(state: &AppState, client: &ClientId, spec: JobSpec) -> Result<(JobRecord, Arc<[u8]>)> {
-    let submitted = match accept_specs(state, client, vec![spec], true).await {
+    let submitted = match accept_specs(state, client, vec![spec], true, None).await {
         Ok(mut s) => s
             .pop()
             .ok_or_else(|| CoordinatorError::Unavailable("a submission answered nothing".into()))?,

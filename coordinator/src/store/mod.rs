@@ -633,6 +633,35 @@ impl Store {
         Ok(jobs.into_values().collect())
     }
 
+    /// Finished jobs submitted with an idempotency key since `since_ms` (read at start, to
+    /// rebuild the keys): time-ordered ids let the walk start at `since_ms`.
+    pub fn finished_with_keys(&self, since_ms: u64) -> Result<Vec<JobRecord>> {
+        let mut start = [0u8; 16];
+        start[..6].copy_from_slice(&since_ms.to_be_bytes()[2..]);
+        let mut out = self.shared.with_trees(|t| {
+            let mut out = Vec::new();
+            for entry in t.jobs.range(start..) {
+                let (_, value) = entry?;
+                let (job, _) = codec::decode_finished(&value)?;
+                if job.idempotency.is_some() {
+                    out.push(job);
+                }
+            }
+            Ok(out)
+        })?;
+        if let Some(replayed) = self.shared.replayed().as_ref() {
+            for dirty in replayed.jobs.values() {
+                if let Dirty::Finished { value, .. } = dirty {
+                    let (job, _) = codec::decode_finished(value)?;
+                    if job.idempotency.is_some() && job.created_ms >= since_ms {
+                        out.push(job);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Queues the retention sweep: deletes up to `limit` finished jobs (and their images) that
     /// ended before `before_ms`, oldest first, reading only the `finished` index entries it
     /// deletes, and the image segments last written before then. The checkpoint thread runs it
