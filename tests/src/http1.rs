@@ -27,6 +27,9 @@ pub struct Response<'a> {
     pub status: u16,
     /// The body bytes (borrowed from the connection's buffer until the next request).
     pub body: &'a [u8],
+    /// Whether the server said `Idempotent-Replayed: true` (an answer given again for an
+    /// `Idempotency-Key` it had seen).
+    pub replayed: bool,
 }
 
 impl Connection {
@@ -54,13 +57,27 @@ impl Connection {
 
     /// Sends `POST path` with a JSON `body` and reads the whole response.
     pub fn post_json(&mut self, path: &str, body: &[u8]) -> Result<Response<'_>> {
+        self.post_keyed(path, body, None)
+    }
+
+    /// [`Connection::post_json`] with an `Idempotency-Key` header when `key` is given.
+    pub fn post_keyed(
+        &mut self,
+        path: &str,
+        body: &[u8],
+        key: Option<&str>,
+    ) -> Result<Response<'_>> {
         self.request.clear();
         write!(
             self.request,
-            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
             self.host,
             body.len()
         )?;
+        if let Some(key) = key {
+            write!(self.request, "Idempotency-Key: {key}\r\n")?;
+        }
+        self.request.extend_from_slice(b"\r\n");
         self.request.extend_from_slice(body);
         let request = std::mem::take(&mut self.request);
         let sent = self.stream()?.write_all(&request);
@@ -70,13 +87,14 @@ impl Connection {
             return Err(e).context("sending the request");
         }
         match self.read_response() {
-            Ok((status, start, end, keep_alive)) => {
+            Ok((status, start, end, keep_alive, replayed)) => {
                 if !keep_alive {
                     self.stream = None;
                 }
                 Ok(Response {
                     status,
                     body: &self.buf[start..end],
+                    replayed,
                 })
             }
             Err(e) => {
@@ -86,8 +104,9 @@ impl Connection {
         }
     }
 
-    /// Reads one response into `buf`; answers (status, body start, body end, keep-alive).
-    fn read_response(&mut self) -> Result<(u16, usize, usize, bool)> {
+    /// Reads one response into `buf`; answers (status, body start, body end, keep-alive,
+    /// replayed).
+    fn read_response(&mut self) -> Result<(u16, usize, usize, bool, bool)> {
         self.buf.clear();
         let stream = self.stream.as_mut().context("no connection")?;
         let mut chunk = [0u8; 16 * 1024];
@@ -111,11 +130,15 @@ impl Connection {
             .with_context(|| format!("bad status line {status_line:?}"))?;
         let mut length = None;
         let mut keep_alive = true;
+        let mut replayed = false;
         for line in lines {
             let Some((name, value)) = line.split_once(':') else {
                 continue;
             };
             let value = value.trim();
+            if name.eq_ignore_ascii_case("idempotent-replayed") {
+                replayed = value.eq_ignore_ascii_case("true");
+            }
             if name.eq_ignore_ascii_case("content-length") {
                 length = Some(value.parse::<usize>().context("content-length")?);
             } else if name.eq_ignore_ascii_case("transfer-encoding") {
@@ -133,7 +156,7 @@ impl Connection {
             }
             self.buf.extend_from_slice(&chunk[..n]);
         }
-        Ok((status, head_end, head_end + length, keep_alive))
+        Ok((status, head_end, head_end + length, keep_alive, replayed))
     }
 }
 

@@ -306,15 +306,23 @@ fn nothing_accepted_is_lost_when_the_coordinator_is_killed() -> anyhow::Result<(
     cluster.add_node(NodeSpec::sim("n1", "sd15").env("SIM_STEP_MS", "5"))?;
     cluster.wait_for_online(&["n0", "n1"], T)?;
     // Four clients submit back to back while the coordinator is killed (SIGKILL) three times
-    // under them: requests in flight at a kill get no answer and are not counted; every job
-    // answered 202 must finish, once.
+    // under them. Every submission carries an Idempotency-Key, and a request that gets no answer
+    // (in flight at a kill) is sent again with its key until it gets one: a job accepted before
+    // the kill comes back as a replay (its 202 was lost), one that was not is accepted then. So
+    // every submission ends with exactly one job, and every job must finish, once.
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", cluster.http_port()).parse()?;
     let accepted = Arc::new(Mutex::new(Vec::<String>::with_capacity(total)));
     let unanswered = Arc::new(AtomicUsize::new(0));
+    let lost_answers = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let clients: Vec<_> = (0..4)
         .map(|c| {
-            let (accepted, unanswered, stop) = (accepted.clone(), unanswered.clone(), stop.clone());
+            let (accepted, unanswered, lost_answers, stop) = (
+                accepted.clone(),
+                unanswered.clone(),
+                lost_answers.clone(),
+                stop.clone(),
+            );
             std::thread::spawn(move || {
                 let mut conn = drover_tests::http1::Connection::new(addr);
                 for i in 0.. {
@@ -322,21 +330,35 @@ fn nothing_accepted_is_lost_when_the_coordinator_is_killed() -> anyhow::Result<(
                         break;
                     }
                     let body = json!({"prompt": format!("job {c}-{i}"), "size": "64x64"});
-                    match conn.post_json("/v1/jobs", body.to_string().as_bytes()) {
-                        Ok(r) if r.status == 202 => {
-                            let reply: Value = serde_json::from_slice(r.body).expect("json");
-                            let id = reply["id"].as_str().expect("id").to_string();
-                            let mut accepted = accepted.lock().expect("lock");
-                            accepted.push(id);
-                            if accepted.len() >= total {
-                                stop.store(true, Ordering::Relaxed);
+                    let key = format!("client-{c}-{i}");
+                    let mut retried = false;
+                    let id = loop {
+                        match conn.post_keyed("/v1/jobs", body.to_string().as_bytes(), Some(&key)) {
+                            Ok(r) if r.status == 202 => {
+                                assert!(
+                                    retried || !r.replayed,
+                                    "a first submission was answered as a replay"
+                                );
+                                if r.replayed {
+                                    lost_answers.fetch_add(1, Ordering::Relaxed);
+                                }
+                                let reply: Value = serde_json::from_slice(r.body).expect("json");
+                                break reply["id"].as_str().expect("id").to_string();
+                            }
+                            Ok(r) => panic!("unexpected answer {}", r.status),
+                            Err(_) => {
+                                if !retried {
+                                    unanswered.fetch_add(1, Ordering::Relaxed);
+                                }
+                                retried = true;
+                                std::thread::sleep(Duration::from_millis(20));
                             }
                         }
-                        Ok(r) => panic!("unexpected answer {}", r.status),
-                        Err(_) => {
-                            unanswered.fetch_add(1, Ordering::Relaxed);
-                            std::thread::sleep(Duration::from_millis(20));
-                        }
+                    };
+                    let mut accepted = accepted.lock().expect("lock");
+                    accepted.push(id);
+                    if accepted.len() >= total {
+                        stop.store(true, Ordering::Relaxed);
                     }
                 }
             })
@@ -356,15 +378,52 @@ fn nothing_accepted_is_lost_when_the_coordinator_is_killed() -> anyhow::Result<(
             .map_err(|_| anyhow::anyhow!("a client panicked"))?;
     }
     let accepted = accepted.lock().expect("lock").clone();
-    assert!(accepted.len() >= total);
+    // One job per submission: no retry made a second one.
+    let distinct: std::collections::HashSet<&String> = accepted.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        accepted.len(),
+        "a retried submission made a second job"
+    );
     for id in &accepted {
         let job = cluster.wait_for_job(id, T)?;
         assert_completed_once(&job);
     }
+    // The nodes' own logs, an independent witness: once the queue is empty, every job a node
+    // ever started is one a submission got back (a retry that made a second job would leave
+    // the first running unclaimed).
+    cluster.wait_until(T, "the queue empties", |c| {
+        let metrics = String::from_utf8(c.get("/metrics")?.body)?;
+        Ok(metrics
+            .lines()
+            .filter(|l| l.starts_with("drover_queue_depth"))
+            .all(|l| l.ends_with(" 0")))
+    })?;
+    let mut started = std::collections::HashSet::new();
+    for node in 0..2 {
+        for line in cluster.node_log(node).lines() {
+            if line.contains("job started")
+                && let Some((_, rest)) = line.split_once("job_id=")
+            {
+                started.insert(rest.chars().take(36).collect::<String>());
+            }
+        }
+    }
+    let claimed: std::collections::HashSet<String> = accepted.iter().cloned().collect();
+    let unclaimed: Vec<_> = started.difference(&claimed).collect();
+    assert!(
+        unclaimed.is_empty(),
+        "jobs no submission got back ran: {unclaimed:?}"
+    );
+    assert!(started.len() >= claimed.len());
+    let (unanswered, lost) = (
+        unanswered.load(Ordering::Relaxed),
+        lost_answers.load(Ordering::Relaxed),
+    );
+    assert!(lost <= unanswered);
     println!(
-        "{} jobs accepted across 3 coordinator kills, all finished once; {} requests in flight at a kill got no answer",
+        "{} jobs accepted across 3 coordinator kills, all finished once; {unanswered} requests in flight at a kill got no answer, {lost} of them had been accepted (their 202 lost: found again by key)",
         accepted.len(),
-        unanswered.load(Ordering::Relaxed)
     );
     Ok(())
 }
