@@ -54,6 +54,18 @@ impl Sampler {
         Sampler::Lcm,
     ];
 
+    /// The samplers a standard (not guidance-distilled) model runs, its default (DPM++ 2M) first:
+    /// every sampler but `lcm`.
+    pub fn standard() -> Vec<Sampler> {
+        let mut all = vec![Sampler::Dpmpp2m];
+        all.extend(
+            Self::ALL
+                .into_iter()
+                .filter(|s| !matches!(s, Sampler::Dpmpp2m | Sampler::Lcm)),
+        );
+        all
+    }
+
     /// The canonical id (`euler_a`, `dpmpp_2m`, ...).
     pub fn id(self) -> &'static str {
         match self {

@@ -299,6 +299,18 @@ fn files_named<T: Ord>(dir: &Path, parse: impl Fn(&str) -> Option<T>) -> Result<
     Ok(out)
 }
 
+/// The job ids a tree keyed by job id holds.
+fn job_ids(tree: &sled::Tree) -> Result<HashSet<JobId>> {
+    tree.iter()
+        .keys()
+        .map(|k| {
+            Ok(JobId::from_bytes(
+                k?.as_ref().try_into().unwrap_or_default(),
+            ))
+        })
+        .collect()
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -416,27 +428,9 @@ impl Store {
         let log = wal::Wal::create(&wal_dir, next_generation)?;
         // The `wal/` and `images/` folders' own names, durable before anything is written in them.
         File::open(dir)?.sync_all()?;
-        let mut in_active = trees
-            .active
-            .iter()
-            .keys()
-            .map(|k| {
-                Ok(JobId::from_bytes(
-                    k?.as_ref().try_into().unwrap_or_default(),
-                ))
-            })
-            .collect::<Result<HashSet<JobId>>>()?;
+        let mut in_active = job_ids(&trees.active)?;
         // Jobs whose source is stored apart already: their records are logged without it.
-        let mut sourced = trees
-            .sources
-            .iter()
-            .keys()
-            .map(|k| {
-                Ok(JobId::from_bytes(
-                    k?.as_ref().try_into().unwrap_or_default(),
-                ))
-            })
-            .collect::<Result<HashSet<JobId>>>()?;
+        let mut sourced = job_ids(&trees.sources)?;
         if let Some(changes) = &replayed {
             in_active.extend(
                 changes

@@ -12,6 +12,7 @@ use drover_shared::job::JobRequest;
 use super::*;
 use crate::records::JobState;
 
+pub(super) mod crash;
 mod faults;
 
 /// Failures to inject into a store's writes.
@@ -506,4 +507,63 @@ fn sources_of_no_unfinished_job_go_and_inline_sources_still_read() {
     store.checkpoint_blocking().unwrap();
     assert_eq!(trees(&store, |t| t.sources.len()), 1);
     assert_eq!(store.unfinished_jobs().unwrap(), vec![inline]);
+}
+
+#[test]
+fn only_what_a_sync_made_durable_survives_a_crash_that_loses_the_page_cache() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path(), 0).unwrap();
+    store
+        .shared
+        .faults
+        .hold_checkpoints
+        .store(true, Ordering::SeqCst);
+    let flushed: Vec<JobRecord> = (0..3).map(|_| job()).collect();
+    for j in &flushed {
+        store.put_job(j).unwrap();
+    }
+    flush(&store).unwrap();
+    // Written to the log file (page cache), never synced.
+    let written: Vec<JobRecord> = (0..2).map(|_| job()).collect();
+    for j in &written {
+        store.put_job(j).unwrap();
+    }
+    store.barrier();
+    let kept = crash_image(dir.path());
+    let lost = crash::lossy_image(dir.path(), false);
+    let torn = crash::lossy_image(dir.path(), true);
+    let ids = |image: &tempfile::TempDir| {
+        let reopened = Store::open(image.path(), 0).unwrap();
+        let mut ids: Vec<JobId> = reopened
+            .unfinished_jobs()
+            .unwrap()
+            .iter()
+            .map(|j| j.id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let sorted = |jobs: &[&JobRecord]| {
+        let mut ids: Vec<JobId> = jobs.iter().map(|j| j.id).collect();
+        ids.sort();
+        ids
+    };
+    // A kill -9 keeps the page cache: everything written comes back.
+    assert_eq!(
+        ids(&kept),
+        sorted(&flushed.iter().chain(&written).collect::<Vec<_>>())
+    );
+    // Losing it loses exactly what was not synced. A torn write may leave whole records of
+    // its first half (never acknowledged, so allowed either way) but never a broken one, and
+    // never less than what was synced.
+    let durable = sorted(&flushed.iter().collect::<Vec<_>>());
+    assert_eq!(ids(&lost), durable);
+    let after_tear = ids(&torn);
+    assert!(durable.iter().all(|id| after_tear.contains(id)));
+    assert!(
+        after_tear
+            .iter()
+            .all(|id| durable.contains(id) || written.iter().any(|j| j.id == *id))
+    );
+    assert!(after_tear.len() < flushed.len() + written.len(), "the tear lost nothing");
 }

@@ -249,12 +249,11 @@ impl Wal {
         #[cfg(test)]
         if let Some(after) = self.fail_after.take() {
             let after = after.min(self.buffer.len());
-            self.file
-                .write_all_at(&self.buffer[..after], self.written)?;
+            self.put(&self.buffer[..after], self.written)?;
             return Err(std::io::Error::from_raw_os_error(28).into());
         }
         if !self.buffer.is_empty() {
-            self.file.write_all_at(&self.buffer, self.written)?;
+            self.put(&self.buffer, self.written)?;
             self.written += self.buffer.len() as u64;
             self.buffer.clear();
             self.unsynced = true;
@@ -273,6 +272,9 @@ impl Wal {
         self.write()?;
         if self.unsynced {
             self.file.sync_data()?;
+            // Only now are the writes on disk (the crash simulation of the tests keeps them).
+            #[cfg(test)]
+            super::tests::crash::synced(&generation_path(&self.dir, self.generation));
             self.unsynced = false;
         }
         self.synced = self.synced.max(offset.min(self.written));
@@ -309,6 +311,18 @@ impl Wal {
         self.len = offset;
     }
 
+    /// Writes `data` at `at` in the generation's file (page cache until the next sync; the
+    /// tests' crash simulation notes what it overwrites).
+    fn put(&self, data: &[u8], at: u64) -> std::io::Result<()> {
+        #[cfg(test)]
+        super::tests::crash::before_write(
+            &generation_path(&self.dir, self.generation),
+            data.len(),
+            at,
+        );
+        self.file.write_all_at(data, at)
+    }
+
     /// Writes zeros over the file's bytes in `from..to` that it holds (best effort).
     fn clear_file(&mut self, from: u64, to: u64) {
         let on_file = self.file.metadata().map(|m| m.len()).unwrap_or(to);
@@ -319,7 +333,7 @@ impl Wal {
             let mut at = offset;
             while at < end {
                 let n = (end - at).min(zeros.len() as u64) as usize;
-                if let Err(e) = self.file.write_all_at(&zeros[..n], at) {
+                if let Err(e) = self.put(&zeros[..n], at) {
                     tracing::error!(error = %e, generation = self.generation, "cannot clear what a failed write left in the write-ahead log");
                     break;
                 }

@@ -335,13 +335,7 @@ impl RknnPipeline {
         if self.lcm_model {
             vec![Sampler::Lcm]
         } else {
-            let mut all = vec![Sampler::Dpmpp2m];
-            all.extend(
-                Sampler::ALL
-                    .into_iter()
-                    .filter(|s| !matches!(s, Sampler::Dpmpp2m | Sampler::Lcm)),
-            );
-            all
+            Sampler::standard()
         }
     }
 

@@ -488,13 +488,7 @@ impl<B: Backend> Pipeline<B> {
         if self.is_lcm() {
             vec![Sampler::Lcm]
         } else {
-            let mut all = vec![Sampler::Dpmpp2m];
-            all.extend(
-                Sampler::ALL
-                    .into_iter()
-                    .filter(|s| !matches!(s, Sampler::Dpmpp2m | Sampler::Lcm)),
-            );
-            all
+            Sampler::standard()
         }
     }
 
