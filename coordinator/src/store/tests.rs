@@ -565,5 +565,8 @@ fn only_what_a_sync_made_durable_survives_a_crash_that_loses_the_page_cache() {
             .iter()
             .all(|id| durable.contains(id) || written.iter().any(|j| j.id == *id))
     );
-    assert!(after_tear.len() < flushed.len() + written.len(), "the tear lost nothing");
+    assert!(
+        after_tear.len() < flushed.len() + written.len(),
+        "the tear lost nothing"
+    );
 }

@@ -88,13 +88,26 @@ fn unet_matches_diffusers_plain_and_with_lora_in_both_formats() {
             .unwrap(),
         &want.host("unet.out"),
     );
-    for file in ["lora-kohya.safetensors", "lora-peft.safetensors"] {
+    // Against the merge the fixture script did by hand, and against diffusers' own LoRA loader
+    // reading the same files (`scripts/make_lora_reference.py`: key conversion, alpha, fuse).
+    let by_diffusers = TensorFile::open(&fixtures().join("lora-diffusers.safetensors")).unwrap();
+    for (file, format) in [
+        ("lora-kohya.safetensors", "kohya"),
+        ("lora-peft.safetensors", "peft"),
+    ] {
         let unet = load_unet(&dir, Some(&fixtures().join(file))).unwrap();
+        let out = unet
+            .forward(sample.clone(), 759.0, &ctx, None, None)
+            .unwrap();
         check(
             &format!("unet + {file}"),
-            unet.forward(sample.clone(), 759.0, &ctx, None, None)
-                .unwrap(),
+            out.clone(),
             &want.host("unet.lora_out"),
+        );
+        check(
+            &format!("unet + {file}, diffusers' loader"),
+            out,
+            &by_diffusers.read(&format!("{format}.out")).unwrap(),
         );
     }
 }
