@@ -73,13 +73,15 @@ pub fn sample_unet_from<B: Backend>(
     progress: impl FnMut(usize, usize) -> ControlFlow<()>,
 ) -> Result<Tensor<B, 4>> {
     let device = x.device();
+    let batch = x.dims()[0];
     // The guidance embedding of guidance-distilled UNets feeds LCM sampling only; any other
-    // sampler guides by CFG (as diffusers, which skips the projection without one).
+    // sampler guides by CFG (as diffusers, which skips the projection without one). One per
+    // batch item: a batch's jobs share their guidance.
     let cond = unet
         .config()
         .time_cond_proj_dim
         .filter(|_| plan.sampler() == Sampler::Lcm)
-        .map(|d| guidance_embedding::<B>(guidance - 1.0, d, &device));
+        .map(|d| guidance_embedding::<B>(guidance - 1.0, d, &device).repeat_dim(0, batch));
     let added = |p: &Prompt<B>| {
         p.pooled.clone().map(|text_embeds| AddedCond {
             text_embeds,

@@ -4,6 +4,7 @@
 //! (weights stored as f16/bf16, so both sides compute with identical values), inputs, and the
 //! outputs PyTorch produced. Every comparison must agree within 1e-4 (max absolute error, f32).
 //!
+//! - `batch`: jobs rendered in one batch give the images they render alone.
 //! - `components`: the SD1.5 tokenizer, text encoder, UNet (with LoRAs, with the LCM guidance
 //!   embedding) and VAE decoder, one by one.
 //! - `pipeline`: the SD1.5 LCM loop end to end, and `generate` (deterministic, cancellable).
@@ -23,6 +24,7 @@
 // Helpers outside #[test] fns panic on broken fixtures, which is what a test should do.
 #![allow(clippy::unwrap_used)]
 
+mod batch;
 mod components;
 mod half;
 mod img2img;
