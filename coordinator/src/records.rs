@@ -91,6 +91,20 @@ pub struct NodeRecord {
     /// Upscalers it runs after generation, its default (for jobs naming none) first.
     #[serde(default)]
     pub upscalers: Vec<UpscalerAdvert>,
+    /// Most jobs one worker renders in one batch (`MAX_BATCH`; 1 from older nodes).
+    #[serde(default = "one")]
+    pub max_batch: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl NodeRecord {
+    /// Jobs the node takes at once: each worker a batch of up to `max_batch`.
+    pub fn slots(&self) -> u32 {
+        self.workers.saturating_mul(self.max_batch.max(1))
+    }
 }
 
 /// Where a job is in its life.
@@ -208,6 +222,9 @@ pub struct JobRecord {
     /// The REST request that submitted it (`X-Request-Id`); nodes log it with the job.
     #[serde(default)]
     pub trace_id: Option<String>,
+    /// Jobs in the batch its image was rendered in (one UNet call for all), when it succeeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_size: Option<u32>,
     /// The submission's `Idempotency-Key`, when it had one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency: Option<Idempotency>,
@@ -240,6 +257,7 @@ impl JobRecord {
             error: None,
             client: None,
             trace_id: None,
+            batch_size: None,
             idempotency: None,
         }
     }

@@ -292,6 +292,12 @@ pub struct NodeConfig {
     /// Working memory one upscaler tile may use, in bytes (sets the default tile size).
     #[arg(long, env = "UPSCALE_MEMORY", default_value_t = NodeConfig::default_upscale_memory())]
     pub upscale_memory: u64,
+    /// Most jobs one worker renders in one batch (one UNet call per step for all of them):
+    /// 1 renders one at a time; GPU nodes gain from 4–8. Jobs batch only when they share size,
+    /// steps, sampler, guidance and LoRAs, and only when every worker is busy (no job waits
+    /// for partners). RKNN nodes render one at a time.
+    #[arg(long, env = "MAX_BATCH", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub max_batch: u32,
     /// Folder of LoRA files (`NAME.safetensors`).
     #[arg(long, env = "LORA_ROOT")]
     pub lora_root: Option<PathBuf>,

@@ -21,7 +21,7 @@ use drover_shared::family::ModelFamily;
 use crate::burn::pipeline::Precision;
 use crate::config::{BackendKind, NodeConfig, PrecisionKind};
 use crate::error::{NodeError, Result};
-use crate::render::{RunJob, Worker};
+use crate::render::{RunBatch, Worker};
 use crate::sampling::Sampler;
 use crate::sim::SimRenderer;
 use crate::upscaling::{self, PostProcess, UpscalerEntry};
@@ -54,6 +54,8 @@ pub struct Capabilities {
     pub inpaint: bool,
     /// Super-resolution networks run after generation (`UPSCALER`).
     pub upscalers: Vec<UpscalerEntry>,
+    /// Most jobs one worker renders in one batch (`MAX_BATCH`; 1: one at a time).
+    pub max_batch: u32,
 }
 
 /// A LoRA under `LORA_ROOT` the node serves.
@@ -69,8 +71,8 @@ pub struct LoraEntry {
 
 /// The workers of a node and what they can do.
 pub struct WorkerPool {
-    /// Sends a job to the next free worker.
-    pub runner: Recipient<RunJob>,
+    /// Sends a batch of jobs (or one) to the next free worker.
+    pub batches: Recipient<RunBatch>,
     /// What the workers can do.
     pub capabilities: Capabilities,
     /// The upscalers jobs' `upscale` runs on (shared by every worker); `None` without any.
@@ -277,6 +279,13 @@ pub fn start_rknn(
     pool.capabilities.img2img = rknn.img2img;
     pool.capabilities.inpaint = rknn.img2img;
     pool.capabilities.samplers = rknn.samplers;
+    if config.max_batch > 1 {
+        tracing::warn!(
+            max_batch = config.max_batch,
+            "rknn models are compiled for batch 1: MAX_BATCH is ignored"
+        );
+    }
+    pool.capabilities.max_batch = 1;
     Ok(pool)
 }
 
@@ -300,10 +309,10 @@ fn pool(
     backend: BackendKind,
     workers: u32,
     loras: Vec<LoraEntry>,
-    runner: Recipient<RunJob>,
+    batches: Recipient<RunBatch>,
 ) -> WorkerPool {
     WorkerPool {
-        runner,
+        batches,
         capabilities: Capabilities {
             backend,
             family: model.family,
@@ -319,6 +328,7 @@ fn pool(
             img2img: false,
             inpaint: false,
             upscalers: Vec::new(),
+            max_batch: config.max_batch,
         },
         post: None,
     }
@@ -577,7 +587,7 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
     };
     tracing::info!(family = %family, workers, step_ms = config.sim_step_ms, loras = loras.len(), "sim workers started (simulated backend, no model)");
     Ok(WorkerPool {
-        runner: addr.recipient(),
+        batches: addr.recipient(),
         capabilities: Capabilities {
             backend: BackendKind::Sim,
             family,
@@ -596,6 +606,7 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
             img2img: true,
             inpaint: true,
             upscalers: Vec::new(),
+            max_batch: config.max_batch,
         },
         post: None,
     })

@@ -25,7 +25,7 @@ use crate::config::NodeConfig;
 use crate::convert::{self, Assignment, Refused};
 use crate::error::{NodeError, Result};
 use crate::factory::WorkerPool;
-use crate::render::{CancelFlag, PostJob, Progress, ProgressSink, RunJob};
+use crate::render::{Batcher, CancelFlag, PostJob, Progress, ProgressSink, RunJob};
 use drover_shared::job::JobTask;
 
 /// First reconnect delay; doubles up to [`MAX_BACKOFF`].
@@ -44,6 +44,8 @@ type Running = Arc<Mutex<HashMap<(JobId, LeaseId), CancelFlag>>>;
 pub struct NodeLink {
     config: NodeConfig,
     pool: WorkerPool,
+    /// Jobs on their way to the workers, batched when they wait ([`Batcher`]).
+    batcher: Batcher,
     running: Running,
     outbox_tx: mpsc::UnboundedSender<proto::NodeMessage>,
     outbox_rx: mpsc::UnboundedReceiver<proto::NodeMessage>,
@@ -55,9 +57,15 @@ impl NodeLink {
     /// A link for `pool`, configured by `config`.
     pub fn new(config: NodeConfig, pool: WorkerPool) -> Self {
         let (outbox_tx, outbox_rx) = mpsc::unbounded_channel();
+        let batcher = Batcher::new(
+            pool.batches.clone(),
+            pool.capabilities.workers as usize,
+            pool.capabilities.max_batch as usize,
+        );
         Self {
             config,
             pool,
+            batcher,
             running: Running::default(),
             outbox_tx,
             outbox_rx,
@@ -133,6 +141,7 @@ impl NodeLink {
                 .map(|&(width, height)| proto::ImageSize { width, height })
                 .collect(),
             samplers: caps.samplers.iter().map(|s| s.id().to_string()).collect(),
+            max_batch: caps.max_batch,
             img2img: caps.img2img,
             inpaint: caps.inpaint,
             upscalers: caps
@@ -365,14 +374,14 @@ impl NodeLink {
             .unwrap_or_else(|e| e.into_inner())
             .insert((job_id, lease_id), cancel.clone());
         let progress = progress_sink(self.outbox_tx.clone(), job_id, lease_id);
-        let runner = self.pool.runner.clone();
+        let batcher = self.batcher.clone();
         let outbox = self.outbox_tx.clone();
         let running = self.running.clone();
         let job_span = span.clone();
         actix_rt::spawn(
             async move {
-                let outcome = runner
-                    .send(RunJob {
+                let outcome = batcher
+                    .submit(RunJob {
                         params,
                         progress,
                         cancel,
@@ -380,7 +389,7 @@ impl NodeLink {
                         upscale,
                     })
                     .await
-                    .unwrap_or_else(|e| Err(NodeError::Render(format!("worker unavailable: {e}"))));
+                    .unwrap_or_else(|_| Err(NodeError::Render("the worker pool stopped".into())));
                 running
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -390,6 +399,7 @@ impl NodeLink {
                     Ok(rendered) => {
                         tracing::info!(
                             elapsed_ms = rendered.elapsed.as_millis() as u64,
+                            batch = rendered.batch_size,
                             "job finished"
                         );
                         node_message::Kind::Result(proto::JobResult {
@@ -398,6 +408,7 @@ impl NodeLink {
                             png: rendered.png,
                             elapsed_ms: rendered.elapsed.as_millis() as u64,
                             upscaled: rendered.upscaled,
+                            batch_size: rendered.batch_size,
                         })
                     }
                     Err(e) => {
@@ -520,6 +531,7 @@ mod tests {
             png: vec![1],
             elapsed_ms: 1,
             upscaled: false,
+            batch_size: 1,
         }))
     }
 

@@ -4,6 +4,8 @@
 //! from the prompt and seed (same prompt + seed + size → same bytes; a source image is blended
 //! in at the job's strength, where its mask is white), and its PNG metadata says it is
 //! simulated. The factory never picks it on its own: it runs only when `BACKEND=sim` is set.
+//! A batch ([`Renderer::render_batch`]) spends the steps of one job, as a GPU's batched call
+//! roughly does, and draws each job's own image.
 
 use std::ops::ControlFlow;
 use std::time::Duration;
@@ -57,6 +59,32 @@ impl Renderer for SimRenderer {
             rgb,
             truncated_tokens: 0,
         })
+    }
+
+    fn render_batch(
+        &mut self,
+        jobs: &[Params],
+        mut step: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Vec<Image>> {
+        let images = jobs
+            .iter()
+            .map(|p| {
+                Ok(Image {
+                    width: p.width,
+                    height: p.height,
+                    rgb: pattern(p)?,
+                    truncated_tokens: 0,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let steps = jobs.first().map_or(0, |p| p.steps);
+        for k in 1..=steps {
+            std::thread::sleep(self.step);
+            if step(k, steps).is_break() {
+                return Err(NodeError::Cancelled);
+            }
+        }
+        Ok(images)
     }
 }
 

@@ -757,7 +757,7 @@ pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> 
         model_id: model.display().to_string(),
         simulated: false,
     };
-    let png = crate::render::encode_png(&image, &params, &origin, None)?;
+    let png = crate::render::encode_png(&image, &params, &origin, None, 1)?;
     std::fs::write(out, png).map_err(|e| io(out, e))?;
     Ok(format!(
         "{}\n",

@@ -49,6 +49,7 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
             ("BACKEND".into(), "cpu".into()),
             ("MODEL_ROOT".into(), root.clone()),
             ("MODEL".into(), "demo-sd15".into()),
+            ("MAX_BATCH".into(), "3".into()),
         ],
     };
     cluster.add_node(cpu)?;
@@ -275,6 +276,48 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
         String::from_utf8_lossy(&reply.body)
     );
     assert_eq!(reply.header("x-node-id"), Some(std_id.as_str()));
+
+    // Dynamic batching through the real pipeline: four LCM jobs at once on the LCM node
+    // (MAX_BATCH 3, one worker): those that wait are rendered in one batched UNet call per
+    // step, each the image it renders alone.
+    let jobs: Vec<serde_json::Value> = (0..4)
+        .map(|i| {
+            json!({"prompt": format!("a lighthouse {i}"), "model": "sd15", "size": "64x64",
+                        "sampler": "lcm", "steps": 2, "seed": 20 + i})
+        })
+        .collect();
+    let reply = cluster.post("/v1/jobs/batch", &json!({ "jobs": jobs.clone() }))?;
+    assert_eq!(
+        reply.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let ids: Vec<String> = reply.json()?["jobs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|j| j["id"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut batched = None;
+    for (i, id) in ids.iter().enumerate() {
+        let job = cluster.wait_for_job(id, T)?;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        if job["batch_size"].as_u64().unwrap_or(1) > 1 {
+            batched = Some(i);
+        }
+    }
+    let i = batched.expect("the jobs that waited were batched");
+    let together = cluster.get(&format!("/v1/jobs/{}/image", ids[i]))?.body;
+    let alone = cluster.post("/v1/generate", &jobs[i])?;
+    assert_eq!(alone.status, 200);
+    assert_eq!(
+        drover_tests::png_rgb(&alone.body),
+        drover_tests::png_rgb(&together),
+        "a batched job draws what it draws alone"
+    );
 
     // What no node can run is refused at submit with each node's reason, not failed later.
     let reply = cluster.post(

@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use drover_tests::{ClusterSandbox, NodeSpec, binaries};
+use drover_tests::{ClusterSandbox, NodeSpec, binaries, png_rgb, png_text};
 use serde_json::{Value, json};
 
 const T: Duration = Duration::from_secs(60);
@@ -470,5 +470,74 @@ fn a_partitioned_node_loses_its_job_and_its_late_result_is_rejected() -> anyhow:
     assert_eq!(after["node_id"], reachable_id.as_str());
     assert_eq!(after["attempts"], job["attempts"]);
     cluster.wait_for_state("cut-off", "online", T)?;
+    Ok(())
+}
+
+#[test]
+fn a_busy_node_batches_compatible_jobs_and_each_finishes_once() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(
+        NodeSpec::sim("batcher", "sd15")
+            .env("NUM_WORKERS", "1")
+            .env("MAX_BATCH", "4")
+            .env("SIM_STEP_MS", "60"),
+    )?;
+    cluster.wait_for_online(&["batcher"], T)?;
+    let nodes = cluster.nodes()?;
+    assert_eq!(nodes[0]["max_batch"], 4, "{nodes:?}");
+    // Nine compatible jobs at once (one also of another size, which never joins them): the
+    // node takes four at a time (one worker × MAX_BATCH) and renders the waiting ones together.
+    let mut jobs: Vec<Value> = (0..9)
+        .map(|i| json!({"prompt": format!("job {i}"), "size": "64x64", "steps": 4, "seed": i}))
+        .collect();
+    jobs.push(json!({"prompt": "odd one", "size": "128x64", "steps": 4, "seed": 1}));
+    let reply = cluster.post("/v1/jobs/batch", &json!({ "jobs": jobs }))?;
+    assert_eq!(
+        reply.status,
+        202,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let ids: Vec<String> = reply.json()?["jobs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|j| j["id"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut sizes = Vec::new();
+    for id in &ids {
+        let job = cluster.wait_for_job(id, T)?;
+        assert_completed_once(&job);
+        sizes.push(job["batch_size"].as_u64().unwrap_or(0));
+    }
+    assert!(sizes.iter().all(|&s| (1..=4).contains(&s)), "{sizes:?}");
+    assert!(
+        sizes.iter().any(|&s| s > 1),
+        "nothing was batched: {sizes:?}"
+    );
+    assert_eq!(sizes[9], 1, "the job of another size ran alone: {sizes:?}");
+    // The PNG says so, and a batched job's pixels are the job's own.
+    let batched = ids
+        .iter()
+        .zip(&sizes)
+        .position(|(_, &s)| s > 1)
+        .expect("a batched job");
+    let png = cluster
+        .get(&format!("/v1/jobs/{}/image", ids[batched]))?
+        .body;
+    let text = png_text(&png);
+    assert!(
+        text.iter()
+            .any(|(k, v)| k == "batch_size" && v == &sizes[batched].to_string()),
+        "{text:?}"
+    );
+    let alone = cluster.post(
+        "/v1/generate",
+        &json!({"prompt": format!("job {batched}"), "size": "64x64", "steps": 4, "seed": batched}),
+    )?;
+    assert_eq!(alone.status, 200);
+    assert_eq!(png_rgb(&alone.body), png_rgb(&png));
     Ok(())
 }

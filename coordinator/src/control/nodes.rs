@@ -167,7 +167,7 @@ impl NodeEntry {
             online,
             suspect,
             draining: self.record.draining,
-            free_slots: self.record.workers.saturating_sub(leases as u32),
+            free_slots: self.record.slots().saturating_sub(leases as u32),
             workers: self.record.workers,
             loaded: &self.loaded,
             pixel_steps_per_second: self.speed(),
@@ -210,6 +210,8 @@ pub struct NodeRegistration {
     pub model_name: String,
     /// Its upscalers, its default first.
     pub upscalers: Vec<UpscalerAdvert>,
+    /// Most jobs one worker renders in one batch (at least 1).
+    pub max_batch: u32,
 }
 
 impl NodeRegistration {
@@ -236,6 +238,7 @@ impl NodeRegistration {
             inpaint: self.inpaint,
             model_name: self.model_name,
             upscalers: self.upscalers,
+            max_batch: self.max_batch.max(1),
         }
     }
 }

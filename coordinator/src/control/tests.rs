@@ -37,6 +37,7 @@ fn register(name: &str) -> RegisterNode {
         inpaint: true,
         model_name: "demo".into(),
         upscalers: Vec::new(),
+        max_batch: 1,
     })
 }
 
@@ -118,6 +119,7 @@ fn jobs_go_where_their_lora_set_is_already_merged() {
                     report: Some(NodeReport::Succeeded {
                         job_id: job,
                         upscaled: false,
+                        batch_size: 1,
                         lease_id: lease,
                         png: Arc::from(vec![1u8, 2, 3]),
                         elapsed_ms: 4,

@@ -112,6 +112,7 @@ pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
         loras,
         version: req.version,
         pixel_steps_per_second: req.pixel_steps_per_second,
+        max_batch: req.max_batch.clamp(1, 64),
     })
 }
 
@@ -159,6 +160,7 @@ pub fn report(message: node_message::Kind) -> Option<NodeReport> {
                 png: r.png.into(),
                 elapsed_ms: r.elapsed_ms,
                 upscaled: r.upscaled,
+                batch_size: r.batch_size.max(1),
             })
         }
         node_message::Kind::Failed(f) => {
@@ -248,6 +250,7 @@ mod tests {
             png: vec![1],
             elapsed_ms: 1,
             upscaled: false,
+            batch_size: 1,
         });
         assert_eq!(report(bad), None);
         let (job, lease) = (JobId::random(), LeaseId::random());

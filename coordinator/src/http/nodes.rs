@@ -426,6 +426,7 @@ mod tests {
                 inpaint: false,
                 model_name: format!("{model}.safetensors"),
                 upscalers: Vec::new(),
+                max_batch: 1,
             },
             state,
             suspect: false,

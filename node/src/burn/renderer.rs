@@ -176,4 +176,27 @@ impl<B: Backend> Renderer for BurnRenderer<B> {
         })?;
         self.pipeline.generate(params, step)
     }
+
+    fn render_batch(
+        &mut self,
+        jobs: &[Params],
+        step: impl FnMut(usize, usize) -> std::ops::ControlFlow<()>,
+    ) -> Result<Vec<Image>> {
+        let Some(first) = jobs.first() else {
+            return Ok(Vec::new());
+        };
+        // One key: the first job's LoRAs are every job's.
+        let loras = self.lora_files(&first.loras)?;
+        self.pipeline.plan_with(
+            first.sampler,
+            first.schedule,
+            first.steps,
+            loras.iter().any(|l| l.lcm),
+        )?;
+        self.pipeline.set_loras(&loras).map_err(|e| match e {
+            NodeError::Lora(m) => NodeError::InvalidJob(format!("lora {m}")),
+            other => other,
+        })?;
+        self.pipeline.generate_batch(jobs, step)
+    }
 }

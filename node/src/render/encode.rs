@@ -16,6 +16,7 @@ pub fn encode_png(
     params: &Params,
     origin: &Origin,
     upscaled: Option<&Upscaled>,
+    batch_size: u32,
 ) -> Result<Vec<u8>> {
     let render = |e: png::EncodingError| NodeError::Render(e.to_string());
     let mut out = Vec::new();
@@ -68,6 +69,9 @@ pub fn encode_png(
             .map(|l| format!("{}:{}", l.name, l.strength))
             .collect();
         text.push(("loras", list.join(",")));
+    }
+    if batch_size > 1 {
+        text.push(("batch_size", batch_size.to_string()));
     }
     if let Some(u) = upscaled {
         text.push(("upscaler", u.upscaler.clone()));

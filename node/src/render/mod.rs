@@ -30,9 +30,11 @@ use crate::error::{NodeError, Result};
 use crate::sampling::{Sampler, SigmaSchedule};
 use crate::upscaling::PostProcess;
 
+mod batch;
 mod encode;
 mod source;
 
+pub use batch::{BatchKey, Batcher, RunBatch, batch_key};
 pub use encode::encode_png;
 pub use source::{Fitted, Source};
 
@@ -203,6 +205,8 @@ pub struct Rendered {
     /// Whether the job's upscale ran (false without one, or when this node lacks the
     /// upscaler: the coordinator then has another node upscale the image).
     pub upscaled: bool,
+    /// Jobs in the batch it was rendered in (1: alone).
+    pub batch_size: u32,
 }
 
 /// A backend: renders one job into one image on the thread it was created on.
@@ -231,6 +235,16 @@ pub trait Renderer: Unpin + 'static {
         params: &Params,
         step: impl FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Image>;
+
+    /// Renders jobs of one [`BatchKey`] together, their images in order; `step` is the batch's.
+    /// By default one after the other (a backend that batches overrides it).
+    fn render_batch(
+        &mut self,
+        jobs: &[Params],
+        mut step: impl FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Vec<Image>> {
+        jobs.iter().map(|p| self.render(p, &mut step)).collect()
+    }
 }
 
 /// Render one job.
@@ -337,6 +351,20 @@ impl<R: Renderer> Handler<RunJob> for Worker<R> {
         } else {
             self.render(&job)?
         };
+        self.deliver(&job, image, elapsed, 1)
+    }
+}
+
+impl<R: Renderer> Worker<R> {
+    /// A rendered job's upscale (when it has one and this node holds the upscaler) and PNG.
+    fn deliver(
+        &mut self,
+        job: &RunJob,
+        image: Image,
+        elapsed: Duration,
+        batch_size: u32,
+    ) -> Result<Rendered> {
+        let only = job.upscale.as_ref().is_some_and(|p| p.only);
         let (image, upscaled) = match &job.upscale {
             None => (image, None),
             Some(post) if !only && !post.with.holds(post.spec.model.as_deref()) => {
@@ -381,17 +409,22 @@ impl<R: Renderer> Handler<RunJob> for Worker<R> {
                     .unwrap_or_default();
                 crate::upscaling::png_of(&image, done, self.origin.backend, &carried)?
             }
-            _ => encode_png(&image, &job.params, &self.origin, upscaled.as_ref())?,
+            _ => encode_png(
+                &image,
+                &job.params,
+                &self.origin,
+                upscaled.as_ref(),
+                batch_size,
+            )?,
         };
         Ok(Rendered {
             png,
             elapsed,
             upscaled: upscaled.is_some(),
+            batch_size,
         })
     }
-}
 
-impl<R: Renderer> Worker<R> {
     /// Renders the job's image, logging it; the time it took.
     fn render(&mut self, job: &RunJob) -> Result<(Image, Duration)> {
         let started = Instant::now();

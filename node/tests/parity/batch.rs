@@ -38,7 +38,14 @@ fn job(
 }
 
 /// A demo model (folder name, family, variant) and the jobs' sampler, steps and guidance.
-type Case = (&'static str, ModelFamily, &'static str, Option<Sampler>, usize, f32);
+type Case = (
+    &'static str,
+    ModelFamily,
+    &'static str,
+    Option<Sampler>,
+    usize,
+    f32,
+);
 
 /// Renders `jobs` alone and as a batch; answers the largest pixel difference.
 fn batched_vs_alone(pipe: &Pipeline<Cpu>, jobs: &[Params]) -> u8 {

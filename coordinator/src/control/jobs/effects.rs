@@ -150,6 +150,8 @@ pub enum NodeReport {
         /// Whether the node ran the job's upscale (a job that asks for one and comes back
         /// without it is upscaled next on another node).
         upscaled: bool,
+        /// Jobs in the batch it was rendered in.
+        batch_size: u32,
     },
     /// The attempt failed.
     Failed {

@@ -282,8 +282,10 @@ impl Jobs {
                 png,
                 elapsed_ms,
                 upscaled,
+                batch_size,
                 ..
             } => {
+                job.batch_size = Some(batch_size);
                 if let Some((_, total)) = job.progress {
                     job.progress = Some((total, total));
                 }

@@ -314,6 +314,7 @@ impl World {
                     &|job_id, lease_id| NodeReport::Succeeded {
                         job_id,
                         upscaled: *upscaled,
+                        batch_size: 1,
                         lease_id,
                         png: if *png {
                             png_header(64, 64)
@@ -594,6 +595,7 @@ fn a_result_counts_once_and_only_under_the_current_lease() {
     let late = NodeReport::Succeeded {
         job_id: world.ids[0],
         upscaled: false,
+        batch_size: 1,
         lease_id: first.id,
         png: Arc::from(vec![9u8]),
         elapsed_ms: 1,
@@ -783,6 +785,7 @@ fn a_render_without_its_upscale_is_queued_again_as_the_upscale() {
             png,
             elapsed_ms: 5,
             upscaled,
+            batch_size: 1,
         };
     let first = lease(&mut jobs, a, 0);
     let effects = jobs.report(node(0), succeed(a, first, png_header(64, 64), false), 2);

@@ -664,7 +664,7 @@ impl<B: Backend> Pipeline<B> {
         })
     }
 
-    /// Renders compatible text-to-image jobs together ([`batch_key`]: same size, steps,
+    /// Renders compatible text-to-image jobs together ([`crate::render::batch_key`]: same size, steps,
     /// sampler, schedule and guidance; prompts, negative prompts and seeds may differ): one
     /// batched text-encoder call per prompt kind, one batched UNet call per step (CFG: twice the
     /// batch), one batched VAE decode. Each job keeps its own seed's noise, so its image is the
@@ -681,8 +681,11 @@ impl<B: Backend> Pipeline<B> {
         if jobs.len() == 1 {
             return Ok(vec![self.generate(first, progress)?]);
         }
-        let key = batch_key(first)?;
-        if let Some(other) = jobs.iter().find(|p| batch_key(p).ok() != Some(key)) {
+        let key = crate::render::batch_key(first);
+        if let Some(other) = jobs
+            .iter()
+            .find(|p| key.is_none() || crate::render::batch_key(p) != key)
+        {
             return Err(NodeError::InvalidJob(format!(
                 "jobs rendered together must share size, steps, sampler, schedule and guidance \
                  and start from no image ({}x{} {} steps vs {}x{} {} steps)",
@@ -843,35 +846,4 @@ impl<B: Backend> Pipeline<B> {
         )?;
         Ok((denoised, tokens.truncated))
     }
-}
-
-/// What jobs rendered together in one batch share: size, steps, sampler, sigma schedule,
-/// guidance and guidance rescale. Prompts, negative prompts and seeds may differ.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct BatchKey {
-    width: usize,
-    height: usize,
-    steps: usize,
-    sampler: Option<Sampler>,
-    schedule: SigmaSchedule,
-    guidance: u32,
-    guidance_rescale: u32,
-}
-
-/// A job's [`BatchKey`]; a job that starts from an image is rendered alone.
-pub fn batch_key(params: &Params) -> Result<BatchKey> {
-    if params.source.is_some() {
-        return Err(NodeError::InvalidJob(
-            "a job that starts from an image is rendered alone".into(),
-        ));
-    }
-    Ok(BatchKey {
-        width: params.width,
-        height: params.height,
-        steps: params.steps,
-        sampler: params.sampler,
-        schedule: params.schedule,
-        guidance: params.guidance.to_bits(),
-        guidance_rescale: params.guidance_rescale.to_bits(),
-    })
 }
