@@ -202,6 +202,10 @@ pub enum Command {
         /// What to render.
         #[command(flatten)]
         args: RenderArgs,
+        /// Render this many text-to-image jobs (seeds `--seed`, `--seed`+1, ...) as one batch
+        /// and report images per second; the first image is written.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+        batch: u32,
         /// PNG to write.
         #[arg(long)]
         out: PathBuf,

@@ -157,8 +157,16 @@ pub fn cli_main() -> ExitCode {
                 tools::bench_cli(&shape, size, runs, warmup, &device),
             );
         }
-        Some(config::Command::Render { model, args, out }) => {
-            return report("render", tools::render_cli(&model, args, &out));
+        Some(config::Command::Render {
+            model,
+            args,
+            batch,
+            out,
+        }) => {
+            return report(
+                "render",
+                tools::render_cli(&model, args, batch as usize, &out),
+            );
         }
         _ => {}
     }

@@ -698,9 +698,10 @@ pub fn bench_cli(
 
 pub use crate::config::RenderArgs;
 
-/// `drover-node render`: loads a diffusers folder on the CPU, renders one image to `out` and
-/// answers one JSON line with the load and render times.
-pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> {
+/// `drover-node render`: loads a diffusers folder on the CPU, renders one image (or `batch`
+/// text-to-image jobs as one batch, seeds counting up) to `out` and answers one JSON line with
+/// the load and render times and images per second.
+pub fn render_cli(model: &Path, args: RenderArgs, batch: usize, out: &Path) -> Result<String> {
     use crate::burn::pipeline::{ModelSource, Pipeline, Precision};
     use drover_shared::sampler::SamplerName;
     let (sampler, schedule) = match args.sampler.as_deref() {
@@ -750,7 +751,22 @@ pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> 
         plan = plan.with_strength(source.strength)?;
     }
     let started = Instant::now();
-    let image = pipeline.generate(&params, |_, _| std::ops::ControlFlow::Continue(()))?;
+    let go = |_: usize, _: usize| std::ops::ControlFlow::Continue(());
+    let image = if batch > 1 {
+        let jobs: Vec<crate::render::Params> = (0..batch as u64)
+            .map(|i| crate::render::Params {
+                seed: params.seed + i,
+                ..params.clone()
+            })
+            .collect();
+        pipeline
+            .generate_batch(&jobs, go)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| NodeError::Render("a batch answered no image".into()))?
+    } else {
+        pipeline.generate(&params, go)?
+    };
     let render_ms = started.elapsed().as_secs_f64() * 1000.0;
     let origin = crate::render::Origin {
         backend: "cpu",
@@ -764,6 +780,7 @@ pub fn render_cli(model: &Path, args: RenderArgs, out: &Path) -> Result<String> 
         json!({"model": model.display().to_string(), "sampler": plan.sampler().id(),
                "steps": params.steps, "unet_calls": plan.timesteps().len(), "size": args.size,
                "guidance": args.guidance, "load_ms": load_ms, "render_ms": render_ms,
+               "batch": batch, "images_per_s": batch as f64 * 1000.0 / render_ms.max(1e-9),
                "mode": params.source.as_ref().map_or("txt2img", |s| if s.mask.is_some() { "inpaint" } else { "img2img" }),
                "strength": params.source.as_ref().map(|s| s.strength),
                "out": out.display().to_string()})
