@@ -82,6 +82,11 @@ fn histogram() -> Histogram {
     Histogram::new(BUCKETS)
 }
 
+/// Batch sizes: 1 (alone) to `MAX_BATCH`'s 64.
+fn batch_histogram() -> Histogram {
+    Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0])
+}
+
 /// The process's metrics.
 #[derive(Debug)]
 pub struct Metrics {
@@ -104,6 +109,8 @@ pub struct Metrics {
     pub run: Histogram,
     /// Time from acceptance to success.
     pub end_to_end: Histogram,
+    /// Jobs in the batch each successful job was rendered in, by node.
+    batch_sizes: Family<NodeLabel, Histogram, fn() -> Histogram>,
     queue_depth: Family<QueueLabels, Gauge>,
     nodes: Family<StateLabel, Gauge>,
     free_slots: Family<NodeFamily, Gauge>,
@@ -126,6 +133,7 @@ impl Default for Metrics {
             queue_wait: histogram(),
             run: histogram(),
             end_to_end: histogram(),
+            batch_sizes: Family::new_with_constructor(batch_histogram),
             queue_depth: Family::default(),
             nodes: Family::default(),
             free_slots: Family::default(),
@@ -180,6 +188,11 @@ impl Default for Metrics {
             m.end_to_end.clone(),
         );
         registry.register(
+            "drover_job_batch_size",
+            "Jobs in the batch each successful job was rendered in (one model call for all), by node",
+            m.batch_sizes.clone(),
+        );
+        registry.register(
             "drover_queue_depth",
             "Unfinished jobs by state and requested family",
             m.queue_depth.clone(),
@@ -205,6 +218,15 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Records the batch size a job of `node` was rendered in.
+    pub fn batch(&self, node: &str, size: u32) {
+        self.batch_sizes
+            .get_or_create(&NodeLabel {
+                node: node.to_string(),
+            })
+            .observe(f64::from(size));
+    }
+
     /// Counts a refused submission.
     pub fn reject(&self, reason: &'static str) {
         self.rejections.get_or_create(&Reason { reason }).inc();

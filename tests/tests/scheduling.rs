@@ -518,6 +518,14 @@ fn a_busy_node_batches_compatible_jobs_and_each_finishes_once() -> anyhow::Resul
         "nothing was batched: {sizes:?}"
     );
     assert_eq!(sizes[9], 1, "the job of another size ran alone: {sizes:?}");
+    // The histogram of batch sizes per node counts every job once.
+    let metrics = String::from_utf8(cluster.get("/metrics")?.body)?;
+    let count = metrics
+        .lines()
+        .find(|l| l.starts_with("drover_job_batch_size_count{node=\"batcher\"}"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<u64>().ok());
+    assert_eq!(count, Some(10), "{metrics}");
     // The PNG says so, and a batched job's pixels are the job's own.
     let batched = ids
         .iter()

@@ -280,6 +280,11 @@ impl ControlPlane {
             JobMetric::LeaseExpired => {
                 m.lease_expiries.inc();
             }
+            JobMetric::Batch { node_id, size } => {
+                if let Some(entry) = self.nodes.get(&node_id) {
+                    m.batch(&entry.record.name, size);
+                }
+            }
             JobMetric::Finished {
                 state,
                 end_to_end_s,

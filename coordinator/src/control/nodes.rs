@@ -168,6 +168,7 @@ impl NodeEntry {
             suspect,
             draining: self.record.draining,
             free_slots: self.record.slots().saturating_sub(leases as u32),
+            idle_workers: self.record.workers.saturating_sub(leases as u32),
             workers: self.record.workers,
             loaded: &self.loaded,
             pixel_steps_per_second: self.speed(),

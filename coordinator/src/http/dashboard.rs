@@ -89,7 +89,11 @@ fn node_row(n: &NodeStatus, admin: bool) -> String {
         backend = esc(&n.record.backend),
         family = n.record.family,
         busy = n.running,
-        workers = n.record.workers,
+        workers = if n.record.max_batch > 1 {
+            format!("{} × batch {}", n.record.workers, n.record.max_batch)
+        } else {
+            n.record.workers.to_string()
+        },
         advertised = speed(n.record.pixel_steps_per_second),
         sizes = if sizes.is_empty() {
             format!("≤ {:.1} Mpx", n.record.max_pixels as f64 / 1e6)
@@ -208,11 +212,15 @@ fn recent_card(j: &JobRecord, names: &HashMap<String, String>, keys: bool) -> St
         .map(|e| format!("<div class=\"err\">{}</div>", esc(&short(e, 160))))
         .unwrap_or_default();
     format!(
-        "<div class=\"card {state}\" data-job=\"{id}\">{picture}<div><b>{state}</b> on {node}<br>\
+        "<div class=\"card {state}\" data-job=\"{id}\">{picture}<div><b>{state}</b> on {node}{batch}<br>\
          <small><code>{id}</code></small><br>{prompt}{error}</div></div>",
         state = j.state,
         id = j.id,
         node = esc(&node),
+        batch = match j.batch_size {
+            Some(n) if n > 1 => format!(" (batch of {n})"),
+            _ => String::new(),
+        },
         prompt = esc(&short(&title(&j.spec), 80)),
     )
 }
@@ -625,6 +633,23 @@ mod tests {
         assert!(!locked.contains("id=\"jobs\"") && locked.contains("id=\"locked\""));
         let page = render_page(&live);
         assert!(page.contains("<script>") && !page.contains("src=\"http"));
+    }
+
+    #[test]
+    fn a_batched_job_says_its_batch() {
+        let spec = drover_shared::job::JobRequest {
+            prompt: "x".into(),
+            ..Default::default()
+        }
+        .validate(|| 1)
+        .unwrap();
+        let mut job = JobRecord::new(drover_shared::ids::JobId::random(), spec);
+        job.state = JobState::Succeeded;
+        job.batch_size = Some(3);
+        let card = recent_card(&job, &HashMap::new(), false);
+        assert!(card.contains("(batch of 3)"), "{card}");
+        job.batch_size = Some(1);
+        assert!(!recent_card(&job, &HashMap::new(), false).contains("batch"));
     }
 
     #[test]

@@ -234,6 +234,13 @@ pub enum JobMetric {
     Requeued(&'static str),
     /// A lease passed its deadline.
     LeaseExpired,
+    /// A job's image came from a batch of this many jobs on this node.
+    Batch {
+        /// The node.
+        node_id: NodeId,
+        /// Jobs in the batch.
+        size: u32,
+    },
     /// A job ended.
     Finished {
         /// How.

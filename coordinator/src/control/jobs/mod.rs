@@ -286,6 +286,10 @@ impl Jobs {
                 ..
             } => {
                 job.batch_size = Some(batch_size);
+                out.push(Effect::Metric(JobMetric::Batch {
+                    node_id: node,
+                    size: batch_size,
+                }));
                 if let Some((_, total)) = job.progress {
                     job.progress = Some((total, total));
                 }

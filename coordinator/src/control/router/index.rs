@@ -13,7 +13,7 @@ use drover_shared::ids::NodeId;
 use super::{NodeView, capability, lora_set_key, remember_set, speed_key};
 
 /// A node's rank in the index, smaller is better: faster, then more free slots.
-type Rank = (Reverse<u64>, Reverse<u32>);
+type Rank = (Reverse<bool>, Reverse<u64>, Reverse<u32>);
 
 /// What the index keeps about a node that can take work now.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,8 +22,10 @@ pub struct Member {
     pub family: ModelFamily,
     /// Speed bucket (`speed_key`).
     pub speed: u64,
-    /// Free worker slots (> 0).
+    /// Free slots (> 0).
     pub free: u32,
+    /// Workers not running a job.
+    pub idle: u32,
     /// Worker actors.
     pub workers: u32,
     /// LoRA sets merged on its workers, most recent first.
@@ -38,19 +40,24 @@ impl Member {
             family: node.family,
             speed: speed_key(node),
             free: node.free_slots,
+            idle: node.idle_workers,
             workers: node.workers,
             loaded: node.loaded.to_vec(),
         })
     }
 
     fn rank(&self) -> Rank {
-        (Reverse(self.speed), Reverse(self.free))
+        (
+            Reverse(self.idle > 0),
+            Reverse(self.speed),
+            Reverse(self.free),
+        )
     }
 }
 
-/// An index pick's candidate, smaller is better: speed rank, not affine, free-slot rank, then
-/// (before the pivot, key) so equals take turns.
-type Candidate<K> = (Reverse<u64>, bool, Reverse<u32>, (bool, K));
+/// An index pick's candidate, smaller is better: idle rank, speed rank, not affine, free-slot
+/// rank, then (before the pivot, key) so equals take turns.
+type Candidate<K> = (Reverse<bool>, Reverse<u64>, bool, Reverse<u32>, (bool, K));
 
 /// Nodes grouped by rank, best first; within a rank, by key.
 type Ranked<K> = BTreeMap<Rank, BTreeSet<K>>;
@@ -171,12 +178,13 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
         pivot: K,
         capable: impl Fn(K) -> bool,
     ) -> Option<K> {
-        // (speed rank, not affine, free-slot rank, (before the pivot, key)): smaller is better,
-        // across families too.
+        // (idle rank, speed rank, not affine, free-slot rank, (before the pivot, key)): smaller
+        // is better, across families too.
         let mut best: Option<Candidate<K>> = None;
         for family in families {
             // The family's best capable node; then its best capable node with the job's LoRA set
-            // merged, which wins when it is as fast: affinity outranks free slots, not speed.
+            // merged, which wins when it is as idle and as fast: affinity outranks free slots,
+            // not idleness or speed.
             let Some((g_rank, g_key)) =
                 first_capable(&self.ranked[family_slot(*family)], pivot, &capable)
             else {
@@ -187,7 +195,9 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
                 .get(&(*family, set))
                 .and_then(|ranked| first_capable(ranked, pivot, &capable));
             let (rank, key, affine) = match affine_best {
-                Some((a_rank, a_key)) if a_rank.0 == g_rank.0 => (a_rank, a_key, true),
+                Some((a_rank, a_key)) if (a_rank.0, a_rank.1) == (g_rank.0, g_rank.1) => {
+                    (a_rank, a_key, true)
+                }
                 _ => {
                     let affine = self
                         .members
@@ -196,12 +206,12 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
                     (g_rank, g_key, affine)
                 }
             };
-            let candidate = (rank.0, !affine, rank.1, (key < pivot, key));
+            let candidate = (rank.0, rank.1, !affine, rank.2, (key < pivot, key));
             if best.is_none_or(|b| candidate < b) {
                 best = Some(candidate);
             }
         }
-        best.map(|(_, _, _, (_, key))| key)
+        best.map(|(_, _, _, _, (_, key))| key)
     }
 
     /// Records that node `key` took one job of LoRA set `set`: one slot less, and the set now
@@ -211,6 +221,7 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
             return;
         };
         member.free -= 1;
+        member.idle = member.idle.saturating_sub(1);
         remember_set(&mut member.loaded, set, member.workers as usize);
         self.upsert(key, Some(member));
     }
@@ -288,6 +299,7 @@ pub fn sample_farm(n: usize) -> Vec<NodeView<'static>> {
                 suspect: false,
                 draining: i % 11 == 0,
                 free_slots: (i % 3) as u32,
+                idle_workers: (i % 3) as u32,
                 workers: 2,
                 loaded: &[0],
                 pixel_steps_per_second: 1e6 + i as f64,

@@ -27,6 +27,7 @@ fn node(i: u8, family: ModelFamily) -> NodeView<'static> {
         suspect: false,
         draining: false,
         free_slots: 1,
+        idle_workers: 1,
         workers: 2,
         loaded: &[0],
         pixel_steps_per_second: 0.0,
@@ -180,6 +181,7 @@ fn family_and_size_and_liveness_are_named() {
     );
     let busy = NodeView {
         free_slots: 0,
+        idle_workers: 0,
         ..sd15.clone()
     };
     assert_eq!(check(r#"{"prompt":"x"}"#, &busy), Some(SkipReason::Busy));
@@ -260,6 +262,7 @@ fn feasibility_ignores_load_but_not_capability() {
     let busy_offline = NodeView {
         online: false,
         free_slots: 0,
+        idle_workers: 0,
         ..node(1, ModelFamily::Sdxl)
     };
     assert_eq!(
@@ -373,7 +376,7 @@ proptest! {
         jobs in 0usize..30,
     ) {
         let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, s)| NodeView {
-            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
+            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4, idle_workers: s.4 / 2,
             max_pixels: 2048 * 2048,
             ..node(i as u8, s.0)
         }).collect();
@@ -407,7 +410,7 @@ proptest! {
         turn in any::<u64>(),
     ) {
         let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, s)| NodeView {
-            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
+            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4, idle_workers: s.4 / 2,
             max_pixels: [512 * 512, 768 * 768, 1024 * 1024, 2048 * 2048][s.5 as usize],
             sizes: FIXED_SIZES[s.6],
             samplers: &[],
@@ -489,6 +492,7 @@ proptest! {
             NodeView {
                 online: s.0,
                 free_slots: s.1,
+                idle_workers: s.1,
                 pixel_steps_per_second: SPEEDS[s.2],
                 loaded: Box::leak(loaded.into_boxed_slice()),
                 loras: adverts,
@@ -535,7 +539,7 @@ proptest! {
             })).collect::<Vec<_>>(),
         ));
         let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, (s, has))| NodeView {
-            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
+            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4, idle_workers: s.4,
             max_pixels: [512 * 512, 768 * 768, 1024 * 1024, 2048 * 2048][s.5 as usize],
             sizes: FIXED_SIZES[s.6],
             samplers: &[],
@@ -779,4 +783,35 @@ fn an_upscale_no_renderer_holds_follows_on_another_node() {
     let unknown = job(r#"{"prompt":"x","model":"sdxl","upscale":{"model":"x8"}}"#);
     assert!(!follow_up_feasible(&unknown, &nodes));
     assert!(!follow_up_feasible(&job(r#"{"prompt":"x"}"#), &nodes));
+}
+
+#[test]
+fn a_job_never_waits_on_a_batching_node_while_another_could_start_it() {
+    // A fast node whose one worker is busy but that still takes jobs to batch, and a slow
+    // node with an idle worker: the job starts now, on the slow one.
+    let busy_fast = NodeView {
+        free_slots: 3,
+        idle_workers: 0,
+        pixel_steps_per_second: 1e7,
+        ..node(1, ModelFamily::Sd15)
+    };
+    let idle_slow = NodeView {
+        free_slots: 1,
+        idle_workers: 1,
+        pixel_steps_per_second: 1e5,
+        ..node(2, ModelFamily::Sd15)
+    };
+    let nodes = [busy_fast.clone(), idle_slow.clone()];
+    let spec = job(r#"{"prompt":"x"}"#);
+    for turn in 0..4 {
+        assert_eq!(pick(&spec, &nodes, turn), Ok(idle_slow.id));
+        assert_eq!(RoutingIndex::new(&nodes).pick(&spec, &nodes, turn), Some(1));
+    }
+    // With no worker idle anywhere, the batching node's slots are used, fastest first.
+    let idle_none = NodeView {
+        idle_workers: 0,
+        ..idle_slow
+    };
+    let nodes = [busy_fast.clone(), idle_none];
+    assert_eq!(pick(&spec, &nodes, 0), Ok(busy_fast.id));
 }
