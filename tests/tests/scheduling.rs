@@ -549,3 +549,113 @@ fn a_busy_node_batches_compatible_jobs_and_each_finishes_once() -> anyhow::Resul
     assert_eq!(png_rgb(&alone.body), png_rgb(&png));
     Ok(())
 }
+
+/// Submits `n` compatible jobs to a batching node and waits until at least `together` of them
+/// run at once (one worker: they run as one batch); answers their ids.
+fn start_a_batch(
+    cluster: &ClusterSandbox,
+    n: usize,
+    together: usize,
+) -> anyhow::Result<Vec<String>> {
+    let jobs: Vec<Value> = (0..n)
+        .map(|i| json!({"prompt": format!("batched {i}"), "size": "64x64", "steps": 30, "seed": i}))
+        .collect();
+    let reply = cluster.post("/v1/jobs/batch", &json!({ "jobs": jobs }))?;
+    anyhow::ensure!(
+        reply.status == 202,
+        "{}",
+        String::from_utf8_lossy(&reply.body)
+    );
+    let ids: Vec<String> = reply.json()?["jobs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|j| j["id"].as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    cluster.wait_until(T, "a batch runs", |c| {
+        let mut running = 0;
+        for id in &ids {
+            if c.job(id)?["state"] == "running" {
+                running += 1;
+            }
+        }
+        Ok(running >= together)
+    })?;
+    Ok(ids)
+}
+
+#[test]
+fn a_node_killed_in_the_middle_of_a_batch_loses_nothing() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    let batcher = cluster.add_node(
+        NodeSpec::sim("batcher", "sd15")
+            .env("NUM_WORKERS", "1")
+            .env("MAX_BATCH", "4")
+            .env("SIM_STEP_MS", "100"),
+    )?;
+    cluster.wait_for_online(&["batcher"], T)?;
+    // The first job runs alone; the next four wait and then run as one batch.
+    let ids = start_a_batch(&cluster, 5, 2)?;
+    cluster.add_node(NodeSpec::sim("rescuer", "sd15").env("SIM_STEP_MS", "5"))?;
+    cluster.wait_for_online(&["rescuer"], T)?;
+    let rescuer = cluster.node_id("rescuer")?.expect("registered");
+    cluster.kill_node(batcher);
+    for id in &ids {
+        let job = cluster.wait_for_job(id, T)?;
+        assert_completed_once(&job);
+    }
+    // Whatever the batch held was re-run on the other node, once.
+    let moved = ids
+        .iter()
+        .filter(|id| {
+            cluster.job(id).is_ok_and(|j| {
+                j["node_id"] == rescuer.as_str()
+                    && j["attempts"].as_array().is_some_and(|a| a.len() == 2)
+            })
+        })
+        .count();
+    assert!(moved >= 2, "the batch's jobs moved: {moved}");
+    Ok(())
+}
+
+#[test]
+fn cancelling_one_job_of_a_running_batch_leaves_the_others_whole() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    cluster.add_node(
+        NodeSpec::sim("batcher", "sd15")
+            .env("NUM_WORKERS", "1")
+            .env("MAX_BATCH", "4")
+            .env("SIM_STEP_MS", "100"),
+    )?;
+    cluster.wait_for_online(&["batcher"], T)?;
+    // The node takes four jobs (one worker × MAX_BATCH): the first runs alone, the other
+    // three wait and then run as one batch.
+    let ids = start_a_batch(&cluster, 4, 1)?;
+    cluster.wait_for_job(&ids[0], T)?;
+    cluster.wait_until(T, "the batch runs", |c| {
+        Ok(ids[1..]
+            .iter()
+            .all(|id| c.job(id).is_ok_and(|j| j["state"] == "running")))
+    })?;
+    let reply = cluster.delete(&format!("/v1/jobs/{}", ids[2]))?;
+    assert_eq!(reply.status, 200);
+    assert_eq!(cluster.wait_for_job(&ids[2], T)?["state"], "cancelled");
+    for (i, id) in ids.iter().enumerate().skip(1) {
+        if i == 2 {
+            continue;
+        }
+        let job = cluster.wait_for_job(id, T)?;
+        assert_completed_once(&job);
+        assert_eq!(job["batch_size"], 3, "{job}");
+        // Its pixels are its own, as rendered alone.
+        let png = cluster.get(&format!("/v1/jobs/{id}/image"))?.body;
+        let alone = cluster.post(
+            "/v1/generate",
+            &json!({"prompt": format!("batched {i}"), "size": "64x64", "steps": 1, "seed": i}),
+        )?;
+        assert_eq!(png_rgb(&alone.body), png_rgb(&png));
+    }
+    Ok(())
+}
