@@ -61,6 +61,12 @@ struct Options {
     /// Jobs per second offered in the paced phase (default: half the saturation rate).
     #[arg(long)]
     rate: Option<f64>,
+    /// Milliseconds each simulated step takes (0: zero-time nodes, the scheduler alone).
+    #[arg(long, default_value_t = 0)]
+    step_ms: u64,
+    /// The nodes' MAX_BATCH (dynamic batching; a simulated batch takes one job's time).
+    #[arg(long, default_value_t = 1)]
+    max_batch: u32,
     /// Where the sandbox binaries are (default: next to this executable); another build's, to
     /// measure it with the same load generator.
     #[arg(long)]
@@ -358,7 +364,8 @@ fn main() -> Result<()> {
         let name = format!("sim-{i}");
         cluster.add_node(
             NodeSpec::sim(&name, "sd15")
-                .env("SIM_STEP_MS", "0")
+                .env("SIM_STEP_MS", &o.step_ms.to_string())
+                .env("MAX_BATCH", &o.max_batch.to_string())
                 .env("NUM_WORKERS", &o.workers.to_string()),
         )?;
         names.push(name);
@@ -373,8 +380,8 @@ fn main() -> Result<()> {
         format!("POST /sdapi/v1/txt2img, {} images", o.batch)
     };
     println!(
-        "drover-loadgen: {} sim nodes × {} workers (0 ms steps), {} clients, {what} per request, 64x64 1 step",
-        o.nodes, o.workers, o.clients
+        "drover-loadgen: {} sim nodes × {} workers ({} ms steps, MAX_BATCH {}), {} clients, {what} per request, 64x64 1 step",
+        o.nodes, o.workers, o.step_ms, o.max_batch, o.clients
     );
     let b = o.batch;
 
