@@ -466,3 +466,35 @@ fn a_retried_submission_with_an_idempotency_key_gets_its_first_jobs_across_a_res
     assert_eq!(accepted(&cluster)?, "drover_jobs_accepted_total 0");
     Ok(())
 }
+
+#[test]
+fn a_late_node_is_suspect_and_gets_no_work_then_offline_then_back() -> anyhow::Result<()> {
+    // Heartbeats every 100 ms: suspect after 300 ms of silence, offline after 4 s.
+    let mut cluster = ClusterSandbox::start(binaries!(), &[("DROVER_OFFLINE_GRACE_MS", "4000")])?;
+    let late = cluster.add_node(NodeSpec::sim("late", "sd15").env("SIM_STEP_MS", "5"))?;
+    cluster.add_node(NodeSpec::sim("steady", "sd15").env("SIM_STEP_MS", "5"))?;
+    cluster.wait_for_online(&["late", "steady"], T)?;
+    let steady = cluster.node_id("steady")?.expect("registered");
+    let late_id = cluster.node_id("late")?.expect("registered");
+
+    cluster.signal_node(late, "STOP")?;
+    cluster.wait_for_state("late", "suspect", Duration::from_secs(3))?;
+    // While suspect (its session still open), it gets nothing new: every job goes to steady.
+    for i in 0..4 {
+        let id = cluster.submit(&json!({"prompt": format!("while late {i}"), "size": "64x64"}))?;
+        let job = cluster.wait_for_job(&id, T)?;
+        assert_eq!(job["node_id"], steady.as_str(), "{job}");
+        assert_eq!(job["attempts"].as_array().map(Vec::len), Some(1), "{job}");
+    }
+    assert_eq!(cluster.node_state("late")?.as_deref(), Some("suspect"));
+    cluster.wait_for_state("late", "offline", Duration::from_secs(8))?;
+
+    // Thawed: online again, and it takes work again.
+    cluster.signal_node(late, "CONT")?;
+    cluster.wait_for_state("late", "online", T)?;
+    cluster.wait_until(T, "a job runs on the node that came back", |c| {
+        let id = c.submit(&json!({"prompt": "after", "size": "64x64"}))?;
+        Ok(c.wait_for_job(&id, T)?["node_id"] == late_id.as_str())
+    })?;
+    Ok(())
+}
