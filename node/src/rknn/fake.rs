@@ -103,6 +103,9 @@ fn attr(i: usize, a: &AttrSpec) -> TensorAttr {
 struct Context {
     spec: NetSpec,
     inputs: Vec<TensorAttr>,
+    /// The outputs as the model was converted (what `RKNN_QUERY_OUTPUT_ATTR` answers).
+    converted: Vec<TensorAttr>,
+    /// The outputs at the current input shapes (`RKNN_QUERY_CURRENT_OUTPUT_ATTR`).
     outputs: Vec<TensorAttr>,
     fed: Vec<Option<Vec<f64>>>,
     result: Option<Vec<Vec<f32>>>,
@@ -382,7 +385,7 @@ impl RknnApi for FakeRknn {
             .enumerate()
             .map(|(i, a)| attr(i, a))
             .collect();
-        let outputs = spec
+        let outputs: Vec<TensorAttr> = spec
             .outputs
             .iter()
             .enumerate()
@@ -393,6 +396,7 @@ impl RknnApi for FakeRknn {
             Context {
                 fed: vec![None; inputs.len()],
                 inputs,
+                converted: outputs.clone(),
                 outputs,
                 spec,
                 result: None,
@@ -431,10 +435,15 @@ impl RknnApi for FakeRknn {
         &self,
         ctx: ContextHandle,
         index: u32,
-        _current: bool,
+        current: bool,
     ) -> Result<TensorAttr, i32> {
-        self.with(ctx, |c| c.outputs.get(index as usize).cloned())?
-            .ok_or(-5)
+        // As the runtime: the plain query answers the shapes the model was converted with,
+        // only the `CURRENT` one those of the shapes set last.
+        self.with(ctx, |c| {
+            let outputs = if current { &c.outputs } else { &c.converted };
+            outputs.get(index as usize).cloned()
+        })?
+        .ok_or(-5)
     }
 
     fn input_shapes(&self, ctx: ContextHandle, index: u32) -> Result<Vec<Vec<u32>>, i32> {
@@ -457,8 +466,12 @@ impl RknnApi for FakeRknn {
             attrs.iter().map(|a| a.dims.clone()).collect(),
         ));
         self.with(ctx, |c| {
+            // A model converted with static shapes takes no shapes at all.
+            if c.spec.shapes.iter().all(Vec::is_empty) {
+                return -5;
+            }
             for (i, a) in attrs.iter().enumerate() {
-                let accepted = c.spec.shapes.get(i).is_none_or(|s| s.contains(&a.dims));
+                let accepted = c.spec.shapes.get(i).is_some_and(|s| s.contains(&a.dims));
                 if !accepted || a.index as usize != i {
                     return -5;
                 }
