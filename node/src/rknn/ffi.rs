@@ -330,6 +330,82 @@ impl RknnApi for RknnLibrary {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rknn::api::{CoreMask, RknnStatus, TensorFormat, TensorType};
+
+    /// The status, type, format and core-mask tables of `api` are Rockchip's header as
+    /// `rknpu2-sys` binds it, not only round trips of themselves.
+    #[test]
+    fn the_api_tables_are_the_headers_constants() {
+        let statuses = [
+            (sys::RKNN_ERR_FAIL, RknnStatus::Fail),
+            (sys::RKNN_ERR_TIMEOUT, RknnStatus::Timeout),
+            (
+                sys::RKNN_ERR_DEVICE_UNAVAILABLE,
+                RknnStatus::DeviceUnavailable,
+            ),
+            (sys::RKNN_ERR_MALLOC_FAIL, RknnStatus::MallocFail),
+            (sys::RKNN_ERR_PARAM_INVALID, RknnStatus::ParamInvalid),
+            (sys::RKNN_ERR_MODEL_INVALID, RknnStatus::ModelInvalid),
+            (sys::RKNN_ERR_CTX_INVALID, RknnStatus::CtxInvalid),
+            (sys::RKNN_ERR_INPUT_INVALID, RknnStatus::InputInvalid),
+            (sys::RKNN_ERR_OUTPUT_INVALID, RknnStatus::OutputInvalid),
+            (sys::RKNN_ERR_DEVICE_UNMATCH, RknnStatus::DeviceUnmatch),
+            (
+                sys::RKNN_ERR_INCOMPATILE_PRE_COMPILE_MODEL,
+                RknnStatus::IncompatiblePrecompiledModel,
+            ),
+            (
+                sys::RKNN_ERR_INCOMPATILE_OPTIMIZATION_LEVEL_VERSION,
+                RknnStatus::IncompatibleOptimizationLevel,
+            ),
+            (
+                sys::RKNN_ERR_TARGET_PLATFORM_UNMATCH,
+                RknnStatus::TargetPlatformUnmatch,
+            ),
+        ];
+        for (code, status) in statuses {
+            assert_eq!(RknnStatus::from_code(code), status, "{code}");
+            assert_eq!(status.code(), code);
+        }
+        use sys::_rknn_tensor_type as t;
+        let types = [
+            (t::RKNN_TENSOR_FLOAT32, TensorType::F32),
+            (t::RKNN_TENSOR_FLOAT16, TensorType::F16),
+            (t::RKNN_TENSOR_INT8, TensorType::I8),
+            (t::RKNN_TENSOR_UINT8, TensorType::U8),
+            (t::RKNN_TENSOR_INT16, TensorType::I16),
+            (t::RKNN_TENSOR_UINT16, TensorType::U16),
+            (t::RKNN_TENSOR_INT32, TensorType::I32),
+            (t::RKNN_TENSOR_UINT32, TensorType::U32),
+            (t::RKNN_TENSOR_INT64, TensorType::I64),
+            (t::RKNN_TENSOR_BOOL, TensorType::Bool),
+            (t::RKNN_TENSOR_INT4, TensorType::I4),
+            (t::RKNN_TENSOR_BFLOAT16, TensorType::Bf16),
+        ];
+        for (raw, ty) in types {
+            assert_eq!((TensorType::from_raw(raw), ty.raw()), (ty, raw));
+        }
+        use sys::_rknn_tensor_format as f;
+        for (raw, format) in [
+            (f::RKNN_TENSOR_NCHW, TensorFormat::Nchw),
+            (f::RKNN_TENSOR_NHWC, TensorFormat::Nhwc),
+            (f::RKNN_TENSOR_NC1HWC2, TensorFormat::Nc1hwc2),
+            (f::RKNN_TENSOR_UNDEFINED, TensorFormat::Undefined),
+        ] {
+            assert_eq!((TensorFormat::from_raw(raw), format.raw()), (format, raw));
+        }
+        use sys::_rknn_core_mask as m;
+        for (raw, mask) in [
+            (m::RKNN_NPU_CORE_AUTO, CoreMask::Auto),
+            (m::RKNN_NPU_CORE_0, CoreMask::Core0),
+            (m::RKNN_NPU_CORE_1, CoreMask::Core1),
+            (m::RKNN_NPU_CORE_2, CoreMask::Core2),
+            (m::RKNN_NPU_CORE_0_1, CoreMask::Core01),
+            (m::RKNN_NPU_CORE_0_1_2, CoreMask::Core012),
+        ] {
+            assert_eq!(mask.raw(), raw, "{}", mask.name());
+        }
+    }
 
     #[test]
     fn a_missing_runtime_is_a_clear_error() {
