@@ -142,10 +142,38 @@ fn every_bad_file_gets_its_own_error() {
 }
 
 proptest! {
-    /// Random bytes never panic and never allocate past the file.
+    /// Random bytes never panic; what parses never claims data past the file, and what does
+    /// not is refused with a reason (the short ones as too short).
     #[test]
     fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
-        let _ = parse_bytes(&bytes);
+        match parse_bytes(&bytes) {
+            Ok(header) => prop_assert!(header.data_bytes() <= bytes.len() as u64),
+            Err(e) => {
+                prop_assert!(!e.to_string().is_empty());
+                if bytes.len() < 8 {
+                    prop_assert!(matches!(e, HeaderError::TooShort { .. }), "{e}");
+                }
+            }
+        }
+    }
+
+    /// A valid file cut anywhere is refused, and for the reason the cut makes: inside the
+    /// 8-byte length, too short; inside the header, the header runs past the file; inside the
+    /// data, truncated. Never accepted, never another kind of error.
+    #[test]
+    fn a_cut_file_is_refused_for_where_it_was_cut(cut in any::<prop::sample::Index>(), dims in proptest::collection::vec(1u64..5, 1..4)) {
+        let tensors = vec![spec("x.attn2.to_k.weight", Dtype::F16, &dims), spec("y", Dtype::F32, &[3])];
+        let bytes = build::to_bytes(&tensors, &[("k", "v")]);
+        let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let at = cut.index(bytes.len());
+        let err = parse_bytes(&bytes[..at]).expect_err("a cut file is refused");
+        if at < 8 {
+            prop_assert!(matches!(err, HeaderError::TooShort { .. }), "{err}");
+        } else if at < header_end {
+            prop_assert!(matches!(err, HeaderError::HeaderBeyondFile { .. }), "{err}");
+        } else {
+            prop_assert!(matches!(err, HeaderError::Truncated { .. }), "{err}");
+        }
     }
 
     /// Valid files with one byte changed are either still valid or refused with an error.
