@@ -14,14 +14,14 @@ use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::{PartialSchema, ToSchema};
 
 use super::auth::Client;
+use super::idempotent::{REPLAYED, replayed, submission_key};
 use super::responses::{
     BadRequest, Conflict, Internal, JobFailed, NotFound, PayloadTooLarge, Timeout, TooManyRequests,
     Unauthorized, Unavailable, Unprocessable,
 };
 use super::state::{AppState, MAX_BATCH_BODY, MAX_BATCH_JOBS, MAX_IMAGE_BODY, read_body};
-use crate::control::idempotency::{self, Lookup};
 use crate::control::{
-    CancelJob, Finished, JobEvent, LookupKey, SubmissionKey, SubmitJobs, Submitted, WaitJob,
+    CancelJob, Finished, JobEvent, SubmissionKey, SubmitJobs, Submitted, WaitJob,
 };
 use crate::error::{CoordinatorError, Result};
 use crate::limits::ClientId;
@@ -37,7 +37,7 @@ pub struct JobBrief {
 }
 
 impl JobBrief {
-    fn of(job: &JobRecord) -> Self {
+    pub(crate) fn of(job: &JobRecord) -> Self {
         Self {
             id: job.id,
             state: job.state,
@@ -266,65 +266,6 @@ pub(crate) async fn submit(
     Ok(HttpResponse::Accepted()
         .insert_header(("Location", format!("/v1/jobs/{}", job.id)))
         .json(JobBrief::of(&job)))
-}
-
-/// The header that marks an answer given again for an `Idempotency-Key` seen before.
-const REPLAYED: &str = "Idempotent-Replayed";
-
-/// The request's `Idempotency-Key` (checked) with its fingerprint, when it has one.
-fn submission_key(req: &HttpRequest, route: &str, body: &[u8]) -> Result<Option<SubmissionKey>> {
-    let Some(value) = req.headers().get("idempotency-key") else {
-        return Ok(None);
-    };
-    let key = value.to_str().map_err(|_| {
-        drover_shared::error::FieldError::new("Idempotency-Key", "must be visible ASCII characters")
-    })?;
-    idempotency::check_key(key)
-        .map_err(|m| drover_shared::error::FieldError::new("Idempotency-Key", m))?;
-    Ok(Some(SubmissionKey {
-        key: key.to_string(),
-        fingerprint: idempotency::fingerprint(route, body),
-    }))
-}
-
-/// The jobs of a submission made before under `key` (their state now), when it was; a key
-/// used for another request is a `422`.
-async fn replayed(
-    state: &AppState,
-    client: &ClientId,
-    key: Option<&SubmissionKey>,
-) -> Result<Option<Vec<JobBrief>>> {
-    let Some(key) = key else {
-        return Ok(None);
-    };
-    let lookup = state
-        .control
-        .send(LookupKey {
-            client: client.label.clone(),
-            key: key.clone(),
-        })
-        .await?;
-    let ids = match lookup {
-        Lookup::New => return Ok(None),
-        Lookup::Conflict => {
-            return Err(CoordinatorError::Unprocessable(
-                "this Idempotency-Key was used for another request; a retry must send the same body to the same route"
-                    .into(),
-            ));
-        }
-        Lookup::Replay(ids) => ids,
-    };
-    let mut jobs = Vec::with_capacity(ids.len());
-    for id in ids {
-        let job = state.job(id).await?.ok_or_else(|| {
-            CoordinatorError::Conflict(format!(
-                "the jobs this Idempotency-Key was used for are gone (job {id}: past the result retention)"
-            ))
-        })?;
-        jobs.push(JobBrief::of(&job));
-    }
-    tracing::info!(client = %client.label, jobs = jobs.len(), "submission replayed for its idempotency key");
-    Ok(Some(jobs))
 }
 
 /// Submit up to 256 jobs at once, all or none
