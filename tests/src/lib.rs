@@ -554,6 +554,26 @@ impl ClusterSandbox {
         self.post_raw(path, &serde_json::to_vec(body)?)
     }
 
+    /// Submits jobs at once with `POST /v1/jobs/batch`; answers their ids in order.
+    pub fn submit_batch(&self, jobs: &[Value]) -> Result<Vec<String>> {
+        let reply = self.post("/v1/jobs/batch", &serde_json::json!({ "jobs": jobs }))?;
+        if reply.status != 202 {
+            bail!(
+                "batch submit answered {}: {}",
+                reply.status,
+                String::from_utf8_lossy(&reply.body)
+            );
+        }
+        Ok(reply.json()?["jobs"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|j| j["id"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default())
+    }
+
     /// Submits a job with `POST /v1/jobs`; answers its id.
     pub fn submit(&self, body: &Value) -> Result<String> {
         let reply = self.post("/v1/jobs", body)?;

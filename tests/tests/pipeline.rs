@@ -286,21 +286,7 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
                         "sampler": "lcm", "steps": 2, "seed": 20 + i})
         })
         .collect();
-    let reply = cluster.post("/v1/jobs/batch", &json!({ "jobs": jobs.clone() }))?;
-    assert_eq!(
-        reply.status,
-        202,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let ids: Vec<String> = reply.json()?["jobs"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|j| j["id"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let ids = cluster.submit_batch(&jobs)?;
     let mut batched = None;
     for (i, id) in ids.iter().enumerate() {
         let job = cluster.wait_for_job(id, T)?;

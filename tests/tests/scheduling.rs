@@ -491,21 +491,7 @@ fn a_busy_node_batches_compatible_jobs_and_each_finishes_once() -> anyhow::Resul
         .map(|i| json!({"prompt": format!("job {i}"), "size": "64x64", "steps": 4, "seed": i}))
         .collect();
     jobs.push(json!({"prompt": "odd one", "size": "128x64", "steps": 4, "seed": 1}));
-    let reply = cluster.post("/v1/jobs/batch", &json!({ "jobs": jobs }))?;
-    assert_eq!(
-        reply.status,
-        202,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let ids: Vec<String> = reply.json()?["jobs"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|j| j["id"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let ids = cluster.submit_batch(&jobs)?;
     let mut sizes = Vec::new();
     for id in &ids {
         let job = cluster.wait_for_job(id, T)?;
@@ -560,20 +546,7 @@ fn start_a_batch(
     let jobs: Vec<Value> = (0..n)
         .map(|i| json!({"prompt": format!("batched {i}"), "size": "64x64", "steps": 30, "seed": i}))
         .collect();
-    let reply = cluster.post("/v1/jobs/batch", &json!({ "jobs": jobs }))?;
-    anyhow::ensure!(
-        reply.status == 202,
-        "{}",
-        String::from_utf8_lossy(&reply.body)
-    );
-    let ids: Vec<String> = reply.json()?["jobs"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|j| j["id"].as_str().map(String::from))
-                .collect()
-        })
-        .unwrap_or_default();
+    let ids = cluster.submit_batch(&jobs)?;
     cluster.wait_until(T, "a batch runs", |c| {
         let mut running = 0;
         for id in &ids {

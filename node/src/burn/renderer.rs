@@ -122,6 +122,22 @@ impl<B: Backend> BurnRenderer<B> {
         self
     }
 
+    /// Checks a job's sampler, steps and model kind before any LoRA is loaded, then merges the
+    /// LoRAs it asks for (a no-op when they are merged already).
+    fn prepare(&mut self, params: &Params) -> Result<()> {
+        let loras = self.lora_files(&params.loras)?;
+        self.pipeline.plan_with(
+            params.sampler,
+            params.schedule,
+            params.steps,
+            loras.iter().any(|l| l.lcm),
+        )?;
+        self.pipeline.set_loras(&loras).map_err(|e| match e {
+            NodeError::Lora(m) => NodeError::InvalidJob(format!("lora {m}")),
+            other => other,
+        })
+    }
+
     /// The files of the LoRAs a job asks for; a LoRA this node does not have refuses the job.
     fn lora_files(&self, loras: &[Lora]) -> Result<Vec<LoraSpec>> {
         loras
@@ -162,18 +178,7 @@ impl<B: Backend> Renderer for BurnRenderer<B> {
         params: &Params,
         step: impl FnMut(usize, usize) -> std::ops::ControlFlow<()>,
     ) -> Result<Image> {
-        // Sampler, steps and model kind are checked before any LoRA is loaded.
-        let loras = self.lora_files(&params.loras)?;
-        self.pipeline.plan_with(
-            params.sampler,
-            params.schedule,
-            params.steps,
-            loras.iter().any(|l| l.lcm),
-        )?;
-        self.pipeline.set_loras(&loras).map_err(|e| match e {
-            NodeError::Lora(m) => NodeError::InvalidJob(format!("lora {m}")),
-            other => other,
-        })?;
+        self.prepare(params)?;
         self.pipeline.generate(params, step)
     }
 
@@ -186,17 +191,7 @@ impl<B: Backend> Renderer for BurnRenderer<B> {
             return Ok(Vec::new());
         };
         // One key: the first job's LoRAs are every job's.
-        let loras = self.lora_files(&first.loras)?;
-        self.pipeline.plan_with(
-            first.sampler,
-            first.schedule,
-            first.steps,
-            loras.iter().any(|l| l.lcm),
-        )?;
-        self.pipeline.set_loras(&loras).map_err(|e| match e {
-            NodeError::Lora(m) => NodeError::InvalidJob(format!("lora {m}")),
-            other => other,
-        })?;
+        self.prepare(first)?;
         self.pipeline.generate_batch(jobs, step)
     }
 }
