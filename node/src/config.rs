@@ -148,6 +148,17 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Print, as JSON, the single-file (LDM) name Drover gives each tensor of a diffusers UNet
+    /// and/or VAE folder: `{"unet": [[diffusers, ldm], ...], "vae": [...]}` (what
+    /// `scripts/make_ldm_reference.py` checks against diffusers' own converters).
+    LdmNames {
+        /// A diffusers UNet folder (`config.json` + weights).
+        #[arg(long)]
+        unet: Option<PathBuf>,
+        /// A diffusers VAE folder.
+        #[arg(long)]
+        vae: Option<PathBuf>,
+    },
     /// Run one UNet forward on tensors from a file and write tensor `out` (f32).
     UnetEval {
         /// UNet weights (.safetensors, diffusers or LDM names).

@@ -125,6 +125,12 @@ pub fn cli_main() -> ExitCode {
                 }),
             );
         }
+        Some(config::Command::LdmNames { unet, vae }) => {
+            return report(
+                "ldm-names",
+                tools::ldm_names(unet.as_deref(), vae.as_deref()),
+            );
+        }
         Some(config::Command::UnetEval {
             unet,
             inputs,

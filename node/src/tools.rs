@@ -339,6 +339,58 @@ pub fn make_lora(model: &Path, out: &Path, rank: usize, seed: u64) -> Result<usi
     Ok(modules)
 }
 
+/// `drover-node ldm-names`: the single-file (LDM) name of every tensor of a diffusers UNet
+/// and/or VAE folder, as Drover maps them, in one JSON line.
+pub fn ldm_names(unet: Option<&Path>, vae: Option<&Path>) -> Result<String> {
+    let names = |dir: &Path, files: &[&str]| -> Result<Vec<String>> {
+        let path = files
+            .iter()
+            .map(|f| dir.join(f))
+            .find(|p| p.is_file())
+            .ok_or_else(|| NodeError::Weights(format!("{}: no weights file", dir.display())))?;
+        let header = drover_shared::safetensors::read_header(&path)
+            .map_err(|e| NodeError::Weights(format!("{}: {e}", path.display())))?;
+        Ok(header.tensors.keys().cloned().collect())
+    };
+    const FILES: [&str; 2] = [
+        "diffusion_pytorch_model.safetensors",
+        "diffusion_pytorch_model.fp16.safetensors",
+    ];
+    let mut out = serde_json::Map::new();
+    if let Some(dir) = unet {
+        let config: UnetConfig = crate::burn::pipeline::read_config(&dir.join("config.json"))?;
+        let arch = config.to_arch();
+        let pairs: Vec<_> = names(dir, &FILES)?
+            .into_iter()
+            .map(|n| {
+                json!([
+                    n,
+                    format!("model.diffusion_model.{}", arch.diffusers_to_ldm(&n))
+                ])
+            })
+            .collect();
+        out.insert("unet".into(), json!(pairs));
+    }
+    if let Some(dir) = vae {
+        let config: VaeConfig = crate::burn::pipeline::read_config(&dir.join("config.json"))?;
+        let levels = config.block_out_channels.len();
+        let pairs: Vec<_> = names(dir, &FILES)?
+            .into_iter()
+            .map(|n| {
+                json!([
+                    n,
+                    format!(
+                        "first_stage_model.{}",
+                        crate::burn::vae::vae_diffusers_to_ldm(&n, levels)
+                    )
+                ])
+            })
+            .collect();
+        out.insert("vae".into(), json!(pairs));
+    }
+    Ok(format!("{}\n", serde_json::Value::Object(out)))
+}
+
 fn tensor_from<B: Backend, const D: usize>(
     file: &TensorFile,
     name: &str,

@@ -292,3 +292,62 @@ fn openclip_single_file_layout_reads_as_the_same_text_encoder() {
         &want.host("sdxl.pooled"),
     );
 }
+
+/// Diffusers' verdict on Drover's single-file names (`scripts/make_ldm_reference.py`: each
+/// LDM name Drover uses, run through diffusers' own `convert_ldm_unet_checkpoint` /
+/// `convert_ldm_vae_checkpoint`, lands on the diffusers name recorded here).
+#[derive(serde::Deserialize)]
+struct LdmVerdict {
+    pairs: Vec<(String, String)>,
+    unplaced: Vec<String>,
+}
+
+#[test]
+fn single_file_names_are_the_ones_diffusers_converts() {
+    let verdicts: std::collections::BTreeMap<String, LdmVerdict> =
+        read_config(&fixtures().join("ldm-names.json"));
+    let models = [
+        ("sd1_unet", "tiny-unet"),
+        ("sd15_lcm_unet", "tiny-sd15-lcm/unet"),
+        ("sdxl_unet", "tiny-sdxl-lcm/unet"),
+        ("sd15_vae", "tiny-sd15-lcm/vae"),
+        ("sdxl_vae", "tiny-sdxl-lcm/vae"),
+    ];
+    for (model, folder) in models {
+        let verdict = &verdicts[model];
+        let dir = fixtures().join(folder);
+        let file = TensorFile::open(&dir.join("diffusion_pytorch_model.safetensors")).unwrap();
+        // Every tensor is judged: placed by diffusers, or listed as not placed.
+        assert_eq!(
+            verdict.pairs.len() + verdict.unplaced.len(),
+            file.names().count(),
+            "{model}"
+        );
+        // The LCM guidance projection has no LDM name in diffusers (its converter drops it);
+        // nothing else may be left out.
+        assert!(
+            verdict
+                .unplaced
+                .iter()
+                .all(|n| n == "model.diffusion_model.time_embed.cond_proj.weight"),
+            "{model}: {:?}",
+            verdict.unplaced
+        );
+        let ours: Box<dyn Fn(&str) -> String> = if model.ends_with("unet") {
+            let arch = read_config::<UnetConfig>(&dir.join("config.json")).to_arch();
+            Box::new(move |n| format!("model.diffusion_model.{}", arch.diffusers_to_ldm(n)))
+        } else {
+            let cfg: serde_json::Value = read_config(&dir.join("config.json"));
+            let levels = cfg["block_out_channels"].as_array().map_or(0, Vec::len);
+            Box::new(move |n| format!("first_stage_model.{}", vae_diffusers_to_ldm(n, levels)))
+        };
+        for (diffusers, ldm) in &verdict.pairs {
+            assert_eq!(&ours(diffusers), ldm, "{model}: {diffusers}");
+        }
+        println!(
+            "ldm names {model}: {} of {} as diffusers converts them",
+            verdict.pairs.len(),
+            file.names().count()
+        );
+    }
+}
