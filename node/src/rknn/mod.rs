@@ -10,7 +10,8 @@
 //!   actors, worker i on `NPU_CORE_{i % 3}`, each loading its own contexts on its own thread
 //!   (contexts never cross threads).
 //!
-//! The tests run all of it against a fake runtime behind the same trait (`fake`).
+//! The tests run all of it against a fake runtime behind the same trait (`fake`), and the FFI
+//! marshalling against a C library with the runtime's ABI that they build (`c_abi_tests`).
 
 pub mod api;
 pub mod ffi;
@@ -18,6 +19,8 @@ pub mod model;
 pub mod pipeline;
 pub mod upscale;
 
+#[cfg(test)]
+mod c_abi_tests;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
