@@ -302,6 +302,34 @@ mod tests {
     }
 
     #[test]
+    fn the_vocabulary_is_what_requests_and_nodes_expect() {
+        // A standard model: DPM++ 2M first, then every sampler but LCM, each once.
+        let standard = Sampler::standard();
+        assert_eq!(standard.len(), Sampler::ALL.len() - 1);
+        assert_eq!(standard[0], Sampler::Dpmpp2m);
+        assert!(!standard.contains(&Sampler::Lcm));
+        for s in Sampler::ALL.into_iter().filter(|s| *s != Sampler::Lcm) {
+            assert_eq!(standard.iter().filter(|&&x| x == s).count(), 1, "{s}");
+        }
+        assert_eq!(
+            (Sampler::Lcm.max_steps(), Sampler::EulerA.max_steps()),
+            (8, MAX_SAMPLER_STEPS)
+        );
+        assert_eq!(MAX_SAMPLER_STEPS, 150);
+        assert!(Sampler::Euler.takes_karras() && Sampler::DpmppSde.takes_karras());
+        assert!(!Sampler::Ddim.takes_karras() && !Sampler::Lcm.takes_karras());
+        assert_eq!(Sampler::EulerA.to_string(), "euler_a");
+        assert_eq!(
+            [
+                SigmaSchedule::Automatic.id(),
+                SigmaSchedule::Normal.id(),
+                SigmaSchedule::Karras.id()
+            ],
+            ["automatic", "normal", "karras"]
+        );
+    }
+
+    #[test]
     fn second_order_samplers_cost_two_calls_per_step_but_the_last() {
         assert_eq!(Sampler::Heun.model_calls(5), 9);
         assert_eq!(Sampler::DpmppSde.model_calls(6), 11);

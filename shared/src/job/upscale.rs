@@ -351,4 +351,51 @@ mod tests {
         .unwrap();
         assert_eq!(ok.model.as_deref(), Some("x4"));
     }
+
+    #[test]
+    fn scales_exactly_reached_take_no_extra_pass() {
+        // ×4 reaches 4 in one pass (not two), and one pass of ×4 asked for 4 is no shortfall.
+        let p = spec(None, Some(4.0)).plan(4).unwrap();
+        assert_eq!((p.passes, p.factor), (1, 4.0));
+        let p = spec(Some(1), Some(4.0)).plan(4).unwrap();
+        assert_eq!((p.passes, p.factor), (1, 4.0));
+        let p = spec(None, Some(16.0)).plan(4).unwrap();
+        assert_eq!((p.passes, p.factor), (2, 16.0));
+        // The farm's limit, stated on its own.
+        assert_eq!(MAX_UPSCALED_PIXELS, 16_777_216);
+    }
+
+    #[test]
+    fn a_split_upscale_says_so_only_when_it_is_one() {
+        let mut s = spec(Some(1), None);
+        let plain = serde_json::to_value(&s).unwrap();
+        assert!(plain.get("elsewhere").is_none(), "{plain}");
+        s.elsewhere = true;
+        assert_eq!(serde_json::to_value(&s).unwrap()["elsewhere"], true);
+    }
+
+    #[test]
+    fn an_upscale_job_checks_its_priority() {
+        use base64::Engine;
+        let mut png = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut png, 8, 8);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let mut w = enc.write_header().unwrap();
+            w.write_image_data(&[7u8; 8 * 8 * 3]).unwrap();
+        }
+        let job = |priority: Option<i32>| UpscaleJobRequest {
+            image: base64::engine::general_purpose::STANDARD.encode(&png),
+            model: None,
+            passes: None,
+            scale: Some(2.0),
+            priority,
+        };
+        assert_eq!(job(Some(11)).validate().unwrap_err().field, "priority");
+        assert_eq!(job(Some(-11)).validate().unwrap_err().field, "priority");
+        let spec = job(Some(10)).validate().unwrap();
+        assert_eq!((spec.priority, spec.task), (10, JobTask::Upscale));
+        assert_eq!(job(None).validate().unwrap().priority, 0);
+    }
 }
