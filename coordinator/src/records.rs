@@ -100,13 +100,6 @@ fn one() -> u32 {
     1
 }
 
-impl NodeRecord {
-    /// Jobs the node takes at once: each worker a batch of up to `max_batch`.
-    pub fn slots(&self) -> u32 {
-        self.workers.saturating_mul(self.max_batch.max(1))
-    }
-}
-
 /// Where a job is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]

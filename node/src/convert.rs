@@ -11,7 +11,7 @@ use drover_shared::job::{JobTask, UpscaleRequest, UpscaleSpec};
 use drover_shared::proto;
 use drover_shared::sampler::{SamplerName, SigmaSchedule};
 
-use crate::render::{Lora, Params, Source};
+use crate::render::{Group, Lora, Params, Source};
 
 /// A job leased to this node, as the session runs it.
 #[derive(Clone, Debug, PartialEq)]
@@ -30,6 +30,8 @@ pub struct Assignment {
     pub upscale: Option<UpscaleSpec>,
     /// What the job does.
     pub task: JobTask,
+    /// The lease group it came in (see [`crate::render::Group`]); `None` for a job on its own.
+    pub group: Option<Group>,
 }
 
 /// An assignment refused at the edge: its ids as sent, to report the failure under, and why.
@@ -74,10 +76,15 @@ impl TryFrom<proto::Assignment> for Assignment {
             "upscale" => JobTask::Upscale,
             other => return Err(refuse(format!("unknown task `{other}`"))),
         };
+        let group = (a.batch_group_size > 1).then_some(Group {
+            id: a.batch_group,
+            size: a.batch_group_size,
+        });
         Ok(Self {
             job_id,
             lease_id,
             attempt: a.attempt,
+            group,
             trace_id: a.trace_id,
             params: Params {
                 sampler,
@@ -173,6 +180,7 @@ mod tests {
             spec,
             deadline_unix_ms: 0,
             trace_id: "req-1".into(),
+            ..Default::default()
         }
     }
 
@@ -286,10 +294,21 @@ mod tests {
             Some(spec()),
         ))
         .unwrap();
+        // A lease group of more than one job comes through; a group of one is a job alone.
+        let mut grouped = assignment(&job.to_string(), &lease.to_string(), Some(spec()));
+        grouped.batch_group = 5;
+        grouped.batch_group_size = 3;
+        assert_eq!(
+            Assignment::try_from(grouped.clone()).unwrap().group,
+            Some(Group { id: 5, size: 3 })
+        );
+        grouped.batch_group_size = 1;
+        assert_eq!(Assignment::try_from(grouped).unwrap().group, None);
         let want = Assignment {
             job_id: job,
             lease_id: lease,
             attempt: 2,
+            group: None,
             trace_id: "req-1".into(),
             params: Params {
                 prompt: "a red fox".into(),

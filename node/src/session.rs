@@ -344,6 +344,7 @@ impl NodeLink {
                 job_id,
                 lease_id,
                 params,
+                group,
                 ..
             },
             upscale,
@@ -381,13 +382,16 @@ impl NodeLink {
         actix_rt::spawn(
             async move {
                 let outcome = batcher
-                    .submit(RunJob {
-                        params,
-                        progress,
-                        cancel,
-                        span: job_span,
-                        upscale,
-                    })
+                    .submit(
+                        RunJob {
+                            params,
+                            progress,
+                            cancel,
+                            span: job_span,
+                            upscale,
+                        },
+                        group,
+                    )
                     .await
                     .unwrap_or_else(|_| Err(NodeError::Render("the worker pool stopped".into())));
                 running

@@ -65,7 +65,8 @@ impl Renderer for SimRenderer {
         &mut self,
         jobs: &[Params],
         mut step: impl FnMut(usize, usize) -> ControlFlow<()>,
-    ) -> Result<Vec<Image>> {
+        live: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Option<Image>>> {
         let images = jobs
             .iter()
             .map(|p| {
@@ -84,7 +85,11 @@ impl Renderer for SimRenderer {
                 return Err(NodeError::Cancelled);
             }
         }
-        Ok(images)
+        Ok(images
+            .into_iter()
+            .enumerate()
+            .map(|(i, image)| live(i).then_some(image))
+            .collect())
     }
 }
 

@@ -278,8 +278,8 @@ fn a_cpu_node_renders_through_the_real_pipeline() -> anyhow::Result<()> {
     assert_eq!(reply.header("x-node-id"), Some(std_id.as_str()));
 
     // Dynamic batching through the real pipeline: four LCM jobs at once on the LCM node
-    // (MAX_BATCH 3, one worker): those that wait are rendered in one batched UNet call per
-    // step, each the image it renders alone.
+    // (MAX_BATCH 3, one worker): leased three and one, the three rendered in one batched UNet
+    // call per step, each the image it renders alone.
     let jobs: Vec<serde_json::Value> = (0..4)
         .map(|i| {
             json!({"prompt": format!("a lighthouse {i}"), "model": "sd15", "size": "64x64",

@@ -486,7 +486,7 @@ fn a_busy_node_batches_compatible_jobs_and_each_finishes_once() -> anyhow::Resul
     let nodes = cluster.nodes()?;
     assert_eq!(nodes[0]["max_batch"], 4, "{nodes:?}");
     // Nine compatible jobs at once (one also of another size, which never joins them): the
-    // node takes four at a time (one worker × MAX_BATCH) and renders the waiting ones together.
+    // coordinator leases the node's one worker four at a time (MAX_BATCH), as one batch.
     let mut jobs: Vec<Value> = (0..9)
         .map(|i| json!({"prompt": format!("job {i}"), "size": "64x64", "steps": 4, "seed": i}))
         .collect();
@@ -498,12 +498,9 @@ fn a_busy_node_batches_compatible_jobs_and_each_finishes_once() -> anyhow::Resul
         assert_completed_once(&job);
         sizes.push(job["batch_size"].as_u64().unwrap_or(0));
     }
-    assert!(sizes.iter().all(|&s| (1..=4).contains(&s)), "{sizes:?}");
-    assert!(
-        sizes.iter().any(|&s| s > 1),
-        "nothing was batched: {sizes:?}"
-    );
-    assert_eq!(sizes[9], 1, "the job of another size ran alone: {sizes:?}");
+    // Two full groups of four in queue order, then the ninth alone (its only partner left is
+    // of another size), then the odd one alone.
+    assert_eq!(sizes, [4, 4, 4, 4, 4, 4, 4, 4, 1, 1], "{sizes:?}");
     // The histogram of batch sizes per node counts every job once.
     let metrics = String::from_utf8(cluster.get("/metrics")?.body)?;
     let count = metrics
@@ -569,8 +566,8 @@ fn a_node_killed_in_the_middle_of_a_batch_loses_nothing() -> anyhow::Result<()> 
             .env("SIM_STEP_MS", "100"),
     )?;
     cluster.wait_for_online(&["batcher"], T)?;
-    // The first job runs alone; the next four wait and then run as one batch.
-    let ids = start_a_batch(&cluster, 5, 2)?;
+    // Four jobs run as one batch; the fifth waits in the coordinator's queue.
+    let ids = start_a_batch(&cluster, 5, 4)?;
     cluster.add_node(NodeSpec::sim("rescuer", "sd15").env("SIM_STEP_MS", "5"))?;
     cluster.wait_for_online(&["rescuer"], T)?;
     let rescuer = cluster.node_id("rescuer")?.expect("registered");
@@ -589,7 +586,7 @@ fn a_node_killed_in_the_middle_of_a_batch_loses_nothing() -> anyhow::Result<()> 
             })
         })
         .count();
-    assert!(moved >= 2, "the batch's jobs moved: {moved}");
+    assert!(moved >= 4, "the batch's four jobs moved: {moved}");
     Ok(())
 }
 
@@ -603,25 +600,18 @@ fn cancelling_one_job_of_a_running_batch_leaves_the_others_whole() -> anyhow::Re
             .env("SIM_STEP_MS", "100"),
     )?;
     cluster.wait_for_online(&["batcher"], T)?;
-    // The node takes four jobs (one worker × MAX_BATCH): the first runs alone, the other
-    // three wait and then run as one batch.
-    let ids = start_a_batch(&cluster, 4, 1)?;
-    cluster.wait_for_job(&ids[0], T)?;
-    cluster.wait_until(T, "the batch runs", |c| {
-        Ok(ids[1..]
-            .iter()
-            .all(|id| c.job(id).is_ok_and(|j| j["state"] == "running")))
-    })?;
+    // The four jobs are leased together to the node's one worker and run as one batch.
+    let ids = start_a_batch(&cluster, 4, 4)?;
     let reply = cluster.delete(&format!("/v1/jobs/{}", ids[2]))?;
     assert_eq!(reply.status, 200);
     assert_eq!(cluster.wait_for_job(&ids[2], T)?["state"], "cancelled");
-    for (i, id) in ids.iter().enumerate().skip(1) {
+    for (i, id) in ids.iter().enumerate() {
         if i == 2 {
             continue;
         }
         let job = cluster.wait_for_job(id, T)?;
         assert_completed_once(&job);
-        assert_eq!(job["batch_size"], 3, "{job}");
+        assert_eq!(job["batch_size"], 4, "{job}");
         // Its pixels are its own, as rendered alone.
         let png = cluster.get(&format!("/v1/jobs/{id}/image"))?.body;
         let alone = cluster.post(

@@ -226,10 +226,29 @@ mod tests {
     }
 
     #[test]
+    fn a_key_is_kept_for_a_day_to_the_millisecond() {
+        const HOUR: u64 = 3600 * 1000;
+        let mut keys = Keys::default();
+        assert_eq!(keys.len(), 0);
+        keys.insert("c", "a", "f", &[JobId::random()], HOUR);
+        keys.insert("c", "b", "f", &[JobId::random()], 2 * HOUR);
+        assert_eq!(keys.len(), 2);
+        // 24 hours after its submission a key still replays; a millisecond later it is gone.
+        keys.prune(25 * HOUR);
+        assert_eq!(keys.len(), 2);
+        keys.prune(25 * HOUR + 1);
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys.lookup("c", "a", "f"), Lookup::New);
+        assert!(matches!(keys.lookup("c", "b", "f"), Lookup::Replay(_)));
+    }
+
+    #[test]
     fn keys_and_fingerprints_are_checked() {
         assert!(check_key("order-42").is_ok());
         assert!(check_key("").is_err());
+        assert!(check_key(&"k".repeat(MAX_KEY_LEN)).is_ok());
         assert!(check_key(&"k".repeat(256)).is_err());
+        assert!(check_key("spaces are fine").is_ok());
         assert!(check_key("tab\there").is_err());
         assert_eq!(
             fingerprint("/v1/jobs", b"{}"),

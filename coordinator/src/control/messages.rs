@@ -234,7 +234,7 @@ impl ControlPlane {
         let feasible = self.nodes.values().any(|e| {
             router::capability(
                 spec,
-                &e.view(&self.config, now, self.jobs.leases_on(e.record.id)),
+                &e.view(&self.config, now, self.jobs.groups_on(e.record.id)),
             )
             .is_ok()
         });

@@ -46,7 +46,7 @@ use crate::metrics::{Metrics, Outcome, Reason};
 use crate::records::{JobRecord, NodeRecord, now_ms};
 use crate::store::Store;
 use history::History;
-use jobs::{Effects, Grant, JobMetric, Jobs};
+use jobs::{Effects, Grant, Group, JobMetric, Jobs};
 use nodes::NodeEntry;
 use router::NodeView;
 
@@ -166,9 +166,10 @@ impl ControlPlane {
                 Effect::Measured {
                     node_id,
                     pixel_steps_per_second,
+                    batch_size,
                 } => {
                     if let Some(entry) = self.nodes.get_mut(&node_id) {
-                        entry.measure(pixel_steps_per_second);
+                        entry.measure(pixel_steps_per_second, batch_size);
                         self.dirty.insert(node_id);
                     }
                 }
@@ -311,7 +312,7 @@ impl ControlPlane {
         }
         let now = Instant::now();
         for id in std::mem::take(&mut self.dirty) {
-            let leases = self.jobs.leases_on(id);
+            let leases = self.jobs.groups_on(id);
             let member = self.nodes.get_mut(&id).and_then(|entry| {
                 entry.status = entry.status_at(&self.config, now);
                 router::Member::of(&entry.view(&self.config, now, leases))
@@ -332,7 +333,7 @@ impl ControlPlane {
             let view = NodeView {
                 online,
                 suspect,
-                ..entry.view(&self.config, Instant::now(), self.jobs.leases_on(*id))
+                ..entry.view(&self.config, Instant::now(), self.jobs.groups_on(*id))
             };
             let fresh = router::Member::of(&view);
             assert_eq!(
@@ -349,14 +350,15 @@ impl ControlPlane {
         let mut views: Vec<_> = self
             .nodes
             .values()
-            .map(|e| e.view(&self.config, now, self.jobs.leases_on(e.record.id)))
+            .map(|e| e.view(&self.config, now, self.jobs.groups_on(e.record.id)))
             .collect();
         views.sort_by_key(|v| v.id);
         views
     }
 
-    /// Places as many queued jobs as there are free eligible slots ([`router::plan_dispatch`]
-    /// over the capability index, in queue order), then leases them.
+    /// Places queued jobs on free eligible workers ([`router::plan_dispatch`] over the capability
+    /// index, in queue order, each with the later jobs of its batch key a batching node can take
+    /// with it), then leases each lease group.
     fn dispatch(&mut self) {
         if self.jobs.queued() == 0 {
             return;
@@ -364,53 +366,75 @@ impl ControlPlane {
         self.refresh_index();
         let now = Instant::now();
         let (nodes, config, jobs) = (&self.nodes, &self.config, &self.jobs);
-        let capable = |spec: &JobSpec, id: NodeId| {
-            nodes.get(&id).is_some_and(|e| {
-                router::capability(spec, &e.view(config, now, jobs.leases_on(id))).is_ok()
-            })
+        let view = |id: NodeId| {
+            nodes
+                .get(&id)
+                .map(|e| e.view(config, now, jobs.groups_on(id)))
         };
-        let (placements, pivot) =
-            router::plan_dispatch(&mut self.index, jobs.queue(), self.pivot, capable, next_id);
+        let capable = |spec: &JobSpec, id: NodeId| {
+            view(id).is_some_and(|v| router::capability(spec, &v).is_ok())
+        };
+        let batch_key =
+            |spec: &JobSpec, id: NodeId| view(id).and_then(|v| router::batch_key(spec, &v));
+        let (groups, pivot) = router::plan_dispatch(
+            &mut self.index,
+            jobs.queue(),
+            self.pivot,
+            capable,
+            batch_key,
+            next_id,
+        );
         self.pivot = pivot;
         let now_ms = now_ms();
-        for (job_id, node_id) in placements {
+        for (node_id, group) in groups {
             // The lease re-indexes the node from its entry, whatever happens to the lease.
             self.dirty.insert(node_id);
-            let Some(grant) = self.grant(job_id, node_id, now_ms) else {
-                continue;
-            };
-            let effects = self.jobs.lease(job_id, grant, now_ms);
-            self.stage(effects);
+            let size = group.len() as u32;
+            let mut led_by = None;
+            for job_id in group {
+                let Some(mut grant) = self.grant(job_id, node_id, size, now_ms) else {
+                    continue;
+                };
+                grant.group = *led_by.get_or_insert(Group::led_by(grant.lease_id, size));
+                let effects = self.jobs.lease(job_id, grant, now_ms);
+                self.stage(effects);
+            }
         }
     }
 
-    /// A lease of `job_id` on `node_id` granted at `now_ms`: a fresh id, the size, steps and
-    /// guidance the node renders with (the model's defaults for what the job left out), a deadline of the floor plus four times the node's estimated time.
-    fn grant(&self, job_id: JobId, node_id: NodeId, now_ms: u64) -> Option<Grant> {
-        let record = &self.nodes.get(&node_id)?.record;
+    /// A lease of `job_id` on `node_id` in a group of `batch` jobs granted at `now_ms`: a fresh
+    /// id, the size, steps and guidance the node renders with (the model's defaults for what the
+    /// job left out), a deadline of the floor plus four times the node's estimated time for a
+    /// batch that size, and a group of its own (the caller sets the group it shares).
+    fn grant(&self, job_id: JobId, node_id: NodeId, batch: u32, now_ms: u64) -> Option<Grant> {
+        let entry = self.nodes.get(&node_id)?;
+        let record = &entry.record;
         let spec = &self.jobs.get(&job_id)?.spec;
         let size = spec.size_on(record.family, &record.sizes);
         let default_sampler = record.samplers.first().copied();
         let steps = spec.steps_with(default_sampler);
         let guidance_scale = spec.guidance_with(default_sampler);
         let floor = Duration::from_millis(self.config.lease_floor_ms);
-        let mut duration = if record.pixel_steps_per_second > 0.0 {
+        let speed = entry.speed_in_batch(batch);
+        let mut duration = if speed > 0.0 {
             let calls = spec.model_calls_with(default_sampler, steps);
             let work = size.pixels() as f64 * f64::from(calls);
-            floor + Duration::from_secs_f64(4.0 * work / record.pixel_steps_per_second)
+            floor + Duration::from_secs_f64(4.0 * work / speed)
         } else {
             floor
         };
         if let Some(upscale) = &spec.upscale {
             duration += upscale_allowance(upscale, size, &record.upscalers, floor);
         }
+        let lease_id = LeaseId::random();
         Some(Grant {
             node_id,
-            lease_id: LeaseId::random(),
+            lease_id,
             size,
             steps,
             guidance_scale,
             deadline_ms: now_ms + duration.as_millis() as u64,
+            group: Group::alone(lease_id),
         })
     }
 

@@ -2,6 +2,7 @@
 //! place a node's [`NodeState`] is worked out, and what the router sees of a node.
 
 use drover_shared::sampler::Sampler;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use drover_shared::family::ModelFamily;
@@ -101,9 +102,9 @@ pub(super) struct NodeEntry {
     pub(super) session: Option<Session>,
     /// Last time anything was heard from the node (or its session opened or closed).
     pub(super) last_seen: Instant,
-    /// Speed measured from the node's results (EWMA of pixel-steps per second), once it has
-    /// returned one.
-    pub(super) measured: Option<f64>,
+    /// Speed measured from the node's results per batch size (EWMA of each job's pixel-steps
+    /// per second of the call it ran in), for the sizes it has run.
+    pub(super) measured: BTreeMap<u32, f64>,
     /// LoRA sets its workers have merged, most recent first (`router::lora_set_key`; 0 is base).
     pub(super) loaded: Vec<u64>,
     /// (online, suspect) when last indexed: the tick re-indexes a node whose state has moved.
@@ -117,7 +118,7 @@ impl NodeEntry {
             record,
             session: None,
             last_seen: now,
-            measured: None,
+            measured: BTreeMap::new(),
             loaded: vec![0],
             status: (false, false),
         }
@@ -136,21 +137,41 @@ impl NodeEntry {
         NodeState::of(online, suspect, self.record.draining)
     }
 
-    /// Its speed: measured from its results once it has some, else what it advertised.
+    /// The speed of a job that starts alone now: measured from its results once it has some
+    /// (alone; else the best per-job speed of a batch, which a job alone at least reaches),
+    /// else what it advertised.
     pub(super) fn speed(&self) -> f64 {
-        self.measured.unwrap_or(self.record.pixel_steps_per_second)
+        self.measured_alone()
+            .unwrap_or(self.record.pixel_steps_per_second)
     }
 
-    /// Folds a result's speed into the measured one.
-    pub(super) fn measure(&mut self, pixel_steps_per_second: f64) {
-        self.measured = Some(match self.measured {
-            Some(old) => old + SPEED_EWMA * (pixel_steps_per_second - old),
-            None => pixel_steps_per_second,
-        });
+    /// The measured speed of a job alone, or the best per-job speed of a batch.
+    pub(super) fn measured_alone(&self) -> Option<f64> {
+        self.measured
+            .get(&1)
+            .copied()
+            .or_else(|| self.measured.values().copied().reduce(f64::max))
     }
 
-    /// What the router sees of the node at `now`, holding `leases` leases.
-    pub(super) fn view(&self, config: &Config, now: Instant, leases: usize) -> NodeView<'_> {
+    /// The per-job speed of a batch of `size` jobs: measured once it ran one that size, else
+    /// [`NodeEntry::speed`] shared `size` ways (no gain from batching assumed). 0 when unknown.
+    pub(super) fn speed_in_batch(&self, size: u32) -> f64 {
+        match self.measured.get(&size) {
+            Some(&s) => s,
+            None => self.speed() / f64::from(size.max(1)),
+        }
+    }
+
+    /// Folds a result's speed into the one measured for its batch size.
+    pub(super) fn measure(&mut self, pixel_steps_per_second: f64, batch_size: u32) {
+        self.measured
+            .entry(batch_size.max(1))
+            .and_modify(|old| *old += SPEED_EWMA * (pixel_steps_per_second - *old))
+            .or_insert(pixel_steps_per_second);
+    }
+
+    /// What the router sees of the node at `now`, holding `groups` lease groups.
+    pub(super) fn view(&self, config: &Config, now: Instant, groups: usize) -> NodeView<'_> {
         let (online, suspect) = self.status_at(config, now);
         NodeView {
             id: self.record.id,
@@ -167,8 +188,8 @@ impl NodeEntry {
             online,
             suspect,
             draining: self.record.draining,
-            free_slots: self.record.slots().saturating_sub(leases as u32),
-            idle_workers: self.record.workers.saturating_sub(leases as u32),
+            free_slots: self.record.workers.saturating_sub(groups as u32),
+            max_batch: self.record.max_batch.max(1),
             workers: self.record.workers,
             loaded: &self.loaded,
             pixel_steps_per_second: self.speed(),
@@ -247,6 +268,44 @@ impl NodeRegistration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn speeds_are_kept_per_batch_size() {
+        let registration = NodeRegistration {
+            name: "n".into(),
+            backend: "sim".into(),
+            family: ModelFamily::Sd15,
+            cross_attention_dim: 768,
+            model_id: "m".into(),
+            workers: 1,
+            max_pixels: 1 << 20,
+            sizes: Vec::new(),
+            loras: Vec::new(),
+            version: "test".into(),
+            pixel_steps_per_second: 2000.0,
+            samplers: Vec::new(),
+            img2img: false,
+            inpaint: false,
+            model_name: "m".into(),
+            upscalers: Vec::new(),
+            max_batch: 4,
+        };
+        let mut entry = NodeEntry::new(registration.into_record(None, 0), Instant::now());
+        // Nothing measured: the advertised speed, shared by a batch (no gain assumed).
+        assert_eq!(entry.speed(), 2000.0);
+        assert_eq!(entry.speed_in_batch(4), 500.0);
+        // Only batches of four measured: a job alone is at least as fast as one of those.
+        entry.measure(600.0, 4);
+        assert_eq!(entry.measured_alone(), Some(600.0));
+        assert_eq!(entry.speed_in_batch(4), 600.0);
+        entry.measure(1000.0, 1);
+        entry.measure(2000.0, 1);
+        // EWMA per size: 1000 + 0.3 × (2000 − 1000).
+        assert_eq!(entry.speed(), 1300.0);
+        assert_eq!(entry.speed_in_batch(4), 600.0);
+        assert_eq!(entry.speed_in_batch(2), 650.0);
+        assert_eq!(entry.measured.len(), 2);
+    }
 
     #[test]
     fn one_state_per_combination() {

@@ -30,11 +30,16 @@ pub struct NodeStatus {
     pub suspect: bool,
     /// Jobs leased to the node now.
     pub running: usize,
+    /// Workers its lease groups keep busy (a group is the jobs of one batch).
+    pub busy_workers: usize,
     /// Milliseconds since the node was last heard from.
     pub last_seen_ms_ago: u64,
     /// Speed measured from its results (EWMA, pixel-steps per second), once it has some; the
     /// router uses it instead of the advertised `pixel_steps_per_second`.
     pub measured_pixel_steps_per_second: Option<f64>,
+    /// Each job's measured speed (pixel-steps per second of the call it ran in) per batch size
+    /// the node has run: what lease deadlines of batches that size are sized from.
+    pub measured_by_batch: BTreeMap<u32, f64>,
 }
 
 /// What the dashboard shows, from one look at the control plane.
@@ -70,9 +75,11 @@ impl ControlPlane {
                     state: entry.state_at(&self.config, now),
                     suspect,
                     running: self.jobs.leases_on(entry.record.id),
+                    busy_workers: self.jobs.groups_on(entry.record.id),
                     last_seen_ms_ago: now.saturating_duration_since(entry.last_seen).as_millis()
                         as u64,
-                    measured_pixel_steps_per_second: entry.measured,
+                    measured_pixel_steps_per_second: entry.measured_alone(),
+                    measured_by_batch: entry.measured.clone(),
                 }
             })
             .collect();

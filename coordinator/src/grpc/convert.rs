@@ -228,6 +228,8 @@ pub fn to_node(message: ToNode) -> proto::CoordinatorMessage {
                 }),
                 deadline_unix_ms: a.deadline_ms,
                 trace_id: a.trace_id.unwrap_or_default(),
+                batch_group: a.group.id,
+                batch_group_size: a.group.size,
             })
         }
         ToNode::Cancel { job_id, lease_id } => coordinator_message::Kind::Cancel(proto::Cancel {

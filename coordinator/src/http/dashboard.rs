@@ -77,7 +77,7 @@ fn node_row(n: &NodeStatus, admin: bool) -> String {
     };
     format!(
         "<tr class=\"{state}\" data-node=\"{id}\"><td>{name}</td><td>{state}{suspect}</td><td>{backend}</td>\
-         <td>{family}</td><td>{busy}/{workers}</td><td>{measured}</td><td>{advertised}</td><td>{sizes}</td>\
+         <td>{family}</td><td>{busy}/{workers}{jobs}</td><td>{measured}</td><td>{advertised}</td><td>{sizes}</td>\
          <td>{loras}</td><td>{upscalers}</td><td>{seen:.1} s ago</td><td>{button}</td></tr>",
         name = esc(&n.record.name),
         state = n.state,
@@ -88,7 +88,12 @@ fn node_row(n: &NodeStatus, admin: bool) -> String {
         },
         backend = esc(&n.record.backend),
         family = n.record.family,
-        busy = n.running,
+        busy = n.busy_workers,
+        jobs = if n.record.max_batch > 1 && n.running > 0 {
+            format!(" ({} jobs)", n.running)
+        } else {
+            String::new()
+        },
         workers = if n.record.max_batch > 1 {
             format!("{} × batch {}", n.record.workers, n.record.max_batch)
         } else {
@@ -387,7 +392,7 @@ pub fn render_live(d: &DashboardData, access: Access) -> String {
         .iter()
         .filter(|n| n.state == NodeState::Draining)
         .count();
-    let busy: usize = d.nodes.iter().map(|n| n.running).sum();
+    let busy: usize = d.nodes.iter().map(|n| n.busy_workers).sum();
     let slots: u32 = d
         .nodes
         .iter()

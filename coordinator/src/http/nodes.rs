@@ -431,8 +431,10 @@ mod tests {
             state,
             suspect: false,
             running: 0,
+            busy_workers: 0,
             last_seen_ms_ago: 0,
             measured_pixel_steps_per_second: None,
+            measured_by_batch: Default::default(),
         }
     }
 

@@ -186,12 +186,13 @@ impl<B: Backend> Renderer for BurnRenderer<B> {
         &mut self,
         jobs: &[Params],
         step: impl FnMut(usize, usize) -> std::ops::ControlFlow<()>,
-    ) -> Result<Vec<Image>> {
+        live: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Option<Image>>> {
         let Some(first) = jobs.first() else {
             return Ok(Vec::new());
         };
         // One key: the first job's LoRAs are every job's.
         self.prepare(first)?;
-        self.pipeline.generate_batch(jobs, step)
+        self.pipeline.generate_batch_live(jobs, step, live)
     }
 }

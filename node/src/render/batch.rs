@@ -2,16 +2,18 @@
 //! together ([`RunBatch`], [`Renderer::render_batch`]), each keeping its own seed, prompt,
 //! progress, cancel and result.
 //!
-//! The session hands every job to the [`Batcher`]: while a worker is free a job goes at once
-//! (no job waits for partners: no added latency at low load); when every worker is busy, jobs
-//! wait here, and a worker that frees takes the oldest waiting job together with up to
-//! `MAX_BATCH − 1` later ones of its key. The coordinator leases a node up to
-//! `workers × MAX_BATCH` jobs, so under load the waiting jobs are there to batch.
+//! The coordinator leases a node at most one lease group per worker: up to `MAX_BATCH` jobs it
+//! found compatible, sent one after another and tagged with the group ([`Group`]). The session
+//! hands every job to the [`Batcher`]: a job of a group waits until the rest of its group has
+//! arrived (at most [`GROUP_WAIT`]), then goes to a free worker with the waiting jobs of its key,
+//! up to `MAX_BATCH`; a job on its own goes at once. When every worker is busy (a coordinator
+//! that lost count after a restart), jobs wait here and a worker that frees takes the oldest
+//! with the later ones of its key.
 
 use std::collections::VecDeque;
 use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix::{Handler, Message, Recipient, SyncContext};
 use tokio::sync::oneshot;
@@ -87,21 +89,27 @@ impl<R: Renderer> Handler<RunBatch> for Worker<R> {
         let _span = span.entered();
         let params: Vec<Params> = live.iter().map(|(_, j)| j.params.clone()).collect();
         let started = Instant::now();
-        // Progress goes to every job; a cancel takes its job out of the results, and stops the
-        // batch only when no job is left to finish.
-        let rendered = self.renderer.render_batch(&params, |step, total| {
-            for (_, job) in &live {
-                job.progress.send(Progress {
-                    step: step as u32,
-                    total: total as u32,
-                });
-            }
-            if live.iter().all(|(_, j)| j.cancel.is_cancelled()) {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(())
-            }
-        });
+        // Progress goes to every job still in the batch; a cancelled job leaves it at the next
+        // step (the model calls after run without it), and the batch stops when none is left.
+        let flags: Vec<_> = live.iter().map(|(_, j)| j.cancel.clone()).collect();
+        let wanted = |i: usize| flags.get(i).is_some_and(|f| !f.is_cancelled());
+        let rendered = self.renderer.render_batch(
+            &params,
+            |step, total| {
+                for (_, job) in live.iter().filter(|(_, j)| !j.cancel.is_cancelled()) {
+                    job.progress.send(Progress {
+                        step: step as u32,
+                        total: total as u32,
+                    });
+                }
+                if live.iter().all(|(_, j)| j.cancel.is_cancelled()) {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            },
+            &wanted,
+        );
         let elapsed = started.elapsed();
         let size = live.len() as u32;
         match rendered {
@@ -109,16 +117,18 @@ impl<R: Renderer> Handler<RunBatch> for Worker<R> {
                 tracing::info!(
                     backend = self.origin.backend,
                     batch = size,
+                    left = images.iter().filter(|i| i.is_none()).count(),
                     steps = params.first().map_or(0, |p| p.steps),
                     ms = elapsed.as_millis() as u64,
                     "batch rendered"
                 );
                 for ((i, job), image) in live.into_iter().zip(images) {
-                    results[i] = Some(if job.cancel.is_cancelled() {
-                        Err(NodeError::Cancelled)
-                    } else {
-                        let _job = job.span.clone().entered();
-                        self.deliver(&job, image, elapsed, size)
+                    results[i] = Some(match image {
+                        Some(image) if !job.cancel.is_cancelled() => {
+                            let _job = job.span.clone().entered();
+                            self.deliver(&job, image, elapsed, size)
+                        }
+                        _ => Err(NodeError::Cancelled),
                     });
                 }
             }
@@ -155,9 +165,24 @@ fn each(e: &NodeError) -> NodeError {
     }
 }
 
+/// Jobs the coordinator leased together to one worker, to render as one batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Group {
+    /// The group's id (unique among the node's leases).
+    pub id: u64,
+    /// Jobs in the group.
+    pub size: u32,
+}
+
+/// The longest the first job of a group waits for the rest to arrive (they are sent back to
+/// back; a member the coordinator could not lease never comes).
+pub const GROUP_WAIT: Duration = Duration::from_millis(200);
+
 /// One job waiting in the [`Batcher`], and where its result goes.
 struct Waiting {
     key: Option<BatchKey>,
+    group: Option<Group>,
+    arrived: Instant,
     job: RunJob,
     reply: oneshot::Sender<Result<Rendered>>,
 }
@@ -188,13 +213,38 @@ impl Batcher {
         }
     }
 
-    /// Queues a job; its result arrives on the answer. Must run inside an actix system.
-    pub fn submit(&self, job: RunJob) -> oneshot::Receiver<Result<Rendered>> {
+    /// Queues a job, of lease group `group` when it came in one; its result arrives on the
+    /// answer. Must run inside an actix system.
+    pub fn submit(&self, job: RunJob, group: Option<Group>) -> oneshot::Receiver<Result<Rendered>> {
         let (reply, rx) = oneshot::channel();
         let key = batch_key(&job.params);
-        self.lock().waiting.push_back(Waiting { key, job, reply });
+        self.lock().waiting.push_back(Waiting {
+            key,
+            group,
+            arrived: Instant::now(),
+            job,
+            reply,
+        });
         self.pump();
         rx
+    }
+
+    /// How much longer the oldest waiting job must wait for the rest of its group: `None` when
+    /// it may go now.
+    fn group_pending(q: &Queue) -> Option<Duration> {
+        let first = q.waiting.front()?;
+        let group = first.group?;
+        let here = q
+            .waiting
+            .iter()
+            .filter(|w| w.group.is_some_and(|g| g.id == group.id))
+            .count();
+        if here >= group.size as usize {
+            return None;
+        }
+        GROUP_WAIT
+            .checked_sub(first.arrived.elapsed())
+            .filter(|d| !d.is_zero())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Queue> {
@@ -207,6 +257,15 @@ impl Batcher {
             let batch = {
                 let mut q = self.lock();
                 if q.idle == 0 {
+                    return;
+                }
+                if let Some(wait) = Self::group_pending(&q) {
+                    drop(q);
+                    let this = self.clone();
+                    actix_rt::spawn(async move {
+                        actix_rt::time::sleep(wait).await;
+                        this.pump();
+                    });
                     return;
                 }
                 let Some(first) = q.waiting.pop_front() else {
@@ -298,6 +357,16 @@ mod tests {
 
     /// Jobs submitted to a batcher over one sim worker: (batch size or "cancelled", prompt).
     fn run(max_batch: usize, jobs: Vec<(RunJob, CancelFlag)>, cancel: &[usize]) -> Vec<String> {
+        let jobs = jobs.into_iter().map(|j| (j, None)).collect();
+        run_grouped(max_batch, jobs, cancel)
+    }
+
+    /// [`run`] with each job's lease group.
+    fn run_grouped(
+        max_batch: usize,
+        jobs: Vec<((RunJob, CancelFlag), Option<Group>)>,
+        cancel: &[usize],
+    ) -> Vec<String> {
         actix_rt::System::new().block_on(async move {
             let addr = Worker::start(1, "sim-sd15", |_| {
                 SimRenderer::new(Duration::from_millis(20))
@@ -305,8 +374,8 @@ mod tests {
             let batcher = Batcher::new(addr.recipient(), 1, max_batch);
             let mut waits = Vec::new();
             let mut flags = Vec::new();
-            for (job, flag) in jobs {
-                waits.push(batcher.submit(job));
+            for ((job, flag), group) in jobs {
+                waits.push(batcher.submit(job, group));
                 flags.push(flag);
             }
             for &i in cancel {
@@ -352,5 +421,24 @@ mod tests {
             job("c", 4, 3),
         ];
         assert_eq!(run(4, jobs, &[2]), ["1", "2", "cancelled", "2"]);
+    }
+
+    #[test]
+    fn a_lease_group_starts_together_or_after_the_wait_with_what_came() {
+        let group = |id, size| Some(Group { id, size });
+        // The three jobs of a group share one call, though the worker was free when the first
+        // came; a job of another group (of one) goes on its own.
+        let jobs = vec![
+            (job("a", 1, 3), group(7, 3)),
+            (job("b", 2, 3), group(7, 3)),
+            (job("c", 3, 3), group(7, 3)),
+            (job("d", 4, 3), None),
+        ];
+        assert_eq!(run_grouped(4, jobs, &[]), ["3", "3", "3", "1"]);
+        // A member that never comes: the group leaves after the wait with the two that did.
+        let started = Instant::now();
+        let jobs = vec![(job("a", 1, 2), group(9, 3)), (job("b", 2, 2), group(9, 3))];
+        assert_eq!(run_grouped(4, jobs, &[]), ["2", "2"]);
+        assert!(started.elapsed() >= GROUP_WAIT);
     }
 }

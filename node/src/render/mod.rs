@@ -34,7 +34,7 @@ mod batch;
 mod encode;
 mod source;
 
-pub use batch::{BatchKey, Batcher, RunBatch, batch_key};
+pub use batch::{BatchKey, Batcher, Group, RunBatch, batch_key};
 pub use encode::encode_png;
 pub use source::{Fitted, Source};
 
@@ -236,14 +236,35 @@ pub trait Renderer: Unpin + 'static {
         step: impl FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Image>;
 
-    /// Renders jobs of one [`BatchKey`] together, their images in order; `step` is the batch's.
-    /// By default one after the other (a backend that batches overrides it).
+    /// Renders jobs of one [`BatchKey`] together, their images in order; `step` is the batch's
+    /// (its `Break` stops them all). A job `live(i)` no longer wants leaves the batch at the next
+    /// step and gets `None`, the others going on undisturbed. By default one after the other (a
+    /// backend that batches overrides it).
     fn render_batch(
         &mut self,
         jobs: &[Params],
         mut step: impl FnMut(usize, usize) -> ControlFlow<()>,
-    ) -> Result<Vec<Image>> {
-        jobs.iter().map(|p| self.render(p, &mut step)).collect()
+        live: &dyn Fn(usize) -> bool,
+    ) -> Result<Vec<Option<Image>>> {
+        let mut images = Vec::with_capacity(jobs.len());
+        for (i, params) in jobs.iter().enumerate() {
+            if !live(i) {
+                images.push(None);
+                continue;
+            }
+            let image = self.render(params, |k, n| {
+                if live(i) {
+                    step(k, n)
+                } else {
+                    ControlFlow::Break(())
+                }
+            });
+            images.push(match image {
+                Err(NodeError::Cancelled) if !live(i) => None,
+                image => Some(image?),
+            });
+        }
+        Ok(images)
     }
 }
 

@@ -47,6 +47,21 @@ type Case = (
     f32,
 );
 
+/// The demo model `name` under `dir` (made on first use: `drover-node make-model`), loaded.
+fn demo(dir: &std::path::Path, name: &str, family: ModelFamily, variant: &str) -> Pipeline<Cpu> {
+    let out = dir.join(name);
+    if !out.exists() {
+        drover_node::tools::make_model(&out, 5, family, variant).unwrap();
+    }
+    Pipeline::<Cpu>::load(
+        ModelSource::Diffusers(out),
+        &Default::default(),
+        Precision::F32,
+        &[],
+    )
+    .unwrap()
+}
+
 /// Renders `jobs` alone and as a batch; answers the largest pixel difference.
 fn batched_vs_alone(pipe: &Pipeline<Cpu>, jobs: &[Params]) -> u8 {
     let go = |_: usize, _: usize| ControlFlow::Continue(());
@@ -100,17 +115,7 @@ fn a_job_rendered_in_a_batch_is_the_image_it_renders_alone() {
         ("sdxl-lcm", ModelFamily::Sdxl, "lcm", None, 2, 1.5),
     ];
     for (name, family, variant, sampler, steps, guidance) in cases {
-        let out = dir.path().join(name);
-        if !out.exists() {
-            drover_node::tools::make_model(&out, 5, family, variant).unwrap();
-        }
-        let pipe = Pipeline::<Cpu>::load(
-            ModelSource::Diffusers(out),
-            &Default::default(),
-            Precision::F32,
-            &[],
-        )
-        .unwrap();
+        let pipe = demo(dir.path(), name, family, variant);
         let jobs = [
             job(
                 "a red fox in the snow",
@@ -139,15 +144,7 @@ fn a_job_rendered_in_a_batch_is_the_image_it_renders_alone() {
 #[test]
 fn jobs_that_cannot_share_a_batch_are_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("m");
-    drover_node::tools::make_model(&out, 5, ModelFamily::Sd15, "lcm").unwrap();
-    let pipe = Pipeline::<Cpu>::load(
-        ModelSource::Diffusers(out),
-        &Default::default(),
-        Precision::F32,
-        &[],
-    )
-    .unwrap();
+    let pipe = demo(dir.path(), "m", ModelFamily::Sd15, "lcm");
     let a = job("x", "", 1, None, 2, 1.5);
     let mut b = job("y", "", 2, None, 3, 1.5);
     let go = |_: usize, _: usize| ControlFlow::Continue(());
@@ -161,4 +158,60 @@ fn jobs_that_cannot_share_a_batch_are_refused_by_name() {
     b.steps = 2;
     b.guidance = 2.0;
     assert!(pipe.generate_batch(&[a, b], go).is_err());
+}
+
+#[test]
+fn a_job_that_leaves_a_batch_does_not_disturb_the_others() {
+    // Three jobs; the middle one leaves after the first step (a cancel). The model calls after
+    // run on the two left (CFG and LCM's guidance embedding alike); their images are the ones
+    // they render alone, and the one that left gets none.
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str, Option<Sampler>, f32); 2] = [
+        ("standard", "standard", Some(Sampler::EulerA), 6.0),
+        ("lcm", "lcm", None, 1.5),
+    ];
+    for (name, variant, sampler, guidance) in cases {
+        let pipe = demo(dir.path(), name, ModelFamily::Sd15, variant);
+        let jobs = [
+            job("a red fox", "blurry", 1, sampler, 4, guidance),
+            job("a lighthouse", "", 2, sampler, 4, guidance),
+            job("a harbour at night", "fog", 3, sampler, 4, guidance),
+        ];
+        let go = |_: usize, _: usize| ControlFlow::Continue(());
+        let alone: Vec<_> = jobs.iter().map(|p| pipe.generate(p, go).unwrap()).collect();
+        let done = std::cell::Cell::new(0);
+        let together = pipe
+            .generate_batch_live(
+                &jobs,
+                |k, _| {
+                    done.set(k);
+                    ControlFlow::Continue(())
+                },
+                |i| i != 1 || done.get() < 1,
+            )
+            .unwrap();
+        assert!(
+            together[1].is_none(),
+            "{name}: the job that left got an image"
+        );
+        for i in [0, 2] {
+            let image = together[i]
+                .as_ref()
+                .expect("a job that stayed gets its image");
+            let worst = alone[i]
+                .rgb
+                .iter()
+                .zip(&image.rgb)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap_or(0);
+            assert!(
+                worst <= 1,
+                "{name}: job {i} differs by {worst} after another left"
+            );
+        }
+        // Every job leaving stops nothing early but gives no image at all.
+        let none = pipe.generate_batch_live(&jobs, go, |_| false).unwrap();
+        assert!(none.iter().all(Option::is_none));
+    }
 }

@@ -50,8 +50,10 @@ pub enum Effect {
     Measured {
         /// The node.
         node_id: NodeId,
-        /// What the result measured.
+        /// What the result measured: its work over the time of the model call it ran in.
         pixel_steps_per_second: f64,
+        /// Jobs that shared that call.
+        batch_size: u32,
     },
     /// Count something.
     Metric(JobMetric),
@@ -103,6 +105,8 @@ pub struct Assignment {
     pub deadline_ms: u64,
     /// The REST request that submitted the job.
     pub trace_id: Option<String>,
+    /// The lease group: jobs leased together to one worker, to render in one batch.
+    pub group: Group,
 }
 
 /// What the caller decided about a lease: the node, a fresh lease id, the size the node renders
@@ -121,6 +125,38 @@ pub struct Grant {
     pub guidance_scale: f32,
     /// When the lease expires (ms since epoch).
     pub deadline_ms: u64,
+    /// The lease group it joins (one per worker; [`Group::alone`] for a job leased by itself).
+    pub group: Group,
+}
+
+/// Jobs leased together to one worker of a node, to render as one batch: an id and how many
+/// jobs it has. A node runs at most one group per worker; leases, fencing and attempts stay per
+/// job.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Group {
+    /// Its id (its first lease's, folded to a number): unique among the node's live leases.
+    pub id: u64,
+    /// Jobs leased in it.
+    pub size: u32,
+}
+
+impl Group {
+    /// The group of a job leased by itself under `lease`.
+    pub fn alone(lease: LeaseId) -> Self {
+        Self::led_by(lease, 1)
+    }
+
+    /// A group of `size` jobs whose first lease is `lease`.
+    pub fn led_by(lease: LeaseId, size: u32) -> Self {
+        let bytes = lease.as_bytes();
+        let (mut low, mut high) = ([0u8; 8], [0u8; 8]);
+        low.copy_from_slice(&bytes[..8]);
+        high.copy_from_slice(&bytes[8..]);
+        Self {
+            id: u64::from_le_bytes(low) ^ u64::from_le_bytes(high),
+            size: size.max(1),
+        }
+    }
 }
 
 /// What a node reported about a job it holds a lease for.

@@ -34,7 +34,7 @@ mod effects;
 mod tests;
 
 pub use effects::{
-    Assignment, Effect, Effects, EndReason, Finished, Grant, JobEvent, JobMetric, NodeReport,
+    Assignment, Effect, Effects, EndReason, Finished, Grant, Group, JobEvent, JobMetric, NodeReport,
 };
 
 /// A queued job's place: (`router::queue_key`, acceptance time, id).
@@ -55,8 +55,8 @@ pub struct Jobs {
     active: HashMap<JobId, JobRecord>,
     /// The queued jobs in the order they are offered to nodes.
     queue: BTreeSet<QueueEntry>,
-    /// The jobs leased to each node.
-    leases: HashMap<NodeId, HashSet<JobId>>,
+    /// The jobs leased to each node, with the lease group each runs in.
+    leases: HashMap<NodeId, HashMap<JobId, u64>>,
     /// Unfinished jobs per client label.
     clients: HashMap<String, u32>,
     /// Attempts a job may make.
@@ -89,7 +89,12 @@ impl Jobs {
             self.queue.insert(queue_entry(&job));
         }
         if let Some(lease) = &job.lease {
-            self.leases.entry(lease.node_id).or_default().insert(job.id);
+            // Groups are not durable: a lease read back counts as a group of its own, which
+            // over-counts the node's busy workers until those jobs end (never over-commits).
+            self.leases
+                .entry(lease.node_id)
+                .or_default()
+                .insert(job.id, Group::alone(lease.id).id);
         }
         if let Some(client) = &job.client {
             *self.clients.entry(client.clone()).or_default() += 1;
@@ -139,7 +144,17 @@ impl Jobs {
 
     /// Leases `node` holds.
     pub fn leases_on(&self, node: NodeId) -> usize {
-        self.leases.get(&node).map_or(0, HashSet::len)
+        self.leases.get(&node).map_or(0, HashMap::len)
+    }
+
+    /// Lease groups `node` holds: the workers its leases keep busy (see [`Group`]).
+    pub fn groups_on(&self, node: NodeId) -> usize {
+        self.leases.get(&node).map_or(0, |held| {
+            let mut groups: Vec<u64> = held.values().copied().collect();
+            groups.sort_unstable();
+            groups.dedup();
+            groups.len()
+        })
     }
 
     /// Unfinished jobs of the client labelled `label`.
@@ -211,7 +226,10 @@ impl Jobs {
         job.updated_ms = now_ms;
         job.progress = None;
         job.lease = Some(lease.clone());
-        self.leases.entry(grant.node_id).or_default().insert(job_id);
+        self.leases
+            .entry(grant.node_id)
+            .or_default()
+            .insert(job_id, grant.group.id);
         tracing::info!(job_id = %job_id, node_id = %grant.node_id, lease_id = %lease.id, attempt = lease.attempt, trace_id = job.trace_id.as_deref().unwrap_or(""), "job leased");
         out.push(Effect::Persist(job.clone()));
         out.push(Effect::Reindex(grant.node_id));
@@ -228,6 +246,7 @@ impl Jobs {
             size: grant.size,
             deadline_ms: lease.deadline_ms,
             trace_id: job.trace_id.clone(),
+            group: grant.group,
         }));
         out.push(Effect::Event {
             job_id,
@@ -307,6 +326,7 @@ impl Jobs {
                     out.push(Effect::Measured {
                         node_id: node,
                         pixel_steps_per_second: work * 1000.0 / elapsed_ms.max(1) as f64,
+                        batch_size,
                     });
                 }
                 let follow_up =
@@ -436,7 +456,7 @@ impl Jobs {
         let mut held: Vec<JobId> = self
             .leases
             .get(&node)
-            .map(|s| s.iter().copied().collect())
+            .map(|s| s.keys().copied().collect())
             .unwrap_or_default();
         held.sort_unstable();
         let mut out = Effects::new();
@@ -459,7 +479,7 @@ impl Jobs {
             .leases
             .get(&node)
             .into_iter()
-            .flatten()
+            .flat_map(HashMap::keys)
             .filter(|id| {
                 self.active
                     .get(id)
@@ -483,7 +503,7 @@ impl Jobs {
             .leases
             .iter()
             .filter(|(node, _)| !registered(**node))
-            .flat_map(|(_, jobs)| jobs.iter().copied())
+            .flat_map(|(_, jobs)| jobs.keys().copied())
             .collect();
         orphans.sort_unstable();
         let mut out = Effects::new();
@@ -646,7 +666,7 @@ impl Jobs {
 /// Ends the job's current lease (if any) with `outcome`: the node's lease set loses it, the
 /// attempt is recorded. Answers the node that held the lease.
 fn end_attempt(
-    leases: &mut HashMap<NodeId, HashSet<JobId>>,
+    leases: &mut HashMap<NodeId, HashMap<JobId, u64>>,
     job: &mut JobRecord,
     outcome: String,
     now_ms: u64,

@@ -56,6 +56,8 @@ enum Command {
     Lease {
         job: usize,
         node: usize,
+        /// 0: a job leased alone; else the lease group it joins on that node.
+        group: u8,
     },
     Progress {
         job: usize,
@@ -107,7 +109,7 @@ fn carries() -> impl Strategy<Value = Carries> {
 fn command() -> impl Strategy<Value = Command> {
     prop_oneof![
         3 => (1..4usize, 0..2u8, -2..3i32).prop_map(|(n, client, priority)| Command::Submit { n, client, priority }),
-        5 => (any::<usize>(), 0..NODES).prop_map(|(job, node)| Command::Lease { job, node }),
+        5 => (any::<usize>(), 0..NODES, 0..3u8).prop_map(|(job, node, group)| Command::Lease { job, node, group }),
         2 => (any::<usize>(), carries()).prop_map(|(job, carries)| Command::Progress { job, carries }),
         3 => (any::<usize>(), carries(), any::<bool>(), prop::bool::weighted(0.9)).prop_map(|(job, carries, upscaled, png)| Command::Succeed { job, carries, upscaled, png }),
         2 => (any::<usize>(), carries(), any::<bool>()).prop_map(|(job, carries, permanent)| Command::Fail { job, carries, permanent }),
@@ -145,6 +147,8 @@ struct World {
     held: HashMap<JobId, Vec<(NodeId, LeaseId)>>,
     /// Jobs that ended.
     ended: HashSet<JobId>,
+    /// The lease group of each job's last lease.
+    group_of: HashMap<JobId, u64>,
 }
 
 impl World {
@@ -157,6 +161,7 @@ impl World {
             disk: HashMap::new(),
             held: HashMap::new(),
             ended: HashSet::new(),
+            group_of: HashMap::new(),
         }
     }
 
@@ -257,14 +262,26 @@ impl World {
                     Err(_) => Effects::new(),
                 }
             }
-            Command::Lease { job, node: n } => {
+            Command::Lease {
+                job,
+                node: n,
+                group,
+            } => {
                 let Some(job_id) = self.pick(*job) else {
                     return (Effects::new(), false);
                 };
                 self.next_lease += 1;
+                let lease_id = LeaseId::from_bytes(self.next_lease.to_be_bytes());
+                let group = match group {
+                    0 => Group::alone(lease_id),
+                    g => Group {
+                        id: u64::from(*g),
+                        size: 2,
+                    },
+                };
                 let grant = Grant {
                     node_id: node(*n),
-                    lease_id: LeaseId::from_bytes(self.next_lease.to_be_bytes()),
+                    lease_id,
                     size: Size {
                         width: 64,
                         height: 64,
@@ -272,12 +289,21 @@ impl World {
                     steps: 4,
                     guidance_scale: 1.5,
                     deadline_ms: now + 10_000,
+                    group,
                 };
                 let was_queued = self
                     .jobs
                     .get(&job_id)
                     .is_some_and(|j| j.state == JobState::Queued);
                 let effects = self.jobs.lease(job_id, grant, now);
+                let leased = self
+                    .jobs
+                    .get(&job_id)
+                    .and_then(|j| j.lease.as_ref())
+                    .is_some_and(|l| l.id == lease_id);
+                if leased {
+                    self.group_of.insert(job_id, group.id);
+                }
                 if was_queued {
                     self.held
                         .entry(job_id)
@@ -494,6 +520,7 @@ fn check(world: &mut World, before: &HashMap<JobId, JobRecord>, effects: &Effect
     }
     // Leases: one per job at most, each in its node's set, and the sets hold nothing else.
     let mut per_node: HashMap<NodeId, usize> = HashMap::new();
+    let mut groups: HashMap<NodeId, HashSet<u64>> = HashMap::new();
     for job in world.jobs.iter() {
         assert!(
             job.attempts.len() as u32 <= MAX_ATTEMPTS,
@@ -510,14 +537,23 @@ fn check(world: &mut World, before: &HashMap<JobId, JobRecord>, effects: &Effect
             job.lease
         );
         if let Some(lease) = &job.lease {
-            assert!(world.jobs.leases[&lease.node_id].contains(&job.id));
+            assert!(world.jobs.leases[&lease.node_id].contains_key(&job.id));
             *per_node.entry(lease.node_id).or_default() += 1;
+            groups
+                .entry(lease.node_id)
+                .or_default()
+                .insert(world.group_of[&job.id]);
         }
     }
     for n in 0..NODES {
         assert_eq!(
             world.jobs.leases_on(node(n)),
             per_node.get(&node(n)).copied().unwrap_or(0)
+        );
+        // A node's busy workers are the distinct lease groups of its leases.
+        assert_eq!(
+            world.jobs.groups_on(node(n)),
+            groups.get(&node(n)).map_or(0, HashSet::len)
         );
     }
     for job in world.disk.values() {
@@ -554,6 +590,8 @@ fn check(world: &mut World, before: &HashMap<JobId, JobRecord>, effects: &Effect
     assert_eq!(restored.queued(), world.jobs.queued());
     for n in 0..NODES {
         assert_eq!(restored.leases_on(node(n)), world.jobs.leases_on(node(n)));
+        // Groups are not durable: each lease read back is a group of its own.
+        assert_eq!(restored.groups_on(node(n)), restored.leases_on(node(n)));
     }
 }
 
@@ -579,7 +617,11 @@ fn a_result_counts_once_and_only_under_the_current_lease() {
         client: 0,
         priority: 0,
     });
-    world.step(&Command::Lease { job: 0, node: 0 });
+    world.step(&Command::Lease {
+        job: 0,
+        node: 0,
+        group: 0,
+    });
     let first = world
         .jobs
         .get(&world.ids[0])
@@ -591,7 +633,11 @@ fn a_result_counts_once_and_only_under_the_current_lease() {
             .iter()
             .any(|e| matches!(e, Effect::Persist(j) if j.state == JobState::Queued))
     );
-    world.step(&Command::Lease { job: 0, node: 1 });
+    world.step(&Command::Lease {
+        job: 0,
+        node: 1,
+        group: 0,
+    });
     let late = NodeReport::Succeeded {
         job_id: world.ids[0],
         upscaled: false,
@@ -648,7 +694,11 @@ fn attempts_run_out() {
         priority: 0,
     });
     for attempt in 1..=MAX_ATTEMPTS {
-        world.step(&Command::Lease { job: 0, node: 0 });
+        world.step(&Command::Lease {
+            job: 0,
+            node: 0,
+            group: 0,
+        });
         let (effects, _) = world.step(&Command::Fail {
             job: 0,
             carries: Carries::Current,
@@ -681,7 +731,11 @@ fn leases_are_logged_before_they_leave() {
         client: 0,
         priority: 0,
     });
-    let (effects, _) = world.step(&Command::Lease { job: 0, node: 2 });
+    let (effects, _) = world.step(&Command::Lease {
+        job: 0,
+        node: 2,
+        group: 0,
+    });
     let persist = effects.iter().position(Effect::is_durable).expect("logged");
     let assign = effects
         .iter()
@@ -774,6 +828,7 @@ fn a_render_without_its_upscale_is_queued_again_as_the_upscale() {
             steps: 2,
             guidance_scale: 1.5,
             deadline_ms: 10_000,
+            group: Group::default(),
         };
         jobs.lease(id, grant, 1);
         grant.lease_id

@@ -13,7 +13,7 @@ use drover_shared::ids::NodeId;
 use super::{NodeView, capability, lora_set_key, remember_set, speed_key};
 
 /// A node's rank in the index, smaller is better: faster, then more free slots.
-type Rank = (Reverse<bool>, Reverse<u64>, Reverse<u32>);
+type Rank = (Reverse<u64>, Reverse<u32>);
 
 /// What the index keeps about a node that can take work now.
 #[derive(Clone, Debug, PartialEq)]
@@ -22,10 +22,10 @@ pub struct Member {
     pub family: ModelFamily,
     /// Speed bucket (`speed_key`).
     pub speed: u64,
-    /// Free slots (> 0).
+    /// Free slots (lease groups it can still take, > 0).
     pub free: u32,
-    /// Workers not running a job.
-    pub idle: u32,
+    /// Most jobs in one lease group (its `max_batch`).
+    pub batch: u32,
     /// Worker actors.
     pub workers: u32,
     /// LoRA sets merged on its workers, most recent first.
@@ -40,24 +40,20 @@ impl Member {
             family: node.family,
             speed: speed_key(node),
             free: node.free_slots,
-            idle: node.idle_workers,
+            batch: node.max_batch.max(1),
             workers: node.workers,
             loaded: node.loaded.to_vec(),
         })
     }
 
     fn rank(&self) -> Rank {
-        (
-            Reverse(self.idle > 0),
-            Reverse(self.speed),
-            Reverse(self.free),
-        )
+        (Reverse(self.speed), Reverse(self.free))
     }
 }
 
-/// An index pick's candidate, smaller is better: idle rank, speed rank, not affine, free-slot
-/// rank, then (before the pivot, key) so equals take turns.
-type Candidate<K> = (Reverse<bool>, Reverse<u64>, bool, Reverse<u32>, (bool, K));
+/// An index pick's candidate, smaller is better: speed rank, not affine, free-slot rank, then
+/// (before the pivot, key) so equals take turns.
+type Candidate<K> = (Reverse<u64>, bool, Reverse<u32>, (bool, K));
 
 /// Nodes grouped by rank, best first; within a rank, by key.
 type Ranked<K> = BTreeMap<Rank, BTreeSet<K>>;
@@ -178,13 +174,12 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
         pivot: K,
         capable: impl Fn(K) -> bool,
     ) -> Option<K> {
-        // (idle rank, speed rank, not affine, free-slot rank, (before the pivot, key)): smaller
-        // is better, across families too.
+        // (speed rank, not affine, free-slot rank, (before the pivot, key)): smaller is better,
+        // across families too.
         let mut best: Option<Candidate<K>> = None;
         for family in families {
             // The family's best capable node; then its best capable node with the job's LoRA set
-            // merged, which wins when it is as idle and as fast: affinity outranks free slots,
-            // not idleness or speed.
+            // merged, which wins when it is as fast: affinity outranks free slots, not speed.
             let Some((g_rank, g_key)) =
                 first_capable(&self.ranked[family_slot(*family)], pivot, &capable)
             else {
@@ -195,9 +190,7 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
                 .get(&(*family, set))
                 .and_then(|ranked| first_capable(ranked, pivot, &capable));
             let (rank, key, affine) = match affine_best {
-                Some((a_rank, a_key)) if (a_rank.0, a_rank.1) == (g_rank.0, g_rank.1) => {
-                    (a_rank, a_key, true)
-                }
+                Some((a_rank, a_key)) if a_rank.0 == g_rank.0 => (a_rank, a_key, true),
                 _ => {
                     let affine = self
                         .members
@@ -206,22 +199,21 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
                     (g_rank, g_key, affine)
                 }
             };
-            let candidate = (rank.0, rank.1, !affine, rank.2, (key < pivot, key));
+            let candidate = (rank.0, !affine, rank.1, (key < pivot, key));
             if best.is_none_or(|b| candidate < b) {
                 best = Some(candidate);
             }
         }
-        best.map(|(_, _, _, _, (_, key))| key)
+        best.map(|(_, _, _, (_, key))| key)
     }
 
-    /// Records that node `key` took one job of LoRA set `set`: one slot less, and the set now
-    /// merged on one of its workers (the least recently used one is replaced).
+    /// Records that node `key` took one lease group of LoRA set `set`: one slot less, and the set
+    /// now merged on one of its workers (the least recently used one is replaced).
     pub fn take(&mut self, key: K, set: u64) {
         let Some(mut member) = self.members.get(&key).cloned() else {
             return;
         };
         member.free -= 1;
-        member.idle = member.idle.saturating_sub(1);
         remember_set(&mut member.loaded, set, member.workers as usize);
         self.upsert(key, Some(member));
     }
@@ -299,7 +291,7 @@ pub fn sample_farm(n: usize) -> Vec<NodeView<'static>> {
                 suspect: false,
                 draining: i % 11 == 0,
                 free_slots: (i % 3) as u32,
-                idle_workers: (i % 3) as u32,
+                max_batch: 1,
                 workers: 2,
                 loaded: &[0],
                 pixel_steps_per_second: 1e6 + i as f64,
@@ -319,29 +311,84 @@ pub fn pick_indexed<K: Ord + Copy + Hash>(
     index.pick(job_families(job), lora_set_key(&job.loras), pivot, capable)
 }
 
+/// How far past a group's first job a dispatch round looks for partners of its batch key.
+pub const PARTNER_SCAN: usize = 512;
+
 /// One dispatch round over `index`: offers the jobs of `queue` in its order, each to the node
-/// [`pick_indexed`] picks among those `capable` accepts for it, taking that node's slot before the
-/// next job is offered; stops when no slot is left. The pivot moves past each chosen node so
-/// equal nodes take turns. Returns the placements (job, node) and the pivot for the next round.
-/// A job left unplaced has no free capable node left in `index` (none stays idle while it waits).
-pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J>(
+/// [`pick_indexed`] picks among those `capable` accepts for it, taking one of that node's slots
+/// (a worker) before the next job is offered; stops when no slot is left. When the node batches
+/// (`max_batch` > 1) and the job has a `batch_key` there, later queued jobs (up to
+/// [`PARTNER_SCAN`] on) with the same key that the node can serve join it, in queue order, up to
+/// `max_batch` jobs: one lease group, one worker. A job never waits for partners: the group
+/// leaves with what is queued now. The pivot moves past each chosen node so equal nodes take
+/// turns. Returns the groups (node, jobs in queue order) and the pivot for the next round.
+///
+/// A job left unplaced has no free capable node left in `index` (none stays idle while it
+/// waits), and no group of its key with room on a node that can serve it; a partner placed ahead
+/// of an earlier job rides on a worker that job could not use.
+pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J: Copy, B: PartialEq>(
     index: &mut CapabilityIndex<K>,
     queue: impl IntoIterator<Item = (J, &'a JobSpec)>,
     mut pivot: K,
     capable: impl Fn(&JobSpec, K) -> bool,
+    batch_key: impl Fn(&JobSpec, K) -> Option<B>,
     after: impl Fn(K) -> K,
-) -> (Vec<(J, K)>, K) {
-    let mut placements = Vec::new();
-    for (job, spec) in queue {
+) -> (Vec<(K, Vec<J>)>, K) {
+    let mut groups = Vec::new();
+    if index.free_slots() == 0 {
+        return (groups, pivot);
+    }
+    // The queue is read lazily: a round usually ends long before its end.
+    let mut queue = queue.into_iter();
+    let mut seen: Vec<(J, &JobSpec, bool)> = Vec::new();
+    let mut i = 0;
+    loop {
         if index.free_slots() == 0 {
             break;
         }
-        let set = lora_set_key(&spec.loras);
-        if let Some(key) = index.pick(job_families(spec), set, pivot, |k| capable(spec, k)) {
-            index.take(key, set);
-            pivot = after(key);
-            placements.push((job, key));
+        if i == seen.len() {
+            match queue.next() {
+                Some((job, spec)) => seen.push((job, spec, false)),
+                None => break,
+            }
         }
+        let (job, spec, placed) = seen[i];
+        i += 1;
+        if placed {
+            continue;
+        }
+        let set = lora_set_key(&spec.loras);
+        let Some(key) = index.pick(job_families(spec), set, pivot, |k| capable(spec, k)) else {
+            continue;
+        };
+        let room = index.member(&key).map_or(1, |m| m.batch.max(1)) as usize;
+        index.take(key, set);
+        pivot = after(key);
+        seen[i - 1].2 = true;
+        let mut group = vec![job];
+        if room > 1
+            && let Some(leader) = batch_key(spec, key)
+        {
+            let mut j = i;
+            while group.len() < room && j < i + PARTNER_SCAN {
+                if j == seen.len() {
+                    match queue.next() {
+                        Some((job, spec)) => seen.push((job, spec, false)),
+                        None => break,
+                    }
+                }
+                let (other, other_spec, taken) = seen[j];
+                if !taken
+                    && batch_key(other_spec, key).as_ref() == Some(&leader)
+                    && capable(other_spec, key)
+                {
+                    seen[j].2 = true;
+                    group.push(other);
+                }
+                j += 1;
+            }
+        }
+        groups.push((key, group));
     }
-    (placements, pivot)
+    (groups, pivot)
 }

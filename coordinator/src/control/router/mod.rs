@@ -11,6 +11,9 @@
 //!   then round robin so equal nodes share the work.
 //! - [`RoutingIndex`]: the same decision in O(log n) from an index by family (and by family and
 //!   LoRA set); property tests check it picks exactly what the scan picks.
+//! - [`plan_dispatch`]: one dispatch round: queued jobs in queue order, each to the node
+//!   [`pick`] would choose, together with later queued jobs of the same [`batch_key`] on that
+//!   node, up to its `max_batch`, as one lease group on one worker.
 //! - [`queue_key`]: the queue order, priority with continuous aging, a key that never changes
 //!   while a job waits.
 //!
@@ -56,11 +59,12 @@ pub struct NodeView<'a> {
     pub suspect: bool,
     /// Draining: takes no new work.
     pub draining: bool,
-    /// Jobs it can still take: `workers × max_batch` minus its leases.
+    /// Lease groups it can still take: its workers minus the groups it runs (a group is up to
+    /// `max_batch` compatible jobs sharing one worker, see [`plan_dispatch`]).
     pub free_slots: u32,
-    /// Workers not running a job (free slots beyond these wait on the node to be batched).
-    pub idle_workers: u32,
-    /// Worker actors (jobs run at once).
+    /// Most jobs one worker renders in one batch (1: no batching).
+    pub max_batch: u32,
+    /// Worker actors (lease groups run at once).
     pub workers: u32,
     /// LoRA sets ([`lora_set_key`]) merged on the node's workers, most recent first (the empty
     /// set, 0, is base weights).
@@ -433,12 +437,11 @@ pub fn lora_set_key(loras: &[drover_shared::job::LoraRef]) -> u64 {
     h.max(1)
 }
 
-/// How good a capable node is for a job, larger is better, compared in this order: an idle
-/// worker (a job never waits on a batching node while another node could start it now), then
-/// faster (in ~9% log buckets: the estimated completion time of a job that starts now), then
-/// LoRA affinity (the job's LoRA set is already merged on one of its workers, so nothing
-/// reloads), then more free slots (spread the load), then the round-robin position.
-type Score = (bool, u64, bool, u32, usize);
+/// How good a capable node is for a job, larger is better, compared in this order: faster (in
+/// ~9% log buckets: the estimated completion time of a job that starts now), then LoRA affinity
+/// (the job's LoRA set is already merged on one of its workers, so nothing reloads), then more
+/// free slots (spread the load), then the round-robin position.
+type Score = (u64, bool, u32, usize);
 
 fn affine(job_set: u64, node: &NodeView<'_>) -> bool {
     node.loaded.contains(&job_set)
@@ -459,7 +462,6 @@ pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, 
         }
         let rotation = n - 1 - (i + n - (turn as usize % n)) % n;
         let key = (
-            node.idle_workers > 0,
             speed_key(node),
             affine(set, node),
             node.free_slots,
@@ -488,6 +490,45 @@ fn speed_key(node: &NodeView<'_>) -> u64 {
     } else {
         u64::MAX
     }
+}
+
+/// What jobs leased together to one worker of `node` share, so they run as one model call per
+/// step there: the size, steps and guidance the node renders them with, the sampler asked for
+/// (as the node's own batching compares it), sigma schedule, guidance rescale, LoRAs in order
+/// with strengths, and style. Prompts, negative prompts, seeds and priorities may differ.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BatchKey {
+    size: Size,
+    steps: u32,
+    guidance: u32,
+    sampler: Option<Sampler>,
+    scheduler: drover_shared::sampler::SigmaSchedule,
+    guidance_rescale: u32,
+    loras: Vec<(String, u32)>,
+    style: Option<(String, u32)>,
+}
+
+/// `job`'s [`BatchKey`] on `node`; `None` when it is leased alone there: the node does not
+/// batch (`max_batch` 1), or the job starts from an image or is an upscale.
+pub fn batch_key(job: &JobSpec, node: &NodeView<'_>) -> Option<BatchKey> {
+    if node.max_batch <= 1 || job.task != JobTask::Generate || job.source.is_some() {
+        return None;
+    }
+    let default = node.samplers.first().copied();
+    Some(BatchKey {
+        size: job.size_on(node.family, node.sizes),
+        steps: job.steps_with(default),
+        guidance: job.guidance_with(default).to_bits(),
+        sampler: job.sampler,
+        scheduler: job.scheduler,
+        guidance_rescale: job.guidance_rescale.to_bits(),
+        loras: job
+            .loras
+            .iter()
+            .map(|l| (l.name.clone(), l.strength.to_bits()))
+            .collect(),
+        style: job.style.as_ref().map(|s| (s.style.clone(), s.level)),
+    })
 }
 
 mod index;

@@ -27,7 +27,7 @@ fn node(i: u8, family: ModelFamily) -> NodeView<'static> {
         suspect: false,
         draining: false,
         free_slots: 1,
-        idle_workers: 1,
+        max_batch: 1,
         workers: 2,
         loaded: &[0],
         pixel_steps_per_second: 0.0,
@@ -181,7 +181,6 @@ fn family_and_size_and_liveness_are_named() {
     );
     let busy = NodeView {
         free_slots: 0,
-        idle_workers: 0,
         ..sd15.clone()
     };
     assert_eq!(check(r#"{"prompt":"x"}"#, &busy), Some(SkipReason::Busy));
@@ -262,7 +261,6 @@ fn feasibility_ignores_load_but_not_capability() {
     let busy_offline = NodeView {
         online: false,
         free_slots: 0,
-        idle_workers: 0,
         ..node(1, ModelFamily::Sdxl)
     };
     assert_eq!(
@@ -376,7 +374,7 @@ proptest! {
         jobs in 0usize..30,
     ) {
         let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, s)| NodeView {
-            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4, idle_workers: s.4 / 2,
+            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
             max_pixels: 2048 * 2048,
             ..node(i as u8, s.0)
         }).collect();
@@ -410,7 +408,7 @@ proptest! {
         turn in any::<u64>(),
     ) {
         let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, s)| NodeView {
-            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4, idle_workers: s.4 / 2,
+            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
             max_pixels: [512 * 512, 768 * 768, 1024 * 1024, 2048 * 2048][s.5 as usize],
             sizes: FIXED_SIZES[s.6],
             samplers: &[],
@@ -492,7 +490,6 @@ proptest! {
             NodeView {
                 online: s.0,
                 free_slots: s.1,
-                idle_workers: s.1,
                 pixel_steps_per_second: SPEEDS[s.2],
                 loaded: Box::leak(loaded.into_boxed_slice()),
                 loras: adverts,
@@ -517,19 +514,23 @@ proptest! {
 }
 
 proptest! {
-    /// A dispatch round over a queue of mixed jobs (families, sizes, LoRA sets, priorities):
-    /// every placement is eligible, no node gets more jobs than its free slots, and a job left
-    /// waiting has no eligible node with a slot still free: nothing starves while an eligible
-    /// node is idle, and an earlier job in queue order is never passed over for a later one.
+    /// A dispatch round over a queue of mixed jobs (families, sizes, LoRA sets, steps,
+    /// priorities) on nodes that batch or not: every placement is eligible; no node gets more
+    /// lease groups than its free slots, nor a group larger than its `max_batch`; only jobs of
+    /// one batch key share a group; and a job left waiting had no eligible node with a slot still
+    /// free (its slots went to groups led by jobs *ahead of it* in the queue) and no group on such
+    /// a node, led from ahead of it, that it could have joined: nothing starves while an
+    /// eligible worker is idle, and priorities still order the queue.
     #[test]
     fn dispatch_round_never_leaves_an_eligible_slot_idle(
-        specs in prop::collection::vec((arb_live_node(), any::<bool>()), 0..8),
+        specs in prop::collection::vec((arb_live_node(), any::<bool>(), 1u32..5), 0..8),
         jobs in prop::collection::vec((
             prop::option::of(arb_family()),
             prop::sample::select(vec![None, Some("512x512"), Some("1024x1024")]),
             0usize..3,
             -2i32..3,
             0u64..200_000,
+            prop::sample::select(vec![4u32, 8]),
         ), 0..24),
         pivot in 0usize..8,
     ) {
@@ -538,53 +539,64 @@ proptest! {
                 name: n.into(), family: *f, lcm: false,
             })).collect::<Vec<_>>(),
         ));
-        let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, (s, has))| NodeView {
-            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4, idle_workers: s.4,
+        let nodes: Vec<NodeView<'static>> = specs.iter().enumerate().map(|(i, (s, has, batch))| NodeView {
+            online: s.1, suspect: s.2, draining: s.3, free_slots: s.4,
             max_pixels: [512 * 512, 768 * 768, 1024 * 1024, 2048 * 2048][s.5 as usize],
             sizes: FIXED_SIZES[s.6],
             samplers: &[],
             loras: if *has { adverts } else { &[] },
+            max_batch: *batch,
             ..node(i as u8, s.0)
         }).collect();
         let mut queued: Vec<QueuedJob<usize>> = jobs.iter().enumerate().map(|(i, j)| QueuedJob {
             priority: j.3, created_ms: j.4, id: i,
         }).collect();
         queue_order(&mut queued);
-        let job_specs: Vec<JobSpec> = jobs.iter().map(|(family, size, set, priority, _)| {
+        let job_specs: Vec<JobSpec> = jobs.iter().map(|(family, size, set, priority, _, steps)| {
             let mut spec = lora_job(*set);
             spec.model = family.map(ModelSelector::Family);
             spec.size = size.map(|s| s.parse().unwrap());
             spec.priority = *priority;
+            spec.steps = *steps;
             spec
         }).collect();
         let mut index = CapabilityIndex::default();
         for (i, n) in nodes.iter().enumerate() {
             index.upsert(i, Member::of(n));
         }
-        let (placements, _) = plan_dispatch(
+        let (groups, _) = plan_dispatch(
             &mut index,
             queued.iter().map(|q| (q.id, &job_specs[q.id])),
             pivot,
             |spec, k| capability(spec, &nodes[k]).is_ok(),
+            |spec, k| batch_key(spec, &nodes[k]),
             |k| k + 1,
         );
+        let mut place_of = vec![0usize; jobs.len()];
+        for (position, q) in queued.iter().enumerate() {
+            place_of[q.id] = position;
+        }
         let mut given = vec![0u32; nodes.len()];
         let mut placed = vec![false; jobs.len()];
-        for (j, k) in &placements {
-            prop_assert!(!placed[*j], "job {} placed twice", j);
-            placed[*j] = true;
-            prop_assert!(eligibility(&job_specs[*j], &nodes[*k]).is_ok());
+        for (k, group) in &groups {
+            prop_assert!(!group.is_empty());
+            prop_assert!(group.len() as u32 <= nodes[*k].max_batch);
+            // Jobs of a group in queue order, the first (its leader) eligible, all of one key.
+            prop_assert!(group.windows(2).all(|w| place_of[w[0]] < place_of[w[1]]));
+            let leader = batch_key(&job_specs[group[0]], &nodes[*k]);
+            for j in group {
+                prop_assert!(!placed[*j], "job {} placed twice", j);
+                placed[*j] = true;
+                prop_assert!(eligibility(&job_specs[*j], &nodes[*k]).is_ok());
+                if group.len() > 1 {
+                    prop_assert!(leader.is_some());
+                    prop_assert_eq!(&batch_key(&job_specs[*j], &nodes[*k]), &leader);
+                }
+            }
             given[*k] += 1;
         }
         for (k, n) in nodes.iter().enumerate() {
             prop_assert!(given[k] <= n.free_slots);
-        }
-        // Against the reference, queue order: a waiting job's every eligible node had its free
-        // slots taken by jobs *ahead of it* in the queue (a later job taking the slot an earlier
-        // one could use is a violation, which "no eligible slot left at the end" alone misses).
-        let mut place_of = vec![0usize; jobs.len()];
-        for (position, q) in queued.iter().enumerate() {
-            place_of[q.id] = position;
         }
         for (position, q) in queued.iter().enumerate() {
             if placed[q.id] {
@@ -595,19 +607,95 @@ proptest! {
                 if eligibility(spec, n).is_err() {
                     continue;
                 }
-                let ahead = placements
+                let ahead: Vec<&Vec<usize>> = groups
                     .iter()
-                    .filter(|(j, node)| *node == k && place_of[*j] < position)
-                    .count() as u32;
+                    .filter(|(node, g)| *node == k && place_of[g[0]] < position)
+                    .map(|(_, g)| g)
+                    .collect();
                 prop_assert!(
-                    ahead >= n.free_slots,
+                    ahead.len() as u32 >= n.free_slots,
                     "job at queue place {} waits while node {} had a free eligible slot that \
-                     only later jobs took ({} ahead of it, {} slots)",
-                    position, k, ahead, n.free_slots
+                     only later jobs took ({} groups ahead of it, {} slots)",
+                    position, k, ahead.len(), n.free_slots
                 );
+                // Nor was there room for it in a group of its key led from ahead of it, that
+                // jobs behind it joined or that stayed short.
+                let key = batch_key(spec, n);
+                for g in ahead {
+                    let room = (g.len() as u32) < n.max_batch
+                        || g.iter().any(|j| place_of[*j] > position);
+                    prop_assert!(
+                        !(room && key.is_some() && batch_key(&job_specs[g[0]], n) == key),
+                        "job at queue place {} could have joined a group on node {}",
+                        position, k
+                    );
+                }
             }
         }
     }
+}
+
+#[test]
+fn compatible_jobs_share_a_lease_group_and_others_wait_for_a_worker() {
+    // One node, one free worker, batches of up to 3: of five queued jobs, the first and the
+    // two later ones of its key go together; the one with other steps and the fourth of the
+    // key wait (no worker, a full group).
+    let batching = NodeView {
+        max_batch: 3,
+        ..node(1, ModelFamily::Sd15)
+    };
+    let spec = |steps: u32, prompt: &str| {
+        let mut s = job(&format!(r#"{{"prompt":"{prompt}","seed":1}}"#));
+        s.steps = steps;
+        s
+    };
+    let queue = [
+        spec(4, "a"),
+        spec(8, "b"),
+        spec(4, "c"),
+        spec(4, "d"),
+        spec(4, "e"),
+    ];
+    assert_eq!(one_round(&batching, &queue), vec![(0, vec![0, 2, 3])]);
+    // Prompts and seeds may differ within a key; size, LoRAs, guidance may not; a node that
+    // does not batch gives no key.
+    let base = spec(4, "x");
+    let key = batch_key(&base, &batching);
+    assert!(key.is_some());
+    let mut seeded = spec(4, "y");
+    seeded.seed = 99;
+    assert_eq!(batch_key(&seeded, &batching), key);
+    let sized = job(r#"{"prompt":"x","size":"512x768"}"#);
+    assert_ne!(batch_key(&sized, &batching), key);
+    assert_ne!(batch_key(&lora_job(1), &batching), key);
+    let mut guided = base.clone();
+    guided.guidance_scale += 1.0;
+    assert_ne!(batch_key(&guided, &batching), key);
+    assert_eq!(batch_key(&base, &node(2, ModelFamily::Sd15)), None);
+    // A second free worker takes the job of other steps at once; the fourth of the key waits.
+    let two = NodeView {
+        free_slots: 2,
+        ..batching
+    };
+    assert_eq!(
+        one_round(&two, &queue),
+        vec![(0, vec![0, 2, 3]), (0, vec![1])]
+    );
+}
+
+/// One dispatch round of `queue` over the one node `node`: its lease groups.
+fn one_round(node: &NodeView<'static>, queue: &[JobSpec]) -> Vec<(usize, Vec<usize>)> {
+    let mut index = CapabilityIndex::default();
+    index.upsert(0usize, Member::of(node));
+    plan_dispatch(
+        &mut index,
+        queue.iter().enumerate(),
+        0,
+        |s, _| capability(s, node).is_ok(),
+        |s, _| batch_key(s, node),
+        |k| k + 1,
+    )
+    .0
 }
 
 #[test]
@@ -783,35 +871,4 @@ fn an_upscale_no_renderer_holds_follows_on_another_node() {
     let unknown = job(r#"{"prompt":"x","model":"sdxl","upscale":{"model":"x8"}}"#);
     assert!(!follow_up_feasible(&unknown, &nodes));
     assert!(!follow_up_feasible(&job(r#"{"prompt":"x"}"#), &nodes));
-}
-
-#[test]
-fn a_job_never_waits_on_a_batching_node_while_another_could_start_it() {
-    // A fast node whose one worker is busy but that still takes jobs to batch, and a slow
-    // node with an idle worker: the job starts now, on the slow one.
-    let busy_fast = NodeView {
-        free_slots: 3,
-        idle_workers: 0,
-        pixel_steps_per_second: 1e7,
-        ..node(1, ModelFamily::Sd15)
-    };
-    let idle_slow = NodeView {
-        free_slots: 1,
-        idle_workers: 1,
-        pixel_steps_per_second: 1e5,
-        ..node(2, ModelFamily::Sd15)
-    };
-    let nodes = [busy_fast.clone(), idle_slow.clone()];
-    let spec = job(r#"{"prompt":"x"}"#);
-    for turn in 0..4 {
-        assert_eq!(pick(&spec, &nodes, turn), Ok(idle_slow.id));
-        assert_eq!(RoutingIndex::new(&nodes).pick(&spec, &nodes, turn), Some(1));
-    }
-    // With no worker idle anywhere, the batching node's slots are used, fastest first.
-    let idle_none = NodeView {
-        idle_workers: 0,
-        ..idle_slow
-    };
-    let nodes = [busy_fast.clone(), idle_none];
-    assert_eq!(pick(&spec, &nodes, 0), Ok(busy_fast.id));
 }

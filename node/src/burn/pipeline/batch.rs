@@ -7,7 +7,7 @@ use ::burn::tensor::backend::Backend;
 use ::burn::tensor::{Tensor, TensorData};
 
 use super::Pipeline;
-use crate::burn::denoise::{Prompt, TextConditioning, sample_unet_from};
+use crate::burn::denoise::{Prompt, TextConditioning, rows_index, sample_unet_rows};
 use crate::error::{NodeError, Result};
 use crate::render::{Image, Params, gaussian, rgb_from_chw, step_noise_seed};
 
@@ -21,13 +21,38 @@ impl<B: Backend> Pipeline<B> {
     pub fn generate_batch(
         &self,
         jobs: &[Params],
-        mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+        progress: impl FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Vec<Image>> {
+        self.generate_batch_live(jobs, progress, |_| true)?
+            .into_iter()
+            .map(|image| image.ok_or(NodeError::Cancelled))
+            .collect()
+    }
+
+    /// [`Pipeline::generate_batch`] where jobs may leave: a job `live(i)` no longer wants leaves
+    /// at the next UNet call (the calls after run on the jobs left, [`sample_unet_rows`]) and
+    /// gets no image (`None`), nor is it decoded; the others render as they would have.
+    pub fn generate_batch_live(
+        &self,
+        jobs: &[Params],
+        mut progress: impl FnMut(usize, usize) -> ControlFlow<()>,
+        live: impl Fn(usize) -> bool,
+    ) -> Result<Vec<Option<Image>>> {
         let Some(first) = jobs.first() else {
             return Ok(Vec::new());
         };
         if jobs.len() == 1 {
-            return Ok(vec![self.generate(first, progress)?]);
+            let image = self.generate(first, |k, n| {
+                if live(0) {
+                    progress(k, n)
+                } else {
+                    ControlFlow::Break(())
+                }
+            });
+            return match image {
+                Err(NodeError::Cancelled) if !live(0) => Ok(vec![None]),
+                image => Ok(vec![Some(image?)]),
+            };
         }
         let key = crate::render::batch_key(first);
         if let Some(other) = jobs
@@ -80,32 +105,44 @@ impl<B: Backend> Pipeline<B> {
         };
         let init = noise_of(&mut jobs.iter().map(|j| j.seed));
         let x = plan.initial(init, None);
-        let denoised = sample_unet_from(
+        let rows = || (0..jobs.len()).filter(|&i| live(i)).collect::<Vec<usize>>();
+        let denoised = sample_unet_rows(
             &self.unet,
             &text,
             x,
-            None,
-            None,
             &plan,
             first.guidance,
             first.guidance_rescale,
             |k| noise_of(&mut jobs.iter().map(|j| step_noise_seed(j.seed, k))),
             &mut progress,
+            rows,
         )?;
+        // Only the jobs still wanted are decoded.
+        let kept = rows();
+        let mut out: Vec<Option<Image>> = jobs.iter().map(|_| None).collect();
+        if kept.is_empty() {
+            return Ok(out);
+        }
+        let denoised = if kept.len() < jobs.len() {
+            denoised.select(0, rows_index::<B>(&kept, &self.device))
+        } else {
+            denoised
+        };
         let images = self.decode(denoised);
-        let [n, ch, ih, iw] = images.dims();
+        let [_, ch, ih, iw] = images.dims();
         let values = crate::burn::nn::in_f32(images)
             .into_data()
             .to_vec::<f32>()
             .map_err(|e| NodeError::Render(format!("reading the images back: {e:?}")))?;
         let per = ch * ih * iw;
-        Ok((0..n)
-            .map(|i| Image {
+        for (k, &i) in kept.iter().enumerate() {
+            out[i] = Some(Image {
                 width: iw,
                 height: ih,
-                rgb: rgb_from_chw(&values[i * per..(i + 1) * per], ch, ih, iw),
+                rgb: rgb_from_chw(&values[k * per..(k + 1) * per], ch, ih, iw),
                 truncated_tokens: truncated[i],
-            })
-            .collect())
+            });
+        }
+        Ok(out)
     }
 }
