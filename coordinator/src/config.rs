@@ -101,6 +101,11 @@ pub struct Config {
     /// Silence after which a node is offline and its leases are re-queued, in milliseconds.
     #[arg(long, env = "DROVER_OFFLINE_GRACE_MS", default_value_t = 10_000)]
     pub offline_grace_ms: u64,
+    /// Dynamic batching's gather window, in milliseconds: a newly accepted job whose lease group
+    /// on a batching node would not be full waits up to this long for partners (0: never; a
+    /// job then leaves with the partners queued now).
+    #[arg(long, env = "DROVER_GATHER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=5000))]
+    pub gather_ms: u64,
     /// Shortest lease a job gets, in milliseconds (longer for big jobs on slow nodes).
     #[arg(long, env = "DROVER_LEASE_FLOOR_MS", default_value_t = 30_000)]
     pub lease_floor_ms: u64,

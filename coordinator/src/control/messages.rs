@@ -18,6 +18,21 @@ use crate::limits::ClientId;
 use crate::metrics::FarmGauges;
 use crate::records::{JobRecord, NodeRecord, now_ms};
 
+/// A gather window ended: dispatch again (sent by the control plane to itself).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(super) struct Wake;
+
+impl Handler<Wake> for ControlPlane {
+    type Result = ();
+
+    fn handle(&mut self, _: Wake, _: &mut Context<Self>) {
+        self.wake = None;
+        self.dispatch();
+        self.commit();
+    }
+}
+
 /// Registers (or re-registers) a node; answers its record.
 #[derive(Message)]
 #[rtype(result = "Result<NodeRecord>")]

@@ -91,6 +91,10 @@ pub struct ControlPlane {
     recent: VecDeque<JobRecord>,
     /// Recent submissions' idempotency keys.
     keys: idempotency::Keys,
+    /// Its own address (once started): the gather window's wake-ups are sent to it.
+    me: Option<Addr<Self>>,
+    /// When a wake-up is due (ms since epoch), if one is pending.
+    wake: Option<u64>,
 }
 
 /// Effects waiting for the end of a handler: the durable ones coalesced per job (the latest
@@ -143,6 +147,8 @@ impl ControlPlane {
             history,
             recent: VecDeque::with_capacity(RECENT_JOBS),
             keys,
+            me: None,
+            wake: None,
         };
         // Leases whose node is unknown (removed from the registry) cannot complete.
         let registered: HashSet<NodeId> = plane.nodes.keys().copied().collect();
@@ -376,17 +382,30 @@ impl ControlPlane {
         };
         let batch_key =
             |spec: &JobSpec, id: NodeId| view(id).and_then(|v| router::batch_key(spec, &v));
-        let (groups, pivot) = router::plan_dispatch(
+        let now_ms = now_ms();
+        // The gather window: a job accepted less than `gather_ms` ago, never leased, may wait.
+        let gather = config.gather_ms;
+        let release = |id: &JobId| {
+            jobs.get(id)
+                .filter(|j| j.attempts.is_empty())
+                .map(|j| j.created_ms.saturating_add(gather))
+        };
+        let hold = |id: JobId| gather > 0 && release(&id).is_some_and(|at| at > now_ms);
+        let round = router::plan_dispatch(
             &mut self.index,
             jobs.queue(),
             self.pivot,
             capable,
             batch_key,
+            hold,
             next_id,
         );
-        self.pivot = pivot;
-        let now_ms = now_ms();
-        for (node_id, group) in groups {
+        let wake = round.held.iter().filter_map(release).min();
+        self.pivot = round.pivot;
+        if let Some(at) = wake {
+            self.wake_at(at, now_ms);
+        }
+        for (node_id, group) in round.groups {
             // The lease re-indexes the node from its entry, whatever happens to the lease.
             self.dirty.insert(node_id);
             let size = group.len() as u32;
@@ -436,6 +455,24 @@ impl ControlPlane {
             deadline_ms: now_ms + duration.as_millis() as u64,
             group: Group::alone(lease_id),
         })
+    }
+
+    /// Dispatches again at `at` (ms since epoch), when the gather window of a held job ends;
+    /// nothing when a wake-up at or before `at` is already pending (the dispatch it runs sets
+    /// the next one).
+    fn wake_at(&mut self, at: u64, now_ms: u64) {
+        if self.wake.is_some_and(|pending| pending <= at) {
+            return;
+        }
+        let Some(me) = self.me.clone() else {
+            return;
+        };
+        self.wake = Some(at);
+        let wait = Duration::from_millis(at.saturating_sub(now_ms));
+        actix::spawn(async move {
+            actix::clock::sleep(wait).await;
+            me.do_send(messages::Wake);
+        });
     }
 
     /// Liveness, lease deadlines, queue expiry, retention and the dashboard's samples.
@@ -531,6 +568,7 @@ impl Actor for ControlPlane {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Self::Context) {
+        self.me = Some(ctx.address());
         ctx.run_interval(LOOP_INTERVAL, |plane, _| plane.tick());
     }
 }

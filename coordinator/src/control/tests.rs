@@ -142,3 +142,85 @@ fn jobs_go_where_their_lora_set_is_already_merged() {
         }
     });
 }
+
+/// The groups (id, size) of the assignments waiting on a session, and how many jobs each.
+fn groups(rx: &mut SessionReceiver) -> Vec<(u32, usize)> {
+    let mut seen: Vec<(u64, u32, usize)> = Vec::new();
+    while let Ok(ToNode::Assign(a)) = rx.try_recv() {
+        match seen.iter_mut().find(|(id, _, _)| *id == a.group.id) {
+            Some(g) => g.2 += 1,
+            None => seen.push((a.group.id, a.group.size, 1)),
+        }
+    }
+    seen.into_iter().map(|(_, size, n)| (size, n)).collect()
+}
+
+#[test]
+fn a_gather_window_holds_a_lone_job_for_partners_then_lets_it_go() {
+    actix_rt::System::new().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = Config::for_tests(dir.path().to_path_buf());
+        config.gather_ms = 1000;
+        let plane = ControlPlane::restore(
+            Store::temporary().unwrap(),
+            Arc::new(config),
+            Arc::new(Metrics::default()),
+        )
+        .unwrap()
+        .start();
+        let RegisterNode(mut registration) = register("batcher");
+        registration.max_batch = 3;
+        let node = plane
+            .send(RegisterNode(registration))
+            .await
+            .unwrap()
+            .unwrap();
+        let (_, mut rx) = plane
+            .send(OpenSession {
+                node_id: node.id,
+                running: Vec::new(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let submit = |n: usize| {
+            plane.send(SubmitJobs {
+                specs: vec![spec(false); n],
+                client: client(),
+                wait: false,
+                key: None,
+            })
+        };
+        // A lone job waits for partners; two more within the window complete its group, which
+        // leaves at once, whole.
+        submit(1).await.unwrap().unwrap();
+        actix_rt::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(groups(&mut rx), []);
+        submit(2).await.unwrap().unwrap();
+        assert_eq!(groups(&mut rx), [(3, 3)]);
+        // With the worker busy, nothing more is leased; a fresh node takes a lone job only when
+        // its window has passed.
+        let RegisterNode(mut second) = register("second");
+        second.max_batch = 3;
+        let other = plane.send(RegisterNode(second)).await.unwrap().unwrap();
+        let (_, mut rx2) = plane
+            .send(OpenSession {
+                node_id: other.id,
+                running: Vec::new(),
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let submitted = Instant::now();
+        submit(1).await.unwrap().unwrap();
+        actix_rt::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(groups(&mut rx2), [], "left before its window");
+        let mut leased = Vec::new();
+        while leased.is_empty() && submitted.elapsed() < Duration::from_secs(5) {
+            actix_rt::time::sleep(Duration::from_millis(20)).await;
+            leased = groups(&mut rx2);
+        }
+        assert_eq!(leased, [(1, 1)], "held past its window");
+        assert!(submitted.elapsed() >= Duration::from_millis(1000));
+    });
+}

@@ -314,29 +314,47 @@ pub fn pick_indexed<K: Ord + Copy + Hash>(
 /// How far past a group's first job a dispatch round looks for partners of its batch key.
 pub const PARTNER_SCAN: usize = 512;
 
+/// What one dispatch round decided ([`plan_dispatch`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Round<K, J> {
+    /// Lease groups: a node and its jobs, in queue order.
+    pub groups: Vec<(K, Vec<J>)>,
+    /// First jobs of groups held back to gather partners (the gather window).
+    pub held: Vec<J>,
+    /// Where the next round's search among equal nodes starts.
+    pub pivot: K,
+}
+
 /// One dispatch round over `index`: offers the jobs of `queue` in its order, each to the node
 /// [`pick_indexed`] picks among those `capable` accepts for it, taking one of that node's slots
 /// (a worker) before the next job is offered; stops when no slot is left. When the node batches
 /// (`max_batch` > 1) and the job has a `batch_key` there, later queued jobs (up to
 /// [`PARTNER_SCAN`] on) with the same key that the node can serve join it, in queue order, up to
-/// `max_batch` jobs: one lease group, one worker. A job never waits for partners: the group
-/// leaves with what is queued now. The pivot moves past each chosen node so equal nodes take
-/// turns. Returns the groups (node, jobs in queue order) and the pivot for the next round.
+/// `max_batch` jobs: one lease group, one worker. A group leaves with what is queued now, unless
+/// it is short of `max_batch` and every job in it may still wait for partners (`hold`: the
+/// gather window, never true when it is 0): then it is held, its node's slot left to the jobs
+/// behind. The pivot moves past each chosen node so equal nodes take turns.
 ///
-/// A job left unplaced has no free capable node left in `index` (none stays idle while it
-/// waits), and no group of its key with room on a node that can serve it; a partner placed ahead
-/// of an earlier job rides on a worker that job could not use.
+/// A job left unplaced and not held has no free capable node left in `index` (none stays idle
+/// while it waits), and no group of its key with room on a node that can serve it; a partner
+/// placed ahead of an earlier job rides on a worker that job could not use.
 pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J: Copy, B: PartialEq>(
     index: &mut CapabilityIndex<K>,
     queue: impl IntoIterator<Item = (J, &'a JobSpec)>,
     mut pivot: K,
     capable: impl Fn(&JobSpec, K) -> bool,
     batch_key: impl Fn(&JobSpec, K) -> Option<B>,
+    hold: impl Fn(J) -> bool,
     after: impl Fn(K) -> K,
-) -> (Vec<(K, Vec<J>)>, K) {
+) -> Round<K, J> {
     let mut groups = Vec::new();
+    let mut held = Vec::new();
     if index.free_slots() == 0 {
-        return (groups, pivot);
+        return Round {
+            groups,
+            held,
+            pivot,
+        };
     }
     // The queue is read lazily: a round usually ends long before its end.
     let mut queue = queue.into_iter();
@@ -362,10 +380,8 @@ pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J: Copy, B: PartialEq>(
             continue;
         };
         let room = index.member(&key).map_or(1, |m| m.batch.max(1)) as usize;
-        index.take(key, set);
-        pivot = after(key);
-        seen[i - 1].2 = true;
-        let mut group = vec![job];
+        // The group: this job, then its partners (positions in `seen`).
+        let mut group = vec![i - 1];
         if room > 1
             && let Some(leader) = batch_key(spec, key)
         {
@@ -377,18 +393,30 @@ pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J: Copy, B: PartialEq>(
                         None => break,
                     }
                 }
-                let (other, other_spec, taken) = seen[j];
+                let (_, other_spec, taken) = seen[j];
                 if !taken
                     && batch_key(other_spec, key).as_ref() == Some(&leader)
                     && capable(other_spec, key)
                 {
-                    seen[j].2 = true;
-                    group.push(other);
+                    group.push(j);
                 }
                 j += 1;
             }
         }
-        groups.push((key, group));
+        if group.len() < room && group.iter().all(|&g| hold(seen[g].0)) {
+            held.push(job);
+            continue;
+        }
+        index.take(key, set);
+        pivot = after(key);
+        for &g in &group {
+            seen[g].2 = true;
+        }
+        groups.push((key, group.iter().map(|&g| seen[g].0).collect()));
     }
-    (groups, pivot)
+    Round {
+        groups,
+        held,
+        pivot,
+    }
 }

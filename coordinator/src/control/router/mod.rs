@@ -13,7 +13,8 @@
 //!   LoRA set); property tests check it picks exactly what the scan picks.
 //! - [`plan_dispatch`]: one dispatch round: queued jobs in queue order, each to the node
 //!   [`pick`] would choose, together with later queued jobs of the same [`batch_key`] on that
-//!   node, up to its `max_batch`, as one lease group on one worker.
+//!   node, up to its `max_batch`, as one lease group on one worker (a short group of young jobs
+//!   may wait for partners: the gather window).
 //! - [`queue_key`]: the queue order, priority with continuous aging, a key that never changes
 //!   while a job waits.
 //!
@@ -533,7 +534,9 @@ pub fn batch_key(job: &JobSpec, node: &NodeView<'_>) -> Option<BatchKey> {
 
 mod index;
 
-pub use index::{CapabilityIndex, Member, RoutingIndex, pick_indexed, plan_dispatch, sample_farm};
+pub use index::{
+    CapabilityIndex, Member, Round, RoutingIndex, pick_indexed, plan_dispatch, sample_farm,
+};
 
 /// Records that a worker took LoRA set `set`: most recent first, at most `workers` sets.
 pub fn remember_set(loaded: &mut Vec<u64>, set: u64, workers: usize) {

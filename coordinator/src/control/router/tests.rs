@@ -531,6 +531,7 @@ proptest! {
             -2i32..3,
             0u64..200_000,
             prop::sample::select(vec![4u32, 8]),
+            prop::bool::weighted(0.3),
         ), 0..24),
         pivot in 0usize..8,
     ) {
@@ -552,7 +553,7 @@ proptest! {
             priority: j.3, created_ms: j.4, id: i,
         }).collect();
         queue_order(&mut queued);
-        let job_specs: Vec<JobSpec> = jobs.iter().map(|(family, size, set, priority, _, steps)| {
+        let job_specs: Vec<JobSpec> = jobs.iter().map(|(family, size, set, priority, _, steps, _)| {
             let mut spec = lora_job(*set);
             spec.model = family.map(ModelSelector::Family);
             spec.size = size.map(|s| s.parse().unwrap());
@@ -564,14 +565,18 @@ proptest! {
         for (i, n) in nodes.iter().enumerate() {
             index.upsert(i, Member::of(n));
         }
-        let (groups, _) = plan_dispatch(
+        // Some jobs are young enough to wait for partners (a gather window).
+        let young = |j: usize| jobs[j].6;
+        let round = plan_dispatch(
             &mut index,
             queued.iter().map(|q| (q.id, &job_specs[q.id])),
             pivot,
             |spec, k| capability(spec, &nodes[k]).is_ok(),
             |spec, k| batch_key(spec, &nodes[k]),
+            young,
             |k| k + 1,
         );
+        let groups = round.groups;
         let mut place_of = vec![0usize; jobs.len()];
         for (position, q) in queued.iter().enumerate() {
             place_of[q.id] = position;
@@ -581,6 +586,11 @@ proptest! {
         for (k, group) in &groups {
             prop_assert!(!group.is_empty());
             prop_assert!(group.len() as u32 <= nodes[*k].max_batch);
+            // A group short of the node's batch never holds only jobs that could wait.
+            prop_assert!(
+                group.len() as u32 == nodes[*k].max_batch || !group.iter().all(|j| young(*j)),
+                "a short group of young jobs left: {:?}", group
+            );
             // Jobs of a group in queue order, the first (its leader) eligible, all of one key.
             prop_assert!(group.windows(2).all(|w| place_of[w[0]] < place_of[w[1]]));
             let leader = batch_key(&job_specs[group[0]], &nodes[*k]);
@@ -598,6 +608,8 @@ proptest! {
         for (k, n) in nodes.iter().enumerate() {
             prop_assert!(given[k] <= n.free_slots);
         }
+        // Only young jobs are held.
+        prop_assert!(round.held.iter().all(|j| young(*j) && !placed[*j]));
         for (position, q) in queued.iter().enumerate() {
             if placed[q.id] {
                 continue;
@@ -612,8 +624,9 @@ proptest! {
                     .filter(|(node, g)| *node == k && place_of[g[0]] < position)
                     .map(|(_, g)| g)
                     .collect();
+                // A young job may have been held instead; an old one never waits on a slot.
                 prop_assert!(
-                    ahead.len() as u32 >= n.free_slots,
+                    young(q.id) || ahead.len() as u32 >= n.free_slots,
                     "job at queue place {} waits while node {} had a free eligible slot that \
                      only later jobs took ({} groups ahead of it, {} slots)",
                     position, k, ahead.len(), n.free_slots
@@ -693,9 +706,10 @@ fn one_round(node: &NodeView<'static>, queue: &[JobSpec]) -> Vec<(usize, Vec<usi
         0,
         |s, _| capability(s, node).is_ok(),
         |s, _| batch_key(s, node),
+        |_| false,
         |k| k + 1,
     )
-    .0
+    .groups
 }
 
 #[test]
