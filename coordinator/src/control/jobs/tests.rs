@@ -901,3 +901,35 @@ fn a_render_without_its_upscale_is_queued_again_as_the_upscale() {
         Effect::Ended(f) if f.job.state == JobState::Failed
             && f.job.error.as_deref() == Some("the node's result is not a PNG"))));
 }
+
+#[test]
+fn queue_positions_follow_priority_then_acceptance() {
+    let mut world = World::new();
+    assert!(world.jobs.is_empty());
+    world.step(&Command::Submit {
+        n: 2,
+        client: 0,
+        priority: 0,
+    });
+    world.step(&Command::Submit {
+        n: 1,
+        client: 1,
+        priority: 2,
+    });
+    assert!(!world.jobs.is_empty());
+    let (a, b, urgent) = (world.ids[0], world.ids[1], world.ids[2]);
+    // The urgent job is offered first, then the others in the order they were accepted.
+    let positions = |jobs: &Jobs| [urgent, a, b].map(|id| jobs.queue_position(id));
+    assert_eq!(positions(&world.jobs), [0, 1, 2]);
+    world.step(&Command::Lease {
+        job: 2,
+        node: 0,
+        group: 0,
+    });
+    // Leased, the urgent job has left the queue (position 0: not waiting); the others moved up.
+    assert_eq!(
+        world.jobs.get(&urgent).map(|j| j.state),
+        Some(JobState::Leased)
+    );
+    assert_eq!(positions(&world.jobs), [0, 0, 1]);
+}
