@@ -742,6 +742,14 @@ fn leases_are_logged_before_they_leave() {
         .position(|e| matches!(e, Effect::Assign(a) if a.node_id == node(2)))
         .expect("assigned");
     assert!(persist < assign);
+    // The node is told the steps and guidance of the grant (the model's defaults for what the
+    // job left out), not the job's own.
+    let Some(Effect::Assign(sent)) = effects.get(assign) else {
+        unreachable!("found above")
+    };
+    let own = &world.jobs.get(&world.ids[0]).expect("leased").spec;
+    assert_ne!((own.steps, own.guidance_scale), (4, 1.5));
+    assert_eq!((sent.spec.steps, sent.spec.guidance_scale), (4, 1.5));
     let (effects, _) = world.step(&Command::Advance { ms: 10_001 });
     let persist = effects
         .iter()

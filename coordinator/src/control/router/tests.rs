@@ -164,6 +164,8 @@ fn family_and_size_and_liveness_are_named() {
             max_pixels: 1024 * 1024
         })
     );
+    // A model named by its id (any case) is served by the node that has it.
+    assert_eq!(check(r#"{"prompt":"x","model":"ABCD"}"#, &sd15), None);
     assert_eq!(
         check(r#"{"prompt":"x","model":"ffff"}"#, &sd15),
         Some(SkipReason::WrongModel {
