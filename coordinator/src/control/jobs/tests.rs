@@ -287,7 +287,7 @@ impl World {
                         height: 64,
                     },
                     steps: 4,
-                    guidance_scale: 1.5,
+                    guidance_scale: 7.0,
                     deadline_ms: now + 10_000,
                     group,
                 };
@@ -748,8 +748,9 @@ fn leases_are_logged_before_they_leave() {
         unreachable!("found above")
     };
     let own = &world.jobs.get(&world.ids[0]).expect("leased").spec;
-    assert_ne!((own.steps, own.guidance_scale), (4, 1.5));
-    assert_eq!((sent.spec.steps, sent.spec.guidance_scale), (4, 1.5));
+    assert_ne!(own.steps, 4);
+    assert_ne!(own.guidance_scale, 7.0);
+    assert_eq!((sent.spec.steps, sent.spec.guidance_scale), (4, 7.0));
     let (effects, _) = world.step(&Command::Advance { ms: 10_001 });
     let persist = effects
         .iter()
