@@ -231,8 +231,10 @@ mod tests {
         let mut keys = Keys::default();
         assert_eq!(keys.len(), 0);
         keys.insert("c", "a", "f", &[JobId::random()], HOUR);
-        keys.insert("c", "b", "f", &[JobId::random()], 2 * HOUR);
+        let kept = JobId::random();
+        keys.insert("c", "b", "f", &[kept], 2 * HOUR);
         assert_eq!(keys.len(), 2);
+        assert!(!keys.is_empty());
         // 24 hours after its submission a key still replays; a millisecond later it is gone.
         keys.prune(25 * HOUR);
         assert_eq!(keys.len(), 2);
@@ -240,6 +242,9 @@ mod tests {
         assert_eq!(keys.len(), 1);
         assert_eq!(keys.lookup("c", "a", "f"), Lookup::New);
         assert!(matches!(keys.lookup("c", "b", "f"), Lookup::Replay(_)));
+        // The key that stayed still frees when its submission is revoked.
+        keys.revoke(&[kept]);
+        assert_eq!(keys.lookup("c", "b", "f"), Lookup::New);
     }
 
     #[test]
