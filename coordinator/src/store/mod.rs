@@ -141,12 +141,31 @@ impl Trees {
         })
     }
 
-    /// Opens the database in `dir`.
+    /// Opens the database in `dir`. sled's snapshots are a summary of its log, rebuilt from the
+    /// log when absent: one left half-written (sled 0.34 reads a `snap.*.generating` file, which
+    /// a kill or a full disk can leave truncated, as the newest snapshot and refuses to open) is
+    /// removed first, and when sled still finds a snapshot corrupt, the snapshots are set aside
+    /// (`snapshots-set-aside/`) and it opens from its log.
     fn open(dir: &Path) -> Result<Self> {
-        let db = sled::Config::new()
-            .path(dir)
-            .flush_every_ms(Some(1000))
-            .open()?;
+        let config = || sled::Config::new().path(dir).flush_every_ms(Some(1000));
+        for partial in snapshots(dir, true) {
+            tracing::warn!(file = %partial.display(), "half-written sled snapshot removed");
+            std::fs::remove_file(&partial).map_err(StoreError::from)?;
+        }
+        let db = match config().open() {
+            Err(sled::Error::Corruption { .. }) if !snapshots(dir, false).is_empty() => {
+                let aside = dir.join("snapshots-set-aside");
+                std::fs::create_dir_all(&aside).map_err(StoreError::from)?;
+                for snapshot in snapshots(dir, false) {
+                    if let Some(name) = snapshot.file_name() {
+                        std::fs::rename(&snapshot, aside.join(name)).map_err(StoreError::from)?;
+                    }
+                }
+                tracing::warn!(folder = %aside.display(), "sled found a snapshot corrupt: snapshots set aside, opening from the log");
+                config().open()?
+            }
+            opened => opened?,
+        };
         Self::new(db)
     }
 
@@ -599,4 +618,19 @@ impl Store {
 
 fn stopped() -> StoreError {
     StoreError::Unwritable("the store's writer thread stopped".into())
+}
+
+/// sled's snapshot files in `dir` (`snap.*`), or only the half-written ones (`*.generating`).
+fn snapshots(dir: &Path, partial: bool) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("snap.") && (!partial || n.ends_with(".generating")))
+        })
+        .collect()
 }

@@ -570,3 +570,40 @@ fn only_what_a_sync_made_durable_survives_a_crash_that_loses_the_page_cache() {
         "the tear lost nothing"
     );
 }
+
+#[test]
+fn a_half_written_or_corrupt_sled_snapshot_does_not_stop_a_start() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let trees = Trees::open(dir.path()).unwrap();
+        trees.jobs.insert(b"kept", b"value").unwrap();
+        trees.db.flush().unwrap();
+    }
+    // What a kill or a full disk leaves behind while sled writes a snapshot; sled alone then
+    // refuses to open ("Read corrupted data").
+    std::fs::write(dir.path().join("snap.7FFFFFFFFFFFFFFF.generating"), b"torn").unwrap();
+    {
+        let trees = Trees::open(dir.path()).unwrap();
+        assert_eq!(
+            trees.jobs.get(b"kept").unwrap().as_deref(),
+            Some(&b"value"[..])
+        );
+    }
+    assert!(!dir.path().join("snap.7FFFFFFFFFFFFFFF.generating").exists());
+    // A finished snapshot that is corrupt is set aside and the log opens.
+    std::fs::write(
+        dir.path().join("snap.7FFFFFFFFFFFFFFF"),
+        b"not a snapshot at all",
+    )
+    .unwrap();
+    let trees = Trees::open(dir.path()).unwrap();
+    assert_eq!(
+        trees.jobs.get(b"kept").unwrap().as_deref(),
+        Some(&b"value"[..])
+    );
+    assert!(
+        dir.path()
+            .join("snapshots-set-aside/snap.7FFFFFFFFFFFFFFF")
+            .exists()
+    );
+}
