@@ -168,21 +168,22 @@ fn a_gather_window_holds_a_lone_job_for_partners_then_lets_it_go() {
         )
         .unwrap()
         .start();
-        let RegisterNode(mut registration) = register("batcher");
-        registration.max_batch = 3;
-        let node = plane
-            .send(RegisterNode(registration))
-            .await
-            .unwrap()
-            .unwrap();
-        let (_, mut rx) = plane
-            .send(OpenSession {
+        // A node that batches up to three jobs joins; answers its session's messages.
+        let join = async |name: &str| {
+            let RegisterNode(mut registration) = register(name);
+            registration.max_batch = 3;
+            let node = plane
+                .send(RegisterNode(registration))
+                .await
+                .unwrap()
+                .unwrap();
+            let open = OpenSession {
                 node_id: node.id,
                 running: Vec::new(),
-            })
-            .await
-            .unwrap()
-            .unwrap();
+            };
+            plane.send(open).await.unwrap().unwrap().1
+        };
+        let mut rx = join("batcher").await;
         let submit = |n: usize| {
             plane.send(SubmitJobs {
                 specs: vec![spec(false); n],
@@ -200,17 +201,7 @@ fn a_gather_window_holds_a_lone_job_for_partners_then_lets_it_go() {
         assert_eq!(groups(&mut rx), [(3, 3)]);
         // With the worker busy, nothing more is leased; a fresh node takes a lone job only when
         // its window has passed.
-        let RegisterNode(mut second) = register("second");
-        second.max_batch = 3;
-        let other = plane.send(RegisterNode(second)).await.unwrap().unwrap();
-        let (_, mut rx2) = plane
-            .send(OpenSession {
-                node_id: other.id,
-                running: Vec::new(),
-            })
-            .await
-            .unwrap()
-            .unwrap();
+        let mut rx2 = join("second").await;
         let submitted = Instant::now();
         submit(1).await.unwrap().unwrap();
         actix_rt::time::sleep(Duration::from_millis(100)).await;
