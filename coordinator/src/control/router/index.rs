@@ -314,6 +314,22 @@ pub fn pick_indexed<K: Ord + Copy + Hash>(
 /// How far past a group's first job a dispatch round looks for partners of its batch key.
 pub const PARTNER_SCAN: usize = 512;
 
+/// Reads `queue` into `seen` (jobs read so far, with whether each is placed) until position
+/// `at` is there; false when the queue ends first.
+fn reach<'a, J>(
+    seen: &mut Vec<(J, &'a JobSpec, bool)>,
+    queue: &mut impl Iterator<Item = (J, &'a JobSpec)>,
+    at: usize,
+) -> bool {
+    while seen.len() <= at {
+        match queue.next() {
+            Some((job, spec)) => seen.push((job, spec, false)),
+            None => return false,
+        }
+    }
+    true
+}
+
 /// What one dispatch round decided ([`plan_dispatch`]).
 #[derive(Clone, Debug, PartialEq)]
 pub struct Round<K, J> {
@@ -364,11 +380,8 @@ pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J: Copy, B: PartialEq>(
         if index.free_slots() == 0 {
             break;
         }
-        if i == seen.len() {
-            match queue.next() {
-                Some((job, spec)) => seen.push((job, spec, false)),
-                None => break,
-            }
+        if !reach(&mut seen, &mut queue, i) {
+            break;
         }
         let (job, spec, placed) = seen[i];
         i += 1;
@@ -387,11 +400,8 @@ pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J: Copy, B: PartialEq>(
         {
             let mut j = i;
             while group.len() < room && j < i + PARTNER_SCAN {
-                if j == seen.len() {
-                    match queue.next() {
-                        Some((job, spec)) => seen.push((job, spec, false)),
-                        None => break,
-                    }
+                if !reach(&mut seen, &mut queue, j) {
+                    break;
                 }
                 let (_, other_spec, taken) = seen[j];
                 if !taken
