@@ -10,7 +10,7 @@
 //! out (see `control::effects`).
 //!
 //! A job's life: `queued → leased → running → succeeded | failed | cancelled`. The rules, held by
-//! the property tests in `tests.rs`:
+//! the property tests in `tests/`:
 //! - a job holds at most one lease, and a node's lease set is exactly the jobs leased to it;
 //! - a report (progress, result, failure) changes a job only when it names the job's current
 //!   lease and comes from that lease's node (fencing); anything else changes nothing;
