@@ -1,7 +1,8 @@
 //! AUTOMATIC1111's discovery calls, which UIs and client libraries make before they render:
 //! `GET /sdapi/v1/sd-models` (the farm's models), `GET`/`POST /sdapi/v1/options` (the caller's
 //! `sd_model_checkpoint`, kept per API key and used by its later txt2img/img2img calls),
-//! `GET /sdapi/v1/loras`, `/upscalers`, `/progress` (the caller's latest call) and `/cmd-flags`.
+//! `GET /sdapi/v1/loras`, `/upscalers`, `/progress` (the caller's latest call), `/cmd-flags`,
+//! and `/samplers`, `/schedulers` (what txt2img's `sampler_name` and `scheduler` accept).
 //!
 //! A checkpoint is named as `sd-models` lists it — `title` (`name [hash]`), `model_name`, the
 //! `hash` or `sha256` (the model id) — or by family (`sd15`, `sdxl`); [`resolve_checkpoint`]
@@ -13,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use actix_web::{HttpResponse, get, post, web};
 use drover_shared::error::FieldError;
 use drover_shared::ids::JobId;
+use drover_shared::sampler::{Sampler, SigmaSchedule};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
@@ -471,6 +473,91 @@ pub(crate) async fn cmd_flags(_: Client) -> HttpResponse {
         "no_half": false,
         "drover": drover_shared::VERSION,
     }))
+}
+
+/// A sampler as AUTOMATIC1111's `GET /sdapi/v1/samplers` lists it.
+#[derive(Serialize, ToSchema)]
+pub struct A1111Sampler {
+    /// The name `sampler_name` takes.
+    pub name: String,
+    /// Other names accepted for it.
+    pub aliases: Vec<String>,
+    /// Options (none here).
+    pub options: BTreeMap<String, String>,
+}
+
+/// The samplers `sampler_name` accepts
+///
+/// Every sampler Drover has; which nodes run which is in `GET /v1/nodes` (`samplers`), and a
+/// job for a sampler no node runs is refused with 422 and the reason per node.
+#[utoipa::path(
+    tag = "compat",
+    responses(
+        (status = 200, description = "The samplers", body = [A1111Sampler]),
+        (status = 401, response = Unauthorized),
+    ),
+    security((), ("apiKey" = []), ("bearerKey" = []))
+)]
+#[get("/sdapi/v1/samplers")]
+pub(crate) async fn samplers(_: Client) -> HttpResponse {
+    HttpResponse::Ok().json(a1111_samplers())
+}
+
+/// The listing of [`samplers`]: each sampler, and its Karras form where it has one.
+pub fn a1111_samplers() -> Vec<A1111Sampler> {
+    let mut out = Vec::new();
+    for s in Sampler::ALL {
+        out.push(A1111Sampler {
+            name: s.a1111_name().into(),
+            aliases: vec![s.id().into()],
+            options: BTreeMap::new(),
+        });
+        if s.takes_karras() {
+            out.push(A1111Sampler {
+                name: format!("{} Karras", s.a1111_name()),
+                aliases: vec![format!("{}_karras", s.id())],
+                options: BTreeMap::from([("scheduler".into(), "karras".into())]),
+            });
+        }
+    }
+    out
+}
+
+/// A sigma schedule as AUTOMATIC1111's `GET /sdapi/v1/schedulers` lists it.
+#[derive(Serialize, ToSchema)]
+pub struct A1111Scheduler {
+    /// The id `scheduler` takes.
+    pub name: String,
+    /// The label shown.
+    pub label: String,
+}
+
+/// The sigma schedules `scheduler` accepts
+#[utoipa::path(
+    tag = "compat",
+    responses(
+        (status = 200, description = "The schedules", body = [A1111Scheduler]),
+        (status = 401, response = Unauthorized),
+    ),
+    security((), ("apiKey" = []), ("bearerKey" = []))
+)]
+#[get("/sdapi/v1/schedulers")]
+pub(crate) async fn schedulers(_: Client) -> HttpResponse {
+    let list: Vec<A1111Scheduler> = [
+        SigmaSchedule::Automatic,
+        SigmaSchedule::Normal,
+        SigmaSchedule::Karras,
+    ]
+    .into_iter()
+    .map(|s| A1111Scheduler {
+        name: s.id().into(),
+        label: {
+            let id = s.id();
+            id[..1].to_ascii_uppercase() + &id[1..]
+        },
+    })
+    .collect();
+    HttpResponse::Ok().json(list)
 }
 
 #[cfg(test)]

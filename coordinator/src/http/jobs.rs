@@ -1,18 +1,18 @@
 //! Job endpoints: submission (one, a batch, or submit-and-wait), reads, the image, live events
-//! and cancel. Every submission, native or compatible, goes through [`accept_requests`].
+//! and cancel. Every submission, native or compatible, goes through [`super::accept`].
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
 use drover_shared::ids::JobId;
-use drover_shared::job::{JobRequest, random_seed};
-use drover_shared::styles::ApplyError;
+use drover_shared::job::JobRequest;
 use serde::Serialize;
 use utoipa::openapi::RefOr;
 use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
 use utoipa::{PartialSchema, ToSchema};
 
+use super::accept::{accept, accept_checked, count_rejection};
 use super::auth::Client;
 use super::idempotent::{REPLAYED, replayed, submission_key};
 use super::responses::{
@@ -20,11 +20,8 @@ use super::responses::{
     Unauthorized, Unavailable, Unprocessable,
 };
 use super::state::{AppState, MAX_BATCH_BODY, MAX_BATCH_JOBS, MAX_IMAGE_BODY, read_body};
-use crate::control::{
-    CancelJob, Finished, JobEvent, SubmissionKey, SubmitJobs, Submitted, WaitJob,
-};
+use crate::control::{CancelJob, Finished, JobEvent, Submitted, WaitJob};
 use crate::error::{CoordinatorError, Result};
-use crate::limits::ClientId;
 use crate::records::{JobRecord, JobState};
 
 /// A job's id and state: the answer to a submission and to a cancel.
@@ -60,146 +57,6 @@ pub struct BatchRequest {
 pub struct BatchAccepted {
     /// The jobs accepted.
     pub jobs: Vec<JobBrief>,
-}
-
-pub(crate) async fn read_job_request(payload: web::Payload) -> Result<JobRequest> {
-    Ok(JobRequest::from_json(
-        &read_body(payload, MAX_IMAGE_BODY).await?,
-    )?)
-}
-
-pub(crate) async fn accept(
-    state: &AppState,
-    client: &ClientId,
-    payload: web::Payload,
-    wait: bool,
-) -> Result<Submitted> {
-    accept_request(state, client, read_job_request(payload).await?, wait).await
-}
-
-/// Validates a request, applies its style, takes it from `client`'s rate, submits it and waits
-/// until it is on disk. With `wait`, the answer carries where the job's end will arrive.
-pub(crate) async fn accept_request(
-    state: &AppState,
-    client: &ClientId,
-    request: JobRequest,
-    wait: bool,
-) -> Result<Submitted> {
-    accept_requests(state, client, vec![request], wait)
-        .await?
-        .pop()
-        .ok_or_else(|| CoordinatorError::Unavailable("a submission answered nothing".into()))
-}
-
-/// [`accept_request`] for several requests, all accepted or none (a refusal of one names its
-/// place), with one submission to the control plane and one wait for the disk.
-pub(crate) async fn accept_requests(
-    state: &AppState,
-    client: &ClientId,
-    requests: Vec<JobRequest>,
-    wait: bool,
-) -> Result<Vec<Submitted>> {
-    let result = accept_checked(state, client, requests, wait, None).await;
-    if let Err(e) = &result {
-        count_rejection(state, e);
-    }
-    result
-}
-
-/// Counts a refused submission in the rejection metric, by reason (client mistakes and jobs
-/// no node can serve; rate limits and full disks are counted where they happen).
-pub(crate) fn count_rejection(state: &AppState, e: &CoordinatorError) {
-    let reason = match e.unbatched() {
-        CoordinatorError::InvalidField(_) | CoordinatorError::InvalidRequest(_) => {
-            Some("invalid_request")
-        }
-        CoordinatorError::Unprocessable(_) => Some("unprocessable"),
-        _ => None,
-    };
-    if let Some(reason) = reason {
-        state.metrics.reject(reason);
-    }
-}
-
-pub(crate) async fn accept_checked(
-    state: &AppState,
-    client: &ClientId,
-    requests: Vec<JobRequest>,
-    wait: bool,
-    key: Option<SubmissionKey>,
-) -> Result<Vec<Submitted>> {
-    let of = requests.len();
-    let mut specs = Vec::with_capacity(requests.len());
-    for (index, request) in requests.into_iter().enumerate() {
-        // Decoding a source image takes milliseconds to a second: off the server's threads.
-        let validated = if request.init_image.is_some() {
-            let uploads = state.uploads.of(&client.label);
-            web::block(move || request.validate_with(random_seed, &uploads))
-                .await
-                .map_err(|e| CoordinatorError::Unavailable(format!("validating: {e}")))?
-        } else {
-            request.validate(random_seed)
-        };
-        let spec = validated.map_err(|e| CoordinatorError::from(e).in_batch(index, of))?;
-        let spec = state.styles.apply(spec).map_err(|e| {
-            match e {
-                ApplyError::Field(f) => CoordinatorError::InvalidField(f),
-                ApplyError::Unprocessable(m) => CoordinatorError::Unprocessable(m),
-            }
-            .in_batch(index, of)
-        })?;
-        specs.push(spec);
-    }
-    accept_specs(state, client, specs, wait, key).await
-}
-
-/// Takes validated jobs from `client`'s rate, submits them (all or none) and waits until they
-/// are on disk; a refusal after submission revokes them.
-pub(crate) async fn accept_specs(
-    state: &AppState,
-    client: &ClientId,
-    specs: Vec<drover_shared::job::JobSpec>,
-    wait: bool,
-    key: Option<SubmissionKey>,
-) -> Result<Vec<Submitted>> {
-    let count = u32::try_from(specs.len()).unwrap_or(u32::MAX);
-    state
-        .rates
-        .take(client, count, std::time::Instant::now())
-        .map_err(|retry_after_s| {
-            state.metrics.reject("rate_limited");
-            CoordinatorError::RateLimited {
-                message: format!(
-                    "client {} is over its {} submissions per minute",
-                    client.label, client.rate_per_min
-                ),
-                retry_after_s,
-            }
-        })?;
-    let submitted = state
-        .control
-        .send(SubmitJobs {
-            specs,
-            client: client.clone(),
-            wait,
-            key,
-        })
-        .await??;
-    for s in &submitted {
-        tracing::info!(job_id = %s.job.id, client = %client.label, "job submitted");
-    }
-    // Durable before we answer 2xx; refused jobs are taken back, so a refusal means that none
-    // of them runs and a retry cannot run one twice.
-    if let Err(e) = state.store.flush().await {
-        let ids = submitted.iter().map(|s| s.job.id).collect();
-        let reason = e.to_string();
-        state
-            .control
-            .send(crate::control::RevokeJobs { ids, reason })
-            .await?;
-        return Err(e.into());
-    }
-    Ok(submitted)
 }
 
 /// Submit a job

@@ -8,15 +8,17 @@
 //! app, so tests mount the same app with `actix_web::test::init_service`.
 //!
 //! Submodules: [`state`] (what handlers reach), [`auth`] (client and admin checks, request ids),
-//! [`jobs`] (submission, waiting, job reads, cancel, events), [`nodes`] (registry reads,
-//! drain/resume, models, styles, health, metrics), [`compat`] (the Python LCM server's and
-//! AUTOMATIC1111's endpoints, read through [`lenient`]), [`a1111`] (A1111's discovery calls: models, options, progress),
+//! [`accept`] (the one submission funnel), [`jobs`] (submission, waiting, job reads, cancel,
+//! events), [`nodes`] (registry reads, drain/resume, models, styles, health, metrics),
+//! [`compat`] (the Python LCM server's and AUTOMATIC1111's endpoints, read through
+//! [`lenient`]), [`a1111`] (A1111's discovery calls: models, options, progress, samplers),
 //! [`openai`] (OpenAI's image generations, with its error shape), [`uploads`] (images sent once,
 //! named by id in later jobs), [`upscale`] (stand-alone
 //! upscale jobs: native, A1111's extras, the LCM server's `superres`), [`dashboard`], [`docs`]
 //! and [`openapi`].
 
 pub mod a1111;
+mod accept;
 pub mod auth;
 pub mod compat;
 pub mod dashboard;
@@ -68,8 +70,8 @@ pub fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(compat::lcm_generate)
         .service(compat::txt2img)
         .service(compat::img2img)
-        .service(compat::samplers)
-        .service(compat::schedulers)
+        .service(a1111::samplers)
+        .service(a1111::schedulers)
         .service(a1111::sd_models)
         .service(a1111::get_options)
         .service(a1111::set_options)

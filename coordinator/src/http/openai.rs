@@ -12,8 +12,9 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
 
+use super::accept::accept_requests;
 use super::compat::base64;
-use super::jobs::{accept_requests, wait_image};
+use super::jobs::wait_image;
 use super::state::{MAX_BODY, read_body};
 use crate::error::{CoordinatorError, OpenAiError};
 use crate::http::{AppState, Client};

@@ -20,7 +20,8 @@ use serde::Serialize;
 use serde_json::Value;
 use utoipa::ToSchema;
 
-use super::jobs::{Png, accept_specs, count_rejection, png_answer, wait_image};
+use super::accept::{accept_specs, count_rejection};
+use super::jobs::{Png, png_answer, wait_image};
 use super::lenient::{number, object, string};
 use super::responses::{
     BadRequest, Internal, JobFailed, PayloadTooLarge, Timeout, TooManyRequests, Unauthorized,

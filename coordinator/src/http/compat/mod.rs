@@ -5,8 +5,8 @@
 //!   in [`super::upscale`].)
 //! - `POST /sdapi/v1/txt2img`: the AUTOMATIC1111 subset (`prompt`, `negative_prompt`, `steps`,
 //!   `cfg_scale`, `sampler_name`, `scheduler`, `width`, `height`, `seed`, `batch_size`,
-//!   `n_iter`), answered with base64 PNGs, the parameters and an `info` JSON string;
-//!   `GET /sdapi/v1/samplers` and `GET /sdapi/v1/schedulers` list what those two accept.
+//!   `n_iter`), answered with base64 PNGs, the parameters and an `info` JSON string (the
+//!   samplers and schedules it accepts are listed by [`super::a1111`]).
 //! - `POST /sdapi/v1/img2img`: txt2img's subset plus `init_images`, `denoising_strength`, `mask`,
 //!   `resize_mode`, `inpainting_mask_invert` (and `inpainting_fill`, `mask_blur` checked),
 //!   answered as txt2img (the echoed parameters without the images).
@@ -15,13 +15,11 @@
 //! use are ignored, and seed −1 means random. Fields they do use are validated like native ones,
 //! and errors name them.
 
-use std::collections::BTreeMap;
-
-use actix_web::{HttpResponse, get, post, web};
+use actix_web::{HttpResponse, post, web};
 use drover_shared::error::FieldError;
 use drover_shared::image::ResizeMode;
 use drover_shared::job::{JobRequest, MAX_SEED, StyleRef, random_seed};
-use drover_shared::sampler::{Sampler, SamplerName, SigmaSchedule};
+use drover_shared::sampler::{SamplerName, SigmaSchedule};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use utoipa::ToSchema;
@@ -35,7 +33,8 @@ use super::responses::{
 };
 use super::state::{MAX_BODY, MAX_IMAGE_BODY, read_body};
 use crate::error::Result;
-use crate::http::jobs::{Png, accept_request, accept_requests, wait_image};
+use crate::http::accept::{accept_request, accept_requests};
+use crate::http::jobs::{Png, wait_image};
 use crate::http::{AppState, Client};
 use crate::limits::ClientId;
 
@@ -625,91 +624,6 @@ async fn answer_a1111(
     }))
 }
 
-/// A sampler as AUTOMATIC1111's `GET /sdapi/v1/samplers` lists it.
-#[derive(Serialize, ToSchema)]
-pub struct A1111Sampler {
-    /// The name `sampler_name` takes.
-    pub name: String,
-    /// Other names accepted for it.
-    pub aliases: Vec<String>,
-    /// Options (none here).
-    pub options: BTreeMap<String, String>,
-}
-
-/// The samplers `sampler_name` accepts
-///
-/// Every sampler Drover has; which nodes run which is in `GET /v1/nodes` (`samplers`), and a
-/// job for a sampler no node runs is refused with 422 and the reason per node.
-#[utoipa::path(
-    tag = "compat",
-    responses(
-        (status = 200, description = "The samplers", body = [A1111Sampler]),
-        (status = 401, response = Unauthorized),
-    ),
-    security((), ("apiKey" = []), ("bearerKey" = []))
-)]
-#[get("/sdapi/v1/samplers")]
-pub(crate) async fn samplers(_: Client) -> HttpResponse {
-    HttpResponse::Ok().json(a1111_samplers())
-}
-
-/// The listing of [`samplers`]: each sampler, and its Karras form where it has one.
-pub fn a1111_samplers() -> Vec<A1111Sampler> {
-    let mut out = Vec::new();
-    for s in Sampler::ALL {
-        out.push(A1111Sampler {
-            name: s.a1111_name().into(),
-            aliases: vec![s.id().into()],
-            options: BTreeMap::new(),
-        });
-        if s.takes_karras() {
-            out.push(A1111Sampler {
-                name: format!("{} Karras", s.a1111_name()),
-                aliases: vec![format!("{}_karras", s.id())],
-                options: BTreeMap::from([("scheduler".into(), "karras".into())]),
-            });
-        }
-    }
-    out
-}
-
-/// A sigma schedule as AUTOMATIC1111's `GET /sdapi/v1/schedulers` lists it.
-#[derive(Serialize, ToSchema)]
-pub struct A1111Scheduler {
-    /// The id `scheduler` takes.
-    pub name: String,
-    /// The label shown.
-    pub label: String,
-}
-
-/// The sigma schedules `scheduler` accepts
-#[utoipa::path(
-    tag = "compat",
-    responses(
-        (status = 200, description = "The schedules", body = [A1111Scheduler]),
-        (status = 401, response = Unauthorized),
-    ),
-    security((), ("apiKey" = []), ("bearerKey" = []))
-)]
-#[get("/sdapi/v1/schedulers")]
-pub(crate) async fn schedulers(_: Client) -> HttpResponse {
-    let list: Vec<A1111Scheduler> = [
-        SigmaSchedule::Automatic,
-        SigmaSchedule::Normal,
-        SigmaSchedule::Karras,
-    ]
-    .into_iter()
-    .map(|s| A1111Scheduler {
-        name: s.id().into(),
-        label: {
-            let id = s.id();
-            id[..1].to_ascii_uppercase() + &id[1..]
-        },
-    })
-    .collect();
-    HttpResponse::Ok().json(list)
-}
-
 /// Standard base64 (RFC 4648, with padding).
 pub fn base64(bytes: &[u8]) -> String {
     use base64::Engine as _;
@@ -717,135 +631,4 @@ pub fn base64(bytes: &[u8]) -> String {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn base64_matches_rfc4648_vectors() {
-        for (input, want) in [
-            ("", ""),
-            ("f", "Zg=="),
-            ("fo", "Zm8="),
-            ("foo", "Zm9v"),
-            ("foob", "Zm9vYg=="),
-            ("fooba", "Zm9vYmE="),
-            ("foobar", "Zm9vYmFy"),
-        ] {
-            assert_eq!(base64(input.as_bytes()), want);
-        }
-    }
-
-    /// Every field the document lists for a compatibility body is read and checked: a value of
-    /// the wrong type is refused, naming it.
-    #[test]
-    fn every_documented_field_is_read() {
-        let doc: Value = serde_json::from_str(crate::http::openapi::json()).expect("json");
-        for schema in ["LcmRequest", "Txt2ImgRequest", "Img2ImgRequest"] {
-            let parse = |body: &[u8]| match schema {
-                "LcmRequest" => lcm_request(body).map(drop),
-                "Img2ImgRequest" => {
-                    // img2img reads txt2img's fields after its own required `init_images`.
-                    let mut with: Value = serde_json::from_slice(body).expect("json");
-                    if with.get("init_images").is_none() {
-                        with["init_images"] = serde_json::json!(["iVBORw0KGgo="]);
-                    }
-                    img2img_request(&serde_json::to_vec(&with).expect("json")).map(drop)
-                }
-                _ => txt2img_request(body).map(drop),
-            };
-            let schema_of = &doc["components"]["schemas"][schema];
-            let properties = schema_of["properties"]
-                .as_object()
-                .or_else(|| schema_of["allOf"][0]["properties"].as_object())
-                .expect("properties");
-            assert!(properties.len() >= 8, "{schema}");
-            for field in properties.keys() {
-                let mut body = serde_json::json!({"prompt": "a cat"});
-                body[field] = serde_json::json!({"wrong": "type"});
-                let body = serde_json::to_vec(&body).expect("json");
-                match parse(&body) {
-                    Err(crate::error::CoordinatorError::InvalidField(e)) => {
-                        assert_eq!(&e.field, field, "{schema}: {e}");
-                    }
-                    other => panic!("{schema}.{field}: {:?}", other.err()),
-                }
-            }
-            assert!(
-                parse(br#"{"prompt": "a cat", "unused": {}}"#).is_ok(),
-                "{schema}"
-            );
-        }
-    }
-
-    /// The document's rule on `batch_size × n_iter` is the one [`txt2img_request`] enforces.
-    #[test]
-    fn the_documented_batch_rule_is_enforced() {
-        let doc: Value = serde_json::from_str(crate::http::openapi::json()).expect("json");
-        let branches = doc["components"]["schemas"]["Txt2ImgRequest"]["allOf"][1]["anyOf"]
-            .as_array()
-            .expect("the batch rule")
-            .clone();
-        // Whether some branch admits the pair, as a JSON Schema validator reads the branches.
-        let admitted = |batch: Option<u64>, n_iter: Option<u64>| {
-            branches.iter().any(|b| {
-                let n_ok = match n_iter {
-                    None => b["required"].as_array().is_none(),
-                    Some(n) => b["properties"]["n_iter"]["enum"]
-                        .as_array()
-                        .is_some_and(|e| e.contains(&Value::from(n))),
-                };
-                let max = b["properties"]["batch_size"]["maximum"]
-                    .as_u64()
-                    .expect("max");
-                n_ok && batch.is_none_or(|b| b <= max)
-            })
-        };
-        for batch in [None, Some(1), Some(2), Some(3), Some(4), Some(8), Some(9)] {
-            for n_iter in [None, Some(1), Some(2), Some(3), Some(5), Some(8), Some(9)] {
-                let mut body = serde_json::json!({"prompt": "a cat"});
-                if let Some(b) = batch {
-                    body["batch_size"] = b.into();
-                }
-                if let Some(n) = n_iter {
-                    body["n_iter"] = n.into();
-                }
-                let accepted = txt2img_request(&serde_json::to_vec(&body).expect("json")).is_ok();
-                assert_eq!(accepted, admitted(batch, n_iter), "{body}");
-            }
-        }
-    }
-
-    #[test]
-    fn image_seeds_count_on_from_the_first_and_wrap_past_the_last() {
-        let seeds = |body: &str| -> Vec<Option<i64>> {
-            let call = txt2img_request(body.as_bytes()).expect("a body");
-            call.requests.iter().map(|r| r.seed).collect()
-        };
-        let max = MAX_SEED as i64;
-        assert_eq!(
-            seeds(r#"{"prompt": "a", "seed": 7, "batch_size": 3}"#),
-            [Some(7), Some(8), Some(9)]
-        );
-        assert_eq!(
-            seeds(&format!(
-                r#"{{"prompt": "a", "seed": {}, "n_iter": 3}}"#,
-                max - 1
-            )),
-            [Some(max - 1), Some(max), Some(0)]
-        );
-        // A first seed out of range is left for validation to refuse.
-        assert_eq!(
-            seeds(&format!(r#"{{"prompt": "a", "seed": {}}}"#, max + 1)),
-            [Some(max + 1)]
-        );
-    }
-
-    #[test]
-    fn seeds_of_minus_one_are_random_and_types_are_checked() {
-        let map = object(br#"{"seed": -1, "steps": "many", "cfg_scale": 7}"#).unwrap();
-        assert_eq!(seed(&map, "seed").unwrap(), None);
-        assert!(steps(&map, "steps").is_err());
-        assert_eq!(number(&map, "cfg_scale").unwrap(), Some(7.0));
-        assert!(object(b"[1]").is_err());
-    }
-}
+mod tests;
