@@ -204,6 +204,20 @@ pub enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Time LoRA switches on the CPU: in place (what workers do) against reloading the text
+    /// encoders and UNet with the LoRAs merged (what they did before), same run, same model;
+    /// checks both give the same weights' output and prints the figures (JSON).
+    BenchLora {
+        /// The model folder.
+        #[arg(long)]
+        model: PathBuf,
+        /// LoRA files to switch on together (each at strength 0.8), then off.
+        #[arg(long, required = true, num_args = 1..)]
+        lora: Vec<PathBuf>,
+        /// Timed on/off cycles of each way.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
     /// Render one image on the CPU from a diffusers model folder, without a coordinator, and
     /// print how long each part took (JSON).
     Render {

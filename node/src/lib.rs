@@ -163,6 +163,9 @@ pub fn cli_main() -> ExitCode {
                 tools::bench_cli(&shape, size, runs, warmup, &device),
             );
         }
+        Some(config::Command::BenchLora { model, lora, runs }) => {
+            return report("bench-lora", tools::bench_lora_cli(&model, &lora, runs));
+        }
         Some(config::Command::Render {
             model,
             args,

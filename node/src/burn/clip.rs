@@ -5,7 +5,7 @@ use ::burn::tensor::backend::Backend;
 use ::burn::tensor::{Int, Tensor, TensorData};
 use serde::Deserialize;
 
-use super::nn::{LayerNorm, Linear, attention, gelu, quick_gelu};
+use super::nn::{LayerMut, LayerNorm, Layers, Linear, attention, gelu, quick_gelu};
 use super::weights::Loader;
 use crate::error::{NodeError, Result};
 
@@ -289,5 +289,27 @@ impl<B: Backend> ClipText<B> {
             penultimate,
             pooled,
         })
+    }
+}
+
+impl<B: Backend> Layers<B> for Layer<B> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        for l in [
+            &mut self.q,
+            &mut self.k,
+            &mut self.v,
+            &mut self.out,
+            &mut self.fc1,
+            &mut self.fc2,
+        ] {
+            l.visit_layers(f);
+        }
+    }
+}
+
+impl<B: Backend> Layers<B> for ClipText<B> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        self.layers.visit_layers(f);
+        self.projection.visit_layers(f);
     }
 }

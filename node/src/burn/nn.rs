@@ -1,10 +1,33 @@
 //! The few layers the SD networks are made of, as plain structs over Burn's functional ops.
 //! Weights are created by [`super::weights::Loader`]; nothing here trains.
 
+use std::sync::Arc;
+
 use ::burn::tensor::backend::Backend;
 use ::burn::tensor::module::{self, conv2d, linear};
 use ::burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
 use ::burn::tensor::{DType, Tensor, TensorPrimitive, activation};
+
+/// Where a LoRA-capable weight sits: its component and the module names LoRA keys may give it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LoraSite {
+    /// `unet`, `text_encoder` or `text_encoder_2`.
+    pub component: &'static str,
+    /// The module's path as LoRA keys name it (diffusers; `text_model.` before text layers).
+    pub path: String,
+    /// Another name the module goes by (SDXL kohya files use LDM paths).
+    pub alias: Option<String>,
+}
+
+/// A weight LoRAs may change in place ([`super::lora::switch`]): where it sits, and its base
+/// weight while it carries a LoRA delta (`None`: the weight is the base).
+#[derive(Clone, Debug)]
+pub struct LoraSlot<B: Backend, const D: usize> {
+    /// Where the weight sits.
+    pub site: Arc<LoraSite>,
+    /// The weight without any delta, kept while a delta is merged.
+    pub base: Option<Tensor<B, D>>,
+}
 
 /// `y = x·W + b`, with `W` stored `[in, out]`.
 #[derive(Clone, Debug)]
@@ -13,6 +36,8 @@ pub struct Linear<B: Backend> {
     pub weight: Tensor<B, 2>,
     /// `[out]`.
     pub bias: Option<Tensor<B, 1>>,
+    /// Set when LoRAs may change the weight (loaded with a LoRA component).
+    pub lora: Option<LoraSlot<B, 2>>,
 }
 
 impl<B: Backend> Linear<B> {
@@ -33,6 +58,8 @@ pub struct Conv2d<B: Backend> {
     pub stride: usize,
     /// Zero padding on every side.
     pub padding: usize,
+    /// Set when LoRAs may change the weight (loaded with a LoRA component).
+    pub lora: Option<LoraSlot<B, 4>>,
 }
 
 impl<B: Backend> Conv2d<B> {
@@ -45,6 +72,49 @@ impl<B: Backend> Conv2d<B> {
             1,
         );
         conv2d(x, self.weight.clone(), self.bias.clone(), options)
+    }
+}
+
+/// One LoRA-capable layer, reached by [`Layers::visit_layers`].
+pub enum LayerMut<'a, B: Backend> {
+    /// A linear layer.
+    Linear(&'a mut Linear<B>),
+    /// A convolution.
+    Conv(&'a mut Conv2d<B>),
+}
+
+/// A network whose linear and convolution layers can be visited, in a fixed order, so LoRAs
+/// can be switched on the loaded weights.
+pub trait Layers<B: Backend> {
+    /// Calls `f` on every linear and convolution layer.
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>));
+}
+
+impl<B: Backend> Layers<B> for Linear<B> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        f(LayerMut::Linear(self));
+    }
+}
+
+impl<B: Backend> Layers<B> for Conv2d<B> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        f(LayerMut::Conv(self));
+    }
+}
+
+impl<B: Backend, T: Layers<B>> Layers<B> for Option<T> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        if let Some(t) = self {
+            t.visit_layers(f);
+        }
+    }
+}
+
+impl<B: Backend, T: Layers<B>> Layers<B> for [T] {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        for t in self {
+            t.visit_layers(f);
+        }
     }
 }
 

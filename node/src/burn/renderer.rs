@@ -132,10 +132,20 @@ impl<B: Backend> BurnRenderer<B> {
             params.steps,
             loras.iter().any(|l| l.lcm),
         )?;
-        self.pipeline.set_loras(&loras).map_err(|e| match e {
+        let started = std::time::Instant::now();
+        let layers = self.pipeline.set_loras(&loras).map_err(|e| match e {
             NodeError::Lora(m) => NodeError::InvalidJob(format!("lora {m}")),
             other => other,
-        })
+        })?;
+        if layers > 0 {
+            tracing::debug!(
+                layers,
+                ms = started.elapsed().as_millis() as u64,
+                loras = loras.len(),
+                "loras switched in place"
+            );
+        }
+        Ok(())
     }
 
     /// The files of the LoRAs a job asks for; a LoRA this node does not have refuses the job.

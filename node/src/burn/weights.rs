@@ -8,12 +8,13 @@
 //! expected shape, or loading fails naming it.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use ::burn::tensor::backend::Backend;
 use ::burn::tensor::{DType, Tensor, TensorData};
 
 use super::lora::LoraSet;
-use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
+use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear, LoraSite, LoraSlot};
 use super::tensor_file::{HostTensor, TensorFile};
 use crate::error::{NodeError, Result};
 use crate::render::gaussian;
@@ -111,6 +112,9 @@ impl TensorSource for RandomWeights {
             .collect()
     }
 }
+
+/// Where a LoRA-capable weight sits, and its base when a LoRA changed it as it loaded.
+type Sited = (Arc<LoraSite>, Option<HostTensor>);
 
 /// Translates the diffusers name a module asks for into the name stored in the file.
 pub type NameMap = Box<dyn Fn(&str) -> String + Send + Sync>;
@@ -220,32 +224,45 @@ impl<'a, B: Backend> Loader<'a, B> {
         self.file.holds(&(self.map)(name))
     }
 
-    fn merged_weight(&mut self, path: &str, shape: &[usize]) -> Result<HostTensor> {
+    /// Reads weight `path` with the LoRAs aimed at it merged. Under a LoRA component, also
+    /// where it sits and, when a LoRA changed it, its base (for switches in place).
+    fn merged_weight(
+        &mut self,
+        path: &str,
+        shape: &[usize],
+    ) -> Result<(HostTensor, Option<Sited>)> {
         let mut w = self.host(&format!("{path}.weight"), shape)?;
-        if let Some((set, component, prefix)) = self.lora.as_mut() {
-            let alias = self.lora_alias.as_ref().map(|a| a(path));
-            set.merge_into(
-                component,
-                &format!("{prefix}{path}"),
-                alias.as_deref(),
-                &mut w,
-            )?;
-        }
-        Ok(w)
+        let Some((set, component, prefix)) = self.lora.as_mut() else {
+            return Ok((w, None));
+        };
+        let site = Arc::new(LoraSite {
+            component,
+            path: format!("{prefix}{path}"),
+            alias: self.lora_alias.as_ref().map(|a| a(path)),
+        });
+        let base = set.touches(&site).then(|| w.clone());
+        set.merge_into(&site, &mut w)?;
+        Ok((w, Some((site, base))))
     }
 
     /// A linear layer `path` (`{path}.weight` `[out, in]`, optional `{path}.bias`).
     pub fn linear(&mut self, path: &str, inp: usize, out: usize, bias: bool) -> Result<Linear<B>> {
-        let w = self.merged_weight(path, &[out, inp])?;
+        let (w, site) = self.merged_weight(path, &[out, inp])?;
         // Transposed on the host, so the device holds a contiguous `[in, out]` matrix and no
         // kernel sees a strided view on every call.
-        let weight = upload::<B, 2>(transpose(&w, out, inp), &self.device, self.dtype);
+        let to_device =
+            |w: &HostTensor| upload::<B, 2>(transpose(w, out, inp), &self.device, self.dtype);
+        let weight = to_device(&w);
+        let lora = site.map(|(site, base)| LoraSlot {
+            site,
+            base: base.as_ref().map(to_device),
+        });
         let bias = if bias {
             Some(self.tensor(&format!("{path}.bias"), [out])?)
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear { weight, bias, lora })
     }
 
     /// A square convolution `path` with `k`×`k` kernels, stride and padding.
@@ -258,14 +275,19 @@ impl<'a, B: Backend> Loader<'a, B> {
         stride: usize,
         padding: usize,
     ) -> Result<Conv2d<B>> {
-        let w = self.merged_weight(path, &[out, inp, k, k])?;
+        let (w, site) = self.merged_weight(path, &[out, inp, k, k])?;
         let weight = upload(w, &self.device, self.dtype);
+        let lora = site.map(|(site, base)| LoraSlot {
+            site,
+            base: base.map(|b| upload(b, &self.device, self.dtype)),
+        });
         let bias = Some(self.tensor(&format!("{path}.bias"), [out])?);
         Ok(Conv2d {
             weight,
             bias,
             stride,
             padding,
+            lora,
         })
     }
 
@@ -333,7 +355,7 @@ pub fn upload<B: Backend, const D: usize>(
 }
 
 /// A row-major `[rows, cols]` host matrix transposed to `[cols, rows]`.
-fn transpose(t: &HostTensor, rows: usize, cols: usize) -> HostTensor {
+pub fn transpose(t: &HostTensor, rows: usize, cols: usize) -> HostTensor {
     let mut data = vec![0f32; rows * cols];
     for (r, row) in t.data.chunks_exact(cols).enumerate() {
         for (c, &v) in row.iter().enumerate() {

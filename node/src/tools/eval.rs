@@ -464,3 +464,79 @@ pub fn render_cli(model: &Path, args: RenderArgs, batch: usize, out: &Path) -> R
                "out": out.display().to_string()})
     ))
 }
+
+/// `drover-node bench-lora`: LoRA switches in place against reloads, alternated in one run.
+pub fn bench_lora_cli(model: &Path, loras: &[std::path::PathBuf], runs: usize) -> Result<String> {
+    use crate::burn::Cpu;
+    use crate::burn::pipeline::{LoraSpec, ModelSource, Pipeline, Precision};
+    let specs: Vec<LoraSpec> = loras
+        .iter()
+        .map(|p| LoraSpec {
+            name: p
+                .file_stem()
+                .map_or_else(String::new, |s| s.to_string_lossy().into_owned()),
+            path: p.clone(),
+            strength: 0.8,
+            lcm: false,
+        })
+        .collect();
+    let source = ModelSource::Diffusers(model.to_path_buf());
+    let device = Default::default();
+    let mut in_place = Pipeline::<Cpu>::load(source.clone(), &device, Precision::F32, &[])?;
+    let mut reloaded = Pipeline::<Cpu>::load(source, &device, Precision::F32, &[])?;
+    // One untimed switch each (file cache, allocator), and the two must agree.
+    let layers = in_place.set_loras(&specs)?;
+    reloaded.reload_loras(&specs)?;
+    let params = crate::render::Params {
+        prompt: "a lighthouse at dusk".into(),
+        negative_prompt: String::new(),
+        width: 64,
+        height: 64,
+        steps: 2,
+        guidance: 7.5,
+        guidance_rescale: 0.0,
+        sampler: None,
+        schedule: crate::sampling::SigmaSchedule::Automatic,
+        seed: 7,
+        loras: Vec::new(),
+        source: None,
+    };
+    let probe = |p: &Pipeline<Cpu>| -> Result<Vec<u8>> {
+        Ok(
+            p.generate(&params, |_, _| std::ops::ControlFlow::Continue(()))?
+                .rgb,
+        )
+    };
+    if probe(&in_place)? != probe(&reloaded)? {
+        return Err(NodeError::Lora(
+            "the switch in place and the reload disagree".into(),
+        ));
+    }
+    in_place.set_loras(&[])?;
+    reloaded.reload_loras(&[])?;
+    let (mut place_ms, mut reload_ms) = (Vec::new(), Vec::new());
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        reloaded.reload_loras(&specs)?;
+        reloaded.reload_loras(&[])?;
+        reload_ms.push(t.elapsed().as_secs_f64() * 500.0);
+        let t = Instant::now();
+        in_place.set_loras(&specs)?;
+        in_place.set_loras(&[])?;
+        place_ms.push(t.elapsed().as_secs_f64() * 500.0);
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let (place, reload) = (median(&mut place_ms), median(&mut reload_ms));
+    Ok(json!({
+        "model": model.display().to_string(),
+        "loras": specs.len(),
+        "layers_changed": layers,
+        "switch_in_place_ms": place,
+        "switch_by_reload_ms": reload,
+        "in_place_over_reload": place / reload,
+    })
+    .to_string())
+}

@@ -19,7 +19,9 @@ use crate::render::gaussian;
 
 mod eval;
 
-pub use eval::{UnetEval, UnetTiming, bench_cli, bench_unet, render_cli, unet_eval};
+pub use eval::{
+    UnetEval, UnetTiming, bench_cli, bench_lora_cli, bench_unet, render_cli, unet_eval,
+};
 
 fn io(path: &Path, e: std::io::Error) -> NodeError {
     NodeError::Weights(format!("{}: {e}", path.display()))

@@ -156,9 +156,30 @@ fn sdxl_lora_merges_into_unet_and_both_encoders_in_diffusers_and_ldm_names() {
             .collect();
         std::fs::write(&ldm_path, f32_file(&renamed)).unwrap();
     }
-    for path in [fixtures().join("lora-sdxl-kohya.safetensors"), ldm_path] {
-        let label = path.file_name().unwrap().to_string_lossy().into_owned();
-        let pipe = sdxl_pipeline(&[lora(path)]);
+    // Each file merged as the model loads, and switched on in place on a loaded model (the
+    // switch after another LoRA, so bases are restored first): both against diffusers.
+    let mut switched = sdxl_pipeline(&[]);
+    let ways = [
+        (fixtures().join("lora-sdxl-kohya.safetensors"), false),
+        (ldm_path.clone(), false),
+        (fixtures().join("lora-sdxl-kohya.safetensors"), true),
+        (ldm_path, true),
+    ];
+    for (path, in_place) in ways {
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        let label = format!("{name}{}", if in_place { " in place" } else { "" });
+        let loaded;
+        let pipe = if in_place {
+            // Another strength first, so this switch starts from a merged model.
+            let mut other = lora(path.clone());
+            other.strength = -0.3;
+            switched.set_loras(&[other]).unwrap();
+            assert!(switched.set_loras(&[lora(path)]).unwrap() > 0);
+            &switched
+        } else {
+            loaded = sdxl_pipeline(&[lora(path)]);
+            &loaded
+        };
         let prompt = pipe.encode_ids(&prompt_ids(&want), None).unwrap();
         check(
             &format!("sdxl context + {label}"),

@@ -20,6 +20,8 @@ use serde::de::DeserializeOwned;
 
 use super::clip::ClipText;
 use super::denoise::{Prompt, TextConditioning, sample_unet, sample_unet_from};
+use super::lora::{self, LoraSet};
+use super::nn::Layers;
 use super::tokenizer::{ClipTokenizer, Tokens};
 use super::unet::{AddedCond, Unet, UnetConfig};
 pub use super::vae::vae_diffusers_to_ldm;
@@ -142,13 +144,31 @@ impl<B: Backend> Pipeline<B> {
         })
     }
 
-    /// Switches the merged LoRAs: a no-op when unchanged, else the text encoders and the UNet
-    /// are reloaded from the model files with the new set (exact; no drift from repeated
-    /// merge/unmerge); the VAE, which LoRAs never touch, stays.
-    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
+    /// Switches the merged LoRAs in place: a no-op when unchanged, else only the layers the
+    /// old or the new set changes are recomputed from their kept base weights, exactly as a
+    /// fresh load merges them (LoRA files decoded once, from a cache). Returns how many layers
+    /// changed. All or nothing: a LoRA that does not fit leaves the pipeline as it was.
+    pub fn set_loras(&mut self, loras: &[LoraSpec]) -> Result<usize> {
         if self.loras == loras {
-            return Ok(());
+            return Ok(0);
         }
+        let mut set = LoraSet::new();
+        for l in loras {
+            set.add(&l.name, &l.path, l.strength)?;
+        }
+        let mut nets: Vec<&mut dyn Layers<B>> = vec![&mut self.text, &mut self.unet];
+        if let Some((_, text2)) = &mut self.text2 {
+            nets.push(text2);
+        }
+        let changed = lora::switch(&mut nets, set)?;
+        self.loras = loras.to_vec();
+        Ok(changed)
+    }
+
+    /// Switches the merged LoRAs the way nodes did before switches in place: the text encoders
+    /// and the UNet reloaded from the model files with the new set merged (the VAE stays). The
+    /// baseline `drover-node bench-lora` times [`Self::set_loras`] against.
+    pub fn reload_loras(&mut self, loras: &[LoraSpec]) -> Result<()> {
         let parts = load_parts::<B>(&self.source, &self.device, self.precision, loras, false)?;
         self.text = parts.text;
         self.text2 = parts.text2;

@@ -6,7 +6,8 @@ use ::burn::tensor::backend::Backend;
 
 use super::UnetConfig;
 use crate::burn::nn::{
-    Conv2d, GroupNorm, LayerNorm, Linear, attention, from_tokens, gelu, silu, to_tokens,
+    Conv2d, GroupNorm, LayerMut, LayerNorm, Layers, Linear, attention, from_tokens, gelu, silu,
+    to_tokens,
 };
 use crate::burn::weights::Loader;
 use crate::error::Result;
@@ -244,5 +245,61 @@ impl<B: Backend> Level<B> {
             level.resample = Some(l.conv2d(&path, cout, cout, 3, stride, 1)?);
         }
         Ok(level)
+    }
+}
+
+impl<B: Backend> Layers<B> for Resnet<B> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        self.conv1.visit_layers(f);
+        self.time_emb_proj.visit_layers(f);
+        self.conv2.visit_layers(f);
+        self.shortcut.visit_layers(f);
+    }
+}
+
+impl<B: Backend> Layers<B> for Attention<B> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        for l in [
+            &mut self.to_q,
+            &mut self.to_k,
+            &mut self.to_v,
+            &mut self.to_out,
+        ] {
+            l.visit_layers(f);
+        }
+    }
+}
+
+impl<B: Backend> Layers<B> for TransformerBlock<B> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        self.attn1.visit_layers(f);
+        self.attn2.visit_layers(f);
+        self.ff_in.visit_layers(f);
+        self.ff_out.visit_layers(f);
+    }
+}
+
+impl<B: Backend> Layers<B> for Projection<B> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        match self {
+            Projection::Conv(c) => c.visit_layers(f),
+            Projection::Linear(l) => l.visit_layers(f),
+        }
+    }
+}
+
+impl<B: Backend> Layers<B> for Transformer2d<B> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        self.proj_in.visit_layers(f);
+        self.blocks.visit_layers(f);
+        self.proj_out.visit_layers(f);
+    }
+}
+
+impl<B: Backend> Layers<B> for Level<B> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        self.resnets.visit_layers(f);
+        self.attentions.visit_layers(f);
+        self.resample.visit_layers(f);
     }
 }

@@ -13,7 +13,7 @@ use ::burn::tensor::backend::Backend;
 
 use self::blocks::{Level, LevelShape, Resnet, Transformer2d};
 pub use self::config::{PerBlock, UnetConfig};
-use super::nn::{Conv2d, GroupNorm, Linear, silu, upsample_nearest2x};
+use super::nn::{Conv2d, GroupNorm, LayerMut, Layers, Linear, silu, upsample_nearest2x};
 use super::weights::Loader;
 use crate::error::{NodeError, Result};
 
@@ -303,4 +303,22 @@ pub fn guidance_embedding<B: Backend>(w: f32, dim: usize, device: &B::Device) ->
         data.push(0.0);
     }
     Tensor::from_data(::burn::tensor::TensorData::new(data, [1, dim]), device)
+}
+
+impl<B: Backend> Layers<B> for Unet<B> {
+    fn visit_layers(&mut self, f: &mut dyn FnMut(LayerMut<'_, B>)) {
+        self.time_linear_1.visit_layers(f);
+        self.time_linear_2.visit_layers(f);
+        if let Some((a, b)) = &mut self.add_embedding {
+            a.visit_layers(f);
+            b.visit_layers(f);
+        }
+        self.cond_proj.visit_layers(f);
+        self.conv_in.visit_layers(f);
+        self.down.visit_layers(f);
+        self.mid_resnets.visit_layers(f);
+        self.mid_attention.visit_layers(f);
+        self.up.visit_layers(f);
+        self.conv_out.visit_layers(f);
+    }
 }
