@@ -89,6 +89,10 @@ pub struct Config {
     /// Style catalog (`styles.toml`); no styles when unset.
     #[arg(long, env = "DROVER_STYLES")]
     pub styles: Option<PathBuf>,
+    /// Preset catalog (`presets.toml`: named job defaults a request picks with `preset`),
+    /// reloaded when the file changes or on `POST /v1/presets/reload`; no presets when unset.
+    #[arg(long, env = "DROVER_PRESETS")]
+    pub presets: Option<PathBuf>,
     /// Folder of LoRA files used to check the style catalog's declared bases, when available here.
     #[arg(long, env = "DROVER_LORA_ROOT")]
     pub lora_root: Option<PathBuf>,

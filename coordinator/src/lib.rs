@@ -15,6 +15,7 @@ pub mod grpc;
 pub mod http;
 pub mod limits;
 pub mod metrics;
+pub mod presets;
 pub mod records;
 pub mod store;
 pub mod tls;
@@ -58,6 +59,14 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         None => drover_shared::styles::StyleCatalog::default(),
     };
     tracing::info!(styles = styles.styles().count(), "style catalog loaded");
+    let presets = Arc::new(presets::Presets::load(
+        config.presets.as_deref(),
+        config.lora_root.as_deref(),
+    )?);
+    tracing::info!(
+        presets = presets.catalog().presets().count(),
+        "preset catalog loaded"
+    );
     access::warn_open_doors(&config);
     let store = store::Store::open(&config.data_dir, config.store_reserve_mb)
         .with_context(|| format!("cannot open the store in {}", config.data_dir.display()))?;
@@ -113,6 +122,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
         store,
         config: config.clone(),
         styles: Arc::new(styles),
+        presets: presets.clone(),
         rates: Arc::new(limits::RateLimiter::default()),
         a1111: Arc::default(),
         uploads: Arc::new(uploads::UploadStore::new(
@@ -120,6 +130,7 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             config.upload_memory_mb.saturating_mul(1 << 20),
         )),
     };
+    presets.watch(std::time::Duration::from_secs(2));
     let server = HttpServer::new(move || {
         App::new()
             .wrap_fn(http::request_span)

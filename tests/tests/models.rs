@@ -398,3 +398,119 @@ fn a_style_whose_lora_file_disagrees_stops_the_coordinator() {
         "{stderr}"
     );
 }
+
+/// The example preset catalog shipped in the repository (`portrait` for sd15, `film` for sdxl).
+fn example_presets() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/presets.toml")
+}
+
+#[test]
+fn presets_fill_jobs_and_a_refused_reload_keeps_the_catalog() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let loras = dir.path().join("loras");
+    write(
+        &loras.join("ink-sd15.safetensors"),
+        arch::lora(ModelFamily::Sd15, LoraStyle::Kohya, 8, false),
+    );
+    write(
+        &loras.join("film-xl.safetensors"),
+        arch::lora(ModelFamily::Sdxl, LoraStyle::Peft, 8, false),
+    );
+    let catalog = dir.path().join("presets.toml");
+    let example = std::fs::read_to_string(example_presets())?;
+    std::fs::write(&catalog, &example)?;
+    let (catalog_env, loras_env) = (
+        catalog.to_string_lossy().into_owned(),
+        loras.to_string_lossy().into_owned(),
+    );
+    let mut cluster = ClusterSandbox::start(
+        binaries!(),
+        &[
+            ("DROVER_PRESETS", catalog_env.as_str()),
+            ("DROVER_LORA_ROOT", loras_env.as_str()),
+        ],
+    )?;
+    cluster.add_node(NodeSpec::sim("classic", "sd15").env("LORA_ROOT", &loras_env))?;
+    cluster.add_node(NodeSpec::sim("xl", "sdxl").env("LORA_ROOT", &loras_env))?;
+    cluster.wait_for_online(&["classic", "xl"], T)?;
+    let ids = |cluster: &ClusterSandbox| -> anyhow::Result<Vec<String>> {
+        Ok(cluster
+            .get("/v1/presets")?
+            .json()?
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|p| p["id"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default())
+    };
+    assert_eq!(ids(&cluster)?, ["film", "portrait"]);
+
+    // The preset's defaults fill the job, and it goes where its model and LoRA are.
+    let id = cluster.submit(&json!({"prompt": "a face", "preset": "portrait"}))?;
+    let job = cluster.wait_for_job(&id, T)?;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    assert_eq!(job["spec"]["steps"], 6);
+    assert_eq!(job["spec"]["size"], json!({"width": 512, "height": 768}));
+    assert_eq!(job["spec"]["negative_prompt"], "blurry, low quality");
+    assert_eq!(job["spec"]["loras"][0]["name"], "ink-sd15");
+    assert_eq!(
+        job["node_id"].as_str(),
+        cluster.node_id("classic")?.as_deref(),
+        "{job}"
+    );
+    // Its own fields win.
+    let id = cluster.submit(&json!({"prompt": "a face", "preset": "film", "steps": 3}))?;
+    let job = cluster.wait_for_job(&id, T)?;
+    assert_eq!(job["spec"]["steps"], 3);
+    assert_eq!(job["spec"]["size"], json!({"width": 1024, "height": 1024}));
+    assert_eq!(
+        job["node_id"].as_str(),
+        cluster.node_id("xl")?.as_deref(),
+        "{job}"
+    );
+    // An unknown preset: refused, naming it and the known ones.
+    let reply = cluster.post("/v1/jobs", &json!({"prompt": "x", "preset": "oil"}))?;
+    assert_eq!(reply.status, 400, "{:?}", reply.json());
+    let body = reply.json()?;
+    assert_eq!(body["error"]["details"]["field"], "preset", "{body}");
+    let message = body["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("`oil`") && message.contains("film, portrait"),
+        "{message}"
+    );
+
+    // A catalog whose preset pairs an SD1.5 model with an SDXL LoRA: refused with the reason,
+    // and the catalog in force stays (by the admin call, and by the file watcher alike).
+    std::fs::write(
+        &catalog,
+        "[[preset]]\nid = \"mixed\"\nmodel = \"sd15\"\nloras = [{ name = \"film-xl\", strength = 1.0 }]\n",
+    )?;
+    let reply = cluster.post("/v1/presets/reload", &json!({}))?;
+    assert_eq!(reply.status, 422, "{:?}", reply.json());
+    let message = reply.json()?["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        message.contains("preset `mixed`") && message.contains("made for sdxl"),
+        "{message}"
+    );
+    std::thread::sleep(Duration::from_millis(2500)); // a watcher round on the refused file
+    assert_eq!(ids(&cluster)?, ["film", "portrait"]);
+    let id = cluster.submit(&json!({"prompt": "a face", "preset": "portrait"}))?;
+    assert_eq!(cluster.wait_for_job(&id, T)?["spec"]["steps"], 6);
+
+    // A good change is picked up by itself.
+    std::fs::write(
+        &catalog,
+        format!("{example}\n[[preset]]\nid = \"quick\"\nsteps = 2\n"),
+    )?;
+    cluster.wait_until(T, "the changed catalog is in force", |c| {
+        Ok(ids(c)?.len() == 3)
+    })?;
+    let id = cluster.submit(&json!({"prompt": "x", "preset": "quick", "model": "sd15"}))?;
+    assert_eq!(cluster.wait_for_job(&id, T)?["spec"]["steps"], 2);
+    Ok(())
+}

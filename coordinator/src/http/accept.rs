@@ -84,6 +84,10 @@ pub(crate) async fn accept_checked(
     let of = requests.len();
     let mut specs = Vec::with_capacity(requests.len());
     for (index, request) in requests.into_iter().enumerate() {
+        let request = state
+            .presets
+            .apply(request)
+            .map_err(|e| CoordinatorError::from(e).in_batch(index, of))?;
         // Decoding a source image takes milliseconds to a second: off the server's threads.
         let validated = if request.init_image.is_some() {
             let uploads = state.uploads.of(&client.label);

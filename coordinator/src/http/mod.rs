@@ -12,7 +12,8 @@
 //! events), [`nodes`] (registry reads, drain/resume, models, styles, health, metrics),
 //! [`compat`] (the Python LCM server's and AUTOMATIC1111's endpoints, read through
 //! [`lenient`]), [`a1111`] (A1111's discovery calls: models, options, progress, samplers),
-//! [`openai`] (OpenAI's image generations, with its error shape), [`uploads`] (images sent once,
+//! [`openai`] (OpenAI's image generations, with its error shape), [`presets`] (the preset
+//! catalog and its reload), [`uploads`] (images sent once,
 //! named by id in later jobs), [`upscale`] (stand-alone
 //! upscale jobs: native, A1111's extras, the LCM server's `superres`), [`dashboard`], [`docs`]
 //! and [`openapi`].
@@ -30,6 +31,7 @@ pub mod multipart;
 pub mod nodes;
 pub mod openai;
 pub mod openapi;
+pub mod presets;
 pub mod responses;
 pub mod state;
 pub mod uploads;
@@ -63,6 +65,8 @@ pub fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(upscale::extra_single_image)
         .service(upscale::superres)
         .service(nodes::list_styles)
+        .service(presets::list_presets)
+        .service(presets::reload_presets)
         .service(nodes::drain_node)
         .service(nodes::resume_node)
         .service(nodes::healthz)

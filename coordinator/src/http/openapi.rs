@@ -170,10 +170,12 @@ mod tests {
             "post /v1/images/generations",
             "get /sdapi/v1/samplers",
             "get /sdapi/v1/schedulers",
+            "get /v1/presets",
+            "post /v1/presets/reload",
         ] {
             assert!(listed.contains(expected), "{expected} is not documented");
         }
-        assert_eq!(listed.len(), 39, "{listed:?}");
+        assert_eq!(listed.len(), 41, "{listed:?}");
         let names: BTreeSet<&str> = ERROR_RESPONSES.iter().map(|(n, _)| *n).collect();
         for (name, code) in ERROR_RESPONSES {
             assert_eq!(component_of(*code), *name);
@@ -311,6 +313,7 @@ mod tests {
                 passes: Some(1),
                 scale: Some(2.0),
             }),
+            preset: Some("portrait".into()),
         };
         let sent = serde_json::to_value(&full).expect("json");
         let fields: BTreeSet<&String> = sent.as_object().expect("an object").keys().collect();

@@ -39,6 +39,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The style catalog.
     pub styles: Arc<StyleCatalog>,
+    /// The preset catalog in force.
+    pub presets: Arc<crate::presets::Presets>,
     /// Counters and histograms.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Per-client submission rates.
@@ -75,6 +77,7 @@ impl AppState {
             store,
             config,
             styles: Arc::default(),
+            presets: Arc::default(),
             metrics,
             rates: Arc::default(),
             a1111: Arc::default(),

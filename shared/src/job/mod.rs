@@ -156,6 +156,11 @@ pub struct JobRequest {
     /// passes, the result at most 4096×4096 pixels).
     #[serde(default)]
     pub upscale: Option<UpscaleRequest>,
+    /// A preset from the preset catalog (`GET /v1/presets`): its model, LoRAs, size, steps,
+    /// guidance, sampler and negative prompt fill the fields this request leaves out.
+    #[serde(default)]
+    #[cfg_attr(feature = "openapi", schema(example = "portrait"))]
+    pub preset: Option<String>,
 }
 
 /// Integer fields read numbers as JSON (and JSON Schema) does: `5` and `5.0` are the same
