@@ -289,6 +289,55 @@ fn cpu_snapshot(pids: &[(String, u32)]) -> [Duration; 3] {
     out
 }
 
+/// Context switches (voluntary, i.e. a thread went to sleep to wait, and involuntary) of every
+/// thread of a process so far, from `/proc/<pid>/task/*/status`: the thread hand-offs a request
+/// path makes show up here.
+fn switches(pid: &str) -> [u64; 2] {
+    let mut out = [0; 2];
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        for line in status.lines() {
+            let (key, value) = line.split_once(':').unwrap_or_default();
+            let slot = match key {
+                "voluntary_ctxt_switches" => 0,
+                "nonvoluntary_ctxt_switches" => 1,
+                _ => continue,
+            };
+            out[slot] += value.trim().parse::<u64>().unwrap_or_default();
+        }
+    }
+    out
+}
+
+/// Context switches of the coordinator and of all nodes together, voluntary and involuntary.
+fn switch_snapshot(pids: &[(String, u32)]) -> [[u64; 2]; 2] {
+    let mut out = [[0; 2]; 2];
+    for (name, pid) in pids {
+        let slot = usize::from(name != "coordinator");
+        let s = switches(&pid.to_string());
+        out[slot][0] += s[0];
+        out[slot][1] += s[1];
+    }
+    out
+}
+
+/// Prints context switches per job between two snapshots.
+fn print_switches(before: [[u64; 2]; 2], after: [[u64; 2]; 2], jobs: usize) {
+    let per = |i: usize, k: usize| (after[i][k] - before[i][k]) as f64 / jobs.max(1) as f64;
+    println!(
+        "  context switches per job: coordinator {:.1} voluntary + {:.1} involuntary, nodes {:.1} + {:.1}",
+        per(0, 0),
+        per(0, 1),
+        per(1, 0),
+        per(1, 1)
+    );
+}
+
 /// Routing decision time at 10, 1,000 and 10,000 registered nodes, as the control plane decides:
 /// [`router::pick_indexed`] on a live [`router::CapabilityIndex`] with the same capability check
 /// `dispatch` passes it; against a bare scan of the same registry that decides nothing, measured
@@ -393,6 +442,7 @@ fn main() -> Result<()> {
         Duration::ZERO,
         o.batch,
     )?;
+    let switched = switch_snapshot(&pids);
     let alone = drive(addr, 1, Duration::from_secs(2), Duration::ZERO, o.batch)?;
     println!(
         "one client, back to back: {} jobs in {:.1} s; added latency p50 {:.2} ms, p99 {:.2} ms",
@@ -401,6 +451,8 @@ fn main() -> Result<()> {
         percentile(&alone.latencies, 0.5),
         percentile(&alone.latencies, 0.99)
     );
+    print_switches(switched, switch_snapshot(&pids), alone.latencies.len() * b);
+    let switched = switch_snapshot(&pids);
     let before = cpu_snapshot(&pids);
     let run = drive(
         addr,
@@ -410,6 +462,7 @@ fn main() -> Result<()> {
         o.batch,
     )?;
     let after = cpu_snapshot(&pids);
+    let switched_after = switch_snapshot(&pids);
     let jobs = run.latencies.len() * b;
     let rate = jobs as f64 / run.wall.as_secs_f64();
     println!(
@@ -433,6 +486,7 @@ fn main() -> Result<()> {
         per_job(1),
         per_job(2)
     );
+    print_switches(switched, switched_after, jobs);
 
     // Half load (or --rate), paced, with the disk probe beside it.
     let half = o.rate.unwrap_or(rate / 2.0);
