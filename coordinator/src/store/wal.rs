@@ -400,6 +400,23 @@ mod tests {
     }
 
     #[test]
+    fn spares_are_sized_for_twice_the_expected_log_within_1_to_64_mib() {
+        let size = |expected: u64| {
+            let dir = tempfile::tempdir().unwrap();
+            prepare_spare(dir.path(), expected).unwrap();
+            let spare = spares(dir.path()).unwrap().remove(0);
+            std::fs::metadata(spare).unwrap().len()
+        };
+        assert_eq!(size(0), 1 << 20);
+        assert_eq!(size(3 << 20), 8 << 20);
+        assert_eq!(
+            size(1 << 30),
+            64 << 20,
+            "capped: a bigger log grows its file"
+        );
+    }
+
+    #[test]
     fn recycled_files_are_preallocated_and_their_old_records_never_read() {
         let dir = tempfile::tempdir().unwrap();
         prepare_spare(dir.path(), 600_000).unwrap();

@@ -551,3 +551,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn sources_are_limited_to_16_mib_as_sent() {
+    use base64::Engine;
+    use source::{NoUploads, SourceSpec};
+    let b64 = |len: usize| base64::engine::general_purpose::STANDARD.encode(vec![0u8; len]);
+    let over = SourceSpec::image_only("init_image", &b64((16 << 20) + 1), &NoUploads).unwrap_err();
+    assert!(
+        over.message.contains("over the limit of 16777216 bytes"),
+        "{}",
+        over.message
+    );
+    // Well under the limit, the bytes are judged as an image, not by their size.
+    let under = SourceSpec::image_only("init_image", &b64(2 << 20), &NoUploads).unwrap_err();
+    assert!(!under.message.contains("limit"), "{}", under.message);
+}
+
+#[test]
+fn a_hard_mask_leaves_mask_blur_out_of_the_record() {
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(png_b64(8, 8, 128))
+        .unwrap();
+    let mut source = source::SourceSpec::rendered(png.into()).unwrap();
+    let record = serde_json::to_value(&source).unwrap();
+    assert!(record.get("mask_blur").is_none(), "{record}");
+    source.mask_blur = 3;
+    let record = serde_json::to_value(&source).unwrap();
+    assert_eq!(record["mask_blur"], 3);
+    // Read back either way.
+    let back: source::SourceSpec = serde_json::from_value(record).unwrap();
+    assert_eq!(back.mask_blur, 3);
+}
