@@ -530,13 +530,13 @@ pub fn bench_lora_cli(model: &Path, loras: &[std::path::PathBuf], runs: usize) -
         v[v.len() / 2]
     };
     let (place, reload) = (median(&mut place_ms), median(&mut reload_ms));
-    Ok(json!({
+    let figures = json!({
         "model": model.display().to_string(),
         "loras": specs.len(),
         "layers_changed": layers,
         "switch_in_place_ms": place,
         "switch_by_reload_ms": reload,
         "in_place_over_reload": place / reload,
-    })
-    .to_string())
+    });
+    Ok(format!("{figures}\n"))
 }
