@@ -24,9 +24,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::detect::{ModelKind, inspect};
 use crate::error::FieldError;
 use crate::job::{JobRequest, LoraRef, ModelSelector};
+use crate::styles::{lora_file_family, name_ok};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -185,13 +185,7 @@ fn check(preset: &Preset, lora_root: Option<&Path>) -> Result<(), PresetError> {
         preset: preset.id.clone(),
         message,
     };
-    let id_ok = !preset.id.is_empty()
-        && preset.id.len() <= 128
-        && preset
-            .id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
-    if !id_ok {
+    if !name_ok(&preset.id) {
         return Err(invalid("id must be 1 to 128 of A-Z a-z 0-9 _ - .".into()));
     }
     let mut probe = JobRequest {
@@ -210,23 +204,20 @@ fn check(preset: &Preset, lora_root: Option<&Path>) -> Result<(), PresetError> {
         _ => None,
     };
     for lora in &preset.loras {
-        let file = root.join(format!("{}.safetensors", lora.name));
-        if !file.exists() {
+        let Some((_, found)) = lora_file_family(root, &lora.name)
+            .map_err(|e| invalid(format!("lora `{}`: {e}", lora.name)))?
+        else {
             continue;
-        }
-        let found = inspect(&file).map_err(|e| invalid(format!("lora `{}`: {e}", lora.name)))?;
-        if found.kind != ModelKind::Lora {
-            return Err(invalid(format!("{} is not a LoRA", file.display())));
-        }
+        };
         match &family {
-            Some((f, what)) if *f != found.family => {
+            Some((f, what)) if *f != found => {
                 return Err(invalid(format!(
-                    "lora `{}` is made for {}, but {what} is {f}",
-                    lora.name, found.family
+                    "lora `{}` is made for {found}, but {what} is {f}",
+                    lora.name
                 )));
             }
             Some(_) => {}
-            None => family = Some((found.family, format!("lora `{}`", lora.name))),
+            None => family = Some((found, format!("lora `{}`", lora.name))),
         }
     }
     Ok(())

@@ -237,17 +237,37 @@ impl StyleCatalog {
     }
 }
 
+/// Whether `s` may name a catalog entry or a LoRA: 1 to 128 of `A-Z a-z 0-9 _ - .`, not
+/// starting with a dot.
+pub(crate) fn name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && !s.starts_with('.')
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// The LoRA file `name` under `root`: its path and detected family, `None` when the file is not
+/// there; an error saying why when it is there but is not a readable LoRA.
+pub(crate) fn lora_file_family(
+    root: &Path,
+    name: &str,
+) -> Result<Option<(PathBuf, ModelFamily)>, String> {
+    let file = root.join(format!("{name}.safetensors"));
+    if !file.exists() {
+        return Ok(None);
+    }
+    let found = inspect(&file).map_err(|e| format!("lora file: {e}"))?;
+    if found.kind != ModelKind::Lora {
+        return Err(format!("{} is not a LoRA", file.display()));
+    }
+    Ok(Some((file, found.family)))
+}
+
 fn validate(def: StyleDef, lora_root: Option<&Path>) -> Result<Style, StyleError> {
     let invalid = |message: String| StyleError::Invalid {
         style: def.id.clone(),
         message,
-    };
-    let name_ok = |s: &str| {
-        !s.is_empty()
-            && s.len() <= 128
-            && !s.starts_with('.')
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
     };
     if !name_ok(&def.id) {
         return Err(invalid("id must be 1 to 128 of A-Z a-z 0-9 _ - .".into()));
@@ -292,22 +312,16 @@ fn validate(def: StyleDef, lora_root: Option<&Path>) -> Result<Style, StyleError
             ));
         }
     };
-    if let Some(root) = lora_root {
-        let file = root.join(format!("{}.safetensors", def.lora));
-        if file.exists() {
-            let found = inspect(&file).map_err(|e| invalid(format!("lora file: {e}")))?;
-            if found.kind != ModelKind::Lora {
-                return Err(invalid(format!("{} is not a LoRA", file.display())));
-            }
-            if found.family != family {
-                return Err(StyleError::BaseMismatch {
-                    style: def.id,
-                    file,
-                    declared: family,
-                    detected: found.family,
-                });
-            }
-        }
+    if let Some(root) = lora_root
+        && let Some((file, detected)) = lora_file_family(root, &def.lora).map_err(invalid)?
+        && detected != family
+    {
+        return Err(StyleError::BaseMismatch {
+            style: def.id,
+            file,
+            declared: family,
+            detected,
+        });
     }
     Ok(Style {
         title: def.title.clone().unwrap_or_else(|| def.id.clone()),

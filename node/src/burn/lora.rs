@@ -37,6 +37,8 @@ struct Pair {
 #[derive(Debug)]
 pub struct LoraFile {
     pairs: BTreeMap<(String, String), Pair>,
+    /// Bytes its tensors take on the host.
+    bytes: usize,
 }
 
 impl LoraFile {
@@ -67,15 +69,15 @@ impl LoraFile {
             };
             pairs.insert((component, module), Pair { down, up, alpha });
         }
-        Ok(Self { pairs })
+        Ok(Self::of(pairs))
     }
 
-    /// Bytes its tensors take on the host.
-    fn bytes(&self) -> usize {
-        self.pairs
+    fn of(pairs: BTreeMap<(String, String), Pair>) -> Self {
+        let bytes = pairs
             .values()
             .map(|p| 4 * (p.down.data.len() + p.up.data.len()))
-            .sum()
+            .sum();
+        Self { pairs, bytes }
     }
 }
 
@@ -106,9 +108,9 @@ pub fn cached(name: &str, path: &Path) -> Result<Arc<LoraFile>> {
     let mut cache = CACHE.lock().unwrap_or_else(|e| e.into_inner());
     cache.retain(|(p, _, _)| p != path);
     cache.push((path.to_path_buf(), stamp, file.clone()));
-    let mut total: usize = cache.iter().map(|(_, _, f)| f.bytes()).sum();
+    let mut total: usize = cache.iter().map(|(_, _, f)| f.bytes).sum();
     while total > CACHE_BYTES && cache.len() > 1 {
-        total -= cache.remove(0).2.bytes();
+        total -= cache.remove(0).2.bytes;
     }
     Ok(file)
 }
@@ -445,7 +447,7 @@ mod tests {
             ("unet".to_string(), module.to_string()),
             Pair { down, up, alpha },
         );
-        Arc::new(LoraFile { pairs })
+        Arc::new(LoraFile::of(pairs))
     }
 
     fn site(path: &str) -> LoraSite {

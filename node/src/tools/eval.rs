@@ -224,8 +224,7 @@ fn bench_sampler_steps<B: Backend>(
             let _ = latent.slice([0..1, 0..1, 0..1, 0..1]).into_data();
             per_step.push(started.elapsed().as_secs_f64() * 1000.0 / 20.0);
         }
-        per_step.sort_by(f64::total_cmp);
-        timings.push((name, per_step[per_step.len() / 2]));
+        timings.push((name, median(&mut per_step)));
     }
     Ok(timings)
 }
@@ -315,8 +314,7 @@ fn shape_config(shape: &str) -> Result<UnetConfig> {
 
 fn summary(shape: &str, size: usize, device: &str, t: &UnetTiming) -> String {
     let mut sorted = t.runs_ms.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted.get(sorted.len() / 2).copied().unwrap_or(0.0);
+    let median = median(&mut sorted);
     let mean = sorted.iter().sum::<f64>() / sorted.len().max(1) as f64;
     let samplers: serde_json::Map<String, serde_json::Value> = t
         .sampler_step_ms
@@ -525,10 +523,6 @@ pub fn bench_lora_cli(model: &Path, loras: &[std::path::PathBuf], runs: usize) -
         in_place.set_loras(&[])?;
         place_ms.push(t.elapsed().as_secs_f64() * 500.0);
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
     let (place, reload) = (median(&mut place_ms), median(&mut reload_ms));
     let figures = json!({
         "model": model.display().to_string(),
@@ -539,4 +533,10 @@ pub fn bench_lora_cli(model: &Path, loras: &[std::path::PathBuf], runs: usize) -
         "in_place_over_reload": place / reload,
     });
     Ok(format!("{figures}\n"))
+}
+
+/// The median of `v` (the upper one of an even count; 0 when empty), sorting it.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }

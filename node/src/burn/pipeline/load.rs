@@ -2,7 +2,6 @@
 //! encoders, UNet and VAE onto a device in a precision, with LoRAs merged.
 
 use crate::burn::clip::{ClipConfig, ClipText, clip_prefix};
-use crate::burn::lora::LoraSet;
 use crate::burn::tensor_file::TensorFile;
 use crate::burn::tokenizer::ClipTokenizer;
 use crate::burn::unet::{Unet, UnetConfig};
@@ -69,10 +68,7 @@ pub(super) fn load_parts<B: Backend>(
     loras: &[LoraSpec],
     with_vae: bool,
 ) -> Result<Parts<B>> {
-    let mut set = LoraSet::new();
-    for l in loras {
-        set.add(&l.name, &l.path, l.strength)?;
-    }
+    let mut set = lora_set(loras)?;
     let parts = match source {
         ModelSource::Diffusers(dir) => {
             let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"))?;

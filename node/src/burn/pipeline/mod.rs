@@ -109,6 +109,15 @@ pub fn scheduler_config(dir: &Path) -> Result<SchedulerConfig> {
     }
 }
 
+/// The LoRA files of `loras` with their strengths (decoded once, then from the cache).
+fn lora_set(loras: &[LoraSpec]) -> Result<LoraSet> {
+    let mut set = LoraSet::new();
+    for l in loras {
+        set.add(&l.name, &l.path, l.strength)?;
+    }
+    Ok(set)
+}
+
 /// Reads a JSON config, naming the file in errors.
 pub fn read_config<T: DeserializeOwned>(path: &Path) -> Result<T> {
     let text = std::fs::read_to_string(path)
@@ -152,10 +161,7 @@ impl<B: Backend> Pipeline<B> {
         if self.loras == loras {
             return Ok(0);
         }
-        let mut set = LoraSet::new();
-        for l in loras {
-            set.add(&l.name, &l.path, l.strength)?;
-        }
+        let set = lora_set(loras)?;
         let mut nets: Vec<&mut dyn Layers<B>> = vec![&mut self.text, &mut self.unet];
         if let Some((_, text2)) = &mut self.text2 {
             nets.push(text2);

@@ -20,11 +20,12 @@ use super::waiter::Waiter;
 use super::{CHECKPOINT_EVERY, Shared, codec, image_log, lock, wal};
 use crate::records::{JobRecord, NodeRecord};
 
+mod schedule;
+
+use schedule::Schedule;
+
 /// Most queued changes the writer takes before it looks at its waiters again.
 const MAX_BATCH: usize = 4096;
-
-/// A log generation this large is checkpointed without waiting for the interval.
-const CHECKPOINT_BYTES: u64 = wal::FILE_BYTES;
 
 /// How long a due checkpoint waits for the flush of an open group.
 const GROUP_WAIT: Duration = Duration::from_secs(1);
@@ -109,63 +110,6 @@ impl Round {
     fn fail(&mut self, what: &'static str, e: StoreError) {
         if self.error.is_none() {
             self.error = Some((what, e));
-        }
-    }
-}
-
-/// When the writer checkpoints.
-struct Schedule {
-    /// Whether a checkpoint is in the checkpoint thread's hands.
-    busy: bool,
-    /// When the last one was handed over (or found nothing to do).
-    last: Instant,
-    /// Waiters of `Store::checkpoint_blocking`.
-    forced: Vec<Waiter>,
-}
-
-impl Schedule {
-    /// Whether a checkpoint is due: every [`CHECKPOINT_EVERY`], when the generation is large,
-    /// or when asked.
-    fn due(&self, w: &Writer<'_>) -> bool {
-        let timed = Instant::now() >= self.last + CHECKPOINT_EVERY;
-        #[cfg(test)]
-        let timed = timed
-            && !w
-                .s
-                .faults
-                .hold_checkpoints
-                .load(std::sync::atomic::Ordering::SeqCst);
-        !self.busy && (timed || w.log.len() >= CHECKPOINT_BYTES || !self.forced.is_empty())
-    }
-
-    /// Closes the log generation and hands what changed to the checkpoint thread.
-    fn checkpoint(&mut self, w: &mut Writer<'_>, tasks: &crossbeam_channel::Sender<Task>) {
-        self.last = Instant::now();
-        if w.changes.is_empty() && self.forced.is_empty() {
-            return;
-        }
-        let log_bytes = w.log.len();
-        let Some(closed) = w.close_generation() else {
-            return;
-        };
-        w.in_active.extend(
-            w.changes
-                .jobs
-                .iter()
-                .filter_map(|(id, d)| matches!(d, Dirty::Unfinished(_)).then_some(*id)),
-        );
-        let task = Task::Checkpoint {
-            generation: Some(closed),
-            log_bytes,
-            changes: std::mem::take(&mut w.changes),
-            segments: w.images.take_touched(),
-            waiters: std::mem::take(&mut self.forced),
-        };
-        self.busy = tasks.send(task).is_ok();
-        if !self.busy {
-            tracing::error!(
-                "the store's checkpoint thread is gone; changes stay in the write-ahead log until the next start replays it"
-            );
         }
     }
 }
