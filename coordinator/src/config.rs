@@ -110,6 +110,15 @@ pub struct Config {
     /// job then leaves with the partners queued now).
     #[arg(long, env = "DROVER_GATHER_MS", default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=5000))]
     pub gather_ms: u64,
+    /// Whether routing looks at which models nodes have loaded (default). Off, every catalogued
+    /// model counts as loaded everywhere: residency-blind routing, the baseline
+    /// `scripts/bench-residency.sh` measures against.
+    #[arg(long, env = "DROVER_RESIDENCY_ROUTING", default_value_t = true, action = clap::ArgAction::Set)]
+    pub residency_routing: bool,
+    /// Demand-driven loading, in milliseconds: a job queued this long whose model is loaded
+    /// only on busy nodes makes an idle node that can serve it load the model ahead (0: never).
+    #[arg(long, env = "DROVER_PRELOAD_AFTER_MS", default_value_t = 1000)]
+    pub preload_after_ms: u64,
     /// Shortest lease a job gets, in milliseconds (longer for big jobs on slow nodes).
     #[arg(long, env = "DROVER_LEASE_FLOOR_MS", default_value_t = 30_000)]
     pub lease_floor_ms: u64,

@@ -61,6 +61,16 @@ struct NodeLabel {
     node: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeModel {
+    node: String,
+    model: String,
+}
+
+/// A model's residency on a node: copies loaded, and since the node started loads, evictions
+/// and milliseconds spent loading.
+pub type ModelCounts = (u32, u64, u64, u64);
+
 /// What the gauges show, from one look at the control plane (and the store).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct FarmGauges {
@@ -72,6 +82,9 @@ pub struct FarmGauges {
     pub free_slots: Vec<((String, String), u32)>,
     /// Speed by node name (pixel-steps per second; measured, else advertised, 0 when unknown).
     pub speed: Vec<(String, f64)>,
+    /// By (node name, model name): copies loaded, and since the node started loads, evictions
+    /// and milliseconds spent loading (nodes that report residency).
+    pub models: Vec<((String, String), ModelCounts)>,
     /// Whether the store can write now.
     pub store_writable: bool,
     /// Write rounds the store has failed since it started.
@@ -115,6 +128,10 @@ pub struct Metrics {
     nodes: Family<StateLabel, Gauge>,
     free_slots: Family<NodeFamily, Gauge>,
     speed: Family<NodeLabel, Gauge<f64, AtomicU64>>,
+    model_copies: Family<NodeModel, Gauge>,
+    model_loads: Family<NodeModel, Gauge>,
+    model_evictions: Family<NodeModel, Gauge>,
+    model_load_seconds: Family<NodeModel, Gauge<f64, AtomicU64>>,
     store_writable: Gauge,
     /// One scrape at a time sets the gauges and encodes.
     scrape: Mutex<()>,
@@ -138,6 +155,10 @@ impl Default for Metrics {
             nodes: Family::default(),
             free_slots: Family::default(),
             speed: Family::default(),
+            model_copies: Family::default(),
+            model_loads: Family::default(),
+            model_evictions: Family::default(),
+            model_load_seconds: Family::default(),
             store_writable: Gauge::default(),
             scrape: Mutex::new(()),
             registry: Registry::default(),
@@ -209,6 +230,26 @@ impl Default for Metrics {
             m.speed.clone(),
         );
         registry.register(
+            "drover_node_model_copies",
+            "Copies of a model loaded (or loading) on a node now",
+            m.model_copies.clone(),
+        );
+        registry.register(
+            "drover_node_model_loads",
+            "Loads of a model on a node since the node started",
+            m.model_loads.clone(),
+        );
+        registry.register(
+            "drover_node_model_evictions",
+            "Evictions of a model from a node (to make room for another) since the node started",
+            m.model_evictions.clone(),
+        );
+        registry.register(
+            "drover_node_model_load_seconds",
+            "Seconds a node spent loading a model since the node started",
+            m.model_load_seconds.clone(),
+        );
+        registry.register(
             "drover_store_writable",
             "Whether the store can write now (1) or refuses writes (0)",
             m.store_writable.clone(),
@@ -262,6 +303,26 @@ impl Metrics {
             self.speed
                 .get_or_create(&NodeLabel { node: node.clone() })
                 .set(*speed);
+        }
+        for family in [&self.model_copies, &self.model_loads, &self.model_evictions] {
+            family.clear();
+        }
+        self.model_load_seconds.clear();
+        for ((node, model), (copies, loads, evictions, load_ms)) in &farm.models {
+            let labels = NodeModel {
+                node: node.clone(),
+                model: model.clone(),
+            };
+            self.model_copies
+                .get_or_create(&labels)
+                .set(i64::from(*copies));
+            self.model_loads.get_or_create(&labels).set(*loads as i64);
+            self.model_evictions
+                .get_or_create(&labels)
+                .set(*evictions as i64);
+            self.model_load_seconds
+                .get_or_create(&labels)
+                .set(*load_ms as f64 / 1000.0);
         }
         self.store_writable.set(i64::from(farm.store_writable));
         let counted = self.store_write_errors.get();

@@ -94,6 +94,120 @@ pub struct NodeRecord {
     /// Most jobs one worker renders in one batch (`MAX_BATCH`; 1 from older nodes).
     #[serde(default = "one")]
     pub max_batch: u32,
+    /// Every model the node serves, its default (the one the fields above describe) first;
+    /// empty from nodes before catalogues, whose one model the fields above are.
+    #[serde(default)]
+    pub models: Vec<ModelAdvert>,
+    /// Bytes its resident models may take (`NODE_MEMORY_BUDGET`, per device on cuda); 0: not
+    /// stated.
+    #[serde(default)]
+    pub memory_budget: u64,
+}
+
+/// A catalogued model's residency on a node, as its heartbeats report it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModelResidency {
+    /// The model.
+    pub model_id: String,
+    /// Loaded copies (0: not resident).
+    pub copies: u32,
+    /// Loads since the node started.
+    pub loads: u64,
+    /// Evictions since the node started.
+    pub evictions: u64,
+    /// Milliseconds all its loads took.
+    pub load_ms_total: u64,
+    /// The last load's milliseconds (0: never loaded).
+    pub last_load_ms: u64,
+}
+
+/// What an order about a node's model asks (`POST /v1/nodes/{id}/models/{model}/{action}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ModelAction {
+    /// Load a copy now, evicting idle models as a job would.
+    Load,
+    /// Drop its idle copies (refused by the node while it is pinned).
+    Unload,
+    /// Load it and never evict it.
+    Pin,
+    /// Evictable again.
+    Unpin,
+}
+
+impl ModelAction {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Load => "load",
+            Self::Unload => "unload",
+            Self::Pin => "pin",
+            Self::Unpin => "unpin",
+        }
+    }
+}
+
+impl std::str::FromStr for ModelAction {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        [Self::Load, Self::Unload, Self::Pin, Self::Unpin]
+            .into_iter()
+            .find(|a| a.as_str() == s)
+            .ok_or_else(|| format!("model action `{s}` (load, unload, pin or unpin)"))
+    }
+}
+
+/// A model of a node's catalogue.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ModelAdvert {
+    /// Stable id (the sha256 of its UNet's safetensors header, or a sim id).
+    pub model_id: String,
+    /// Its name as the node's operator gave it (file or folder name).
+    pub name: String,
+    /// Family.
+    pub family: ModelFamily,
+    /// Largest width*height it renders.
+    pub max_pixels: u64,
+    /// The only sizes it renders; empty: any up to `max_pixels`.
+    #[serde(default)]
+    pub sizes: Vec<Size>,
+    /// Samplers it runs, its default first (empty: not stated, any accepted).
+    #[serde(default)]
+    pub samplers: Vec<Sampler>,
+    /// Starts jobs from a source image.
+    #[serde(default)]
+    pub img2img: bool,
+    /// Inpaints.
+    #[serde(default)]
+    pub inpaint: bool,
+    /// Memory one loaded copy takes (the node's planning figure); 0: not stated.
+    #[serde(default)]
+    pub bytes: u64,
+    /// Pinned on the node: loaded at start, never evicted.
+    #[serde(default)]
+    pub pinned: bool,
+}
+
+impl NodeRecord {
+    /// The node's models, its default first: its catalogue, or (a node from before
+    /// catalogues) its one model from the record's own fields.
+    pub fn catalogue(&self) -> Vec<ModelAdvert> {
+        if !self.models.is_empty() {
+            return self.models.clone();
+        }
+        vec![ModelAdvert {
+            model_id: self.model_id.clone(),
+            name: self.model_name.clone(),
+            family: self.family,
+            max_pixels: self.max_pixels,
+            sizes: self.sizes.clone(),
+            samplers: self.samplers.clone(),
+            img2img: self.img2img,
+            inpaint: self.inpaint,
+            bytes: 0,
+            pinned: false,
+        }]
+    }
 }
 
 fn one() -> u32 {

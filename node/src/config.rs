@@ -218,6 +218,17 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Time loading a model on the CPU (f32), as a node loads it when a job needs it: `--runs`
+    /// loads in this process, each timed (JSON); run it after dropping the files from the page
+    /// cache for a cold load (`scripts/bench-load.sh`).
+    BenchLoad {
+        /// The model (file or folder, as MODEL).
+        #[arg(long)]
+        model: PathBuf,
+        /// Loads, one after another.
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
+    },
     /// Render one image on the CPU from a diffusers model folder, without a coordinator, and
     /// print how long each part took (JSON).
     Render {
@@ -272,6 +283,18 @@ pub struct RenderArgs {
     pub strength: Option<f64>,
 }
 
+/// A model the node was told to serve.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ModelPath {
+    /// Its name in the farm (as given in MODEL, or the entry's name under MODEL_ROOT).
+    pub name: String,
+    /// Where it is.
+    pub path: PathBuf,
+    /// Named by the operator (MODEL, a MODELS list): a model that fails stops the start. Found
+    /// by `MODELS=*`: skipped with the reason.
+    pub explicit: bool,
+}
+
 /// Settings of one node process.
 #[derive(clap::Args, Clone, Debug)]
 pub struct NodeConfig {
@@ -281,9 +304,23 @@ pub struct NodeConfig {
     /// Folder holding models.
     #[arg(long, env = "MODEL_ROOT")]
     pub model_root: Option<PathBuf>,
-    /// Model file or folder under MODEL_ROOT.
+    /// Model file or folder under MODEL_ROOT; a comma-separated list serves several (the
+    /// first is the default of jobs that name none).
     #[arg(long, env = "MODEL")]
     pub model: Option<String>,
+    /// `*`: serve every model found under MODEL_ROOT (files and folders that are not models are
+    /// skipped with the reason); or a comma-separated list, as MODEL. MODEL, when also set,
+    /// names the default model.
+    #[arg(long, env = "MODELS")]
+    pub models: Option<String>,
+    /// Bytes the resident models may take (host memory on cpu, per device on cuda), e.g. `6G`:
+    /// a job for a model not loaded evicts the least recently used idle ones. Default: three
+    /// quarters of the host's memory on cpu, no limit on cuda.
+    #[arg(long, env = "NODE_MEMORY_BUDGET", value_parser = crate::residency::parse_bytes)]
+    pub memory_budget: Option<u64>,
+    /// Models loaded at start and never evicted (comma-separated names, as in MODEL).
+    #[arg(long, env = "PIN_MODELS", value_delimiter = ',')]
+    pub pin_models: Vec<String>,
     /// Worker backend.
     #[arg(long, env = "BACKEND", value_enum, default_value = "auto")]
     pub backend: BackendKind,
@@ -350,6 +387,14 @@ pub struct NodeConfig {
     /// Family the sim backend pretends to serve.
     #[arg(long, env = "SIM_FAMILY", default_value = "sd15")]
     pub sim_family: ModelFamily,
+    /// A simulated catalogue for the sim backend: comma-separated `name` or `name:family`
+    /// (family default SIM_FAMILY); each model is `sim-NAME`, takes 2 GiB (7 GiB for sdxl) of
+    /// NODE_MEMORY_BUDGET and loads in SIM_LOAD_MS.
+    #[arg(long, env = "SIM_MODELS")]
+    pub sim_models: Option<String>,
+    /// Milliseconds a simulated model takes to load (SIM_MODELS).
+    #[arg(long, env = "SIM_LOAD_MS", default_value_t = 1000)]
+    pub sim_load_ms: u64,
     /// Milliseconds the sim backend spends per step.
     #[arg(long, env = "SIM_STEP_MS", default_value_t = 50)]
     pub sim_step_ms: u64,
@@ -369,14 +414,91 @@ impl NodeConfig {
     }
 
     /// The model path: `MODEL` joined to `MODEL_ROOT` (or `MODEL` alone when absolute or when
-    /// `MODEL_ROOT` is unset).
+    /// `MODEL_ROOT` is unset). With a list, the first.
     pub fn model_path(&self) -> Option<PathBuf> {
-        match (&self.model_root, &self.model) {
-            (Some(root), Some(model)) => Some(root.join(model)),
-            (None, Some(model)) => Some(PathBuf::from(model)),
-            (Some(root), None) => Some(root.clone()),
-            (None, None) => None,
+        self.model_paths().ok()?.into_iter().next().map(|m| m.path)
+    }
+
+    /// Whether any model is configured (MODEL, MODELS or MODEL_ROOT).
+    pub fn has_models(&self) -> bool {
+        self.model.is_some() || self.models.is_some() || self.model_root.is_some()
+    }
+
+    /// The models to serve, the default first: MODEL's list, then MODELS' entries (`*`: every
+    /// file or folder under MODEL_ROOT, in name order) not already named; a name may repeat
+    /// nowhere. Without either, MODEL_ROOT itself.
+    pub fn model_paths(&self) -> Result<Vec<ModelPath>, String> {
+        let join = |name: &str| match &self.model_root {
+            Some(root) => root.join(name),
+            None => PathBuf::from(name),
+        };
+        let list = |text: &str| -> Vec<String> {
+            text.split(',')
+                .map(str::trim)
+                .filter(|n| !n.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        let mut out: Vec<ModelPath> = Vec::new();
+        for name in self.model.as_deref().map(list).unwrap_or_default() {
+            out.push(ModelPath {
+                path: join(&name),
+                name,
+                explicit: true,
+            });
         }
+        match self.models.as_deref().map(str::trim) {
+            Some("*") => {
+                let root = self.model_root.as_ref().ok_or(
+                    "MODELS=* serves every model under MODEL_ROOT, but MODEL_ROOT is not set",
+                )?;
+                let mut names: Vec<String> = std::fs::read_dir(root)
+                    .map_err(|e| format!("MODEL_ROOT {}: {e}", root.display()))?
+                    .flatten()
+                    .filter_map(|e| e.file_name().into_string().ok())
+                    .filter(|n| !n.starts_with('.'))
+                    .collect();
+                names.sort();
+                for name in names {
+                    if !out.iter().any(|m| m.name == name) {
+                        out.push(ModelPath {
+                            path: root.join(&name),
+                            name,
+                            explicit: false,
+                        });
+                    }
+                }
+            }
+            Some(text) => {
+                for name in list(text) {
+                    if !out.iter().any(|m| m.name == name) {
+                        out.push(ModelPath {
+                            path: join(&name),
+                            name,
+                            explicit: true,
+                        });
+                    }
+                }
+            }
+            None => {}
+        }
+        if out.is_empty()
+            && let Some(root) = &self.model_root
+        {
+            out.push(ModelPath {
+                name: root.file_name().map_or_else(
+                    || root.display().to_string(),
+                    |n| n.to_string_lossy().into(),
+                ),
+                path: root.clone(),
+                explicit: true,
+            });
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        if let Some(twice) = out.iter().find(|m| !seen.insert(m.name.as_str())) {
+            return Err(format!("model {} is named twice", twice.name));
+        }
+        Ok(out)
     }
 
     /// The node's name: `NODE_NAME`, else the host name, else `node`.

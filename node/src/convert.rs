@@ -90,6 +90,7 @@ impl TryFrom<proto::Assignment> for Assignment {
                 sampler,
                 schedule,
                 source,
+                model: a.model_id,
                 ..spec.into()
             },
             upscale,
@@ -151,6 +152,7 @@ impl From<proto::JobSpec> for Params {
             schedule: SigmaSchedule::Automatic,
             seed: spec.seed,
             source: None,
+            model: String::new(),
             loras: spec
                 .loras
                 .into_iter()
@@ -312,6 +314,7 @@ mod tests {
             trace_id: "req-1".into(),
             params: Params {
                 prompt: "a red fox".into(),
+                model: String::new(),
                 negative_prompt: "blur".into(),
                 width: 640,
                 height: 512,

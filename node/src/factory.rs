@@ -19,6 +19,7 @@ use drover_shared::detect::{Inspection, Layout, ModelKind, inspect};
 use drover_shared::family::ModelFamily;
 
 use crate::burn::pipeline::Precision;
+use crate::catalog::{ModelCaps, ModelControl, ResidencyProbe};
 use crate::config::{BackendKind, NodeConfig, PrecisionKind};
 use crate::error::{NodeError, Result};
 use crate::render::{RunBatch, Worker};
@@ -56,6 +57,10 @@ pub struct Capabilities {
     pub upscalers: Vec<UpscalerEntry>,
     /// Most jobs one worker renders in one batch (`MAX_BATCH`; 1: one at a time).
     pub max_batch: u32,
+    /// Every model served, the default (the one the fields above describe) first.
+    pub models: Vec<ModelCaps>,
+    /// Bytes resident models may take (`NODE_MEMORY_BUDGET`, per device on cuda); 0: no budget.
+    pub memory_budget: u64,
 }
 
 /// A LoRA under `LORA_ROOT` the node serves.
@@ -77,6 +82,10 @@ pub struct WorkerPool {
     pub capabilities: Capabilities,
     /// The upscalers jobs' `upscale` runs on (shared by every worker); `None` without any.
     pub post: Option<Arc<dyn PostProcess>>,
+    /// The models' residency now (Burn backends); `None`: every model always resident.
+    pub residency: Option<Arc<dyn ResidencyProbe>>,
+    /// Orders about the models (Burn backends); `None`: nothing to order.
+    pub control: Option<Arc<dyn ModelControl>>,
 }
 
 /// What a simulated node advertises: every sampler, a standard one first.
@@ -105,13 +114,15 @@ fn build_workers(config: &NodeConfig) -> Result<WorkerPool> {
     if config.backend == BackendKind::Sim {
         return build_sim(config);
     }
-    let path = config.model_path().ok_or_else(|| {
-        NodeError::Config(
+    if !config.has_models() {
+        return Err(NodeError::Config(
             "no model configured: set MODEL_ROOT and MODEL (or BACKEND=sim for a simulated node)"
                 .into(),
-        )
-    })?;
-    let model = detect_model(&path)?;
+        ));
+    }
+    let mut entries = crate::catalog::discover(config)?;
+    let model = entries[0].model.clone();
+    let path = model.path.clone();
     let rknn_model = model.layout == Layout::Rknn;
     let backend = match config.backend {
         BackendKind::Auto if rknn_model => BackendKind::Rknn,
@@ -133,22 +144,43 @@ fn build_workers(config: &NodeConfig) -> Result<WorkerPool> {
             )
         }));
     }
-    tracing::info!(path = %path.display(), family = %model.family, kind = ?model.kind, backend = backend.as_str(), "model detected");
-    if !matches!(
-        model.family,
-        ModelFamily::Sd15 | ModelFamily::Sd2 | ModelFamily::Sdxl
-    ) {
+    // Every entry must be a base model this drover-node runs; one found by MODELS=* that is
+    // not is skipped, one the operator named stops the start.
+    let mut refused = None;
+    entries.retain(|e| {
+        let runs = matches!(
+            e.model.family,
+            ModelFamily::Sd15 | ModelFamily::Sd2 | ModelFamily::Sdxl
+        ) && (e.model.layout == Layout::Rknn) == rknn_model;
+        if !runs {
+            if e.explicit {
+                refused.get_or_insert_with(|| (e.model.path.clone(), e.model.family));
+            } else {
+                tracing::info!(model = %e.name, family = %e.model.family, backend = backend.as_str(), "catalogue entry skipped: this backend does not run it");
+            }
+        }
+        runs
+    });
+    if let Some((path, family)) = refused {
         return Err(NodeError::Backend {
             backend: backend.as_str(),
             message: format!(
-                "model {} is {}: this drover-node runs SD1.x, SD2.x and SDXL base models",
+                "model {} is {family}: this drover-node runs SD1.x, SD2.x and SDXL base models",
                 path.display(),
-                model.family
             ),
         });
     }
+    for e in &entries {
+        tracing::info!(model = %e.name, path = %e.model.path.display(), family = %e.model.family, kind = ?e.model.kind, backend = backend.as_str(), pinned = e.pinned, "model detected");
+    }
+    let mut families: Vec<ModelFamily> = Vec::new();
+    for e in &entries {
+        if !families.contains(&e.model.family) {
+            families.push(e.model.family);
+        }
+    }
     let loras = match &config.lora_root {
-        Some(root) => scan_loras(root, model.family, &config.lcm_loras)?,
+        Some(root) => scan_loras(root, &families, &config.lcm_loras)?,
         None => Vec::new(),
     };
     match backend {
@@ -156,49 +188,55 @@ fn build_workers(config: &NodeConfig) -> Result<WorkerPool> {
             let workers = config.num_workers.unwrap_or(1);
             if !(1..=8).contains(&workers) {
                 return Err(NodeError::Config(format!(
-                    "NUM_WORKERS={workers}: a cpu node runs 1..=8 workers (each holds a full copy of the model)"
+                    "NUM_WORKERS={workers}: a cpu node runs 1..=8 workers (each job uses a full copy of its model)"
                 )));
             }
+            let budget = config
+                .memory_budget
+                .or_else(|| crate::residency::host_memory().map(|m| m / 4 * 3))
+                .unwrap_or(u64::MAX);
             let started = std::time::Instant::now();
-            let mut pipelines = crate::burn::renderer::load_pipelines::<crate::burn::Cpu>(
-                &model,
+            let (models_pool, models) = crate::catalog::load_pool::<crate::burn::Cpu>(
+                &mut entries,
                 &Default::default(),
                 precision(config, PrecisionKind::F32),
-                workers as usize,
+                config,
+                budget,
+                |f| max_pixels(config, f),
             )?;
-            if let Some(prediction) = &config.prediction {
-                for p in &mut pipelines {
-                    p.set_prediction(prediction)?;
-                }
-            }
+            let (used, _) = models_pool.usage();
             tracing::info!(
                 workers,
+                models = models.len(),
+                resident_bytes = used,
+                budget,
                 ms = started.elapsed().as_millis() as u64,
-                "cpu pipelines loaded"
+                "cpu models checked"
             );
-            let samplers = pipelines.first().map(|p| p.samplers()).unwrap_or_default();
-            let encodes = pipelines.first().is_some_and(|p| p.can_encode());
+            let pools = vec![models_pool];
             let addr = crate::burn::renderer::start_pool(
-                pipelines,
+                pools.clone(),
+                workers as usize,
                 "cpu",
-                &model.model_id,
+                &models[0].id,
                 config.lora_root.clone(),
                 lcm_names(&loras),
             );
             let mut pool = pool(
                 config,
-                &model,
                 BackendKind::Cpu,
                 workers,
                 loras,
+                models,
                 addr.recipient(),
             );
-            pool.capabilities.samplers = samplers;
-            pool.capabilities.img2img = encodes;
-            pool.capabilities.inpaint = encodes;
+            pool.capabilities.memory_budget = budget;
+            let pools = Arc::new(pools);
+            pool.residency = Some(pools.clone());
+            pool.control = Some(pools);
             Ok(pool)
         }
-        BackendKind::Cuda => build_cuda(config, &model, loras),
+        BackendKind::Cuda => build_cuda(config, entries, loras),
         BackendKind::Rknn => build_rknn(config, &model, loras),
         other => Err(NodeError::Config(format!(
             "BACKEND={} cannot run model {}",
@@ -265,20 +303,25 @@ pub fn start_rknn(
         .map(|&(w, h)| u64::from(w) * u64::from(h))
         .max()
         .unwrap_or(0);
+    let name = model
+        .path
+        .file_name()
+        .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+    let mut caps = model_caps(config, &name, model);
+    caps.max_pixels = config.max_pixels.unwrap_or(largest).min(largest);
+    caps.sizes = rknn.sizes;
+    caps.samplers = rknn.samplers;
+    caps.img2img = rknn.img2img;
+    caps.inpaint = rknn.img2img;
     let mut pool = pool(
         config,
-        model,
         BackendKind::Rknn,
         workers,
         Vec::new(),
+        vec![caps],
         rknn.addr.recipient(),
     );
-    pool.capabilities.max_pixels = config.max_pixels.unwrap_or(largest).min(largest);
-    pool.capabilities.sizes = rknn.sizes;
     pool.capabilities.pixel_steps_per_second = rknn.pixel_steps_per_second;
-    pool.capabilities.img2img = rknn.img2img;
-    pool.capabilities.inpaint = rknn.img2img;
-    pool.capabilities.samplers = rknn.samplers;
     if config.max_batch > 1 {
         tracing::warn!(
             max_batch = config.max_batch,
@@ -303,34 +346,64 @@ fn build_rknn(
     })
 }
 
+/// `MAX_PIXELS`, else four times `family`'s native area.
+fn max_pixels(config: &NodeConfig, family: ModelFamily) -> u64 {
+    config
+        .max_pixels
+        .unwrap_or_else(|| default_max_pixels(family))
+}
+
+/// What one model of `model`'s inspection serves before anything is known from loading it:
+/// its family's pixel limit, any size, LCM only.
+fn model_caps(config: &NodeConfig, name: &str, model: &Inspection) -> ModelCaps {
+    ModelCaps {
+        id: model.model_id.clone(),
+        name: name.to_string(),
+        family: model.family,
+        cross_attention_dim: model.cross_attention_dim,
+        max_pixels: max_pixels(config, model.family),
+        sizes: Vec::new(),
+        samplers: vec![Sampler::Lcm],
+        img2img: false,
+        inpaint: false,
+        bytes: model.estimated_memory_bytes,
+        pinned: false,
+    }
+}
+
+/// The pool of `workers` workers behind `batches` serving `models` (the default first, which
+/// the node-wide fields describe).
 fn pool(
     config: &NodeConfig,
-    model: &Inspection,
     backend: BackendKind,
     workers: u32,
     loras: Vec<LoraEntry>,
+    models: Vec<ModelCaps>,
     batches: Recipient<RunBatch>,
 ) -> WorkerPool {
+    let default = models[0].clone();
     WorkerPool {
         batches,
         capabilities: Capabilities {
             backend,
-            family: model.family,
-            model_id: model.model_id.clone(),
+            family: default.family,
+            model_id: default.id,
             workers,
-            max_pixels: config
-                .max_pixels
-                .unwrap_or_else(|| default_max_pixels(model.family)),
+            max_pixels: default.max_pixels,
             loras,
             pixel_steps_per_second: 0.0,
-            sizes: Vec::new(),
-            samplers: vec![Sampler::Lcm],
-            img2img: false,
-            inpaint: false,
+            sizes: default.sizes,
+            samplers: default.samplers,
+            img2img: default.img2img,
+            inpaint: default.inpaint,
             upscalers: Vec::new(),
             max_batch: config.max_batch,
+            models,
+            memory_budget: 0,
         },
         post: None,
+        residency: None,
+        control: None,
     }
 }
 
@@ -343,13 +416,14 @@ fn precision(config: &NodeConfig, default: PrecisionKind) -> Precision {
     }
 }
 
-/// The cuda workers: every device of the plan (all visible ones, or `GPUS`) gets `NUM_WORKERS`
-/// pipelines, loaded and warmed up at the family's default size on all devices at once, before
-/// the node registers. A device that fails stops the start, naming its index and the reason.
+/// The cuda workers: every device of the plan (all visible ones, or `GPUS`) gets its own pool
+/// of the catalogue's models (each checked by loading it, the default kept and warmed up at the
+/// family's default size) on all devices at once, before the node registers, and `NUM_WORKERS`
+/// workers. A device that fails stops the start, naming its index and the reason.
 #[cfg(feature = "cuda")]
 fn build_cuda(
     config: &NodeConfig,
-    model: &Inspection,
+    entries: Vec<crate::catalog::Entry>,
     loras: Vec<LoraEntry>,
 ) -> Result<WorkerPool> {
     use crate::burn::{cuda, gpus, renderer};
@@ -365,87 +439,110 @@ fn build_cuda(
         .map(gpus::parse_gpu_list)
         .transpose()?;
     let visible = cuda::device_count()?;
-    let plan = gpus::plan_workers(visible, chosen.as_deref(), config.num_workers.unwrap_or(1))?;
+    let per_device = config.num_workers.unwrap_or(1);
+    let plan = gpus::plan_workers(visible, chosen.as_deref(), per_device)?;
+    let mut devices: Vec<usize> = Vec::new();
+    for d in &plan {
+        if !devices.contains(d) {
+            devices.push(*d);
+        }
+    }
     let precision = precision(config, PrecisionKind::F16);
-    let (w, h) = model.family.default_size();
-    let prediction_override = config.prediction.as_deref();
+    let budget = config.memory_budget.unwrap_or(u64::MAX);
+    let (w, h) = entries[0].model.family.default_size();
     let started = std::time::Instant::now();
-    let loaded: Vec<Result<crate::burn::pipeline::Pipeline<crate::burn::Gpu>>> =
-        std::thread::scope(|scope| {
-            let loads: Vec<_> = plan
-                .iter()
-                .map(|&index| {
-                    scope.spawn(move || {
-                        cuda::on_device(index, "loading the model", || {
-                            let device = ::burn::backend::cuda::CudaDevice::new(index);
-                            let mut one = renderer::load_pipelines(model, &device, precision, 1)?;
-                            let mut pipeline = one.pop().ok_or_else(|| {
-                                NodeError::Render("no pipeline was loaded".into())
-                            })?;
-                            if let Some(prediction) = prediction_override {
-                                pipeline.set_prediction(prediction)?;
-                            }
-                            let took = renderer::warm_up(&pipeline, (w as usize, h as usize))?;
-                            tracing::info!(
-                                device = index,
-                                size = %format!("{w}x{h}"),
-                                ms = took.as_millis() as u64,
-                                "cuda worker warmed up"
-                            );
-                            Ok(pipeline)
-                        })
+    type Loaded = Result<(Arc<renderer::ModelPool<crate::burn::Gpu>>, Vec<ModelCaps>)>;
+    let loaded: Vec<Loaded> = std::thread::scope(|scope| {
+        let loads: Vec<_> = devices
+            .iter()
+            .map(|&index| {
+                let mut entries = entries.clone();
+                scope.spawn(move || {
+                    cuda::on_device(index, "loading the models", || {
+                        let device = ::burn::backend::cuda::CudaDevice::new(index);
+                        let (pool, models) = crate::catalog::load_pool::<crate::burn::Gpu>(
+                            &mut entries,
+                            &device,
+                            precision,
+                            config,
+                            budget,
+                            |f| max_pixels(config, f),
+                        )?;
+                        let default = pool.check_out(0, |_| true)?;
+                        let took = renderer::warm_up(&default, (w as usize, h as usize))?;
+                        drop(default);
+                        tracing::info!(
+                            device = index,
+                            size = %format!("{w}x{h}"),
+                            ms = took.as_millis() as u64,
+                            "cuda device warmed up"
+                        );
+                        Ok((pool, models))
                     })
                 })
-                .collect();
-            loads
-                .into_iter()
-                .zip(&plan)
-                .map(|(handle, &index)| {
-                    handle.join().unwrap_or_else(|_| {
-                        Err(NodeError::Backend {
-                            backend: "cuda",
-                            message: format!("device {index}: its loading thread panicked"),
-                        })
+            })
+            .collect();
+        loads
+            .into_iter()
+            .zip(&devices)
+            .map(|(handle, &index)| {
+                handle.join().unwrap_or_else(|_| {
+                    Err(NodeError::Backend {
+                        backend: "cuda",
+                        message: format!("device {index}: its loading thread panicked"),
                     })
                 })
-                .collect()
-        });
-    let pipelines = loaded.into_iter().collect::<Result<Vec<_>>>()?;
+            })
+            .collect()
+    });
+    let mut pools = Vec::new();
+    let mut models = Vec::new();
+    for result in loaded {
+        let (pool, device_models) = result?;
+        pools.push(pool);
+        models = device_models;
+    }
     tracing::info!(
-        devices = ?plan,
+        devices = ?devices,
         workers = plan.len(),
+        models = models.len(),
         precision = ?precision.weights,
         cache = %cache.display(),
         ms = started.elapsed().as_millis() as u64,
-        "cuda pipelines loaded and warmed up"
+        "cuda models loaded and warmed up"
     );
-    let samplers = pipelines.first().map(|p| p.samplers()).unwrap_or_default();
-    let encodes = pipelines.first().is_some_and(|p| p.can_encode());
+    // Worker i runs on plan[i]'s device: its pool is that device's.
+    let worker_pools: Vec<_> = plan
+        .iter()
+        .map(|d| pools[devices.iter().position(|x| x == d).unwrap_or(0)].clone())
+        .collect();
     let addr = renderer::start_pool(
-        pipelines,
+        worker_pools,
+        plan.len(),
         "cuda",
-        &model.model_id,
+        &models[0].id,
         config.lora_root.clone(),
         lcm_names(&loras),
     );
     let mut pool = pool(
         config,
-        model,
         BackendKind::Cuda,
         plan.len() as u32,
         loras,
+        models,
         addr.recipient(),
     );
-    pool.capabilities.samplers = samplers;
-    pool.capabilities.img2img = encodes;
-    pool.capabilities.inpaint = encodes;
+    pool.capabilities.memory_budget = if budget == u64::MAX { 0 } else { budget };
+    let pools = Arc::new(pools);
+    pool.residency = Some(pools.clone());
+    pool.control = Some(pools);
     Ok(pool)
 }
 
 #[cfg(not(feature = "cuda"))]
 fn build_cuda(
     _config: &NodeConfig,
-    _model: &Inspection,
+    _entries: Vec<crate::catalog::Entry>,
     _loras: Vec<LoraEntry>,
 ) -> Result<WorkerPool> {
     Err(NodeError::Backend {
@@ -509,7 +606,7 @@ fn lcm_names(loras: &[LoraEntry]) -> std::collections::BTreeSet<String> {
 /// The LoRAs under `root` made for `family`, by name; every other file is logged with the reason
 /// it was skipped. LoRAs named in `lcm` are LCM-LoRAs whatever their names say; a name there
 /// that is not served is a start-up error.
-pub fn scan_loras(root: &Path, family: ModelFamily, lcm: &[String]) -> Result<Vec<LoraEntry>> {
+pub fn scan_loras(root: &Path, families: &[ModelFamily], lcm: &[String]) -> Result<Vec<LoraEntry>> {
     let entries = std::fs::read_dir(root)
         .map_err(|e| NodeError::Config(format!("LORA_ROOT {}: {e}", root.display())))?;
     let mut files: Vec<PathBuf> = entries
@@ -527,8 +624,8 @@ pub fn scan_loras(root: &Path, family: ModelFamily, lcm: &[String]) -> Result<Ve
             Ok(found) if found.kind != ModelKind::Lora => {
                 tracing::warn!(lora = %name, kind = ?found.kind, "lora skipped: the file is not a lora");
             }
-            Ok(found) if found.family != family => {
-                tracing::info!(lora = %name, lora_family = %found.family, node_family = %family, "lora skipped: made for another family");
+            Ok(found) if !families.contains(&found.family) => {
+                tracing::info!(lora = %name, lora_family = %found.family, node_families = ?families, "lora skipped: made for a family none of the node's models is");
             }
             Ok(found) => {
                 let lcm = found.lcm_lora || lcm.contains(&name);
@@ -547,7 +644,7 @@ pub fn scan_loras(root: &Path, family: ModelFamily, lcm: &[String]) -> Result<Ve
         .find(|n| !n.is_empty() && !loras.iter().any(|l| &&l.name == n))
     {
         return Err(NodeError::Config(format!(
-            "LCM_LORAS names `{missing}`, which is not a {family} lora under LORA_ROOT {}",
+            "LCM_LORAS names `{missing}`, which is not a lora of the node's families ({families:?}) under LORA_ROOT {}",
             root.display()
         )));
     }
@@ -573,43 +670,135 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
         )));
     }
     let loras = match &config.lora_root {
-        Some(root) => scan_loras(root, family, &config.lcm_loras)?,
+        Some(root) => scan_loras(root, &[family], &config.lcm_loras)?,
         None => Vec::new(),
     };
     let step = Duration::from_millis(config.sim_step_ms);
-    let model_id = format!("sim-{family}");
-    let addr = Worker::start(workers as usize, &model_id, move |_| SimRenderer::new(step));
     let (w, h) = family.default_size();
     let pixel_steps_per_second = if config.sim_step_ms == 0 {
         0.0
     } else {
         f64::from(w * h) * 1000.0 / config.sim_step_ms as f64
     };
-    tracing::info!(family = %family, workers, step_ms = config.sim_step_ms, loras = loras.len(), "sim workers started (simulated backend, no model)");
-    Ok(WorkerPool {
-        batches: addr.recipient(),
-        capabilities: Capabilities {
-            backend: BackendKind::Sim,
-            family,
-            model_id,
+    let model_caps = |id: String, name: String, family: ModelFamily, bytes: u64| ModelCaps {
+        id,
+        family,
+        cross_attention_dim: family.cross_attention_dim(),
+        max_pixels: max_pixels(config, family),
+        sizes: Vec::new(),
+        // A simulation renders any sampler alike; standard first, so jobs that name none may
+        // ask for up to 150 steps as on a standard model.
+        samplers: SIM_SAMPLERS.to_vec(),
+        // The simulation blends a job's source image into what it draws.
+        img2img: true,
+        inpaint: true,
+        bytes,
+        pinned: config.pin_models.contains(&name),
+        name,
+    };
+    let Some(list) = config.sim_models.as_deref() else {
+        let model_id = format!("sim-{family}");
+        let addr = Worker::start(workers as usize, &model_id, move |_| SimRenderer::new(step));
+        tracing::info!(family = %family, workers, step_ms = config.sim_step_ms, loras = loras.len(), "sim workers started (simulated backend, no model)");
+        let caps = model_caps(model_id.clone(), model_id, family, 0);
+        let mut pool = pool(
+            config,
+            BackendKind::Sim,
             workers,
-            max_pixels: config
-                .max_pixels
-                .unwrap_or_else(|| default_max_pixels(family)),
             loras,
-            pixel_steps_per_second,
-            sizes: Vec::new(),
-            // A simulation renders any sampler alike; standard first, so jobs that name none
-            // may ask for up to 150 steps as on a standard model.
-            samplers: SIM_SAMPLERS.to_vec(),
-            // The simulation blends a job's source image into what it draws.
-            img2img: true,
-            inpaint: true,
-            upscalers: Vec::new(),
-            max_batch: config.max_batch,
+            vec![caps],
+            addr.recipient(),
+        );
+        pool.capabilities.pixel_steps_per_second = pixel_steps_per_second;
+        return Ok(pool);
+    };
+    let mut models = Vec::new();
+    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let (name, fam) = match entry.split_once(':') {
+            Some((name, f)) => (
+                name,
+                f.parse::<ModelFamily>()
+                    .map_err(|e| NodeError::Config(format!("SIM_MODELS entry `{entry}`: {e}")))?,
+            ),
+            None => (entry, family),
+        };
+        let bytes = if fam == ModelFamily::Sdxl {
+            7 << 30
+        } else {
+            2 << 30
+        };
+        models.push(model_caps(
+            format!("sim-{name}"),
+            name.to_string(),
+            fam,
+            bytes,
+        ));
+    }
+    if models.is_empty() {
+        return Err(NodeError::Config("SIM_MODELS names no model".into()));
+    }
+    if let Some(p) = config
+        .pin_models
+        .iter()
+        .find(|p| !p.is_empty() && !models.iter().any(|m| &&m.name == p))
+    {
+        return Err(NodeError::Config(format!(
+            "PIN_MODELS names `{p}`, which SIM_MODELS does not"
+        )));
+    }
+    let budget = config.memory_budget.unwrap_or(u64::MAX);
+    let ledger = crate::residency::Ledger::new(
+        budget,
+        models
+            .iter()
+            .map(|m| crate::residency::ModelCost {
+                name: m.name.clone(),
+                bytes: m.bytes,
+                pinned: m.pinned,
+            })
+            .collect(),
+    )?;
+    let load = Duration::from_millis(config.sim_load_ms);
+    let catalogue = Arc::new(crate::residency::Models::new(
+        models.iter().map(|m| m.id.clone()).collect(),
+        ledger,
+        move |_| {
+            std::thread::sleep(load);
+            Ok(())
         },
-        post: None,
-    })
+    ));
+    // The default and the pinned models are loaded before the node registers.
+    for (i, m) in models.iter().enumerate() {
+        if i == 0 || m.pinned {
+            catalogue.preload(i)?;
+        }
+    }
+    let shared = catalogue.clone();
+    let addr = Worker::start(workers as usize, &models[0].id, move |_| {
+        SimRenderer::new(step).with_models(shared.clone())
+    });
+    tracing::info!(
+        models = models.len(),
+        workers,
+        step_ms = config.sim_step_ms,
+        load_ms = config.sim_load_ms,
+        budget,
+        "sim workers started (simulated backend and catalogue, no model)"
+    );
+    let mut pool = pool(
+        config,
+        BackendKind::Sim,
+        workers,
+        loras,
+        models,
+        addr.recipient(),
+    );
+    pool.capabilities.pixel_steps_per_second = pixel_steps_per_second;
+    pool.capabilities.memory_budget = if budget == u64::MAX { 0 } else { budget };
+    let pools = Arc::new(vec![catalogue]);
+    pool.residency = Some(pools.clone());
+    pool.control = Some(pools);
+    Ok(pool)
 }
 
 #[cfg(test)]
@@ -653,7 +842,7 @@ mod tests {
             family,
             lcm,
         };
-        let sd15 = scan_loras(dir.path(), ModelFamily::Sd15, &[]).unwrap();
+        let sd15 = scan_loras(dir.path(), &[ModelFamily::Sd15], &[]).unwrap();
         assert_eq!(
             sd15,
             vec![
@@ -663,16 +852,16 @@ mod tests {
             ]
         );
         // LCM_LORAS marks a LoRA whose name does not say so; a name not served is refused.
-        let marked = scan_loras(dir.path(), ModelFamily::Sd15, &["pixels".into()]).unwrap();
+        let marked = scan_loras(dir.path(), &[ModelFamily::Sd15], &["pixels".into()]).unwrap();
         assert!(marked.iter().all(|l| l.lcm == (l.name != "ink")));
-        let err = scan_loras(dir.path(), ModelFamily::Sd15, &["xl-ink".into()]).unwrap_err();
+        let err = scan_loras(dir.path(), &[ModelFamily::Sd15], &["xl-ink".into()]).unwrap_err();
         assert!(
             err.to_string().contains("LCM_LORAS names `xl-ink`"),
             "{err}"
         );
-        let sdxl = scan_loras(dir.path(), ModelFamily::Sdxl, &[]).unwrap();
+        let sdxl = scan_loras(dir.path(), &[ModelFamily::Sdxl], &[]).unwrap();
         assert_eq!(sdxl, vec![entry("xl-ink", ModelFamily::Sdxl, false)]);
-        assert!(scan_loras(&dir.path().join("missing"), ModelFamily::Sd15, &[]).is_err());
+        assert!(scan_loras(&dir.path().join("missing"), &[ModelFamily::Sd15], &[]).is_err());
     }
 
     #[test]

@@ -10,12 +10,14 @@
 //! and [`tools`] (the CLI tools), [`error`].
 
 pub mod burn;
+pub mod catalog;
 pub mod config;
 pub mod convert;
 pub mod error;
 pub mod factory;
 pub mod inspect;
 pub mod render;
+pub mod residency;
 #[cfg(feature = "rknn")]
 pub mod rknn;
 pub mod sampling;
@@ -165,6 +167,9 @@ pub fn cli_main() -> ExitCode {
         }
         Some(config::Command::BenchLora { model, lora, runs }) => {
             return report("bench-lora", tools::bench_lora_cli(&model, &lora, runs));
+        }
+        Some(config::Command::BenchLoad { model, runs }) => {
+            return report("bench-load", tools::bench_load_cli(&model, runs));
         }
         Some(config::Command::Render {
             model,

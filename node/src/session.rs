@@ -117,11 +117,10 @@ impl NodeLink {
             family: caps.family.to_string(),
             cross_attention_dim: caps.family.cross_attention_dim(),
             model_id: caps.model_id.clone(),
-            model_name: self
-                .config
-                .model
-                .clone()
-                .unwrap_or_else(|| caps.model_id.clone()),
+            model_name: caps
+                .models
+                .first()
+                .map_or_else(|| caps.model_id.clone(), |m| m.name.clone()),
             workers: caps.workers,
             max_pixels: caps.max_pixels,
             loras: caps
@@ -154,7 +153,50 @@ impl NodeLink {
                     ms_per_megapixel: u.ms_per_megapixel,
                 })
                 .collect(),
+            models: caps
+                .models
+                .iter()
+                .map(|m| proto::ModelInfo {
+                    model_id: m.id.clone(),
+                    name: m.name.clone(),
+                    family: m.family.to_string(),
+                    cross_attention_dim: m.cross_attention_dim,
+                    max_pixels: m.max_pixels,
+                    sizes: m
+                        .sizes
+                        .iter()
+                        .map(|&(width, height)| proto::ImageSize { width, height })
+                        .collect(),
+                    samplers: m.samplers.iter().map(|s| s.id().to_string()).collect(),
+                    img2img: m.img2img,
+                    inpaint: m.inpaint,
+                    bytes: m.bytes,
+                    pinned: m.pinned,
+                })
+                .collect(),
+            memory_budget: caps.memory_budget,
+            residency: self.residency(),
         }
+    }
+
+    /// Every catalogued model's residency now (empty when the backend keeps every model loaded).
+    fn residency(&self) -> Vec<proto::ModelState> {
+        let Some(probe) = &self.pool.residency else {
+            return Vec::new();
+        };
+        probe
+            .models()
+            .into_iter()
+            .filter(|(id, _)| self.pool.capabilities.models.iter().any(|m| &m.id == id))
+            .map(|(model_id, s)| proto::ModelState {
+                model_id,
+                copies: s.copies,
+                loads: s.loads,
+                evictions: s.evictions,
+                load_ms_total: s.load_ms_total,
+                last_load_ms: s.last_load_ms,
+            })
+            .collect()
     }
 
     async fn connect(&self) -> Result<CoordinatorClient<Channel>> {
@@ -256,7 +298,10 @@ impl NodeLink {
         loop {
             tokio::select! {
                 _ = ticker.tick() => {
-                    let beat = proto::Heartbeat { running: self.running_jobs() };
+                    let beat = proto::Heartbeat {
+                        running: self.running_jobs(),
+                        models: self.residency(),
+                    };
                     if tx.send(message(node_message::Kind::Heartbeat(beat))).await.is_err() {
                         return Err(NodeError::Link("session closed".into()));
                     }
@@ -288,10 +333,40 @@ impl NodeLink {
                     Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Cancel(c)) }) => {
                         self.cancel(&c);
                     }
+                    Some(proto::CoordinatorMessage { kind: Some(coordinator_message::Kind::Model(m)) }) => {
+                        self.model_command(m);
+                    }
                     Some(proto::CoordinatorMessage { kind: None }) => {}
                 },
             }
         }
+    }
+
+    /// Carries out an order about a model on a blocking thread (a load takes seconds); the
+    /// residency the next heartbeats report shows the outcome, the log says why one failed.
+    fn model_command(&self, command: proto::ModelCommand) {
+        let Some(control) = self.pool.control.clone() else {
+            tracing::warn!(model_id = %command.model_id, action = %command.action, "model command ignored: this node keeps its one model loaded");
+            return;
+        };
+        let action: crate::catalog::ModelAction = match command.action.parse() {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(model_id = %command.model_id, error = %e, "model command ignored");
+                return;
+            }
+        };
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            match control.command(&command.model_id, action) {
+                Ok(done) => {
+                    tracing::info!(model_id = %command.model_id, action = %command.action, ms = started.elapsed().as_millis() as u64, outcome = %done, "model command done")
+                }
+                Err(e) => {
+                    tracing::warn!(model_id = %command.model_id, action = %command.action, error = %e, "model command refused")
+                }
+            }
+        });
     }
 
     /// Stops the job a cancel names, when it runs here under the cancel's lease.

@@ -8,20 +8,38 @@
 //! roughly does, and draws each job's own image.
 
 use std::ops::ControlFlow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::error::{NodeError, Result};
 use crate::render::{Image, Params, Renderer};
+use crate::residency::{Lease, Models};
 
 /// The simulated backend.
 pub struct SimRenderer {
     step: Duration,
+    models: Option<Arc<Models<()>>>,
 }
 
 impl SimRenderer {
     /// A renderer spending `step` per denoising step.
     pub fn new(step: Duration) -> Self {
-        Self { step }
+        Self { step, models: None }
+    }
+
+    /// The same, with a simulated catalogue (`SIM_MODELS`): each job holds a copy of its model,
+    /// loaded (a sleep of `SIM_LOAD_MS`) under the memory budget as a real node's are.
+    pub fn with_models(mut self, models: Arc<Models<()>>) -> Self {
+        self.models = Some(models);
+        self
+    }
+
+    /// The job's model checked out for the render, when the node has a catalogue.
+    fn hold(&self, params: &Params) -> Result<Option<Lease<'_, ()>>> {
+        self.models
+            .as_ref()
+            .map(|m| m.check_out(m.index_of(&params.model)?, |_| true))
+            .transpose()
     }
 }
 
@@ -39,6 +57,7 @@ impl Renderer for SimRenderer {
         params: &Params,
         mut step: impl FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Image> {
+        let _model = self.hold(params)?;
         let mut rgb = pattern(params)?;
         if let Some(source) = &params.source {
             blend_source(
@@ -67,6 +86,11 @@ impl Renderer for SimRenderer {
         mut step: impl FnMut(usize, usize) -> ControlFlow<()>,
         live: &dyn Fn(usize) -> bool,
     ) -> Result<Vec<Option<Image>>> {
+        // One key: the first job's model is every job's.
+        let _model = match jobs.first() {
+            Some(first) => self.hold(first)?,
+            None => None,
+        };
         let images = jobs
             .iter()
             .map(|p| {
@@ -229,6 +253,7 @@ mod tests {
     fn params(prompt: &str, seed: u64) -> Params {
         Params {
             prompt: prompt.into(),
+            model: String::new(),
             negative_prompt: String::new(),
             width: 64,
             height: 48,

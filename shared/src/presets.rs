@@ -315,7 +315,7 @@ mod tests {
         assert!(bad("size = \"500x500\"").contains("size"));
         assert!(bad("guidance_scale = 99.0").contains("guidance_scale"));
         assert!(bad("sampler = \"warp\"").contains("sampler"));
-        assert!(bad("model = \"sd9\"").contains("model"));
+        assert!(bad("model = \"sd 9\"").contains("model"));
         assert!(bad("colour = \"red\"").contains("unknown field"));
         let twice = "[[preset]]\nid = \"p\"\n[[preset]]\nid = \"p\"\n";
         assert!(

@@ -10,6 +10,7 @@ use drover_shared::job::{JobSpec, ModelSelector};
 use tokio::sync::{mpsc, oneshot};
 
 use super::jobs::{Finished, JobEvent, NodeReport};
+use super::nodes::ToNode;
 use super::nodes::{NodeRegistration, Session, SessionReceiver};
 use super::views::{DashboardData, NodeStatus};
 use super::{ControlPlane, router};
@@ -17,6 +18,7 @@ use crate::error::{CoordinatorError, Result};
 use crate::limits::ClientId;
 use crate::metrics::FarmGauges;
 use crate::records::{JobRecord, NodeRecord, now_ms};
+use crate::records::{ModelAction, ModelResidency};
 
 /// A gather window ended: dispatch again (sent by the control plane to itself).
 #[derive(Message)]
@@ -93,6 +95,8 @@ pub struct NodeEvent {
     pub session_id: u64,
     /// The report, when it is one.
     pub report: Option<NodeReport>,
+    /// The node's models' residency, when it reports it (heartbeats of nodes with a budget).
+    pub residency: Option<Vec<ModelResidency>>,
 }
 
 impl Handler<NodeEvent> for ControlPlane {
@@ -118,6 +122,9 @@ impl Handler<NodeEvent> for ControlPlane {
         entry.last_seen = Instant::now();
         // A heartbeat after a silence brings a suspect node back.
         if entry.status_at(&self.config, entry.last_seen) != entry.status {
+            self.dirty.insert(msg.node_id);
+        }
+        if msg.residency.is_some() && entry.set_residency(msg.residency) {
             self.dirty.insert(msg.node_id);
         }
         let Some(report) = msg.report else {
@@ -511,6 +518,85 @@ impl Handler<SetDraining> for ControlPlane {
         self.dispatch();
         self.commit();
         Ok(record)
+    }
+}
+
+/// Sends an order about one of a node's models down its session (`POST
+/// /v1/nodes/{id}/models/{model}/{action}`); answers what was sent.
+#[derive(Message)]
+#[rtype(result = "Result<ModelOrdered>")]
+pub struct OrderModel {
+    /// The node.
+    pub node_id: NodeId,
+    /// The model: its id or its name on the node.
+    pub model: String,
+    /// What to do.
+    pub action: ModelAction,
+}
+
+/// An order sent to a node.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, utoipa::ToSchema)]
+pub struct ModelOrdered {
+    /// The node.
+    #[schema(value_type = String)]
+    pub node_id: NodeId,
+    /// Its name.
+    pub node: String,
+    /// The model's id.
+    pub model_id: String,
+    /// The model's name on the node.
+    pub model: String,
+    /// What it was asked to do. The node carries it out in the background; its residency in
+    /// `GET /v1/nodes` shows the outcome.
+    pub action: ModelAction,
+}
+
+impl Handler<OrderModel> for ControlPlane {
+    type Result = Result<ModelOrdered>;
+
+    fn handle(&mut self, msg: OrderModel, _: &mut Context<Self>) -> Self::Result {
+        let entry = self
+            .nodes
+            .get(&msg.node_id)
+            .ok_or_else(|| CoordinatorError::NotFound(format!("node {}", msg.node_id)))?;
+        let model = entry
+            .record
+            .catalogue()
+            .into_iter()
+            .find(|m| m.model_id.eq_ignore_ascii_case(&msg.model) || m.name == msg.model)
+            .ok_or_else(|| {
+                CoordinatorError::NotFound(format!(
+                    "model {} on node {}",
+                    msg.model, entry.record.name
+                ))
+            })?;
+        if entry.residency.is_none() {
+            return Err(CoordinatorError::Conflict(format!(
+                "node {} keeps its one model loaded (it reports no residency): nothing to {}",
+                entry.record.name,
+                msg.action.as_str()
+            )));
+        }
+        let session = entry.session.as_ref().ok_or_else(|| {
+            CoordinatorError::Conflict(format!("node {} is not connected", entry.record.name))
+        })?;
+        session
+            .tx
+            .send(ToNode::Model {
+                model_id: model.model_id.clone(),
+                action: msg.action,
+            })
+            .map_err(|_| {
+                CoordinatorError::Conflict(format!("node {} is not connected", entry.record.name))
+            })?;
+        tracing::info!(node_id = %msg.node_id, model_id = %model.model_id, action = msg.action.as_str(), "model order sent");
+        Ok(ModelOrdered {
+            node_id: msg.node_id,
+            node: entry.record.name.clone(),
+            model_id: model.model_id,
+            model: model.name,
+            action: msg.action,
+        })
     }
 }
 

@@ -35,6 +35,7 @@ use drover_shared::ids::{JobId, LeaseId, NodeId};
 use drover_shared::job::JobSpec;
 use tokio::sync::{mpsc, oneshot};
 
+pub use crate::records::ModelResidency;
 pub use jobs::{Effect, Finished, JobEvent, NodeReport};
 pub use messages::*;
 pub use nodes::{NodeRegistration, NodeState, SessionReceiver, ToNode};
@@ -52,6 +53,10 @@ use router::NodeView;
 
 /// Tick interval of the liveness and lease loop.
 const LOOP_INTERVAL: Duration = Duration::from_millis(100);
+/// Queued jobs (from the front) the demand-driven loading looks at per tick.
+const PRELOAD_SCAN: usize = 64;
+/// How long a preload order may take before the node may be asked again.
+const PRELOAD_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Finished jobs the dashboard shows.
 const RECENT_JOBS: usize = 24;
@@ -377,12 +382,36 @@ impl ControlPlane {
                 .get(&id)
                 .map(|e| e.view(config, now, jobs.groups_on(id)))
         };
-        let capable = |spec: &JobSpec, id: NodeId| {
-            view(id).is_some_and(|v| router::capability(spec, &v).is_ok())
+        let now_ms = now_ms();
+        // What is loaded where, worked out only when a job would make a node load its model.
+        let loaded = std::cell::OnceCell::new();
+        let capable = |job: JobId, spec: &JobSpec, id: NodeId| {
+            let v = view(id)?;
+            let choice = router::choose_model(spec, &v).ok()?;
+            if choice.resident {
+                return Some(true);
+            }
+            let waited = jobs
+                .get(&job)
+                .map_or(0, |j| now_ms.saturating_sub(j.created_ms));
+            let elsewhere = loaded
+                .get_or_init(|| {
+                    router::LoadedModels::of(
+                        nodes
+                            .values()
+                            .map(|e| e.view(config, now, jobs.groups_on(e.record.id))),
+                    )
+                })
+                .serves(spec);
+            router::may_load(
+                waited,
+                router::load_estimate_ms(&v, &choice.facts),
+                elsewhere,
+            )
+            .then_some(false)
         };
         let batch_key =
             |spec: &JobSpec, id: NodeId| view(id).and_then(|v| router::batch_key(spec, &v));
-        let now_ms = now_ms();
         // The gather window: a job accepted less than `gather_ms` ago, never leased, may wait.
         let gather = config.gather_ms;
         let release = |id: &JobId| {
@@ -411,11 +440,19 @@ impl ControlPlane {
             let size = group.len() as u32;
             let mut led_by = None;
             for job_id in group {
-                let Some(mut grant) = self.grant(job_id, node_id, size, now_ms) else {
+                let Some((mut grant, model)) = self.grant(job_id, node_id, size, now_ms) else {
                     continue;
                 };
                 grant.group = *led_by.get_or_insert(Group::led_by(grant.lease_id, size));
-                let effects = self.jobs.lease(job_id, grant, now_ms);
+                let mut effects = self.jobs.lease(job_id, grant, now_ms);
+                for effect in &mut effects {
+                    if let Effect::Assign(a) = effect {
+                        a.model_id.clone_from(&model);
+                    }
+                }
+                if let Some(entry) = self.nodes.get_mut(&node_id) {
+                    entry.assume_resident(&model);
+                }
                 self.stage(effects);
             }
         }
@@ -425,12 +462,20 @@ impl ControlPlane {
     /// id, the size, steps and guidance the node renders with (the model's defaults for what the
     /// job left out), a deadline of the floor plus four times the node's estimated time for a
     /// batch that size, and a group of its own (the caller sets the group it shares).
-    fn grant(&self, job_id: JobId, node_id: NodeId, batch: u32, now_ms: u64) -> Option<Grant> {
+    fn grant(
+        &self,
+        job_id: JobId,
+        node_id: NodeId,
+        batch: u32,
+        now_ms: u64,
+    ) -> Option<(Grant, String)> {
         let entry = self.nodes.get(&node_id)?;
         let record = &entry.record;
         let spec = &self.jobs.get(&job_id)?.spec;
-        let size = spec.size_on(record.family, &record.sizes);
-        let default_sampler = record.samplers.first().copied();
+        let view = entry.view(&self.config, Instant::now(), 0);
+        let model = router::choose_model(spec, &view).ok()?.facts;
+        let size = spec.size_on(model.family, model.sizes);
+        let default_sampler = model.samplers.first().copied();
         let steps = spec.steps_with(default_sampler);
         let guidance_scale = spec.guidance_with(default_sampler);
         let floor = Duration::from_millis(self.config.lease_floor_ms);
@@ -446,7 +491,7 @@ impl ControlPlane {
             duration += upscale_allowance(upscale, size, &record.upscalers, floor);
         }
         let lease_id = LeaseId::random();
-        Some(Grant {
+        let grant = Grant {
             node_id,
             lease_id,
             size,
@@ -454,7 +499,8 @@ impl ControlPlane {
             guidance_scale,
             deadline_ms: now_ms + duration.as_millis() as u64,
             group: Group::alone(lease_id),
-        })
+        };
+        Some((grant, model.id.to_string()))
     }
 
     /// Dispatches again at `at` (ms since epoch), when the gather window of a held job ends;
@@ -527,11 +573,77 @@ impl ControlPlane {
             }
         }
         self.dispatch();
+        self.preload(now, wall);
         self.commit();
     }
 
+    /// Demand-driven loading: for queued jobs older than `DROVER_PRELOAD_AFTER_MS` whose model
+    /// is loaded only on busy nodes, asks the idle node that loads it fastest to load it ahead
+    /// ([`router::preload_target`]); one order in flight per node (until its residency shows the
+    /// model, or a minute passes).
+    fn preload(&mut self, now: Instant, now_ms: u64) {
+        let after = self.config.preload_after_ms;
+        if after == 0 || self.jobs.queued() == 0 {
+            return;
+        }
+        for entry in self.nodes.values_mut() {
+            let done = entry.preloading.as_ref().is_some_and(|(model, since)| {
+                entry.resident.as_ref().is_some_and(|r| r.contains(model))
+                    || now.saturating_duration_since(*since) > PRELOAD_TIMEOUT
+            });
+            if done {
+                entry.preloading = None;
+            }
+        }
+        if !self
+            .nodes
+            .values()
+            .any(|e| e.residency.is_some() && e.preloading.is_none())
+        {
+            return;
+        }
+        let views = self.views(now);
+        let mut orders: Vec<(NodeId, String)> = Vec::new();
+        for (job_id, spec) in self.jobs.queue().take(PRELOAD_SCAN) {
+            let waited = self
+                .jobs
+                .get(&job_id)
+                .map_or(0, |j| now_ms.saturating_sub(j.created_ms));
+            if waited < after {
+                continue;
+            }
+            let free: Vec<NodeView<'_>> = views
+                .iter()
+                .filter(|v| {
+                    self.nodes
+                        .get(&v.id)
+                        .is_some_and(|e| e.preloading.is_none())
+                        && !orders.iter().any(|(n, _)| *n == v.id)
+                })
+                .cloned()
+                .collect();
+            if let Some((node_id, model)) = router::preload_target(spec, &free) {
+                orders.push((node_id, model.to_ascii_lowercase()));
+            }
+        }
+        for (node_id, model_id) in orders {
+            let Some(entry) = self.nodes.get_mut(&node_id) else {
+                continue;
+            };
+            if let Some(session) = &entry.session {
+                let _ = session.tx.send(ToNode::Model {
+                    model_id: model_id.clone(),
+                    action: crate::records::ModelAction::Load,
+                });
+                tracing::info!(node_id = %node_id, model_id = %model_id, "model preload ordered for waiting jobs");
+                entry.preloading = Some((model_id, now));
+            }
+        }
+    }
+
     /// Registers (or re-registers) a node; answers its record.
-    fn register(&mut self, registration: NodeRegistration) -> Result<NodeRecord> {
+    fn register(&mut self, mut registration: NodeRegistration) -> Result<NodeRecord> {
+        let residency = registration.residency.take();
         let existing = self
             .nodes
             .values()
@@ -540,10 +652,12 @@ impl ControlPlane {
         let record = registration.into_record(existing.as_ref(), now_ms());
         self.store.put_node(&record)?;
         tracing::info!(node_id = %record.id, name = %record.name, family = %record.family, backend = %record.backend, workers = record.workers, "node registered");
-        self.nodes
+        let entry = self
+            .nodes
             .entry(record.id)
-            .or_insert_with(|| NodeEntry::new(record.clone(), Instant::now()))
-            .record = record.clone();
+            .or_insert_with(|| NodeEntry::new(record.clone(), Instant::now()));
+        entry.record = record.clone();
+        entry.set_residency(residency);
         self.dirty.insert(record.id);
         Ok(record)
     }

@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::jobs::Assignment;
 use super::router::NodeView;
 use crate::config::Config;
-use crate::records::{LoraAdvert, NodeRecord, UpscalerAdvert};
+use crate::records::{LoraAdvert, ModelAdvert, ModelResidency, NodeRecord, UpscalerAdvert};
 
 /// Weight of the newest result in a node's measured speed.
 const SPEED_EWMA: f64 = 0.3;
@@ -30,6 +30,13 @@ pub enum ToNode {
         job_id: JobId,
         /// The lease it runs under.
         lease_id: LeaseId,
+    },
+    /// Load, unload, pin or unpin one of its models.
+    Model {
+        /// The model.
+        model_id: String,
+        /// What to do.
+        action: crate::records::ModelAction,
     },
 }
 
@@ -109,6 +116,13 @@ pub(super) struct NodeEntry {
     pub(super) loaded: Vec<u64>,
     /// (online, suspect) when last indexed: the tick re-indexes a node whose state has moved.
     pub(super) status: (bool, bool),
+    /// Its models' residency as last reported; `None`: the node keeps every model loaded.
+    pub(super) residency: Option<Vec<ModelResidency>>,
+    /// Ids of its models loaded now: reported resident, or sent a job since the last report
+    /// (the node loads it for the job). `None` with `residency`.
+    pub(super) resident: Option<Vec<String>>,
+    /// A model it was asked to load ahead for waiting jobs, and when (one at a time).
+    pub(super) preloading: Option<(String, Instant)>,
 }
 
 impl NodeEntry {
@@ -121,6 +135,34 @@ impl NodeEntry {
             measured: BTreeMap::new(),
             loaded: vec![0],
             status: (false, false),
+            residency: None,
+            resident: None,
+            preloading: None,
+        }
+    }
+
+    /// Takes a residency report: the resident set becomes what it says. Answers whether the
+    /// resident set changed (the node must be re-indexed).
+    pub(super) fn set_residency(&mut self, report: Option<Vec<ModelResidency>>) -> bool {
+        let resident = report.as_ref().map(|r| {
+            r.iter()
+                .filter(|m| m.copies > 0)
+                .map(|m| m.model_id.to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        });
+        self.residency = report;
+        let changed = resident != self.resident;
+        self.resident = resident;
+        changed
+    }
+
+    /// Records that a job for model `id` was sent: the node loads it if it must.
+    pub(super) fn assume_resident(&mut self, id: &str) {
+        if let Some(resident) = &mut self.resident {
+            let id = id.to_ascii_lowercase();
+            if !resident.contains(&id) {
+                resident.push(id);
+            }
         }
     }
 
@@ -193,6 +235,12 @@ impl NodeEntry {
             workers: self.record.workers,
             loaded: &self.loaded,
             pixel_steps_per_second: self.speed(),
+            models: &self.record.models,
+            resident: self
+                .resident
+                .as_deref()
+                .filter(|_| config.residency_routing),
+            residency: self.residency.as_deref().unwrap_or_default(),
         }
     }
 }
@@ -234,6 +282,12 @@ pub struct NodeRegistration {
     pub upscalers: Vec<UpscalerAdvert>,
     /// Most jobs one worker renders in one batch (at least 1).
     pub max_batch: u32,
+    /// Its model catalogue, its default first (at least the one model above).
+    pub models: Vec<ModelAdvert>,
+    /// Bytes its resident models may take; 0: not stated.
+    pub memory_budget: u64,
+    /// Its models' residency now; `None`: it keeps every model loaded.
+    pub residency: Option<Vec<ModelResidency>>,
 }
 
 impl NodeRegistration {
@@ -261,6 +315,8 @@ impl NodeRegistration {
             model_name: self.model_name,
             upscalers: self.upscalers,
             max_batch: self.max_batch.max(1),
+            models: self.models,
+            memory_budget: self.memory_budget,
         }
     }
 }
@@ -289,6 +345,9 @@ mod tests {
             model_name: "m".into(),
             upscalers: Vec::new(),
             max_batch: 4,
+            models: Vec::new(),
+            memory_budget: 0,
+            residency: None,
         };
         let mut entry = NodeEntry::new(registration.into_record(None, 0), Instant::now());
         // Nothing measured: the advertised speed, shared by a batch (no gain assumed).

@@ -38,6 +38,9 @@ fn register(name: &str) -> RegisterNode {
         model_name: "demo".into(),
         upscalers: Vec::new(),
         max_batch: 1,
+        models: Vec::new(),
+        memory_budget: 0,
+        residency: None,
     })
 }
 
@@ -66,7 +69,7 @@ fn client() -> ClientId {
 fn assignment(rx: &mut SessionReceiver) -> Option<(JobId, LeaseId)> {
     match rx.try_recv().ok()? {
         ToNode::Assign(a) => Some((a.job_id, a.lease_id)),
-        ToNode::Cancel { .. } => None,
+        ToNode::Cancel { .. } | ToNode::Model { .. } => None,
     }
 }
 
@@ -116,6 +119,7 @@ fn jobs_go_where_their_lora_set_is_already_merged() {
                 .send(NodeEvent {
                     node_id: *node_id,
                     session_id: *session_id,
+                    residency: None,
                     report: Some(NodeReport::Succeeded {
                         job_id: job,
                         upscaled: false,

@@ -40,6 +40,14 @@ pub struct NodeStatus {
     /// Each job's measured speed (pixel-steps per second of the call it ran in) per batch size
     /// the node has run: what lease deadlines of batches that size are sized from.
     pub measured_by_batch: BTreeMap<u32, f64>,
+    /// Its models' residency as last reported (copies loaded, loads, evictions, load time);
+    /// absent when the node keeps every model loaded (one model, or a simulation).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub residency: Option<Vec<crate::records::ModelResidency>>,
+    /// Bytes its loaded models take now by its own planning figures (each model's `bytes` times
+    /// its copies); absent with `residency`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_used: Option<u64>,
 }
 
 /// What the dashboard shows, from one look at the control plane.
@@ -80,6 +88,20 @@ impl ControlPlane {
                         as u64,
                     measured_pixel_steps_per_second: entry.measured_alone(),
                     measured_by_batch: entry.measured.clone(),
+                    memory_used: entry.residency.as_ref().map(|r| {
+                        r.iter()
+                            .map(|m| {
+                                let bytes = entry
+                                    .record
+                                    .models
+                                    .iter()
+                                    .find(|a| a.model_id == m.model_id)
+                                    .map_or(0, |a| a.bytes);
+                                bytes * u64::from(m.copies)
+                            })
+                            .sum()
+                    }),
+                    residency: entry.residency.clone(),
                 }
             })
             .collect();
@@ -127,7 +149,7 @@ impl ControlPlane {
         for job in self.jobs.iter() {
             let family = match &job.spec.model {
                 Some(ModelSelector::Family(f)) => f.to_string(),
-                Some(ModelSelector::ModelId(_)) => "model_id".to_string(),
+                Some(ModelSelector::ModelId(_) | ModelSelector::Name(_)) => "model_id".to_string(),
                 None => "any".to_string(),
             };
             *depth.entry((job.state.as_str(), family)).or_default() += 1;
@@ -154,6 +176,24 @@ impl ControlPlane {
             speed: views
                 .iter()
                 .map(|v| (v.name.to_string(), v.pixel_steps_per_second))
+                .collect(),
+            models: self
+                .nodes
+                .values()
+                .flat_map(|e| {
+                    e.residency.iter().flatten().map(|m| {
+                        let name = e
+                            .record
+                            .models
+                            .iter()
+                            .find(|a| a.model_id == m.model_id)
+                            .map_or_else(|| m.model_id.clone(), |a| a.name.clone());
+                        (
+                            (e.record.name.clone(), name),
+                            (m.copies, m.loads, m.evictions, m.load_ms_total),
+                        )
+                    })
+                })
                 .collect(),
             // The store's side is the REST handler's to fill (the actor never asks the store).
             ..FarmGauges::default()

@@ -8,9 +8,9 @@ use drover_shared::job::Size;
 use drover_shared::proto::{self, coordinator_message, node_message};
 use drover_shared::sampler::SamplerName;
 
-use crate::control::{NodeRegistration, NodeReport, ToNode};
+use crate::control::{ModelResidency, NodeRegistration, NodeReport, ToNode};
 use crate::error::{CoordinatorError, Result};
-use crate::records::{LoraAdvert, UpscalerAdvert};
+use crate::records::{LoraAdvert, ModelAdvert, UpscalerAdvert};
 
 /// A node's registration, checked: a name of 1 to 128 characters, a known family, at least one
 /// worker, sizes with pixels, LoRAs of known families.
@@ -36,7 +36,7 @@ pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
             bad.width, bad.height
         )));
     }
-    let sizes = req
+    let sizes: Vec<Size> = req
         .sizes
         .iter()
         .map(|s| Size {
@@ -58,17 +58,66 @@ pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut samplers = Vec::new();
-    for id in &req.samplers {
-        match id.parse::<SamplerName>() {
-            Ok(n) if !samplers.contains(&n.sampler) => samplers.push(n.sampler),
-            Ok(_) => {}
-            // A newer node's sampler this coordinator does not know: jobs cannot ask for it.
-            Err(_) => {
-                tracing::warn!(node = %name, sampler = %id, "unknown sampler advertised, ignored")
-            }
+    let samplers = known_samplers(&name, &req.samplers);
+    let mut models: Vec<ModelAdvert> = Vec::with_capacity(req.models.len().max(1));
+    for m in req.models {
+        let family: ModelFamily = m.family.parse().map_err(|e: UnknownFamily| {
+            CoordinatorError::InvalidRequest(format!("model `{}`: {e}", m.name))
+        })?;
+        if m.model_id.is_empty() || m.model_id.len() > 128 || m.name.len() > 256 {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "model `{}`: ids are 1 to 128 characters, names at most 256",
+                m.name.chars().take(64).collect::<String>()
+            )));
         }
+        if models.iter().any(|have| have.model_id == m.model_id) {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "model {} advertised twice",
+                m.model_id
+            )));
+        }
+        if let Some(bad) = m.sizes.iter().find(|s| s.width == 0 || s.height == 0) {
+            return Err(CoordinatorError::InvalidRequest(format!(
+                "model `{}`: size {}x{} has no pixels",
+                m.name, bad.width, bad.height
+            )));
+        }
+        models.push(ModelAdvert {
+            samplers: known_samplers(&name, &m.samplers),
+            model_id: m.model_id,
+            name: m.name,
+            family,
+            max_pixels: m.max_pixels,
+            sizes: m
+                .sizes
+                .iter()
+                .map(|s| Size {
+                    width: s.width,
+                    height: s.height,
+                })
+                .collect(),
+            img2img: m.img2img,
+            inpaint: m.inpaint,
+            bytes: m.bytes,
+            pinned: m.pinned,
+        });
     }
+    if models.is_empty() {
+        // A node from before catalogues: its one model is the registration's own fields.
+        models.push(ModelAdvert {
+            model_id: req.model_id.clone(),
+            name: req.model_name.chars().take(256).collect(),
+            family,
+            max_pixels: req.max_pixels,
+            sizes: sizes.clone(),
+            samplers: samplers.clone(),
+            img2img: req.img2img,
+            inpaint: req.inpaint,
+            bytes: 0,
+            pinned: false,
+        });
+    }
+    let residency = self::residency(&req.residency);
     let mut upscalers: Vec<UpscalerAdvert> = Vec::new();
     for u in req.upscalers {
         if u.name.is_empty() || u.name.len() > 128 || u.scale == 0 || u.scale > 16 {
@@ -113,7 +162,51 @@ pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
         version: req.version,
         pixel_steps_per_second: req.pixel_steps_per_second,
         max_batch: req.max_batch.clamp(1, 64),
+        models,
+        memory_budget: req.memory_budget,
+        residency,
     })
+}
+
+/// The samplers of `ids` this coordinator knows, in order, once each.
+fn known_samplers(node: &str, ids: &[String]) -> Vec<drover_shared::sampler::Sampler> {
+    let mut samplers = Vec::new();
+    for id in ids {
+        match id.parse::<SamplerName>() {
+            Ok(n) if !samplers.contains(&n.sampler) => samplers.push(n.sampler),
+            Ok(_) => {}
+            // A newer node's sampler this coordinator does not know: jobs cannot ask for it.
+            Err(_) => {
+                tracing::warn!(node = %node, sampler = %id, "unknown sampler advertised, ignored")
+            }
+        }
+    }
+    samplers
+}
+
+/// A residency report; `None` when empty (the node keeps every model loaded).
+pub fn residency(models: &[proto::ModelState]) -> Option<Vec<ModelResidency>> {
+    (!models.is_empty()).then(|| {
+        models
+            .iter()
+            .map(|m| ModelResidency {
+                model_id: m.model_id.clone(),
+                copies: m.copies,
+                loads: m.loads,
+                evictions: m.evictions,
+                load_ms_total: m.load_ms_total,
+                last_load_ms: m.last_load_ms,
+            })
+            .collect()
+    })
+}
+
+/// The residency a heartbeat reports; `None` for every other message.
+pub fn heartbeat_residency(message: &node_message::Kind) -> Option<Vec<ModelResidency>> {
+    match message {
+        node_message::Kind::Heartbeat(beat) => residency(&beat.models),
+        _ => None,
+    }
 }
 
 /// The (job, lease) of a running-job entry; `None` (logged) when either id is malformed.
@@ -230,12 +323,19 @@ pub fn to_node(message: ToNode) -> proto::CoordinatorMessage {
                 trace_id: a.trace_id.unwrap_or_default(),
                 batch_group: a.group.id,
                 batch_group_size: a.group.size,
+                model_id: a.model_id,
             })
         }
         ToNode::Cancel { job_id, lease_id } => coordinator_message::Kind::Cancel(proto::Cancel {
             job_id: job_id.to_string(),
             lease_id: lease_id.to_string(),
         }),
+        ToNode::Model { model_id, action } => {
+            coordinator_message::Kind::Model(proto::ModelCommand {
+                model_id,
+                action: action.as_str().to_string(),
+            })
+        }
     };
     proto::CoordinatorMessage { kind: Some(kind) }
 }

@@ -134,6 +134,7 @@ impl Coordinator for NodeService {
                         control.do_send(NodeEvent {
                             node_id,
                             session_id,
+                            residency: convert::heartbeat_residency(&message),
                             report: convert::report(message),
                         });
                     }

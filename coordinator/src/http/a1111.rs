@@ -574,6 +574,8 @@ mod tests {
             nodes: 1,
             nodes_online: 1,
             workers_online: 1,
+            served_by: vec!["n".into()],
+            resident_on: vec!["n".into()],
             max_pixels: 1 << 20,
             sizes: Vec::new(),
             loras: Vec::new(),

@@ -69,6 +69,7 @@ pub fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(presets::reload_presets)
         .service(nodes::drain_node)
         .service(nodes::resume_node)
+        .service(nodes::order_model)
         .service(nodes::healthz)
         .service(nodes::metrics)
         .service(compat::lcm_generate)

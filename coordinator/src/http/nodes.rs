@@ -1,4 +1,5 @@
-//! Registry and farm endpoints: health, nodes, models, styles, drain/resume (admin), metrics.
+//! Registry and farm endpoints: health, nodes, models, styles, drain/resume and model orders
+//! (admin), metrics.
 
 use actix_web::{HttpRequest, HttpResponse, get, post, web};
 use drover_shared::error::ErrorBody;
@@ -8,10 +9,11 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::require_admin;
-use super::responses::{Forbidden, Internal, NotFound, Unauthorized, Unavailable};
+use super::responses::{Conflict, Forbidden, Internal, NotFound, Unauthorized, Unavailable};
 use super::state::AppState;
-use crate::control::{ListNodes, NodeState, NodeStatus, SetDraining};
+use crate::control::{ListNodes, ModelOrdered, NodeState, NodeStatus, OrderModel, SetDraining};
 use crate::error::{CoordinatorError, Result};
+use crate::records::ModelAction;
 
 /// The answer of `GET /healthz`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -151,18 +153,23 @@ pub struct ModelView {
     pub family: drover_shared::family::ModelFamily,
     /// Backends of the nodes serving it.
     pub backends: Vec<String>,
-    /// Nodes registered with it.
+    /// Nodes registered with it in their catalogue.
     pub nodes: usize,
     /// Of those, online now.
     pub nodes_online: usize,
     /// Workers on its online nodes.
     pub workers_online: u32,
+    /// Names of the nodes that serve it.
+    pub served_by: Vec<String>,
+    /// Names of the connected nodes where it is loaded now (a job there starts without loading
+    /// it); nodes that keep every model loaded count as loaded.
+    pub resident_on: Vec<String>,
     /// Largest image (pixels) some node of it renders.
     pub max_pixels: u64,
     /// The only sizes its nodes render, when every node of it has fixed sizes; empty: any size
     /// up to `max_pixels` on some node.
     pub sizes: Vec<drover_shared::job::Size>,
-    /// LoRAs some node of it offers.
+    /// LoRAs of its family some node of it offers.
     pub loras: Vec<String>,
     /// Upscalers some node of it runs after generation (a job's `upscale.model`).
     pub upscalers: Vec<String>,
@@ -170,62 +177,88 @@ pub struct ModelView {
     pub model_name: String,
 }
 
-/// The models of the registry, one entry per model id, by family then id.
+/// The models of the registry (every node's catalogue), one entry per model id, by family then
+/// id.
 pub fn models(nodes: &[crate::control::NodeStatus]) -> Vec<ModelView> {
     use std::collections::{BTreeMap, BTreeSet};
-    let mut by_model: BTreeMap<(String, String), Vec<&crate::control::NodeStatus>> =
-        BTreeMap::new();
+    type Served<'a> = (&'a crate::control::NodeStatus, crate::records::ModelAdvert);
+    let mut by_model: BTreeMap<(String, String), Vec<Served<'_>>> = BTreeMap::new();
     for n in nodes {
-        by_model
-            .entry((n.record.family.to_string(), n.record.model_id.clone()))
-            .or_default()
-            .push(n);
+        for m in n.record.catalogue() {
+            by_model
+                .entry((m.family.to_string(), m.model_id.to_ascii_lowercase()))
+                .or_default()
+                .push((n, m));
+        }
     }
     by_model
         .into_values()
         .map(|group| {
-            let first = &group[0].record;
-            let online: Vec<_> = group.iter().filter(|n| n.state.is_connected()).collect();
-            let fixed = group.iter().all(|n| !n.record.sizes.is_empty());
+            let first = &group[0].1;
+            let online: Vec<_> = group
+                .iter()
+                .filter(|(n, _)| n.state.is_connected())
+                .collect();
+            let fixed = group.iter().all(|(_, m)| !m.sizes.is_empty());
             let sizes: BTreeSet<_> = if fixed {
                 group
                     .iter()
-                    .flat_map(|n| n.record.sizes.iter().map(|s| (s.width, s.height)))
+                    .flat_map(|(_, m)| m.sizes.iter().map(|s| (s.width, s.height)))
                     .collect()
             } else {
                 BTreeSet::new()
             };
+            let names = |nodes: &mut dyn Iterator<Item = &Served<'_>>| {
+                nodes
+                    .map(|(n, _)| n.record.name.clone())
+                    .collect::<BTreeSet<_>>()
+                    .into_iter()
+                    .collect()
+            };
             ModelView {
                 model_name: group
                     .iter()
-                    .map(|n| n.record.model_name.clone())
+                    .map(|(_, m)| m.name.clone())
                     .find(|n| !n.is_empty())
                     .unwrap_or_else(|| first.model_id.clone()),
                 model_id: first.model_id.clone(),
                 family: first.family,
                 backends: group
                     .iter()
-                    .map(|n| n.record.backend.clone())
+                    .map(|(n, _)| n.record.backend.clone())
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect(),
                 nodes: group.len(),
                 nodes_online: online.len(),
-                workers_online: online.iter().map(|n| n.record.workers).sum(),
-                max_pixels: group.iter().map(|n| n.record.max_pixels).max().unwrap_or(0),
+                workers_online: online.iter().map(|(n, _)| n.record.workers).sum(),
+                served_by: names(&mut group.iter()),
+                resident_on: names(&mut online.iter().copied().filter(|(n, m)| {
+                    n.residency.as_ref().is_none_or(|r| {
+                        r.iter()
+                            .any(|x| x.copies > 0 && x.model_id.eq_ignore_ascii_case(&m.model_id))
+                    })
+                })),
+                max_pixels: group.iter().map(|(_, m)| m.max_pixels).max().unwrap_or(0),
                 sizes: sizes
                     .into_iter()
                     .map(|(width, height)| drover_shared::job::Size { width, height })
                     .collect(),
                 loras: group
                     .iter()
-                    .flat_map(|n| n.record.loras.iter().map(|l| l.name.clone()))
+                    .flat_map(|(n, m)| {
+                        n.record
+                            .loras
+                            .iter()
+                            .filter(|l| l.family == m.family)
+                            .map(|l| l.name.clone())
+                    })
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect(),
                 upscalers: group
                     .iter()
-                    .flat_map(|n| n.record.upscalers.iter().map(|u| u.name.clone()))
+                    .flat_map(|(n, _)| n.record.upscalers.iter().map(|u| u.name.clone()))
                     .collect::<BTreeSet<_>>()
                     .into_iter()
                     .collect(),
@@ -370,6 +403,53 @@ pub(crate) async fn drain_node(
     set_draining(state, req, &id, true).await
 }
 
+/// Load, unload, pin or unpin a model on a node (admin)
+///
+/// `load` loads a copy now (evicting idle models as a job would), `unload` drops its idle
+/// copies (refused by the node while pinned), `pin` loads it and keeps it, `unpin` makes it
+/// evictable again. The node carries the order out in the background: `202` says it was sent;
+/// the node's `residency` in `GET /v1/nodes` shows the outcome, its log the reason of a refusal.
+#[utoipa::path(
+    tag = "farm",
+    params(
+        ("id" = inline(NodeId), Path, description = "The node"),
+        ("model" = String, Path, description = "The model: its id or its name on the node"),
+        ("action" = inline(ModelAction), Path, description = "What to do"),
+    ),
+    responses(
+        (status = 202, description = "The order was sent to the node", body = ModelOrdered),
+        (status = 401, response = Unauthorized),
+        (status = 403, response = Forbidden),
+        (status = 404, response = NotFound),
+        (status = 409, response = Conflict),
+        (status = 500, response = Internal),
+        (status = 503, response = Unavailable),
+    ),
+    security(("adminToken" = []))
+)]
+#[post("/v1/nodes/{id}/models/{model}/{action}")]
+pub(crate) async fn order_model(
+    state: web::Data<AppState>,
+    req: HttpRequest,
+    path: web::Path<(String, String, String)>,
+) -> Result<HttpResponse> {
+    require_admin(&state, &req)?;
+    let (id, model, action) = path.into_inner();
+    let node_id = id
+        .parse()
+        .map_err(|_| CoordinatorError::NotFound(format!("node {id}")))?;
+    let action: ModelAction = action.parse().map_err(CoordinatorError::NotFound)?;
+    let ordered = state
+        .control
+        .send(OrderModel {
+            node_id,
+            model,
+            action,
+        })
+        .await??;
+    Ok(HttpResponse::Accepted().json(ordered))
+}
+
 /// Give a drained node work again (admin)
 #[utoipa::path(
     tag = "farm",
@@ -427,6 +507,8 @@ mod tests {
                 model_name: format!("{model}.safetensors"),
                 upscalers: Vec::new(),
                 max_batch: 1,
+                models: Vec::new(),
+                memory_budget: 0,
             },
             state,
             suspect: false,
@@ -435,6 +517,8 @@ mod tests {
             last_seen_ms_ago: 0,
             measured_pixel_steps_per_second: None,
             measured_by_batch: Default::default(),
+            residency: None,
+            memory_used: None,
         }
     }
 

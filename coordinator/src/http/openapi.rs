@@ -175,7 +175,7 @@ mod tests {
         ] {
             assert!(listed.contains(expected), "{expected} is not documented");
         }
-        assert_eq!(listed.len(), 41, "{listed:?}");
+        assert_eq!(listed.len(), 42, "{listed:?}");
         let names: BTreeSet<&str> = ERROR_RESPONSES.iter().map(|(n, _)| *n).collect();
         for (name, code) in ERROR_RESPONSES {
             assert_eq!(component_of(*code), *name);
@@ -460,15 +460,31 @@ mod tests {
             let ok = validate(with("size", json!(format!("512x{side}"))));
             assert_eq!(ok, sides.contains(&side), "height {side}");
         }
-        // Models: the families by name, or a hex model id of up to 128 digits.
+        // Models: the families by name, a hex model id of up to 128 digits, or a model name.
         assert_eq!(
             request["model"]["pattern"],
-            "^(sd15|sd2|sdxl|[0-9A-Fa-f]{1,128})?$"
+            "^(?!sdxl_refiner$)(sd15|sd2|sdxl|[0-9A-Fa-f]{1,128}|[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127})?$"
         );
-        for model in ["", "sd15", "sd2", "sdxl", "0", &"aF".repeat(64)] {
+        for model in [
+            "",
+            "sd15",
+            "sd2",
+            "sdxl",
+            "0",
+            &"aF".repeat(64),
+            "sd3",
+            "dreamshaper_8.safetensors",
+            &"a".repeat(128),
+        ] {
             assert!(validate(with("model", json!(model))), "{model}");
         }
-        for model in ["sdxl_refiner", "sd3", "xyz", &"a".repeat(129)] {
+        for model in [
+            "sdxl_refiner",
+            ".hidden",
+            "two words",
+            "a/b",
+            &"a".repeat(129),
+        ] {
             assert!(!validate(with("model", json!(model))), "{model}");
         }
         // LoRAs: at most 8, names as the pattern says, strengths in range.

@@ -1,10 +1,10 @@
-//! [`BurnRenderer`]: the cpu/cuda [`Renderer`]. It owns one loaded [`Pipeline`], merges the LoRAs
-//! a job asks for (the weights reload when the set changes) and runs the LCM pipeline with the
-//! worker's step callback.
+//! [`BurnRenderer`]: the cpu/cuda [`Renderer`]. It checks out a copy of the job's model from its
+//! device's [`ModelPool`] (loaded on demand under the node's memory budget), switches the LoRAs
+//! the job asks for in place, and runs the pipeline with the worker's step callback.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use ::burn::tensor::backend::Backend;
 use actix::Addr;
@@ -13,10 +13,12 @@ use drover_shared::detect::{Inspection, Layout};
 use super::pipeline::{LoraSpec, ModelSource, Pipeline, Precision};
 use crate::error::{NodeError, Result};
 use crate::render::{Image, Lora, Params, Renderer, Worker};
+use crate::residency::{Lease, Ledger, Models};
 
-/// One loaded pipeline on one device, for one worker.
+/// One worker's renderer: it checks out a copy of each job's model from its device's
+/// [`ModelPool`].
 pub struct BurnRenderer<B: Backend> {
-    pipeline: Box<Pipeline<B>>,
+    pool: Arc<ModelPool<B>>,
     backend: &'static str,
     lora_root: Option<PathBuf>,
     lcm_loras: Arc<BTreeSet<String>>,
@@ -43,20 +45,6 @@ pub fn model_source(model: &Inspection) -> ModelSource {
     }
 }
 
-/// Loads `count` pipelines (one per worker) on `device` in `precision`, failing with the
-/// loader's message.
-pub fn load_pipelines<B: Backend>(
-    model: &Inspection,
-    device: &B::Device,
-    precision: Precision,
-    count: usize,
-) -> Result<Vec<Pipeline<B>>> {
-    let source = model_source(model);
-    (0..count)
-        .map(|_| Pipeline::load(source.clone(), device, precision, &[]))
-        .collect()
-}
-
 /// Renders one throw-away one-step image at `width`×`height` so that every kernel the size needs
 /// is compiled (and, on GPUs, written to the kernel cache) before the node takes jobs; answers
 /// how long it took.
@@ -66,6 +54,7 @@ pub fn warm_up<B: Backend>(
 ) -> Result<std::time::Duration> {
     let started = std::time::Instant::now();
     let params = Params {
+        model: String::new(),
         prompt: "warm-up".into(),
         negative_prompt: String::new(),
         width,
@@ -83,57 +72,76 @@ pub fn warm_up<B: Backend>(
     Ok(started.elapsed())
 }
 
-/// Starts one worker per pipeline in a `SyncArbiter` (`backend` is `cpu` or `cuda`); LoRAs are
-/// looked up under `lora_root`, those named in `lcm_loras` are LCM-LoRAs.
+/// A model a [`ModelPool`] can load.
+#[derive(Clone, Debug)]
+pub struct PoolModel {
+    /// Its id (as jobs name it).
+    pub id: String,
+    /// Its name (for messages).
+    pub name: String,
+    /// Where its parts are read from.
+    pub source: ModelSource,
+}
+
+/// The catalogued models of one device, loaded on demand under `ledger`'s budget, shared by
+/// the device's workers: copies are loaded on `device` in `precision` (base weights;
+/// `prediction` overrides every model's scheduler config).
+pub type ModelPool<B> = Models<Pipeline<B>>;
+
+/// A [`ModelPool`] of `models` (the default first) on `device`, nothing loaded.
+pub fn model_pool<B: Backend>(
+    models: Vec<PoolModel>,
+    device: B::Device,
+    precision: Precision,
+    prediction: Option<String>,
+    ledger: Ledger,
+) -> ModelPool<B> {
+    let ids = models.iter().map(|m| m.id.clone()).collect();
+    Models::new(ids, ledger, move |index| {
+        let mut pipeline = Pipeline::load(models[index].source.clone(), &device, precision, &[])?;
+        if let Some(prediction) = &prediction {
+            pipeline.set_prediction(prediction)?;
+        }
+        Ok(pipeline)
+    })
+}
+
+/// Starts `workers` workers in a `SyncArbiter` (`backend` is `cpu` or `cuda`), worker i on
+/// `pools[i % pools.len()]` (one pool per device); LoRAs are looked up under `lora_root`, those
+/// named in `lcm_loras` are LCM-LoRAs.
 pub fn start_pool<B: Backend>(
-    pipelines: Vec<Pipeline<B>>,
+    pools: Vec<Arc<ModelPool<B>>>,
+    workers: usize,
     backend: &'static str,
-    model_id: &str,
+    default_model: &str,
     lora_root: Option<PathBuf>,
     lcm_loras: BTreeSet<String>,
 ) -> Addr<Worker<BurnRenderer<B>>> {
-    let n = pipelines.len();
-    let pool = Mutex::new(pipelines);
     let lcm_loras = Arc::new(lcm_loras);
-    Worker::start(n, model_id, move |_| {
-        let pipeline = pool
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .pop()
-            .expect("one pipeline was loaded per worker thread");
-        BurnRenderer::new(pipeline, backend, lora_root.clone()).with_lcm_loras(lcm_loras.clone())
+    Worker::start(workers, default_model, move |i| BurnRenderer {
+        pool: pools[i % pools.len()].clone(),
+        backend,
+        lora_root: lora_root.clone(),
+        lcm_loras: lcm_loras.clone(),
     })
 }
 
 impl<B: Backend> BurnRenderer<B> {
-    /// A renderer around a loaded pipeline.
-    pub fn new(pipeline: Pipeline<B>, backend: &'static str, lora_root: Option<PathBuf>) -> Self {
-        Self {
-            pipeline: Box::new(pipeline),
-            backend,
-            lora_root,
-            lcm_loras: Arc::default(),
-        }
-    }
-
-    /// The same, with the names of the LCM-LoRAs under its `lora_root`.
-    pub fn with_lcm_loras(mut self, names: Arc<BTreeSet<String>>) -> Self {
-        self.lcm_loras = names;
-        self
-    }
-
-    /// Checks a job's sampler, steps and model kind before any LoRA is loaded, then merges the
-    /// LoRAs it asks for (a no-op when they are merged already).
-    fn prepare(&mut self, params: &Params) -> Result<()> {
+    /// Checks a job's model, sampler, steps and model kind before any LoRA is loaded, then
+    /// merges the LoRAs it asks for on a copy of its model (a no-op when they are merged
+    /// already).
+    fn prepare(&self, params: &Params) -> Result<Lease<'_, Pipeline<B>>> {
+        let index = self.pool.index_of(&params.model)?;
         let loras = self.lora_files(&params.loras)?;
-        self.pipeline.plan_with(
+        let mut pipeline = self.pool.check_out(index, |p| p.loras() == loras)?;
+        pipeline.plan_with(
             params.sampler,
             params.schedule,
             params.steps,
             loras.iter().any(|l| l.lcm),
         )?;
         let started = std::time::Instant::now();
-        let layers = self.pipeline.set_loras(&loras).map_err(|e| match e {
+        let layers = pipeline.set_loras(&loras).map_err(|e| match e {
             NodeError::Lora(m) => NodeError::InvalidJob(format!("lora {m}")),
             other => other,
         })?;
@@ -145,7 +153,7 @@ impl<B: Backend> BurnRenderer<B> {
                 "loras switched in place"
             );
         }
-        Ok(())
+        Ok(pipeline)
     }
 
     /// The files of the LoRAs a job asks for; a LoRA this node does not have refuses the job.
@@ -188,8 +196,7 @@ impl<B: Backend> Renderer for BurnRenderer<B> {
         params: &Params,
         step: impl FnMut(usize, usize) -> std::ops::ControlFlow<()>,
     ) -> Result<Image> {
-        self.prepare(params)?;
-        self.pipeline.generate(params, step)
+        self.prepare(params)?.generate(params, step)
     }
 
     fn render_batch(
@@ -201,8 +208,7 @@ impl<B: Backend> Renderer for BurnRenderer<B> {
         let Some(first) = jobs.first() else {
             return Ok(Vec::new());
         };
-        // One key: the first job's LoRAs are every job's.
-        self.prepare(first)?;
-        self.pipeline.generate_batch_live(jobs, step, live)
+        // One key: the first job's model and LoRAs are every job's.
+        self.prepare(first)?.generate_batch_live(jobs, step, live)
     }
 }

@@ -35,6 +35,7 @@ pub struct BatchKey {
     guidance: u32,
     guidance_rescale: u32,
     loras: Vec<(String, u32)>,
+    model: String,
 }
 
 /// A job's [`BatchKey`]; `None` for a job rendered alone (one that starts from an image).
@@ -55,6 +56,7 @@ pub fn batch_key(params: &Params) -> Option<BatchKey> {
             .iter()
             .map(|l| (l.name.clone(), l.strength.to_bits()))
             .collect(),
+        model: params.model.clone(),
     })
 }
 
@@ -320,6 +322,7 @@ mod tests {
         let job = RunJob {
             params: Params {
                 prompt: prompt.into(),
+                model: String::new(),
                 negative_prompt: String::new(),
                 width: 64,
                 height: 64,

@@ -38,7 +38,14 @@ pub fn encode_png(
         ("seed", params.seed.to_string()),
         ("steps", params.steps.to_string()),
         ("guidance", params.guidance.to_string()),
-        ("model", origin.model_id.clone()),
+        (
+            "model",
+            if params.model.is_empty() {
+                origin.model_id.clone()
+            } else {
+                params.model.clone()
+            },
+        ),
         ("size", format!("{}x{}", image.width, image.height)),
     ];
     if let Some(sampler) = params.sampler {

@@ -74,6 +74,8 @@ pub struct Params {
     pub loras: Vec<Lora>,
     /// img2img and inpainting: the source image (and mask) the job starts from.
     pub source: Option<Source>,
+    /// The id of the catalogued model to render with; empty: the node's default model.
+    pub model: String,
 }
 
 /// A rendered image.
@@ -537,6 +539,7 @@ mod tests {
     fn params() -> Params {
         Params {
             prompt: "a red fox".into(),
+            model: String::new(),
             negative_prompt: "blur".into(),
             width: 16,
             height: 8,

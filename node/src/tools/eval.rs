@@ -409,6 +409,7 @@ pub fn render_cli(model: &Path, args: RenderArgs, batch: usize, out: &Path) -> R
         }),
     };
     let params = crate::render::Params {
+        model: String::new(),
         prompt: args.prompt,
         negative_prompt: args.negative_prompt,
         width: args.size,
@@ -486,6 +487,7 @@ pub fn bench_lora_cli(model: &Path, loras: &[std::path::PathBuf], runs: usize) -
     let layers = in_place.set_loras(&specs)?;
     reloaded.reload_loras(&specs)?;
     let params = crate::render::Params {
+        model: String::new(),
         prompt: "a lighthouse at dusk".into(),
         negative_prompt: String::new(),
         width: 64,
@@ -531,6 +533,37 @@ pub fn bench_lora_cli(model: &Path, loras: &[std::path::PathBuf], runs: usize) -
         "switch_in_place_ms": place,
         "switch_by_reload_ms": reload,
         "in_place_over_reload": place / reload,
+    });
+    Ok(format!("{figures}\n"))
+}
+
+/// `drover-node bench-load`: `runs` loads of the model at `path` on the CPU in f32, each timed
+/// from the detected files to a pipeline ready to render (what a node does for a job whose model
+/// is not loaded); JSON with every load's milliseconds, the first's (cold when the caller dropped
+/// the files from the page cache) and the median of the others (warm).
+pub fn bench_load_cli(path: &Path, runs: usize) -> Result<String> {
+    use crate::burn::Cpu;
+    use crate::burn::pipeline::{Pipeline, Precision};
+    let model = crate::factory::detect_model(path)?;
+    let source = crate::burn::renderer::model_source(&model);
+    let mut ms = Vec::new();
+    for _ in 0..runs.max(1) {
+        let t = Instant::now();
+        let pipeline =
+            Pipeline::<Cpu>::load(source.clone(), &Default::default(), Precision::F32, &[])?;
+        ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        drop(pipeline);
+    }
+    let first = ms[0];
+    let mut rest = ms[1..].to_vec();
+    let figures = json!({
+        "model": path.display().to_string(),
+        "family": model.family.to_string(),
+        "parameters": model.parameters,
+        "bytes_f32": crate::catalog::copy_bytes(&model, Precision::F32),
+        "load_ms": ms,
+        "first_ms": first,
+        "warm_median_ms": (!rest.is_empty()).then(|| median(&mut rest)),
     });
     Ok(format!("{figures}\n"))
 }

@@ -22,6 +22,7 @@ fn job(
     guidance: f32,
 ) -> Params {
     Params {
+        model: String::new(),
         prompt: prompt.into(),
         negative_prompt: negative.into(),
         width: 64,

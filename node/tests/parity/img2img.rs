@@ -213,6 +213,7 @@ fn img2img_and_inpainting_match_diffusers_pipelines() {
         covered.2 |= case.model == "sdxl_lcm";
         covered.3 |= case.model == "sd15_inpaint";
         let params = Params {
+            model: String::new(),
             prompt: case.prompt.clone(),
             negative_prompt: case.negative_prompt.clone(),
             width: 16,

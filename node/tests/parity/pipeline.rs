@@ -79,6 +79,7 @@ fn generate_renders_deterministic_images_and_stops_on_cancel() {
     )
     .unwrap();
     let params = Params {
+        model: String::new(),
         prompt: "a lighthouse at dusk".into(),
         negative_prompt: String::new(),
         width: 32,
@@ -171,6 +172,7 @@ fn lora_switches_equal_fresh_loads_both_ways() {
         .unwrap()
     };
     let params = Params {
+        model: String::new(),
         prompt: "a lighthouse at dusk".into(),
         negative_prompt: String::new(),
         width: 32,

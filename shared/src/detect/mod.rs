@@ -62,7 +62,7 @@ pub struct Inspection {
     /// Memory to hold the weights at their stored dtype plus 20% working memory (a planning
     /// figure, not a measurement).
     pub estimated_memory_bytes: u64,
-    /// SHA-256 of the (UNet) header: a stable id that needs no data read.
+    /// The model id (`model_id`): the (UNet) header's SHA-256 hashed with a 64 KiB weight sample.
     pub model_id: String,
     /// Components found (`unet`, `vae`, `text_encoder`, `text_encoder_2`).
     pub components: Vec<String>,
@@ -174,7 +174,7 @@ fn finish(
         estimated_memory_bytes: weights_bytes + weights_bytes / 5,
         model_id: headers
             .first()
-            .map(|(h, _)| h.sha256.clone())
+            .map(|(h, p)| model_id(h, p))
             .unwrap_or_default(),
         components,
         lora_rank: c.lora_rank,
@@ -182,6 +182,47 @@ fn finish(
         inpainting: headers.iter().any(|(h, _)| unet_in_channels(h) == Some(9)),
         files: headers.iter().map(|(_, p)| p.to_path_buf()).collect(),
     }
+}
+
+/// Bytes of UNet weights a model id takes in besides the header.
+pub const ID_SAMPLE_BYTES: u64 = 64 * 1024;
+
+/// A model's id: the SHA-256 of its (UNet) header's SHA-256 and of [`ID_SAMPLE_BYTES`] from the
+/// middle of its largest UNet tensor. Fine-tunes of one base share every header byte; their
+/// weights differ. A file that cannot be read there gets the header's hash alone.
+fn model_id(h: &Header, path: &Path) -> String {
+    use sha2::{Digest, Sha256};
+    let ldm = h
+        .tensors
+        .keys()
+        .any(|k| k.starts_with("model.diffusion_model."));
+    let largest = h
+        .tensors
+        .iter()
+        .filter(|(k, _)| !ldm || k.starts_with("model.diffusion_model."))
+        .max_by_key(|(k, t)| (t.data_offsets.1 - t.data_offsets.0, std::cmp::Reverse(*k)));
+    let Some((_, t)) = largest else {
+        return h.sha256.clone();
+    };
+    let len = (t.data_offsets.1 - t.data_offsets.0).min(ID_SAMPLE_BYTES);
+    let start =
+        8 + h.header_len + t.data_offsets.0 + (t.data_offsets.1 - t.data_offsets.0 - len) / 2;
+    let mut sample = vec![0u8; len as usize];
+    let read = std::fs::File::open(path).and_then(|f| {
+        use std::os::unix::fs::FileExt;
+        f.read_exact_at(&mut sample, start)
+    });
+    if read.is_err() {
+        return h.sha256.clone();
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(h.sha256.as_bytes());
+    hasher.update(&sample);
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The input channels of a UNet's first convolution (diffusers or LDM names), from its shape.

@@ -72,11 +72,16 @@ pub struct JobRequest {
     #[cfg_attr(feature = "openapi", schema(max_length = 2000))]
     pub negative_prompt: Option<String>,
     /// A model family (`sd15`, `sd2`, `sdxl`; also `sd1.5`, `sd2.1` and other spellings, in any
-    /// case) or a model id (hex, as `GET /v1/models` lists it); any family when absent or empty.
+    /// case), a model id (hex, as `GET /v1/models` lists it) or a model's name on its nodes
+    /// (`model_name`: 1 to 128 of A-Z a-z 0-9 _ - ., not starting with .); any family when
+    /// absent or empty.
     #[serde(default)]
     #[cfg_attr(
         feature = "openapi",
-        schema(pattern = "^(sd15|sd2|sdxl|[0-9A-Fa-f]{1,128})?$", example = "sd15")
+        schema(
+            pattern = "^(?!sdxl_refiner$)(sd15|sd2|sdxl|[0-9A-Fa-f]{1,128}|[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127})?$",
+            example = "sd15"
+        )
     )]
     pub model: Option<String>,
     /// Image size as `"WxH"`, each side a multiple of 8 in 64..=2048; the serving family's
@@ -334,6 +339,9 @@ pub enum ModelSelector {
     Family(ModelFamily),
     /// Exactly this model id (as advertised by nodes).
     ModelId(String),
+    /// The model a node's operator gave this name (its file or folder name, `GET /v1/models`'s
+    /// `model_name`), or whose id is this (ids that are not hex: simulated models).
+    Name(String),
 }
 
 /// A validated job: what the coordinator stores and schedules.

@@ -131,7 +131,7 @@ fn bad_values_name_their_field() {
         (r#"{"prompt":"x","guidance_scale":-1}"#, "guidance_scale"),
         (r#"{"prompt":"x","seed":-1}"#, "seed"),
         (r#"{"prompt":"x","seed":2147483648}"#, "seed"),
-        (r#"{"prompt":"x","model":"sd3"}"#, "model"),
+        (r#"{"prompt":"x","model":"sd 3"}"#, "model"),
         (r#"{"prompt":"x","model":"sdxl_refiner"}"#, "model"),
         (
             r#"{"prompt":"x","loras":[{"name":"../etc"}]}"#,
@@ -307,7 +307,7 @@ proptest! {
                 "priority" => vec![json!(-11), json!(-10), json!(10), json!(11)],
                 "strength" => vec![json!(0.0), json!(0.5), json!(1.0), json!(1.01)],
                 "size" => vec![json!("64x64"), json!("56x64"), json!("2048x2048"), json!("2056x64"), json!("65x64")],
-                "model" => vec![json!("sd15"), json!("sdxl_refiner"), json!("abc123"), json!("zz")],
+                "model" => vec![json!("sd15"), json!("sdxl_refiner"), json!("abc123"), json!("z z")],
                 "sampler" => vec![json!("Euler a"), json!("DPM adaptive"), json!("lcm")],
                 "scheduler" => vec![json!("karras"), json!("exponential"), json!(null)],
                 "loras" => vec![json!([{"name": "ink", "strength": 4.0}]), json!([{"name": "ink", "strength": 4.5}]), json!([{"name": ".x"}])],

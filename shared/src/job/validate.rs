@@ -223,13 +223,21 @@ fn parse_model(m: &str) -> Result<ModelSelector, FieldError> {
         return Ok(ModelSelector::Family(family));
     }
     let is_id = !m.is_empty() && m.len() <= 128 && m.chars().all(|c| c.is_ascii_hexdigit());
+    let is_name = !m.is_empty()
+        && m.len() <= 128
+        && !m.starts_with('.')
+        && m.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
     if is_id {
         Ok(ModelSelector::ModelId(m.to_ascii_lowercase()))
+    } else if is_name {
+        Ok(ModelSelector::Name(m.to_string()))
     } else {
         Err(FieldError::new(
             "model",
             format!(
-                "`{}` is neither a family (sd15, sd2, sdxl) nor a hex model id",
+                "`{}` is neither a family (sd15, sd2, sdxl), a hex model id, nor a model name \
+                 (1 to 128 of A-Z a-z 0-9 _ - ., not starting with .)",
                 clip(m)
             ),
         ))

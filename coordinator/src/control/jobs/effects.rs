@@ -107,6 +107,8 @@ pub struct Assignment {
     pub trace_id: Option<String>,
     /// The lease group: jobs leased together to one worker, to render in one batch.
     pub group: Group,
+    /// The node's model to render with (the control plane's choice; empty: the node's default).
+    pub model_id: String,
 }
 
 /// What the caller decided about a lease: the node, a fresh lease id, the size the node renders

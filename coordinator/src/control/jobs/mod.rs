@@ -247,6 +247,7 @@ impl Jobs {
             deadline_ms: lease.deadline_ms,
             trace_id: job.trace_id.clone(),
             group: grant.group,
+            model_id: String::new(),
         }));
         out.push(Effect::Event {
             job_id,

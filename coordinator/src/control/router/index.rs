@@ -1,5 +1,6 @@
-//! The capability index: the nodes that can take work now, ranked, per family and per
-//! (family, LoRA set), so a dispatch decision takes O(log n); and one dispatch round over it.
+//! The capability index: the nodes that can take work now, ranked, per family, per (family,
+//! LoRA set), and per loaded model and per family with a loaded model, so a dispatch decision
+//! takes O(log n); and one dispatch round over it.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -10,7 +11,7 @@ use drover_shared::job::{JobSpec, JobTask, ModelSelector};
 
 use drover_shared::ids::NodeId;
 
-use super::{NodeView, capability, lora_set_key, remember_set, speed_key};
+use super::{NodeView, choose_model, lora_set_key, remember_set, speed_key};
 
 /// A node's rank in the index, smaller is better: faster, then more free slots.
 type Rank = (Reverse<u64>, Reverse<u32>);
@@ -18,8 +19,12 @@ type Rank = (Reverse<u64>, Reverse<u32>);
 /// What the index keeps about a node that can take work now.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Member {
-    /// Family served.
-    pub family: ModelFamily,
+    /// Families of its models.
+    pub families: Vec<ModelFamily>,
+    /// Ids (lowercase) of its models loaded now.
+    pub resident: Vec<String>,
+    /// Families of its models loaded now.
+    pub resident_families: Vec<ModelFamily>,
     /// Speed bucket (`speed_key`).
     pub speed: u64,
     /// Free slots (lease groups it can still take, > 0).
@@ -36,13 +41,34 @@ impl Member {
     /// The member for `node`, if it can take work now (online, not suspect, not draining, with a
     /// free slot).
     pub fn of(node: &NodeView<'_>) -> Option<Self> {
-        (node.online && !node.suspect && !node.draining && node.free_slots > 0).then(|| Self {
-            family: node.family,
-            speed: speed_key(node),
-            free: node.free_slots,
-            batch: node.max_batch.max(1),
-            workers: node.workers,
-            loaded: node.loaded.to_vec(),
+        (node.online && !node.suspect && !node.draining && node.free_slots > 0).then(|| {
+            let mut families = Vec::new();
+            let mut resident = Vec::new();
+            let mut resident_families = Vec::new();
+            for m in node.model_facts() {
+                if !families.contains(&m.family) {
+                    families.push(m.family);
+                }
+                if node.is_resident(m.id) {
+                    let id = m.id.to_ascii_lowercase();
+                    if !resident.contains(&id) {
+                        resident.push(id);
+                    }
+                    if !resident_families.contains(&m.family) {
+                        resident_families.push(m.family);
+                    }
+                }
+            }
+            Self {
+                families,
+                resident,
+                resident_families,
+                speed: speed_key(node),
+                free: node.free_slots,
+                batch: node.max_batch.max(1),
+                workers: node.workers,
+                loaded: node.loaded.to_vec(),
+            }
         })
     }
 
@@ -96,6 +122,8 @@ fn first_capable<K: Ord + Copy>(
 pub struct CapabilityIndex<K> {
     ranked: [Ranked<K>; 4],
     by_set: HashMap<(ModelFamily, u64), Ranked<K>>,
+    by_model: HashMap<String, Ranked<K>>,
+    by_resident_family: [Ranked<K>; 4],
     members: HashMap<K, Member>,
     total_free: u64,
 }
@@ -105,6 +133,8 @@ impl<K> Default for CapabilityIndex<K> {
         Self {
             ranked: Default::default(),
             by_set: HashMap::new(),
+            by_model: HashMap::new(),
+            by_resident_family: Default::default(),
             members: HashMap::new(),
             total_free: 0,
         }
@@ -126,14 +156,27 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
     pub fn upsert(&mut self, key: K, member: Option<Member>) {
         if let Some(old) = self.members.remove(&key) {
             let rank = old.rank();
-            take_out(&mut self.ranked[family_slot(old.family)], rank, &key);
-            for set in &old.loaded {
-                if let Some(ranked) = self.by_set.get_mut(&(old.family, *set)) {
-                    take_out(ranked, rank, &key);
-                    if ranked.is_empty() {
-                        self.by_set.remove(&(old.family, *set));
+            for f in &old.families {
+                take_out(&mut self.ranked[family_slot(*f)], rank, &key);
+                for set in &old.loaded {
+                    if let Some(ranked) = self.by_set.get_mut(&(*f, *set)) {
+                        take_out(ranked, rank, &key);
+                        if ranked.is_empty() {
+                            self.by_set.remove(&(*f, *set));
+                        }
                     }
                 }
+            }
+            for id in &old.resident {
+                if let Some(ranked) = self.by_model.get_mut(id) {
+                    take_out(ranked, rank, &key);
+                    if ranked.is_empty() {
+                        self.by_model.remove(id);
+                    }
+                }
+            }
+            for f in &old.resident_families {
+                take_out(&mut self.by_resident_family[family_slot(*f)], rank, &key);
             }
             self.total_free -= u64::from(old.free);
         }
@@ -141,13 +184,17 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
             return;
         };
         let rank = member.rank();
-        put(&mut self.ranked[family_slot(member.family)], rank, key);
-        for set in &member.loaded {
-            put(
-                self.by_set.entry((member.family, *set)).or_default(),
-                rank,
-                key,
-            );
+        for f in &member.families {
+            put(&mut self.ranked[family_slot(*f)], rank, key);
+            for set in &member.loaded {
+                put(self.by_set.entry((*f, *set)).or_default(), rank, key);
+            }
+        }
+        for id in &member.resident {
+            put(self.by_model.entry(id.clone()).or_default(), rank, key);
+        }
+        for f in &member.resident_families {
+            put(&mut self.by_resident_family[family_slot(*f)], rank, key);
         }
         self.total_free += u64::from(member.free);
         self.members.insert(key, member);
@@ -163,45 +210,75 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
         self.total_free
     }
 
-    /// The node that should run a job of LoRA set `set` that nodes of `families` could serve,
-    /// among those `capable` accepts: the best [`Score`] (speed bucket, LoRA affinity, free
-    /// slots), and among equals the first at or after `pivot` (wrapping). `None` when no indexed
-    /// node is capable.
+    /// The node that should run `job` (its families, model and LoRA set `set`) among those
+    /// `capable` accepts (`Some(loaded)`: capable, with the model it would run loaded or not):
+    /// first among the nodes where it runs on a loaded model, else among all, the best
+    /// [`Score`](super::pick) (speed bucket, LoRA affinity, free slots), and among equals the
+    /// first at or after `pivot` (wrapping). `None` when no indexed node is capable.
     pub fn pick(
         &self,
+        job: &JobKeys<'_>,
+        pivot: K,
+        capable: impl Fn(K) -> Option<bool>,
+    ) -> Option<K> {
+        if job.residency {
+            let loaded = |k: K| capable(k) == Some(true);
+            let groups: Vec<&Ranked<K>> = match &job.model {
+                Some(id) => self.by_model.get(id).into_iter().collect(),
+                None => job
+                    .families
+                    .iter()
+                    .map(|f| &self.by_resident_family[family_slot(*f)])
+                    .collect(),
+            };
+            if let Some(key) = self.best(groups, job.families, job.set, pivot, &loaded) {
+                return Some(key);
+            }
+        }
+        let any = |k: K| capable(k).is_some();
+        let groups = job
+            .families
+            .iter()
+            .map(|f| &self.ranked[family_slot(*f)])
+            .collect();
+        self.best(groups, job.families, job.set, pivot, &any)
+    }
+
+    /// The best capable node of `groups`: each group's first capable node (best rank, from the
+    /// pivot among equals) and each family's first capable node with LoRA set `set` merged,
+    /// compared by (speed rank, not affine, free-slot rank, before the pivot, key). An affine
+    /// node wins over an equally fast one: affinity outranks free slots, not speed.
+    fn best(
+        &self,
+        groups: Vec<&Ranked<K>>,
         families: &[ModelFamily],
         set: u64,
         pivot: K,
-        capable: impl Fn(K) -> bool,
+        capable: &impl Fn(K) -> bool,
     ) -> Option<K> {
-        // (speed rank, not affine, free-slot rank, (before the pivot, key)): smaller is better,
-        // across families too.
         let mut best: Option<Candidate<K>> = None;
-        for family in families {
-            // The family's best capable node; then its best capable node with the job's LoRA set
-            // merged, which wins when it is as fast: affinity outranks free slots, not speed.
-            let Some((g_rank, g_key)) =
-                first_capable(&self.ranked[family_slot(*family)], pivot, &capable)
-            else {
-                continue;
-            };
-            let affine_best = self
-                .by_set
-                .get(&(*family, set))
-                .and_then(|ranked| first_capable(ranked, pivot, &capable));
-            let (rank, key, affine) = match affine_best {
-                Some((a_rank, a_key)) if a_rank.0 == g_rank.0 => (a_rank, a_key, true),
-                _ => {
-                    let affine = self
-                        .members
-                        .get(&g_key)
-                        .is_some_and(|m| m.loaded.contains(&set));
-                    (g_rank, g_key, affine)
-                }
-            };
+        let mut consider = |(rank, key): (Rank, K), affine: bool| {
             let candidate = (rank.0, !affine, rank.1, (key < pivot, key));
             if best.is_none_or(|b| candidate < b) {
                 best = Some(candidate);
+            }
+        };
+        for ranked in groups {
+            if let Some(found) = first_capable(ranked, pivot, capable) {
+                let affine = self
+                    .members
+                    .get(&found.1)
+                    .is_some_and(|m| m.loaded.contains(&set));
+                consider(found, affine);
+            }
+        }
+        for family in families {
+            if let Some(found) = self
+                .by_set
+                .get(&(*family, set))
+                .and_then(|ranked| first_capable(ranked, pivot, capable))
+            {
+                consider(found, true);
             }
         }
         best.map(|(_, _, _, (_, key))| key)
@@ -219,13 +296,44 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
     }
 }
 
-/// The job's families: the one it asks for, or all (an upscale runs on a node of any family).
-fn job_families(job: &JobSpec) -> &[ModelFamily] {
-    match &job.model {
-        _ if job.task == JobTask::Upscale => &ModelFamily::ALL,
-        Some(ModelSelector::Family(f)) => std::slice::from_ref(f),
-        _ => &ModelFamily::ALL,
+/// What an index pick looks up for a job ([`JobKeys::of`]).
+#[derive(Clone, Debug, PartialEq)]
+pub struct JobKeys<'a> {
+    /// The families whose nodes may serve it: the one it asks for, or all (an upscale runs on
+    /// a node of any family).
+    pub families: &'a [ModelFamily],
+    /// The model id it asks for (lowercase), if it names one.
+    pub model: Option<String>,
+    /// Its LoRA set ([`lora_set_key`]).
+    pub set: u64,
+    /// Whether residency matters (not for an upscale: no model runs).
+    pub residency: bool,
+}
+
+impl<'a> JobKeys<'a> {
+    /// The keys of `job`.
+    pub fn of(job: &'a JobSpec) -> Self {
+        let upscale = job.task == JobTask::Upscale;
+        Self {
+            families: match &job.model {
+                _ if upscale => &ModelFamily::ALL,
+                Some(ModelSelector::Family(f)) => std::slice::from_ref(f),
+                _ => &ModelFamily::ALL,
+            },
+            model: match &job.model {
+                Some(ModelSelector::ModelId(id)) if !upscale => Some(id.to_ascii_lowercase()),
+                _ => None,
+            },
+            set: lora_set_key(&job.loras),
+            residency: !upscale,
+        }
     }
+}
+
+/// Whether `node` can serve `job`: `Some(loaded)` with whether the model it would run is
+/// loaded there, `None` when it cannot.
+pub fn capable_on(job: &JobSpec, node: &NodeView<'_>) -> Option<bool> {
+    choose_model(job, node).ok().map(|c| c.resident)
 }
 
 /// A [`CapabilityIndex`] over one snapshot, keyed by position in it: what [`pick`] is checked
@@ -256,9 +364,7 @@ impl RoutingIndex {
     pub fn pick(&self, job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Option<usize> {
         let pivot = turn as usize % nodes.len().max(1);
         self.index
-            .pick(job_families(job), lora_set_key(&job.loras), pivot, |i| {
-                capability(job, &nodes[i]).is_ok()
-            })
+            .pick(&JobKeys::of(job), pivot, |i| capable_on(job, &nodes[i]))
     }
 
     /// Records that the node at `position` took one job with LoRA set `set`.
@@ -295,20 +401,23 @@ pub fn sample_farm(n: usize) -> Vec<NodeView<'static>> {
                 workers: 2,
                 loaded: &[0],
                 pixel_steps_per_second: 1e6 + i as f64,
+                models: &[],
+                resident: None,
+                residency: &[],
             }
         })
         .collect()
 }
 
-/// The node `index` picks for `job`, with `capable` telling whether a node id can serve it:
-/// [`CapabilityIndex::pick`] with the job's families and LoRA set.
+/// The node `index` picks for `job`, with `capable` telling whether a node id can serve it
+/// ([`capable_on`]): [`CapabilityIndex::pick`] with the job's keys.
 pub fn pick_indexed<K: Ord + Copy + Hash>(
     index: &CapabilityIndex<K>,
     job: &JobSpec,
     pivot: K,
-    capable: impl Fn(K) -> bool,
+    capable: impl Fn(K) -> Option<bool>,
 ) -> Option<K> {
-    index.pick(job_families(job), lora_set_key(&job.loras), pivot, capable)
+    index.pick(&JobKeys::of(job), pivot, capable)
 }
 
 /// How far past a group's first job a dispatch round looks for partners of its batch key.
@@ -358,7 +467,7 @@ pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J: Copy, B: PartialEq>(
     index: &mut CapabilityIndex<K>,
     queue: impl IntoIterator<Item = (J, &'a JobSpec)>,
     mut pivot: K,
-    capable: impl Fn(&JobSpec, K) -> bool,
+    capable: impl Fn(J, &JobSpec, K) -> Option<bool>,
     batch_key: impl Fn(&JobSpec, K) -> Option<B>,
     hold: impl Fn(J) -> bool,
     after: impl Fn(K) -> K,
@@ -388,8 +497,9 @@ pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J: Copy, B: PartialEq>(
         if placed {
             continue;
         }
-        let set = lora_set_key(&spec.loras);
-        let Some(key) = index.pick(job_families(spec), set, pivot, |k| capable(spec, k)) else {
+        let keys = JobKeys::of(spec);
+        let set = keys.set;
+        let Some(key) = index.pick(&keys, pivot, |k| capable(job, spec, k)) else {
             continue;
         };
         let room = index.member(&key).map_or(1, |m| m.batch.max(1)) as usize;
@@ -403,10 +513,10 @@ pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J: Copy, B: PartialEq>(
                 if !reach(&mut seen, &mut queue, j) {
                     break;
                 }
-                let (_, other_spec, taken) = seen[j];
+                let (other, other_spec, taken) = seen[j];
                 if !taken
                     && batch_key(other_spec, key).as_ref() == Some(&leader)
-                    && capable(other_spec, key)
+                    && capable(other, other_spec, key).is_some()
                 {
                     group.push(j);
                 }

@@ -6,7 +6,8 @@
 //! - [`pick`]: which eligible node should run it now? Eligible means capable, online, not suspect,
 //!   not draining and with a free worker slot. Preference, one sort key: the fastest node (its
 //!   measured speed in ~9% log buckets, i.e. the earliest estimated completion of a job that
-//!   starts now; unknown speeds rank first so new nodes get measured), then LoRA affinity (the
+//!   starts now; unknown speeds rank first so new nodes get measured) — after residency: a node
+//!   where a model that serves the job is loaded comes before one that must load it —, then LoRA affinity (the
 //!   job's LoRA set already merged on one of its workers: no reload), then the most free slots,
 //!   then round robin so equal nodes share the work.
 //! - [`RoutingIndex`]: the same decision in O(log n) from an index by family (and by family and
@@ -20,6 +21,8 @@
 //!
 //! Nothing here has side effects; the property tests below hold the rules in place.
 
+use std::cmp::Reverse;
+
 use drover_shared::family::ModelFamily;
 use drover_shared::ids::NodeId;
 use drover_shared::job::upscale::MAX_UPSCALED_PIXELS;
@@ -27,7 +30,7 @@ use drover_shared::job::{JobSpec, JobTask, ModelSelector, Size, UpscaleSpec};
 use drover_shared::sampler::Sampler;
 use serde::Serialize;
 
-use crate::records::{LoraAdvert, UpscalerAdvert};
+use crate::records::{LoraAdvert, ModelAdvert, ModelResidency, UpscalerAdvert};
 
 /// What the router knows about one node at decision time.
 #[derive(Clone, Debug)]
@@ -72,6 +75,201 @@ pub struct NodeView<'a> {
     pub loaded: &'a [u64],
     /// Measured speed (pixel-steps per second), 0 when unknown.
     pub pixel_steps_per_second: f64,
+    /// The node's model catalogue, its default first; empty: its one model is the fields
+    /// above (`family`, `model_id`, `max_pixels`, `sizes`, `samplers`, `img2img`, `inpaint`).
+    pub models: &'a [ModelAdvert],
+    /// Ids of the catalogue's models loaded now; `None`: the node keeps every model loaded.
+    pub resident: Option<&'a [String]>,
+    /// Its models' residency as last reported (load times), empty when it reports none.
+    pub residency: &'a [ModelResidency],
+}
+
+/// One model of a node, as capability checks see it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelFacts<'a> {
+    /// Its id.
+    pub id: &'a str,
+    /// Its name on the node (empty when not stated).
+    pub name: &'a str,
+    /// Its family.
+    pub family: ModelFamily,
+    /// Largest width*height it renders.
+    pub max_pixels: u64,
+    /// The only sizes it renders (empty: any up to `max_pixels`).
+    pub sizes: &'a [Size],
+    /// Samplers it runs, its default first (empty: not stated, any accepted).
+    pub samplers: &'a [Sampler],
+    /// Starts jobs from a source image.
+    pub img2img: bool,
+    /// Inpaints.
+    pub inpaint: bool,
+    /// Memory one loaded copy takes (0: not stated).
+    pub bytes: u64,
+}
+
+impl<'a> NodeView<'a> {
+    /// The node's models, its default first.
+    pub fn model_facts(&self) -> impl Iterator<Item = ModelFacts<'a>> + '_ {
+        let own = self.models.is_empty().then_some(ModelFacts {
+            id: self.model_id,
+            name: "",
+            family: self.family,
+            max_pixels: self.max_pixels,
+            sizes: self.sizes,
+            samplers: self.samplers,
+            img2img: self.img2img,
+            inpaint: self.inpaint,
+            bytes: 0,
+        });
+        own.into_iter()
+            .chain(self.models.iter().map(|m| ModelFacts {
+                id: &m.model_id,
+                name: &m.name,
+                family: m.family,
+                max_pixels: m.max_pixels,
+                sizes: &m.sizes,
+                samplers: &m.samplers,
+                img2img: m.img2img,
+                inpaint: m.inpaint,
+                bytes: m.bytes,
+            }))
+    }
+
+    /// Whether model `id` is loaded on the node now.
+    pub fn is_resident(&self, id: &str) -> bool {
+        self.resident
+            .is_none_or(|r| r.iter().any(|x| x.eq_ignore_ascii_case(id)))
+    }
+}
+
+/// Bytes per millisecond a node is taken to load a model at before it has measured a load
+/// (1 GB/s: weights read from a local disk's page cache and converted).
+pub const DEFAULT_LOAD_BYTES_PER_MS: u64 = 1_000_000;
+
+/// How long loading model `m` on `node` should take, in milliseconds: 0 when it is loaded; its
+/// last load there; else its bytes at the node's measured rate over its loads so far; else at
+/// [`DEFAULT_LOAD_BYTES_PER_MS`].
+pub fn load_estimate_ms(node: &NodeView<'_>, m: &ModelFacts<'_>) -> u64 {
+    if node.is_resident(m.id) {
+        return 0;
+    }
+    if let Some(last) = node
+        .residency
+        .iter()
+        .find(|r| r.model_id.eq_ignore_ascii_case(m.id) && r.last_load_ms > 0)
+    {
+        return last.last_load_ms;
+    }
+    let (bytes, ms) = node
+        .residency
+        .iter()
+        .filter(|r| r.loads > 0 && r.load_ms_total > 0)
+        .filter_map(|r| {
+            let size = node.models.iter().find(|a| a.model_id == r.model_id)?.bytes;
+            Some((size.saturating_mul(r.loads), r.load_ms_total))
+        })
+        .fold((0u64, 0u64), |(b, t), (x, y)| {
+            (b.saturating_add(x), t.saturating_add(y))
+        });
+    let rate = if bytes > 0 && ms > 0 {
+        (bytes / ms).max(1)
+    } else {
+        DEFAULT_LOAD_BYTES_PER_MS
+    };
+    m.bytes / rate
+}
+
+/// Whether a job that has waited `waited_ms` may go to a free node that must first load its
+/// model (about `load_ms`): at once when no node has a model for it loaded (it has to be loaded
+/// somewhere), else only once it has waited as long as that load takes. Until then it waits for
+/// a node that has the model loaded to free up — the ski-rental rule: whichever comes first,
+/// the job finishes at most one load time later than the better of waiting and loading.
+pub fn may_load(waited_ms: u64, load_ms: u64, loaded_elsewhere: bool) -> bool {
+    !loaded_elsewhere || waited_ms >= load_ms
+}
+
+/// The models loaded on the nodes that can take work (online, on time, not draining), busy or
+/// not: what [`may_load`] asks about a job.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LoadedModels {
+    ids: std::collections::HashSet<String>,
+    names: std::collections::HashSet<String>,
+    families: Vec<ModelFamily>,
+}
+
+impl LoadedModels {
+    /// The loaded models of `nodes`.
+    pub fn of<'a>(nodes: impl IntoIterator<Item = NodeView<'a>>) -> Self {
+        let mut out = Self::default();
+        for n in nodes {
+            if !n.online || n.suspect || n.draining {
+                continue;
+            }
+            for m in n.model_facts() {
+                if n.is_resident(m.id) {
+                    out.ids.insert(m.id.to_ascii_lowercase());
+                    out.names.insert(m.id.to_string());
+                    out.names.insert(m.name.to_string());
+                    if !out.families.contains(&m.family) {
+                        out.families.push(m.family);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether some node has a model loaded that `job` asks for (the model it names, one of
+    /// the family it names, any when it names none). Sizes and samplers are not looked at: a
+    /// job this holds back waits at most its load time for nothing.
+    pub fn serves(&self, job: &JobSpec) -> bool {
+        match &job.model {
+            Some(ModelSelector::ModelId(id)) => self.ids.contains(&id.to_ascii_lowercase()),
+            Some(ModelSelector::Name(name)) => self.names.contains(name),
+            Some(ModelSelector::Family(f)) => self.families.contains(f),
+            None => !self.families.is_empty(),
+        }
+    }
+}
+
+/// Where a job waiting for a model that only busy nodes have loaded should have it loaded ahead:
+/// among the idle nodes (online, on time, not draining, every worker free) that can serve it
+/// with a model they do not have loaded, the one that loads it fastest ([`load_estimate_ms`]),
+/// then the fastest renderer; answers the node and the model. `None` when a node could run it
+/// on a loaded model, or no idle node can serve it.
+pub fn preload_target<'a>(job: &JobSpec, nodes: &[NodeView<'a>]) -> Option<(NodeId, &'a str)> {
+    // (load estimate, faster first), node, model.
+    type Target<'a> = ((u64, Reverse<u64>), NodeId, &'a str);
+    let mut best: Option<Target<'a>> = None;
+    for n in nodes {
+        let idle = n.online && !n.suspect && !n.draining && n.free_slots >= n.workers;
+        let Ok(choice) = choose_model(job, n) else {
+            continue;
+        };
+        if choice.resident {
+            if idle {
+                return None;
+            }
+            continue;
+        }
+        if !idle {
+            continue;
+        }
+        let key = (load_estimate_ms(n, &choice.facts), Reverse(speed_key(n)));
+        if best.as_ref().is_none_or(|(k, _, _)| key < *k) {
+            best = Some((key, n.id, choice.facts.id));
+        }
+    }
+    best.map(|(_, id, model)| (id, model))
+}
+
+/// The model of a node a job would run on, and whether it is loaded there now.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelChoice<'a> {
+    /// The model.
+    pub facts: ModelFacts<'a>,
+    /// Loaded now (no load before the job runs).
+    pub resident: bool,
 }
 
 /// Why a node cannot take a job; shown to users in 422 bodies and logs.
@@ -197,8 +395,20 @@ pub struct NodeSkip {
     pub reason: SkipReason,
 }
 
-/// Whether `node`'s model and LoRAs can serve `job` at all, whatever its load or liveness.
+/// Whether `node`'s models and LoRAs can serve `job` at all, whatever its load or liveness.
 pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> {
+    choose_model(job, node).map(|_| ())
+}
+
+/// The model of `node` that `job` runs on: among the models that can serve it, a loaded one
+/// first, then the one that costs least to load (fewest bytes), then catalogue order. Without
+/// one, the reason of the model nearest to serving it (one the job's model selector names).
+pub fn choose_model<'a>(job: &JobSpec, node: &NodeView<'a>) -> Result<ModelChoice<'a>, SkipReason> {
+    let mut facts = node.model_facts();
+    let default = facts.next().ok_or(SkipReason::WrongModel {
+        wanted: String::new(),
+        has: String::new(),
+    })?;
     if job.task == JobTask::Upscale {
         // No model runs: only the upscaler matters.
         let size = job.size.unwrap_or(Size {
@@ -206,58 +416,133 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
             height: 0,
         });
         return match &job.upscale {
-            Some(upscale) => upscale_capability(upscale, size, node.upscalers),
+            Some(upscale) => {
+                upscale_capability(upscale, size, node.upscalers).map(|()| ModelChoice {
+                    facts: default,
+                    resident: true,
+                })
+            }
             None => Err(SkipReason::UpscalerNotServed {
                 upscaler: None,
                 upscalers: node.upscalers.iter().map(|u| u.name.clone()).collect(),
             }),
         };
     }
-    if !node.family.is_text_to_image() {
-        return Err(SkipReason::NotTextToImage { has: node.family });
+    let mut best: Option<ModelChoice<'a>> = None;
+    let mut reason: Option<SkipReason> = None;
+    let mut all = 0;
+    for m in std::iter::once(default).chain(facts) {
+        all += 1;
+        match model_capability(job, node, m) {
+            Ok(()) => {
+                let choice = ModelChoice {
+                    facts: m,
+                    resident: node.is_resident(m.id),
+                };
+                let better = best.is_none_or(|b| {
+                    (choice.resident, Reverse(m.bytes)) > (b.resident, Reverse(b.facts.bytes))
+                });
+                if better {
+                    best = Some(choice);
+                }
+            }
+            Err(r) => {
+                let selector_miss = matches!(
+                    r,
+                    SkipReason::WrongFamily { .. } | SkipReason::WrongModel { .. }
+                );
+                if reason.is_none()
+                    || (!selector_miss
+                        && reason.as_ref().is_some_and(|r| {
+                            matches!(
+                                r,
+                                SkipReason::WrongFamily { .. } | SkipReason::WrongModel { .. }
+                            )
+                        }))
+                {
+                    reason = Some(r);
+                }
+            }
+        }
+    }
+    if let Some(choice) = best {
+        return Ok(choice);
+    }
+    Err(match reason {
+        // Several models, none the one asked for: name them all.
+        Some(SkipReason::WrongModel { wanted, .. }) if all > 1 => SkipReason::WrongModel {
+            wanted,
+            has: node
+                .model_facts()
+                .map(|m| m.id)
+                .collect::<Vec<_>>()
+                .join(", "),
+        },
+        Some(r) => r,
+        None => SkipReason::WrongModel {
+            wanted: String::new(),
+            has: String::new(),
+        },
+    })
+}
+
+/// Whether model `m` of `node` (with the node's LoRAs and upscalers) can serve `job`.
+fn model_capability(
+    job: &JobSpec,
+    node: &NodeView<'_>,
+    m: ModelFacts<'_>,
+) -> Result<(), SkipReason> {
+    if !m.family.is_text_to_image() {
+        return Err(SkipReason::NotTextToImage { has: m.family });
     }
     match &job.model {
-        Some(ModelSelector::Family(f)) if *f != node.family => {
+        Some(ModelSelector::Family(f)) if *f != m.family => {
             return Err(SkipReason::WrongFamily {
                 wanted: *f,
-                has: node.family,
+                has: m.family,
             });
         }
-        Some(ModelSelector::ModelId(id)) if !node.model_id.eq_ignore_ascii_case(id) => {
+        Some(ModelSelector::ModelId(id)) if !m.id.eq_ignore_ascii_case(id) => {
             return Err(SkipReason::WrongModel {
                 wanted: id.clone(),
-                has: node.model_id.into(),
+                has: m.id.into(),
+            });
+        }
+        Some(ModelSelector::Name(name)) if m.name != name && m.id != name => {
+            return Err(SkipReason::WrongModel {
+                wanted: name.clone(),
+                has: if m.name.is_empty() { m.id } else { m.name }.into(),
             });
         }
         _ => {}
     }
-    let size = job.size_on(node.family, node.sizes);
+    let size = job.size_on(m.family, m.sizes);
     let pixels = size.pixels();
-    if !node.sizes.is_empty() && !node.sizes.contains(&size) {
+    if !m.sizes.is_empty() && !m.sizes.contains(&size) {
         return Err(SkipReason::SizeNotServed {
             size,
-            sizes: node.sizes.to_vec(),
+            sizes: m.sizes.to_vec(),
         });
     }
-    if pixels > node.max_pixels {
+    if pixels > m.max_pixels {
         return Err(SkipReason::TooLarge {
             pixels,
-            max_pixels: node.max_pixels,
+            max_pixels: m.max_pixels,
         });
     }
-    if let Some(&default) = node.samplers.first() {
+    if let Some(&default) = m.samplers.first() {
         let sampler = match job.sampler {
-            Some(Sampler::Lcm) if !node.samplers.contains(&Sampler::Lcm) => {
+            Some(Sampler::Lcm) if !m.samplers.contains(&Sampler::Lcm) => {
                 let lcm_loras: Vec<String> = node
                     .loras
                     .iter()
-                    .filter(|l| l.lcm && l.family == node.family)
+                    .filter(|l| l.lcm && l.family == m.family)
                     .map(|l| l.name.clone())
                     .collect();
                 if lcm_loras.is_empty() {
                     return Err(SkipReason::SamplerNotServed {
                         sampler: Sampler::Lcm,
-                        samplers: node.samplers.to_vec(),
+                        samplers: m.samplers.to_vec(),
                     });
                 }
                 if !job.loras.iter().any(|r| lcm_loras.contains(&r.name)) {
@@ -265,10 +550,10 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
                 }
                 Sampler::Lcm
             }
-            Some(s) if !node.samplers.contains(&s) => {
+            Some(s) if !m.samplers.contains(&s) => {
                 return Err(SkipReason::SamplerNotServed {
                     sampler: s,
-                    samplers: node.samplers.to_vec(),
+                    samplers: m.samplers.to_vec(),
                 });
             }
             Some(s) => s,
@@ -284,10 +569,10 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
         }
     }
     if let Some(source) = &job.source {
-        if !node.img2img {
+        if !m.img2img {
             return Err(SkipReason::Img2ImgNotServed);
         }
-        if source.mask.is_some() && !node.inpaint {
+        if source.mask.is_some() && !m.inpaint {
             return Err(SkipReason::InpaintingNotServed);
         }
     }
@@ -303,11 +588,11 @@ pub fn capability(job: &JobSpec, node: &NodeView<'_>) -> Result<(), SkipReason> 
                     lora: lora.name.clone(),
                 });
             }
-            Some(l) if l.family != node.family => {
+            Some(l) if l.family != m.family => {
                 return Err(SkipReason::LoraBaseMismatch {
                     lora: lora.name.clone(),
                     lora_family: l.family,
-                    node_family: node.family,
+                    node_family: m.family,
                 });
             }
             Some(_) => {}
@@ -407,9 +692,9 @@ pub fn follow_up_feasible(job: &JobSpec, nodes: &[NodeView<'_>]) -> bool {
     };
     nodes
         .iter()
-        .filter(|n| capability(&render_only, n).is_ok())
-        .any(|renderer| {
-            let size = render_only.size_on(renderer.family, renderer.sizes);
+        .filter_map(|n| choose_model(&render_only, n).ok())
+        .any(|choice| {
+            let size = render_only.size_on(choice.facts.family, choice.facts.sizes);
             nodes
                 .iter()
                 .any(|n| upscale_capability(upscale, size, n.upscalers).is_ok())
@@ -438,11 +723,12 @@ pub fn lora_set_key(loras: &[drover_shared::job::LoraRef]) -> u64 {
     h.max(1)
 }
 
-/// How good a capable node is for a job, larger is better, compared in this order: faster (in
+/// How good a capable node is for a job, larger is better, compared in this order: a model
+/// that serves the job is loaded there (nothing to load first), then faster (in
 /// ~9% log buckets: the estimated completion time of a job that starts now), then LoRA affinity
 /// (the job's LoRA set is already merged on one of its workers, so nothing reloads), then more
 /// free slots (spread the load), then the round-robin position.
-type Score = (u64, bool, u32, usize);
+type Score = (bool, u64, bool, u32, usize);
 
 fn affine(job_set: u64, node: &NodeView<'_>) -> bool {
     node.loaded.contains(&job_set)
@@ -463,6 +749,7 @@ pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, 
         }
         let rotation = n - 1 - (i + n - (turn as usize % n)) % n;
         let key = (
+            choose_model(job, node).is_ok_and(|c| c.resident),
             speed_key(node),
             affine(set, node),
             node.free_slots,
@@ -494,7 +781,7 @@ fn speed_key(node: &NodeView<'_>) -> u64 {
 }
 
 /// What jobs leased together to one worker of `node` share, so they run as one model call per
-/// step there: the size, steps and guidance the node renders them with, the sampler asked for
+/// step there: the model, the size, steps and guidance the node renders them with, the sampler asked for
 /// (as the node's own batching compares it), sigma schedule, guidance rescale, LoRAs in order
 /// with strengths, and style. Prompts, negative prompts, seeds and priorities may differ.
 #[derive(Clone, Debug, PartialEq)]
@@ -507,6 +794,7 @@ pub struct BatchKey {
     guidance_rescale: u32,
     loras: Vec<(String, u32)>,
     style: Option<(String, u32)>,
+    model: String,
 }
 
 /// `job`'s [`BatchKey`] on `node`; `None` when it is leased alone there: the node does not
@@ -515,9 +803,11 @@ pub fn batch_key(job: &JobSpec, node: &NodeView<'_>) -> Option<BatchKey> {
     if node.max_batch <= 1 || job.task != JobTask::Generate || job.source.is_some() {
         return None;
     }
-    let default = node.samplers.first().copied();
+    let model = choose_model(job, node).ok()?.facts;
+    let default = model.samplers.first().copied();
     Some(BatchKey {
-        size: job.size_on(node.family, node.sizes),
+        model: model.id.to_ascii_lowercase(),
+        size: job.size_on(model.family, model.sizes),
         steps: job.steps_with(default),
         guidance: job.guidance_with(default).to_bits(),
         sampler: job.sampler,
@@ -535,7 +825,8 @@ pub fn batch_key(job: &JobSpec, node: &NodeView<'_>) -> Option<BatchKey> {
 mod index;
 
 pub use index::{
-    CapabilityIndex, Member, Round, RoutingIndex, pick_indexed, plan_dispatch, sample_farm,
+    CapabilityIndex, JobKeys, Member, Round, RoutingIndex, capable_on, pick_indexed, plan_dispatch,
+    sample_farm,
 };
 
 /// Records that a worker took LoRA set `set`: most recent first, at most `workers` sets.

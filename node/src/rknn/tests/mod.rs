@@ -20,6 +20,7 @@ use crate::sampling::lcm::Lcm;
 fn params(size: usize) -> Params {
     Params {
         prompt: "a red fox in the snow".into(),
+        model: String::new(),
         negative_prompt: String::new(),
         width: size,
         height: size,
@@ -392,6 +393,7 @@ fn job(loras: Vec<Lora>) -> (RunJob, tokio::sync::mpsc::UnboundedReceiver<Progre
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let params = Params {
         prompt: "a lighthouse".into(),
+        model: String::new(),
         negative_prompt: String::new(),
         width: 64,
         height: 64,

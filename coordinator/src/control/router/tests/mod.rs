@@ -33,6 +33,9 @@ fn node(i: u8, family: ModelFamily) -> NodeView<'static> {
         workers: 2,
         loaded: &[0],
         pixel_steps_per_second: 0.0,
+        models: &[],
+        resident: None,
+        residency: &[],
     }
 }
 
@@ -447,3 +450,4 @@ fn an_upscale_no_renderer_holds_follows_on_another_node() {
 }
 
 mod dispatch;
+mod models;
