@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Model load time on this CPU (drover-node bench-load: files to a pipeline ready to render, f32),
 # for the demo SD1.5 and SDXL models: cold (the model's files dropped from the page cache with
-# posix_fadvise(DONTNEED) first) and warm (loaded again in the same process). RUNS rounds each;
+# posix_fadvise(DONTNEED) first) and warm (loaded again in the same process). RUNS rounds each
+# (NODE_BIN: another drover-node binary to time, e.g. a baseline build);
 # prints every JSON line and the medians. Run `cargo build --bin drover-node` first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RUNS="${RUNS:-5}"
-N=target/debug/drover-node
+N="${NODE_BIN:-target/debug/drover-node}"
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 $N make-model --family sd15 --out "$dir/sd15" >/dev/null

@@ -8,6 +8,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use drover_shared::safetensors::{Dtype, Header, read_header};
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 use crate::error::{NodeError, Result};
 
@@ -75,31 +76,55 @@ impl TensorFile {
                 name: name.to_string(),
             })?;
         let (begin, end) = info.data_offsets;
-        let mut bytes = vec![0u8; (end - begin) as usize];
-        self.file
-            .read_exact_at(&mut bytes, self.data_start + begin)
-            .map_err(|e| io_error(&self.path, &e))?;
+        let len = (end - begin) as usize;
+        let read = |into: &mut [u8]| {
+            self.file
+                .read_exact_at(into, self.data_start + begin)
+                .map_err(|e| io_error(&self.path, &e))
+        };
+        // Read straight into typed buffers and convert with `half`'s slice conversions: no
+        // per-element iterator in this crate (dependencies are optimised even in dev builds, so
+        // a node loads as fast there as in release). Files are little-endian, as are the hosts
+        // this runs on; a big-endian host swaps first.
+        let halves = |kind: Dtype| -> Result<Vec<f32>> {
+            let mut raw = vec![0u16; len / 2];
+            read(bytemuck::cast_slice_mut(&mut raw))?;
+            if cfg!(target_endian = "big") {
+                raw.iter_mut().for_each(|x| *x = x.swap_bytes());
+            }
+            let mut out = vec![0f32; raw.len()];
+            if kind == Dtype::F16 {
+                raw.reinterpret_cast::<half::f16>()
+                    .convert_to_f32_slice(&mut out);
+            } else {
+                raw.reinterpret_cast::<half::bf16>()
+                    .convert_to_f32_slice(&mut out);
+            }
+            Ok(out)
+        };
         let data = match info.dtype {
-            Dtype::F32 => bytes
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::F16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::BF16 => bytes
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-                .collect(),
-            Dtype::F64 => bytes
-                .chunks_exact(8)
-                .map(|c| {
-                    let mut b = [0u8; 8];
-                    b.copy_from_slice(c);
-                    f64::from_le_bytes(b) as f32
-                })
-                .collect(),
+            Dtype::F32 => {
+                let mut out = vec![0f32; len / 4];
+                read(bytemuck::cast_slice_mut(&mut out))?;
+                if cfg!(target_endian = "big") {
+                    out.iter_mut()
+                        .for_each(|x| *x = f32::from_bits(x.to_bits().swap_bytes()));
+                }
+                out
+            }
+            Dtype::F16 | Dtype::BF16 => halves(info.dtype)?,
+            Dtype::F64 => {
+                let mut bytes = vec![0u8; len];
+                read(&mut bytes)?;
+                bytes
+                    .chunks_exact(8)
+                    .map(|c| {
+                        let mut b = [0u8; 8];
+                        b.copy_from_slice(c);
+                        f64::from_le_bytes(b) as f32
+                    })
+                    .collect()
+            }
             other => {
                 return Err(NodeError::TensorDtype {
                     name: name.to_string(),

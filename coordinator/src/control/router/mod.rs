@@ -179,13 +179,19 @@ pub fn load_estimate_ms(node: &NodeView<'_>, m: &ModelFacts<'_>) -> u64 {
     m.bytes / rate
 }
 
+/// How many load times a job waits for a busy node that has its model loaded before a free node
+/// loads it ([`may_load`]): a switch costs the load now and, when the model it evicts is wanted
+/// again, a load back.
+pub const SWITCH_LOADS: u64 = 2;
+
 /// Whether a job that has waited `waited_ms` may go to a free node that must first load its
 /// model (about `load_ms`): at once when no node has a model for it loaded (it has to be loaded
-/// somewhere), else only once it has waited as long as that load takes. Until then it waits for
-/// a node that has the model loaded to free up — the ski-rental rule: whichever comes first,
-/// the job finishes at most one load time later than the better of waiting and loading.
+/// somewhere), else only once it has waited what the switch costs ([`SWITCH_LOADS`] loads).
+/// Until then it waits for a node that has the model loaded to free up — the ski-rental rule:
+/// whichever comes first, the job never waits more than that cost longer than the better of
+/// waiting and loading, and nodes do not trade models back and forth under a mixed stream.
 pub fn may_load(waited_ms: u64, load_ms: u64, loaded_elsewhere: bool) -> bool {
-    !loaded_elsewhere || waited_ms >= load_ms
+    !loaded_elsewhere || waited_ms >= SWITCH_LOADS.saturating_mul(load_ms)
 }
 
 /// The models loaded on the nodes that can take work (online, on time, not draining), busy or

@@ -208,10 +208,10 @@ fn load_times_come_from_the_last_load_then_the_node_rate_then_a_default() {
 
 #[test]
 fn a_job_waits_for_a_loaded_model_at_most_its_load_time() {
-    // Loaded nowhere: load at once. Loaded on a busy node: wait up to the load time.
+    // Loaded nowhere: load at once. Loaded on a busy node: wait up to the switch's two loads.
     assert!(may_load(0, 5_000, false));
-    assert!(!may_load(4_999, 5_000, true));
-    assert!(may_load(5_000, 5_000, true));
+    assert!(!may_load(9_999, 5_000, true));
+    assert!(may_load(10_000, 5_000, true));
     let busy = NodeView {
         free_slots: 0,
         ..multi(1, &[0, 1], &[1])
