@@ -353,8 +353,10 @@ fn max_pixels(config: &NodeConfig, family: ModelFamily) -> u64 {
         .unwrap_or_else(|| default_max_pixels(family))
 }
 
-/// What one model of `model`'s inspection serves before anything is known from loading it:
+/// What one model of `model`'s inspection serves before anything is known from loading it
+/// (an RKNN folder, whose workers then say the rest):
 /// its family's pixel limit, any size, LCM only.
+#[cfg(feature = "rknn")]
 fn model_caps(config: &NodeConfig, name: &str, model: &Inspection) -> ModelCaps {
     ModelCaps {
         id: model.model_id.clone(),

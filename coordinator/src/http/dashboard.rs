@@ -2,8 +2,9 @@
 //! script of our own, served inline (no CDN, no front-end build), that swaps in a fresh
 //! `GET /dashboard/live` fragment every 2 seconds, loads thumbnails and sends drain/resume.
 //!
-//! The fragment shows nodes (state, backend, family, workers busy/free, measured speed, sizes,
-//! LoRAs, last heartbeat, drain/resume buttons), unfinished jobs with progress, attempts and why
+//! The fragment shows nodes (state, backend, family — or each model with whether it is loaded
+//! and load/unload buttons —, workers busy/free, measured speed, sizes, LoRAs, last heartbeat,
+//! drain/resume buttons), unfinished jobs with progress, attempts and why
 //! each queued job waits (every node's skip reason), recent jobs with thumbnails, and SVG charts
 //! of throughput, queue depth and per-node speed over the last hour. When API keys are
 //! configured, jobs and images need a key (or the admin token), entered in the page.
@@ -49,6 +50,52 @@ fn speed(v: f64) -> String {
     }
 }
 
+/// The node's family, or — for a node that serves several models or reports what it has loaded —
+/// each model with its family, whether it is loaded (copies, pinned) and, for admins, a button
+/// to load or unload it.
+fn models_cell(n: &NodeStatus, admin: bool) -> String {
+    let Some(residency) = &n.residency else {
+        return n.record.family.to_string();
+    };
+    let mut out = String::new();
+    for m in n.record.catalogue() {
+        let copies = residency
+            .iter()
+            .find(|r| r.model_id == m.model_id)
+            .map_or(0, |r| r.copies);
+        let (class, state) = if copies > 0 {
+            ("loaded", format!("loaded ×{copies}"))
+        } else {
+            ("unloaded", "not loaded".to_string())
+        };
+        let action = if copies > 0 { "unload" } else { "load" };
+        let button = if admin && n.state.is_connected() && !(m.pinned && copies > 0) {
+            format!(
+                " <button data-action=\"models/{id}/{action}\" data-node=\"{node}\" \
+                 data-name=\"{name} on {node_name}\">{action}</button>",
+                id = esc(&m.model_id),
+                node = n.record.id,
+                name = esc(&m.name),
+                node_name = esc(&n.record.name),
+            )
+        } else {
+            String::new()
+        };
+        let _ = write!(
+            out,
+            "<div class=\"model {class}\">{name} ({family}): {state}{pinned}{button}</div>",
+            name = esc(if m.name.is_empty() {
+                &m.model_id
+            } else {
+                &m.name
+            }),
+            family = m.family,
+            pinned = if m.pinned { ", pinned" } else { "" },
+        );
+    }
+    out
+}
+
 fn node_row(n: &NodeStatus, admin: bool) -> String {
     let loras: Vec<String> = n.record.loras.iter().map(|l| esc(&l.name)).collect();
     let upscalers: Vec<String> = n
@@ -87,7 +134,7 @@ fn node_row(n: &NodeStatus, admin: bool) -> String {
             ""
         },
         backend = esc(&n.record.backend),
-        family = n.record.family,
+        family = models_cell(n, admin),
         busy = n.busy_workers,
         jobs = if n.record.max_batch > 1 && n.running > 0 {
             format!(" ({} jobs)", n.running)
@@ -417,7 +464,7 @@ pub fn render_live(d: &DashboardData, access: Access) -> String {
          <span>queued jobs: <b id=\"queued\">{queued}</b></span>\
          <span>unfinished jobs: <b id=\"unfinished\">{unfinished}</b></span>\
          <span>images in the last hour: <b>{done_hour}</b></span></p>{charts}\
-         <h2>Nodes</h2><table id=\"nodes\"><tr><th>name</th><th>state</th><th>backend</th><th>family</th>\
+         <h2>Nodes</h2><table id=\"nodes\"><tr><th>name</th><th>state</th><th>backend</th><th>models</th>\
          <th>busy/workers</th><th>measured speed</th><th>advertised</th><th>sizes</th><th>LoRAs</th><th>upscalers</th>\
          <th>last heard</th><th></th></tr>{node_rows}</table>",
         total = d.nodes.len(),
@@ -638,6 +685,62 @@ mod tests {
         assert!(!locked.contains("id=\"jobs\"") && locked.contains("id=\"locked\""));
         let page = render_page(&live);
         assert!(page.contains("<script>") && !page.contains("src=\"http"));
+    }
+
+    #[test]
+    fn nodes_with_catalogues_show_each_model_and_what_is_loaded() {
+        use crate::records::{ModelAdvert, ModelResidency};
+        let model = |id: &str, name: &str, pinned: bool| ModelAdvert {
+            model_id: id.into(),
+            name: name.into(),
+            family: drover_shared::family::ModelFamily::Sd15,
+            max_pixels: 1 << 20,
+            sizes: Vec::new(),
+            samplers: Vec::new(),
+            img2img: false,
+            inpaint: false,
+            bytes: 1,
+            pinned,
+        };
+        let json = serde_json::json!({
+            "id": "00000000-0000-0000-0000-000000000001", "name": "multi", "backend": "cpu",
+            "family": "sd15", "cross_attention_dim": 768, "model_id": "aa", "workers": 1,
+            "max_pixels": 1048576, "loras": [], "version": "t", "pixel_steps_per_second": 0.0,
+            "registered_at_ms": 0,
+        });
+        let mut record: crate::records::NodeRecord = serde_json::from_value(json).unwrap();
+        record.models = vec![model("aa", "dream", true), model("bb", "photo", false)];
+        let status = NodeStatus {
+            record,
+            state: NodeState::Online,
+            suspect: false,
+            running: 0,
+            busy_workers: 0,
+            last_seen_ms_ago: 0,
+            measured_pixel_steps_per_second: None,
+            measured_by_batch: Default::default(),
+            residency: Some(vec![ModelResidency {
+                model_id: "aa".into(),
+                copies: 1,
+                ..Default::default()
+            }]),
+            memory_used: Some(1),
+        };
+        let cell = models_cell(&status, true);
+        assert!(
+            cell.contains("dream (sd15): loaded ×1, pinned</div>"),
+            "a pinned loaded model has no button: {cell}"
+        );
+        assert!(
+            cell.contains("photo (sd15): not loaded <button data-action=\"models/bb/load\""),
+            "{cell}"
+        );
+        assert!(!models_cell(&status, false).contains("<button"));
+        let single = NodeStatus {
+            residency: None,
+            ..status
+        };
+        assert_eq!(models_cell(&single, true), "sd15");
     }
 
     #[test]
