@@ -408,3 +408,55 @@ fn a_node_killed_while_loading_a_model_has_its_job_run_elsewhere_once() -> anyho
     assert_eq!(attempts[1]["outcome"], "succeeded", "{job}");
     Ok(())
 }
+
+/// When the attempt that succeeded ended (ms since epoch).
+fn ended_ms(job: &Value) -> u64 {
+    job["attempts"]
+        .as_array()
+        .and_then(|a| a.iter().find(|a| a["outcome"] == "succeeded"))
+        .and_then(|a| a["ended_ms"].as_u64())
+        .unwrap_or(u64::MAX)
+}
+
+#[test]
+fn a_job_waiting_for_a_busy_model_has_it_loaded_ahead_on_an_idle_node() -> anyhow::Result<()> {
+    let mut cluster = ClusterSandbox::start(binaries!(), &[])?;
+    // Loads take 2 s; the 2 GiB models' estimate follows from each node's start-up load.
+    cluster.add_node(sim_catalogue("pre-a", "alpha,beta", 2000).env("SIM_STEP_MS", "40"))?;
+    cluster.add_node(sim_catalogue("pre-b", "alpha,beta", 2000).env("SIM_STEP_MS", "40"))?;
+    cluster.wait_for_online(&["pre-a", "pre-b"], T)?;
+    // One node loads beta for a first job.
+    let first = cluster
+        .submit(&json!({"prompt": "x", "model": "sim-beta", "size": "64x64", "steps": 2}))?;
+    let holder = cluster.wait_for_job(&first, T)?["node_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    cluster.wait_until(T, "beta reported loaded", |c| {
+        Ok(farm_residency(c, &["pre-a", "pre-b"], "sim-beta")?.0 == 1)
+    })?;
+    // A long beta job keeps the holder busy for 6 s; a second beta job arrives behind it. It may
+    // not make the idle node switch before it has waited two loads (4 s), but after a second of
+    // waiting the coordinator has the idle node load beta ahead (2 s): the job runs there at
+    // about 3 s and ends long before the long one.
+    let long = cluster
+        .submit(&json!({"prompt": "x", "model": "sim-beta", "size": "64x64", "steps": 150}))?;
+    cluster.wait_until(T, "the long job runs", |c| {
+        Ok(c.job(&long)?["state"] == "running")
+    })?;
+    let second = cluster
+        .submit(&json!({"prompt": "y", "model": "sim-beta", "size": "64x64", "steps": 2}))?;
+    let second = cluster.wait_for_job(&second, T)?;
+    let long = cluster.wait_for_job(&long, T)?;
+    assert_eq!(long["node_id"], holder.as_str(), "{long}");
+    assert_ne!(second["node_id"], holder.as_str(), "{second}");
+    assert!(ended_ms(&second) < ended_ms(&long), "{second} {long}");
+    assert!(
+        cluster
+            .coordinator_log()
+            .contains("model preload ordered for waiting jobs"),
+        "{}",
+        cluster.coordinator_log()
+    );
+    Ok(())
+}
