@@ -387,10 +387,11 @@ impl ControlPlane {
         let loaded = std::cell::OnceCell::new();
         let capable = |job: JobId, spec: &JobSpec, id: NodeId| {
             let v = view(id)?;
-            let choice = router::choose_model(spec, &v).ok()?;
-            if choice.resident {
-                return Some(true);
+            let fit = router::fit_on(spec, &v)?;
+            if fit.loaded {
+                return Some(fit);
             }
+            let choice = router::choose_model(spec, &v).ok()?;
             let waited = jobs
                 .get(&job)
                 .map_or(0, |j| now_ms.saturating_sub(j.created_ms));
@@ -408,7 +409,7 @@ impl ControlPlane {
                 router::load_estimate_ms(&v, &choice.facts),
                 elsewhere,
             )
-            .then_some(false)
+            .then_some(fit)
         };
         let batch_key =
             |spec: &JobSpec, id: NodeId| view(id).and_then(|v| router::batch_key(spec, &v));

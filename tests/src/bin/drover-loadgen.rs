@@ -364,7 +364,7 @@ fn decision_times() -> Result<()> {
         let started = Instant::now();
         for i in 0..iterations {
             let pivot = views[i as usize % n].id;
-            let capable = |id| by_id.get(&id).and_then(|v| router::capable_on(&job, v));
+            let capable = |id| by_id.get(&id).and_then(|v| router::fit_on(&job, v));
             black_box(router::pick_indexed(
                 &index,
                 black_box(&job),

@@ -11,7 +11,7 @@ use drover_shared::job::{JobSpec, JobTask, ModelSelector};
 
 use drover_shared::ids::NodeId;
 
-use super::{NodeView, choose_model, lora_set_key, remember_set, speed_key};
+use super::{Fit, NodeView, fit_on, lora_set_key, remember_set, speed_key};
 
 /// A node's rank in the index, smaller is better: faster, then more free slots.
 type Rank = (Reverse<u64>, Reverse<u32>);
@@ -80,6 +80,10 @@ impl Member {
 /// An index pick's candidate, smaller is better: speed rank, not affine, free-slot rank, then
 /// (before the pivot, key) so equals take turns.
 type Candidate<K> = (Reverse<u64>, bool, Reverse<u32>, (bool, K));
+
+/// A candidate that must load the job's model, smaller is better: completion key, not affine,
+/// free-slot rank, then (before the pivot, key).
+type CostCandidate<K> = (u64, bool, Reverse<u32>, (bool, K));
 
 /// Nodes grouped by rank, best first; within a rank, by key.
 type Ranked<K> = BTreeMap<Rank, BTreeSet<K>>;
@@ -211,18 +215,19 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
     }
 
     /// The node that should run `job` (its families, model and LoRA set `set`) among those
-    /// `capable` accepts (`Some(loaded)`: capable, with the model it would run loaded or not):
-    /// first among the nodes where it runs on a loaded model, else among all, the best
-    /// [`Score`](super::pick) (speed bucket, LoRA affinity, free slots), and among equals the
-    /// first at or after `pivot` (wrapping). `None` when no indexed node is capable.
+    /// `capable` accepts (`Some(fit)`, [`fit_on`]): first among the nodes where it runs on a
+    /// loaded model, the best [`Score`](super::pick) (speed bucket, LoRA affinity, free slots),
+    /// in O(log n); else — the model must be loaded — the soonest estimated completion (load and
+    /// run), then affinity and free slots, over every capable node of its families; among equals
+    /// the first at or after `pivot` (wrapping). `None` when no indexed node is capable.
     pub fn pick(
         &self,
         job: &JobKeys<'_>,
         pivot: K,
-        capable: impl Fn(K) -> Option<bool>,
+        capable: impl Fn(K) -> Option<Fit>,
     ) -> Option<K> {
         if job.residency {
-            let loaded = |k: K| capable(k) == Some(true);
+            let loaded = |k: K| capable(k).is_some_and(|f| f.loaded);
             let groups: Vec<&Ranked<K>> = match &job.model {
                 Some(id) => self.by_model.get(id).into_iter().collect(),
                 None => job
@@ -234,6 +239,7 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
             if let Some(key) = self.best(groups, job.families, job.set, pivot, &loaded) {
                 return Some(key);
             }
+            return self.cheapest(job, pivot, &capable);
         }
         let any = |k: K| capable(k).is_some();
         let groups = job
@@ -242,6 +248,34 @@ impl<K: Ord + Copy + Hash> CapabilityIndex<K> {
             .map(|f| &self.ranked[family_slot(*f)])
             .collect();
         self.best(groups, job.families, job.set, pivot, &any)
+    }
+
+    /// The capable node of `job`'s families where it completes soonest, loading its model first:
+    /// smallest (cost, not affine, fewest free slots last, before the pivot, key).
+    fn cheapest(
+        &self,
+        job: &JobKeys<'_>,
+        pivot: K,
+        capable: &impl Fn(K) -> Option<Fit>,
+    ) -> Option<K> {
+        let mut best: Option<CostCandidate<K>> = None;
+        for family in job.families {
+            for key in self.ranked[family_slot(*family)].values().flatten() {
+                let (Some(fit), Some(member)) = (capable(*key), self.members.get(key)) else {
+                    continue;
+                };
+                let candidate = (
+                    fit.cost,
+                    !member.loaded.contains(&job.set),
+                    Reverse(member.free),
+                    (*key < pivot, *key),
+                );
+                if best.is_none_or(|b| candidate < b) {
+                    best = Some(candidate);
+                }
+            }
+        }
+        best.map(|(_, _, _, (_, key))| key)
     }
 
     /// The best capable node of `groups`: each group's first capable node (best rank, from the
@@ -330,12 +364,6 @@ impl<'a> JobKeys<'a> {
     }
 }
 
-/// Whether `node` can serve `job`: `Some(loaded)` with whether the model it would run is
-/// loaded there, `None` when it cannot.
-pub fn capable_on(job: &JobSpec, node: &NodeView<'_>) -> Option<bool> {
-    choose_model(job, node).ok().map(|c| c.resident)
-}
-
 /// A [`CapabilityIndex`] over one snapshot, keyed by position in it: what [`pick`] is checked
 /// against, and what the routing benchmark measures.
 #[derive(Clone, Debug, Default)]
@@ -364,7 +392,7 @@ impl RoutingIndex {
     pub fn pick(&self, job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Option<usize> {
         let pivot = turn as usize % nodes.len().max(1);
         self.index
-            .pick(&JobKeys::of(job), pivot, |i| capable_on(job, &nodes[i]))
+            .pick(&JobKeys::of(job), pivot, |i| fit_on(job, &nodes[i]))
     }
 
     /// Records that the node at `position` took one job with LoRA set `set`.
@@ -410,12 +438,12 @@ pub fn sample_farm(n: usize) -> Vec<NodeView<'static>> {
 }
 
 /// The node `index` picks for `job`, with `capable` telling whether a node id can serve it
-/// ([`capable_on`]): [`CapabilityIndex::pick`] with the job's keys.
+/// ([`fit_on`]): [`CapabilityIndex::pick`] with the job's keys.
 pub fn pick_indexed<K: Ord + Copy + Hash>(
     index: &CapabilityIndex<K>,
     job: &JobSpec,
     pivot: K,
-    capable: impl Fn(K) -> Option<bool>,
+    capable: impl Fn(K) -> Option<Fit>,
 ) -> Option<K> {
     index.pick(&JobKeys::of(job), pivot, capable)
 }
@@ -467,7 +495,7 @@ pub fn plan_dispatch<'a, K: Ord + Copy + Hash, J: Copy, B: PartialEq>(
     index: &mut CapabilityIndex<K>,
     queue: impl IntoIterator<Item = (J, &'a JobSpec)>,
     mut pivot: K,
-    capable: impl Fn(J, &JobSpec, K) -> Option<bool>,
+    capable: impl Fn(J, &JobSpec, K) -> Option<Fit>,
     batch_key: impl Fn(&JobSpec, K) -> Option<B>,
     hold: impl Fn(J) -> bool,
     after: impl Fn(K) -> K,

@@ -184,6 +184,48 @@ pub fn load_estimate_ms(node: &NodeView<'_>, m: &ModelFacts<'_>) -> u64 {
 /// again, a load back.
 pub const SWITCH_LOADS: u64 = 2;
 
+/// How a capable node fits a job ([`fit_on`]): whether the model it would run is loaded there,
+/// and, when not, the estimated completion of the job there (the load, then the run) as a
+/// log-scale key (~9% buckets, smaller is sooner).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fit {
+    /// The model it would run is loaded there.
+    pub loaded: bool,
+    /// Estimated completion key when not loaded (0 when loaded).
+    pub cost: u64,
+}
+
+/// A duration in milliseconds as a key in ~9% log buckets, as [`speed_key`] ranks speeds.
+pub fn cost_key(ms: f64) -> u64 {
+    ((ms.max(0.0) + 1.0).log2() * 8.0) as u64
+}
+
+/// How `node` fits `job` ([`Fit`]); `None` when it cannot serve it. The run's estimate is the
+/// job's pixel-steps at the node's speed (nothing when the speed is not known yet).
+pub fn fit_on(job: &JobSpec, node: &NodeView<'_>) -> Option<Fit> {
+    let choice = choose_model(job, node).ok()?;
+    if choice.resident {
+        return Some(Fit {
+            loaded: true,
+            cost: 0,
+        });
+    }
+    let m = choice.facts;
+    let sampler = job.sampler.or_else(|| m.samplers.first().copied());
+    let calls = job.model_calls_with(sampler, job.steps_with(sampler));
+    let work = job.size_on(m.family, m.sizes).pixels() as f64 * f64::from(calls);
+    let speed = node.pixel_steps_per_second;
+    let run_ms = if speed.is_finite() && speed > 1.0 {
+        1000.0 * work / speed
+    } else {
+        0.0
+    };
+    Some(Fit {
+        loaded: false,
+        cost: cost_key(load_estimate_ms(node, &m) as f64 + run_ms),
+    })
+}
+
 /// Whether a job that has waited `waited_ms` may go to a free node that must first load its
 /// model (about `load_ms`): at once when no node has a model for it loaded (it has to be loaded
 /// somewhere), else only once it has waited what the switch costs ([`SWITCH_LOADS`] loads).
@@ -731,7 +773,8 @@ pub fn lora_set_key(loras: &[drover_shared::job::LoraRef]) -> u64 {
 
 /// How good a capable node is for a job, larger is better, compared in this order: a model
 /// that serves the job is loaded there (nothing to load first), then faster (in
-/// ~9% log buckets: the estimated completion time of a job that starts now), then LoRA affinity
+/// ~9% log buckets: the estimated completion time of a job that starts now; where the model must
+/// be loaded, the sooner estimated completion of load and run, [`fit_on`]), then LoRA affinity
 /// (the job's LoRA set is already merged on one of its workers, so nothing reloads), then more
 /// free slots (spread the load), then the round-robin position.
 type Score = (bool, u64, bool, u32, usize);
@@ -754,9 +797,17 @@ pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, 
             continue;
         }
         let rotation = n - 1 - (i + n - (turn as usize % n)) % n;
+        let fit = fit_on(job, node).unwrap_or(Fit {
+            loaded: false,
+            cost: u64::MAX,
+        });
         let key = (
-            choose_model(job, node).is_ok_and(|c| c.resident),
-            speed_key(node),
+            fit.loaded,
+            if fit.loaded {
+                speed_key(node)
+            } else {
+                u64::MAX - fit.cost
+            },
             affine(set, node),
             node.free_slots,
             rotation,
@@ -831,8 +882,7 @@ pub fn batch_key(job: &JobSpec, node: &NodeView<'_>) -> Option<BatchKey> {
 mod index;
 
 pub use index::{
-    CapabilityIndex, JobKeys, Member, Round, RoutingIndex, capable_on, pick_indexed, plan_dispatch,
-    sample_farm,
+    CapabilityIndex, JobKeys, Member, Round, RoutingIndex, pick_indexed, plan_dispatch, sample_farm,
 };
 
 /// Records that a worker took LoRA set `set`: most recent first, at most `workers` sets.

@@ -116,6 +116,38 @@ fn a_loaded_model_comes_first_then_the_cheapest_to_load() {
     assert_eq!(RoutingIndex::new(&nodes).pick(&spec, &nodes, 0), Some(1));
 }
 
+#[test]
+fn a_model_loaded_nowhere_is_loaded_where_the_job_completes_soonest() {
+    let last_load = |ms| {
+        leak(vec![ModelResidency {
+            model_id: "bb02".into(),
+            loads: 1,
+            load_ms_total: ms,
+            last_load_ms: ms,
+            ..Default::default()
+        }])
+    };
+    // A fast node that loads photo in 60 s, and one eight times slower that loads it in 2 s.
+    let fast = NodeView {
+        pixel_steps_per_second: 8.0e6,
+        residency: last_load(60_000),
+        ..multi(1, &[0, 1], &[0])
+    };
+    let quick = NodeView {
+        pixel_steps_per_second: 1.0e6,
+        residency: last_load(2_000),
+        ..multi(2, &[0, 1], &[0])
+    };
+    let nodes = [fast, quick];
+    // 512² × 4 steps: 1 s on the slow node, 0.13 s on the fast one; the load decides.
+    let spec = job(r#"{"prompt":"x","model":"photo","size":"512x512","steps":4}"#);
+    assert_eq!(pick(&spec, &nodes, 0).unwrap(), nodes[1].id);
+    assert_eq!(RoutingIndex::new(&nodes).pick(&spec, &nodes, 0), Some(1));
+    // Where the model is loaded, speed decides as before.
+    let dream = job(r#"{"prompt":"x","model":"dream"}"#);
+    assert_eq!(pick(&dream, &nodes, 0).unwrap(), nodes[0].id);
+}
+
 fn arb_multi_node() -> impl Strategy<Value = (Vec<usize>, Vec<bool>, bool, u32, usize)> {
     (
         prop::sample::subsequence(vec![0usize, 1, 2, 3], 1..=3).prop_shuffle(),
@@ -173,6 +205,11 @@ proptest! {
                 prop_assert!(chosen.models.iter().any(|m| m.model_id == choice.facts.id));
                 let any_loaded = eligible.iter().any(|n| choose_model(&spec, n).unwrap().resident);
                 prop_assert_eq!(choice.resident, any_loaded);
+                // Loaded nowhere: the soonest estimated completion (load and run).
+                if !any_loaded {
+                    let soonest = eligible.iter().filter_map(|n| fit_on(&spec, n)).map(|f| f.cost).min();
+                    prop_assert_eq!(fit_on(&spec, chosen).map(|f| f.cost), soonest);
+                }
             }
         }
     }
