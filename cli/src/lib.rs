@@ -166,6 +166,19 @@ pub enum Command {
         /// Node name or id.
         node: String,
     },
+    /// The farm's models: family, nodes serving each, where each is loaded.
+    Models,
+    /// Order a node to load, unload, pin or unpin one of its models (needs the admin token when
+    /// one is set); the node carries it out in the background.
+    Model {
+        /// What to do.
+        #[arg(value_parser = ["load", "unload", "pin", "unpin"])]
+        action: String,
+        /// Node name or id.
+        node: String,
+        /// The model's id or its name on the node.
+        model: String,
+    },
     /// Cancel a job.
     Cancel {
         /// Job id.
@@ -645,6 +658,50 @@ fn run(cli: Cli) -> Result<()> {
                 "{} draining: {}",
                 answer["name"].as_str().unwrap_or(node),
                 answer["draining"]
+            );
+        }
+        Command::Models => {
+            let models = api.get("/v1/models")?;
+            println!(
+                "{:<24} {:<6} {:<14} {:<28} loaded on",
+                "name", "family", "id", "served by"
+            );
+            let names = |v: &serde_json::Value| {
+                v.as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            };
+            for m in models.as_array().into_iter().flatten() {
+                let id = m["model_id"].as_str().unwrap_or("");
+                println!(
+                    "{:<24} {:<6} {:<14} {:<28} {}",
+                    m["model_name"].as_str().unwrap_or(""),
+                    m["family"].as_str().unwrap_or(""),
+                    id.get(..12).unwrap_or(id),
+                    names(&m["served_by"]),
+                    names(&m["resident_on"]),
+                );
+            }
+        }
+        Command::Model {
+            action,
+            node,
+            model,
+        } => {
+            let id = api.node_id(node)?;
+            let answer = api.send(
+                "POST",
+                &format!("/v1/nodes/{id}/models/{model}/{action}"),
+                None,
+            )?;
+            println!(
+                "{} on {}: {} sent",
+                answer["model"].as_str().unwrap_or(model),
+                answer["node"].as_str().unwrap_or(node),
+                answer["action"].as_str().unwrap_or(action)
             );
         }
         Command::Health => {

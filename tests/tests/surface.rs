@@ -478,6 +478,16 @@ fn the_drover_cli_generates_with_progress_and_manages_nodes() -> anyhow::Result<
     assert_eq!(cluster.node_state("painter")?.as_deref(), Some("draining"));
     let jobs = cli(&["jobs"]);
     assert!(jobs.status.success());
+    let models = cli(&["models"]);
+    assert!(String::from_utf8_lossy(&models.stdout).contains("sim-sd15"));
+    // A node without a catalogue keeps its one model: the order is refused with the reason.
+    let order = cli(&["model", "unload", "painter", "sim-sd15"]);
+    assert!(!order.status.success());
+    assert!(
+        String::from_utf8_lossy(&order.stderr).contains("keeps its one model loaded"),
+        "{}",
+        String::from_utf8_lossy(&order.stderr)
+    );
 
     let cancel = cli(&["cancel", "00000000-0000-4000-8000-000000000000"]);
     assert!(!cancel.status.success());
