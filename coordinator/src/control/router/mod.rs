@@ -793,14 +793,14 @@ pub fn pick(job: &JobSpec, nodes: &[NodeView<'_>], turn: u64) -> Result<NodeId, 
     let mut best: Option<(NodeId, Score)> = None;
     let n = nodes.len().max(1);
     for (i, node) in nodes.iter().enumerate() {
-        if eligibility(job, node).is_err() {
+        // Eligible: can take work now (cheap), and capable (`fit_on` is `capability` too).
+        if !node.online || node.draining || node.suspect || node.free_slots == 0 {
             continue;
         }
+        let Some(fit) = fit_on(job, node) else {
+            continue;
+        };
         let rotation = n - 1 - (i + n - (turn as usize % n)) % n;
-        let fit = fit_on(job, node).unwrap_or(Fit {
-            loaded: false,
-            cost: u64::MAX,
-        });
         let key = (
             fit.loaded,
             if fit.loaded {
