@@ -8,6 +8,7 @@ use std::sync::Arc;
 use ::burn::tensor::backend::Backend;
 use drover_shared::detect::{Inspection, Layout};
 use drover_shared::family::ModelFamily;
+pub use drover_shared::models::ModelAction;
 
 use crate::burn::pipeline::Precision;
 use crate::burn::renderer::{ModelPool, PoolModel, model_pool, model_source};
@@ -61,34 +62,6 @@ pub struct ModelCaps {
 pub trait ResidencyProbe: Send + Sync {
     /// Each loadable model's id and residency.
     fn models(&self) -> Vec<(String, ModelStats)>;
-}
-
-/// What an order about a model asks ([`ModelControl::command`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ModelAction {
-    /// Load a copy now (evicting idle models as a job would).
-    Load,
-    /// Drop its idle copies.
-    Unload,
-    /// Load it and never evict it.
-    Pin,
-    /// Evictable again.
-    Unpin,
-}
-
-impl std::str::FromStr for ModelAction {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "load" => Ok(Self::Load),
-            "unload" => Ok(Self::Unload),
-            "pin" => Ok(Self::Pin),
-            "unpin" => Ok(Self::Unpin),
-            other => Err(format!(
-                "unknown model action `{other}` (load, unload, pin, unpin)"
-            )),
-        }
-    }
 }
 
 /// Carries out orders about the catalogue's models (blocking: a load takes seconds).
@@ -150,20 +123,7 @@ pub fn discover(config: &NodeConfig) -> Result<Vec<Entry>> {
                 .map_or_else(String::new, |r| r.display().to_string())
         )));
     }
-    if let Some(p) = config
-        .pin_models
-        .iter()
-        .find(|p| !p.is_empty() && !entries.iter().any(|e| &&e.name == p))
-    {
-        return Err(NodeError::Config(format!(
-            "PIN_MODELS names `{p}`, which is not among the node's models ({})",
-            entries
-                .iter()
-                .map(|e| e.name.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
-    }
+    check_pins(&config.pin_models, entries.iter().map(|e| e.name.as_str()))?;
     if entries.len() > 1
         && let Some(rknn) = entries.iter().find(|e| e.model.layout == Layout::Rknn)
     {
@@ -173,6 +133,20 @@ pub fn discover(config: &NodeConfig) -> Result<Vec<Entry>> {
         )));
     }
     Ok(entries)
+}
+
+/// Refuses a `PIN_MODELS` list that names a model outside `names` (the node's catalogue).
+pub fn check_pins<'a>(pins: &[String], names: impl Iterator<Item = &'a str> + Clone) -> Result<()> {
+    match pins
+        .iter()
+        .find(|p| !p.is_empty() && !names.clone().any(|n| n == p.as_str()))
+    {
+        Some(p) => Err(NodeError::Config(format!(
+            "PIN_MODELS names `{p}`, which is not among the node's models ({})",
+            names.collect::<Vec<_>>().join(", ")
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Bytes one copy of `model` takes in `precision`: its parameters at the weights' dtype size.
@@ -198,22 +172,15 @@ pub fn load_pool<B: Backend>(
         .filter(|e| e.pinned)
         .map(|e| copy_bytes(&e.model, precision))
         .sum();
-    let mut fitting = Vec::with_capacity(entries.len());
-    for e in entries.drain(..) {
+    entries.retain(|e| {
         let bytes = copy_bytes(&e.model, precision);
-        if e.pinned || bytes + pinned <= budget {
-            fitting.push(e);
-        } else if e.explicit {
-            return Err(NodeError::Config(format!(
-                "model {} needs {bytes} bytes, which do not fit NODE_MEMORY_BUDGET={budget} \
-                 beside the pinned models ({pinned} bytes)",
-                e.name
-            )));
-        } else {
+        // A named model that does not fit is refused by the ledger below, with the reason.
+        let keep = e.pinned || e.explicit || bytes + pinned <= budget;
+        if !keep {
             tracing::warn!(model = %e.name, bytes, budget, "catalogue entry skipped: larger than the memory budget");
         }
-    }
-    *entries = fitting;
+        keep
+    });
     let costs: Vec<ModelCost> = entries
         .iter()
         .map(|e| ModelCost {

@@ -739,15 +739,7 @@ fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
     if models.is_empty() {
         return Err(NodeError::Config("SIM_MODELS names no model".into()));
     }
-    if let Some(p) = config
-        .pin_models
-        .iter()
-        .find(|p| !p.is_empty() && !models.iter().any(|m| &&m.name == p))
-    {
-        return Err(NodeError::Config(format!(
-            "PIN_MODELS names `{p}`, which SIM_MODELS does not"
-        )));
-    }
+    crate::catalog::check_pins(&config.pin_models, models.iter().map(|m| m.name.as_str()))?;
     let budget = config.memory_budget.unwrap_or(u64::MAX);
     let ledger = crate::residency::Ledger::new(
         budget,

@@ -21,6 +21,7 @@ pub mod family;
 pub mod ids;
 pub mod image;
 pub mod job;
+pub mod models;
 pub mod presets;
 pub mod safetensors;
 pub mod sampler;

@@ -17,8 +17,9 @@ use super::{ControlPlane, router};
 use crate::error::{CoordinatorError, Result};
 use crate::limits::ClientId;
 use crate::metrics::FarmGauges;
+use crate::records::ModelResidency;
 use crate::records::{JobRecord, NodeRecord, now_ms};
-use crate::records::{ModelAction, ModelResidency};
+use drover_shared::models::ModelAction;
 
 /// A gather window ended: dispatch again (sent by the control plane to itself).
 #[derive(Message)]

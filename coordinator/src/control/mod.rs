@@ -391,7 +391,6 @@ impl ControlPlane {
             if fit.loaded {
                 return Some(fit);
             }
-            let choice = router::choose_model(spec, &v).ok()?;
             let waited = jobs
                 .get(&job)
                 .map_or(0, |j| now_ms.saturating_sub(j.created_ms));
@@ -404,12 +403,7 @@ impl ControlPlane {
                     )
                 })
                 .serves(spec);
-            router::may_load(
-                waited,
-                router::load_estimate_ms(&v, &choice.facts),
-                elsewhere,
-            )
-            .then_some(fit)
+            router::may_load(waited, fit.load_ms, elsewhere).then_some(fit)
         };
         let batch_key =
             |spec: &JobSpec, id: NodeId| view(id).and_then(|v| router::batch_key(spec, &v));
@@ -634,7 +628,7 @@ impl ControlPlane {
             if let Some(session) = &entry.session {
                 let _ = session.tx.send(ToNode::Model {
                     model_id: model_id.clone(),
-                    action: crate::records::ModelAction::Load,
+                    action: drover_shared::models::ModelAction::Load,
                 });
                 tracing::info!(node_id = %node_id, model_id = %model_id, "model preload ordered for waiting jobs");
                 entry.preloading = Some((model_id, now));

@@ -36,7 +36,7 @@ pub enum ToNode {
         /// The model.
         model_id: String,
         /// What to do.
-        action: crate::records::ModelAction,
+        action: drover_shared::models::ModelAction,
     },
 }
 
@@ -282,7 +282,8 @@ pub struct NodeRegistration {
     pub upscalers: Vec<UpscalerAdvert>,
     /// Most jobs one worker renders in one batch (at least 1).
     pub max_batch: u32,
-    /// Its model catalogue, its default first (at least the one model above).
+    /// Its model catalogue, its default first; empty from nodes before catalogues (their one
+    /// model is the fields above: [`NodeRecord::catalogue`]).
     pub models: Vec<ModelAdvert>,
     /// Bytes its resident models may take; 0: not stated.
     pub memory_budget: u64,

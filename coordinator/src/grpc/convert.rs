@@ -36,7 +36,7 @@ pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
             bad.width, bad.height
         )));
     }
-    let sizes: Vec<Size> = req
+    let sizes = req
         .sizes
         .iter()
         .map(|s| Size {
@@ -100,21 +100,6 @@ pub fn registration(req: proto::RegisterRequest) -> Result<NodeRegistration> {
             inpaint: m.inpaint,
             bytes: m.bytes,
             pinned: m.pinned,
-        });
-    }
-    if models.is_empty() {
-        // A node from before catalogues: its one model is the registration's own fields.
-        models.push(ModelAdvert {
-            model_id: req.model_id.clone(),
-            name: req.model_name.chars().take(256).collect(),
-            family,
-            max_pixels: req.max_pixels,
-            sizes: sizes.clone(),
-            samplers: samplers.clone(),
-            img2img: req.img2img,
-            inpaint: req.inpaint,
-            bytes: 0,
-            pinned: false,
         });
     }
     let residency = self::residency(&req.residency);

@@ -13,7 +13,7 @@ use super::responses::{Conflict, Forbidden, Internal, NotFound, Unauthorized, Un
 use super::state::AppState;
 use crate::control::{ListNodes, ModelOrdered, NodeState, NodeStatus, OrderModel, SetDraining};
 use crate::error::{CoordinatorError, Result};
-use crate::records::ModelAction;
+use drover_shared::models::ModelAction;
 
 /// The answer of `GET /healthz`.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]

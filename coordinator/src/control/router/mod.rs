@@ -193,6 +193,8 @@ pub struct Fit {
     pub loaded: bool,
     /// Estimated completion key when not loaded (0 when loaded).
     pub cost: u64,
+    /// The load's estimate in milliseconds ([`load_estimate_ms`]; 0 when loaded).
+    pub load_ms: u64,
 }
 
 /// A duration in milliseconds as a key in ~9% log buckets, as [`speed_key`] ranks speeds.
@@ -208,6 +210,7 @@ pub fn fit_on(job: &JobSpec, node: &NodeView<'_>) -> Option<Fit> {
         return Some(Fit {
             loaded: true,
             cost: 0,
+            load_ms: 0,
         });
     }
     let m = choice.facts;
@@ -220,9 +223,11 @@ pub fn fit_on(job: &JobSpec, node: &NodeView<'_>) -> Option<Fit> {
     } else {
         0.0
     };
+    let load_ms = load_estimate_ms(node, &m);
     Some(Fit {
         loaded: false,
-        cost: cost_key(load_estimate_ms(node, &m) as f64 + run_ms),
+        cost: cost_key(load_ms as f64 + run_ms),
+        load_ms,
     })
 }
 
