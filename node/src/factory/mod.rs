@@ -27,6 +27,12 @@ use crate::sampling::Sampler;
 use crate::sim::SimRenderer;
 use crate::upscaling::{self, PostProcess, UpscalerEntry};
 
+mod cuda;
+mod sim;
+
+use cuda::build_cuda;
+use sim::build_sim;
+
 /// What the node tells the coordinator it can do.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Capabilities {
@@ -87,9 +93,6 @@ pub struct WorkerPool {
     /// Orders about the models (Burn backends); `None`: nothing to order.
     pub control: Option<Arc<dyn ModelControl>>,
 }
-
-/// What a simulated node advertises: every sampler, a standard one first.
-const SIM_SAMPLERS: [Sampler; 9] = Sampler::ALL;
 
 /// Largest image accepted for `family`: four times the family's native area.
 pub fn default_max_pixels(family: ModelFamily) -> u64 {
@@ -418,143 +421,6 @@ fn precision(config: &NodeConfig, default: PrecisionKind) -> Precision {
     }
 }
 
-/// The cuda workers: every device of the plan (all visible ones, or `GPUS`) gets its own pool
-/// of the catalogue's models (each checked by loading it, the default kept and warmed up at the
-/// family's default size) on all devices at once, before the node registers, and `NUM_WORKERS`
-/// workers. A device that fails stops the start, naming its index and the reason.
-#[cfg(feature = "cuda")]
-fn build_cuda(
-    config: &NodeConfig,
-    entries: Vec<crate::catalog::Entry>,
-    loras: Vec<LoraEntry>,
-) -> Result<WorkerPool> {
-    use crate::burn::{cuda, gpus, renderer};
-    cuda::preflight()?;
-    let cache = config
-        .cache_dir
-        .clone()
-        .unwrap_or_else(cuda::default_cache_dir);
-    cuda::configure_kernel_cache(&cache)?;
-    let chosen = config
-        .gpus
-        .as_deref()
-        .map(gpus::parse_gpu_list)
-        .transpose()?;
-    let visible = cuda::device_count()?;
-    let per_device = config.num_workers.unwrap_or(1);
-    let plan = gpus::plan_workers(visible, chosen.as_deref(), per_device)?;
-    let mut devices: Vec<usize> = Vec::new();
-    for d in &plan {
-        if !devices.contains(d) {
-            devices.push(*d);
-        }
-    }
-    let precision = precision(config, PrecisionKind::F16);
-    let budget = config.memory_budget.unwrap_or(u64::MAX);
-    let (w, h) = entries[0].model.family.default_size();
-    let started = std::time::Instant::now();
-    type Loaded = Result<(Arc<renderer::ModelPool<crate::burn::Gpu>>, Vec<ModelCaps>)>;
-    let loaded: Vec<Loaded> = std::thread::scope(|scope| {
-        let loads: Vec<_> = devices
-            .iter()
-            .map(|&index| {
-                let mut entries = entries.clone();
-                scope.spawn(move || {
-                    cuda::on_device(index, "loading the models", || {
-                        let device = ::burn::backend::cuda::CudaDevice::new(index);
-                        let (pool, models) = crate::catalog::load_pool::<crate::burn::Gpu>(
-                            &mut entries,
-                            &device,
-                            precision,
-                            config,
-                            budget,
-                            |f| max_pixels(config, f),
-                        )?;
-                        let default = pool.check_out(0, |_| true)?;
-                        let took = renderer::warm_up(&default, (w as usize, h as usize))?;
-                        drop(default);
-                        tracing::info!(
-                            device = index,
-                            size = %format!("{w}x{h}"),
-                            ms = took.as_millis() as u64,
-                            "cuda device warmed up"
-                        );
-                        Ok((pool, models))
-                    })
-                })
-            })
-            .collect();
-        loads
-            .into_iter()
-            .zip(&devices)
-            .map(|(handle, &index)| {
-                handle.join().unwrap_or_else(|_| {
-                    Err(NodeError::Backend {
-                        backend: "cuda",
-                        message: format!("device {index}: its loading thread panicked"),
-                    })
-                })
-            })
-            .collect()
-    });
-    let mut pools = Vec::new();
-    let mut models = Vec::new();
-    for result in loaded {
-        let (pool, device_models) = result?;
-        pools.push(pool);
-        models = device_models;
-    }
-    tracing::info!(
-        devices = ?devices,
-        workers = plan.len(),
-        models = models.len(),
-        precision = ?precision.weights,
-        cache = %cache.display(),
-        ms = started.elapsed().as_millis() as u64,
-        "cuda models loaded and warmed up"
-    );
-    // Worker i runs on plan[i]'s device: its pool is that device's.
-    let worker_pools: Vec<_> = plan
-        .iter()
-        .map(|d| pools[devices.iter().position(|x| x == d).unwrap_or(0)].clone())
-        .collect();
-    let addr = renderer::start_pool(
-        worker_pools,
-        plan.len(),
-        "cuda",
-        &models[0].id,
-        config.lora_root.clone(),
-        lcm_names(&loras),
-    );
-    let mut pool = pool(
-        config,
-        BackendKind::Cuda,
-        plan.len() as u32,
-        loras,
-        models,
-        addr.recipient(),
-    );
-    pool.capabilities.memory_budget = if budget == u64::MAX { 0 } else { budget };
-    let pools = Arc::new(pools);
-    pool.residency = Some(pools.clone());
-    pool.control = Some(pools);
-    Ok(pool)
-}
-
-#[cfg(not(feature = "cuda"))]
-fn build_cuda(
-    _config: &NodeConfig,
-    _entries: Vec<crate::catalog::Entry>,
-    _loras: Vec<LoraEntry>,
-) -> Result<WorkerPool> {
-    Err(NodeError::Backend {
-        backend: "cuda",
-        message: "this drover-node was built without the `cuda` feature; rebuild with \
-                  `cargo build --release -p drover-node --features cuda`, or set BACKEND=cpu"
-            .into(),
-    })
-}
-
 /// Identifies the model and refuses what a text-to-image node cannot serve.
 pub fn detect_model(path: &Path) -> Result<Inspection> {
     let model = inspect(path)?;
@@ -651,148 +517,6 @@ pub fn scan_loras(root: &Path, families: &[ModelFamily], lcm: &[String]) -> Resu
         )));
     }
     Ok(loras)
-}
-
-fn build_sim(config: &NodeConfig) -> Result<WorkerPool> {
-    let family = config.sim_family;
-    if !family.is_text_to_image() {
-        return Err(NodeError::Config(format!(
-            "SIM_FAMILY={family} is not a text-to-image family"
-        )));
-    }
-    if config.model.is_some() || config.model_root.is_some() {
-        return Err(NodeError::Config(
-            "BACKEND=sim runs no model, but MODEL/MODEL_ROOT are set; unset them or choose a real backend".into(),
-        ));
-    }
-    let workers = config.num_workers.unwrap_or(2);
-    if !(1..=64).contains(&workers) {
-        return Err(NodeError::Config(format!(
-            "NUM_WORKERS={workers} is outside 1..=64"
-        )));
-    }
-    let loras = match &config.lora_root {
-        Some(root) => scan_loras(root, &[family], &config.lcm_loras)?,
-        None => Vec::new(),
-    };
-    let step = Duration::from_millis(config.sim_step_ms);
-    let (w, h) = family.default_size();
-    let pixel_steps_per_second = if config.sim_step_ms == 0 {
-        0.0
-    } else {
-        f64::from(w * h) * 1000.0 / config.sim_step_ms as f64
-    };
-    let model_caps = |id: String, name: String, family: ModelFamily, bytes: u64| ModelCaps {
-        id,
-        family,
-        cross_attention_dim: family.cross_attention_dim(),
-        max_pixels: max_pixels(config, family),
-        sizes: Vec::new(),
-        // A simulation renders any sampler alike; standard first, so jobs that name none may
-        // ask for up to 150 steps as on a standard model.
-        samplers: SIM_SAMPLERS.to_vec(),
-        // The simulation blends a job's source image into what it draws.
-        img2img: true,
-        inpaint: true,
-        bytes,
-        pinned: config.pin_models.contains(&name),
-        name,
-    };
-    let Some(list) = config.sim_models.as_deref() else {
-        let model_id = format!("sim-{family}");
-        let addr = Worker::start(workers as usize, &model_id, move |_| SimRenderer::new(step));
-        tracing::info!(family = %family, workers, step_ms = config.sim_step_ms, loras = loras.len(), "sim workers started (simulated backend, no model)");
-        let caps = model_caps(model_id.clone(), model_id, family, 0);
-        let mut pool = pool(
-            config,
-            BackendKind::Sim,
-            workers,
-            loras,
-            vec![caps],
-            addr.recipient(),
-        );
-        pool.capabilities.pixel_steps_per_second = pixel_steps_per_second;
-        return Ok(pool);
-    };
-    let mut models = Vec::new();
-    for entry in list.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-        let (name, fam) = match entry.split_once(':') {
-            Some((name, f)) => (
-                name,
-                f.parse::<ModelFamily>()
-                    .map_err(|e| NodeError::Config(format!("SIM_MODELS entry `{entry}`: {e}")))?,
-            ),
-            None => (entry, family),
-        };
-        let bytes = if fam == ModelFamily::Sdxl {
-            7 << 30
-        } else {
-            2 << 30
-        };
-        models.push(model_caps(
-            format!("sim-{name}"),
-            name.to_string(),
-            fam,
-            bytes,
-        ));
-    }
-    if models.is_empty() {
-        return Err(NodeError::Config("SIM_MODELS names no model".into()));
-    }
-    crate::catalog::check_pins(&config.pin_models, models.iter().map(|m| m.name.as_str()))?;
-    let budget = config.memory_budget.unwrap_or(u64::MAX);
-    let ledger = crate::residency::Ledger::new(
-        budget,
-        models
-            .iter()
-            .map(|m| crate::residency::ModelCost {
-                name: m.name.clone(),
-                bytes: m.bytes,
-                pinned: m.pinned,
-            })
-            .collect(),
-    )?;
-    let load = Duration::from_millis(config.sim_load_ms);
-    let catalogue = Arc::new(crate::residency::Models::new(
-        models.iter().map(|m| m.id.clone()).collect(),
-        ledger,
-        move |_| {
-            std::thread::sleep(load);
-            Ok(())
-        },
-    ));
-    // The default and the pinned models are loaded before the node registers.
-    for (i, m) in models.iter().enumerate() {
-        if i == 0 || m.pinned {
-            catalogue.preload(i)?;
-        }
-    }
-    let shared = catalogue.clone();
-    let addr = Worker::start(workers as usize, &models[0].id, move |_| {
-        SimRenderer::new(step).with_models(shared.clone())
-    });
-    tracing::info!(
-        models = models.len(),
-        workers,
-        step_ms = config.sim_step_ms,
-        load_ms = config.sim_load_ms,
-        budget,
-        "sim workers started (simulated backend and catalogue, no model)"
-    );
-    let mut pool = pool(
-        config,
-        BackendKind::Sim,
-        workers,
-        loras,
-        models,
-        addr.recipient(),
-    );
-    pool.capabilities.pixel_steps_per_second = pixel_steps_per_second;
-    pool.capabilities.memory_budget = if budget == u64::MAX { 0 } else { budget };
-    let pools = Arc::new(vec![catalogue]);
-    pool.residency = Some(pools.clone());
-    pool.control = Some(pools);
-    Ok(pool)
 }
 
 #[cfg(test)]
