@@ -4,7 +4,8 @@
 # scratch image.
 #   drover-coordinator:local  /bin/drover-coordinator, /bin/drover (CLI, used for health checks),
 #                             /data (the sled volume's mount point, owned by uid 10001)
-#   drover-node:local         /bin/drover-node, /models and /loras mount points
+#   drover-node:local         /bin/drover-node, /bin/drover (CLI: the drain of a preStop hook),
+#                             /models and /loras mount points
 # Usage: scripts/docker-build.sh            (needs cargo and a Docker engine)
 #        DROVER_DOCKER_PROFILE=dev scripts/docker-build.sh   (reuse the test build, see below)
 set -euo pipefail
@@ -38,7 +39,7 @@ rootfs() { # image-name binaries...
 }
 rootfs coordinator drover-coordinator drover
 mkdir -p "$work/rootfs-coordinator/data"
-rootfs node drover-node
+rootfs node drover-node drover
 mkdir -p "$work/rootfs-node/models" "$work/rootfs-node/loras"
 
 docker build -q -f docker/Dockerfile --build-arg ROOTFS=rootfs-coordinator -t drover-coordinator:local "$work"

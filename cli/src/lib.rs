@@ -17,7 +17,8 @@ use serde_json::{Value, json};
     about = "Drover client: images, jobs and nodes of a farm"
 )]
 pub struct Cli {
-    /// The coordinator's REST address.
+    /// The coordinator's REST address; a comma-separated list names the replicas of a
+    /// replicated coordinator (calls go to the one that leads).
     #[arg(
         long,
         env = "DROVER_URL",
@@ -158,8 +159,13 @@ pub enum Command {
     Nodes,
     /// Stop giving a node new work (by name or id; needs the admin token when one is set).
     Drain {
-        /// Node name or id.
+        /// Node name or id (default: `NODE_NAME`, as in a node's own container).
+        #[arg(env = "NODE_NAME")]
         node: String,
+        /// Then wait (up to this many seconds) until the node runs nothing: a node's shutdown
+        /// hook (Kubernetes `preStop`) lets its jobs finish before the node stops.
+        #[arg(long, value_name = "SECONDS")]
+        wait: Option<u64>,
     },
     /// Give a drained node work again.
     Resume {
@@ -225,11 +231,12 @@ impl Api {
         if let Some(path) = &cli.ca_cert {
             config = config.tls_config(trusting(path)?);
         }
+        let agent: ureq::Agent = config.build().into();
         Ok(Self {
-            url: cli.url.trim_end_matches('/').to_string(),
+            url: leader_url(&agent, &cli.url),
             admin_token: cli.admin_token.clone(),
             api_key: cli.api_key.clone(),
-            agent: config.build().into(),
+            agent,
         })
     }
 
@@ -299,6 +306,36 @@ impl Api {
             .and_then(|n| n["id"].as_str().map(str::to_string))
             .ok_or_else(|| anyhow!("no node named or numbered {name_or_id}"))
     }
+}
+
+/// The URL calls go to: the only one of `list`, or, of a replicated coordinator's replicas, the
+/// leader as the first replica that answers `GET /v1/cluster` names it (else the first).
+fn leader_url(agent: &ureq::Agent, list: &str) -> String {
+    let urls: Vec<&str> = list
+        .split(',')
+        .map(|u| u.trim().trim_end_matches('/'))
+        .filter(|u| !u.is_empty())
+        .collect();
+    let first = urls.first().copied().unwrap_or(list).to_string();
+    if urls.len() < 2 {
+        return first;
+    }
+    for url in &urls {
+        let answer = agent
+            .get(format!("{url}/v1/cluster"))
+            .config()
+            .timeout_global(Some(Duration::from_secs(2)))
+            .build()
+            .call();
+        let Ok(mut response) = answer else { continue };
+        let Ok(cluster) = response.body_mut().read_json::<Value>() else {
+            continue;
+        };
+        if let Some(leader) = cluster["leader_http"].as_str() {
+            return leader.trim_end_matches('/').to_string();
+        }
+    }
+    first
 }
 
 fn split_pair(text: &str, default: f64) -> Result<(String, f64)> {
@@ -646,7 +683,7 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
         }
-        Command::Drain { node } | Command::Resume { node } => {
+        Command::Drain { node, .. } | Command::Resume { node } => {
             let verb = if matches!(cli.command, Command::Drain { .. }) {
                 "drain"
             } else {
@@ -659,6 +696,31 @@ fn run(cli: Cli) -> Result<()> {
                 answer["name"].as_str().unwrap_or(node),
                 answer["draining"]
             );
+            if let Command::Drain {
+                wait: Some(seconds),
+                ..
+            } = &cli.command
+            {
+                let deadline = std::time::Instant::now() + Duration::from_secs(*seconds);
+                loop {
+                    let running = api
+                        .get("/v1/nodes")?
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .find(|n| n["id"] == id.as_str())
+                        .and_then(|n| n["running"].as_u64())
+                        .unwrap_or(0);
+                    if running == 0 {
+                        println!("{node} runs nothing");
+                        break;
+                    }
+                    if std::time::Instant::now() > deadline {
+                        bail!("{node} still runs {running} jobs after {seconds} s");
+                    }
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
         }
         Command::Models => {
             let models = api.get("/v1/models")?;

@@ -16,6 +16,8 @@ pub enum Door {
     Admin,
     /// A node registering or opening its session.
     NodeJoin,
+    /// A replica of a replicated coordinator calling its peers (its log, votes, status).
+    Peer,
 }
 
 impl Door {
@@ -23,6 +25,7 @@ impl Door {
         match self {
             Self::Admin => "DROVER_ADMIN_TOKEN",
             Self::NodeJoin => "DROVER_NODE_TOKEN",
+            Self::Peer => "DROVER_PEER_TOKEN",
         }
     }
 
@@ -30,6 +33,7 @@ impl Door {
         match self {
             Self::Admin => "admin calls are",
             Self::NodeJoin => "node joins are",
+            Self::Peer => "replica calls are",
         }
     }
 }
@@ -53,10 +57,10 @@ pub fn tokenless(door: Door, insecure: bool, peer: Option<IpAddr>) -> Result<()>
         door.what(),
         door.token_setting(),
         door.token_setting(),
-        if door == Door::NodeJoin {
-            " and the node"
-        } else {
-            ""
+        match door {
+            Door::NodeJoin => " and the node",
+            Door::Peer => " on every replica",
+            Door::Admin => "",
         },
     )))
 }
@@ -66,8 +70,9 @@ pub fn warn_open_doors(config: &Config) {
     for (door, token) in [
         (Door::Admin, &config.admin_token),
         (Door::NodeJoin, &config.node_token),
+        (Door::Peer, &config.peer_token),
     ] {
-        if token.is_some() {
+        if token.is_some() || (door == Door::Peer && config.peers.is_none()) {
             continue;
         }
         let setting = door.token_setting();
@@ -79,6 +84,7 @@ pub fn warn_open_doors(config: &Config) {
                 match door {
                     Door::Admin => "drain and resume nodes",
                     Door::NodeJoin => "join as a node and receive prompts",
+                    Door::Peer => "rewrite the replicated log",
                 }
             );
         } else {

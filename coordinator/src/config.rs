@@ -156,6 +156,46 @@ pub struct Config {
     /// running jobs' results while it refuses new work; 0 keeps no reserve.
     #[arg(long, env = "DROVER_STORE_RESERVE_MB", default_value_t = 64)]
     pub store_reserve_mb: u64,
+    /// This replica's id in `DROVER_PEERS` (a replicated coordinator); unset, a host name ending
+    /// in `-N` (a StatefulSet's pod) gives N + 1.
+    #[arg(long, env = "DROVER_REPLICA_ID")]
+    pub replica_id: Option<u64>,
+    /// The replicas of a replicated coordinator, `1=host:port,2=host:port,3=host:port` (each
+    /// one's gRPC address, which carries the replication too), the same list on every replica.
+    /// Unset: a single coordinator.
+    #[arg(long, env = "DROVER_PEERS")]
+    pub peers: Option<String>,
+    /// This replica joins an existing cluster (added with `POST /v1/cluster/replicas` on the
+    /// leader) instead of forming one with `DROVER_PEERS` on its first start; `1`/`true`/`yes`.
+    #[arg(
+        long,
+        env = "DROVER_JOIN",
+        num_args = 0..=1,
+        default_value = "false",
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub join: bool,
+    /// Token the replicas present to each other; when unset, replica calls are accepted from
+    /// loopback only (unless `--insecure`).
+    #[arg(long, env = "DROVER_PEER_TOKEN", hide_env_values = true)]
+    pub peer_token: Option<String>,
+    /// Reads the peer token from this file instead of the variable.
+    #[arg(long, env = "DROVER_PEER_TOKEN_FILE")]
+    pub peer_token_file: Option<PathBuf>,
+    /// The URL clients reach this replica's REST API at (where followers send clients to the
+    /// leader); default: `http://` + the host of its `DROVER_PEERS` address + the port of
+    /// `DROVER_HTTP_ADDR`.
+    #[arg(long, env = "DROVER_ADVERTISE_HTTP")]
+    pub advertise_http: Option<String>,
+    /// How long a replicated write may wait for a majority before the request gets 503, in
+    /// milliseconds.
+    #[arg(long, env = "DROVER_COMMIT_TIMEOUT_MS", default_value_t = 5000)]
+    pub commit_timeout_ms: u64,
+    /// A follower that hears no leader for a random time between this and twice this starts an
+    /// election, in milliseconds (the leader's heartbeat is a quarter of it).
+    #[arg(long, env = "DROVER_ELECTION_TIMEOUT_MS", default_value_t = 800, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    pub election_timeout_ms: u64,
 }
 
 impl Config {
@@ -200,6 +240,9 @@ impl Config {
         }
         if let Some(path) = &self.node_token_file {
             self.node_token = Some(read_secret(path, "DROVER_NODE_TOKEN_FILE")?);
+        }
+        if let Some(path) = &self.peer_token_file {
+            self.peer_token = Some(read_secret(path, "DROVER_PEER_TOKEN_FILE")?);
         }
         self.api_keys.retain(|k| !k.trim().is_empty());
         let mut lines: Vec<(String, String)> = self

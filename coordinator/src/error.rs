@@ -193,6 +193,9 @@ impl ResponseError for CoordinatorError {
             self
         {
             response.insert_header(("Retry-After", retry_after_s.to_string()));
+        } else if self.code() == ErrorCode::Unavailable {
+            // A store that cannot write, a replica without a leader: worth a retry soon.
+            response.insert_header(("Retry-After", "1"));
         }
         response.json(self.body())
     }

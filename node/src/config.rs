@@ -218,6 +218,17 @@ pub enum Command {
         #[arg(long, default_value_t = 5)]
         runs: usize,
     },
+    /// Exit 0 when the node running beside this command is ready (its models loaded and its
+    /// session open: `DROVER_READY_FILE` exists), 1 otherwise — a container's readiness probe.
+    Ready {
+        /// The file the node writes when ready.
+        #[arg(
+            long,
+            env = "DROVER_READY_FILE",
+            default_value = "/tmp/drover-node.ready"
+        )]
+        file: PathBuf,
+    },
     /// Time loading a model on the CPU (f32), as a node loads it when a job needs it: `--runs`
     /// loads in this process, each timed (JSON); run it after dropping the files from the page
     /// cache for a cold load (`scripts/bench-load.sh`).
@@ -298,9 +309,14 @@ pub struct ModelPath {
 /// Settings of one node process.
 #[derive(clap::Args, Clone, Debug)]
 pub struct NodeConfig {
-    /// gRPC address of the coordinator.
+    /// gRPC address of the coordinator; a comma-separated list names the replicas of a
+    /// replicated coordinator (the node keeps to the one that leads, trying each in turn).
     #[arg(long, env = "COORDINATOR_URL", default_value = "http://127.0.0.1:4201")]
     pub coordinator_url: String,
+    /// A file the node creates once its models are loaded and its session is open, and removes
+    /// when the session breaks (`drover-node ready` reads it: a readiness probe).
+    #[arg(long, env = "DROVER_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
     /// Folder holding models.
     #[arg(long, env = "MODEL_ROOT")]
     pub model_root: Option<PathBuf>,

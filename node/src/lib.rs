@@ -168,6 +168,14 @@ pub fn cli_main() -> ExitCode {
         Some(config::Command::BenchLora { model, lora, runs }) => {
             return report("bench-lora", tools::bench_lora_cli(&model, &lora, runs));
         }
+        Some(config::Command::Ready { file }) => {
+            return if file.exists() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("drover-node: not ready ({} is absent)", file.display());
+                ExitCode::FAILURE
+            };
+        }
         Some(config::Command::BenchLoad { model, runs }) => {
             return report("bench-load", tools::bench_load_cli(&model, runs));
         }

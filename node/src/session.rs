@@ -51,6 +51,10 @@ pub struct NodeLink {
     outbox_rx: mpsc::UnboundedReceiver<proto::NodeMessage>,
     /// Messages that could not be sent on a broken session, sent first on the next one.
     carry: Vec<proto::NodeMessage>,
+    /// The coordinator addresses (`COORDINATOR_URL`, comma-separated for replicas).
+    urls: Vec<String>,
+    /// The address in use: the next one is tried when a session fails.
+    current: usize,
 }
 
 impl NodeLink {
@@ -63,19 +67,27 @@ impl NodeLink {
             pool.capabilities.max_batch as usize,
         );
         Self {
-            config,
             pool,
             batcher,
             running: Running::default(),
             outbox_tx,
             outbox_rx,
             carry: Vec::new(),
+            urls: coordinator_urls(&config.coordinator_url),
+            current: 0,
+            config,
         }
+    }
+
+    /// The coordinator address in use.
+    fn url(&self) -> &str {
+        self.urls.get(self.current).map_or("", String::as_str)
     }
 
     /// Runs sessions until the coordinator refuses this node; link failures are retried forever.
     pub async fn run(mut self) -> Result<()> {
         let mut backoff = MIN_BACKOFF;
+        let mut failed_in_turn = 0;
         loop {
             let started = Instant::now();
             match self.session().await {
@@ -83,13 +95,21 @@ impl NodeLink {
                 // A refusal or a setting that cannot work will not get better by retrying.
                 Err(e @ (NodeError::Refused(_) | NodeError::Config(_))) => return Err(e),
                 Err(e) => {
-                    let hint = link_hint(&self.config.coordinator_url, &e.to_string());
-                    tracing::warn!(error = %e, hint, "session failed");
+                    let hint = link_hint(self.url(), &e.to_string());
+                    tracing::warn!(error = %e, coordinator = self.url(), hint, "session failed");
                 }
             }
             if started.elapsed() > Duration::from_secs(10) {
                 backoff = MIN_BACKOFF;
+                failed_in_turn = 0;
             }
+            // Replicas: the next address at once, until each has been tried.
+            self.current = (self.current + 1) % self.urls.len().max(1);
+            failed_in_turn += 1;
+            if failed_in_turn < self.urls.len() {
+                continue;
+            }
+            failed_in_turn = 0;
             let delay = backoff + jitter(backoff / 4);
             tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
             tokio::time::sleep(delay).await;
@@ -200,13 +220,8 @@ impl NodeLink {
     }
 
     async fn connect(&self) -> Result<CoordinatorClient<Channel>> {
-        let endpoint = Endpoint::from_shared(self.config.coordinator_url.clone())
-            .map_err(|e| {
-                NodeError::Config(format!(
-                    "COORDINATOR_URL `{}`: {e}",
-                    self.config.coordinator_url
-                ))
-            })?
+        let endpoint = Endpoint::from_shared(self.url().to_string())
+            .map_err(|e| NodeError::Config(format!("COORDINATOR_URL `{}`: {e}", self.url())))?
             .connect_timeout(CALL_TIMEOUT)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(5))
@@ -225,11 +240,11 @@ impl NodeLink {
 
     /// TLS for an `https://` COORDINATOR_URL: the public roots plus `DROVER_CA_CERT`.
     fn tls(&self) -> Result<Option<ClientTlsConfig>> {
-        if !self.config.coordinator_url.starts_with("https://") {
+        if !self.url().starts_with("https://") {
             if self.config.ca_cert.is_some() {
                 return Err(NodeError::Config(format!(
                     "DROVER_CA_CERT is set but COORDINATOR_URL `{}` is not https://",
-                    self.config.coordinator_url
+                    self.url()
                 )));
             }
             return Ok(None);
@@ -291,7 +306,8 @@ impl NodeLink {
         .await
         .map_err(|_| NodeError::Link("opening the session timed out".into()))??
         .into_inner();
-        tracing::info!(node_id = %registered.node_id, coordinator = %self.config.coordinator_url, "session open");
+        tracing::info!(node_id = %registered.node_id, coordinator = self.url(), "session open");
+        let _ready = ReadyFile::create(self.config.ready_file.as_deref());
 
         let mut ticker = tokio::time::interval(heartbeat);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -527,8 +543,49 @@ fn progress_sink(
 }
 
 /// What usually fixes a link error, when the error text says enough to tell.
+/// `DROVER_READY_FILE` while a session is open: created with it, removed when it ends.
+struct ReadyFile(Option<std::path::PathBuf>);
+
+impl ReadyFile {
+    fn create(path: Option<&std::path::Path>) -> Self {
+        let Some(path) = path else { return Self(None) };
+        match std::fs::write(path, b"ready\n") {
+            Ok(()) => Self(Some(path.to_path_buf())),
+            Err(e) => {
+                tracing::warn!(file = %path.display(), error = %e, "cannot write the ready file");
+                Self(None)
+            }
+        }
+    }
+}
+
+impl Drop for ReadyFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// The addresses of `COORDINATOR_URL` (comma-separated for a replicated coordinator).
+fn coordinator_urls(list: &str) -> Vec<String> {
+    let urls: Vec<String> = list
+        .split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect();
+    if urls.is_empty() {
+        vec![list.to_string()]
+    } else {
+        urls
+    }
+}
+
 fn link_hint(url: &str, error: &str) -> &'static str {
-    if error.contains("CaUsedAsEndEntity") {
+    if error.contains("does not lead") {
+        "a replica that does not lead; the node tries the next address"
+    } else if error.contains("CaUsedAsEndEntity") {
         "the coordinator's certificate is a CA certificate; give it a leaf certificate \
          (basicConstraints CA:FALSE) with its host names and addresses as subjectAltName"
     } else if error.contains("invalid peer certificate") {

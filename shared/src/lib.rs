@@ -42,6 +42,9 @@ pub const MAX_GRPC_MESSAGE_BYTES: usize = 64 << 20;
 /// Metadata key under which a node presents `DROVER_NODE_TOKEN` on every gRPC call.
 pub const NODE_TOKEN_METADATA: &str = "x-drover-node-token";
 
+/// gRPC metadata key carrying the peer token between the replicas of a replicated coordinator.
+pub const PEER_TOKEN_METADATA: &str = "x-drover-peer-token";
+
 /// Version of the Drover binaries, reported by nodes when they register.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

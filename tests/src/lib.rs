@@ -17,6 +17,7 @@ use anyhow::{Context, Result, anyhow, bail};
 pub mod http1;
 mod images;
 pub mod proxy;
+pub mod replicas;
 mod rest;
 pub mod webdriver;
 
@@ -74,7 +75,7 @@ impl NodeSpec {
     }
 }
 
-struct Proc {
+pub(crate) struct Proc {
     name: String,
     log: PathBuf,
     child: Option<Child>,
@@ -117,7 +118,7 @@ pub fn free_port() -> Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
-fn spawn(program: &Path, env: &[(String, String)], log: &Path) -> Result<Child> {
+pub(crate) fn spawn(program: &Path, env: &[(String, String)], log: &Path) -> Result<Child> {
     let out = File::options().create(true).append(true).open(log)?;
     Command::new(program)
         .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
@@ -133,7 +134,7 @@ fn spawn(program: &Path, env: &[(String, String)], log: &Path) -> Result<Child> 
         .with_context(|| format!("cannot start {}", program.display()))
 }
 
-fn tail(path: &Path, lines: usize) -> String {
+pub(crate) fn tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")

@@ -263,19 +263,40 @@ impl ControlPlane {
     }
 
     /// A job ended: its watchers get the last event (and their streams end), its waiters the
-    /// job and image; the dashboard's lists move.
+    /// job and image; the dashboard's lists move. On a replicated coordinator, watchers and
+    /// waiters hear of the end once the log has committed it (a leader that dies before then
+    /// has told no client of an end the next leader does not know).
     fn ended(&mut self, finished: Finished) {
         let job_id = finished.job.id;
-        self.notify(job_id, JobEvent::done(&finished.job));
-        self.watchers.remove(&job_id);
         self.history
             .finished(finished.job.state == crate::records::JobState::Succeeded);
         if self.recent.len() == RECENT_JOBS {
             self.recent.pop_front();
         }
         self.recent.push_back(finished.job.clone());
-        for waiter in self.waiters.remove(&job_id).unwrap_or_default() {
-            let _ = waiter.send(finished.clone());
+        let watchers = self.watchers.remove(&job_id).unwrap_or_default();
+        let waiters = self.waiters.remove(&job_id).unwrap_or_default();
+        let tell = move || {
+            let done = JobEvent::done(&finished.job);
+            for tx in watchers {
+                let _ = tx.send(done.clone());
+            }
+            for waiter in waiters {
+                let _ = waiter.send(finished.clone());
+            }
+        };
+        match self.store.commit_point() {
+            None => tell(),
+            Some(committed) => {
+                actix::spawn(async move {
+                    match committed.await {
+                        Ok(()) => tell(),
+                        Err(e) => {
+                            tracing::warn!(job_id = %job_id, error = %e, "end not committed: its clients are not told")
+                        }
+                    }
+                });
+            }
         }
     }
 

@@ -5,8 +5,10 @@
 //! order. tonic stops here: nothing inward sees a protobuf type or a `tonic::Status`.
 
 pub mod convert;
+pub mod replication;
 
 use std::pin::Pin;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use actix::Addr;
@@ -154,5 +156,56 @@ impl Coordinator for NodeService {
         use tokio_stream::StreamExt as _;
         let outbound = UnboundedReceiverStream::new(rx).map(|m| Ok(convert::to_node(m)));
         Ok(Response::new(Box::pin(outbound)))
+    }
+}
+
+/// The node endpoint as served: the [`NodeService`] once it is open (at once on a single
+/// coordinator; on a replica once it leads), refused before with `unavailable` and `refusal`,
+/// so a node moves on to the next address of its `COORDINATOR_URL`.
+#[derive(Clone)]
+pub struct Gate {
+    inner: Arc<OnceLock<NodeService>>,
+    refusal: Arc<str>,
+}
+
+impl Gate {
+    /// A closed gate refusing with `refusal`.
+    pub fn new(refusal: &str) -> Self {
+        Self {
+            inner: Arc::default(),
+            refusal: refusal.into(),
+        }
+    }
+
+    /// Lets calls through to `service` from now on.
+    pub fn open(&self, service: NodeService) {
+        if self.inner.set(service).is_err() {
+            tracing::warn!("node endpoint opened twice");
+        }
+    }
+
+    fn service(&self) -> Result<&NodeService, Status> {
+        self.inner
+            .get()
+            .ok_or_else(|| Status::unavailable(self.refusal.to_string()))
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Gate {
+    async fn register(
+        &self,
+        request: Request<proto::RegisterRequest>,
+    ) -> Result<Response<proto::RegisterResponse>, Status> {
+        self.service()?.register(request).await
+    }
+
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<proto::NodeMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        self.service()?.session(request).await
     }
 }

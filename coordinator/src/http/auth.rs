@@ -87,15 +87,21 @@ where
 
 pub(crate) fn check_client(req: &HttpRequest) -> Result<ClientId> {
     let request_id = RequestId::of(req);
-    let Some(state) = req.app_data::<web::Data<AppState>>() else {
-        return Ok(ClientId {
-            label: "anonymous".into(),
-            rate_per_min: 0,
-            max_active: 0,
-            request_id,
-        });
+    // The whole API's state, or a follower replica's settings alone.
+    let config = match req.app_data::<web::Data<AppState>>() {
+        Some(state) => state.config.clone(),
+        None => match req.app_data::<web::Data<std::sync::Arc<crate::config::Config>>>() {
+            Some(config) => config.get_ref().clone(),
+            None => {
+                return Ok(ClientId {
+                    label: "anonymous".into(),
+                    rate_per_min: 0,
+                    max_active: 0,
+                    request_id,
+                });
+            }
+        },
     };
-    let config = &state.config;
     if config.keys.is_empty() {
         let peer = req
             .peer_addr()

@@ -21,6 +21,7 @@
 pub mod a1111;
 mod accept;
 pub mod auth;
+pub mod cluster;
 pub mod compat;
 pub mod dashboard;
 pub mod docs;
@@ -71,6 +72,9 @@ pub fn routes(cfg: &mut ServiceConfig<'_>) {
         .service(nodes::resume_node)
         .service(nodes::order_model)
         .service(nodes::healthz)
+        .service(cluster::cluster)
+        .service(cluster::add_replica)
+        .service(cluster::remove_replica)
         .service(nodes::metrics)
         .service(compat::lcm_generate)
         .service(compat::txt2img)

@@ -172,10 +172,13 @@ mod tests {
             "get /sdapi/v1/schedulers",
             "get /v1/presets",
             "post /v1/presets/reload",
+            "get /v1/cluster",
+            "post /v1/cluster/replicas",
+            "delete /v1/cluster/replicas/{id}",
         ] {
             assert!(listed.contains(expected), "{expected} is not documented");
         }
-        assert_eq!(listed.len(), 42, "{listed:?}");
+        assert_eq!(listed.len(), 45, "{listed:?}");
         let names: BTreeSet<&str> = ERROR_RESPONSES.iter().map(|(n, _)| *n).collect();
         for (name, code) in ERROR_RESPONSES {
             assert_eq!(component_of(*code), *name);

@@ -49,6 +49,8 @@ pub struct AppState {
     pub a1111: super::a1111::A1111Clients,
     /// Images uploaded for later jobs (in memory).
     pub uploads: Arc<crate::uploads::UploadStore>,
+    /// This replica, on a replicated coordinator (`GET /v1/cluster`).
+    pub replica: Option<Arc<crate::replica::Replica>>,
 }
 
 /// The request body, refused (`413`) past `limit` bytes.
@@ -85,6 +87,7 @@ impl AppState {
                 std::time::Duration::from_secs(60),
                 1 << 20,
             )),
+            replica: None,
         }
     }
 

@@ -75,6 +75,7 @@ mod error;
 mod health;
 mod image_log;
 mod migrate;
+mod raft_db;
 mod reads;
 mod replay;
 mod waiter;
@@ -88,7 +89,7 @@ use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use crossbeam_channel::Sender;
@@ -97,6 +98,7 @@ use drover_shared::ids::JobId;
 pub use error::StoreError;
 pub use health::StoreHealth;
 pub use image_log::ImageRef;
+pub use raft_db::RaftDb;
 
 use checkpoint::Dirty;
 use error::Result;
@@ -104,6 +106,40 @@ use waiter::Waiter;
 use writer::Write;
 
 use crate::records::{JobRecord, NodeRecord};
+
+/// A change to the store as a replicated coordinator's log carries it: records as the store keeps
+/// them (JSON), images as bytes. Applying one twice, or an older one again before the newer ones
+/// that followed it, ends in the same state (records replace records; a finish rewrites its
+/// image), which is what lets a replica replay its log from the last entry it knows it applied.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub enum Change {
+    /// A node record (insert or replace).
+    Node(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// An unfinished job's record (insert or replace).
+    Job(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// A finished job's record, with its image.
+    Finish {
+        /// The record (JSON).
+        #[serde(with = "serde_bytes")]
+        record: Vec<u8>,
+        /// The image (PNG), if the job made one.
+        #[serde(with = "serde_bytes")]
+        png: Option<Vec<u8>>,
+    },
+}
+
+/// What resolves once the changes proposed before it are committed on a majority, or with why not.
+pub type Committed =
+    std::pin::Pin<Box<dyn std::future::Future<Output = std::result::Result<(), String>> + Send>>;
+
+/// Where a replicated coordinator's store sends its writes: to the replicated log, which applies
+/// them to every replica's store once a majority has them ([`Store::apply`]).
+pub trait Replicate: Send + Sync + 'static {
+    /// Hands a change to the log, after every change handed before.
+    fn propose(&self, change: Change);
+    /// Resolves once every change proposed before is committed on a majority, or with why not.
+    fn commit(&self) -> Committed;
+}
 
 /// How often the writer checkpoints its changes into sled (and how often a degraded store
 /// checks whether it can write again).
@@ -296,6 +332,8 @@ pub struct Store {
     // stop before `_writer` joins it.
     writes: Sender<Write>,
     shared: Arc<Shared>,
+    /// The replicated log, in a replicated coordinator: writes go there, not to the local log.
+    replicator: Arc<OnceLock<Arc<dyn Replicate>>>,
     _writer: Arc<WriterThread>,
     /// Keeps a temporary store's folder until the writer has stopped.
     #[cfg(test)]
@@ -486,6 +524,7 @@ impl Store {
         Ok(Self {
             writes,
             shared,
+            replicator: Arc::default(),
             _writer: Arc::new(WriterThread(Mutex::new(Some(writer)))),
             #[cfg(test)]
             _temporary: None,
@@ -496,8 +535,62 @@ impl Store {
         self.writes.send(write).map_err(|_| stopped())
     }
 
+    /// From now on, sends every write to `replicator` (a replicated coordinator): a write is
+    /// applied here, as on every replica, once the log has committed it ([`Store::apply`]), and
+    /// [`Store::flush`] waits for that commit.
+    pub fn replicate_through(&self, replicator: Arc<dyn Replicate>) {
+        if self.replicator.set(replicator).is_err() {
+            tracing::warn!("the store already has a replicated log");
+        }
+    }
+
+    /// The replicated log writes go to, if any.
+    fn replicated(&self) -> Option<&Arc<dyn Replicate>> {
+        self.replicator.get()
+    }
+
+    /// On a replicated coordinator, what resolves once every change so far is committed (to act
+    /// on them only then); `None` on a single coordinator.
+    pub fn commit_point(&self) -> Option<Committed> {
+        self.replicated().map(|log| log.commit())
+    }
+
+    /// Applies a change the replicated log committed (on every replica, the leader included).
+    pub fn apply(&self, change: Change) -> Result<()> {
+        match change {
+            Change::Node(json) => self.queue(Write::Node(Box::new(serde_json::from_slice(&json)?))),
+            Change::Job(json) => self.queue(Write::Job(Box::new(serde_json::from_slice(&json)?))),
+            Change::Finish { record, png } => {
+                let record: JobRecord = serde_json::from_slice(&record)?;
+                let id = record.id;
+                lock(&self.shared.pending).insert(
+                    id,
+                    Pending {
+                        record,
+                        png: png.map(Arc::from),
+                    },
+                );
+                self.queue(Write::Finish(id))
+            }
+        }
+    }
+
+    /// Makes every change applied so far durable in this replica's own log (a replicated
+    /// coordinator's state machine, before it records how far it applied).
+    pub async fn sync_local(&self) -> Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.queue(Write::Sync(Waiter::Async(tx)))?;
+        rx.await
+            .map_err(|_| stopped())?
+            .map_err(StoreError::Unwritable)
+    }
+
     /// Queues a node record (insert or replace).
     pub fn put_node(&self, node: &NodeRecord) -> Result<()> {
+        if let Some(log) = self.replicated() {
+            log.propose(Change::Node(serde_json::to_vec(node)?));
+            return Ok(());
+        }
         self.queue(Write::Node(Box::new(node.clone())))
     }
 
@@ -528,6 +621,10 @@ impl Store {
             !job.state.is_terminal(),
             "finished jobs go through finish_job"
         );
+        if let Some(log) = self.replicated() {
+            log.propose(Change::Job(serde_json::to_vec(job)?));
+            return Ok(());
+        }
         self.queue(Write::Job(Box::new(job.clone())))
     }
 
@@ -539,13 +636,22 @@ impl Store {
             job.state.is_terminal(),
             "unfinished jobs go through put_job"
         );
+        // Answered from memory from now on (on a replicated coordinator's leader too, while the
+        // log commits it).
         lock(&self.shared.pending).insert(
             job.id,
             Pending {
                 record: job.clone(),
-                png,
+                png: png.clone(),
             },
         );
+        if let Some(log) = self.replicated() {
+            log.propose(Change::Finish {
+                record: serde_json::to_vec(job)?,
+                png: png.map(|p| p.to_vec()),
+            });
+            return Ok(());
+        }
         self.queue(Write::Finish(job.id))
     }
 
@@ -575,12 +681,12 @@ impl Store {
     /// Makes every job accepted so far durable (one log sync shared with every concurrent
     /// caller). Fails with [`StoreError::Unwritable`], and the reason, when one of them is not:
     /// its record was lost in a failed write, or refused because the store is degraded.
+    /// On a replicated coordinator, resolves once every change so far is committed on a majority.
     pub async fn flush(&self) -> Result<()> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        self.queue(Write::Sync(Waiter::Async(tx)))?;
-        rx.await
-            .map_err(|_| stopped())?
-            .map_err(StoreError::Unwritable)
+        if let Some(log) = self.replicated() {
+            return log.commit().await.map_err(StoreError::Unwritable);
+        }
+        self.sync_local().await
     }
 
     /// [`Store::flush`] for callers outside an async runtime (blocks the thread).

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use drover_tests::http1::Connection;
+use drover_tests::replicas::ReplicaSet;
 use drover_tests::{Binaries, ClusterSandbox, NodeSpec};
 
 /// End-to-end load on a real coordinator with simulated zero-time nodes: routing decision
@@ -71,6 +72,70 @@ struct Options {
     /// measure it with the same load generator.
     #[arg(long)]
     bins: Option<PathBuf>,
+    /// Coordinator replicas: 1 is a single coordinator; 3 a replicated one (Raft, every
+    /// replica on this machine), loaded through its leader.
+    #[arg(long, default_value_t = 1)]
+    replicas: u64,
+}
+
+/// The farm under load: a single coordinator or a replicated one, with its nodes.
+enum Farm {
+    Single(ClusterSandbox),
+    Replicated(ReplicaSet),
+}
+
+impl Farm {
+    fn start(o: &Options) -> Result<Self> {
+        // The coordinator's production timings (the sandbox's test timings beat 10× as often).
+        let env = [
+            ("DROVER_QUEUE_LIMIT", "100000"),
+            ("DROVER_HEARTBEAT_MS", "1000"),
+            ("DROVER_OFFLINE_GRACE_MS", "10000"),
+            ("DROVER_LEASE_FLOOR_MS", "30000"),
+        ];
+        let spec = |i: usize| {
+            NodeSpec::sim(&format!("sim-{i}"), "sd15")
+                .env("SIM_STEP_MS", &o.step_ms.to_string())
+                .env("MAX_BATCH", &o.max_batch.to_string())
+                .env("NUM_WORKERS", &o.workers.to_string())
+        };
+        if o.replicas > 1 {
+            let mut set = ReplicaSet::start(binaries(o.bins.clone())?, o.replicas, &env)?;
+            for i in 0..o.nodes {
+                set.add_node(spec(i))?;
+            }
+            set.wait_for_nodes(o.nodes, Duration::from_secs(30))?;
+            return Ok(Self::Replicated(set));
+        }
+        let mut cluster = ClusterSandbox::start(binaries(o.bins.clone())?, &env)?;
+        let mut names = Vec::new();
+        for i in 0..o.nodes {
+            cluster.add_node(spec(i))?;
+            names.push(format!("sim-{i}"));
+        }
+        let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+        cluster.wait_for_online(&refs, Duration::from_secs(30))?;
+        Ok(Self::Single(cluster))
+    }
+
+    /// The REST address the clients load: the coordinator's, or the leader's.
+    fn addr(&self) -> Result<SocketAddr> {
+        let port = match self {
+            Self::Single(cluster) => cluster.http_port(),
+            Self::Replicated(set) => {
+                let leader = set.wait_for_leader(Duration::from_secs(30))?;
+                set.http_port(leader)?
+            }
+        };
+        Ok(format!("127.0.0.1:{port}").parse()?)
+    }
+
+    fn pids(&self) -> Vec<(String, u32)> {
+        match self {
+            Self::Single(cluster) => cluster.pids(),
+            Self::Replicated(set) => set.pids(),
+        }
+    }
 }
 
 fn images_per_request(text: &str) -> std::result::Result<usize, String> {
@@ -394,39 +459,17 @@ fn main() -> Result<()> {
     println!(
         "baseline: 4 KiB append + fdatasync on this disk, machine idle: p50 {sync_p50:.2} ms, p99 {sync_p99:.2} ms (500 runs)"
     );
-    let mut cluster = ClusterSandbox::start(
-        binaries(o.bins.clone())?,
-        // The coordinator's production timings (the sandbox's test timings beat 10× as often).
-        &[
-            ("DROVER_QUEUE_LIMIT", "100000"),
-            ("DROVER_HEARTBEAT_MS", "1000"),
-            ("DROVER_OFFLINE_GRACE_MS", "10000"),
-            ("DROVER_LEASE_FLOOR_MS", "30000"),
-        ],
-    )?;
-    let mut names = Vec::new();
-    for i in 0..o.nodes {
-        let name = format!("sim-{i}");
-        cluster.add_node(
-            NodeSpec::sim(&name, "sd15")
-                .env("SIM_STEP_MS", &o.step_ms.to_string())
-                .env("MAX_BATCH", &o.max_batch.to_string())
-                .env("NUM_WORKERS", &o.workers.to_string()),
-        )?;
-        names.push(name);
-    }
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    cluster.wait_for_online(&refs, Duration::from_secs(30))?;
-    let addr: SocketAddr = format!("127.0.0.1:{}", cluster.http_port()).parse()?;
-    let pids = cluster.pids();
+    let farm = Farm::start(&o)?;
+    let addr = farm.addr()?;
+    let pids = farm.pids();
     let what = if o.batch == 1 {
         "POST /v1/generate, 1 image".to_string()
     } else {
         format!("POST /sdapi/v1/txt2img, {} images", o.batch)
     };
     println!(
-        "drover-loadgen: {} sim nodes × {} workers ({} ms steps, MAX_BATCH {}), {} clients, {what} per request, 64x64 1 step",
-        o.nodes, o.workers, o.step_ms, o.max_batch, o.clients
+        "drover-loadgen: {} coordinator replica(s), {} sim nodes × {} workers ({} ms steps, MAX_BATCH {}), {} clients, {what} per request, 64x64 1 step",
+        o.replicas, o.nodes, o.workers, o.step_ms, o.max_batch, o.clients
     );
     let b = o.batch;
 

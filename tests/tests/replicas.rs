@@ -1,0 +1,395 @@
+//! A replicated coordinator (three replicas over openraft) under faults, with real processes:
+//! the leader `kill -9`'d three times and once partitioned from the others while clients submit
+//! jobs; a follower killed and restarted; an isolated replica refusing writes.
+//!
+//! `DROVER_HA_JOBS` sets how many jobs the fail-over test submits (CI: 400; the benchmark,
+//! `scripts/bench-ha.sh`, runs it longer).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use drover_tests::replicas::ReplicaSet;
+use drover_tests::{NodeSpec, binaries};
+use serde_json::{Value, json};
+
+/// The REST URL of the leader as the replicas say it now: the view of the highest term among
+/// those that answer (an isolated old leader still thinks it leads, in an older term).
+fn find_leader(agent: &ureq::Agent, urls: &[String]) -> Option<String> {
+    let mut best: Option<(u64, String)> = None;
+    for url in urls {
+        let Ok(mut response) = agent
+            .get(format!("{url}/v1/cluster"))
+            .config()
+            .timeout_global(Some(Duration::from_millis(800)))
+            .build()
+            .call()
+        else {
+            continue;
+        };
+        let Ok(view) = response.body_mut().read_json::<Value>() else {
+            continue;
+        };
+        let (Some(term), Some(leader)) = (view["term"].as_u64(), view["leader_http"].as_str())
+        else {
+            continue;
+        };
+        if best.as_ref().is_none_or(|(t, _)| term > *t) {
+            best = Some((term, leader.to_string()));
+        }
+    }
+    best.map(|(_, url)| url)
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(Duration::from_secs(10)))
+        .build()
+        .into()
+}
+
+/// What the clients saw.
+#[derive(Default)]
+struct Seen {
+    /// Job ids answered 2xx.
+    accepted: Vec<String>,
+    /// When each 2xx came.
+    successes: Vec<Instant>,
+    /// Answers that were not 2xx (status or transport error), by kind.
+    refusals: HashMap<String, usize>,
+}
+
+/// A client: submits `count` jobs, each with its own `Idempotency-Key`, retrying one until it
+/// is answered 2xx (a retry after a lost answer replays the same job).
+fn client(urls: Vec<String>, name: String, count: usize, seen: Arc<Mutex<Seen>>) -> Result<()> {
+    let agent = agent();
+    let mut leader = find_leader(&agent, &urls);
+    for i in 0..count {
+        let key = format!("{name}-{i}");
+        let body = json!({"prompt": format!("replicated {name} {i}"), "steps": 4, "seed": i});
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if Instant::now() > deadline {
+                bail!("{key}: not accepted within 60 s");
+            }
+            let Some(url) = leader.clone() else {
+                std::thread::sleep(Duration::from_millis(50));
+                leader = find_leader(&agent, &urls);
+                continue;
+            };
+            let answer = agent
+                .post(format!("{url}/v1/jobs"))
+                .header("Idempotency-Key", &key)
+                .send_json(&body);
+            let kind = match answer {
+                Ok(mut response) if response.status().is_success() => {
+                    let view: Value = response.body_mut().read_json()?;
+                    let id = view["id"].as_str().unwrap_or_default().to_string();
+                    let mut seen = seen.lock().unwrap_or_else(|e| e.into_inner());
+                    seen.accepted.push(id);
+                    seen.successes.push(Instant::now());
+                    break;
+                }
+                Ok(response) => response.status().as_u16().to_string(),
+                Err(_) => "no answer".to_string(),
+            };
+            *seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .refusals
+                .entry(kind)
+                .or_default() += 1;
+            std::thread::sleep(Duration::from_millis(30));
+            leader = find_leader(&agent, &urls);
+        }
+    }
+    Ok(())
+}
+
+fn wait(what: &str, timeout: Duration, mut check: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting until {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    Ok(())
+}
+
+/// Waits for a leader other than `old`; answers it and how long it took.
+fn new_leader(set: &ReplicaSet, old: u64) -> Result<u64> {
+    let mut found = None;
+    wait("a new leader", Duration::from_secs(30), || {
+        found = set.ids().into_iter().filter(|id| *id != old).find(|id| {
+            set.cluster(*id)
+                .is_ok_and(|v| v["leader_id"].as_u64() == Some(*id))
+        });
+        found.is_some()
+    })?;
+    found.ok_or_else(|| anyhow::anyhow!("no leader"))
+}
+
+fn online_nodes(set: &ReplicaSet, leader: u64) -> usize {
+    let Ok(url) = set.url(leader) else { return 0 };
+    set.call("GET", &format!("{url}/v1/nodes"), None, &[])
+        .ok()
+        .and_then(|a| a.body.as_array().cloned())
+        .map_or(0, |nodes| {
+            nodes.iter().filter(|n| n["state"] == "online").count()
+        })
+}
+
+#[test]
+fn leader_kills_and_a_partition_lose_no_accepted_job() -> Result<()> {
+    let total: usize = std::env::var("DROVER_HA_JOBS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    let mut set = ReplicaSet::start(binaries!(), 3, &[])?;
+    for i in 0..4 {
+        set.add_node(NodeSpec::sim(&format!("ha-{i}"), "sd15"))?;
+    }
+    let leader = set.wait_for_leader(Duration::from_secs(30))?;
+    wait("4 nodes online", Duration::from_secs(30), || {
+        online_nodes(&set, leader) == 4
+    })?;
+    let urls: Vec<String> = set
+        .ids()
+        .iter()
+        .map(|id| set.url(*id))
+        .collect::<Result<_>>()?;
+    let seen = Arc::new(Mutex::new(Seen::default()));
+    let started = Instant::now();
+    let clients: Vec<_> = (0..4)
+        .map(|c| {
+            let (urls, seen) = (urls.clone(), seen.clone());
+            std::thread::spawn(move || client(urls, format!("c{c}"), total / 4, seen))
+        })
+        .collect();
+    let accepted = |seen: &Arc<Mutex<Seen>>| seen.lock().map_or(0, |s| s.accepted.len());
+    let mut kills = Vec::new();
+    // Three leaders killed, each once a further sixth of the jobs is in.
+    for round in 1..=3 {
+        wait("more jobs accepted", Duration::from_secs(60), || {
+            accepted(&seen) >= total * round / 6
+        })?;
+        let leader = set.wait_for_leader(Duration::from_secs(30))?;
+        kills.push(Instant::now());
+        set.kill_replica(leader);
+        let next = new_leader(&set, leader)?;
+        eprintln!("round {round}: leader {leader} killed, replica {next} leads");
+        set.start_replica(leader)?;
+    }
+    // Then one partitioned from the others.
+    wait("more jobs accepted", Duration::from_secs(60), || {
+        accepted(&seen) >= total * 4 / 6
+    })?;
+    let isolated = set.wait_for_leader(Duration::from_secs(30))?;
+    kills.push(Instant::now());
+    set.partition(isolated, true);
+    let next = new_leader(&set, isolated)?;
+    // The isolated old leader takes no write: its commit cannot reach a majority.
+    let refused = set.call(
+        "POST",
+        &format!("{}/v1/jobs", set.url(isolated)?),
+        Some(&json!({"prompt": "on the minority side", "steps": 4})),
+        &[],
+    )?;
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    let message = refused.body["error"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(message.contains("majority"), "{message}");
+    set.partition(isolated, false);
+    eprintln!("partition: replica {isolated} isolated, replica {next} leads; healed");
+    // Healed, it steps down and follows.
+    wait("the old leader follows", Duration::from_secs(30), || {
+        set.cluster(isolated)
+            .is_ok_and(|v| v["leader_id"].as_u64() == Some(next))
+    })?;
+    for client in clients {
+        client
+            .join()
+            .map_err(|_| anyhow::anyhow!("a client panicked"))??;
+    }
+    let seen = Arc::try_unwrap(seen)
+        .map_err(|_| anyhow::anyhow!("clients still hold the results"))?
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner());
+    eprintln!(
+        "{total} jobs accepted in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
+    let ids: BTreeSet<&String> = seen.accepted.iter().collect();
+    assert_eq!(ids.len(), total, "one job per idempotent submission");
+    // Fail-over: from each kill to the next 2xx.
+    let failovers: Vec<u128> = kills
+        .iter()
+        .take(3)
+        .filter_map(|k| seen.successes.iter().filter(|s| *s > k).min())
+        .zip(&kills)
+        .map(|(s, k)| s.duration_since(*k).as_millis())
+        .collect();
+    eprintln!(
+        "fail-over to the first 2xx (ms): {failovers:?}; refusals on the way: {:?}",
+        seen.refusals
+    );
+    // Every accepted job finishes, once, with its image.
+    let agent = agent();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut url = find_leader(&agent, &urls).unwrap_or_else(|| urls[0].clone());
+    for id in &ids {
+        let job = loop {
+            match agent.get(format!("{url}/v1/jobs/{id}")).call() {
+                Ok(mut r) if r.status() == 200 => {
+                    let job: Value = r.body_mut().read_json()?;
+                    if job["state"] == "succeeded" || job["state"] == "failed" {
+                        break job;
+                    }
+                }
+                _ => url = find_leader(&agent, &urls).unwrap_or_else(|| urls[0].clone()),
+            }
+            if Instant::now() > deadline {
+                bail!("job {id} did not finish");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert_eq!(job["state"], "succeeded", "{job}");
+        let succeeded = job["attempts"].as_array().map_or(0, |a| {
+            a.iter().filter(|t| t["outcome"] == "succeeded").count()
+        });
+        assert_eq!(succeeded, 1, "one accepted result: {job}");
+        let image = agent.get(format!("{url}/v1/jobs/{id}/image")).call()?;
+        assert_eq!(image.status(), 200, "the image of {id}");
+    }
+    // Every replica holds every image (a follower answers finished jobs from its own store).
+    for id in set.ids() {
+        let url = set.url(id)?;
+        wait("the replica caught up", Duration::from_secs(30), || {
+            ids.iter().all(|job| {
+                set.call("GET", &format!("{url}/v1/jobs/{job}"), None, &[])
+                    .is_ok_and(|a| a.status == 200 && a.body["state"] == "succeeded")
+            })
+        })?;
+    }
+    Ok(())
+}
+
+#[test]
+fn a_follower_catches_up_and_an_isolated_one_takes_no_write() -> Result<()> {
+    let mut set = ReplicaSet::start(binaries!(), 3, &[])?;
+    set.add_node(NodeSpec::sim("catch-up", "sd15"))?;
+    let leader = set.wait_for_leader(Duration::from_secs(30))?;
+    wait("the node online", Duration::from_secs(30), || {
+        online_nodes(&set, leader) == 1
+    })?;
+    let follower = set.ids().into_iter().find(|id| *id != leader).unwrap_or(1);
+    // Jobs go to whichever replica leads when they are sent (a restart may move the leadership),
+    // each with its own Idempotency-Key, so a retry is the same job.
+    let submit = |set: &ReplicaSet, n: usize, tag: &str| -> Result<Vec<String>> {
+        let mut ids = Vec::new();
+        for i in 0..n {
+            let key = format!("{tag}-{i}");
+            let body = json!({"prompt": format!("catch up {tag} {i}"), "steps": 4});
+            wait("a job accepted", Duration::from_secs(30), || {
+                let Ok(leader) = set.wait_for_leader(Duration::from_secs(10)) else {
+                    return false;
+                };
+                let Ok(url) = set.url(leader) else {
+                    return false;
+                };
+                match set.call(
+                    "POST",
+                    &format!("{url}/v1/jobs"),
+                    Some(&body),
+                    &[("Idempotency-Key", key.as_str())],
+                ) {
+                    Ok(a) if a.status == 202 => {
+                        ids.push(a.body["id"].as_str().unwrap_or_default().to_string());
+                        true
+                    }
+                    _ => false,
+                }
+            })?;
+        }
+        Ok(ids)
+    };
+    // Killed while the others go on: a majority of two commits.
+    set.kill_replica(follower);
+    let ids = submit(&set, 30, "away")?;
+    set.start_replica(follower)?;
+    let applied = |set: &ReplicaSet, id: u64| {
+        set.cluster(id)
+            .ok()
+            .and_then(|v| v["replicas"].as_array().cloned())
+            .and_then(|r| {
+                r.iter()
+                    .find(|r| r["id"].as_u64() == Some(id))
+                    .and_then(|r| r["last_applied"].as_u64())
+            })
+    };
+    wait("the follower caught up", Duration::from_secs(30), || {
+        ids.iter().all(|job| {
+            set.url(follower).is_ok_and(|url| {
+                set.call("GET", &format!("{url}/v1/jobs/{job}"), None, &[])
+                    .is_ok_and(|a| a.status == 200 && a.body["state"] == "succeeded")
+            })
+        })
+    })?;
+    assert!(applied(&set, follower).is_some());
+    // Its reads: finished jobs and their images from its own store.
+    let url = set.url(follower)?;
+    let image = set.call("GET", &format!("{url}/v1/jobs/{}/image", ids[0]), None, &[])?;
+    assert_eq!(image.status, 200);
+    // Writes go to the leader.
+    let write = set.call(
+        "POST",
+        &format!("{url}/v1/jobs"),
+        Some(&json!({"prompt": "x"})),
+        &[],
+    )?;
+    assert_eq!(write.status, 307, "{:?}", write.body);
+    let leader_url = set.url(set.wait_for_leader(Duration::from_secs(10))?)?;
+    assert_eq!(
+        write.location.as_deref(),
+        Some(format!("{leader_url}/v1/jobs").as_str())
+    );
+    // Isolated, it takes no write: 503 with a retry hint once it cannot reach a leader.
+    set.partition(follower, true);
+    wait(
+        "the isolated follower refuses writes",
+        Duration::from_secs(30),
+        || {
+            set.call(
+                "POST",
+                &format!("{url}/v1/jobs"),
+                Some(&json!({"prompt": "x"})),
+                &[],
+            )
+            .is_ok_and(|a| {
+                a.status == 503
+                    && a.body["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("retry"))
+            })
+        },
+    )?;
+    // The majority goes on.
+    let more = submit(&set, 5, "isolated")?;
+    set.partition(follower, false);
+    wait(
+        "the follower caught up again",
+        Duration::from_secs(30),
+        || {
+            more.iter().all(|job| {
+                set.call("GET", &format!("{url}/v1/jobs/{job}"), None, &[])
+                    .is_ok_and(|a| a.status == 200 && a.body["state"] == "succeeded")
+            })
+        },
+    )?;
+    Ok(())
+}
