@@ -192,6 +192,14 @@ pub struct Config {
     /// milliseconds.
     #[arg(long, env = "DROVER_COMMIT_TIMEOUT_MS", default_value_t = 5000)]
     pub commit_timeout_ms: u64,
+    /// A replicated coordinator snapshots its store (the log's entries before it can then go)
+    /// every this many log entries.
+    #[arg(long, env = "DROVER_SNAPSHOT_EVERY", default_value_t = 10_000)]
+    pub snapshot_every: u64,
+    /// Log entries kept before the last snapshot (a replica a little behind catches up from them
+    /// rather than from a whole snapshot).
+    #[arg(long, env = "DROVER_SNAPSHOT_KEEP", default_value_t = 1_000)]
+    pub snapshot_keep: u64,
     /// A follower that hears no leader for a random time between this and twice this starts an
     /// election, in milliseconds (the leader's heartbeat is a quarter of it).
     #[arg(long, env = "DROVER_ELECTION_TIMEOUT_MS", default_value_t = 800, value_parser = clap::value_parser!(u64).range(100..=60_000))]

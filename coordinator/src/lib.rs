@@ -123,8 +123,12 @@ pub async fn run(mut config: Config) -> anyhow::Result<()> {
             step_down(&watched).await;
         });
     }
-    let control =
-        control::ControlPlane::restore(store.clone(), config.clone(), metrics.clone())?.start();
+    let mut plane = control::ControlPlane::restore(store.clone(), config.clone(), metrics.clone())?;
+    if let Some(replica) = &replica {
+        // Leases are fenced by the term this replica leads in.
+        plane = plane.fencing_epoch(replica.term());
+    }
+    let control = plane.start();
     gate.open(grpc::NodeService::new(
         control.clone(),
         config.node_token.clone(),

@@ -154,7 +154,15 @@ fn leader_kills_and_a_partition_lose_no_accepted_job() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(3);
-    let mut set = ReplicaSet::start(binaries!(), 3, &[])?;
+    // Snapshots too: every 300 entries, the log before them purged.
+    let mut set = ReplicaSet::start(
+        binaries!(),
+        3,
+        &[
+            ("DROVER_SNAPSHOT_EVERY", "300"),
+            ("DROVER_SNAPSHOT_KEEP", "50"),
+        ],
+    )?;
     for i in 0..4 {
         set.add_node(NodeSpec::sim(&format!("ha-{i}"), "sd15"))?;
     }
@@ -291,7 +299,16 @@ fn leader_kills_and_a_partition_lose_no_accepted_job() -> Result<()> {
 
 #[test]
 fn a_follower_catches_up_and_an_isolated_one_takes_no_write() -> Result<()> {
-    let mut set = ReplicaSet::start(binaries!(), 3, &[])?;
+    // A snapshot every 20 entries and no log kept before it: a follower away for 30 jobs
+    // catches up from a snapshot.
+    let mut set = ReplicaSet::start(
+        binaries!(),
+        3,
+        &[
+            ("DROVER_SNAPSHOT_EVERY", "20"),
+            ("DROVER_SNAPSHOT_KEEP", "0"),
+        ],
+    )?;
     set.add_node(NodeSpec::sim("catch-up", "sd15"))?;
     let leader = set.wait_for_leader(Duration::from_secs(30))?;
     wait("the node online", Duration::from_secs(30), || {
@@ -351,6 +368,11 @@ fn a_follower_catches_up_and_an_isolated_one_takes_no_write() -> Result<()> {
         })
     })?;
     assert!(applied(&set, follower).is_some());
+    let log = set.replica_log(follower);
+    assert!(
+        log.contains("snapshot installed"),
+        "the follower caught up without a snapshot"
+    );
     // Its reads: finished jobs and their images from its own store.
     let url = set.url(follower)?;
     let image = set.call("GET", &format!("{url}/v1/jobs/{}/image", ids[0]), None, &[])?;

@@ -100,6 +100,10 @@ pub struct ControlPlane {
     me: Option<Addr<Self>>,
     /// When a wake-up is due (ms since epoch), if one is pending.
     wake: Option<u64>,
+    /// The fencing tokens' epoch: leases are `LeaseId::fenced(epoch, n)`, n counting up.
+    fencing_epoch: u64,
+    /// The next lease's `n` (a cell: granting is a read of the actor's state otherwise).
+    leases_granted: std::cell::Cell<u64>,
 }
 
 /// Effects waiting for the end of a handler: the durable ones coalesced per job (the latest
@@ -154,6 +158,10 @@ impl ControlPlane {
             keys,
             me: None,
             wake: None,
+            // A single coordinator's epoch: its start time (a replica leads with its term:
+            // `ControlPlane::fencing_epoch`).
+            fencing_epoch: now_ms(),
+            leases_granted: std::cell::Cell::new(0),
         };
         // Leases whose node is unknown (removed from the registry) cannot complete.
         let registered: HashSet<NodeId> = plane.nodes.keys().copied().collect();
@@ -164,6 +172,14 @@ impl ControlPlane {
         plane.commit();
         plane.dirty.extend(registered);
         Ok(plane)
+    }
+
+    /// Grants leases in fencing epoch `epoch` (a replicated coordinator's Raft term: every
+    /// leader's leases sort after its predecessors').
+    #[must_use]
+    pub fn fencing_epoch(mut self, epoch: u64) -> Self {
+        self.fencing_epoch = epoch;
+        self
     }
 
     /// Stages `effects`: internal bookkeeping (re-indexing, speeds, metrics) at once, durable
@@ -506,7 +522,9 @@ impl ControlPlane {
         if let Some(upscale) = &spec.upscale {
             duration += upscale_allowance(upscale, size, &record.upscalers, floor);
         }
-        let lease_id = LeaseId::random();
+        let n = self.leases_granted.get();
+        self.leases_granted.set(n + 1);
+        let lease_id = LeaseId::fenced(self.fencing_epoch, n);
         let grant = Grant {
             node_id,
             lease_id,

@@ -16,8 +16,9 @@
 //!   ([`Replica::lost_leadership`], `step_down` in `lib.rs`): it comes back as a follower whose
 //!   state is its store, which holds only committed entries (the leader's uncommitted ones are
 //!   in the log alone and are truncated there by Raft).
-//! - **Snapshots are not built**: the log is kept whole, so a replica that was away, or a new
-//!   one, catches up from it. Bounding the log (snapshots of the store) is left for later.
+//! - **Snapshots** bound the log: every `DROVER_SNAPSHOT_EVERY` entries the store is exported
+//!   (`storage`), and the log keeps only `DROVER_SNAPSHOT_KEEP` entries before it; a replica
+//!   that was away longer, or a new one, installs the snapshot and then the entries after it.
 
 pub mod network;
 pub mod storage;
@@ -205,7 +206,8 @@ impl Replica {
             heartbeat_interval: (election / 4).max(20),
             election_timeout_min: election,
             election_timeout_max: election * 2,
-            snapshot_policy: openraft::SnapshotPolicy::Never,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(config.snapshot_every.max(1)),
+            max_in_snapshot_log_to_keep: config.snapshot_keep,
             ..Default::default()
         }
         .validate()
@@ -287,6 +289,11 @@ impl Replica {
                 std::future::pending::<()>().await;
             }
         }
+    }
+
+    /// This replica's current Raft term (a leader's fencing epoch).
+    pub fn term(&self) -> u64 {
+        self.raft.metrics().borrow().current_term
     }
 
     /// Resolves once this replica no longer leads (or its Raft stopped).

@@ -4,8 +4,11 @@
 //!
 //! How far the machine applied is recorded only after the store has synced what it applied,
 //! so a crash makes a replica apply some entries again (harmless: see [`Change`]), never skip
-//! one. Snapshots are not built (the log is kept whole; see `ARCHITECTURE.md`): a replica that
-//! was away catches up from the log.
+//! one. A **snapshot** is the store exported as changes (`Store::export`: nodes, unfinished
+//! jobs, finished jobs with their images), kept in the log's database; installing one applies
+//! them (a replica's store only ever holds a prefix of the same history, and retention runs on
+//! each replica, so nothing needs deleting). It may hold changes applied after its last entry:
+//! the entries after it then apply again, harmlessly.
 
 // openraft's traits fix these error types (large by design).
 #![allow(clippy::result_large_err)]
@@ -29,6 +32,19 @@ const VOTE: &str = "vote";
 const PURGED: &str = "purged";
 const APPLIED: &str = "applied";
 const MEMBERSHIP: &str = "membership";
+const SNAPSHOT: &str = "snapshot";
+
+/// A snapshot as the log's database keeps it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeIdOf, Node>,
+    #[serde(with = "serde_bytes")]
+    data: Vec<u8>,
+}
+
+fn snapshot_error(e: impl std::fmt::Display) -> StorageError<NodeIdOf> {
+    StorageIOError::write_snapshot(None, openraft::AnyError::error(e.to_string())).into()
+}
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, rmp_serde::encode::Error> {
     rmp_serde::to_vec_named(value)
@@ -195,13 +211,58 @@ impl Machine {
     }
 }
 
+impl Machine {
+    /// Records how far the machine applied, and its membership.
+    async fn record_applied(&self, durable: bool) -> StorageResult<()> {
+        let applied = encode(&self.applied).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        let membership =
+            encode(&self.membership).map_err(|e| StorageIOError::write_state_machine(&e))?;
+        for (name, bytes) in [(APPLIED, applied), (MEMBERSHIP, membership)] {
+            self.db
+                .set_value(name, &bytes, durable)
+                .await
+                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+        }
+        Ok(())
+    }
+}
+
 impl RaftSnapshotBuilder<TypeConfig> for Machine {
     async fn build_snapshot(&mut self) -> StorageResult<Snapshot<TypeConfig>> {
-        Err(StorageIOError::write_snapshot(
-            None,
-            openraft::AnyError::error("snapshots are not built: the log is kept whole"),
-        )
-        .into())
+        let store = self.store.clone();
+        let changes = tokio::task::spawn_blocking(move || {
+            store.checkpoint_blocking()?;
+            store.export()
+        })
+        .await
+        .map_err(snapshot_error)?
+        .map_err(snapshot_error)?;
+        let data = encode(&changes).map_err(snapshot_error)?;
+        let index = self.applied.map_or(0, |l| l.index);
+        let meta = SnapshotMeta {
+            last_log_id: self.applied,
+            last_membership: self.membership.clone(),
+            snapshot_id: format!("{index}-{}", uuid::Uuid::now_v7().simple()),
+        };
+        let stored = encode(&StoredSnapshot {
+            meta: meta.clone(),
+            data: data.clone(),
+        })
+        .map_err(snapshot_error)?;
+        self.db
+            .set_value(SNAPSHOT, &stored, true)
+            .await
+            .map_err(snapshot_error)?;
+        tracing::info!(
+            index,
+            changes = changes.len(),
+            bytes = data.len(),
+            "snapshot built"
+        );
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
@@ -242,15 +303,7 @@ impl RaftStateMachine<TypeConfig> for Machine {
             .sync_local()
             .await
             .map_err(|e| StorageIOError::write_state_machine(&e))?;
-        let applied = encode(&self.applied).map_err(|e| StorageIOError::write_state_machine(&e))?;
-        let membership =
-            encode(&self.membership).map_err(|e| StorageIOError::write_state_machine(&e))?;
-        for (name, bytes) in [(APPLIED, applied), (MEMBERSHIP, membership)] {
-            self.db
-                .set_value(name, &bytes, false)
-                .await
-                .map_err(|e| StorageIOError::write_state_machine(&e))?;
-        }
+        self.record_applied(false).await?;
         Ok(answers)
     }
 
@@ -269,17 +322,49 @@ impl RaftStateMachine<TypeConfig> for Machine {
 
     async fn install_snapshot(
         &mut self,
-        _meta: &SnapshotMeta<NodeIdOf, Node>,
-        _snapshot: Box<Cursor<Vec<u8>>>,
+        meta: &SnapshotMeta<NodeIdOf, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
     ) -> StorageResult<()> {
-        Err(StorageIOError::write_snapshot(
-            None,
-            openraft::AnyError::error("snapshots are not installed: the log is kept whole"),
-        )
-        .into())
+        let data = snapshot.into_inner();
+        let changes: Vec<crate::store::Change> = decode(&data).map_err(snapshot_error)?;
+        let count = changes.len();
+        for change in changes {
+            self.store.apply(change).map_err(snapshot_error)?;
+        }
+        self.store.sync_local().await.map_err(snapshot_error)?;
+        self.applied = meta.last_log_id;
+        self.membership = meta.last_membership.clone();
+        self.record_applied(true).await?;
+        let stored = encode(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })
+        .map_err(snapshot_error)?;
+        self.db
+            .set_value(SNAPSHOT, &stored, true)
+            .await
+            .map_err(snapshot_error)?;
+        tracing::info!(
+            index = meta.last_log_id.map_or(0, |l| l.index),
+            changes = count,
+            "snapshot installed"
+        );
+        Ok(())
     }
 
     async fn get_current_snapshot(&mut self) -> StorageResult<Option<Snapshot<TypeConfig>>> {
-        Ok(None)
+        let Some(bytes) = self
+            .db
+            .value(SNAPSHOT)
+            .map_err(|e| StorageIOError::read_snapshot(None, &e))?
+        else {
+            return Ok(None);
+        };
+        let stored: StoredSnapshot =
+            decode(&bytes).map_err(|e| StorageIOError::read_snapshot(None, &e))?;
+        Ok(Some(Snapshot {
+            meta: stored.meta,
+            snapshot: Box::new(Cursor::new(stored.data)),
+        }))
     }
 }

@@ -7,7 +7,7 @@ use drover_shared::ids::JobId;
 
 use super::checkpoint::Dirty;
 use super::error::{Result, StoreError};
-use super::{Store, codec, image_log, lock};
+use super::{Change, Store, codec, image_log, lock};
 use crate::records::JobRecord;
 
 impl Store {
@@ -134,6 +134,40 @@ impl Store {
                     }
                 }
             }
+        }
+        Ok(out)
+    }
+
+    /// The whole state, as the changes that rebuild it (a replicated coordinator's snapshot):
+    /// every node, every unfinished job (its source rejoined), every finished job with its
+    /// image. Reads sled: checkpoint first. Held in memory whole.
+    pub fn export(&self) -> Result<Vec<Change>> {
+        let mut out = Vec::new();
+        for node in self.nodes()? {
+            out.push(Change::Node(serde_json::to_vec(&node)?));
+        }
+        for job in self.unfinished_jobs()? {
+            out.push(Change::Job(serde_json::to_vec(&job)?));
+        }
+        let finished: Vec<JobId> = self.shared.with_trees(|t| {
+            t.jobs
+                .iter()
+                .keys()
+                .map(|k| {
+                    Ok(JobId::from_bytes(
+                        k?.as_ref().try_into().unwrap_or_default(),
+                    ))
+                })
+                .collect()
+        })?;
+        for id in finished {
+            let Some(record) = self.job(id)? else {
+                continue;
+            };
+            out.push(Change::Finish {
+                record: serde_json::to_vec(&record)?,
+                png: self.image(id)?,
+            });
         }
         Ok(out)
     }
