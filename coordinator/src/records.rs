@@ -249,6 +249,18 @@ pub struct Attempt {
     pub ended_ms: u64,
     /// How it ended: `succeeded` or the reason it failed.
     pub outcome: String,
+    /// Whether it counts against the job's attempts (not when the node lost its assignment or
+    /// result to the link or the coordinator).
+    #[serde(default = "counted", skip_serializing_if = "is_counted")]
+    pub counted: bool,
+}
+
+fn counted() -> bool {
+    true
+}
+
+fn is_counted(counted: &bool) -> bool {
+    *counted
 }
 
 /// The `Idempotency-Key` a job was submitted with (see `control::idempotency`).

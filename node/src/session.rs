@@ -32,6 +32,8 @@ use drover_shared::job::JobTask;
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
 /// Longest reconnect delay.
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Longest reconnect delay when `COORDINATOR_URL` names several replicas.
+const MAX_BACKOFF_REPLICAS: Duration = Duration::from_secs(1);
 /// Timeout of every unary call and of connecting.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -51,8 +53,17 @@ pub struct NodeLink {
     outbox_rx: mpsc::UnboundedReceiver<proto::NodeMessage>,
     /// Messages that could not be sent on a broken session, sent first on the next one.
     carry: Vec<proto::NodeMessage>,
+    /// Results and failures sent in the last [`RESEND_WINDOW`] (at most [`RESEND_MAX`]), with
+    /// when: sent again on the next session, and listed running in its hello. A coordinator
+    /// can take a result and lose it (a replicated coordinator's leader that dies before the
+    /// log commits it; a single one killed before its log synced): the next one, which restored
+    /// the lease, then keeps the job on this node and takes the result instead of running the
+    /// job again. One that has it already ignores it (its lease is no longer current).
+    recent: std::collections::VecDeque<(Instant, proto::NodeMessage)>,
     /// The coordinator addresses (`COORDINATOR_URL`, comma-separated for replicas).
     urls: Vec<String>,
+    /// Sessions this process has opened (its hellos say so).
+    sessions: u32,
     /// The address in use: the next one is tried when a session fails.
     current: usize,
 }
@@ -73,7 +84,9 @@ impl NodeLink {
             outbox_tx,
             outbox_rx,
             carry: Vec::new(),
+            recent: std::collections::VecDeque::new(),
             urls: coordinator_urls(&config.coordinator_url),
+            sessions: 0,
             current: 0,
             config,
         }
@@ -113,7 +126,14 @@ impl NodeLink {
             let delay = backoff + jitter(backoff / 4);
             tracing::info!(delay_ms = delay.as_millis() as u64, "reconnecting");
             tokio::time::sleep(delay).await;
-            backoff = (backoff * 2).min(MAX_BACKOFF);
+            // With replicas, a new leader wants its nodes back within its offline grace: the
+            // retries across every address stay within a second.
+            let cap = if self.urls.len() > 1 {
+                MAX_BACKOFF_REPLICAS
+            } else {
+                MAX_BACKOFF
+            };
+            backoff = (backoff * 2).min(cap);
         }
     }
 
@@ -268,15 +288,39 @@ impl NodeLink {
         Ok(Some(tls))
     }
 
-    fn running_jobs(&self) -> Vec<proto::RunningJob> {
-        let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
-        running
-            .keys()
-            .map(|(job_id, lease_id)| proto::RunningJob {
+    /// The jobs this node runs, and those whose end it sent lately (see `recent`).
+    fn running_jobs(&mut self) -> Vec<proto::RunningJob> {
+        let mut out: Vec<proto::RunningJob> = {
+            let running = self.running.lock().unwrap_or_else(|e| e.into_inner());
+            running
+                .keys()
+                .map(|(job_id, lease_id)| proto::RunningJob {
+                    job_id: job_id.to_string(),
+                    lease_id: lease_id.to_string(),
+                })
+                .collect()
+        };
+        self.recent
+            .retain(|(sent, _)| sent.elapsed() < RESEND_WINDOW);
+        out.extend(self.recent.iter().filter_map(|(_, m)| {
+            let (job_id, lease_id) = ended_job(m)?;
+            Some(proto::RunningJob {
                 job_id: job_id.to_string(),
                 lease_id: lease_id.to_string(),
             })
-            .collect()
+        }));
+        out
+    }
+
+    /// Keeps a result or failure about to be sent (see `recent`).
+    fn remember(&mut self, message: &proto::NodeMessage) {
+        if ended_job(message).is_none() {
+            return;
+        }
+        if self.recent.len() == RESEND_MAX {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((Instant::now(), message.clone()));
     }
 
     /// One session, from connect to its end.
@@ -291,12 +335,16 @@ impl NodeLink {
         .into_inner();
         let heartbeat = Duration::from_millis(u64::from(registered.heartbeat_interval_ms.max(50)));
         let (tx, rx) = mpsc::channel::<proto::NodeMessage>(256);
+        self.sessions = self.sessions.saturating_add(1);
         let hello = proto::Hello {
             node_id: registered.node_id.clone(),
             running: self.running_jobs(),
+            session: self.sessions,
         };
         let _ = tx.send(message(node_message::Kind::Hello(hello))).await;
-        for pending in self.carry.drain(..) {
+        // What ended lately first (the jobs the hello listed), then what could not be sent.
+        let resend: Vec<proto::NodeMessage> = self.recent.iter().map(|(_, m)| m.clone()).collect();
+        for pending in resend.into_iter().chain(self.carry.drain(..)) {
             let _ = tx.send(pending).await;
         }
         let mut inbound = tokio::time::timeout(
@@ -334,6 +382,7 @@ impl NodeLink {
                     }
                     let mut batch = coalesce(batch).into_iter();
                     while let Some(out) = batch.next() {
+                        self.remember(&out);
                         if let Err(mpsc::error::SendError(out)) = tx.send(out).await {
                             self.carry.push(out);
                             self.carry.extend(batch);
@@ -543,6 +592,20 @@ fn progress_sink(
 }
 
 /// What usually fixes a link error, when the error text says enough to tell.
+/// How long a sent result or failure is sent again on the next session (see `NodeLink::recent`).
+const RESEND_WINDOW: Duration = Duration::from_secs(30);
+/// Most results and failures kept for that.
+const RESEND_MAX: usize = 32;
+
+/// The job and lease a result or failure is about.
+fn ended_job(message: &proto::NodeMessage) -> Option<(&str, &str)> {
+    match &message.kind {
+        Some(node_message::Kind::Result(r)) => Some((&r.job_id, &r.lease_id)),
+        Some(node_message::Kind::Failed(f)) => Some((&f.job_id, &f.lease_id)),
+        _ => None,
+    }
+}
+
 /// `DROVER_READY_FILE` while a session is open: created with it, removed when it ends.
 struct ReadyFile(Option<std::path::PathBuf>);
 

@@ -34,6 +34,10 @@ impl LinkProxy {
                             let _ = client.shutdown(Shutdown::Both);
                             continue;
                         };
+                        // Bytes go on at once, as on a direct link (Nagle's algorithm with the
+                        // peer's delayed ACK would hold small messages back ~40 ms).
+                        let _ = client.set_nodelay(true);
+                        let _ = server.set_nodelay(true);
                         for (from, to) in [(&client, &server), (&server, &client)] {
                             let (Ok(from), Ok(to)) = (from.try_clone(), to.try_clone()) else {
                                 continue;

@@ -50,6 +50,21 @@ impl ReplicaSet {
     /// Starts `count` replicas with test timings and extra environment `env`, and waits until
     /// they agree on a leader.
     pub fn start(bins: Binaries, count: u64, env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_linked(bins, count, env, true)
+    }
+
+    /// [`ReplicaSet::start`], with the replicas linked directly (no proxies to cut: for load
+    /// measurements, where the proxies' threads would cost CPU).
+    pub fn start_direct(bins: Binaries, count: u64, env: &[(&str, &str)]) -> Result<Self> {
+        Self::start_linked(bins, count, env, false)
+    }
+
+    fn start_linked(
+        bins: Binaries,
+        count: u64,
+        env: &[(&str, &str)],
+        proxied: bool,
+    ) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("drover-replicas-")
             .tempdir()?;
@@ -59,7 +74,7 @@ impl ReplicaSet {
         let mut links = BTreeMap::new();
         for &(from, _, _) in &ports {
             for &(to, _, grpc) in &ports {
-                if from != to {
+                if from != to && proxied {
                     links.insert((from, to), LinkProxy::start(format!("127.0.0.1:{grpc}"))?);
                 }
             }
@@ -69,11 +84,7 @@ impl ReplicaSet {
             let peers: Vec<String> = ports
                 .iter()
                 .map(|&(peer, _, grpc)| {
-                    let port = if peer == id {
-                        grpc
-                    } else {
-                        links[&(id, peer)].port()
-                    };
+                    let port = links.get(&(id, peer)).map_or(grpc, LinkProxy::port);
                     format!("{peer}=127.0.0.1:{port}")
                 })
                 .collect();
@@ -94,7 +105,8 @@ impl ReplicaSet {
                         .to_string(),
                 ),
                 ("DROVER_HEARTBEAT_MS".into(), "100".into()),
-                ("DROVER_OFFLINE_GRACE_MS".into(), "1500".into()),
+                // Nodes find a new leader within about a second of its election.
+                ("DROVER_OFFLINE_GRACE_MS".into(), "3000".into()),
                 ("DROVER_LEASE_FLOOR_MS".into(), "10000".into()),
                 ("DROVER_STORE_RESERVE_MB".into(), "1".into()),
                 ("DROVER_ELECTION_TIMEOUT_MS".into(), "500".into()),

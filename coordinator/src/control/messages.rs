@@ -61,6 +61,9 @@ pub struct OpenSession {
     pub node_id: NodeId,
     /// The (job, lease) pairs the node says it is still running.
     pub running: Vec<(JobId, LeaseId)>,
+    /// Whether the node process just started (its first session): a leased job it does not
+    /// list was lost with it, and the attempt counts.
+    pub fresh: bool,
 }
 
 impl Handler<OpenSession> for ControlPlane {
@@ -78,7 +81,9 @@ impl Handler<OpenSession> for ControlPlane {
         self.dirty.insert(msg.node_id);
         tracing::info!(node_id = %msg.node_id, session_id, "node session opened");
         // Leases this node holds but no longer runs (it restarted) are re-queued now.
-        let effects = self.jobs.reconcile(msg.node_id, &msg.running, now_ms());
+        let effects = self
+            .jobs
+            .reconcile(msg.node_id, &msg.running, msg.fresh, now_ms());
         self.stage(effects);
         self.dispatch();
         self.commit();

@@ -92,6 +92,7 @@ fn jobs_go_where_their_lora_set_is_already_merged() {
                 .send(OpenSession {
                     node_id: node.id,
                     running: Vec::new(),
+                    fresh: true,
                 })
                 .await
                 .unwrap()
@@ -184,6 +185,7 @@ fn a_gather_window_holds_a_lone_job_for_partners_then_lets_it_go() {
             let open = OpenSession {
                 node_id: node.id,
                 running: Vec::new(),
+                fresh: true,
             };
             plane.send(open).await.unwrap().unwrap().1
         };

@@ -123,6 +123,7 @@ impl Coordinator for NodeService {
             .send(OpenSession {
                 node_id,
                 running: convert::running(&hello.running),
+                fresh: hello.session <= 1,
             })
             .await
             .map_err(CoordinatorError::from)??;

@@ -180,12 +180,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 }
 
+/// How often the machine records how far it applied (each record costs a sync of the store).
+const RECORD_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// The state machine: the replica's store.
 pub struct Machine {
     store: Store,
     db: RaftDb,
     applied: Option<LogId<NodeIdOf>>,
     membership: StoredMembership<NodeIdOf, Node>,
+    /// When it last recorded how far it applied.
+    recorded: std::time::Instant,
 }
 
 impl Machine {
@@ -207,6 +212,7 @@ impl Machine {
             db,
             applied,
             membership,
+            recorded: std::time::Instant::now(),
         })
     }
 }
@@ -237,6 +243,9 @@ impl RaftSnapshotBuilder<TypeConfig> for Machine {
         .await
         .map_err(snapshot_error)?
         .map_err(snapshot_error)?;
+        // The checkpoint made everything applied so far durable in sled: the snapshot's point
+        // is recorded as applied (the log before it may be purged next).
+        self.record_applied(true).await?;
         let data = encode(&changes).map_err(snapshot_error)?;
         let index = self.applied.map_or(0, |l| l.index);
         let meta = SnapshotMeta {
@@ -298,12 +307,17 @@ impl RaftStateMachine<TypeConfig> for Machine {
             self.applied = Some(entry.log_id);
             answers.push(());
         }
-        // What was applied is on this replica's disk before the log says so.
-        self.store
-            .sync_local()
-            .await
-            .map_err(|e| StorageIOError::write_state_machine(&e))?;
-        self.record_applied(false).await?;
+        // What was applied is on this replica's disk before the log says so; recorded every
+        // RECORD_EVERY (a crash re-applies what came after the record, harmlessly) rather than
+        // at every entry, which would cost a sync of the store per commit on every replica.
+        if self.recorded.elapsed() >= RECORD_EVERY {
+            self.store
+                .sync_local()
+                .await
+                .map_err(|e| StorageIOError::write_state_machine(&e))?;
+            self.record_applied(false).await?;
+            self.recorded = std::time::Instant::now();
+        }
         Ok(answers)
     }
 
@@ -313,6 +327,7 @@ impl RaftStateMachine<TypeConfig> for Machine {
             db: self.db.clone(),
             applied: self.applied,
             membership: self.membership.clone(),
+            recorded: self.recorded,
         }
     }
 

@@ -100,7 +100,7 @@ impl Farm {
                 .env("NUM_WORKERS", &o.workers.to_string())
         };
         if o.replicas > 1 {
-            let mut set = ReplicaSet::start(binaries(o.bins.clone())?, o.replicas, &env)?;
+            let mut set = ReplicaSet::start_direct(binaries(o.bins.clone())?, o.replicas, &env)?;
             for i in 0..o.nodes {
                 set.add_node(spec(i))?;
             }

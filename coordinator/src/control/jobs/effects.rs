@@ -230,6 +230,10 @@ pub enum EndReason {
     NodeOffline,
     /// The node came back without the job (it restarted).
     NodeRestarted,
+    /// The node reconnected (it did not restart) without the job: its assignment or its result
+    /// was lost with the link or with the coordinator (a replicated coordinator's leader that
+    /// died). Not counted against the job's attempts: the node did not fail it.
+    AssignmentLost,
     /// The node is no longer in the registry.
     NodeUnregistered,
     /// The node said the attempt failed, and why.
@@ -237,12 +241,18 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    /// Whether the attempt counts against the job's `DROVER_MAX_ATTEMPTS`.
+    pub fn counts(&self) -> bool {
+        !matches!(self, Self::AssignmentLost)
+    }
+
     /// The bounded metric label of the reason (a node's own text never becomes a label).
     pub fn label(&self) -> &'static str {
         match self {
             Self::LeaseExpired => "lease_expired",
             Self::NodeOffline => "node_offline",
             Self::NodeRestarted => "node_restarted",
+            Self::AssignmentLost => "assignment_lost",
             Self::NodeUnregistered => "node_unregistered",
             Self::NodeReported(_) => "node_reported",
         }
@@ -255,6 +265,9 @@ impl std::fmt::Display for EndReason {
             Self::LeaseExpired => f.write_str("lease expired"),
             Self::NodeOffline => f.write_str("node went offline"),
             Self::NodeRestarted => f.write_str("node restarted without the job"),
+            Self::AssignmentLost => {
+                f.write_str("node reconnected without the job (its assignment or result was lost)")
+            }
             Self::NodeUnregistered => f.write_str("lease holder is no longer registered"),
             Self::NodeReported(reason) => write!(f, "node reported: {reason}"),
         }

@@ -204,7 +204,7 @@ impl Jobs {
         let Some(job) = self.active.get_mut(&job_id) else {
             return Effects::new();
         };
-        if job.state != JobState::Queued || job.attempts.len() as u32 >= self.max_attempts {
+        if job.state != JobState::Queued || counted_attempts(job) >= self.max_attempts {
             return Effects::new();
         }
         let mut out = Effects::with_capacity(5);
@@ -426,16 +426,16 @@ impl Jobs {
             return;
         }
         end_attempt(&mut self.leases, job, reason.to_string(), now_ms, out);
+        if let Some(last) = job.attempts.last_mut() {
+            last.counted = reason.counts();
+        }
         out.push(Effect::Metric(JobMetric::Requeued(reason.label())));
         job.updated_ms = now_ms;
         job.progress = None;
-        if job.attempts.len() as u32 >= self.max_attempts {
+        let counted = counted_attempts(job);
+        if counted >= self.max_attempts {
             let reasons: Vec<_> = job.attempts.iter().map(|a| a.outcome.as_str()).collect();
-            let error = format!(
-                "failed after {} attempts: {}",
-                job.attempts.len(),
-                reasons.join("; ")
-            );
+            let error = format!("failed after {counted} attempts: {}", reasons.join("; "));
             tracing::warn!(job_id = %job_id, %error, "job failed");
             self.finish(job_id, JobState::Failed, Some(error), None, now_ms, out);
         } else {
@@ -473,8 +473,14 @@ impl Jobs {
         &mut self,
         node: NodeId,
         running: &[(JobId, LeaseId)],
+        fresh: bool,
         now_ms: u64,
     ) -> Effects {
+        let reason = if fresh {
+            EndReason::NodeRestarted
+        } else {
+            EndReason::AssignmentLost
+        };
         let still: HashSet<&(JobId, LeaseId)> = running.iter().collect();
         let mut dropped: Vec<JobId> = self
             .leases
@@ -492,7 +498,7 @@ impl Jobs {
         dropped.sort_unstable();
         let mut out = Effects::new();
         for job_id in dropped {
-            self.requeue_into(job_id, &EndReason::NodeRestarted, now_ms, &mut out);
+            self.requeue_into(job_id, &reason, now_ms, &mut out);
         }
         out
     }
@@ -666,6 +672,11 @@ impl Jobs {
 
 /// Ends the job's current lease (if any) with `outcome`: the node's lease set loses it, the
 /// attempt is recorded. Answers the node that held the lease.
+/// The attempts that count against `max_attempts` (not those whose assignment was lost).
+fn counted_attempts(job: &JobRecord) -> u32 {
+    job.attempts.iter().filter(|a| a.counted).count() as u32
+}
+
 fn end_attempt(
     leases: &mut HashMap<NodeId, HashMap<JobId, u64>>,
     job: &mut JobRecord,
@@ -687,6 +698,7 @@ fn end_attempt(
         started_ms: lease.granted_ms,
         ended_ms: now_ms,
         outcome,
+        counted: true,
     });
     Some(lease.node_id)
 }

@@ -117,6 +117,58 @@ fn attempts_run_out() {
     );
 }
 
+/// A node that reconnects (its process did not restart) without a job it was leased lost the
+/// assignment or its result to the link or the coordinator: the job runs again, the attempt is
+/// recorded, and it does not count against the job; a node that restarted without it does.
+#[test]
+fn lost_assignments_do_not_use_up_attempts() {
+    let mut world = World::new();
+    world.step(&Command::Submit {
+        n: 1,
+        client: 0,
+        priority: 0,
+    });
+    for _ in 0..2 * MAX_ATTEMPTS {
+        world.step(&Command::Lease {
+            job: 0,
+            node: 0,
+            group: 0,
+        });
+        let (effects, _) = world.step(&Command::Reconcile {
+            node: 0,
+            keep: 0,
+            fresh: false,
+        });
+        assert!(
+            effects
+                .iter()
+                .any(|e| matches!(e, Effect::Metric(JobMetric::Requeued("assignment_lost")))),
+            "{effects:?}"
+        );
+        let job = world.jobs.get(&world.ids[0]).expect("still unfinished");
+        assert_eq!(job.state, JobState::Queued);
+        assert!(job.attempts.last().is_some_and(|a| !a.counted));
+    }
+    for _ in 0..MAX_ATTEMPTS {
+        world.step(&Command::Lease {
+            job: 0,
+            node: 0,
+            group: 0,
+        });
+        world.step(&Command::Reconcile {
+            node: 0,
+            keep: 0,
+            fresh: true,
+        });
+    }
+    let job = &world.disk[&world.ids[0]];
+    assert_eq!(
+        job.state,
+        JobState::Failed,
+        "three restarts without it fail the job"
+    );
+}
+
 /// The lease is logged before the assignment leaves, and an expired lease is logged as
 /// re-queued before its node is told to stop.
 #[test]

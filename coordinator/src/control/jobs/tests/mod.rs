@@ -82,6 +82,8 @@ enum Command {
     Reconcile {
         node: usize,
         keep: u8,
+        /// The node process restarted (its first session) rather than reconnected.
+        fresh: bool,
     },
     Advance {
         ms: u64,
@@ -114,7 +116,7 @@ fn command() -> impl Strategy<Value = Command> {
         3 => (any::<usize>(), carries(), any::<bool>(), prop::bool::weighted(0.9)).prop_map(|(job, carries, upscaled, png)| Command::Succeed { job, carries, upscaled, png }),
         2 => (any::<usize>(), carries(), any::<bool>()).prop_map(|(job, carries, permanent)| Command::Fail { job, carries, permanent }),
         1 => (0..NODES).prop_map(|node| Command::NodeLost { node }),
-        1 => (0..NODES, any::<u8>()).prop_map(|(node, keep)| Command::Reconcile { node, keep }),
+        1 => (0..NODES, any::<u8>(), any::<bool>()).prop_map(|(node, keep, fresh)| Command::Reconcile { node, keep, fresh }),
         2 => (0..15_000u64).prop_map(|ms| Command::Advance { ms }),
         1 => any::<usize>().prop_map(|job| Command::Cancel { job }),
         1 => (0..NODES).prop_map(|node| Command::Unregister { node }),
@@ -391,7 +393,11 @@ impl World {
                 )
             }
             Command::NodeLost { node: n } => self.jobs.node_lost(node(*n), now),
-            Command::Reconcile { node: n, keep } => {
+            Command::Reconcile {
+                node: n,
+                keep,
+                fresh,
+            } => {
                 let listed: Vec<(JobId, LeaseId)> = self
                     .jobs
                     .iter()
@@ -401,7 +407,7 @@ impl World {
                     .filter(|(i, _)| keep & (1 << (i % 8)) != 0)
                     .map(|(_, (id, l))| (id, l.id))
                     .collect();
-                self.jobs.reconcile(node(*n), &listed, now)
+                self.jobs.reconcile(node(*n), &listed, *fresh, now)
             }
             Command::Advance { ms } => {
                 self.now += ms;
@@ -522,11 +528,11 @@ fn check(world: &mut World, before: &HashMap<JobId, JobRecord>, effects: &Effect
     let mut per_node: HashMap<NodeId, usize> = HashMap::new();
     let mut groups: HashMap<NodeId, HashSet<u64>> = HashMap::new();
     for job in world.jobs.iter() {
+        let counted = job.attempts.iter().filter(|a| a.counted).count();
         assert!(
-            job.attempts.len() as u32 <= MAX_ATTEMPTS,
-            "job {} has {} attempts",
+            counted as u32 <= MAX_ATTEMPTS,
+            "job {} has {counted} counted attempts",
             job.id,
-            job.attempts.len()
         );
         assert_eq!(
             job.lease.is_some(),
@@ -557,7 +563,7 @@ fn check(world: &mut World, before: &HashMap<JobId, JobRecord>, effects: &Effect
         );
     }
     for job in world.disk.values() {
-        assert!(job.attempts.len() as u32 <= MAX_ATTEMPTS);
+        assert!(job.attempts.iter().filter(|a| a.counted).count() as u32 <= MAX_ATTEMPTS);
     }
     // The queue is exactly the queued jobs, and client counts are their unfinished jobs.
     let queued: HashSet<JobId> = world.jobs.queue().map(|(id, _)| id).collect();
