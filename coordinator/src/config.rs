@@ -200,9 +200,10 @@ pub struct Config {
     /// rather than from a whole snapshot).
     #[arg(long, env = "DROVER_SNAPSHOT_KEEP", default_value_t = 1_000)]
     pub snapshot_keep: u64,
-    /// A follower that hears no leader for a random time between this and twice this starts an
-    /// election, in milliseconds (the leader's heartbeat is a quarter of it).
-    #[arg(long, env = "DROVER_ELECTION_TIMEOUT_MS", default_value_t = 800, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    /// Election timeout, in milliseconds: a follower that has heard no leader for 1.25× this (the
+    /// leader's lease) plus a random 1–1.25× this stands for election, so a fail-over takes
+    /// about 2.25–2.5× it; the leader's heartbeat is a quarter of it. Raise it on slow links.
+    #[arg(long, env = "DROVER_ELECTION_TIMEOUT_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(100..=60_000))]
     pub election_timeout_ms: u64,
 }
 

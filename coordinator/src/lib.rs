@@ -251,7 +251,8 @@ async fn follow_until_leading(
         replica = replica.id(),
         "leading: the control plane restores from the store"
     );
-    handle.stop(true).await;
+    // Not graceful: a follower serves reads and redirects only, and clients retry.
+    handle.stop(false).await;
     let _ = running.await;
     Ok(())
 }
