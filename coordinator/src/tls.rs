@@ -80,6 +80,15 @@ impl Identity {
         ))
     }
 
+    /// How a replica calls its peers when it serves TLS: over TLS, trusting the certificates of
+    /// its own `DROVER_TLS_CERT` (a certificate the replicas share, or their CA in the chain)
+    /// besides the public roots; each peer's certificate must name the host its address has.
+    pub fn peer_client(&self) -> tonic::transport::ClientTlsConfig {
+        tonic::transport::ClientTlsConfig::new()
+            .with_webpki_roots()
+            .ca_certificate(tonic::transport::Certificate::from_pem(&self.cert_pem))
+    }
+
     /// The rustls settings of the HTTPS server (HTTP/1.1 and h2).
     pub fn https(&self) -> Result<rustls::ServerConfig> {
         let mut config = rustls::ServerConfig::builder()

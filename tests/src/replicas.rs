@@ -194,11 +194,27 @@ impl ReplicaSet {
         Ok(format!("http://127.0.0.1:{}", self.replica(id)?.http_port))
     }
 
-    /// Every replica's gRPC URL, comma-separated (a node's `COORDINATOR_URL`).
+    /// The replicas' `DROVER_TLS_CERT`, when they serve gRPC over TLS.
+    fn tls_cert(&self) -> Option<String> {
+        self.replicas.first().and_then(|r| {
+            r.env
+                .iter()
+                .find(|(k, _)| k == "DROVER_TLS_CERT")
+                .map(|(_, v)| v.clone())
+        })
+    }
+
+    /// Every replica's gRPC URL, comma-separated (a node's `COORDINATOR_URL`; `https://` when
+    /// the replicas serve TLS).
     pub fn grpc_urls(&self) -> String {
+        let scheme = if self.tls_cert().is_some() {
+            "https"
+        } else {
+            "http"
+        };
         self.replicas
             .iter()
-            .map(|r| format!("http://127.0.0.1:{}", r.grpc_port))
+            .map(|r| format!("{scheme}://127.0.0.1:{}", r.grpc_port))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -293,6 +309,9 @@ impl ReplicaSet {
             ("COORDINATOR_URL".to_string(), self.grpc_urls()),
             ("NODE_NAME".to_string(), spec.name.clone()),
         ];
+        if let Some(cert) = self.tls_cert() {
+            env.push(("DROVER_CA_CERT".to_string(), cert));
+        }
         env.extend(spec.env.iter().cloned());
         let log = self
             .dir

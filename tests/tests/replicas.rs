@@ -471,3 +471,45 @@ fn a_follower_catches_up_and_an_isolated_one_takes_no_write() -> Result<()> {
     )?;
     Ok(())
 }
+
+/// Replicas serving gRPC over TLS call each other over TLS (trusting the certificate they
+/// share), and their nodes follow them over TLS.
+#[test]
+fn replicas_that_serve_tls_replicate_over_tls() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let made = rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()])?;
+    let (cert, key) = (
+        dir.path().join("replica.crt"),
+        dir.path().join("replica.key"),
+    );
+    std::fs::write(&cert, made.cert.pem())?;
+    std::fs::write(&key, made.signing_key.serialize_pem())?;
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    let mut set = ReplicaSet::start(
+        binaries!(),
+        3,
+        &[("DROVER_TLS_CERT", &cert), ("DROVER_TLS_KEY", &key)],
+    )?;
+    assert!(set.grpc_urls().starts_with("https://"));
+    set.add_node(NodeSpec::sim("over-tls", "sd15"))?;
+    set.wait_for_nodes(1, Duration::from_secs(30))?;
+    let leader = set.wait_for_leader(Duration::from_secs(10))?;
+    let url = set.url(leader)?;
+    let accepted = set.call(
+        "POST",
+        &format!("{url}/v1/jobs"),
+        Some(&json!({"prompt": "over tls", "steps": 4})),
+        &[],
+    )?;
+    assert_eq!(accepted.status, 202, "{:?}", accepted.body);
+    let id = accepted.body["id"].as_str().unwrap_or_default().to_string();
+    // Every replica has it: the log went over TLS.
+    for replica in set.ids() {
+        let replica_url = set.url(replica)?;
+        wait("the job on every replica", Duration::from_secs(30), || {
+            set.call("GET", &format!("{replica_url}/v1/jobs/{id}"), None, &[])
+                .is_ok_and(|a| a.status == 200 && a.body["state"] == "succeeded")
+        })?;
+    }
+    Ok(())
+}

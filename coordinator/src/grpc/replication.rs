@@ -9,10 +9,13 @@ use std::time::Duration;
 use drover_shared::proto::replication_client::ReplicationClient;
 use drover_shared::proto::replication_server::Replication;
 use drover_shared::proto::{self};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Request, Response, Status};
 
 use crate::error::CoordinatorError;
+
+/// TLS settings of a replica's calls to its peers (what `tls::Identity::peer_client` makes).
+pub type PeerTls = ClientTlsConfig;
 
 /// What answers a peer's call: `kind` names the message, `body` is its encoding.
 pub trait PeerEndpoint: Send + Sync + 'static {
@@ -86,15 +89,19 @@ impl Replication for ReplicationService {
 pub struct PeerClient {
     address: String,
     token: Option<String>,
+    /// TLS, when the replicas serve gRPC over TLS.
+    tls: Option<ClientTlsConfig>,
     client: Option<ReplicationClient<Channel>>,
 }
 
 impl PeerClient {
-    /// A client of the peer at `address` (`host:port` of its gRPC endpoint).
-    pub fn new(address: &str, token: Option<String>) -> Self {
+    /// A client of the peer at `address` (`host:port` of its gRPC endpoint), over TLS with
+    /// `tls`.
+    pub fn new(address: &str, token: Option<String>, tls: Option<ClientTlsConfig>) -> Self {
         Self {
             address: address.to_string(),
             token,
+            tls,
             client: None,
         }
     }
@@ -109,14 +116,20 @@ impl PeerClient {
         let client = match &mut self.client {
             Some(client) => client,
             None => {
-                let uri = format!("http://{}", self.address);
-                let channel = Endpoint::from_shared(uri)
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let uri = format!("{scheme}://{}", self.address);
+                let mut endpoint = Endpoint::from_shared(uri)
                     .map_err(|e| format!("peer address `{}`: {e}", self.address))?
                     .connect_timeout(Duration::from_secs(1))
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(Duration::from_secs(2))
-                    .keep_alive_timeout(Duration::from_secs(2))
-                    .connect_lazy();
+                    .keep_alive_timeout(Duration::from_secs(2));
+                if let Some(tls) = &self.tls {
+                    endpoint = endpoint
+                        .tls_config(tls.clone())
+                        .map_err(|e| format!("TLS to peer {}: {e}", self.address))?;
+                }
+                let channel = endpoint.connect_lazy();
                 self.client.insert(
                     ReplicationClient::new(channel)
                         .max_decoding_message_size(drover_shared::MAX_GRPC_MESSAGE_BYTES)

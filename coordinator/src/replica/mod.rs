@@ -169,6 +169,7 @@ pub struct Replica {
     peers: Peers,
     http: String,
     token: Option<String>,
+    tls: Option<crate::grpc::replication::PeerTls>,
     statuses: Mutex<HashMap<NodeIdOf, (Instant, ReplicaStatus)>>,
 }
 
@@ -214,6 +215,8 @@ impl Replica {
         }
         .validate()
         .context("replication settings")?;
+        // Replicas serving gRPC over TLS call each other over TLS.
+        let tls = crate::tls::Identity::load(config)?.map(|identity| identity.peer_client());
         let machine = storage::Machine::new(store.clone(), db.clone())
             .map_err(|e| anyhow::anyhow!("cannot read the replicated log's state: {e}"))?;
         let raft = Raft::new(
@@ -222,6 +225,7 @@ impl Replica {
             network::Network {
                 token: config.peer_token.clone(),
                 addresses: peers.all.clone(),
+                tls: tls.clone(),
             },
             storage::LogStore::new(db),
             machine,
@@ -263,6 +267,7 @@ impl Replica {
             peers,
             http: http.trim_end_matches('/').to_string(),
             token: config.peer_token.clone(),
+            tls,
             statuses: Mutex::default(),
         }))
     }
@@ -346,7 +351,7 @@ impl Replica {
             Some(address) => address.clone(),
             None => self.members().remove(&id).unwrap_or_default(),
         };
-        let mut client = PeerClient::new(&address, self.token.clone());
+        let mut client = PeerClient::new(&address, self.token.clone(), self.tls.clone());
         let answer = client
             .call("status", Vec::new(), Duration::from_millis(500))
             .await

@@ -26,6 +26,8 @@ pub struct Network {
     /// addresses in the log's membership, so a replica reaches its peers the way its own
     /// settings say (a changed address takes a restart, not a membership change).
     pub addresses: std::collections::BTreeMap<NodeIdOf, String>,
+    /// TLS to the peers, when the replicas serve gRPC over TLS.
+    pub tls: Option<crate::grpc::replication::PeerTls>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -36,7 +38,7 @@ impl RaftNetworkFactory<TypeConfig> for Network {
         Link {
             target,
             node: node.clone(),
-            client: PeerClient::new(address, self.token.clone()),
+            client: PeerClient::new(address, self.token.clone(), self.tls.clone()),
         }
     }
 }
