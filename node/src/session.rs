@@ -9,6 +9,10 @@
 //! [`crate::convert`] as they arrive, and the workers get [`RunJob`]s with render parameters and
 //! a progress sink that writes the job's progress messages into the outbox.
 
+mod follow;
+
+use follow::{RESEND_MAX, RESEND_WINDOW, ReadyFile, coordinator_urls, ended_job};
+
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -592,59 +596,6 @@ fn progress_sink(
 }
 
 /// What usually fixes a link error, when the error text says enough to tell.
-/// How long a sent result or failure is sent again on the next session (see `NodeLink::recent`).
-const RESEND_WINDOW: Duration = Duration::from_secs(30);
-/// Most results and failures kept for that.
-const RESEND_MAX: usize = 32;
-
-/// The job and lease a result or failure is about.
-fn ended_job(message: &proto::NodeMessage) -> Option<(&str, &str)> {
-    match &message.kind {
-        Some(node_message::Kind::Result(r)) => Some((&r.job_id, &r.lease_id)),
-        Some(node_message::Kind::Failed(f)) => Some((&f.job_id, &f.lease_id)),
-        _ => None,
-    }
-}
-
-/// `DROVER_READY_FILE` while a session is open: created with it, removed when it ends.
-struct ReadyFile(Option<std::path::PathBuf>);
-
-impl ReadyFile {
-    fn create(path: Option<&std::path::Path>) -> Self {
-        let Some(path) = path else { return Self(None) };
-        match std::fs::write(path, b"ready\n") {
-            Ok(()) => Self(Some(path.to_path_buf())),
-            Err(e) => {
-                tracing::warn!(file = %path.display(), error = %e, "cannot write the ready file");
-                Self(None)
-            }
-        }
-    }
-}
-
-impl Drop for ReadyFile {
-    fn drop(&mut self) {
-        if let Some(path) = &self.0 {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-/// The addresses of `COORDINATOR_URL` (comma-separated for a replicated coordinator).
-fn coordinator_urls(list: &str) -> Vec<String> {
-    let urls: Vec<String> = list
-        .split(',')
-        .map(str::trim)
-        .filter(|u| !u.is_empty())
-        .map(str::to_string)
-        .collect();
-    if urls.is_empty() {
-        vec![list.to_string()]
-    } else {
-        urls
-    }
-}
-
 fn link_hint(url: &str, error: &str) -> &'static str {
     if error.contains("does not lead") {
         "a replica that does not lead; the node tries the next address"
