@@ -11,25 +11,8 @@ export DROVER_HEARTBEAT_MS=200 DROVER_OFFLINE_GRACE_MS=2000 SIM_STEP_MS=100 RUST
 COMPOSE="docker-compose -f docker-compose.ha.yml"
 PORTS=($DROVER_HTTP_PORT_1 $DROVER_HTTP_PORT_2 $DROVER_HTTP_PORT_3)
 
-DROVER_DOCKER_PROFILE=${DROVER_DOCKER_PROFILE:-dev} scripts/docker-build.sh
-cleanup() {
-    local rc=$?
-    if [ $rc -ne 0 ]; then $COMPOSE logs --tail 40 || true; fi
-    $COMPOSE down -v >/dev/null 2>&1 || true
-    exit $rc
-}
-trap cleanup EXIT
-
-fail() { echo "compose ha test: $*" >&2; exit 1; }
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-wait_for() { # seconds description command...
-    local limit=$1 what=$2; shift 2
-    for _ in $(seq $((limit * 5))); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.2
-    done
-    fail "timed out after ${limit}s waiting for $what"
-}
+NAME="compose ha test"
+source scripts/compose-lib.sh
 # The leader's id, as the first replica that answers says it.
 leader() {
     for port in "${PORTS[@]}"; do

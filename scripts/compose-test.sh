@@ -11,27 +11,8 @@ export DROVER_HEARTBEAT_MS=200 DROVER_OFFLINE_GRACE_MS=2000 SIM_STEP_MS=300 RUST
 API="http://127.0.0.1:$DROVER_HTTP_PORT"
 P=$COMPOSE_PROJECT_NAME
 
-# The dev profile reuses the binaries `cargo test` built (see docker-build.sh); set
-# DROVER_DOCKER_PROFILE=release to test the deployment build instead.
-DROVER_DOCKER_PROFILE=${DROVER_DOCKER_PROFILE:-dev} scripts/docker-build.sh
-cleanup() {
-    local rc=$?
-    if [ $rc -ne 0 ]; then docker-compose logs --tail 40 || true; fi
-    docker-compose down -v >/dev/null 2>&1 || true
-    exit $rc
-}
-trap cleanup EXIT
-
-fail() { echo "compose test: $*" >&2; exit 1; }
-json() { python3 -c "import json,sys; d=json.load(sys.stdin); print($1)"; }
-wait_for() { # seconds description command...
-    local limit=$1 what=$2; shift 2
-    for _ in $(seq $((limit * 5))); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
-        sleep 0.2
-    done
-    fail "timed out after ${limit}s waiting for $what"
-}
+COMPOSE=docker-compose NAME="compose test"
+source scripts/compose-lib.sh
 online() { [ "$(curl -s "$API/healthz" | json 'd["nodes_online"]')" = "$1" ]; }
 node_state() { curl -s "$API/v1/nodes" | json "[n['state'] for n in d if n['name']=='$1'][0]"; }
 submit() { # family steps

@@ -82,6 +82,19 @@ pub(crate) struct Proc {
 }
 
 impl Proc {
+    /// Kills it, printing the last `lines` of its log first when a test is failing.
+    fn stop(&mut self, lines: usize) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- {} ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                tail(&self.log, lines)
+            );
+        }
+        self.kill();
+    }
+
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -386,25 +399,10 @@ impl ClusterSandbox {
 
 impl Drop for ClusterSandbox {
     fn drop(&mut self) {
-        let panicking = std::thread::panicking();
         for (_, proc) in &mut self.nodes {
-            if panicking {
-                eprintln!(
-                    "----- {} ({}) -----\n{}",
-                    proc.name,
-                    proc.log.display(),
-                    tail(&proc.log, 40)
-                );
-            }
-            proc.kill();
+            proc.stop(40);
         }
-        if panicking {
-            eprintln!(
-                "----- coordinator -----\n{}",
-                tail(&self.coordinator.log, 80)
-            );
-        }
-        self.coordinator.kill();
+        self.coordinator.stop(80);
     }
 }
 

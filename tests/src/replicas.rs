@@ -14,7 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::Value;
 
 use crate::proxy::LinkProxy;
-use crate::{Binaries, NodeSpec, Proc, free_port, spawn, tail};
+use crate::{Binaries, NodeSpec, Proc, free_port, spawn};
 
 struct Replica {
     id: u64,
@@ -388,21 +388,12 @@ impl ReplicaSet {
 
 impl Drop for ReplicaSet {
     fn drop(&mut self) {
-        let panicking = std::thread::panicking();
         for proc in self
             .nodes
             .iter_mut()
             .chain(self.replicas.iter_mut().map(|r| &mut r.proc))
         {
-            if panicking {
-                eprintln!(
-                    "----- {} ({}) -----\n{}",
-                    proc.name,
-                    proc.log.display(),
-                    tail(&proc.log, 60)
-                );
-            }
-            proc.kill();
+            proc.stop(60);
         }
     }
 }

@@ -10,8 +10,9 @@ use actix_web::{HttpRequest, HttpResponse, delete, get, post, web};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::jobs::{JobView, parse_job_id};
+use super::jobs::{image_answer, job_answer, parse_job_id};
 use super::responses::{BadRequest, Conflict, Forbidden, NotFound, Unauthorized, Unavailable};
+use super::state::read_store;
 use super::{AppState, Client};
 use crate::config::Config;
 use crate::error::{CoordinatorError, Result};
@@ -161,17 +162,6 @@ pub fn follower_app(
     }
 }
 
-/// Reads this replica's store on a blocking thread.
-async fn read<T: Send + 'static>(
-    store: &Store,
-    read: impl FnOnce(&Store) -> Result<T> + Send + 'static,
-) -> Result<T> {
-    let store = store.clone();
-    web::block(move || read(&store))
-        .await
-        .map_err(|e| CoordinatorError::Unavailable(format!("reading the store: {e}")))?
-}
-
 /// A finished job from this replica's store; any other to the leader.
 async fn follower_job(
     _: Client,
@@ -181,15 +171,8 @@ async fn follower_job(
     replica: web::Data<Arc<Replica>>,
 ) -> Result<HttpResponse> {
     let id = parse_job_id(&id)?;
-    match read(&store, move |s| Ok(s.job(id)?)).await? {
-        Some(job) if job.state.is_terminal() => {
-            let image_url = (job.state == crate::records::JobState::Succeeded)
-                .then(|| format!("/v1/jobs/{id}/image"));
-            Ok(HttpResponse::Ok().json(JobView {
-                job: job.public(),
-                image_url,
-            }))
-        }
+    match read_store(&store, move |s| Ok(s.job(id)?)).await? {
+        Some(job) if job.state.is_terminal() => Ok(job_answer(job)),
         _ => to_leader(req, replica).await,
     }
 }
@@ -203,11 +186,8 @@ async fn follower_image(
     replica: web::Data<Arc<Replica>>,
 ) -> Result<HttpResponse> {
     let id = parse_job_id(&id)?;
-    match read(&store, move |s| Ok(s.image(id)?)).await? {
-        Some(png) => Ok(HttpResponse::Ok()
-            .content_type("image/png")
-            .insert_header(("Cache-Control", "private, max-age=86400, immutable"))
-            .body(png)),
+    match read_store(&store, move |s| Ok(s.image(id)?)).await? {
+        Some(png) => Ok(image_answer(png)),
         None => to_leader(req, replica).await,
     }
 }

@@ -360,11 +360,25 @@ pub(crate) async fn get_job(
         .job(id)
         .await?
         .ok_or_else(|| CoordinatorError::NotFound(format!("job {id}")))?;
-    let image_url = (job.state == JobState::Succeeded).then(|| format!("/v1/jobs/{id}/image"));
-    Ok(HttpResponse::Ok().json(JobView {
+    Ok(job_answer(job))
+}
+
+/// `GET /v1/jobs/{id}`'s answer: the job as a client sees it, with its image's place.
+pub(crate) fn job_answer(job: JobRecord) -> HttpResponse {
+    let image_url =
+        (job.state == JobState::Succeeded).then(|| format!("/v1/jobs/{}/image", job.id));
+    HttpResponse::Ok().json(JobView {
         job: job.public(),
         image_url,
-    }))
+    })
+}
+
+/// `GET /v1/jobs/{id}/image`'s answer: the PNG, which never changes.
+pub(crate) fn image_answer(png: Vec<u8>) -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("image/png")
+        .insert_header(("Cache-Control", "private, max-age=86400, immutable"))
+        .body(png)
 }
 
 /// The PNG of a finished job
@@ -390,11 +404,7 @@ pub(crate) async fn get_image(
 ) -> Result<HttpResponse> {
     let id = parse_job_id(&id)?;
     if let Some(png) = state.image(id).await? {
-        // A job's image never changes.
-        return Ok(HttpResponse::Ok()
-            .content_type("image/png")
-            .insert_header(("Cache-Control", "private, max-age=86400, immutable"))
-            .body(png));
+        return Ok(image_answer(png));
     }
     match state.job(id).await? {
         None => Err(CoordinatorError::NotFound(format!("job {id}"))),

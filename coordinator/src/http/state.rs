@@ -14,6 +14,17 @@ use crate::limits::RateLimiter;
 use crate::records::JobRecord;
 use crate::store::Store;
 
+/// Runs `read` on `store` on a blocking thread (never on an async worker or an actor).
+pub async fn read_store<T: Send + 'static>(
+    store: &Store,
+    read: impl FnOnce(&Store) -> Result<T> + Send + 'static,
+) -> Result<T> {
+    let store = store.clone();
+    web::block(move || read(&store))
+        .await
+        .map_err(|e| CoordinatorError::Unavailable(format!("reading the store: {e}")))?
+}
+
 /// Largest accepted request body.
 pub const MAX_BODY: usize = 64 * 1024;
 
@@ -96,10 +107,7 @@ impl AppState {
         &self,
         read: impl FnOnce(&Store) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        let store = self.store.clone();
-        web::block(move || read(&store))
-            .await
-            .map_err(|e| CoordinatorError::Unavailable(format!("reading the store: {e}")))?
+        read_store(&self.store, read).await
     }
 
     /// A job: unfinished ones from the control plane, finished ones from the store.
