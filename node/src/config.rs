@@ -240,12 +240,19 @@ pub enum Command {
         #[arg(long, default_value_t = 1)]
         runs: usize,
     },
-    /// Render one image on the CPU from a diffusers model folder, without a coordinator, and
-    /// print how long each part took (JSON).
+    /// Render one image from a diffusers model folder, without a coordinator, and print how
+    /// long each part took (JSON).
     Render {
         /// The model folder.
         #[arg(long)]
         model: PathBuf,
+        /// `cpu`, or `cuda` in builds with the `cuda` feature; `-f16` or `-bf16` appended runs
+        /// the text encoders and UNet in that dtype (the VAE stays f32), as cuda workers do.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Untimed renders first (kernel compilation on GPUs); the timed one is the last.
+        #[arg(long, default_value_t = 0)]
+        warmup: usize,
         /// What to render.
         #[command(flatten)]
         args: RenderArgs,

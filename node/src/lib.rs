@@ -181,14 +181,20 @@ pub fn cli_main() -> ExitCode {
         }
         Some(config::Command::Render {
             model,
+            device,
+            warmup,
             args,
             batch,
             out,
         }) => {
-            return report(
-                "render",
-                tools::render_cli(&model, args, batch as usize, &out),
-            );
+            let run = tools::RenderRun {
+                model: &model,
+                device: &device,
+                warmup,
+                batch: batch as usize,
+                out: &out,
+            };
+            return report("render", tools::render_cli(&run, args));
         }
         _ => {}
     }

@@ -7,7 +7,8 @@
 //! `Gpu` (burn-cuda) with the `cuda` feature. This module shares its name with the `burn` crate:
 //! inside it, the crate is spelled `::burn`.
 //!
-//! Module graph, leaves first: [`tensor_file`] (safetensors files → f32 host tensors), [`nn`],
+//! Module graph, leaves first: [`tensor_file`] (safetensors files → f32 host tensors),
+//! `cuda_kernels` (the CUDA kernel choice), [`nn`] (with the CPU kernels of `drover-kernels`),
 //! [`lora`], [`weights`] (the loader), [`tokenizer`], [`gpus`] (device placement); then
 //! [`clip`], [`unet`], [`vae`], [`upscale`] (super-resolution networks, on their own);
 //! then [`pipeline`]; then [`renderer`]. Nothing here depends on the session or the protocol.
@@ -15,6 +16,8 @@
 pub mod clip;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+#[cfg(feature = "cuda")]
+pub mod cuda_kernels;
 pub mod denoise;
 pub mod gpus;
 pub mod lora;

@@ -8,6 +8,8 @@ use ::burn::tensor::module::{self, conv2d, linear};
 use ::burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
 use ::burn::tensor::{DType, Tensor, TensorPrimitive, activation};
 
+use drover_kernels as cpu_kernels;
+
 /// Where a LoRA-capable weight sits: its component and the module names LoRA keys may give it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LoraSite {
@@ -71,6 +73,12 @@ impl<B: Backend> Conv2d<B> {
             [1, 1],
             1,
         );
+        #[cfg(feature = "cuda")]
+        if let Some(out) =
+            super::cuda_kernels::conv2d(&x, &self.weight, self.bias.as_ref(), &options)
+        {
+            return out;
+        }
         conv2d(x, self.weight.clone(), self.bias.clone(), options)
     }
 }
@@ -136,7 +144,37 @@ impl<B: Backend> GroupNorm<B> {
     /// then the per-channel affine. Half-precision inputs are normalised in f32 (a group's sum
     /// of squares overflows f16 at SD sizes) and the result cast back.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.apply(x, false)
+    }
+
+    /// `silu(self.forward(x))`, in one fused kernel on the CPU.
+    pub fn forward_silu(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        self.apply(x, true)
+    }
+
+    fn apply(&self, x: Tensor<B, 4>, silu_after: bool) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
+        let shape = cpu_kernels::GroupShape {
+            channels: c,
+            spatial: h * w,
+            groups: self.groups,
+            eps: self.eps,
+        };
+        let x = match on_cpu_values(x, |values| {
+            let gamma = cpu_values(&self.gamma)?;
+            let beta = cpu_values(&self.beta)?;
+            cpu_kernels::group_norm(values, shape, &gamma, &beta, silu_after);
+            Some(())
+        }) {
+            Ok(out) => return out,
+            Err(x) => x,
+        };
+        let out = self.composed(x, [n, c, h, w]);
+        if silu_after { silu(out) } else { out }
+    }
+
+    /// Burn's ops: the backend's layer norm per group, then the affine.
+    fn composed(&self, x: Tensor<B, 4>, [n, c, h, w]: [usize; 4]) -> Tensor<B, 4> {
         let dtype = x.dtype();
         let row = (c / self.groups) * h * w;
         let grouped = in_f32(x).reshape([n, self.groups, row]);
@@ -171,6 +209,30 @@ impl<B: Backend> LayerNorm<B> {
         )
         .cast(dtype)
     }
+}
+
+/// Runs `kernel` in place on the values of an f32 tensor of the `flex` backend and gives the
+/// result back; any other tensor (or a kernel answering `None` before it wrote) comes back as
+/// `Err`, unchanged, for Burn's ops.
+fn on_cpu_values<B: Backend, const D: usize>(
+    x: Tensor<B, D>,
+    kernel: impl FnOnce(&mut [f32]) -> Option<()>,
+) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    let device = x.device();
+    if x.dtype() != DType::F32 || B::name(&device) != "flex" || !cpu_kernels::enabled() {
+        return Err(x);
+    }
+    let mut data = x.into_data();
+    let done = cpu_kernels::f32s_mut(&mut data.bytes)
+        .and_then(kernel)
+        .is_some();
+    let out = Tensor::from_data(data, &device);
+    if done { Ok(out) } else { Err(out) }
+}
+
+/// The values of a small f32 tensor (norm parameters) on the host.
+fn cpu_values<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Vec<f32>> {
+    x.to_data().into_vec::<f32>().ok()
 }
 
 /// `x` as f32 (a no-op for f32 tensors).
@@ -233,6 +295,20 @@ pub fn attention<B: Backend>(
             .swap_dims(1, 2)
             .reshape([n, l, inner]);
     }
+    #[cfg(feature = "cuda")]
+    if !causal
+        && q.dtype() == DType::F16
+        && super::cuda_kernels::is_cuda::<B>()
+        && super::cuda_kernels::enabled()
+    {
+        // Tensor-core flash tiles take head dims in steps of 16 (SD1.5's 40 is padded to 48).
+        let flash = with_head_dim_multiple(q.clone(), k.clone(), v.clone(), 16, |q, k, v| {
+            super::cuda_kernels::flash_attention(&q, &k, &v)
+        });
+        if let Some(out) = flash {
+            return out.swap_dims(1, 2).reshape([n, l, inner]);
+        }
+    }
     let options = AttentionModuleOptions {
         scale: None,
         softcap: None,
@@ -241,6 +317,32 @@ pub fn attention<B: Backend>(
     module::attention(q, k, v, None, None, options)
         .swap_dims(1, 2)
         .reshape([n, l, inner])
+}
+
+/// Runs `attend` (an attention with the default `1/√d` scale, on `[n, heads, l, d]`) with the
+/// head dimension zero-padded up to a multiple of `multiple`, and gives the first `d` output
+/// columns back. Zero columns add nothing to `Q·Kᵀ` and give zero output columns; the query is
+/// scaled by `√(d'/d)` so the kernel's `1/√d'` becomes the model's `1/√d`.
+pub fn with_head_dim_multiple<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    multiple: usize,
+    attend: impl FnOnce(Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) -> Option<Tensor<B, 4>>,
+) -> Option<Tensor<B, 4>> {
+    let d = q.dims()[3];
+    let padded = d.div_ceil(multiple) * multiple;
+    if padded == d {
+        return attend(q, k, v);
+    }
+    let pad = |t: Tensor<B, 4>| {
+        let [a, b, c, _] = t.dims();
+        let zeros = Tensor::<B, 4>::zeros([a, b, c, padded - d], (&t.device(), t.dtype()));
+        Tensor::cat(vec![t, zeros], 3)
+    };
+    let q = pad(q).mul_scalar((padded as f64 / d as f64).sqrt());
+    let out = attend(q, pad(k), pad(v))?;
+    Some(out.narrow(3, 0, d))
 }
 
 /// `softmax(Q·Kᵀ/√d)·V` on `[n, heads, l, d]` as two matrix products (GEMM) around a softmax,
@@ -256,7 +358,13 @@ fn explicit_attention<B: Backend>(
     let kt = k.swap_dims(2, 3);
     let block = |q: Tensor<B, 4>| {
         let scores = q.mul_scalar(scale).matmul(kt.clone());
-        activation::softmax(scores, 3).matmul(v.clone())
+        let keys = scores.dims()[3];
+        let probs = on_cpu_values(scores, |values| {
+            cpu_kernels::softmax_rows(values, keys);
+            Some(())
+        })
+        .unwrap_or_else(|scores| activation::softmax(scores, 3));
+        probs.matmul(v.clone())
     };
     if l <= BLOCK {
         return block(q);
@@ -333,5 +441,65 @@ mod tests {
         .reshape([2, 1100, 32]);
         out.into_data()
             .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-5));
+    }
+
+    /// The CPU's fused group norm (+ SiLU) equals Burn's composed ops, with several groups per
+    /// batch item, odd spatial sizes and a non-trivial affine; half-precision tensors keep
+    /// Burn's ops and their dtype.
+    #[test]
+    fn fused_cpu_group_norm_equals_the_composed_ops() {
+        let device = Default::default();
+        let c = 12;
+        let norm = GroupNorm::<Cpu> {
+            gamma: Tensor::random([c], Distribution::Normal(1.0, 0.5), &device),
+            beta: Tensor::random([c], Distribution::Normal(0.0, 0.5), &device),
+            groups: 4,
+            eps: 1e-5,
+        };
+        let x = Tensor::<Cpu, 4>::random([2, c, 5, 7], Distribution::Normal(3.0, 2.0), &device);
+        let composed = norm.composed(x.clone(), [2, c, 5, 7]);
+        norm.forward(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&composed.clone().into_data(), Tolerance::absolute(1e-5));
+        norm.forward_silu(x.clone())
+            .into_data()
+            .assert_approx_eq::<f32>(&silu(composed).into_data(), Tolerance::absolute(1e-5));
+        let half = norm.forward_silu(x.clone().cast(DType::F16));
+        assert_eq!(half.dtype(), DType::F16);
+        half.cast(DType::F32)
+            .into_data()
+            .assert_approx_eq::<f32>(&norm.forward_silu(x).into_data(), Tolerance::absolute(1e-2));
+    }
+
+    /// Attention with the head dimension zero-padded (40 → 48, as SD1.5's on tensor-core flash
+    /// kernels) and the query rescaled equals attention on the original dimension.
+    #[test]
+    fn padded_head_dim_attention_equals_the_original() {
+        let device = Default::default();
+        let t = |l: usize, d: usize| {
+            Tensor::<Cpu, 4>::random([2, 3, l, d], Distribution::Normal(0.0, 1.0), &device)
+        };
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: false,
+        };
+        let fused = |q, k, v| Some(module::attention(q, k, v, None, None, options));
+        for d in [40, 48, 20] {
+            let (q, k, v) = (t(64, d), t(77, d), t(77, d));
+            let want = module::attention(q.clone(), k.clone(), v.clone(), None, None, options);
+            let mut seen = 0;
+            let padded = with_head_dim_multiple(q, k, v, 16, |q, k, v| {
+                seen = q.dims()[3];
+                assert_eq!([k.dims()[3], v.dims()[3]], [seen, seen]);
+                fused(q, k, v)
+            })
+            .expect("the op answers");
+            assert_eq!(seen, d.div_ceil(16) * 16);
+            assert_eq!(padded.dims(), [2, 3, 64, d]);
+            padded
+                .into_data()
+                .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-5));
+        }
     }
 }

@@ -6,9 +6,7 @@ use ::burn::tensor::backend::Backend;
 use ::burn::tensor::ops::PadMode;
 use serde::Deserialize;
 
-use super::nn::{
-    Conv2d, GroupNorm, Linear, attention, from_tokens, silu, to_tokens, upsample_nearest2x,
-};
+use super::nn::{Conv2d, GroupNorm, Linear, attention, from_tokens, to_tokens, upsample_nearest2x};
 use super::weights::Loader;
 use crate::error::{NodeError, Result};
 
@@ -163,8 +161,8 @@ impl<B: Backend> Resnet<B> {
     }
 
     fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
+        let h = self.conv2.forward(self.norm2.forward_silu(h));
         match &self.shortcut {
             Some(s) => s.forward(x) + h,
             None => x + h,
@@ -316,7 +314,7 @@ impl<B: Backend> VaeDecoder<B> {
             }
         }
         self.conv_out
-            .forward(silu(self.norm_out.forward(x)))
+            .forward(self.norm_out.forward_silu(x))
             .cast(answer)
     }
 }
@@ -419,7 +417,7 @@ impl<B: Backend> VaeEncoder<B> {
         x = self.mid[1].forward(x);
         let moments = self
             .quant_conv
-            .forward(self.conv_out.forward(silu(self.norm_out.forward(x))));
+            .forward(self.conv_out.forward(self.norm_out.forward_silu(x)));
         let z = self.config.latent_channels;
         moments.narrow(1, 0, z).cast(answer)
     }

@@ -374,12 +374,47 @@ pub fn bench_cli(
 
 pub use crate::config::RenderArgs;
 
-/// `drover-node render`: loads a diffusers folder on the CPU, renders one image (or `batch`
+/// What `drover-node render` renders with: the model folder, device, untimed renders, batch and
+/// the PNG to write.
+pub struct RenderRun<'a> {
+    /// A diffusers folder.
+    pub model: &'a Path,
+    /// `cpu` or `cuda` (cuda builds), optionally `-f16` / `-bf16`.
+    pub device: &'a str,
+    /// Untimed renders before the timed one.
+    pub warmup: usize,
+    /// Text-to-image jobs rendered as one batch.
+    pub batch: usize,
+    /// The PNG written.
+    pub out: &'a Path,
+}
+
+/// `drover-node render`: loads a diffusers folder on the device, renders one image (or `batch`
 /// text-to-image jobs as one batch, seeds counting up) to `out` and answers one JSON line with
 /// the load and render times and images per second.
-pub fn render_cli(model: &Path, args: RenderArgs, batch: usize, out: &Path) -> Result<String> {
-    use crate::burn::pipeline::{ModelSource, Pipeline, Precision};
+pub fn render_cli(run: &RenderRun, args: RenderArgs) -> Result<String> {
+    use crate::burn::pipeline::Precision;
+    let (backend, dtype) = device_and_dtype(run.device)?;
+    let precision = if dtype == DType::F32 {
+        Precision::F32
+    } else {
+        Precision::half(dtype)
+    };
+    match backend {
+        #[cfg(feature = "cuda")]
+        "cuda" => render_on::<crate::burn::Gpu>(run, args, precision),
+        _ => render_on::<crate::burn::Cpu>(run, args, precision),
+    }
+}
+
+fn render_on<B: Backend>(
+    run: &RenderRun,
+    args: RenderArgs,
+    precision: crate::burn::pipeline::Precision,
+) -> Result<String> {
+    use crate::burn::pipeline::{ModelSource, Pipeline};
     use drover_shared::sampler::SamplerName;
+    let (model, batch, out) = (run.model, run.batch, run.out);
     let (sampler, schedule) = match args.sampler.as_deref() {
         None => (None, crate::sampling::SigmaSchedule::Automatic),
         Some(name) => {
@@ -388,10 +423,10 @@ pub fn render_cli(model: &Path, args: RenderArgs, batch: usize, out: &Path) -> R
         }
     };
     let started = Instant::now();
-    let pipeline = Pipeline::<crate::burn::Cpu>::load(
+    let pipeline = Pipeline::<B>::load(
         ModelSource::Diffusers(model.to_path_buf()),
         &Default::default(),
-        Precision::F32,
+        precision,
         &[],
     )?;
     let load_ms = started.elapsed().as_secs_f64() * 1000.0;
@@ -427,8 +462,11 @@ pub fn render_cli(model: &Path, args: RenderArgs, batch: usize, out: &Path) -> R
     if let Some(source) = &params.source {
         plan = plan.with_strength(source.strength)?;
     }
-    let started = Instant::now();
     let go = |_: usize, _: usize| std::ops::ControlFlow::Continue(());
+    for _ in 0..run.warmup {
+        pipeline.generate(&params, go)?;
+    }
+    let started = Instant::now();
     let image = if batch > 1 {
         let jobs: Vec<crate::render::Params> = (0..batch as u64)
             .map(|i| crate::render::Params {
@@ -446,17 +484,23 @@ pub fn render_cli(model: &Path, args: RenderArgs, batch: usize, out: &Path) -> R
     };
     let render_ms = started.elapsed().as_secs_f64() * 1000.0;
     let origin = crate::render::Origin {
-        backend: "cpu",
+        backend: if run.device.starts_with("cuda") {
+            "cuda"
+        } else {
+            "cpu"
+        },
         model_id: model.display().to_string(),
         simulated: false,
     };
     let png = crate::render::encode_png(&image, &params, &origin, None, 1)?;
+    let with_png_ms = started.elapsed().as_secs_f64() * 1000.0;
     std::fs::write(out, png).map_err(|e| io(out, e))?;
     Ok(format!(
         "{}\n",
         json!({"model": model.display().to_string(), "sampler": plan.sampler().id(),
                "steps": params.steps, "unet_calls": plan.timesteps().len(), "size": args.size,
                "guidance": args.guidance, "load_ms": load_ms, "render_ms": render_ms,
+               "render_and_png_ms": with_png_ms, "device": run.device, "warmup": run.warmup,
                "batch": batch, "images_per_s": batch as f64 * 1000.0 / render_ms.max(1e-9),
                "mode": params.source.as_ref().map_or("txt2img", |s| if s.mask.is_some() { "inpaint" } else { "img2img" }),
                "strength": params.source.as_ref().map(|s| s.strength),

@@ -20,8 +20,8 @@ use crate::render::gaussian;
 mod eval;
 
 pub use eval::{
-    UnetEval, UnetTiming, bench_cli, bench_load_cli, bench_lora_cli, bench_unet, render_cli,
-    unet_eval,
+    RenderRun, UnetEval, UnetTiming, bench_cli, bench_load_cli, bench_lora_cli, bench_unet,
+    render_cli, unet_eval,
 };
 
 fn io(path: &Path, e: std::io::Error) -> NodeError {

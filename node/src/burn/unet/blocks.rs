@@ -46,11 +46,11 @@ impl<B: Backend> Resnet<B> {
     }
 
     pub(super) fn forward(&self, x: Tensor<B, 4>, temb: &Tensor<B, 2>) -> Tensor<B, 4> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.clone())));
+        let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
         let t = self.time_emb_proj.forward(silu(temb.clone()));
         let [n, c] = t.dims();
         let h = h + t.reshape([n, c, 1, 1]);
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv2.forward(self.norm2.forward_silu(h));
         match &self.shortcut {
             Some(s) => s.forward(x) + h,
             None => x + h,

@@ -251,7 +251,7 @@ impl<B: Backend> Unet<B> {
         }
         Ok(self
             .conv_out
-            .forward(silu(self.norm_out.forward(x)))
+            .forward(self.norm_out.forward_silu(x))
             .cast(answer))
     }
 }
