@@ -4,8 +4,9 @@
 #   drover-node.xz, drover-coordinator.xz   built here with `--features cuda` (node)
 #   wheels/                                 diffusers and its pure-Python dependencies
 # Steps, each with its own time limit (STEP_TIMEOUT, default 150 s), results under $OUT:
-#   1. parity: UNet of the cuda build in f32/f16/bf16 against the committed diffusers reference
-#      (scripts/gpu_parity.py), with the node's kernel choice and with DROVER_CUDA_KERNELS=burn;
+#   1. parity: UNet, text encoder and VAE decoder of the cuda build in f32/f16/bf16 against the
+#      committed diffusers reference (scripts/gpu_parity.py), with the node's kernel choice and
+#      with DROVER_CUDA_KERNELS=burn;
 #      a whole 4-step LCM image of the tiny fixture model on cuda against the CPU pipeline's.
 #   2. one UNet step, diffusers fp16 against Drover: SD1.5-LCM 512² (both kernel choices) and
 #      SDXL 1024², random weights at the published shapes.

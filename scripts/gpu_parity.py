@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
-"""UNet parity of a drover-node build on each of its devices against the committed diffusers
-reference (node/tests/fixtures: the tiny SD1.5 UNet, its inputs and PyTorch's f32 output).
+"""Parity of a drover-node build on each of its devices against the committed diffusers
+reference (node/tests/fixtures): the tiny SD1.5 UNet (`unet-eval`), and the tiny SD1.5-LCM
+model's text encoder and VAE decoder (`component-eval`), each on the fixture's inputs against
+PyTorch's f32 output.
 
 Pure Python (no numpy): reads and writes the small f32 safetensors files itself. Runs
-`drover-node unet-eval --device D` for every D given and prints one JSON line per device with the
-max absolute error and whether it is within the tolerance of its dtype: 1e-4 on the CPU in f32
+each tool with `--device D` for every D given and prints one JSON line per device and component
+with the max absolute error and whether it is within the tolerance of its dtype: 1e-4 on the CPU in f32
 (as `cargo test`), 1e-3 on a GPU in f32 (other reduction orders), 1e-2 in f16 and 1e-1 in bf16
 (unit roundoff 2^-11 and 2^-8 over ~20 normalised layers; node/tests/parity/half.rs measures
 2.4e-3 and 2.0e-2 for them on the CPU). Exits 1 if any device is off.
@@ -57,36 +59,56 @@ def tolerance(device):
     return 1e-4 if device == "cpu" else 1e-3
 
 
+def run_eval(args):
+    run = subprocess.run(args, capture_output=True, text=True)
+    if run.returncode != 0:
+        return None, run.stderr.strip()[-500:]
+    return read_f32(args[args.index("--output") + 1])["out"], None
+
+
 def main():
     node, devices = sys.argv[1], sys.argv[2:] or ["cpu"]
     want = read_f32(os.path.join(FIXTURES, "parity.safetensors"))
     unet = os.path.join(FIXTURES, "tiny-unet")
+    model = os.path.join(FIXTURES, "tiny-sd15-lcm")
     failed = False
     with tempfile.TemporaryDirectory() as tmp:
-        inputs = os.path.join(tmp, "inputs.safetensors")
-        write_f32(inputs, {
+        inputs = {name: os.path.join(tmp, f"{name}.safetensors") for name in ("unet", "text", "vae")}
+        write_f32(inputs["unet"], {
             "sample": want["unet.sample"],
             "timestep": want["unet.timestep"],
             "encoder_hidden_states": want["unet.encoder_hidden_states"],
         })
+        write_f32(inputs["text"], {"input_ids": want["text.input_ids"]})
+        write_f32(inputs["vae"], {"latents": want["vae.latents"]})
         for device in devices:
-            out = os.path.join(tmp, f"out-{device}.safetensors")
-            run = subprocess.run(
-                [node, "unet-eval", "--unet", os.path.join(unet, "diffusion_pytorch_model.safetensors"),
-                 "--config", os.path.join(unet, "config.json"), "--inputs", inputs,
-                 "--output", out, "--device", device],
-                capture_output=True, text=True)
-            if run.returncode != 0:
-                print(json.dumps({"device": device, "ok": False, "error": run.stderr.strip()[-500:]}))
-                failed = True
-                continue
-            shape, got = read_f32(out)["out"]
-            ref_shape, ref = want["unet.out"]
-            err = max(abs(a - b) for a, b in zip(got, ref)) if shape == ref_shape else float("inf")
-            ok = err <= tolerance(device)
-            failed |= not ok
-            print(json.dumps({"device": device, "max_abs_error": err,
-                              "tolerance": tolerance(device), "ok": ok}))
+            checks = [
+                ("unet", "unet.out",
+                 [node, "unet-eval", "--unet", os.path.join(unet, "diffusion_pytorch_model.safetensors"),
+                  "--config", os.path.join(unet, "config.json"), "--inputs", inputs["unet"]]),
+                ("text-encoder", "text.hidden",
+                 [node, "component-eval", "--component", "text-encoder", "--model", model,
+                  "--inputs", inputs["text"]]),
+                ("vae", "vae.out",
+                 [node, "component-eval", "--component", "vae", "--model", model,
+                  "--inputs", inputs["vae"]]),
+            ]
+            for component, expected, args in checks:
+                out = os.path.join(tmp, f"out-{component}-{device}.safetensors")
+                got, error = run_eval(args + ["--output", out, "--device", device])
+                if got is None:
+                    print(json.dumps({"device": device, "component": component, "ok": False,
+                                      "error": error}))
+                    failed = True
+                    continue
+                shape, values = got
+                ref_shape, ref = want[expected]
+                err = (max(abs(a - b) for a, b in zip(values, ref))
+                       if shape == ref_shape else float("inf"))
+                ok = err <= tolerance(device)
+                failed |= not ok
+                print(json.dumps({"device": device, "component": component,
+                                  "max_abs_error": err, "tolerance": tolerance(device), "ok": ok}))
     sys.exit(1 if failed else 0)
 
 

@@ -185,6 +185,26 @@ pub enum Command {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Run one text encoder or VAE decoder forward of a diffusers folder on tensors from a file
+    /// and write tensor `out` (f32).
+    ComponentEval {
+        /// `text-encoder` (input tensor `input_ids`) or `vae` (input tensor `latents`).
+        #[arg(long, value_parser = ["text-encoder", "vae"])]
+        component: String,
+        /// The diffusers folder (`text_encoder/`, `vae/`).
+        #[arg(long)]
+        model: PathBuf,
+        /// Input tensors (.safetensors).
+        #[arg(long)]
+        inputs: PathBuf,
+        /// Output .safetensors.
+        #[arg(long)]
+        output: PathBuf,
+        /// `cpu`, or `cuda` in builds with the `cuda` feature; `-f16` or `-bf16` appended runs
+        /// the weights in that dtype.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// Time UNet steps of a random-weight UNet (prints one JSON line).
     BenchUnet {
         /// `sd15`, `sd15-lcm`, `sd2`, `sdxl`, `sdxl-lcm`, `demo`, `demo-sdxl` or a config.json path.

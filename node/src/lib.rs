@@ -153,6 +153,25 @@ pub fn cli_main() -> ExitCode {
             };
             return report("unet-eval", tools::unet_eval(&o).map(|()| String::new()));
         }
+        Some(config::Command::ComponentEval {
+            component,
+            model,
+            inputs,
+            output,
+            device,
+        }) => {
+            let o = tools::ComponentEval {
+                component: &component,
+                model: &model,
+                inputs: &inputs,
+                output: &output,
+                device: &device,
+            };
+            return report(
+                "component-eval",
+                tools::component_eval(&o).map(|()| String::new()),
+            );
+        }
         Some(config::Command::BenchUnet {
             shape,
             size,

@@ -2,7 +2,7 @@
 //! (UNet step timing) and `render` (whole jobs, one or a batch, to PNG files).
 
 use crate::burn::lora::LoraSet;
-use crate::burn::tensor_file::{HostTensor, TensorFile};
+use crate::burn::tensor_file::TensorFile;
 use crate::burn::unet::{AddedCond, Unet, UnetConfig, guidance_embedding};
 use crate::burn::weights::{Loader, NameMap, RandomWeights, upload};
 use crate::error::{NodeError, Result};
@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use super::{demo_unet_config, io, parse_config, write_f32};
 
-fn tensor_from<B: Backend, const D: usize>(
+pub(super) fn tensor_from<B: Backend, const D: usize>(
     file: &TensorFile,
     name: &str,
     device: &B::Device,
@@ -54,7 +54,7 @@ pub struct UnetEval<'a> {
 }
 
 /// A `--device` of the tools: a backend name and the weights' dtype (`cuda-f16`).
-fn device_and_dtype(device: &str) -> Result<(&str, DType)> {
+pub(super) fn device_and_dtype(device: &str) -> Result<(&str, DType)> {
     let (backend, dtype) = match device.split_once('-') {
         Some((backend, "f16")) => (backend, DType::F16),
         Some((backend, "bf16")) => (backend, DType::BF16),
@@ -171,15 +171,7 @@ fn unet_eval_on<B: Backend>(o: &UnetEval, device: &B::Device, dtype: DType) -> R
         None
     };
     let out = unet.forward(sample, timestep, &ctx, cond.as_ref(), added.as_ref())?;
-    let shape = out.dims().to_vec();
-    let data = crate::burn::nn::in_f32(out)
-        .into_data()
-        .to_vec::<f32>()
-        .map_err(|e| NodeError::Render(format!("{e:?}")))?;
-    write_f32(
-        o.output,
-        vec![("out".to_string(), HostTensor { data, shape })],
-    )
+    write_f32(o.output, vec![("out".to_string(), super::host(out)?)])
 }
 
 /// Timings of one UNet configuration.

@@ -1,6 +1,7 @@
 //! `drover-node` tools: `make-model` (a random-weight demo model), `make-lora` (a random LoRA
 //! for one), `ldm-names`; in [`eval`], `unet-eval` (one UNet forward on given tensors, for
-//! checking against a reference), `bench-unet` (UNet step timing) and `render`.
+//! checking against a reference), `bench-unet` (UNet step timing) and `render`; in
+//! [`components`], `component-eval` (a text encoder or VAE decoder forward, likewise).
 
 use std::path::Path;
 
@@ -17,12 +18,26 @@ use crate::burn::weights::{Loader, RandomWeights};
 use crate::error::{NodeError, Result};
 use crate::render::gaussian;
 
+mod components;
 mod eval;
 
+pub use components::{ComponentEval, component_eval};
 pub use eval::{
     RenderRun, UnetEval, UnetTiming, bench_cli, bench_load_cli, bench_lora_cli, bench_unet,
     render_cli, unet_eval,
 };
+
+/// `t` on the host in f32, whatever its dtype.
+fn host<B: burn::tensor::backend::Backend, const D: usize>(
+    t: burn::tensor::Tensor<B, D>,
+) -> Result<HostTensor> {
+    let shape = t.dims().to_vec();
+    let data = crate::burn::nn::in_f32(t)
+        .into_data()
+        .to_vec::<f32>()
+        .map_err(|e| NodeError::Render(format!("{e:?}")))?;
+    Ok(HostTensor { data, shape })
+}
 
 fn io(path: &Path, e: std::io::Error) -> NodeError {
     NodeError::Weights(format!("{}: {e}", path.display()))
