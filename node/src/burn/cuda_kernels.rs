@@ -8,6 +8,7 @@
 
 use std::any::Any;
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, OnceLock};
 
 use ::burn::tensor::backend::Backend;
@@ -31,6 +32,71 @@ pub fn enabled() -> bool {
         tracing::info!(fast_kernels = on, "cuda kernel choice");
         on
     })
+}
+
+/// Set when the start-up check found a kernel disagreeing with Burn's op.
+static CONV_OFF: AtomicBool = AtomicBool::new(false);
+static ATTENTION_OFF: AtomicBool = AtomicBool::new(false);
+
+/// Runs each chosen kernel once on `device` beside Burn's op on the same small f16 inputs (a
+/// 3×3 convolution; attention with SD1.5's head dim 40, padded) and turns off any kernel whose
+/// answer is off by more than [`AGREEMENT`] of the reference's largest value, with a warning:
+/// a kernel that computes wrongly on this GPU falls back instead of spoiling images. Returns
+/// the kernels turned off. Called before the warm-up.
+pub fn self_check<B: Backend>(device: &B::Device) -> Vec<&'static str> {
+    use ::burn::tensor::{Distribution, module};
+    if !is_cuda::<B>() || !enabled() {
+        return Vec::new();
+    }
+    let normal = |shape: [usize; 4]| {
+        Tensor::<B, 4>::random(shape, Distribution::Normal(0.0, 1.0), device).cast(DType::F16)
+    };
+    let mut off = Vec::new();
+    let mut judge = |kernel: &'static str, flag: &AtomicBool, fast, reference| {
+        if let Some(error) = disagreement::<B, 4>(fast, reference) {
+            flag.store(true, Ordering::Relaxed);
+            tracing::warn!(
+                kernel,
+                error,
+                "cuda kernel disagrees with burn's op; turned off"
+            );
+            off.push(kernel);
+        }
+    };
+    let (x, w) = (normal([1, 32, 16, 16]), normal([64, 32, 3, 3]));
+    let bias = Tensor::<B, 1>::random([64], Distribution::Normal(0.0, 1.0), device);
+    let options = ConvOptions::new([1, 1], [1, 1], [1, 1], 1);
+    if let Some(fast) = conv2d(&x, &w, Some(&bias), &options) {
+        let reference = module::conv2d(x, w, Some(bias.cast(DType::F16)), options);
+        judge("implicit-gemm conv", &CONV_OFF, fast, reference);
+    }
+    let (q, k, v) = (
+        normal([1, 2, 64, 40]),
+        normal([1, 2, 77, 40]),
+        normal([1, 2, 77, 40]),
+    );
+    let flash =
+        super::nn::with_head_dim_multiple(q.clone(), k.clone(), v.clone(), 16, |q, k, v| {
+            flash_attention(&q, &k, &v)
+        });
+    if let Some(fast) = flash {
+        let options = AttentionModuleOptions {
+            scale: None,
+            softcap: None,
+            is_causal: false,
+        };
+        let reference = module::attention(q, k, v, None, None, options);
+        judge("flash attention", &ATTENTION_OFF, fast, reference);
+    }
+    off
+}
+
+/// How far a kernel's answer may be from Burn's op, relative to the reference's largest value
+/// (f16 keeps 11 significant bits; both sides accumulate in f32 over a few hundred terms).
+pub const AGREEMENT: f32 = 1e-2;
+
+fn disagreement<B: Backend, const D: usize>(got: Tensor<B, D>, want: Tensor<B, D>) -> Option<f32> {
+    super::nn::disagreement(got, want, AGREEMENT)
 }
 
 /// Shapes (with the kernel's name) a kernel refused; they go to Burn's op from then on.
@@ -90,7 +156,11 @@ pub fn conv2d<B: Backend>(
     options: &ConvOptions<2>,
 ) -> Option<Tensor<B, 4>> {
     // f32 stays on Burn's exact kernels: the tensor-core path would compute it in tf32.
-    if !is_cuda::<B>() || !enabled() || !matches!(x.dtype(), DType::F16 | DType::BF16) {
+    if !is_cuda::<B>()
+        || !enabled()
+        || CONV_OFF.load(Ordering::Relaxed)
+        || !matches!(x.dtype(), DType::F16 | DType::BF16)
+    {
         return None;
     }
     let key = format!(
@@ -136,7 +206,11 @@ pub fn flash_attention<B: Backend>(
 ) -> Option<Tensor<B, 4>> {
     // The flash kernels compute in f16 tiles whatever the input: f32 (precision) and bf16
     // (range) stay on Burn's attention.
-    if !is_cuda::<B>() || !enabled() || q.dtype() != DType::F16 {
+    if !is_cuda::<B>()
+        || !enabled()
+        || ATTENTION_OFF.load(Ordering::Relaxed)
+        || q.dtype() != DType::F16
+    {
         return None;
     }
     let [_, _, l, d] = q.dims();

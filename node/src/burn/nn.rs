@@ -235,6 +235,37 @@ fn cpu_values<B: Backend, const D: usize>(x: &Tensor<B, D>) -> Option<Vec<f32>> 
     x.to_data().into_vec::<f32>().ok()
 }
 
+/// The largest difference of `got` from `want` relative to `want`'s largest value, when over
+/// `limit` (or infinite: shapes differ, a value is not finite); `None` when they agree.
+pub fn disagreement<B: Backend, const D: usize>(
+    got: Tensor<B, D>,
+    want: Tensor<B, D>,
+    limit: f32,
+) -> Option<f32> {
+    if got.dims() != want.dims() {
+        return Some(f32::INFINITY);
+    }
+    let values = |t: Tensor<B, D>| in_f32(t).into_data().to_vec::<f32>().unwrap_or_default();
+    let (got, want) = (values(got), values(want));
+    let scale = want
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(f32::MIN_POSITIVE);
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| {
+            if a.is_finite() {
+                (a - b).abs()
+            } else {
+                f32::INFINITY
+            }
+        })
+        .fold(0f32, f32::max);
+    let error = worst / scale;
+    (error > limit || got.len() != want.len()).then_some(error)
+}
+
 /// `x` as f32 (a no-op for f32 tensors).
 pub fn in_f32<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     if x.dtype() == DType::F32 {
@@ -501,5 +532,22 @@ mod tests {
                 .into_data()
                 .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(1e-5));
         }
+    }
+
+    /// Agreement within the limit, relative to the reference's scale; a value off, a NaN or
+    /// another shape disagrees.
+    #[test]
+    fn disagreement_is_relative_and_catches_nans_and_shapes() {
+        let device = Default::default();
+        let want = Tensor::<Cpu, 2>::from_floats([[100.0, -50.0], [3.0, 0.0]], &device);
+        let close = want.clone() + Tensor::from_floats([[0.5, -0.5], [0.9, 0.0]], &device);
+        assert_eq!(disagreement(close, want.clone(), 1e-2), None);
+        let off = want.clone() + Tensor::from_floats([[0.0, 0.0], [2.0, 0.0]], &device);
+        let error = disagreement(off, want.clone(), 1e-2).expect("2 in 100 is over 1%");
+        assert!((error - 0.02).abs() < 1e-6, "{error}");
+        let nan = Tensor::<Cpu, 2>::from_floats([[100.0, f32::NAN], [3.0, 0.0]], &device);
+        assert_eq!(disagreement(nan, want.clone(), 1e-2), Some(f32::INFINITY));
+        let other = Tensor::<Cpu, 2>::zeros([1, 4], &device);
+        assert_eq!(disagreement(other, want, 1e-2), Some(f32::INFINITY));
     }
 }

@@ -47,6 +47,12 @@ pub(super) fn build_cuda(
                 scope.spawn(move || {
                     cuda::on_device(index, "loading the models", || {
                         let device = ::burn::backend::cuda::CudaDevice::new(index);
+                        let off = crate::burn::cuda_kernels::self_check::<crate::burn::Gpu>(
+                            &device,
+                        );
+                        if !off.is_empty() {
+                            tracing::warn!(device = index, kernels = ?off, "burn's ops run these instead");
+                        }
                         let (pool, models) = crate::catalog::load_pool::<crate::burn::Gpu>(
                             &mut entries,
                             &device,
