@@ -6,7 +6,7 @@ use std::sync::Arc;
 use ::burn::tensor::backend::Backend;
 use ::burn::tensor::module::{self, conv2d, linear};
 use ::burn::tensor::ops::{AttentionModuleOptions, ConvOptions};
-use ::burn::tensor::{DType, Tensor, TensorPrimitive, activation};
+use ::burn::tensor::{DType, Tensor, TensorData, TensorPrimitive, activation};
 
 use drover_kernels as cpu_kernels;
 
@@ -144,15 +144,26 @@ impl<B: Backend> GroupNorm<B> {
     /// then the per-channel affine. Half-precision inputs are normalised in f32 (a group's sum
     /// of squares overflows f16 at SD sizes) and the result cast back.
     pub fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.apply(x, false)
+        self.apply(x, None, false)
     }
 
     /// `silu(self.forward(x))`, in one fused kernel on the CPU.
     pub fn forward_silu(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        self.apply(x, true)
+        self.apply(x, None, true)
     }
 
-    fn apply(&self, x: Tensor<B, 4>, silu_after: bool) -> Tensor<B, 4> {
+    /// `silu(self.forward(x + shift))` with `shift` `[n, c]` added to every value of its
+    /// channel (a resnet's time embedding), in one fused kernel on the CPU.
+    pub fn forward_silu_shifted(&self, x: Tensor<B, 4>, shift: Tensor<B, 2>) -> Tensor<B, 4> {
+        self.apply(x, Some(shift), true)
+    }
+
+    fn apply(
+        &self,
+        x: Tensor<B, 4>,
+        shift: Option<Tensor<B, 2>>,
+        silu_after: bool,
+    ) -> Tensor<B, 4> {
         let [n, c, h, w] = x.dims();
         let shape = cpu_kernels::GroupShape {
             channels: c,
@@ -163,11 +174,20 @@ impl<B: Backend> GroupNorm<B> {
         let x = match on_cpu_values(x, |values| {
             let gamma = cpu_values(&self.gamma)?;
             let beta = cpu_values(&self.beta)?;
-            cpu_kernels::group_norm(values, shape, &gamma, &beta, silu_after);
+            let shift = match &shift {
+                Some(t) if t.dims() == [n, c] && t.dtype() == DType::F32 => Some(cpu_values(t)?),
+                Some(_) => return None,
+                None => None,
+            };
+            cpu_kernels::group_norm(values, shape, &gamma, &beta, shift.as_deref(), silu_after);
             Some(())
         }) {
             Ok(out) => return out,
             Err(x) => x,
+        };
+        let x = match shift {
+            Some(t) => x + t.reshape([n, c, 1, 1]),
+            None => x,
         };
         let out = self.composed(x, [n, c, h, w]);
         if silu_after { silu(out) } else { out }
@@ -293,6 +313,27 @@ fn fused_layer_norm<B: Backend>(
 /// SiLU, `x·σ(x)`.
 pub fn silu<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     activation::silu(x)
+}
+
+/// GEGLU on `[n, l, 2·inner]`: `hidden · gelu(gate)` with `[hidden, gate]` the two halves of the
+/// last dimension (one kernel on the CPU).
+pub fn geglu<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [n, l, d] = h.dims();
+    let inner = d / 2;
+    let device = h.device();
+    let h = if h.dtype() == DType::F32 && B::name(&device) == "flex" && cpu_kernels::enabled() {
+        let mut data = h.into_data();
+        if let Some(values) = cpu_kernels::f32s_mut(&mut data.bytes) {
+            let out = cpu_kernels::geglu(values, inner);
+            return Tensor::from_data(TensorData::new(out, [n, l, inner]), &device);
+        }
+        Tensor::from_data(data, &device)
+    } else {
+        h
+    };
+    let hidden = h.clone().slice([0..n, 0..l, 0..inner]);
+    let gate = h.slice([0..n, 0..l, inner..d]);
+    hidden * gelu(gate)
 }
 
 /// Exact (erf) GELU.
@@ -495,6 +536,14 @@ mod tests {
         norm.forward_silu(x.clone())
             .into_data()
             .assert_approx_eq::<f32>(&silu(composed).into_data(), Tolerance::absolute(1e-5));
+        let shift = Tensor::<Cpu, 2>::random([2, c], Distribution::Normal(0.0, 4.0), &device);
+        let shifted = x.clone() + shift.clone().reshape([2, c, 1, 1]);
+        norm.forward_silu_shifted(x.clone(), shift)
+            .into_data()
+            .assert_approx_eq::<f32>(
+                &silu(norm.composed(shifted, [2, c, 5, 7])).into_data(),
+                Tolerance::absolute(1e-5),
+            );
         let half = norm.forward_silu(x.clone().cast(DType::F16));
         assert_eq!(half.dtype(), DType::F16);
         half.cast(DType::F32)
@@ -549,5 +598,24 @@ mod tests {
         assert_eq!(disagreement(nan, want.clone(), 1e-2), Some(f32::INFINITY));
         let other = Tensor::<Cpu, 2>::zeros([1, 4], &device);
         assert_eq!(disagreement(other, want, 1e-2), Some(f32::INFINITY));
+    }
+
+    /// The CPU's GEGLU kernel equals the halves through Burn's ops; half precision keeps them.
+    #[test]
+    fn geglu_kernel_equals_the_composed_ops() {
+        let device = Default::default();
+        let h = Tensor::<Cpu, 3>::random([2, 7, 12], Distribution::Normal(0.0, 2.0), &device);
+        let hidden = h.clone().slice([0..2, 0..7, 0..6]);
+        let gate = h.clone().slice([0..2, 0..7, 6..12]);
+        let want = hidden * gelu(gate);
+        let got = geglu(h.clone());
+        assert_eq!(got.dims(), [2, 7, 6]);
+        got.into_data()
+            .assert_approx_eq::<f32>(&want.clone().into_data(), Tolerance::absolute(1e-5));
+        let half = geglu(h.cast(DType::F16));
+        assert_eq!(half.dtype(), DType::F16);
+        half.cast(DType::F32)
+            .into_data()
+            .assert_approx_eq::<f32>(&want.into_data(), Tolerance::absolute(2e-2));
     }
 }

@@ -6,7 +6,7 @@ use ::burn::tensor::backend::Backend;
 
 use super::UnetConfig;
 use crate::burn::nn::{
-    Conv2d, GroupNorm, LayerMut, LayerNorm, Layers, Linear, attention, from_tokens, gelu, silu,
+    Conv2d, GroupNorm, LayerMut, LayerNorm, Layers, Linear, attention, from_tokens, geglu, silu,
     to_tokens,
 };
 use crate::burn::weights::Loader;
@@ -48,9 +48,7 @@ impl<B: Backend> Resnet<B> {
     pub(super) fn forward(&self, x: Tensor<B, 4>, temb: &Tensor<B, 2>) -> Tensor<B, 4> {
         let h = self.conv1.forward(self.norm1.forward_silu(x.clone()));
         let t = self.time_emb_proj.forward(silu(temb.clone()));
-        let [n, c] = t.dims();
-        let h = h + t.reshape([n, c, 1, 1]);
-        let h = self.conv2.forward(self.norm2.forward_silu(h));
+        let h = self.conv2.forward(self.norm2.forward_silu_shifted(h, t));
         match &self.shortcut {
             Some(s) => s.forward(x) + h,
             None => x + h,
@@ -114,21 +112,11 @@ impl<B: Backend> TransformerBlock<B> {
         let x = self.attn1.forward(self.norm1.forward(x.clone()), None) + x;
         let x = self.attn2.forward(self.norm2.forward(x.clone()), Some(ctx)) + x;
         let h = self.ff_in.forward(self.norm3.forward(x.clone()));
-        let [hidden, gate] = chunk2(h);
-        self.ff_out.forward(hidden * gelu(gate)) + x
+        self.ff_out.forward(geglu(h)) + x
     }
 }
 
 /// Splits the last dimension in two halves.
-fn chunk2<B: Backend>(x: Tensor<B, 3>) -> [Tensor<B, 3>; 2] {
-    let [n, l, d] = x.dims();
-    let half = d / 2;
-    [
-        x.clone().slice([0..n, 0..l, 0..half]),
-        x.slice([0..n, 0..l, half..d]),
-    ]
-}
-
 enum Projection<B: Backend> {
     Conv(Conv2d<B>),
     Linear(Linear<B>),
