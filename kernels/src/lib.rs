@@ -7,9 +7,75 @@
 //! every other backend to Burn's ops (so does `DROVER_CPU_KERNELS=burn`); `tests` check each
 //! kernel against an f64 reference, the node's tests against Burn's ops.
 
+// Unsafe only to call the AVX2/AVX-512 builds of the inner loops (`multiversion!`) once the
+// CPU is known to have those features.
+#![allow(unsafe_code)]
+
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
+
+/// The widest vector instructions this CPU has, among those the loops are built for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Level {
+    /// The build's baseline (SSE2 on x86-64; any other architecture).
+    Baseline,
+    /// AVX2 and FMA (x86-64-v3).
+    Avx2,
+    /// AVX-512F with AVX2 and FMA.
+    Avx512,
+}
+
+/// The level the inner loops run at, detected once.
+pub fn level() -> Level {
+    static LEVEL: OnceLock<Level> = OnceLock::new();
+    *LEVEL.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let v3 = std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma");
+            if v3 && std::arch::is_x86_feature_detected!("avx512f") {
+                return Level::Avx512;
+            }
+            if v3 {
+                return Level::Avx2;
+            }
+        }
+        Level::Baseline
+    })
+}
+
+/// Defines `fn $name` three times over one `#[inline(always)]` body — baseline, AVX2+FMA and
+/// AVX-512 — and calls the widest the CPU has ([`level`]), so the compiler's vectorised loops
+/// use the machine's vectors without a build for each CPU.
+macro_rules! multiversion {
+    ($(#[$meta:meta])* fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
+        $(#[$meta])*
+        fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[inline(always)]
+            fn body($($arg: $ty),*) $(-> $ret)? $body
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) $(-> $ret)? {
+                    body($($arg),*)
+                }
+                match level() {
+                    // SAFETY: `level` found AVX-512F, AVX2 and FMA on this CPU.
+                    Level::Avx512 => return unsafe { avx512($($arg),*) },
+                    // SAFETY: `level` found AVX2 and FMA on this CPU.
+                    Level::Avx2 => return unsafe { avx2($($arg),*) },
+                    Level::Baseline => {}
+                }
+            }
+            body($($arg),*)
+        }
+    };
+}
 
 /// Whether these kernels are used (`DROVER_CPU_KERNELS` unset or `fast`; `burn` leaves every op
 /// to Burn's, for comparisons).
@@ -102,7 +168,7 @@ pub fn group_norm(
             if let Some(shift) = shift {
                 let first = (index / groups) * channels + group * per_group;
                 for (row, &by) in block.chunks_mut(spatial.max(1)).zip(&shift[first..]) {
-                    row.iter_mut().for_each(|v| *v += by);
+                    affine_row(row, 1.0, by, false);
                 }
             }
             let count = block.len() as f64;
@@ -112,25 +178,35 @@ pub fn group_norm(
             for (j, row) in block.chunks_mut(spatial.max(1)).enumerate() {
                 let ch = group * per_group + j;
                 let a = gamma[ch] * rstd;
-                let b = beta[ch] - mean * a;
-                if silu_after {
-                    row.iter_mut().for_each(|v| *v = silu(*v * a + b));
-                } else {
-                    row.iter_mut().for_each(|v| *v = *v * a + b);
-                }
+                affine_row(row, a, beta[ch] - mean * a, silu_after);
             }
         });
 }
 
-/// Sum of `values` in eight f32 lanes added up in f64 (vectorised, and exact enough for a
-/// group of a few hundred thousand values).
-fn sum(values: &[f32]) -> f64 {
-    sum_of(values, |v| v)
+multiversion! {
+    /// `v·a + b` over a row, then SiLU when asked.
+    fn affine_row(row: &mut [f32], a: f32, b: f32, silu_after: bool) {
+        if silu_after {
+            row.iter_mut().for_each(|v| *v = silu(*v * a + b));
+        } else {
+            row.iter_mut().for_each(|v| *v = *v * a + b);
+        }
+    }
 }
 
-/// `Σ (v − mean)²`, laid out like [`sum`].
-fn sum_sq_dev(values: &[f32], mean: f32) -> f64 {
-    sum_of(values, |v| (v - mean) * (v - mean))
+multiversion! {
+    /// Sum of `values` in eight f32 lanes added up in f64 (vectorised, and exact enough for a
+    /// group of a few hundred thousand values).
+    fn sum(values: &[f32]) -> f64 {
+        sum_of(values, |v| v)
+    }
+}
+
+multiversion! {
+    /// `Σ (v − mean)²`, laid out like [`sum`].
+    fn sum_sq_dev(values: &[f32], mean: f32) -> f64 {
+        sum_of(values, |v| (v - mean) * (v - mean))
+    }
 }
 
 /// `Σ f(v)` in eight f32 lanes per block of 4,096 values, the blocks' totals in f64.
@@ -172,21 +248,33 @@ pub fn geglu(h: &[f32], inner: usize) -> Vec<f32> {
         .zip(h.par_chunks(2 * inner.max(1)))
         .for_each(|(o, row)| {
             let (hidden, gate) = row.split_at(inner);
-            for ((o, &h), &g) in o.iter_mut().zip(hidden).zip(gate) {
-                *o = h * 0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
-            }
+            geglu_row(o, hidden, gate);
         });
     out
 }
 
+multiversion! {
+    /// `hidden · gelu(gate)` into `out`.
+    fn geglu_row(out: &mut [f32], hidden: &[f32], gate: &[f32]) {
+        for ((o, &h), &g) in out.iter_mut().zip(hidden).zip(gate) {
+            *o = h * 0.5 * g * (1.0 + erf(g * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
+}
+
 /// Softmax of every `row`-long row of `data`, in place, rows in parallel.
 pub fn softmax_rows(data: &mut [f32], row: usize) {
-    data.par_chunks_mut(row.max(1)).for_each(|r| {
+    data.par_chunks_mut(row.max(1)).for_each(softmax_row);
+}
+
+multiversion! {
+    /// Softmax of one row in place.
+    fn softmax_row(r: &mut [f32]) {
         let max = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         r.iter_mut().for_each(|v| *v = exp(*v - max));
-        let inv = 1.0 / sum(r) as f32;
+        let inv = 1.0 / sum_of(r, |v| v) as f32;
         r.iter_mut().for_each(|v| *v *= inv);
-    });
+    }
 }
 
 #[cfg(test)]
