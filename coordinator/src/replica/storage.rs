@@ -231,6 +231,23 @@ impl Machine {
         }
         Ok(())
     }
+
+    /// Stores `data` as the current snapshot (durably), for `get_current_snapshot`.
+    async fn keep_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeIdOf, Node>,
+        data: Vec<u8>,
+    ) -> StorageResult<()> {
+        let stored = encode(&StoredSnapshot {
+            meta: meta.clone(),
+            data,
+        })
+        .map_err(snapshot_error)?;
+        self.db
+            .set_value(SNAPSHOT, &stored, true)
+            .await
+            .map_err(snapshot_error)
+    }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for Machine {
@@ -253,15 +270,7 @@ impl RaftSnapshotBuilder<TypeConfig> for Machine {
             last_membership: self.membership.clone(),
             snapshot_id: format!("{index}-{}", uuid::Uuid::now_v7().simple()),
         };
-        let stored = encode(&StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        })
-        .map_err(snapshot_error)?;
-        self.db
-            .set_value(SNAPSHOT, &stored, true)
-            .await
-            .map_err(snapshot_error)?;
+        self.keep_snapshot(&meta, data.clone()).await?;
         tracing::info!(
             index,
             changes = changes.len(),
@@ -350,15 +359,7 @@ impl RaftStateMachine<TypeConfig> for Machine {
         self.applied = meta.last_log_id;
         self.membership = meta.last_membership.clone();
         self.record_applied(true).await?;
-        let stored = encode(&StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        })
-        .map_err(snapshot_error)?;
-        self.db
-            .set_value(SNAPSHOT, &stored, true)
-            .await
-            .map_err(snapshot_error)?;
+        self.keep_snapshot(meta, data).await?;
         tracing::info!(
             index = meta.last_log_id.map_or(0, |l| l.index),
             changes = count,
