@@ -182,7 +182,7 @@ impl<B: Backend> GroupNorm<B> {
             cpu_kernels::group_norm(values, shape, &gamma, &beta, shift.as_deref(), silu_after);
             Some(())
         }) {
-            Ok(out) => return out,
+            Ok((out, ())) => return out,
             Err(x) => x,
         };
         let x = match shift {
@@ -232,22 +232,23 @@ impl<B: Backend> LayerNorm<B> {
 }
 
 /// Runs `kernel` in place on the values of an f32 tensor of the `flex` backend and gives the
-/// result back; any other tensor (or a kernel answering `None` before it wrote) comes back as
+/// tensor and the kernel's answer back; any other tensor (or a kernel answering `None` before it wrote) comes back as
 /// `Err`, unchanged, for Burn's ops.
-fn on_cpu_values<B: Backend, const D: usize>(
+fn on_cpu_values<B: Backend, const D: usize, T>(
     x: Tensor<B, D>,
-    kernel: impl FnOnce(&mut [f32]) -> Option<()>,
-) -> Result<Tensor<B, D>, Tensor<B, D>> {
+    kernel: impl FnOnce(&mut [f32]) -> Option<T>,
+) -> Result<(Tensor<B, D>, T), Tensor<B, D>> {
     let device = x.device();
     if x.dtype() != DType::F32 || B::name(&device) != "flex" || !cpu_kernels::enabled() {
         return Err(x);
     }
     let mut data = x.into_data();
-    let done = cpu_kernels::f32s_mut(&mut data.bytes)
-        .and_then(kernel)
-        .is_some();
+    let done = cpu_kernels::f32s_mut(&mut data.bytes).and_then(kernel);
     let out = Tensor::from_data(data, &device);
-    if done { Ok(out) } else { Err(out) }
+    match done {
+        Some(answer) => Ok((out, answer)),
+        None => Err(out),
+    }
 }
 
 /// The values of a small f32 tensor (norm parameters) on the host.
@@ -321,15 +322,9 @@ pub fn geglu<B: Backend>(h: Tensor<B, 3>) -> Tensor<B, 3> {
     let [n, l, d] = h.dims();
     let inner = d / 2;
     let device = h.device();
-    let h = if h.dtype() == DType::F32 && B::name(&device) == "flex" && cpu_kernels::enabled() {
-        let mut data = h.into_data();
-        if let Some(values) = cpu_kernels::f32s_mut(&mut data.bytes) {
-            let out = cpu_kernels::geglu(values, inner);
-            return Tensor::from_data(TensorData::new(out, [n, l, inner]), &device);
-        }
-        Tensor::from_data(data, &device)
-    } else {
-        h
+    let h = match on_cpu_values(h, |values| Some(cpu_kernels::geglu(values, inner))) {
+        Ok((_, out)) => return Tensor::from_data(TensorData::new(out, [n, l, inner]), &device),
+        Err(h) => h,
     };
     let hidden = h.clone().slice([0..n, 0..l, 0..inner]);
     let gate = h.slice([0..n, 0..l, inner..d]);
@@ -435,7 +430,7 @@ fn explicit_attention<B: Backend>(
             cpu_kernels::softmax_rows(values, keys);
             Some(())
         })
-        .unwrap_or_else(|scores| activation::softmax(scores, 3));
+        .map_or_else(|scores| activation::softmax(scores, 3), |(probs, ())| probs);
         probs.matmul(v.clone())
     };
     if l <= BLOCK {
